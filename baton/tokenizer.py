@@ -1,0 +1,170 @@
+"""Tokenizer, chat template and incremental detokenisation (no torch here).
+
+Reads a Hugging Face model directory: `tokenizer.json` (the `tokenizers` library),
+`tokenizer_config.json` (special tokens, chat template), `generation_config.json` and
+`config.json` (end-of-sequence ids).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.sandbox
+from tokenizers import Tokenizer as _HFTokenizer
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _token_content(value: Any) -> str | None:
+    # tokenizer_config.json writes special tokens as strings or as AddedToken dicts.
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    """A model's tokenizer with its chat template and end-of-sequence ids."""
+
+    def __init__(self, model_dir: str | Path):
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{model_dir} has no tokenizer.json; Baton reads fast (tokenizers) tokenizers only"
+            )
+        self._tok = _HFTokenizer.from_file(str(path))
+        config = _read_json(model_dir / "tokenizer_config.json")
+        self.chat_template: str | None = config.get("chat_template")
+        if isinstance(self.chat_template, list):  # named templates: take the default one
+            named = {t["name"]: t["template"] for t in self.chat_template}
+            self.chat_template = named.get("default") or next(iter(named.values()))
+        template_file = model_dir / "chat_template.jinja"
+        if self.chat_template is None and template_file.exists():
+            self.chat_template = template_file.read_text()
+        self.bos_token = _token_content(config.get("bos_token"))
+        self.eos_token = _token_content(config.get("eos_token"))
+        self.pad_token = _token_content(config.get("pad_token"))
+        self.eos_token_ids = self._find_eos_ids(model_dir)
+        self.special_ids = set(self._tok.get_added_tokens_decoder().keys())
+        self._template: jinja2.Template | None = None
+
+    def _find_eos_ids(self, model_dir: Path) -> list[int]:
+        ids: list[int] = []
+        for name in ("generation_config.json", "config.json"):
+            value = _read_json(model_dir / name).get("eos_token_id")
+            if value is not None:
+                ids = [value] if isinstance(value, int) else list(value)
+                break
+        if not ids and self.eos_token is not None:
+            token_id = self._tok.token_to_id(self.eos_token)
+            if token_id is not None:
+                ids = [token_id]
+        return ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        **kwargs: Any,
+    ) -> str:
+        """Render a conversation to the prompt text the model was trained on."""
+        if self.chat_template is None:
+            raise ValueError(
+                "this model has no chat template (tokenizer_config.json: chat_template); "
+                "use the completions API instead"
+            )
+        if self._template is None:
+            self._template = _compile_template(self.chat_template)
+        try:
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+                **kwargs,
+            )
+        except jinja2.TemplateError as exc:
+            raise ValueError(f"chat template failed: {exc}") from exc
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def _compile_template(source: str) -> jinja2.Template:
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(
+        value, ensure_ascii=False, indent=indent
+    )
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas.
+
+    Each delta is decoded with a few tokens of left context (so tokenizers that merge a
+    leading space decode right), and nothing is emitted while the text ends in an
+    incomplete UTF-8 sequence: a delta never contains half a character.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_token_ids: list[int],
+        skip_special_tokens: bool = True,
+    ):
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids = list(prompt_token_ids[-6:])
+        self._prefix_offset = max(len(self._ids) - 5, 0)
+        self._read_offset = len(self._ids)
+        self.text = ""
+
+    def add(self, token_id: int) -> str:
+        """Append one token; return the newly complete text (maybe empty)."""
+        self._ids.append(token_id)
+        decode = self._tokenizer.decode
+        prefix_text = decode(self._ids[self._prefix_offset : self._read_offset], self._skip)
+        new_text = decode(self._ids[self._prefix_offset :], self._skip)
+        if len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT_CHAR):
+            return ""
+        delta = new_text[len(prefix_text) :]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        self.text += delta
+        return delta
+
+    def flush(self) -> str:
+        """At the end of a request: return whatever is still held back (even a lone byte)."""
+        decode = self._tokenizer.decode
+        prefix_text = decode(self._ids[self._prefix_offset : self._read_offset], self._skip)
+        new_text = decode(self._ids[self._prefix_offset :], self._skip)
+        delta = new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
+        self._prefix_offset = self._read_offset = len(self._ids)
+        self.text += delta
+        return delta
