@@ -1,0 +1,24 @@
+"""Environment switches, typed and in one place. Nothing else reads `os.environ`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Where Baton writes generated files (the tiny model): $BATON_CACHE_DIR or ~/.cache/baton."""
+    value = os.environ.get("BATON_CACHE_DIR")
+    if value:
+        return Path(value)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "baton"
+
+
+def api_key() -> str | None:
+    """The router's bearer token when --api-key is not given: $BATON_API_KEY."""
+    return os.environ.get("BATON_API_KEY") or None
+
+
+def log_level(default: str = "INFO") -> str:
+    return os.environ.get("BATON_LOG_LEVEL", default).upper()

@@ -1,0 +1,161 @@
+"""`AsyncLLMEngine`: an `LLMEngine` driven by its own thread, used from asyncio.
+
+The engine thread owns the engine: it applies queued commands (add, abort, reserve, ...)
+between steps and runs `step()` while there is work, so the event loop never waits on the
+model. Outputs go back to each request's asyncio queue. A failed step fails the requests it
+held (their blocks are freed) and the engine keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from baton.engine.config import EngineArgs
+from baton.engine.llm_engine import LLMEngine, PromptType
+from baton.engine.outputs import RequestOutput
+from baton.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped; no request can be served."""
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.Queue[tuple[Callable[[LLMEngine], Any], concurrent.futures.Future]] = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="baton-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs) -> AsyncLLMEngine:
+        return cls(LLMEngine.from_engine_args(engine_args))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def config(self):
+        return self.engine.config
+
+    # -- the engine thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stopped.is_set():
+            block = not engine.has_unfinished_requests()
+            try:
+                fn, fut = self._commands.get(timeout=0.1) if block else self._commands.get_nowait()
+            except queue.Empty:
+                fn = None
+            if fn is not None:
+                self._apply(fn, fut)
+                while True:  # drain everything queued so far before stepping
+                    try:
+                        fn, fut = self._commands.get_nowait()
+                    except queue.Empty:
+                        break
+                    self._apply(fn, fut)
+            if engine.has_unfinished_requests():
+                try:
+                    outputs = engine.step()
+                except Exception as exc:  # keep serving: fail only what was in flight
+                    log.exception("engine step failed")
+                    self._fail_all(exc)
+                    continue
+                for out in outputs:
+                    self._deliver(out.request_id, out)
+        self._fail_all(EngineDeadError("the engine was shut down"))
+
+    def _apply(self, fn, fut: concurrent.futures.Future) -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn(self.engine))
+        except BaseException as exc:
+            fut.set_exception(exc)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, q = stream
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        ids = list(self.engine.requests)
+        self.engine.abort_request(ids)
+        for rid in list(self._streams):
+            self._deliver(rid, exc)
+
+    # -- the asyncio side ----------------------------------------------------------------
+
+    async def run(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run `fn(engine)` on the engine thread between steps; return its result."""
+        if self._stopped.is_set():
+            raise EngineDeadError("the engine was shut down")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put((fn, fut))
+        return await asyncio.wrap_future(fut)
+
+    async def _stream(self, request_id: str, add: Callable[[LLMEngine], None]) -> AsyncIterator[RequestOutput]:
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        finished = False
+        try:
+            await self.run(add)
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    break
+        finally:
+            del self._streams[request_id]
+            if not finished and not self._stopped.is_set():
+                # The consumer went away (client disconnect) or the add failed: free it all.
+                self._commands.put((lambda e: e.abort_request(request_id), concurrent.futures.Future()))
+
+    def generate(
+        self,
+        prompt: PromptType,
+        sampling_params: SamplingParams,
+        request_id: str,
+        priority: int = 0,
+        hold_kv: bool = False,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream cumulative `RequestOutput`s until the request finishes.
+
+        Raises ValueError (before the first output) for a bad prompt or parameters. Closing
+        the iterator early aborts the request and frees its blocks.
+        """
+        return self._stream(
+            request_id,
+            lambda e: e.add_request(request_id, prompt, sampling_params, priority=priority, hold_kv=hold_kv),
+        )
+
+    def generate_prefilled(self, request_id: str, **kwargs: Any) -> AsyncIterator[RequestOutput]:
+        """Like `generate`, for a request whose prompt KV is already in reserved blocks."""
+        return self._stream(request_id, lambda e: e.add_prefilled_request(request_id, **kwargs))
+
+    async def abort(self, request_id: str) -> None:
+        await self.run(lambda e: e.abort_request(request_id))
+
+    async def shutdown(self) -> None:
+        self._stopped.set()
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)

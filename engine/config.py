@@ -1,0 +1,180 @@
+"""Engine configuration: `EngineArgs` (vLLM's names) and the frozen configs derived from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, config_dtype: str | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        # The checkpoint's dtype on GPU; float32 on CPU, where half precision is slow.
+        if device.type == "cpu":
+            return torch.float32
+        return _DTYPES.get(config_dtype or "bfloat16", torch.bfloat16)
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+@dataclass
+class EngineArgs:
+    """Everything an engine needs, with vLLM's field names."""
+
+    model: str | None = None
+    tokenizer: str | None = None
+    served_model_name: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    kv_cache_memory_gb: float = 1.0  # CPU pool size when no block count is given
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    attention_backend: str = "auto"
+    disable_log_stats: bool = True
+
+    def create_engine_config(self) -> EngineConfig:
+        model_dir = Path(self.model) if self.model else _default_model_dir()
+        hf_config = json.loads((model_dir / "config.json").read_text())
+        device = resolve_device(self.device)
+        dtype = resolve_dtype(self.dtype, hf_config.get("torch_dtype") or hf_config.get("dtype"), device)
+        derived_max = int(hf_config.get("max_position_embeddings", 2048))
+        max_model_len = self.max_model_len or derived_max
+        if max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            raise ValueError(f"block_size must be a power of two in [1, 256], got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < max_model_len:
+            raise ValueError(
+                f"without chunked prefill max_num_batched_tokens ({self.max_num_batched_tokens}) "
+                f"must be >= max_model_len ({max_model_len})"
+            )
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise ValueError(f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}")
+        return EngineConfig(
+            model_dir=model_dir,
+            tokenizer_dir=Path(self.tokenizer) if self.tokenizer else model_dir,
+            served_model_name=self.served_model_name or model_dir.name,
+            hf_config=hf_config,
+            dtype=dtype,
+            device=device,
+            seed=self.seed,
+            block_size=self.block_size,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            num_blocks_override=self.num_gpu_blocks_override,
+            kv_cache_memory_bytes=int(self.kv_cache_memory_gb * (1 << 30)),
+            max_model_len=max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            enable_prefix_caching=self.enable_prefix_caching,
+            enable_chunked_prefill=self.enable_chunked_prefill,
+            attention_backend=self.attention_backend,
+        )
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
+        unknown = set(kwargs) - cls.field_names()
+        if unknown:
+            raise TypeError(f"unknown engine arguments: {sorted(unknown)}")
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The resolved, validated configuration an engine runs with."""
+
+    model_dir: Path
+    tokenizer_dir: Path
+    served_model_name: str
+    hf_config: dict
+    dtype: torch.dtype
+    device: torch.device
+    seed: int
+    block_size: int
+    gpu_memory_utilization: float
+    num_blocks_override: int | None
+    kv_cache_memory_bytes: int
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    enable_prefix_caching: bool
+    enable_chunked_prefill: bool
+    attention_backend: str
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.hf_config["num_hidden_layers"])
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.hf_config["num_attention_heads"])
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(self.hf_config.get("num_key_value_heads") or self.num_heads)
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.hf_config.get("head_dim") or self.hf_config["hidden_size"] // self.num_heads)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_config["vocab_size"])
+
+    @property
+    def architecture(self) -> str:
+        archs = self.hf_config.get("architectures") or []
+        if not archs:
+            raise ValueError(f"{self.model_dir}/config.json names no architectures")
+        return archs[0]
+
+
+def _default_model_dir() -> Path:
+    """The embedded tiny model, written once into the user cache."""
+    from baton.engine.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model()

@@ -1,0 +1,67 @@
+"""`LLM`: offline batch generation, vLLM's entry point for scripts and notebooks."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from baton.engine.config import EngineArgs
+from baton.engine.llm_engine import LLMEngine, PromptType
+from baton.engine.outputs import RequestOutput
+from baton.sampling_params import SamplingParams
+
+
+class LLM:
+    """`LLM(model=..., dtype=..., device=..., **engine_args)`; `generate(prompts, params)`."""
+
+    def __init__(self, model: str | None = None, **kwargs: Any):
+        self.engine = LLMEngine.from_engine_args(EngineArgs.from_kwargs(model=model, **kwargs))
+        self._counter = 0
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in the prompts' order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        ids = []
+        for prompt, p in zip(prompts, params):
+            rid = str(self._counter)
+            self._counter += 1
+            self.engine.add_request(rid, prompt, p)
+            ids.append(rid)
+        show = sys.stderr.isatty() if use_tqdm is None else use_tqdm
+        bar = None
+        if show and len(prompts) > 1:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(prompts), desc="generating", unit="req")
+        finished: dict[str, RequestOutput] = {}
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            self.engine.abort_request(ids)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [finished[rid] for rid in ids]

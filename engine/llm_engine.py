@@ -1,0 +1,334 @@
+"""`LLMEngine`: vLLM's synchronous engine API over the scheduler and the model runner.
+
+One `step()` schedules a batch, runs it, appends the sampled tokens, applies stop rules and
+returns a `RequestOutput` for every request that changed. Not thread-safe: one thread
+drives an engine (`AsyncLLMEngine` runs it on its own thread).
+
+Disaggregation hooks: a prefill engine takes requests with `hold_kv=True` (their blocks stay
+referenced after they finish, until `release_held`), and a decode engine reserves blocks
+(`reserve_blocks`) for a prompt whose KV arrives from elsewhere, then admits it with
+`add_prefilled_request`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from baton.engine.block_manager import BlockManager
+from baton.engine.config import EngineArgs, EngineConfig
+from baton.engine.model_runner import ModelRunner
+from baton.engine.output_processor import SequenceOutput
+from baton.engine.outputs import RequestOutput
+from baton.engine.scheduler import Scheduler
+from baton.engine.sequence import RequestMetrics, Sequence, SequenceStatus
+from baton.sampling_params import SamplingParams
+from baton.tokenizer import Tokenizer
+
+PromptType = str | dict[str, Any]
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[SequenceOutput]
+    metrics: RequestMetrics
+    hold_kv: bool = False
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    error: str | None = None
+    changed: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def seqs(self) -> list[Sequence]:
+        return [o.seq for o in self.outputs]
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_free_blocks: int
+    num_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    num_preemptions: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.tokenizer = Tokenizer(config.tokenizer_dir)
+        self.eos_token_ids = self.tokenizer.eos_token_ids
+        self.runner = ModelRunner(config, self.eos_token_ids)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill
+        )
+        self.requests: dict[str, _Request] = {}
+        self.held: dict[str, list[int]] = {}  # request id -> blocks kept for a KV handoff
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs) -> LLMEngine:
+        return cls(engine_args.create_engine_config())
+
+    # -- requests ------------------------------------------------------------------------
+
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """A prompt is text or {"prompt_token_ids": [...]}; returns (text or None, ids)."""
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            vocab = self.config.vocab_size
+            if not isinstance(ids, list) or not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+                raise ValueError(f"prompt_token_ids must be a list of integers in [0, {vocab})")
+            return prompt.get("prompt"), list(ids)
+        raise ValueError('a prompt is a string or {"prompt_token_ids": [...]}')
+
+    def check_prompt_length(self, num_tokens: int) -> None:
+        max_len = self.config.max_model_len
+        if num_tokens == 0:
+            raise ValueError("the prompt is empty")
+        if num_tokens >= max_len:
+            raise ValueError(
+                f"the prompt has {num_tokens} tokens; this model's maximum context length is "
+                f"{max_len} tokens, which must also leave room for the output"
+            )
+        if self.block_manager.blocks_for(num_tokens + 1) > self.block_manager.num_blocks:
+            raise ValueError(
+                f"the prompt has {num_tokens} tokens but the whole KV cache holds "
+                f"{self.block_manager.num_blocks * self.config.block_size}"
+            )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+        priority: int = 0,
+        hold_kv: bool = False,
+    ) -> None:
+        """Queue a request. Raises ValueError for a bad prompt or parameters (nothing queued)."""
+        params = params or SamplingParams()
+        if request_id in self.requests or request_id in self.held:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self.tokenize_prompt(prompt)
+        self.check_prompt_length(len(ids))
+        if hold_kv and params.n != 1:
+            raise ValueError("a request whose KV is handed off must have n=1")
+        arrival = time.time() if arrival_time is None else arrival_time
+        outputs = []
+        for i in range(params.n):
+            child = params if params.n == 1 else params.clone(
+                n=1, seed=None if params.seed is None else params.seed + i
+            )
+            seq = Sequence(request_id, i, ids, child, arrival, priority)
+            outputs.append(self._sequence_output(seq))
+        request = _Request(request_id, text, ids, outputs, RequestMetrics(arrival), hold_kv=hold_kv)
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]
+        self._prepare(request)
+        self.requests[request_id] = request
+        for seq in request.seqs:
+            self.scheduler.add(seq)
+        self.prompt_tokens_total += len(ids)
+
+    def _sequence_output(self, seq: Sequence) -> SequenceOutput:
+        return SequenceOutput(seq, self.tokenizer, self.eos_token_ids, self.config.max_model_len)
+
+    def _prepare(self, request: _Request) -> None:
+        """Hook for per-request features that must fail at add time (see guided decoding)."""
+
+    def abort_request(self, request_id: str | Iterable[str]) -> None:
+        """Stop requests at any stage and free every block they hold. Unknown ids are ignored."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            request = self.requests.pop(rid, None)
+            if request is not None:
+                for seq in request.seqs:
+                    if not seq.is_finished:
+                        self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
+            self.release_held(rid)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # -- the step ------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return self._collect_outputs()
+        step_outputs = self.runner.execute(batch)
+        now = time.time()
+        for seq, num_new, out in zip(batch.seqs, batch.num_new_tokens, step_outputs):
+            request = self.requests[seq.request_id]
+            request.changed = True
+            metrics = request.metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = now
+                metrics.time_in_queue = now - metrics.arrival_time
+            seq.num_computed_tokens += num_new
+            self.block_manager.cache_computed_blocks(seq)
+            if out.prompt_logprobs is not None and request.prompt_logprobs is not None and seq.index == 0:
+                request.prompt_logprobs.extend(out.prompt_logprobs)
+            if out.error is not None:
+                request.error = out.error
+                self._finish(request, seq, SequenceStatus.FINISHED_ERROR)
+                continue
+            if out.token_id is None:
+                continue
+            self._append(request, seq, out.token_id, out.logprob, out.top_logprobs, now)
+        return self._collect_outputs()
+
+    def _append(self, request: _Request, seq: Sequence, token_id: int, logprob, top_logprobs, now: float) -> None:
+        seq.append_token(token_id, logprob or 0.0)
+        if seq.logprobs is not None:
+            seq.logprobs.append(top_logprobs or {})
+        self.generation_tokens_total += 1
+        metrics = request.metrics
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+        metrics.last_token_time = now
+        status = request.outputs[seq.index].on_token(token_id)
+        if status is not None:
+            self._finish(request, seq, status)
+
+    def _finish(self, request: _Request, seq: Sequence, status: SequenceStatus) -> None:
+        keep = request.hold_kv and status is not SequenceStatus.FINISHED_ERROR
+        if keep:
+            self.held[request.request_id] = list(seq.block_table)
+        self.scheduler.finish(seq, status, free_blocks=not keep)
+        request.changed = True
+        if request.finished:
+            request.metrics.finished_time = time.time()
+
+    def _collect_outputs(self) -> list[RequestOutput]:
+        outputs = []
+        for rid, request in list(self.requests.items()):
+            if not request.changed:
+                continue
+            request.changed = False
+            outputs.append(self._make_output(request))
+            if request.finished:
+                del self.requests[rid]
+        return outputs
+
+    def _make_output(self, request: _Request) -> RequestOutput:
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=[o.completion() for o in request.outputs],
+            finished=request.finished,
+            metrics=request.metrics,
+            prompt_logprobs=request.prompt_logprobs,
+            num_cached_tokens=request.seqs[0].num_cached_tokens,
+            error=request.error,
+        )
+
+    # -- disaggregation hooks ------------------------------------------------------------
+
+    def held_blocks(self, request_id: str) -> list[int] | None:
+        """Blocks of a finished `hold_kv` request, in prompt order (None if not held)."""
+        return self.held.get(request_id)
+
+    def release_held(self, request_id: str) -> None:
+        blocks = self.held.pop(request_id, None)
+        if blocks is not None:
+            self.block_manager.release(reversed(blocks))
+
+    def reserve_blocks(self, num_tokens: int) -> list[int]:
+        """Reserve the blocks a prompt of `num_tokens` needs; raises ValueError if they don't fit."""
+        self.check_prompt_length(num_tokens)
+        needed = self.block_manager.blocks_for(num_tokens)
+        if not self.block_manager.can_reserve(needed):
+            raise NoCapacityError(f"{needed} KV blocks needed, {self.block_manager.num_free_blocks} free")
+        return self.block_manager.reserve(needed)
+
+    def release_blocks(self, blocks: list[int]) -> None:
+        """Give back reserved blocks that were never admitted (failed or expired handoff)."""
+        self.block_manager.release(reversed(blocks))
+
+    def add_prefilled_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        block_ids: list[int],
+        first_token_id: int,
+        first_logprob: float | None = None,
+        first_top_logprobs: dict[int, float] | None = None,
+        prompt: str | None = None,
+        arrival_time: float | None = None,
+        priority: int = 0,
+    ) -> None:
+        """Admit a request whose prompt KV is already in `block_ids` (from `reserve_blocks`).
+
+        The engine takes over the blocks' references; the request continues from its first
+        token exactly as if this engine had computed the prompt.
+        """
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if params.n != 1:
+            raise ValueError("a prefilled request must have n=1")
+        if len(block_ids) != self.block_manager.blocks_for(len(prompt_token_ids)):
+            raise ValueError(
+                f"{len(block_ids)} blocks do not match a prompt of {len(prompt_token_ids)} tokens"
+            )
+        arrival = time.time() if arrival_time is None else arrival_time
+        seq = Sequence(request_id, 0, list(prompt_token_ids), params, arrival, priority)
+        seq.block_table = list(block_ids)
+        seq.num_computed_tokens = len(prompt_token_ids)
+        self.block_manager.cache_computed_blocks(seq)
+        request = _Request(request_id, prompt, list(prompt_token_ids), [self._sequence_output(seq)], RequestMetrics(arrival))
+        self._prepare(request)
+        self.requests[request_id] = request
+        now = time.time()
+        request.metrics.first_scheduled_time = now
+        request.metrics.time_in_queue = now - arrival
+        request.changed = True
+        self._append(request, seq, first_token_id, first_logprob, first_top_logprobs, now)
+        if not seq.is_finished:
+            self.scheduler.add(seq)
+
+    # -- observability -------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=bm.usage,
+            num_free_blocks=bm.num_free_blocks,
+            num_blocks=bm.num_blocks,
+            prefix_cache_queries=bm.prefix_queries,
+            prefix_cache_hits=bm.prefix_hits,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+
+class NoCapacityError(ValueError):
+    """The KV pool has no room for a reservation right now (retry later or elsewhere)."""

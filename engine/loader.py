@@ -1,0 +1,56 @@
+"""Build a model and load a Hugging Face checkpoint straight onto the target device.
+
+The module is created on the meta device (no memory), materialised empty on the target
+device in the target dtype, and each safetensors tensor is read directly onto that device
+and copied into place: the weights are never held twice in host memory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from baton.engine.config import EngineConfig
+from baton.engine.models.registry import model_class
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / s for s in shards]
+    single = model_dir / "model.safetensors"
+    if single.exists():
+        return [single]
+    found = sorted(model_dir.glob("*.safetensors"))
+    if not found:
+        raise FileNotFoundError(f"{model_dir} has no *.safetensors weights")
+    return found
+
+
+def iter_weights(model_dir: Path, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in checkpoint_files(model_dir):
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def load_model(config: EngineConfig) -> nn.Module:
+    cls = model_class(config.architecture)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(config.dtype)  # parameters are born in the target dtype
+    try:
+        with torch.device("meta"):
+            model = cls(config.hf_config)
+    finally:
+        torch.set_default_dtype(previous)
+    model = model.to_empty(device=config.device)
+    with torch.no_grad():
+        model.load_weights(iter_weights(config.model_dir, config.device))
+    model.finish_loading(config.device, config.max_model_len)
+    return model.eval()

@@ -1,0 +1,180 @@
+"""Turn one logits row per sequence into the next token, on the device the logits live on.
+
+Order, as vLLM does it: raw log-probabilities (for `logprobs`) are taken from the model's
+logits first; then per-request logits processors and constraints, `min_tokens` (stop tokens
+masked), repetition/presence/frequency penalties; then greedy rows take the argmax and
+random rows apply temperature, top-k, top-p and min-p and draw with the exponential-race
+trick (argmax of probs / Exp(1) noise), seeded per request where a seed is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from baton.engine.sequence import Sequence
+
+# A logits transform edits rows of logits in place for the given sequences and returns the
+# indices of rows whose request failed (with the message). Features such as guided decoding
+# register one on the sampler.
+LogitsTransform = Callable[[torch.Tensor, list[Sequence]], dict[int, str]]
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float | None]  # raw logprob of each sampled token (None if not asked)
+    top_logprobs: list[dict[int, float] | None]
+    errors: dict[int, str] = field(default_factory=dict)  # row -> message: request fails
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int, eos_token_ids: list[int]):
+        self.device = device
+        self.eos_token_ids = list(eos_token_ids)
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        self.transforms: list[LogitsTransform] = [apply_logits_processors]
+
+    def _seq_generator(self, seq: Sequence) -> torch.Generator:
+        gen = seq.extra.get("generator")
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seq.params.seed)
+            seq.extra["generator"] = gen
+        return gen
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+        """logits [N, V] (any float dtype), one row per sequence -> one token per row."""
+        logits = logits.float()
+        want_logprobs = [s.params.logprobs is not None for s in seqs]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+
+        errors: dict[int, str] = {}
+        for transform in self.transforms:
+            errors.update(transform(logits, seqs))
+        self._mask_stop_tokens(logits, seqs)
+        apply_penalties(logits, seqs)
+
+        greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
+        token_ids = logits.argmax(dim=-1)
+        if not bool(greedy.all()):
+            sampled = self._sample(logits, seqs)
+            token_ids = torch.where(greedy, token_ids, sampled)
+
+        result_ids = token_ids.tolist()
+        logprobs: list[float | None] = [None] * len(seqs)
+        tops: list[dict[int, float] | None] = [None] * len(seqs)
+        if raw_logprobs is not None:
+            rows = [i for i, w in enumerate(want_logprobs) if w]
+            k = max(seqs[i].params.logprobs for i in rows)
+            sub = raw_logprobs[rows]
+            chosen = sub.gather(1, token_ids[rows, None]).squeeze(1).tolist()
+            top_vals, top_ids = (sub.topk(k, dim=-1) if k > 0 else (sub[:, :0], sub[:, :0].long()))
+            top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+            for j, i in enumerate(rows):
+                n = seqs[i].params.logprobs
+                entry = dict(zip(top_ids[j][:n], top_vals[j][:n]))
+                entry[result_ids[i]] = chosen[j]
+                logprobs[i] = chosen[j]
+                tops[i] = entry
+        return SampleResult(result_ids, logprobs, tops, errors)
+
+    def _mask_stop_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if seq.num_output_tokens < p.min_tokens:
+                stop_ids = [t for t in p.all_stop_token_ids(self.eos_token_ids) if t < logits.shape[1]]
+                if stop_ids:
+                    logits[i, stop_ids] = float("-inf")
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        temps = torch.tensor([max(s.params.temperature, 1e-5) for s in seqs], device=logits.device)
+        logits = logits / temps[:, None]
+        apply_top_k_top_p_min_p(logits, seqs)
+        probs = torch.softmax(logits, dim=-1)
+        noise = torch.empty_like(probs)
+        seeded = [i for i, s in enumerate(seqs) if s.params.seed is not None]
+        noise.exponential_(generator=self.generator)
+        for i in seeded:
+            noise[i].exponential_(generator=self._seq_generator(seqs[i]))
+        return (probs / noise).argmax(dim=-1)
+
+
+def apply_logits_processors(logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, str]:
+    errors: dict[int, str] = {}
+    for i, seq in enumerate(seqs):
+        for processor in seq.params.logits_processors or ():
+            try:
+                row = processor(seq.output_token_ids, logits[i])
+                if row is not logits[i]:
+                    logits[i] = row
+            except Exception as exc:  # a user callable: fail this request only
+                errors[i] = f"logits processor {getattr(processor, '__name__', processor)!r} failed: {exc}"
+                break
+    return errors
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """Repetition (prompt + output tokens) and presence/frequency (output tokens) penalties."""
+    vocab = logits.shape[1]
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        rep, pres, freq = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
+        if rep == 1.0 and pres == 0.0 and freq == 0.0:
+            continue
+        row = logits[i]
+        out_ids = torch.tensor([t for t in seq.output_token_ids if t < vocab], device=logits.device, dtype=torch.long)
+        if rep != 1.0:
+            seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+            seen[torch.tensor([t for t in seq.prompt_token_ids if t < vocab], device=logits.device, dtype=torch.long)] = True
+            seen[out_ids] = True
+            penalised = torch.where(row > 0, row / rep, row * rep)
+            row.copy_(torch.where(seen, penalised, row))
+        if pres != 0.0 or freq != 0.0:
+            counts = torch.zeros(vocab, device=logits.device)
+            counts.index_add_(0, out_ids, torch.ones_like(out_ids, dtype=counts.dtype))
+            row -= freq * counts + pres * (counts > 0).float()
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """Filter temperature-scaled logits in place: top-k, then top-p, then min-p."""
+    ks = [s.params.top_k for s in seqs]
+    ps = [s.params.top_p for s in seqs]
+    mins = [s.params.min_p for s in seqs]
+    vocab = logits.shape[1]
+    if any(0 < k < vocab for k in ks) or any(p < 1.0 for p in ps):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        ranks = torch.arange(vocab, device=logits.device)[None, :]
+        k_t = torch.tensor([k if 0 < k < vocab else vocab for k in ks], device=logits.device)
+        drop = ranks >= k_t[:, None]
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        probs = torch.softmax(sorted_logits, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly better tokens
+        p_t = torch.tensor(ps, device=logits.device)
+        drop |= before > p_t[:, None]
+        drop[:, 0] = False  # always keep the best token
+        logits.scatter_(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    if any(m > 0.0 for m in mins):
+        probs = torch.softmax(logits, dim=-1)
+        m_t = torch.tensor(mins, device=logits.device)
+        threshold = probs.max(dim=-1, keepdim=True).values * m_t[:, None]
+        logits.masked_fill_(probs < threshold, float("-inf"))
+
+
+def prompt_logprobs(logits: torch.Tensor, next_ids: list[int], k: int) -> list[dict[int, float]]:
+    """For each prompt position: the logprob of the actual next token and the top k."""
+    raw = torch.log_softmax(logits.float(), dim=-1)
+    ids = torch.tensor(next_ids, device=logits.device)
+    chosen = raw.gather(1, ids[:, None]).squeeze(1).tolist()
+    entries: list[dict[int, float]] = []
+    if k > 0:
+        vals, idx = raw.topk(k, dim=-1)
+        vals, idx = vals.tolist(), idx.tolist()
+    for j, tok in enumerate(next_ids):
+        entry = dict(zip(idx[j], vals[j])) if k > 0 else {}
+        entry[tok] = chosen[j]
+        entries.append(entry)
+    return entries

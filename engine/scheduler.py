@@ -1,0 +1,118 @@
+"""Continuous batching under a token budget, with chunked prefill and preemption.
+
+Every step the scheduler hands each chosen sequence a number of tokens to compute: one for a
+sequence that is decoding, up to the rest of the prompt for one in prefill. Running
+sequences go first (highest priority first), then waiting ones, until the token budget
+(`max_num_batched_tokens`) or the sequence cap (`max_num_seqs`) is reached. When the KV pool
+runs out, the lowest-priority running sequence is preempted: its blocks are freed and it
+goes back to the waiting queue to be recomputed later (its generated tokens are kept).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from baton.engine.block_manager import BlockManager
+from baton.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work: each sequence with the number of tokens to compute for it."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        enable_chunked_prefill: bool = True,
+    ):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        bm = self.block_manager
+
+        self.running.sort(key=lambda s: s.sort_key)
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            while not bm.can_allocate(seq, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                bm.allocate(seq, num_new)
+                batch.seqs.append(seq)
+                batch.num_new_tokens.append(num_new)
+                budget -= num_new
+                i += 1
+
+        if batch.preempted:
+            # The pool is full: admitting new work now would only preempt it again.
+            return batch
+
+        self.waiting.sort(key=lambda s: s.sort_key)
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            cached = [] if seq.block_table else bm.lookup_prefix(seq)
+            remaining = seq.num_uncomputed_tokens - len(cached) * bm.block_size
+            num_new = min(remaining, budget)
+            if num_new < remaining and not self.enable_chunked_prefill:
+                break
+            if not bm.can_allocate(seq, num_new, cached):
+                break
+            bm.allocate(seq, num_new, cached)
+            self.waiting.pop(0)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num_new)
+            budget -= num_new
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free_seq(seq)
+        seq.reset_for_recompute()
+        self.waiting.append(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence, status: SequenceStatus, free_blocks: bool = True) -> None:
+        """Take a sequence out of the queues; free its blocks unless the caller keeps them."""
+        seq.status = status
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if free_blocks:
+            self.block_manager.free_seq(seq)
