@@ -1,0 +1,498 @@
+"""The `InferenceService` CustomResourceDefinition, written once in Python.
+
+`crds/baton.dev_inferenceservices.yaml` is rendered from this module
+(`python -m baton.operator.crd write`), and a test fails when the file is stale, so the
+schema has one source. The operator applies the schema's defaults itself
+(`apply_defaults`) before it reads a spec, so a default lives only here.
+
+The schema is structural (every node typed), carries defaults, enums and ranges, and
+states in CEL (`x-kubernetes-validations`) what types alone cannot say.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+GROUP = "baton.dev"
+VERSION = "v1alpha1"
+KIND = "InferenceService"
+PLURAL = "inferenceservices"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Child objects append a role suffix of at most 8 characters ("-prefill") to the name, and
+# Service names are DNS-1035 labels of at most 63 characters.
+MAX_NAME_LENGTH = 55
+METRICS = ("num_requests_waiting", "num_requests_running", "kv_cache_usage_perc")
+QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+
+HEADER = (
+    "# Generated from operator/crd.py by `python -m baton.operator.crd write`.\n"
+    "# Edit operator/crd.py, not this file: tests/operator checks that they agree.\n"
+)
+
+
+def _obj(properties: dict, *, description: str = "", required: tuple[str, ...] = (),
+         default: Any = None, rules: tuple[tuple[str, str], ...] = ()) -> dict:
+    node: dict[str, Any] = {"type": "object"}
+    if description:
+        node["description"] = description
+    if required:
+        node["required"] = list(required)
+    if default is not None:
+        node["default"] = default
+    node["properties"] = properties
+    if rules:
+        node["x-kubernetes-validations"] = [{"rule": r, "message": m} for r, m in rules]
+    return node
+
+
+def _scalar(kind: str, description: str, **constraints: Any) -> dict:
+    return {"type": kind, "description": description, **constraints}
+
+
+def _quantity_map(description: str) -> dict:
+    return {
+        "type": "object",
+        "description": description,
+        "additionalProperties": {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": QUANTITY_PATTERN,
+            "x-kubernetes-int-or-string": True,
+        },
+    }
+
+
+def _secret_key_ref(description: str, default_key: str) -> dict:
+    return _obj(
+        {
+            "name": _scalar("string", "Secret name, in the InferenceService's namespace.",
+                            minLength=1, maxLength=253),
+            "key": _scalar("string", "Key inside the Secret.", default=default_key,
+                           minLength=1, maxLength=253),
+        },
+        description=description, required=("name",),
+    )
+
+
+def _placement() -> dict:
+    """Scheduling and environment fields every pod template takes."""
+    toleration = _obj({
+        "key": _scalar("string", "Taint key; empty with operator Exists matches all."),
+        "operator": _scalar("string", "Exists or Equal.", enum=["Exists", "Equal"]),
+        "value": _scalar("string", "Taint value for operator Equal."),
+        "effect": _scalar("string", "Taint effect to match; empty matches all.",
+                          enum=["", "NoSchedule", "PreferNoSchedule", "NoExecute"]),
+        "tolerationSeconds": _scalar("integer", "How long a NoExecute taint is tolerated.",
+                                     format="int64"),
+    })
+    env_var = _obj(
+        {
+            "name": _scalar("string", "Variable name.", minLength=1),
+            "value": _scalar("string", "Literal value."),
+            "valueFrom": {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
+                          "description": "A core/v1 EnvVarSource (secretKeyRef, fieldRef, ...)."},
+        },
+        required=("name",),
+    )
+    return {
+        "resources": _obj(
+            {"limits": _quantity_map("Limits, e.g. nvidia.com/gpu: 1, memory: 32Gi."),
+             "requests": _quantity_map("Requests; default to the limits.")},
+            description="Container resources (core/v1 ResourceRequirements without claims).",
+        ),
+        "nodeSelector": {"type": "object", "additionalProperties": {"type": "string"},
+                         "description": "Node labels the pods must match."},
+        "tolerations": {"type": "array", "items": toleration, "maxItems": 64,
+                        "description": "Taints the pods tolerate (e.g. GPU node taints)."},
+        "affinity": {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
+                     "description": "A core/v1 Affinity, copied into the pod template."},
+        "env": {"type": "array", "items": env_var, "maxItems": 128,
+                "description": "Extra environment variables for the main container."},
+    }
+
+
+def _engine() -> dict:
+    return _obj(
+        {
+            "blockSize": _scalar("integer", "Tokens per KV block (--block-size).",
+                                 enum=[8, 16, 32, 64, 128], default=16),
+            "maxNumSeqs": _scalar("integer", "Running sequences per step (--max-num-seqs).",
+                                  minimum=1, maximum=65536, default=256),
+            "maxNumBatchedTokens": _scalar(
+                "integer", "Token budget per step (--max-num-batched-tokens).",
+                minimum=16, maximum=1048576, default=2048),
+            "gpuMemoryUtilization": _scalar(
+                "number", "Share of GPU memory for weights and KV (--gpu-memory-utilization).",
+                minimum=0.05, maximum=0.99, default=0.9),
+            "enablePrefixCaching": _scalar("boolean", "Automatic prefix caching.",
+                                           default=True),
+            "numGpuBlocksOverride": _scalar(
+                "integer", "KV pool size in blocks (--num-gpu-blocks-override).",
+                minimum=1, maximum=16777216),
+            "kvCacheMemoryGB": _scalar("number", "KV pool size on CPU (--kv-cache-memory-gb).",
+                                       exclusiveMinimum=True, minimum=0, maximum=4096),
+            "extraArgs": {"type": "array", "items": {"type": "string"}, "maxItems": 64,
+                          "description": "Flags appended to the worker's command line."},
+        },
+        description="Engine settings, passed to the worker as flags.", default={},
+    )
+
+
+def _autoscaling() -> dict:
+    return _obj(
+        {
+            "minReplicas": _scalar("integer", "Fewest replicas; 0 needs autoscaling.engine keda.",
+                                   minimum=0, maximum=1000, default=1),
+            "maxReplicas": _scalar("integer", "Most replicas.", minimum=1, maximum=1000),
+            "metric": _scalar("string", "Worker metric (baton:<metric>) averaged per pod.",
+                              enum=list(METRICS), default="num_requests_waiting"),
+            "target": _scalar(
+                "number", "Per-pod average to hold; defaults to 4 waiting requests, "
+                "32 running requests or 0.8 KV usage.", exclusiveMinimum=True, minimum=0),
+        },
+        description="Scale this role on a worker metric. While set, the operator no longer "
+                    "writes the Deployment's replicas.",
+        required=("maxReplicas",),
+        rules=(
+            ("self.minReplicas <= self.maxReplicas",
+             "autoscaling.minReplicas must not exceed autoscaling.maxReplicas"),
+            ("self.metric != 'kv_cache_usage_perc' || !has(self.target) || "
+             "double(self.target) <= 1.0",
+             "kv_cache_usage_perc is a fraction: autoscaling.target must be at most 1"),
+        ),
+    )
+
+
+def _role(description: str) -> dict:
+    return _obj(
+        {
+            "replicas": _scalar("integer", "Desired pods while autoscaling is off.",
+                                minimum=0, maximum=1000, default=1),
+            "engine": _engine(),
+            "autoscaling": _autoscaling(),
+            "shmSize": _scalar("string", "Size of /dev/shm (memory-backed).",
+                               pattern=QUANTITY_PATTERN, default="1Gi"),
+            **_placement(),
+        },
+        description=description,
+    )
+
+
+def _router() -> dict:
+    return _obj(
+        {
+            "replicas": _scalar("integer", "Router pods.", minimum=0, maximum=100, default=1),
+            "image": _scalar("string", "Router image; defaults to the operator's control image.",
+                             minLength=1),
+            "apiKeySecretRef": _secret_key_ref(
+                "Secret holding the bearer token clients must send (env BATON_API_KEY).",
+                "api-key"),
+            "routingPolicy": _scalar("string", "How workers are picked.",
+                                     enum=["load", "round-robin"], default="load"),
+            "maxQueue": _scalar("integer", "Waiting requests per decode worker before 429.",
+                                minimum=1, maximum=100000, default=64),
+            "serviceType": _scalar("string", "Type of the router's Service.",
+                                   enum=["ClusterIP", "NodePort", "LoadBalancer"],
+                                   default="ClusterIP"),
+            **_placement(),
+        },
+        description="The OpenAI-compatible router in front of the workers.", default={},
+    )
+
+
+def _model() -> dict:
+    source = _obj(
+        {
+            "pvc": _obj(
+                {
+                    "claimName": _scalar("string", "PersistentVolumeClaim holding the model.",
+                                         minLength=1, maxLength=253),
+                    "path": _scalar("string", "Model directory inside the volume.",
+                                    default="", maxLength=4096),
+                },
+                required=("claimName",),
+                rules=(("!self.path.startsWith('/') && !self.path.matches('(^|/)[.][.](/|$)')",
+                        "model.source.pvc.path is relative to the volume and has no '..'"),),
+            ),
+            "hostPath": _scalar("string", "Absolute model directory on every node.",
+                                pattern="^/", maxLength=4096),
+            "uri": _scalar(
+                "string", "hf://ORG/NAME[@REVISION] or an http(s):// .tar/.tar.gz/.tgz archive; "
+                "fetched by an init container into an emptyDir.",
+                pattern="^(hf://[^/@]+/[^/@]+(@.+)?|https?://.+)$", maxLength=4096),
+            "credentialsSecretRef": _secret_key_ref(
+                "Secret with a token for uri sources (HF_TOKEN, or a bearer token for https).",
+                "token"),
+            "sizeLimit": _scalar("string", "Size limit of the emptyDir a uri source fills.",
+                                 pattern=QUANTITY_PATTERN),
+        },
+        description="Where the weights come from: exactly one of pvc, hostPath, uri.",
+        rules=(("[has(self.pvc), has(self.hostPath), has(self.uri)].filter(x, x).size() == 1",
+                "set exactly one of model.source.pvc, model.source.hostPath, model.source.uri"),
+               ("!has(self.credentialsSecretRef) || has(self.uri)",
+                "model.source.credentialsSecretRef applies only to uri sources")),
+    )
+    return _obj(
+        {
+            "source": source,
+            "servedName": _scalar("string", "Model name clients send; defaults to the "
+                                  "InferenceService name.", pattern=r"^[^,\s]+$", maxLength=253),
+            "dtype": _scalar("string", "Weights and activations dtype.",
+                             enum=["auto", "float32", "bfloat16", "float16"], default="auto"),
+            "maxModelLen": _scalar("integer", "Longest prompt plus output, in tokens.",
+                                   minimum=16, maximum=1048576),
+        },
+        description="The model to serve.", required=("source",),
+    )
+
+
+def _has_min_zero(role: str) -> str:
+    return (f"(!has(self.{role}) || !has(self.{role}.autoscaling) || "
+            f"self.{role}.autoscaling.minReplicas >= 1)")
+
+
+def _spec() -> dict:
+    min_zero = " && ".join(_has_min_zero(role) for role in ("prefill", "decode", "worker"))
+    return _obj(
+        {
+            "model": _model(),
+            "image": _scalar("string", "Worker image; defaults to the operator's worker image.",
+                             minLength=1),
+            "imagePullPolicy": _scalar("string", "Pull policy of every container.",
+                                       enum=["Always", "IfNotPresent", "Never"]),
+            "imagePullSecrets": {
+                "type": "array", "maxItems": 16, "description": "Secrets for private registries.",
+                "items": _obj({"name": _scalar("string", "Secret name.", minLength=1)},
+                              required=("name",)),
+            },
+            "mode": _scalar("string", "disaggregated: prefill and decode fleets; colocated: one "
+                            "fleet of workers doing both.",
+                            enum=["disaggregated", "colocated"], default="disaggregated"),
+            "prefill": _role("Prefill workers (disaggregated mode)."),
+            "decode": _role("Decode workers (disaggregated mode)."),
+            "worker": _role("Colocated workers (colocated mode)."),
+            "router": _router(),
+            "kvTransfer": _obj(
+                {"transport": _scalar("string", "Data plane for KV blocks.",
+                                      enum=["grpc", "ucx"], default="grpc")},
+                description="How prefill workers hand KV blocks to decode workers.", default={}),
+            "autoscaling": _obj(
+                {"engine": _scalar("string", "hpa: HorizontalPodAutoscaler on Pods metrics from "
+                                   "the metrics adapter; keda: KEDA ScaledObject on Prometheus.",
+                                   enum=["hpa", "keda"], default="hpa")},
+                description="How roles with an autoscaling block are scaled.", default={}),
+            "networkPolicy": _obj(
+                {"enabled": _scalar("boolean", "Admit only router→workers and prefill→decode "
+                                    "traffic (metrics stay open).", default=False)},
+                description="Optional NetworkPolicies for the workers.", default={}),
+        },
+        description="What to serve and how.",
+        required=("model",),
+        rules=(
+            ("self.mode == 'disaggregated' || (!has(self.prefill) && !has(self.decode))",
+             "prefill and decode apply only to mode disaggregated; describe colocated workers "
+             "under worker"),
+            ("self.mode == 'colocated' || !has(self.worker)",
+             "worker applies only to mode colocated; describe disaggregated fleets under "
+             "prefill and decode"),
+            (f"self.autoscaling.engine == 'keda' || ({min_zero})",
+             "autoscaling.minReplicas 0 needs autoscaling.engine keda: a "
+             "HorizontalPodAutoscaler cannot scale to zero"),
+        ),
+    )
+
+
+def _replica_status() -> dict:
+    return _obj({
+        "replicas": _scalar("integer", "Desired pods (the Deployment's spec.replicas)."),
+        "readyReplicas": _scalar("integer", "Pods passing their readiness probe."),
+        "ready": _scalar("string", "readyReplicas/replicas, for kubectl get."),
+    })
+
+
+def _status() -> dict:
+    condition = _obj(
+        {
+            "type": _scalar("string", "Ready, PrefillReady, DecodeReady, WorkerReady or "
+                            "RouterReady."),
+            "status": _scalar("string", "True, False or Unknown.",
+                              enum=["True", "False", "Unknown"]),
+            "reason": _scalar("string", "CamelCase reason; docs/operator.md lists each."),
+            "message": _scalar("string", "What is wrong and what to do."),
+            "lastTransitionTime": _scalar("string", "When status last changed.",
+                                          format="date-time"),
+            "observedGeneration": _scalar("integer", "Generation the condition describes.",
+                                          format="int64"),
+        },
+        required=("type", "status"),
+    )
+    return _obj(
+        {
+            "observedGeneration": _scalar("integer", "Last generation the operator acted on.",
+                                          format="int64"),
+            "url": _scalar("string", "In-cluster URL of the router (OpenAI API base)."),
+            "prefill": _replica_status(),
+            "decode": _replica_status(),
+            "worker": _replica_status(),
+            "router": _replica_status(),
+            "conditions": {"type": "array", "items": condition,
+                           "x-kubernetes-list-type": "map",
+                           "x-kubernetes-list-map-keys": ["type"]},
+        },
+        description="Observed state, written by the operator.",
+    )
+
+
+def _printer_columns() -> list[dict]:
+    ready = '.status.conditions[?(@.type=="Ready")]'
+    return [
+        {"name": "Mode", "type": "string", "jsonPath": ".spec.mode"},
+        {"name": "Prefill", "type": "string", "jsonPath": ".status.prefill.ready",
+         "description": "ready/desired prefill workers"},
+        {"name": "Decode", "type": "string", "jsonPath": ".status.decode.ready",
+         "description": "ready/desired decode workers"},
+        {"name": "Worker", "type": "string", "jsonPath": ".status.worker.ready",
+         "description": "ready/desired colocated workers", "priority": 1},
+        {"name": "Router", "type": "string", "jsonPath": ".status.router.ready", "priority": 1},
+        {"name": "Ready", "type": "string", "jsonPath": f"{ready}.status"},
+        {"name": "Reason", "type": "string", "jsonPath": f"{ready}.reason", "priority": 1},
+        {"name": "URL", "type": "string", "jsonPath": ".status.url"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+
+
+def build() -> dict:
+    """The CustomResourceDefinition as a plain dict (a fresh copy on every call)."""
+    name_rule = (f"self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && "
+                 f"self.metadata.name.size() <= {MAX_NAME_LENGTH}")
+    root = _obj(
+        {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": _spec(),
+            "status": _status(),
+        },
+        description="A model served by prefill and decode fleets (or colocated workers) "
+                    "behind an OpenAI-compatible router.",
+        required=("spec",),
+        rules=((name_rule, f"metadata.name must be a DNS label (a-z, 0-9, '-', starting with "
+                           f"a letter) of at most {MAX_NAME_LENGTH} characters: child objects "
+                           f"add a role suffix"),),
+    )
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}",
+                     "labels": {"app.kubernetes.io/name": "baton",
+                                "app.kubernetes.io/part-of": "baton"}},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {"kind": KIND, "listKind": f"{KIND}List", "plural": PLURAL,
+                      "singular": "inferenceservice", "shortNames": ["bisvc"],
+                      "categories": ["baton"]},
+            "versions": [{
+                "name": VERSION, "served": True, "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": _printer_columns(),
+                "schema": {"openAPIV3Schema": root},
+            }],
+        },
+    }
+
+
+_SCHEMA = build()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def schema() -> dict:
+    """The openAPIV3Schema of the served version (a copy: callers may change it)."""
+    return copy.deepcopy(_SCHEMA)
+
+
+def apply_defaults(value: Any, node: Mapping[str, Any] | None = None) -> Any:
+    """Return `value` with the schema's defaults filled in, as the API server does.
+
+    Structural defaulting: a missing property with a `default` gets a copy of it (itself
+    defaulted, so `default: {}` fills nested defaults); present objects are walked
+    recursively, array items too. `value` is not changed. `node` defaults to the root.
+    """
+    node = _SCHEMA if node is None else node
+    if isinstance(value, Mapping) and node.get("type") == "object":
+        result = dict(value)
+        for key, sub in node.get("properties", {}).items():
+            if key not in result and "default" in sub:
+                result[key] = copy.deepcopy(sub["default"])
+            if key in result:
+                result[key] = apply_defaults(result[key], sub)
+        return result
+    if isinstance(value, list) and node.get("type") == "array" and "items" in node:
+        return [apply_defaults(item, node["items"]) for item in value]
+    return copy.deepcopy(value)
+
+
+def render_yaml(document: Mapping[str, Any] | None = None) -> str:
+    """The CRD as the YAML text kept in crds/ (deterministic: no key sorting)."""
+    body = yaml.safe_dump(dict(document or build()), sort_keys=False, width=100)
+    return HEADER + body
+
+
+def peering_crds() -> list[dict]:
+    """kopf's peering resources, needed only by `baton operator --peering NAME`.
+
+    Several operator replicas agree through them which one is active; the schema is
+    kopf's: an open status where each replica records its priority and lifetime.
+    """
+    crds = []
+    for kind, scope in (("ClusterKopfPeering", "Cluster"), ("KopfPeering", "Namespaced")):
+        plural = kind.lower() + "s"
+        status = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+        crds.append({
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": {"name": f"{plural}.kopf.dev"},
+            "spec": {
+                "group": "kopf.dev", "scope": scope,
+                "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+                "versions": [{
+                    "name": "v1", "served": True, "storage": True,
+                    "schema": {"openAPIV3Schema": {"type": "object",
+                                                   "properties": {"status": status}}},
+                }],
+            },
+        })
+    return crds
+
+
+# The files in crds/ (the chart's crds/ is a link to that folder) and what each holds.
+REPO_FILES: dict[str, Any] = {
+    f"{GROUP}_{PLURAL}.yaml": lambda: render_yaml(),
+    "kopf.dev_peerings.yaml": lambda: HEADER + yaml.safe_dump_all(
+        peering_crds(), sort_keys=False, width=100),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m baton.operator.crd [write]`: print the CRD, or rewrite crds/."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["write"]:
+        for name, render in REPO_FILES.items():
+            (Path("crds") / name).write_text(render())
+            print(f"wrote crds/{name}")
+        return 0
+    if argv:
+        print("usage: python -m baton.operator.crd [write]  (run from the repository root)",
+              file=sys.stderr)
+        return 2
+    sys.stdout.write(render_yaml())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
