@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from baton.engine.config import EngineArgs
 from baton.engine.llm_engine import LLMEngine, PromptType
 from baton.engine.outputs import RequestOutput
+
 from baton.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)

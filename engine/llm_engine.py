@@ -25,6 +25,7 @@ from baton.engine.output_processor import SequenceOutput
 from baton.engine.outputs import RequestOutput
 from baton.engine.scheduler import Scheduler
 from baton.engine.sequence import RequestMetrics, Sequence, SequenceStatus
+
 from baton.sampling_params import SamplingParams
 from baton.tokenizer import Tokenizer
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from baton.engine.outputs import CompletionOutput
 from baton.engine.sequence import Sequence, SequenceStatus
+
 from baton.tokenizer import IncrementalDetokenizer, Tokenizer
 
 

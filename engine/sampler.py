@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-
 from baton.engine.sequence import Sequence
 
 # A logits transform edits rows of logits in place for the given sequences and returns the
