@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 from baton.engine.config import EngineArgs
 from baton.engine.llm_engine import LLMEngine, PromptType
 from baton.engine.outputs import RequestOutput
-
 from baton.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -155,7 +154,13 @@ class AsyncLLMEngine:
         return self._stream(request_id, lambda e: e.add_prefilled_request(request_id, **kwargs))
 
     async def abort(self, request_id: str) -> None:
-        await self.run(lambda e: e.abort_request(request_id))
+        """Abort a request; its stream ends with a final output whose finish_reason is "abort"."""
+
+        def abort(engine: LLMEngine) -> None:
+            for out in engine.abort_request(request_id):
+                self._deliver(out.request_id, out)
+
+        await self.run(abort)
 
     async def shutdown(self) -> None:
         self._stopped.set()

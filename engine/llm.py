@@ -9,7 +9,6 @@ from typing import Any
 from baton.engine.config import EngineArgs
 from baton.engine.llm_engine import LLMEngine, PromptType
 from baton.engine.outputs import RequestOutput
-
 from baton.sampling_params import SamplingParams
 
 

@@ -20,12 +20,12 @@ from typing import Any
 
 from baton.engine.block_manager import BlockManager
 from baton.engine.config import EngineArgs, EngineConfig
+from baton.engine.guided import GuidedDecoder
 from baton.engine.model_runner import ModelRunner
 from baton.engine.output_processor import SequenceOutput
 from baton.engine.outputs import RequestOutput
 from baton.engine.scheduler import Scheduler
 from baton.engine.sequence import RequestMetrics, Sequence, SequenceStatus
-
 from baton.sampling_params import SamplingParams
 from baton.tokenizer import Tokenizer
 
@@ -74,6 +74,8 @@ class LLMEngine:
         self.tokenizer = Tokenizer(config.tokenizer_dir)
         self.eos_token_ids = self.tokenizer.eos_token_ids
         self.runner = ModelRunner(config, self.eos_token_ids)
+        self.guided = GuidedDecoder(config.tokenizer_dir, config.vocab_size, self.eos_token_ids)
+        self.runner.sampler.transforms.append(self.guided.apply)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill
@@ -156,20 +158,31 @@ class LLMEngine:
 
     def _prepare(self, request: _Request) -> None:
         """Hook for per-request features that must fail at add time (see guided decoding)."""
+        self.guided.prepare(request.seqs)
 
-    def abort_request(self, request_id: str | Iterable[str]) -> None:
-        """Stop requests at any stage and free every block they hold. Unknown ids are ignored."""
+    def abort_request(self, request_id: str | Iterable[str]) -> list[RequestOutput]:
+        """Stop requests at any stage and free every block they hold.
+
+        Returns the final output (finish_reason "abort") of each request that was still
+        known; unknown ids are ignored.
+        """
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        finals = []
         for rid in ids:
             request = self.requests.pop(rid, None)
             if request is not None:
                 for seq in request.seqs:
                     if not seq.is_finished:
                         self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
+                request.metrics.finished_time = time.time()
+                finals.append(self._make_output(request))
             self.release_held(rid)
+        return finals
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        # A request that finished at admission (a prefilled request whose first token ends
+        # it) is no longer scheduled but still has an output for step() to deliver.
+        return self.scheduler.has_unfinished() or bool(self.requests)
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
@@ -183,6 +196,8 @@ class LLMEngine:
         step_outputs = self.runner.execute(batch)
         now = time.time()
         for seq, num_new, out in zip(batch.seqs, batch.num_new_tokens, step_outputs):
+            if seq.is_finished:  # its request failed earlier in this step (a sibling's error)
+                continue
             request = self.requests[seq.request_id]
             request.changed = True
             metrics = request.metrics
@@ -194,8 +209,7 @@ class LLMEngine:
             if out.prompt_logprobs is not None and request.prompt_logprobs is not None and seq.index == 0:
                 request.prompt_logprobs.extend(out.prompt_logprobs)
             if out.error is not None:
-                request.error = out.error
-                self._finish(request, seq, SequenceStatus.FINISHED_ERROR)
+                self._fail(request, out.error)
                 continue
             if out.token_id is None:
                 continue
@@ -203,6 +217,11 @@ class LLMEngine:
         return self._collect_outputs()
 
     def _append(self, request: _Request, seq: Sequence, token_id: int, logprob, top_logprobs, now: float) -> None:
+        try:
+            grammar_done = self.guided.advance(seq, token_id)
+        except ValueError as exc:  # the token breaks the request's grammar
+            self._fail(request, str(exc))
+            return
         seq.append_token(token_id, logprob or 0.0)
         if seq.logprobs is not None:
             seq.logprobs.append(top_logprobs or {})
@@ -211,9 +230,16 @@ class LLMEngine:
         if metrics.first_token_time is None:
             metrics.first_token_time = now
         metrics.last_token_time = now
-        status = request.outputs[seq.index].on_token(token_id)
+        status = request.outputs[seq.index].on_token(token_id, grammar_done)
         if status is not None:
             self._finish(request, seq, status)
+
+    def _fail(self, request: _Request, message: str) -> None:
+        """The request failed (a logits processor raised, ...): end all its sequences."""
+        request.error = message
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self._finish(request, seq, SequenceStatus.FINISHED_ERROR)
 
     def _finish(self, request: _Request, seq: Sequence, status: SequenceStatus) -> None:
         keep = request.hold_kv and status is not SequenceStatus.FINISHED_ERROR

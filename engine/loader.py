@@ -12,10 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from baton.engine.config import EngineConfig
-from baton.engine.models.registry import model_class
 from safetensors import safe_open
 from torch import nn
+
+from baton.engine.config import EngineConfig
+from baton.engine.models.registry import model_class
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+
 from baton.engine.attention.base import AttentionMetadata, create_backend, pick_backend_name
 from baton.engine.config import EngineConfig
 from baton.engine.kv_cache import KVCacheSpec
@@ -18,7 +19,6 @@ from baton.engine.loader import load_model
 from baton.engine.sampler import Sampler, prompt_logprobs
 from baton.engine.scheduler import ScheduledBatch
 from baton.engine.sequence import Sequence
-
 from baton.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from baton.engine.outputs import CompletionOutput
 from baton.engine.sequence import Sequence, SequenceStatus
-
 from baton.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -32,11 +31,15 @@ class SequenceOutput:
         self.max_model_len = max_model_len
         self.text = ""  # full text so far (after a stop string: cut there)
 
-    def on_token(self, token_id: int) -> SequenceStatus | None:
-        """Account for a token just appended to the sequence; return a finish status or None."""
+    def on_token(self, token_id: int, grammar_done: bool = False) -> SequenceStatus | None:
+        """Account for a token just appended to the sequence; return a finish status or None.
+
+        `grammar_done`: the request's guided-decoding grammar accepted its stop token, which
+        ends the sequence like a stop token does, whatever `min_tokens` and `ignore_eos` say.
+        """
         seq, p = self.seq, self.seq.params
         may_stop = seq.num_output_tokens >= p.min_tokens
-        if may_stop and token_id in self.stop_ids:
+        if (may_stop and token_id in self.stop_ids) or grammar_done:
             seq.stop_reason = token_id if token_id in p.stop_token_ids else None
             if p.include_stop_str_in_output:
                 self._add_text(token_id)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
 from baton.engine.sequence import Sequence
 
 # A logits transform edits rows of logits in place for the given sequences and returns the
@@ -87,7 +88,11 @@ class Sampler:
             if seq.num_output_tokens < p.min_tokens:
                 stop_ids = [t for t in p.all_stop_token_ids(self.eos_token_ids) if t < logits.shape[1]]
                 if stop_ids:
-                    logits[i, stop_ids] = float("-inf")
+                    row = logits[i]
+                    masked = row.index_fill(0, torch.tensor(stop_ids, device=row.device), float("-inf"))
+                    # A constraint applied before (a complete grammar) may allow only stop
+                    # tokens: then they stay, rather than leaving nothing to sample.
+                    logits[i] = torch.where(torch.isfinite(masked).any(), masked, row)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         temps = torch.tensor([max(s.params.temperature, 1e-5) for s in seqs], device=logits.device)

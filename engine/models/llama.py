@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from baton.engine.attention.base import AttentionBackend, AttentionMetadata
 from baton.engine.kv_cache import layer_view
-from torch import nn
 
 
 @dataclass(frozen=True)

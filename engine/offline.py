@@ -1,0 +1,48 @@
+"""`baton generate`: offline generation from the command line (the embedded tiny model by default)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="baton generate", description="Generate text offline with the engine.")
+    parser.add_argument("prompts", nargs="*", help="prompts (default: read one per line from stdin)")
+    parser.add_argument("--model", default=None, help="Hugging Face model directory (default: the tiny random model)")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    args = parser.parse_args(argv)
+
+    from baton.engine.llm import LLM
+    from baton.sampling_params import SamplingParams
+
+    prompts = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        parser.error("give at least one prompt")
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+        )
+        llm = LLM(
+            model=args.model, dtype=args.dtype, device=args.device, num_gpu_blocks_override=args.num_gpu_blocks_override
+        )
+        outputs = llm.generate(prompts, params)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"baton generate: {exc}", file=sys.stderr)
+        return 2
+    for out in outputs:
+        completion = out.outputs[0]
+        if args.json:
+            print(json.dumps({"prompt": out.prompt, "text": completion.text, "token_ids": completion.token_ids,
+                              "finish_reason": completion.finish_reason}))
+        else:
+            print(f"{out.prompt!r} -> {completion.text!r} ({completion.finish_reason})")
+    return 0

@@ -1,0 +1,148 @@
+"""Engine behaviour through the public API: stops, limits, seeds, n, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from baton.engine import LLM, EngineArgs, LLMEngine, SamplingParams
+
+PROMPT = {"prompt_token_ids": [0, 40, 41, 42, 43]}
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dir) -> LLM:
+    return LLM(model=str(tiny_dir), device="cpu", num_gpu_blocks_override=128, block_size=4, max_model_len=64)
+
+
+def greedy(llm, n=20, prompt=PROMPT):
+    return llm.generate([prompt], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0].outputs[0]
+
+
+def test_stop_string_straddling_tokens_is_found_and_excluded(llm):
+    full = greedy(llm)
+    text = full.text
+    # A stop string that starts inside one token's text and ends inside a later one.
+    pieces = [llm.get_tokenizer().decode([t]) for t in full.token_ids]
+    start = len(pieces[0]) + len(pieces[1]) - 1
+    stop = text[start : start + 3]
+    assert len(pieces[1]) >= 1 and len(stop) == 3
+    out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop]))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[: text.find(stop)]
+    kept = llm.generate(
+        [PROMPT], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=stop, include_stop_str_in_output=True)
+    )[0].outputs[0]
+    assert kept.text == text[: text.find(stop) + 3]
+
+
+def test_stop_token_ids_end_the_request_and_min_tokens_delays_it(llm):
+    full = greedy(llm)
+    stop_id = full.token_ids[2]
+    out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop_token_ids=[stop_id]))[0].outputs[0]
+    assert out.token_ids == full.token_ids[:3]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_id
+    later = llm.generate(
+        [PROMPT], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop_token_ids=[stop_id], min_tokens=5)
+    )[0].outputs[0]
+    assert len(later.token_ids) > 5 or later.finish_reason == "length"
+    assert stop_id not in later.token_ids[:4]
+
+
+def test_max_tokens_and_max_model_len_end_with_length(llm):
+    assert greedy(llm, n=7).finish_reason == "length" and len(greedy(llm, n=7).token_ids) == 7
+    out = greedy(llm, n=500)  # max_model_len is 64
+    assert out.finish_reason == "length" and len(PROMPT["prompt_token_ids"]) + len(out.token_ids) == 64
+
+
+def test_prompt_longer_than_max_model_len_is_a_clear_error(llm):
+    with pytest.raises(ValueError, match="maximum context length is 64"):
+        llm.generate([{"prompt_token_ids": [5] * 80}], SamplingParams())
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([{"prompt_token_ids": []}], SamplingParams())
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        llm.generate([{"prompt_token_ids": [10**6]}], SamplingParams())
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_seeded_sampling_is_reproducible(llm):
+    params = SamplingParams(temperature=1.0, seed=7, max_tokens=16, ignore_eos=True)
+    a = llm.generate([PROMPT], params)[0].outputs[0].token_ids
+    b = llm.generate([PROMPT, PROMPT], [params, SamplingParams(temperature=1.0, max_tokens=16)])[0].outputs[0].token_ids
+    c = llm.generate([PROMPT], params.clone(seed=8))[0].outputs[0].token_ids
+    assert a == b and a != c
+
+
+def test_top_k_one_equals_greedy(llm):
+    sampled = llm.generate([PROMPT], SamplingParams(temperature=1.3, top_k=1, max_tokens=20, ignore_eos=True))
+    assert sampled[0].outputs[0].token_ids == greedy(llm).token_ids
+
+
+def test_n_returns_n_outputs_that_share_the_prompt(llm):
+    out = llm.generate([PROMPT], SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=8, ignore_eos=True))[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    assert all(len(o.token_ids) == 8 for o in out.outputs)
+
+
+def test_text_prompt_uses_the_tokenizer_with_bos(llm):
+    out = llm.generate("Hello, world", SamplingParams(max_tokens=2))[0]
+    tok = llm.get_tokenizer()
+    assert out.prompt == "Hello, world"
+    assert out.prompt_token_ids == tok.encode("Hello, world") and out.prompt_token_ids[0] == 0
+
+
+def test_request_metrics_are_ordered(llm):
+    m = llm.generate([PROMPT], SamplingParams(max_tokens=3))[0].metrics
+    assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.last_token_time <= m.finished_time
+    assert m.time_in_queue >= 0
+
+
+def test_duplicate_request_id_is_rejected(llm):
+    engine = llm.engine
+    engine.add_request("dup", PROMPT, SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("dup", PROMPT, SamplingParams(max_tokens=2))
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def test_priority_orders_waiting_requests(tiny_dir):
+    engine = LLMEngine.from_engine_args(
+        EngineArgs(model=str(tiny_dir), device="cpu", num_gpu_blocks_override=64, max_num_seqs=1)
+    )
+    engine.add_request("low", PROMPT, SamplingParams(max_tokens=2), priority=5)
+    engine.add_request("high", PROMPT, SamplingParams(max_tokens=2), priority=0)
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [o.request_id for o in engine.step() if o.finished]
+    assert finished == ["high", "low"]
+
+
+def test_unsupported_architecture_is_named(tmp_path, tiny_dir):
+    shutil.copytree(tiny_dir, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["architectures"] = ["GPTNeoXForCausalLM"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="GPTNeoXForCausalLM.*not supported"):
+        LLM(model=str(tmp_path / "m"), device="cpu", num_gpu_blocks_override=8)
+
+
+def test_sharded_checkpoint_loads(tmp_path, hf_models, hf):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_models["mistral"])
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(hf_models["mistral"] / name, tmp_path / name)
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    llm = LLM(model=str(tmp_path), device="cpu", num_gpu_blocks_override=32)
+    got = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0].outputs[0].token_ids
+    assert got == hf.greedy(hf_models["mistral"], PROMPT["prompt_token_ids"], 10)
+
+
+def test_unknown_engine_argument_is_rejected(tiny_dir):
+    with pytest.raises(TypeError, match="unknown engine arguments"):
+        LLM(model=str(tiny_dir), not_a_flag=1)

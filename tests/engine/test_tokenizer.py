@@ -1,0 +1,94 @@
+"""Tokenizer, chat template, incremental detokenisation, sampling-parameter validation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from baton.sampling_params import GuidedDecodingParams, SamplingParams
+from baton.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_dir) -> Tokenizer:
+    return Tokenizer(tiny_dir)
+
+
+def test_chat_template_renders_the_conversation(tok):
+    text = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assert text == "<|begin_of_text|><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert ids.count(0) == 1 and tok.decode(ids, skip_special_tokens=False) == text
+
+
+def test_incremental_detokenisation_never_emits_half_a_character(tok):
+    text = "café 東京 😀 ok"
+    ids = tok.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tok, [0])
+    deltas = [detok.add(t) for t in ids]
+    assert "".join(deltas) + detok.flush() == text
+    assert not any("\ufffd" in d for d in deltas)
+    # Multi-byte characters span several byte-level tokens here, so some deltas were held.
+    assert "" in deltas
+
+
+def test_flush_returns_an_incomplete_tail(tok):
+    partial = tok.encode("東", add_special_tokens=False)[:-1]
+    detok = IncrementalDetokenizer(tok, [0])
+    assert "".join(detok.add(t) for t in partial) == ""
+    tail = detok.flush()
+    assert tail and set(tail) == {"\ufffd"}  # the held-back bytes come out at the end
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_k": -5}, "top_k"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"n": 0}, "n"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+        ({"logprobs": 50}, "logprobs"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"seed": -1}, "seed"),
+        ({"stop": [""]}, "stop"),
+    ],
+)
+def test_invalid_sampling_params_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_guided_params_need_exactly_one_constraint():
+    with pytest.raises(ValueError, match="exactly one"):
+        GuidedDecodingParams()
+    with pytest.raises(ValueError, match="exactly one"):
+        GuidedDecodingParams(regex="a+", choice=["a"])
+    assert GuidedDecodingParams(choice=["yes", "no"]).kind == "choice"
+
+
+def test_tiny_model_command_writes_a_loadable_model(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "baton.cli", "tiny-model", str(tmp_path / "m")], capture_output=True, text=True, check=True
+    ).stdout
+    assert "random" in out
+    assert Tokenizer(tmp_path / "m").vocab_size == 512
+    assert (tmp_path / "m" / "model.safetensors").stat().st_size > 100_000
+
+
+def test_generate_command_prints_text_and_rejects_bad_input(tiny_dir):
+    ok = subprocess.run(
+        [sys.executable, "-m", "baton.cli", "generate", "--model", str(tiny_dir), "--max-tokens", "3", "--json", "Hi"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert '"finish_reason": "length"' in ok
+    bad = subprocess.run(
+        [sys.executable, "-m", "baton.cli", "generate", "--model", str(tiny_dir), "--top-p", "0", "Hi"],
+        capture_output=True, text=True,
+    )
+    assert bad.returncode == 2 and "top_p must be in (0, 1]" in bad.stderr
