@@ -50,3 +50,26 @@ def test_cli_lists_commands():
     ).stdout
     for name in ("up", "serve-prefill", "serve-decode", "serve-router", "operator"):
         assert name in out
+
+
+def test_a_built_wheel_installs_and_imports_every_subpackage(tmp_path):
+    """A normal (non-editable) install works too: the mapped folders land inside baton/."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True, capture_output=True,
+    )
+    wheel = next(tmp_path.glob("baton-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, capture_output=True)
+    names = _pyproject()["tool"]["setuptools"]["packages"]
+    code = (
+        "import importlib, baton, pathlib\n"
+        f"mods = [importlib.import_module(n) for n in {names!r}]\n"
+        "import sys\nassert all(m.__file__.startswith(sys.prefix) for m in mods), [m.__file__ for m in mods]\n"
+        "assert (pathlib.Path(baton.__file__).parent / 'protos' / 'common.proto').exists()\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([str(py), "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr
