@@ -13,6 +13,7 @@ referenced after they finish, until `release_held`), and a decode engine reserve
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from baton.sampling_params import SamplingParams
 from baton.tokenizer import Tokenizer
 
 PromptType = str | dict[str, Any]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,6 +79,13 @@ class LLMEngine:
         self.guided = GuidedDecoder(config.tokenizer_dir, config.vocab_size, self.eos_token_ids)
         self.runner.sampler.transforms.append(self.guided.apply)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        # One sequence must always fit in the whole pool, or it could preempt itself forever.
+        self.max_model_len = min(config.max_model_len, self.runner.num_blocks * config.block_size)
+        if self.max_model_len < config.max_model_len:
+            log.warning(
+                "max_model_len lowered from %d to %d: the KV pool holds only that many tokens",
+                config.max_model_len, self.max_model_len,
+            )
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill
         )
@@ -105,18 +114,13 @@ class LLMEngine:
         raise ValueError('a prompt is a string or {"prompt_token_ids": [...]}')
 
     def check_prompt_length(self, num_tokens: int) -> None:
-        max_len = self.config.max_model_len
+        max_len = self.max_model_len
         if num_tokens == 0:
             raise ValueError("the prompt is empty")
         if num_tokens >= max_len:
             raise ValueError(
                 f"the prompt has {num_tokens} tokens; this model's maximum context length is "
                 f"{max_len} tokens, which must also leave room for the output"
-            )
-        if self.block_manager.blocks_for(num_tokens + 1) > self.block_manager.num_blocks:
-            raise ValueError(
-                f"the prompt has {num_tokens} tokens but the whole KV cache holds "
-                f"{self.block_manager.num_blocks * self.config.block_size}"
             )
 
     def add_request(
@@ -154,7 +158,7 @@ class LLMEngine:
         self.prompt_tokens_total += len(ids)
 
     def _sequence_output(self, seq: Sequence) -> SequenceOutput:
-        return SequenceOutput(seq, self.tokenizer, self.eos_token_ids, self.config.max_model_len)
+        return SequenceOutput(seq, self.tokenizer, self.eos_token_ids, self.max_model_len)
 
     def _prepare(self, request: _Request) -> None:
         """Hook for per-request features that must fail at add time (see guided decoding)."""

@@ -146,3 +146,13 @@ def test_sharded_checkpoint_loads(tmp_path, hf_models, hf):
 def test_unknown_engine_argument_is_rejected(tiny_dir):
     with pytest.raises(TypeError, match="unknown engine arguments"):
         LLM(model=str(tiny_dir), not_a_flag=1)
+
+
+def test_a_pool_smaller_than_max_model_len_caps_generation_instead_of_hanging(tiny_dir):
+    # 6 blocks of 4 tokens: one sequence can never grow past 24 tokens.
+    small = LLM(model=str(tiny_dir), device="cpu", num_gpu_blocks_override=6, block_size=4, max_model_len=512)
+    assert small.engine.max_model_len == 24
+    outs = small.generate([PROMPT, PROMPT], SamplingParams(max_tokens=100, ignore_eos=True))
+    assert all(o.outputs[0].finish_reason == "length" and len(o.outputs[0].token_ids) == 24 - 5 for o in outs)
+    with pytest.raises(ValueError, match="maximum context length is 24"):
+        small.generate([{"prompt_token_ids": [5] * 30}], SamplingParams())
