@@ -22,3 +22,8 @@ def api_key() -> str | None:
 
 def log_level(default: str = "INFO") -> str:
     return os.environ.get("BATON_LOG_LEVEL", default).upper()
+
+
+def kv_fault() -> str | None:
+    """Test-only KV-transfer fault injection point: $BATON_KV_FAULT (see baton.kvtransfer.faults)."""
+    return os.environ.get("BATON_KV_FAULT") or None

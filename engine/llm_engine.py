@@ -316,24 +316,30 @@ class LLMEngine:
     ) -> None:
         """Admit a request whose prompt KV is already in `block_ids` (from `reserve_blocks`).
 
-        The engine takes over the blocks' references; the request continues from its first
-        token exactly as if this engine had computed the prompt.
+        The engine takes over the blocks' references, also when this raises (it releases
+        them then), so a caller never has to guess who owns them after a bad request. The
+        request continues from its first token exactly as if this engine had computed the
+        prompt.
         """
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        if params.n != 1:
-            raise ValueError("a prefilled request must have n=1")
-        if len(block_ids) != self.block_manager.blocks_for(len(prompt_token_ids)):
-            raise ValueError(
-                f"{len(block_ids)} blocks do not match a prompt of {len(prompt_token_ids)} tokens"
-            )
-        arrival = time.time() if arrival_time is None else arrival_time
-        seq = Sequence(request_id, 0, list(prompt_token_ids), params, arrival, priority)
+        try:
+            if request_id in self.requests:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            if params.n != 1:
+                raise ValueError("a prefilled request must have n=1")
+            if len(block_ids) != self.block_manager.blocks_for(len(prompt_token_ids)):
+                raise ValueError(
+                    f"{len(block_ids)} blocks do not match a prompt of {len(prompt_token_ids)} tokens"
+                )
+            arrival = time.time() if arrival_time is None else arrival_time
+            seq = Sequence(request_id, 0, list(prompt_token_ids), params, arrival, priority)
+            request = _Request(request_id, prompt, list(prompt_token_ids), [self._sequence_output(seq)], RequestMetrics(arrival))
+            self._prepare(request)
+        except BaseException:
+            self.release_blocks(list(block_ids))
+            raise
         seq.block_table = list(block_ids)
         seq.num_computed_tokens = len(prompt_token_ids)
         self.block_manager.cache_computed_blocks(seq)
-        request = _Request(request_id, prompt, list(prompt_token_ids), [self._sequence_output(seq)], RequestMetrics(arrival))
-        self._prepare(request)
         self.requests[request_id] = request
         now = time.time()
         request.metrics.first_scheduled_time = now

@@ -1,0 +1,105 @@
+"""Byte views of a block-major KV pool, and how a handoff's bytes map onto blocks.
+
+A pool `kv[num_blocks, ...]` is seen as `rows[num_blocks, block_bytes]` of uint8 (a view).
+Block-major means a run of consecutive block ids is one contiguous region, so a handoff is
+as many copies as there are runs, not one per layer per block (DESIGN.md: message count
+decides transfer speed). A handoff's byte stream is its blocks' bytes in prompt order:
+byte `i * block_bytes + j` is byte `j` of the prompt's block `i`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+
+def runs(ids: Sequence[int]) -> list[tuple[int, int]]:
+    """(start, count) of each stretch of consecutive ids, in the given order."""
+    out: list[tuple[int, int]] = []
+    for i in ids:
+        if out and out[-1][0] + out[-1][1] == i:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((i, 1))
+    return out
+
+
+def segments(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(src_start, dst_start, count): maximal stretches contiguous on both sides."""
+    if len(src) != len(dst):
+        raise ValueError(f"{len(src)} source blocks for {len(dst)} destination blocks")
+    out: list[tuple[int, int, int]] = []
+    for s, d in zip(src, dst):
+        if out and out[-1][0] + out[-1][2] == s and out[-1][1] + out[-1][2] == d:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
+        else:
+            out.append((s, d, 1))
+    return out
+
+
+def block_rows(kv: torch.Tensor) -> torch.Tensor:
+    """`kv` as `[num_blocks, block_bytes]` uint8, sharing its memory."""
+    if not kv.is_contiguous():
+        raise ValueError("a KV pool must be one contiguous tensor")
+    return kv.view(kv.shape[0], -1).view(torch.uint8)
+
+
+def region(rows: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """The flat bytes of blocks `start .. start+count-1` (one contiguous view)."""
+    return rows[start : start + count].view(-1)
+
+
+def split(length: int, max_bytes: int) -> list[tuple[int, int]]:
+    """[a, b) pieces of at most `max_bytes` (no limit when 0) covering `length` bytes."""
+    if max_bytes <= 0 or length <= max_bytes:
+        return [(0, length)]
+    return [(a, min(a + max_bytes, length)) for a in range(0, length, max_bytes)]
+
+
+class BlockStream:
+    """The bytes of `block_ids` (in order) of a pool, read and written by stream offset."""
+
+    def __init__(self, rows: torch.Tensor, block_ids: Sequence[int]):
+        self.rows = rows
+        self.block_bytes = rows.shape[1]
+        self.num_bytes = len(block_ids) * self.block_bytes
+        self._runs = runs(block_ids)
+        self._starts = np.cumsum([0] + [c * self.block_bytes for _, c in self._runs]).tolist()
+
+    def pieces(self, offset: int, length: int) -> Iterator[tuple[torch.Tensor, int, int]]:
+        """(pool bytes, a, b): stream bytes [offset+a, offset+b) live in the view, in order."""
+        if offset < 0 or length < 0 or offset + length > self.num_bytes:
+            raise ValueError(f"bytes [{offset}, {offset + length}) outside a {self.num_bytes}-byte stream")
+        end = offset + length
+        i = int(np.searchsorted(self._starts, offset, side="right")) - 1
+        while offset < end:
+            start, count = self._runs[i]
+            run_lo, run_hi = self._starts[i], self._starts[i + 1]
+            hi = min(end, run_hi)
+            view = region(self.rows, start, count)[offset - run_lo : hi - run_lo]
+            yield view, offset - (end - length), hi - (end - length)
+            offset = hi
+            i += 1
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Stream bytes [offset, offset+length) as bytes (device pools copy to host)."""
+        parts = [view.cpu().numpy().tobytes() for view, _, _ in self.pieces(offset, length)]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def write(self, offset: int, data: bytes | memoryview, stream: torch.cuda.Stream | None = None) -> list:
+        """Write `data` at stream `offset`. On a device pool the copies are queued on `stream`;
+        keep the returned host buffers alive until it is synchronised."""
+        src = np.frombuffer(data, dtype=np.uint8)
+        keep = []
+        for view, a, b in self.pieces(offset, len(src)):
+            if view.device.type == "cpu":
+                view.numpy()[:] = src[a:b]
+            else:
+                host = torch.empty(b - a, dtype=torch.uint8, pin_memory=True)
+                host.numpy()[:] = src[a:b]
+                with torch.cuda.stream(stream):
+                    view.copy_(host, non_blocking=True)
+                keep.append(host)
+        return keep

@@ -1,0 +1,182 @@
+"""`KVSender`: the prefill side. Pushes a prompt's KV blocks into a decode worker's ticket."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from baton.kvtransfer.blocks import block_rows
+from baton.kvtransfer.config import TransferConfig
+from baton.kvtransfer.errors import HandoffError
+from baton.kvtransfer.layout import KVLayout
+from baton.kvtransfer.metrics import TransferMetrics
+from baton.kvtransfer.pool import KVPool, as_pool
+from baton.kvtransfer.ticket import FirstToken, Ticket
+from baton.kvtransfer.transport import SenderTransport, create_sender
+from baton.protos import common_pb2
+from baton.protos import kvtransfer_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PushResult:
+    num_bytes: int
+    seconds: float  # from the start of `push` to the decode worker's confirmation
+
+
+class KVSender:
+    """The prefill worker's end of KV handoffs.
+
+    Usage (prefill worker), for a request prefilled with `hold_kv=True` and `max_tokens=1`:
+
+        sender = KVSender(engine)
+        ticket = Ticket.from_bytes(request.ticket)         # from the router
+        result = await sender.push_held(ticket, request_id, first_token_id, logprob, top)
+        await sender.close()                               # at shutdown
+
+    The transport is the one the ticket names (`grpc` or `ucx`); `transports` limits which
+    this sender may use. Many pushes may run at once; none blocks the engine: blocks are
+    read on copy threads while the engine keeps stepping (held blocks are never rewritten).
+    """
+
+    def __init__(self, engine, *, config: TransferConfig | None = None, registry=None,
+                 model_name: str | None = None, transports: tuple[str, ...] = ("grpc", "ucx")):
+        self.pool: KVPool = as_pool(engine)
+        self.layout: KVLayout = self.pool.layout
+        self.rows = block_rows(self.pool.kv)
+        self.config = config or TransferConfig()
+        self.allowed = tuple(transports)
+        self.metrics = TransferMetrics(model_name or self.layout.model, "prefill", registry)
+        self._transports: dict[str, SenderTransport] = {}
+        self._aborts: set[asyncio.Task] = set()
+        from baton.kvtransfer.grpc_transport import Channels
+
+        self._channels = Channels()
+
+    async def push(
+        self,
+        ticket: Ticket | bytes,
+        src_block_ids: list[int],
+        first_token_id: int,
+        first_logprob: float | None = None,
+        first_top_logprobs: dict[int, float] | None = None,
+        timeout_s: float | None = None,
+    ) -> PushResult:
+        """Copy `src_block_ids` (this engine's blocks, prompt order) into the ticket's blocks
+        on the decode worker, then hand it the first token.
+
+        Returns once the decode worker verified every byte. Raises HandoffError on any
+        failure, after telling the decode worker (which frees the reservation). The caller
+        keeps ownership of `src_block_ids` either way."""
+        t0 = time.perf_counter()
+        timeout = timeout_s or self.config.push_timeout_s
+        try:
+            if isinstance(ticket, bytes | bytearray):
+                ticket = Ticket.from_bytes(bytes(ticket))
+        except HandoffError as exc:
+            self.metrics.failed(exc.reason)
+            raise
+        try:
+            self.layout.check_compatible(ticket.layout)
+            if len(src_block_ids) != len(ticket.block_ids):
+                raise HandoffError(
+                    "bad_request", f"{len(src_block_ids)} source blocks for a ticket of {len(ticket.block_ids)}")
+            if any(not 0 <= b < self.rows.shape[0] for b in src_block_ids):
+                raise HandoffError("bad_request", "a source block id is outside this engine's KV pool")
+            first = FirstToken(first_token_id, first_logprob, first_top_logprobs)
+            header = self._header(ticket, list(src_block_ids), first)
+            transport = self._transport(ticket.transport)
+            async with asyncio.timeout(timeout):
+                await transport.send(ticket, self.rows, list(src_block_ids), header)
+        except TimeoutError:
+            err = HandoffError("timeout", f"the decode worker at {ticket.control_address} did not finish "
+                                          f"the handoff within {timeout:g}s")
+            self._fail(ticket, err)
+            raise err from None
+        except HandoffError as err:
+            self._fail(ticket, err)
+            raise
+        seconds = time.perf_counter() - t0
+        self.metrics.completed(ticket.num_bytes, seconds)
+        return PushResult(ticket.num_bytes, seconds)
+
+    async def push_held(
+        self,
+        ticket: Ticket | bytes,
+        request_id: str,
+        first_token_id: int,
+        first_logprob: float | None = None,
+        first_top_logprobs: dict[int, float] | None = None,
+        timeout_s: float | None = None,
+    ) -> PushResult:
+        """`push` the blocks the engine holds for a finished `hold_kv=True` request, and
+        release them afterwards, whether the push succeeded or not."""
+        try:
+            blocks = await self.pool.held_blocks(request_id)
+            if blocks is None:
+                raise HandoffError("bad_request", f"the engine holds no KV for request {request_id!r}")
+            return await self.push(ticket, blocks, first_token_id, first_logprob, first_top_logprobs, timeout_s)
+        finally:
+            await self.pool.release_held(request_id)
+
+    async def close(self) -> None:
+        """Finish pending aborts and drop every connection."""
+        if self._aborts:
+            await asyncio.gather(*list(self._aborts), return_exceptions=True)
+        for transport in self._transports.values():
+            await transport.close()
+        await self._channels.close()
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _header(self, ticket: Ticket, src: list[int], first: FirstToken) -> pb.KVHandoffHeader:
+        from baton.kvtransfer.blocks import segments
+
+        staged = len(segments(src, ticket.block_ids)) > self.config.max_direct_messages
+        return pb.KVHandoffHeader(
+            ticket_id=ticket.ticket_id,
+            layout=self.layout.to_proto(),
+            src_block_ids=src,
+            num_bytes=ticket.num_bytes,
+            first_token=first.to_proto(),
+            staged=staged,
+            max_message_bytes=self.config.max_message_bytes,
+        )
+
+    def _transport(self, name: str) -> SenderTransport:
+        transport = self._transports.get(name)
+        if transport is not None:
+            return transport
+        if name not in self.allowed:
+            raise HandoffError("transport_unavailable", f"this prefill worker does not use the {name} transport")
+        try:
+            if name == "grpc":
+                from baton.kvtransfer.grpc_transport import GrpcSender
+
+                transport = GrpcSender(self.config, self._channels)
+            else:
+                transport = create_sender(name, self.config)
+        except ImportError as exc:
+            raise HandoffError("transport_unavailable", f"the {name} transport cannot load here: {exc}") from None
+        self._transports[name] = transport
+        return transport
+
+    def _fail(self, ticket: Ticket, err: HandoffError) -> None:
+        self.metrics.failed(err.reason)
+        if err.from_peer:
+            return  # the decode worker failed its end already
+        task = asyncio.get_running_loop().create_task(self._abort(ticket, err))
+        self._aborts.add(task)
+        task.add_done_callback(self._aborts.discard)
+
+    async def _abort(self, ticket: Ticket, err: HandoffError) -> None:
+        """Tell the decode worker; best effort (it frees the blocks at expiry otherwise)."""
+        request = pb.KVAbortRequest(
+            ticket_id=ticket.ticket_id, error=common_pb2.Error(reason=err.reason, message=err.message))
+        try:
+            await self._channels.stub(ticket.control_address).Abort(request, timeout=self.config.abort_timeout_s)
+        except Exception as exc:
+            log.info("could not tell %s that ticket %s failed: %s", ticket.control_address, ticket.ticket_id, exc)

@@ -1,0 +1,258 @@
+"""The `ucx` data plane (UCXX): the blocks' memory goes straight from one pool to the other.
+
+Each decode worker listens on its UCX port; a sender keeps a few endpoints per decode worker
+and runs one handoff at a time on each (so aborting one handoff's endpoint touches no other):
+
+    sender                                  receiver (one task per endpoint)
+    frame: KVHandoffHeader              ->  begin(): check ticket, layout, sizes
+                                        <-  frame: KVPushReply(acked_bytes=0) (ready) | error
+    message per region (or 1 staged)    ->  received in place into the reserved blocks
+                                        <-  frame: KVPushReply(done) | error
+
+A frame is an 8-byte length message and a payload message. With CUDA pools both ends hand
+UCX device memory, which it moves with CUDA IPC (NVLink) in a node or RDMA across nodes;
+host pools go over TCP or shared memory. When the source and destination blocks form more
+than `max_direct_messages` regions that are contiguous at both ends, the sender gathers
+them into one staging buffer and the receiver scatters from one (one device copy each):
+one large message beats many small ones (DESIGN.md "Hardware facts").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import numpy as np
+import torch
+
+from baton.kvtransfer import faults
+from baton.kvtransfer.blocks import region, runs, segments, split
+from baton.kvtransfer.errors import HandoffError
+from baton.kvtransfer.transport import ReceiverTransport, SenderTransport
+from baton.protos import kvtransfer_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+def _ucxx():
+    import ucxx
+
+    return ucxx
+
+
+def _buffer(t: torch.Tensor):
+    """What UCXX sends from or receives into: host memory as numpy, device memory as is."""
+    return t.numpy() if t.device.type == "cpu" else t
+
+
+async def send_frame(ep, payload: bytes) -> None:
+    await ep.send(np.array([len(payload)], dtype=np.uint64))
+    await ep.send(np.frombuffer(payload, dtype=np.uint8))
+
+
+async def recv_frame(ep, max_bytes: int = 64 << 20) -> bytes:
+    size = np.empty(1, dtype=np.uint64)
+    await ep.recv(size)
+    n = int(size[0])
+    if n > max_bytes:
+        raise HandoffError("bad_request", f"a {n}-byte control frame is too large")
+    buf = np.empty(n, dtype=np.uint8)
+    await ep.recv(buf)
+    return buf.tobytes()
+
+
+def _reply(msg: pb.KVPushReply) -> bytes:
+    return msg.SerializeToString()
+
+
+def plan_buffers(rows: torch.Tensor, own: list[int], peer: list[int], is_sender: bool, staged: bool,
+                 max_message_bytes: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The buffers this end passes to UCX, in message order, and the staging buffer if any.
+
+    Both ends compute the same message sizes from the header: one message per region that
+    is contiguous at both ends, or (staged) one message of all blocks in prompt order; each
+    split at `max_message_bytes`."""
+    src, dst = (own, peer) if is_sender else (peer, own)
+    block_bytes = rows.shape[1]
+    if not staged:
+        regions = []
+        for s, d, n in segments(src, dst):
+            regions.append(region(rows, s if is_sender else d, n))
+        staging = None
+    else:
+        own_runs = runs(own)
+        if len(own_runs) == 1:  # already one region here: no copy on this side
+            regions, staging = [region(rows, own_runs[0][0], own_runs[0][1])], None
+        else:
+            staging = torch.empty(len(own) * block_bytes, dtype=torch.uint8, device=rows.device)
+            regions = [staging]
+    out = []
+    for r in regions:
+        out.extend(r[a:b] for a, b in split(r.numel(), max_message_bytes))
+    return out, staging
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+class UcxSender(SenderTransport):
+    name = "ucx"
+
+    def __init__(self, config):
+        self.config = config
+        self.ucxx = _ucxx()
+        self._idle: dict[str, list] = {}
+        self._limits: dict[str, asyncio.Semaphore] = {}
+
+    async def send(self, ticket, rows, src_block_ids, header) -> None:
+        address = ticket.ucx_address
+        if not address:
+            raise HandoffError("transport_unavailable", f"the decode worker at {ticket.control_address} has no UCX listener")
+        limit = self._limits.setdefault(address, asyncio.Semaphore(self.config.max_endpoints_per_peer))
+        async with limit:
+            ep = await self._connect(address)
+            ok = False
+            try:
+                await self._handoff(ep, ticket, rows, src_block_ids, header, address)
+                ok = True
+            except HandoffError:
+                raise
+            except Exception as exc:
+                raise HandoffError("peer_lost", f"the UCX connection to {address} failed: {exc!r}") from None
+            finally:
+                if ok:
+                    self._idle.setdefault(address, []).append(ep)
+                else:  # its protocol state is unknown: never reuse it
+                    ep.abort()
+
+    async def _handoff(self, ep, ticket, rows, src, header, address: str) -> None:
+        await send_frame(ep, header.SerializeToString())
+        reply = pb.KVPushReply.FromString(await recv_frame(ep))
+        if reply.WhichOneof("kind") == "error":
+            raise HandoffError.from_proto(reply.error, f"the decode worker at {address}")
+        bufs, staging = plan_buffers(rows, src, list(ticket.block_ids), True, header.staged,
+                                     header.max_message_bytes)
+        if staging is not None:
+            torch.index_select(rows, 0, torch.tensor(src, device=rows.device), out=staging.view(len(src), -1))
+        _sync(rows.device)  # the pool's pending writes (and the gather) land before UCX reads
+        if len(bufs) > 1 and (faults.active("sender_exit") or faults.active("sender_stop")):
+            await ep.send(_buffer(bufs[0]))
+            faults.fire("sender_exit")
+            faults.fire("sender_stop")
+            bufs = bufs[1:]
+        await asyncio.gather(*(ep.send(_buffer(b)) for b in bufs))
+        reply = pb.KVPushReply.FromString(await recv_frame(ep))
+        kind = reply.WhichOneof("kind")
+        if kind == "error":
+            raise HandoffError.from_proto(reply.error, f"the decode worker at {address}")
+        if kind != "done":
+            raise HandoffError("transport", f"the decode worker at {address} answered {kind!r} instead of done")
+
+    async def _connect(self, address: str):
+        idle = self._idle.get(address, [])
+        while idle:
+            ep = idle.pop()
+            if not ep.closed:
+                return ep
+        host, port = address.rsplit(":", 1)
+        try:
+            return await asyncio.wait_for(self.ucxx.create_endpoint(host, int(port)), self.config.push_timeout_s)
+        except TimeoutError:
+            raise HandoffError("timeout", f"no UCX connection to {address}") from None
+        except Exception as exc:
+            raise HandoffError("peer_lost", f"cannot reach the UCX listener at {address}: {exc!r}") from None
+
+    async def close(self) -> None:
+        for eps in self._idle.values():
+            for ep in eps:
+                ep.abort()
+        self._idle.clear()
+
+
+class UcxReceiver(ReceiverTransport):
+    name = "ucx"
+
+    def __init__(self, receiver):
+        self.receiver = receiver
+        self.ucxx = _ucxx()
+        self._listener = None
+        self._handlers: set[asyncio.Task] = set()
+        self._endpoints: set = set()
+
+    async def start(self, advertise_host: str, port: int) -> str:
+        self._listener = self.ucxx.create_listener(self._serve, port=port)
+        return f"{advertise_host}:{self._listener.port}"
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        for ep in list(self._endpoints):
+            ep.abort()
+        if self._handlers:
+            await asyncio.gather(*list(self._handlers), return_exceptions=True)
+
+    async def _serve(self, ep) -> None:
+        """One connection: handoffs one after another until the sender goes away."""
+        task = asyncio.current_task()
+        self._handlers.add(task)
+        self._endpoints.add(ep)
+        try:
+            while True:
+                try:
+                    frame = await recv_frame(ep)
+                except Exception:
+                    return  # the sender closed the connection (or died) between handoffs
+                if not await self._serve_one(ep, frame):
+                    return
+        finally:
+            self._endpoints.discard(ep)
+            self._handlers.discard(task)
+            with contextlib.suppress(Exception):
+                ep.abort()
+
+    async def _serve_one(self, ep, frame: bytes) -> bool:
+        """One handoff; returns whether the connection is still usable."""
+        recv = self.receiver
+        try:
+            header = pb.KVHandoffHeader.FromString(frame)
+            slot = recv.begin(header)
+        except HandoffError as exc:
+            await send_frame(ep, _reply(pb.KVPushReply(error=exc.to_proto())))
+            return True
+        except Exception as exc:  # not a header at all
+            log.warning("bad UCX handoff frame: %s", exc)
+            return False
+        dst = list(slot.ticket.block_ids)
+        try:
+            async with recv.writing(slot):
+                slot.abort_hooks.append(ep.abort)  # expiry or cancel: stop the posted receives
+                bufs, staging = plan_buffers(recv.rows, dst, list(header.src_block_ids), False,
+                                             header.staged, header.max_message_bytes)
+                await send_frame(ep, _reply(pb.KVPushReply(acked_bytes=0)))
+                if faults.active("receiver_exit") or faults.active("receiver_stop"):
+                    await ep.recv(_buffer(bufs[0]))
+                    faults.fire("receiver_exit")
+                    faults.fire("receiver_stop")
+                    bufs = bufs[1:]
+                await asyncio.gather(*(ep.recv(_buffer(b)) for b in bufs))
+                if staging is not None:
+                    idx = torch.tensor(dst, device=recv.rows.device)
+                    recv.rows.index_copy_(0, idx, staging.view(len(dst), -1))
+                _sync(recv.rows.device)
+        except HandoffError as exc:  # the slot failed while we were receiving
+            recv.fail(slot, exc)
+            return False
+        except Exception as exc:
+            recv.fail(slot, HandoffError("peer_lost", f"the prefill worker's UCX connection failed: {exc!r}"))
+            return False
+        try:
+            recv.complete(slot)
+        except HandoffError as exc:
+            await send_frame(ep, _reply(pb.KVPushReply(error=exc.to_proto())))
+            return True
+        await send_frame(ep, _reply(pb.KVPushReply(done=True)))
+        return True
