@@ -113,7 +113,11 @@ class Sequence:
         self.cumulative_logprob += logprob
 
     def reset_for_recompute(self) -> None:
-        """Preempted: drop the KV; prompt and generated tokens are recomputed later."""
+        """Preempted: drop the KV; prompt and generated tokens are recomputed later.
+
+        `extra` is kept: its state (a grammar matcher, a seeded generator) already reflects
+        the generated tokens, which recompute does not sample again.
+        """
         self.num_computed_tokens = 0
         self.block_table = []
         self.status = SequenceStatus.WAITING
