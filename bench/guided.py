@@ -1,0 +1,285 @@
+"""Guided decoding overhead: time per output token with and without a JSON-schema constraint.
+
+For each batch size, runs B requests that decode `--max-tokens` tokens each, once free and
+once under a JSON schema whose shortest output is longer than that (so every sequence stays
+in the batch to the end), alternating the two `--repeats` times. A step counts when all B
+sequences decode in it; time per output token (TPOT) is the median of those steps. Also
+records the time the guided transform spends on the host per step (bitmask fill and the
+launch of its application) and the cold compile time of the schema.
+
+CPU (the embedded tiny model):
+    python3 bench/guided.py --out bench/results/guided-cpu.json
+CUDA (a random Llama of the given shape, with a synthetic byte-level vocabulary as wide
+as a real model's, so the bitmask costs what it would):
+    python3 bench/guided.py --device cuda --dtype bfloat16 --hidden 4096 --intermediate 14336 \
+        --layers 32 --heads 32 --kv-heads 8 --vocab 128256 --out bench/results/guided-h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from baton.engine import EngineArgs, GuidedDecodingParams, LLMEngine, SamplingParams
+from baton.engine.tiny_model import (
+    SPECIAL_TOKENS,
+    TINY_CONFIG,
+    ensure_tiny_model,
+    random_llama_weights,
+    write_tiny_model,
+)
+
+# Rows of records: at least 64 items, so no output completes within the measured tokens.
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "rows": {
+            "type": "array",
+            "minItems": 64,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "integer", "minimum": 0, "maximum": 100000},
+                    "name": {"type": "string", "maxLength": 16},
+                    "kind": {"enum": ["alpha", "beta", "gamma", "delta"]},
+                    "score": {"type": "number"},
+                    "tags": {"type": "array", "maxItems": 3, "items": {"type": "string", "maxLength": 8}},
+                },
+                "required": ["id", "name", "kind", "score", "tags"],
+            },
+        }
+    },
+    "required": ["rows"],
+}
+
+
+def synthetic_tokenizer(vocab_size: int, seed: int = 0):
+    """A byte-level BPE tokenizer with `vocab_size` tokens: the special tokens, the 256 byte
+    symbols, then random multi-character pieces (no merges: prompts encode to bytes, every
+    id decodes). Only the vocabulary's size and shape matter to the grammar's bitmask."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for ch in alphabet:
+        vocab[ch] = len(vocab)
+    rng = random.Random(seed)
+    common = "etaoinshrdlucmfwypvbgkqjxz" * 4 + "ETAOINSHRDLU0123456789" + "Ġ" * 12 + '{}[]":,.-_'
+    pool = common + "".join(alphabet)  # mostly text, some bytes of multi-byte characters
+    while len(vocab) < vocab_size:
+        piece = "".join(rng.choice(pool) for _ in range(rng.choice((2, 3, 3, 4, 4, 5, 6, 7, 8, 10))))
+        vocab.setdefault(piece, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return tok
+
+
+def write_model(out: Path, args: argparse.Namespace) -> Path:
+    """The tiny model's files, reshaped to the requested Llama shape and vocabulary."""
+    write_tiny_model(out)
+    config = json.loads((out / "config.json").read_text())
+    config.update(
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.hidden // args.heads,
+        vocab_size=args.vocab,
+        torch_dtype="bfloat16" if args.dtype == "bfloat16" else TINY_CONFIG["torch_dtype"],
+    )
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    synthetic_tokenizer(args.vocab).save(str(out / "tokenizer.json"))
+    from safetensors.torch import save_file
+
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype, torch.float32)
+    weights = {k: v.to(dtype).contiguous() for k, v in random_llama_weights(config).items()}
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def timed_transform(engine: LLMEngine, sink: list[float]):
+    """Wrap the engine's guided transform to record its host time per step."""
+    transforms = engine.runner.sampler.transforms
+    index = transforms.index(engine.guided.apply)
+    inner = transforms[index]
+
+    def timed(logits, seqs):
+        t0 = time.perf_counter()
+        try:
+            return inner(logits, seqs)
+        finally:
+            if any(s.params.guided_decoding is not None for s in seqs):
+                sink.append(time.perf_counter() - t0)
+
+    transforms[index] = timed
+
+
+def run_batch(engine: LLMEngine, batch: int, guided: bool, max_tokens: int, tag: str) -> list[float]:
+    """Decode `batch` requests; return the times of steps where all of them decoded."""
+    g = GuidedDecodingParams(json=SCHEMA) if guided else None
+    for i in range(batch):
+        params = SamplingParams(
+            temperature=1.0, seed=i, max_tokens=max_tokens, ignore_eos=True, guided_decoding=g
+        )
+        engine.add_request(f"{tag}-{i}", f"Record {i} of the table, as JSON:", params)
+    sched = engine.scheduler
+    times = []
+    while engine.has_unfinished_requests():
+        full = not sched.waiting and len(sched.running) == batch and not any(s.in_prefill for s in sched.running)
+        t0 = time.perf_counter()
+        outs = engine.step()
+        dt = time.perf_counter() - t0
+        if full:
+            times.append(dt)
+        for out in outs:
+            if out.finished:
+                assert out.error is None, out.error
+                assert len(out.outputs[0].token_ids) == max_tokens, "an output finished early"
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--model", help="a model directory (default: the tiny model, or --hidden ...)")
+    p.add_argument("--hidden", type=int)
+    p.add_argument("--intermediate", type=int)
+    p.add_argument("--layers", type=int)
+    p.add_argument("--heads", type=int)
+    p.add_argument("--kv-heads", type=int)
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+
+    tmp = None
+    if args.model:
+        model = Path(args.model)
+    elif args.hidden:
+        tmp = tempfile.TemporaryDirectory(prefix="baton-bench-guided-")
+        t0 = time.perf_counter()
+        model = write_model(Path(tmp.name), args)
+        print(f"wrote a random model in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    else:
+        model = ensure_tiny_model()
+
+    engine = LLMEngine.from_engine_args(
+        EngineArgs(
+            model=str(model),
+            device=args.device,
+            dtype=args.dtype,
+            max_num_seqs=max(args.batch),
+            max_model_len=args.max_tokens + 64,
+            # Every sequence's prompt and output fit at once: no preemption while measuring.
+            num_gpu_blocks_override=max(args.batch) * (-(-(args.max_tokens + 64) // 16) + 1),
+        )
+    )
+    mask_times: list[float] = []
+    timed_transform(engine, mask_times)
+
+    t0 = time.perf_counter()
+    engine.guided.compile(GuidedDecodingParams(regex="a"))  # imports xgrammar, reads the vocabulary
+    init_ms = (time.perf_counter() - t0) * 1e3
+    t0 = time.perf_counter()
+    engine.guided.compile(GuidedDecodingParams(json=SCHEMA))
+    compile_ms = (time.perf_counter() - t0) * 1e3
+    for guided in (False, True):  # warm-up: kernels, the matcher's caches
+        run_batch(engine, max(args.batch), guided, 8, f"warm-{guided}")
+
+    results = []
+    for batch in args.batch:
+        steps: dict[bool, list[float]] = {False: [], True: []}
+        mask_times.clear()
+        for r in range(args.repeats):
+            for guided in (False, True):
+                steps[guided] += run_batch(engine, batch, guided, args.max_tokens, f"b{batch}-{r}-{guided}")
+        free_ms = statistics.median(steps[False]) * 1e3
+        json_ms = statistics.median(steps[True]) * 1e3
+        row = {
+            "batch": batch,
+            "free_tpot_ms": round(free_ms, 3),
+            "json_tpot_ms": round(json_ms, 3),
+            "overhead_pct": round((json_ms / free_ms - 1) * 100, 1),
+            "guided_host_ms_per_step": round(statistics.median(mask_times) * 1e3, 3),
+            "steps_measured": {"free": len(steps[False]), "json": len(steps[True])},
+        }
+        print(json.dumps(row), file=sys.stderr)
+        results.append(row)
+
+    import xgrammar
+
+    cfg = engine.config.hf_config
+    report = {
+        "benchmark": "guided decoding overhead (JSON schema vs free), time per output token",
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python3 bench/guided.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {
+            "device": torch.cuda.get_device_name(engine.config.device) if engine.config.device.type == "cuda" else "cpu",
+            "cpu": _cpu_name(),
+            "cpu_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "xgrammar": _version("xgrammar", xgrammar),
+        },
+        "model": {
+            "hidden": cfg["hidden_size"],
+            "layers": cfg["num_hidden_layers"],
+            "heads": cfg["num_attention_heads"],
+            "kv_heads": cfg["num_key_value_heads"],
+            "vocab": cfg["vocab_size"],
+            "tokenizer_vocab": engine.tokenizer.vocab_size,
+            "dtype": str(engine.config.dtype).removeprefix("torch."),
+        },
+        "max_tokens": args.max_tokens,
+        "repeats": args.repeats,
+        "guided_init_ms": round(init_ms, 1),
+        "schema_compile_ms": round(compile_ms, 1),
+        "results": results,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def _version(name: str, module) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return getattr(module, "__version__", "unknown")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
