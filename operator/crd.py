@@ -416,6 +416,17 @@ def schema() -> dict:
     return copy.deepcopy(_SCHEMA)
 
 
+def node(*properties: str) -> Mapping[str, Any]:
+    """The schema node reached through `properties` from the root, e.g. node("spec", "router").
+
+    Shared, not copied: read it, never change it (use `schema()` for a copy).
+    """
+    current: Mapping[str, Any] = _SCHEMA
+    for key in properties:
+        current = current["properties"][key]
+    return current
+
+
 def apply_defaults(value: Any, node: Mapping[str, Any] | None = None) -> Any:
     """Return `value` with the schema's defaults filled in, as the API server does.
 

@@ -1,0 +1,154 @@
+"""Prefill, decode and colocated worker fleets: one Deployment and one headless Service each.
+
+Flags follow the worker command-line contract in docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from baton.operator.builders import common
+from baton.operator.config import OperatorConfig
+from baton.operator.spec import InferenceService, Role
+
+COMMANDS = {"prefill": "serve-prefill", "decode": "serve-decode", "worker": "serve-worker"}
+# A big model can take many minutes to load; the startup probe allows 30 before the
+# liveness probe may restart the pod.
+STARTUP_SECONDS = 1800
+
+
+def uses_kv_port(svc: InferenceService, role: Role) -> bool:
+    """Decode workers listen for UCX transfers on their own port."""
+    return role.name == "decode" and svc.transport == "ucx"
+
+
+def worker_args(svc: InferenceService, role: Role) -> list[str]:
+    """Command-line flags of one worker role (after `baton serve-<role>`)."""
+    engine = role.engine
+    args = [
+        "--model", common.model_path(svc),
+        "--served-model-name", svc.model.served_name,
+        "--dtype", svc.model.dtype,
+        "--block-size", str(engine.block_size),
+        "--max-num-seqs", str(engine.max_num_seqs),
+        "--max-num-batched-tokens", str(engine.max_num_batched_tokens),
+        "--gpu-memory-utilization", f"{engine.gpu_memory_utilization:g}",
+        "--host", "0.0.0.0",
+        "--port", str(common.GRPC_PORT),
+        "--metrics-port", str(common.METRICS_PORT),
+        "--shutdown-grace-seconds", str(common.SHUTDOWN_GRACE_SECONDS),
+    ]
+    if role.name != "worker":
+        args += ["--kv-transfer", svc.transport]
+    if uses_kv_port(svc, role):
+        args += ["--kv-port", str(common.KV_PORT)]
+    if svc.model.max_model_len:
+        args += ["--max-model-len", str(svc.model.max_model_len)]
+    if not engine.enable_prefix_caching:
+        args.append("--no-enable-prefix-caching")
+    if engine.num_gpu_blocks_override:
+        args += ["--num-gpu-blocks-override", str(engine.num_gpu_blocks_override)]
+    if engine.kv_cache_memory_gb:
+        args += ["--kv-cache-memory-gb", f"{engine.kv_cache_memory_gb:g}"]
+    return args + list(engine.extra_args)
+
+
+def _ports(svc: InferenceService, role: Role) -> list[dict]:
+    ports = [{"name": "grpc", "containerPort": common.GRPC_PORT, "protocol": "TCP"},
+             {"name": "metrics", "containerPort": common.METRICS_PORT, "protocol": "TCP"}]
+    if uses_kv_port(svc, role):
+        ports.append({"name": "kv", "containerPort": common.KV_PORT, "protocol": "TCP"})
+    return ports
+
+
+def _probes() -> dict:
+    """gRPC probes against grpc.health.v1 on the worker port (empty service: the server)."""
+    grpc = {"port": common.GRPC_PORT}
+    return {
+        "startupProbe": {"grpc": grpc, "periodSeconds": 10,
+                         "failureThreshold": STARTUP_SECONDS // 10, "timeoutSeconds": 5},
+        "readinessProbe": {"grpc": grpc, "periodSeconds": 5, "failureThreshold": 3,
+                           "timeoutSeconds": 5},
+        "livenessProbe": {"grpc": grpc, "periodSeconds": 10, "failureThreshold": 6,
+                          "timeoutSeconds": 5},
+    }
+
+
+def worker_container(svc: InferenceService, role: Role, config: OperatorConfig) -> dict:
+    container = {
+        "name": role.name,
+        "image": common.worker_image(svc, config),
+        **common.pull_policy(svc),
+        "command": ["baton", COMMANDS[role.name]],
+        "args": worker_args(svc, role),
+        "ports": _ports(svc, role),
+        "env": common.merge_env(common.base_env(), role.placement.env),
+        **_probes(),
+        "securityContext": common.container_security(),
+        "volumeMounts": [
+            {"name": "model", "mountPath": common.MODEL_DIR, "readOnly": True},
+            {"name": "shm", "mountPath": "/dev/shm"},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    if role.placement.resources:
+        container["resources"] = copy.deepcopy(role.placement.resources)
+    return container
+
+
+def worker_deployment(svc: InferenceService, role_name: str, config: OperatorConfig) -> dict:
+    """The Deployment of one worker role.
+
+    `spec.replicas` is left out while the role autoscales: the HPA or KEDA owns it then,
+    and writing it would fight them.
+    """
+    role = svc.role(role_name)
+    pod_spec = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": common.SHUTDOWN_GRACE_SECONDS + 15,
+        "securityContext": common.pod_security(),
+        **common.pod_placement(svc, role.placement),
+        "topologySpreadConstraints": common.spread(svc, role.name),
+        "containers": [worker_container(svc, role, config)],
+        "volumes": common.model_volumes(svc) + [
+            {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": role.shm_size}}],
+    }
+    if svc.model.source.kind == "uri":
+        pod_spec["initContainers"] = [common.fetch_container(
+            svc, common.worker_image(svc, config), tokenizer_only=False)]
+    spec = {
+        "selector": {"matchLabels": common.selector(svc, role.name)},
+        "strategy": common.rolling_update(),
+        "revisionHistoryLimit": 5,
+        "progressDeadlineSeconds": STARTUP_SECONDS,
+        "template": {
+            "metadata": {
+                "labels": common.labels(svc, role.name),
+                "annotations": {
+                    "prometheus.io/scrape": "true",
+                    "prometheus.io/port": str(common.METRICS_PORT),
+                    "prometheus.io/path": "/metrics",
+                    "kubectl.kubernetes.io/default-container": role.name,
+                },
+            },
+            "spec": pod_spec,
+        },
+    }
+    if role.autoscaling is None:
+        spec = {"replicas": role.replicas, **spec}
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": common.metadata(svc, role.name), "spec": spec}
+
+
+def worker_service(svc: InferenceService, role_name: str) -> dict:
+    """Headless Service: its EndpointSlices list the ready workers for the router."""
+    role = svc.role(role_name)
+    ports = [{"name": port["name"], "port": port["containerPort"], "targetPort": port["name"],
+              "protocol": "TCP"} for port in _ports(svc, role)]
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": common.metadata(svc, role.name),
+        "spec": {"clusterIP": "None", "selector": common.selector(svc, role.name),
+                 "ports": ports, "publishNotReadyAddresses": False},
+    }

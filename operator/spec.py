@@ -1,0 +1,321 @@
+"""The `InferenceService` spec as typed, frozen values.
+
+`parse(body)` applies the CRD's defaults (`crd.apply_defaults`), then reads the spec into
+the dataclasses below. The API server has already validated the object against the CRD;
+`parse` re-checks only what it needs to build a coherent model (the cross-field rules),
+so that an object that slipped past validation (CEL off on an old cluster, an edit
+before the CRD was upgraded) becomes a `SpecError` with a message, never a crash.
+
+Values taken from the spec that are dicts or lists (resources, tolerations, affinity,
+env) are deep copies, and builders copy them again before emitting: nothing here is
+shared with the caller's body.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from baton.operator import crd, quantity
+
+WORKER_ROLES = ("prefill", "decode", "worker")
+ROLES_BY_MODE = {"disaggregated": ("prefill", "decode"), "colocated": ("worker",)}
+# Per-pod targets when autoscaling.target is left out: a few queued requests per worker,
+# a busy batch, or 80% of the KV pool.
+DEFAULT_TARGETS = {"num_requests_waiting": 4.0, "num_requests_running": 32.0,
+                   "kv_cache_usage_perc": 0.8}
+
+
+class SpecError(ValueError):
+    """The spec cannot be served as written; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class SecretKeyRef:
+    name: str
+    key: str
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Exactly one of `claim_name`, `host_path`, `uri` is set (`kind` says which)."""
+
+    kind: str  # "pvc" | "hostPath" | "uri"
+    claim_name: str | None = None
+    path: str = ""
+    host_path: str | None = None
+    uri: str | None = None
+    credentials: SecretKeyRef | None = None
+    size_limit: str | None = None
+
+
+@dataclass(frozen=True)
+class Model:
+    source: ModelSource
+    served_name: str
+    dtype: str
+    max_model_len: int | None
+
+
+@dataclass(frozen=True)
+class Engine:
+    block_size: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    gpu_memory_utilization: float
+    enable_prefix_caching: bool
+    num_gpu_blocks_override: int | None
+    kv_cache_memory_gb: float | None
+    extra_args: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Autoscaling:
+    min_replicas: int
+    max_replicas: int
+    metric: str
+    target: float
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Pod-template fields shared by every role; dict/list values are private copies."""
+
+    resources: dict
+    node_selector: dict
+    tolerations: list
+    affinity: dict | None
+    env: list
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str  # "prefill" | "decode" | "worker"
+    replicas: int
+    engine: Engine
+    autoscaling: Autoscaling | None
+    shm_size: str
+    placement: Placement
+
+    @property
+    def gpus(self) -> int:
+        """GPUs per pod, from the nvidia.com/gpu limit (0 when none)."""
+        value = self.placement.resources.get("limits", {}).get("nvidia.com/gpu", "0")
+        return int(quantity.parse(value)[0])
+
+
+@dataclass(frozen=True)
+class Router:
+    replicas: int
+    image: str | None
+    api_key: SecretKeyRef | None
+    routing_policy: str
+    max_queue: int
+    service_type: str
+    placement: Placement
+
+
+@dataclass(frozen=True)
+class InferenceService:
+    """One InferenceService: identity (for owner references) plus its parsed spec."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    model: Model
+    image: str | None
+    image_pull_policy: str | None
+    image_pull_secrets: tuple[str, ...]
+    mode: str
+    roles: tuple[Role, ...]  # the worker fleets this mode runs, in a fixed order
+    router: Router
+    transport: str
+    autoscaling_engine: str
+    network_policy: bool
+
+    def role(self, name: str) -> Role:
+        for role in self.roles:
+            if role.name == name:
+                return role
+        raise KeyError(f"{self.name} runs no {name} role in mode {self.mode}")
+
+
+def _field(data: Mapping[str, Any], key: str, path: str, kind: type | tuple[type, ...]) -> Any:
+    if key not in data:
+        raise SpecError(f"{path}.{key} is required")
+    value = data[key]
+    # bool is an int in Python; a boolean is never a valid count.
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _types(kind)):
+        raise SpecError(f"{path}.{key} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _types(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _optional(data: Mapping[str, Any], key: str, path: str, kind: type | tuple) -> Any:
+    return _field(data, key, path, kind) if data.get(key) is not None else None
+
+
+def _secret_ref(data: Mapping[str, Any] | None) -> SecretKeyRef | None:
+    return None if data is None else SecretKeyRef(name=data["name"], key=data["key"])
+
+
+def _source(data: Mapping[str, Any]) -> ModelSource:
+    kinds = [kind for kind in ("pvc", "hostPath", "uri") if kind in data]
+    if len(kinds) != 1:
+        raise SpecError("set exactly one of model.source.pvc, model.source.hostPath, "
+                        f"model.source.uri (found {', '.join(kinds) or 'none'})")
+    credentials = _secret_ref(data.get("credentialsSecretRef"))
+    if credentials and kinds[0] != "uri":
+        raise SpecError("model.source.credentialsSecretRef applies only to uri sources")
+    if kinds[0] == "pvc":
+        pvc = data["pvc"]
+        path = str(pvc.get("path", "")).strip("/")
+        if ".." in path.split("/"):
+            raise SpecError("model.source.pvc.path must stay inside the volume (no '..')")
+        return ModelSource(kind="pvc", claim_name=pvc["claimName"], path=path)
+    if kinds[0] == "hostPath":
+        return ModelSource(kind="hostPath", host_path=data["hostPath"])
+    limit = data.get("sizeLimit")
+    return ModelSource(kind="uri", uri=data["uri"], credentials=credentials,
+                       size_limit=_quantity(limit, "spec.model.source.sizeLimit") if limit else None)
+
+
+def _engine(data: Mapping[str, Any], path: str) -> Engine:
+    return Engine(
+        block_size=_field(data, "blockSize", path, int),
+        max_num_seqs=_field(data, "maxNumSeqs", path, int),
+        max_num_batched_tokens=_field(data, "maxNumBatchedTokens", path, int),
+        gpu_memory_utilization=float(_field(data, "gpuMemoryUtilization", path, (int, float))),
+        enable_prefix_caching=_field(data, "enablePrefixCaching", path, bool),
+        num_gpu_blocks_override=_optional(data, "numGpuBlocksOverride", path, int),
+        kv_cache_memory_gb=_optional(data, "kvCacheMemoryGB", path, (int, float)),
+        extra_args=tuple(str(arg) for arg in data.get("extraArgs", ())),
+    )
+
+
+def _autoscaling(data: Mapping[str, Any] | None, path: str) -> Autoscaling | None:
+    if data is None:
+        return None
+    low = _field(data, "minReplicas", path, int)
+    high = _field(data, "maxReplicas", path, int)
+    if low > high:
+        raise SpecError(f"{path}.minReplicas ({low}) must not exceed maxReplicas ({high})")
+    metric = _field(data, "metric", path, str)
+    if metric not in DEFAULT_TARGETS:
+        raise SpecError(f"{path}.metric {metric!r} is not one of {', '.join(DEFAULT_TARGETS)}")
+    target = data.get("target")
+    target = DEFAULT_TARGETS[metric] if target is None else float(target)
+    return Autoscaling(min_replicas=low, max_replicas=high, metric=metric, target=target)
+
+
+def _quantity(value: Any, path: str) -> str:
+    """Canonical form, so the API server stores exactly what the operator sends."""
+    try:
+        return quantity.canonical(value)
+    except (ValueError, TypeError):
+        raise SpecError(f"{path}: {value!r} is not a quantity (e.g. 2, 500m, 16Gi)") from None
+
+
+def _resources(data: Mapping[str, Any] | None, path: str) -> dict:
+    return {section: {name: _quantity(value, f"{path}.{section}.{name}")
+                      for name, value in amounts.items()}
+            for section, amounts in (data or {}).items() if section in ("limits", "requests")}
+
+
+def _placement(data: Mapping[str, Any], path: str) -> Placement:
+    return Placement(
+        resources=_resources(data.get("resources"), f"{path}.resources"),
+        node_selector=dict(data.get("nodeSelector") or {}),
+        tolerations=copy.deepcopy(list(data.get("tolerations") or [])),
+        affinity=copy.deepcopy(data.get("affinity")) or None,
+        env=copy.deepcopy(list(data.get("env") or [])),
+    )
+
+
+def _role(name: str, data: Mapping[str, Any]) -> Role:
+    path = f"spec.{name}"
+    return Role(
+        name=name,
+        replicas=_field(data, "replicas", path, int),
+        engine=_engine(data.get("engine", {}), f"{path}.engine"),
+        autoscaling=_autoscaling(data.get("autoscaling"), f"{path}.autoscaling"),
+        shm_size=_quantity(_field(data, "shmSize", path, str), f"{path}.shmSize"),
+        placement=_placement(data, path),
+    )
+
+
+def _router(data: Mapping[str, Any]) -> Router:
+    return Router(
+        replicas=_field(data, "replicas", "spec.router", int),
+        image=data.get("image"),
+        api_key=_secret_ref(data.get("apiKeySecretRef")),
+        routing_policy=_field(data, "routingPolicy", "spec.router", str),
+        max_queue=_field(data, "maxQueue", "spec.router", int),
+        service_type=_field(data, "serviceType", "spec.router", str),
+        placement=_placement(data, "spec.router"),
+    )
+
+
+def parse(body: Mapping[str, Any]) -> InferenceService:
+    """Read an InferenceService object (as the API returns it) into typed values.
+
+    Raises `SpecError` for anything the operator cannot serve as written. `body` is not
+    changed.
+    """
+    meta = body.get("metadata") or {}
+    if not isinstance(body.get("spec"), Mapping):
+        raise SpecError("spec is required")
+    spec = crd.apply_defaults(body["spec"], crd.node("spec"))
+    try:
+        return _parse_spec(meta, spec)
+    except (KeyError, TypeError, AttributeError) as error:
+        # The schema guarantees the shape; reaching here means it was bypassed.
+        raise SpecError(f"spec does not match the InferenceService schema ({error!r}); "
+                        "is the CRD in the cluster up to date?") from error
+
+
+def _parse_spec(meta: Mapping[str, Any], spec: dict) -> InferenceService:
+    mode = spec["mode"]
+    if mode not in ROLES_BY_MODE:
+        raise SpecError(f"spec.mode {mode!r} is not one of {', '.join(ROLES_BY_MODE)}")
+    active = ROLES_BY_MODE[mode]
+    stray = [name for name in WORKER_ROLES if name in spec and name not in active]
+    if stray:
+        raise SpecError(f"spec.{stray[0]} does not apply to mode {mode} (it uses "
+                        f"{' and '.join(active)})")
+    roles = tuple(_role(name, crd.apply_defaults(spec.get(name, {}), crd.node("spec", name)))
+                  for name in active)
+    engine = spec["autoscaling"]["engine"]
+    for role in roles:
+        if role.autoscaling and role.autoscaling.min_replicas == 0 and engine != "keda":
+            raise SpecError(f"spec.{role.name}.autoscaling.minReplicas 0 needs "
+                            "spec.autoscaling.engine keda: a HorizontalPodAutoscaler cannot "
+                            "scale to zero")
+    model = spec["model"]
+    return InferenceService(
+        name=meta["name"],
+        namespace=meta.get("namespace") or "default",
+        uid=meta.get("uid", ""),
+        generation=int(meta.get("generation") or 0),
+        model=Model(
+            source=_source(model["source"]),
+            served_name=model.get("servedName") or meta["name"],
+            dtype=model["dtype"],
+            max_model_len=model.get("maxModelLen"),
+        ),
+        image=spec.get("image"),
+        image_pull_policy=spec.get("imagePullPolicy"),
+        image_pull_secrets=tuple(ref["name"] for ref in spec.get("imagePullSecrets", ())),
+        mode=mode,
+        roles=roles,
+        router=_router(spec["router"]),
+        transport=spec["kvTransfer"]["transport"],
+        autoscaling_engine=engine,
+        network_policy=bool(spec["networkPolicy"]["enabled"]),
+    )
