@@ -1,0 +1,270 @@
+"""Builders: every child for several specs, checked against the Kubernetes schemas and
+against the worker/router command-line contract (docs/architecture.md)."""
+
+from __future__ import annotations
+
+import copy
+
+import jsonschema
+import kubernetes_validate
+import pytest
+
+from baton.operator import builders, spec
+from baton.operator.builders import autoscaling, common, router, workers
+from baton.operator.config import OperatorConfig
+
+CONFIG = OperatorConfig(worker_image="registry.example/baton:1", control_image="registry.example/ctl:1")
+KUBERNETES_VERSIONS = ("1.27", "1.30", "1.33")
+# KEDA's CRD is not among the Kubernetes schemas: the fields Baton sets, as KEDA documents
+# them (triggers' metadata values are strings).
+SCALED_OBJECT = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {"spec": {
+        "type": "object", "additionalProperties": False,
+        "required": ["scaleTargetRef", "triggers"],
+        "properties": {
+            "scaleTargetRef": {"type": "object", "required": ["name"],
+                               "properties": {"name": {"type": "string"}}},
+            "minReplicaCount": {"type": "integer", "minimum": 0},
+            "maxReplicaCount": {"type": "integer", "minimum": 1},
+            "pollingInterval": {"type": "integer"}, "cooldownPeriod": {"type": "integer"},
+            "advanced": {"type": "object"},
+            "triggers": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["type", "metadata"],
+                "properties": {"type": {"const": "prometheus"},
+                               "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                               "metadata": {"type": "object", "required": [
+                                   "serverAddress", "query", "threshold"],
+                                   "additionalProperties": {"type": "string"}}}}},
+        }}},
+}
+
+
+def body(name: str = "llama", **spec_fields) -> dict:
+    return {"apiVersion": "baton.dev/v1alpha1", "kind": "InferenceService",
+            "metadata": {"name": name, "namespace": "models-ns", "uid": "uid-1",
+                         "generation": 3},
+            "spec": {"model": {"source": {"pvc": {"claimName": "models", "path": "llama"}}},
+                     **spec_fields}}
+
+
+GPU = {"limits": {"nvidia.com/gpu": 1, "memory": "64Gi"}, "requests": {"cpu": 4}}
+SPECS = {
+    "disaggregated": body(prefill={"replicas": 2, "resources": GPU},
+                          decode={"replicas": 3, "resources": GPU}, kvTransfer={"transport": "ucx"}),
+    "colocated": body(mode="colocated", model={"source": {"hostPath": "/data/m"}},
+                      worker={"replicas": 2, "engine": {"enablePrefixCaching": False}}),
+    "hpa": body(prefill={"autoscaling": {"maxReplicas": 8}},
+                decode={"autoscaling": {"minReplicas": 2, "maxReplicas": 9,
+                                        "metric": "kv_cache_usage_perc", "target": 0.75}}),
+    "keda": body(autoscaling={"engine": "keda"},
+                 prefill={"autoscaling": {"minReplicas": 0, "maxReplicas": 4}}),
+    "secured-uri": body(
+        model={"source": {"uri": "hf://org/model@main", "credentialsSecretRef": {"name": "hf"},
+                          "sizeLimit": "40Gi"}, "maxModelLen": 4096},
+        router={"apiKeySecretRef": {"name": "keys"}, "serviceType": "LoadBalancer",
+                "replicas": 2, "image": "registry.example/router:2"},
+        networkPolicy={"enabled": True}, imagePullSecrets=[{"name": "pull"}],
+        imagePullPolicy="Always", kvTransfer={"transport": "ucx"}),
+    "placement": body(prefill={
+        "nodeSelector": {"gpu": "h100"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "zone", "operator": "In", "values": ["a"]}]}]}}},
+        "env": [{"name": "HOME", "value": "/scratch"}, {"name": "X", "value": "1"}],
+        "engine": {"extraArgs": ["--enforce-eager"], "numGpuBlocksOverride": 512}}),
+}
+
+
+def build(name: str) -> list[dict]:
+    return builders.build_all(spec.parse(copy.deepcopy(SPECS[name])), CONFIG)
+
+
+def find(objects: list[dict], kind: str, name: str) -> dict:
+    matches = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{kind} {name}: {len(matches)} found"
+    return matches[0]
+
+
+def container(deployment: dict) -> dict:
+    return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_every_child_validates_against_the_kubernetes_schemas(name):
+    objects = build(name)
+    for obj in objects:
+        if obj["kind"] == "ScaledObject":
+            jsonschema.validate(obj, SCALED_OBJECT)
+            continue
+        for version in KUBERNETES_VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
+    keys = [(o["kind"], o["metadata"]["name"]) for o in objects]
+    assert len(keys) == len(set(keys)), "two children with one name"
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_children_are_owned_labelled_and_in_the_namespace(name):
+    for obj in build(name):
+        meta = obj["metadata"]
+        assert meta["namespace"] == "models-ns"
+        assert meta["ownerReferences"][0]["uid"] == "uid-1"
+        assert meta["ownerReferences"][0]["controller"] is True
+        assert meta["labels"]["app.kubernetes.io/instance"] == "llama"
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "baton-operator"
+        assert len(meta["name"]) <= 63
+
+
+def test_builders_do_not_change_the_spec():
+    svc = spec.parse(copy.deepcopy(SPECS["placement"]))
+    snapshot = copy.deepcopy(svc)
+    objects = builders.build_all(svc, CONFIG)
+    for obj in objects:  # mutate every output: the spec must not see it
+        obj["metadata"]["labels"]["x"] = "y"
+        if obj["kind"] == "Deployment":
+            pod = obj["spec"]["template"]["spec"]
+            pod.get("tolerations", [{}])[0]["key"] = "changed"
+            container(obj)["env"].append({"name": "Y"})
+    assert svc == snapshot
+
+
+def test_disaggregated_worker_command_lines_follow_the_contract():
+    objects = build("disaggregated")
+    prefill = container(find(objects, "Deployment", "llama-prefill"))
+    decode = container(find(objects, "Deployment", "llama-decode"))
+    assert prefill["command"] == ["baton", "serve-prefill"]
+    assert decode["command"] == ["baton", "serve-decode"]
+    args = dict(zip(prefill["args"][::2], prefill["args"][1::2], strict=False))
+    assert args["--model"] == "/models/llama"
+    assert args["--served-model-name"] == "llama"
+    assert args["--kv-transfer"] == "ucx" and args["--port"] == "50051"
+    assert "--kv-port" not in prefill["args"]
+    assert decode["args"][decode["args"].index("--kv-port") + 1] == "50052"
+    assert {p["name"] for p in decode["ports"]} == {"grpc", "metrics", "kv"}
+    assert prefill["image"] == "registry.example/baton:1"
+
+
+def test_worker_pods_probe_grpc_and_run_hardened():
+    deployment = find(build("disaggregated"), "Deployment", "llama-decode")
+    pod = deployment["spec"]["template"]["spec"]
+    main = container(deployment)
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert main[probe]["grpc"] == {"port": common.GRPC_PORT}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert main["securityContext"]["allowPrivilegeEscalation"] is False
+    assert main["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    shm = next(v for v in pod["volumes"] if v["name"] == "shm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert {"name": "shm", "mountPath": "/dev/shm"} in main["volumeMounts"]
+    model = next(v for v in pod["volumes"] if v["name"] == "model")
+    assert model["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert deployment["spec"]["replicas"] == 3
+    assert main["resources"]["limits"] == {"nvidia.com/gpu": "1", "memory": "64Gi"}
+
+
+def test_worker_services_are_headless():
+    objects = build("colocated")
+    assert find(objects, "Service", "llama-worker")["spec"]["clusterIP"] == "None"
+    assert find(objects, "Service", "llama-router")["spec"].get("clusterIP") is None
+
+
+def test_router_discovers_workers_through_endpointslices():
+    objects = build("disaggregated")
+    main = container(find(objects, "Deployment", "llama-router"))
+    assert main["command"] == ["baton", "serve-router"]
+    assert router.router_args(spec.parse(copy.deepcopy(SPECS["disaggregated"]))) == [
+        "--host", "0.0.0.0", "--port", "8000", "--model", "/models/llama",
+        "--served-model-name", "llama", "--discovery", "kubernetes", "--namespace", "models-ns",
+        "--prefill-service", "llama-prefill", "--decode-service", "llama-decode",
+        "--routing-policy", "load", "--max-queue", "64"]
+    assert main["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert main["image"] == "registry.example/ctl:1"
+    role = find(objects, "Role", "llama-router")
+    assert role["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                              "verbs": ["get", "list", "watch"]}]
+    binding = find(objects, "RoleBinding", "llama-router")
+    assert binding["subjects"][0]["name"] == "llama-router"
+    pod = find(objects, "Deployment", "llama-router")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "llama-router"
+    colocated = container(find(build("colocated"), "Deployment", "llama-router"))["args"]
+    assert colocated[colocated.index("--worker-service") + 1] == "llama-worker"
+    assert "--prefill-service" not in colocated
+
+
+def test_api_key_comes_from_the_secret_and_uri_models_are_fetched():
+    objects = build("secured-uri")
+    deployment = find(objects, "Deployment", "llama-router")
+    env = {e["name"]: e for e in container(deployment)["env"]}
+    assert env["BATON_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "keys", "key": "api-key"}}
+    assert container(deployment)["image"] == "registry.example/router:2"
+    fetch = deployment["spec"]["template"]["spec"]["initContainers"][0]
+    assert "--tokenizer-only" in fetch["args"]
+    worker_pod = find(objects, "Deployment", "llama-prefill")["spec"]["template"]["spec"]
+    worker_fetch = worker_pod["initContainers"][0]
+    assert worker_fetch["args"][worker_fetch["args"].index("--uri") + 1] == "hf://org/model@main"
+    assert "--tokenizer-only" not in worker_fetch["args"]
+    assert {"name": "BATON_MODEL_TOKEN", "valueFrom": {"secretKeyRef": {
+        "name": "hf", "key": "token"}}} in worker_fetch["env"]
+    model = next(v for v in worker_pod["volumes"] if v["name"] == "model")
+    assert model == {"name": "model", "emptyDir": {"sizeLimit": "40Gi"}}
+    config_map = find(objects, "ConfigMap", "llama-config")
+    assert "def fetch(" in config_map["data"]["fetch_model.py"]
+    assert worker_pod["imagePullSecrets"] == [{"name": "pull"}]
+    assert container(find(objects, "Deployment", "llama-prefill"))["args"][-2:] == [
+        "--max-model-len", "4096"]
+
+
+def test_network_policies_admit_router_to_workers_and_prefill_to_decode():
+    objects = build("secured-uri")
+    decode = find(objects, "NetworkPolicy", "llama-decode")["spec"]
+    sources = {rule["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]:
+               [p["port"] for p in rule["ports"]] for rule in decode["ingress"] if "from" in rule}
+    assert sources == {"router": ["grpc"], "prefill": ["grpc", "kv"]}
+    prefill = find(objects, "NetworkPolicy", "llama-prefill")["spec"]
+    assert [r["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+            for r in prefill["ingress"] if "from" in r] == ["router"]
+    assert not [o for o in build("disaggregated") if o["kind"] == "NetworkPolicy"]
+
+
+def test_autoscaled_roles_get_an_hpa_and_no_replicas():
+    objects = build("hpa")
+    decode = find(objects, "HorizontalPodAutoscaler", "llama-decode")["spec"]
+    assert decode["minReplicas"] == 2 and decode["maxReplicas"] == 9
+    assert decode["metrics"][0]["pods"] == {
+        "metric": {"name": "baton_kv_cache_usage_perc"},
+        "target": {"type": "AverageValue", "averageValue": "750m"}}
+    prefill_hpa = find(objects, "HorizontalPodAutoscaler", "llama-prefill")["spec"]
+    assert prefill_hpa["metrics"][0]["pods"]["target"]["averageValue"] == "4"
+    for name in ("llama-prefill", "llama-decode"):
+        assert "replicas" not in find(objects, "Deployment", name)["spec"]
+    assert find(objects, "Deployment", "llama-router")["spec"]["replicas"] == 1
+
+
+def test_keda_scaled_object_queries_prometheus_and_wakes_from_zero():
+    objects = build("keda")
+    scaled = find(objects, "ScaledObject", "llama-prefill")["spec"]
+    assert scaled["minReplicaCount"] == 0
+    trigger = scaled["triggers"][0]["metadata"]
+    assert trigger["serverAddress"] == CONFIG.prometheus_url
+    assert trigger["threshold"] == "4"
+    assert trigger["query"] == (
+        'sum(baton:num_requests_waiting{namespace="models-ns",service="llama-prefill"}) or '
+        'sum(baton:num_requests_waiting{namespace="models-ns",service="llama-router"})')
+    assert not [o for o in objects if o["kind"] == "HorizontalPodAutoscaler"]
+    assert autoscaling.adapter_metric_name("num_requests_waiting") == "baton_num_requests_waiting"
+
+
+def test_user_env_overrides_the_defaults_and_extra_args_come_last():
+    main = container(find(build("placement"), "Deployment", "llama-prefill"))
+    names = [e["name"] for e in main["env"]]
+    assert names.count("HOME") == 1
+    assert {"name": "HOME", "value": "/scratch"} in main["env"]
+    assert main["args"][-1] == "--enforce-eager"
+    assert "--num-gpu-blocks-override" in main["args"]
+
+
+def test_uses_kv_port_only_for_ucx_decode():
+    svc = spec.parse(copy.deepcopy(SPECS["hpa"]))
+    assert not any(workers.uses_kv_port(svc, role) for role in svc.roles)
