@@ -31,12 +31,16 @@ def service(name: str = "llama", **spec) -> dict:
             "spec": {"model": {"source": {"pvc": {"claimName": "models"}}}, **spec}}
 
 
-@pytest.fixture
-async def models(apiserver):
-    """The PersistentVolumeClaim the services read their model from."""
+async def models_claim(apiserver) -> None:
     await apiserver.create("v1/persistentvolumeclaims", {
         "apiVersion": "v1", "kind": "PersistentVolumeClaim",
         "metadata": {"name": "models", "namespace": NS}, "spec": {}})
+
+
+@pytest.fixture
+async def models(apiserver):
+    """The PersistentVolumeClaim the services read their model from."""
+    await models_claim(apiserver)
 
 
 def condition(apiserver, kind: str = "Ready", name: str = "llama") -> dict:
@@ -163,37 +167,42 @@ async def test_status_follows_the_child_deployments(apiserver, operator, models,
     await wait(lambda: events(apiserver, "DecodeNotReady"))
 
 
-@pytest.mark.parametrize("blocker", ["keda", "pvc"])
+@pytest.mark.parametrize("blocker", ["keda", "pvc", "conflict"])
 async def test_unservable_spec_reports_why_and_recovers(apiserver, operator, blocker, wait):
     """A spec the schema accepts but the cluster cannot serve yet: Ready=False with a
     reason, a Warning Event, no children; once the cluster can, the resync serves it."""
     await operator.start(resync_seconds=0.3)
     if blocker == "keda":
-        await apiserver.create("v1/persistentvolumeclaims", {
-            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
-            "metadata": {"name": "models", "namespace": NS}, "spec": {}})
+        await models_claim(apiserver)
         body = service(autoscaling={"engine": "keda"},
                        prefill={"autoscaling": {"minReplicas": 0, "maxReplicas": 3}})
         reason = "KedaNotInstalled"
-    else:
+    elif blocker == "pvc":
         body, reason = service(), "ModelClaimNotFound"
+    else:  # someone else's Service already has the router's name
+        await models_claim(apiserver)
+        await apiserver.create("v1/services", {"apiVersion": "v1", "kind": "Service",
+                                               "metadata": {"name": "llama-router",
+                                                            "namespace": NS}, "spec": {}})
+        body, reason = service(), "NameConflict"
     await apiserver.create(IS, body)
 
     ready = await wait(lambda: condition(apiserver).get("reason") == reason and condition(apiserver))
     assert ready["status"] == "False"
     warning = await wait(lambda: events(apiserver, reason))
     assert warning[0]["type"] == "Warning"
-    assert apiserver.names(DEPLOY, NS) == set()
+    if blocker != "conflict":  # a conflict blocks only the one child
+        assert apiserver.names(DEPLOY, NS) == set()
     assert operator.thread.is_alive()  # no crash, no retry storm: a status, then a wait
 
     if blocker == "keda":
         apiserver.install_keda()
         await wait(lambda: apiserver.get_object("keda.sh/v1alpha1/scaledobjects", NS,
                                                 "llama-prefill"))
+    elif blocker == "pvc":
+        await models_claim(apiserver)
     else:
-        await apiserver.create("v1/persistentvolumeclaims", {
-            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
-            "metadata": {"name": "models", "namespace": NS}, "spec": {}})
+        await apiserver.remove("v1/services", NS, "llama-router")
     await wait(lambda: apiserver.names(DEPLOY, NS) == CHILDREN[DEPLOY])
     await wait(lambda: condition(apiserver).get("reason") == "PrefillNotReady")
 
