@@ -77,12 +77,16 @@ class GrpcSender(SenderTransport):
     async def send(self, ticket, rows, src_block_ids, header) -> None:
         address = ticket.control_address
         call = self.channels.stub(address).Push()
+        ok = False
         try:
             await self._send(call, rows, src_block_ids, header, address)
+            await call.code()  # the stream ended on the server too; never cancel it now
+            ok = True
         except grpc.aio.AioRpcError as exc:
             raise rpc_error(exc, address) from None
         finally:
-            call.cancel()  # no-op once the call finished; stops it on errors and timeouts
+            if not ok:  # errors and timeouts: stop the stream at once
+                call.cancel()
 
     async def _send(self, call, rows, src_block_ids, header, address: str) -> None:
         loop = asyncio.get_running_loop()
@@ -116,13 +120,15 @@ class GrpcSender(SenderTransport):
         try:
             await call.write(pb.KVPushMessage(header=header))
             nxt = loop.run_in_executor(self._pool, read_chunk, 0) if offsets else None
+            faulted = False
             for i, off in enumerate(offsets):
                 msg = await nxt
                 nxt = loop.run_in_executor(self._pool, read_chunk, i + 1) if i + 1 < len(offsets) else None
                 while off - acked >= window:  # back-pressure: wait for the receiver's copies
                     progress.clear()
                     await _first(progress.wait(), replies)
-                if i == len(offsets) // 2:
+                if not faulted and i >= len(offsets) // 2 and acked:  # mid-transfer, once
+                    faulted = True
                     faults.fire("sender_exit")
                     faults.fire("sender_stop")
                 await _first(call.write(msg), replies)
@@ -208,23 +214,26 @@ class GrpcReceiver(ReceiverTransport):
                     return
                 else:
                     raise HandoffError("bad_request", "a second header in one push")
+        # Fail the slot before awaiting anything: gRPC may cancel this task at any await.
         except HandoffError as exc:
-            await self._stop_acker(acker)
             if slot is not None:
-                recv.fail(slot, exc)
+                recv.fail_transfer(slot, exc)
+            await self._stop_acker(acker)
             await _reply_error(context, exc)
         except asyncio.CancelledError:
             if slot is not None:
-                recv.fail(slot, HandoffError("peer_lost", "the prefill worker went away mid-transfer"))
+                recv.fail_transfer(slot, HandoffError("peer_lost", "the prefill worker went away mid-transfer"))
             raise
         except Exception as exc:
             log.exception("KV push failed")
-            await self._stop_acker(acker)
             err = HandoffError("transport", f"the decode worker failed the push: {exc}")
             if slot is not None:
-                recv.fail(slot, err)
+                recv.fail_transfer(slot, err)
+            await self._stop_acker(acker)
             await _reply_error(context, err)
         finally:
+            if slot is not None and asyncio.current_task().cancelling():
+                recv.fail_transfer(slot, HandoffError("peer_lost", "the prefill worker went away mid-transfer"))
             # A failure with copies in flight: let them finish (the last one releases).
             await self._stop_acker(acker)
             left = []
@@ -251,8 +260,11 @@ class GrpcReceiver(ReceiverTransport):
                 acked = await fut
                 await context.write(pb.KVPushReply(acked_bytes=acked))
         except HandoffError as exc:
-            self.receiver.fail(slot, exc)
+            self.receiver.fail_transfer(slot, exc)
             await _reply_error(context, exc)
+            return None
+        except Exception as exc:  # the reply stream broke: the sender is gone
+            self.receiver.fail_transfer(slot, HandoffError("peer_lost", f"the prefill worker went away: {exc!r}"))
             return None
 
     @staticmethod

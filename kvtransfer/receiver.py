@@ -312,6 +312,12 @@ class KVReceiver:
         slot.settled.set()
         self._maybe_release(slot)
 
+    def fail_transfer(self, slot: Slot, error: HandoffError) -> None:
+        """A transport's failure: ends the slot only while bytes are moving into it (after a
+        verified completion the transfer can no longer fail it)."""
+        if slot.state is State.RECEIVING:
+            self.fail(slot, error)
+
     def fail_ticket(self, ticket_id: str, error: HandoffError) -> bool:
         slot = self._slots.get(ticket_id)
         if slot is None:

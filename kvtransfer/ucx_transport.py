@@ -244,10 +244,10 @@ class UcxReceiver(ReceiverTransport):
                     recv.rows.index_copy_(0, idx, staging.view(len(dst), -1))
                 _sync(recv.rows.device)
         except HandoffError as exc:  # the slot failed while we were receiving
-            recv.fail(slot, exc)
+            recv.fail_transfer(slot, exc)
             return False
         except Exception as exc:
-            recv.fail(slot, HandoffError("peer_lost", f"the prefill worker's UCX connection failed: {exc!r}"))
+            recv.fail_transfer(slot, HandoffError("peer_lost", f"the prefill worker's UCX connection failed: {exc!r}"))
             return False
         try:
             recv.complete(slot)

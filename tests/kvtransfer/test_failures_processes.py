@@ -1,0 +1,140 @@
+"""Every failure ends in a clear error on both sides and zero leaked blocks.
+
+Two real processes on loopback with real engine KV caches. Processes are killed or stopped
+mid-transfer on purpose through BATON_KV_FAULT (baton.kvtransfer.faults).
+"""
+
+import time
+
+import pytest
+from kvt_harness import PeerDied
+
+from baton.kvtransfer import HandoffError, Ticket
+
+TRANSPORTS = ["grpc", "ucx"]
+PROMPT = list(range(5, 205))  # 200 tokens, 100 KiB of KV: 25 gRPC chunks, 7 UCX messages
+
+
+def prefill_and_reserve(decode, prefill, rid, ttl_s=None, tokens=PROMPT):
+    first = prefill.call("prefill", request_id=rid, prompt_token_ids=tokens)
+    ticket = decode.call("reserve", request_id=rid, num_tokens=len(tokens), ttl_s=ttl_s)
+    return first, ticket, Ticket.from_bytes(ticket).ticket_id
+
+
+def error_of(fn, *args, **kwargs) -> HandoffError:
+    with pytest.raises(HandoffError) as info:
+        fn(*args, **kwargs)
+    return info.value
+
+
+def test_layout_mismatch_is_refused_by_both_sides(peers):
+    decode, prefill = peers["d16"], peers["p4"]  # block sizes 16 and 4
+    first, ticket, tid = prefill_and_reserve(decode, prefill, "mismatch", tokens=PROMPT[:40])
+    sent = error_of(prefill.call, "push", ticket=ticket, request_id="mismatch", first_token=first["token"])
+    assert sent.reason == "layout_mismatch" and sent.field == "block_size"
+    assert "block_size: 4 here, 16 at the peer" in sent.message
+    waited = error_of(decode.call, "wait", ticket_id=tid, timeout_s=10)
+    assert waited.reason == "layout_mismatch" and "block_size" in waited.message
+    assert decode.wait_free(decode.num_blocks) == decode.num_blocks
+    assert prefill.wait_free(prefill.num_blocks) == prefill.num_blocks
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_an_expired_reservation_is_freed_and_refused(peers, transport):
+    decode, prefill = peers["d16"], peers["p16"]
+    first, ticket, tid = prefill_and_reserve(decode, prefill, f"expired-{transport}", ttl_s=0.3)
+    assert decode.wait_free(decode.num_blocks) == decode.num_blocks  # freed at expiry
+    sent = error_of(prefill.call, "push", ticket=ticket, request_id=f"expired-{transport}",
+                    first_token=first["token"], transport=transport)
+    assert sent.reason == "expired"
+    assert error_of(decode.call, "wait", ticket_id=tid).reason == "expired"
+    assert prefill.wait_free(prefill.num_blocks) == prefill.num_blocks
+
+
+def test_a_corrupted_chunk_fails_the_handoff(peers):
+    decode, prefill = peers["d16"], peers["p16"]
+    first, ticket, tid = prefill_and_reserve(decode, prefill, "corrupt")
+    prefill.call("set_fault", value="corrupt_chunk")
+    try:
+        sent = error_of(prefill.call, "push", ticket=ticket, request_id="corrupt",
+                        first_token=first["token"], transport="grpc")
+    finally:
+        prefill.call("set_fault", value="")
+    assert sent.reason == "checksum" and "CRC-32" in sent.message
+    waited = error_of(decode.call, "wait", ticket_id=tid)
+    assert waited.reason == "checksum"
+    assert decode.wait_free(decode.num_blocks) == decode.num_blocks
+    assert prefill.wait_free(prefill.num_blocks) == prefill.num_blocks
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_sender_killed_mid_transfer(peers, transport):
+    decode, prefill = peers["d16"], peers["p16"]
+    first, ticket, tid = prefill_and_reserve(decode, prefill, f"skill-{transport}")
+    prefill.call("set_fault", value="sender_exit")
+    push = prefill.submit("push", ticket=ticket, request_id=f"skill-{transport}",
+                          first_token=first["token"], transport=transport)
+    with pytest.raises(PeerDied):
+        push.result(30)
+    peers.discard("p16")
+    peers.start("p16")  # respawn in the background for the next tests
+    waited = error_of(decode.call, "wait", ticket_id=tid, timeout_s=20)
+    assert waited.reason == "peer_lost", waited
+    assert decode.wait_free(decode.num_blocks) == decode.num_blocks
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_receiver_killed_mid_transfer(peers, transport):
+    decode, prefill = peers["d16"], peers["p16"]
+    first, ticket, tid = prefill_and_reserve(decode, prefill, f"rkill-{transport}")
+    decode.call("set_fault", value="receiver_exit")
+    sent = error_of(prefill.call, "push", ticket=ticket, request_id=f"rkill-{transport}",
+                    first_token=first["token"], transport=transport, timeout_s=10)
+    decode.proc.join(10)
+    assert decode.proc.exitcode == 17  # it died mid-transfer
+    peers.discard("d16")
+    peers.start("d16")
+    assert sent.reason == "peer_lost", sent
+    assert prefill.wait_free(prefill.num_blocks) == prefill.num_blocks  # held blocks released
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_receiver_that_never_answers(peers, transport):
+    """The decode process freezes mid-transfer: the sender times out and gives its blocks
+    back; once the decode process runs again it frees the reservation and says why."""
+    decode, prefill = peers["d16"], peers["p16"]
+    first, ticket, tid = prefill_and_reserve(decode, prefill, f"rstop-{transport}")
+    decode.call("set_fault", value="receiver_stop")
+    start = time.monotonic()
+    sent = error_of(prefill.call, "push", ticket=ticket, request_id=f"rstop-{transport}",
+                    first_token=first["token"], transport=transport, timeout_s=1.5)
+    assert sent.reason == "timeout" and "did not finish" in sent.message
+    assert time.monotonic() - start < 10
+    assert decode.wait_stopped(1)
+    assert prefill.wait_free(prefill.num_blocks) == prefill.num_blocks
+    decode.resume()
+    decode.call("set_fault", value="")
+    waited = error_of(decode.call, "wait", ticket_id=tid, timeout_s=20)
+    assert waited.reason in ("timeout", "peer_lost"), waited
+    assert decode.wait_free(decode.num_blocks) == decode.num_blocks
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_sender_that_never_answers(peers, transport):
+    """The prefill process freezes mid-transfer: the reservation expires and is freed;
+    once the prefill process runs again its push fails and its blocks are released."""
+    decode, prefill = peers["d16"], peers["p16"]
+    first, ticket, tid = prefill_and_reserve(decode, prefill, f"sstop-{transport}", ttl_s=2.0)
+    prefill.call("set_fault", value="sender_stop")
+    push = prefill.submit("push", ticket=ticket, request_id=f"sstop-{transport}",
+                          first_token=first["token"], transport=transport)
+    assert prefill.wait_stopped(15)
+    waited = error_of(decode.call, "wait", ticket_id=tid, timeout_s=20)
+    assert waited.reason == "expired"
+    assert decode.wait_free(decode.num_blocks) == decode.num_blocks
+    prefill.resume()
+    prefill.call("set_fault", value="")
+    with pytest.raises(HandoffError) as info:
+        push.result(30)
+    assert info.value.reason in ("expired", "peer_lost", "timeout"), info.value
+    assert prefill.wait_free(prefill.num_blocks) == prefill.num_blocks
