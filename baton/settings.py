@@ -27,3 +27,18 @@ def log_level(default: str = "INFO") -> str:
 def kv_fault() -> str | None:
     """Test-only KV-transfer fault injection point: $BATON_KV_FAULT (see baton.kvtransfer.faults)."""
     return os.environ.get("BATON_KV_FAULT") or None
+
+
+def pod_namespace() -> str | None:
+    """The namespace a pod runs in ($POD_NAMESPACE from the downward API, or the
+    service-account mount); None outside Kubernetes."""
+    value = os.environ.get("POD_NAMESPACE")
+    if value:
+        return value
+    path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    return path.read_text().strip() if path.exists() else None
+
+
+def pod_ip() -> str | None:
+    """This pod's IP ($POD_IP from the downward API); None outside Kubernetes."""
+    return os.environ.get("POD_IP") or None

@@ -116,7 +116,15 @@ class AsyncLLMEngine:
         self._streams[request_id] = (asyncio.get_running_loop(), q)
         finished = False
         try:
-            await self.run(add)
+            # Once queued, the add runs even if this consumer is cancelled meanwhile (the
+            # `finally` below then aborts it): skipping it would leak the blocks handed to
+            # add_prefilled_request, which no one else owns any more.
+            adding = asyncio.ensure_future(self.run(add))
+            try:
+                await asyncio.shield(adding)
+            except asyncio.CancelledError:
+                adding.add_done_callback(lambda t: t.cancelled() or t.exception())
+                raise
             while True:
                 item = await q.get()
                 if isinstance(item, BaseException):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -104,3 +105,28 @@ async def test_a_failing_logits_processor_fails_only_its_request(engine):
     )
     assert bad.finished and bad.outputs[0].finish_reason == "error" and "processor exploded" in bad.error
     assert good.outputs[0].finish_reason == "length"
+
+
+# Found by the serving path (a router cancelling a Decode call): a consumer cancelled while
+# its generate_prefilled add is still queued must not leak the blocks it handed over.
+async def test_cancel_while_the_add_is_queued_frees_the_blocks(engine):
+    ids = list(range(4, 30))
+    total = engine.engine.block_manager.num_blocks
+    blocks = await engine.run(lambda e: e.reserve_blocks(len(ids)))
+    # Keep the engine thread busy so the add below waits in the command queue.
+    busy = asyncio.ensure_future(engine.run(lambda e: time.sleep(0.3)))
+    stream = engine.generate_prefilled(
+        "p1", prompt_token_ids=ids, params=SamplingParams(max_tokens=50, ignore_eos=True),
+        block_ids=blocks, first_token_id=7)
+    consumer = asyncio.ensure_future(stream.__anext__())
+    await asyncio.sleep(0.05)
+    consumer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    await busy
+    for _ in range(100):
+        if await engine.run(lambda e: e.block_manager.num_free_blocks) == total:
+            break
+        await asyncio.sleep(0.02)
+    assert await engine.run(lambda e: e.block_manager.num_free_blocks) == total
+    assert "p1" not in engine.engine.requests

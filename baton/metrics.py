@@ -1,0 +1,142 @@
+"""Prometheus metrics of the workers and the router (DESIGN.md "Metrics"); no torch here.
+
+Names follow vLLM's with the `baton:` prefix; every series carries `model_name` and `role`
+(prefill, decode, colocated or router). Request latencies are histograms observed where a
+request ends; engine state (running, waiting, KV usage, prefix cache and token totals) is
+read from the engine at scrape time by `EngineCollector`, so a scrape never sees stale
+numbers. `kv_transfer_*` metrics are defined by `baton.kvtransfer` on the same registry.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+LABELS = ("model_name", "role")
+
+TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+                1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+                0.4, 0.5, 0.75, 1.0, 2.5)
+E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0,
+               30.0, 40.0, 50.0, 60.0, 120.0, 300.0)
+
+
+class RequestMetrics:
+    """Latency histograms and token counters observed per finished request."""
+
+    def __init__(self, model_name: str, role: str, registry: CollectorRegistry = REGISTRY,
+                 count_tokens: bool = False):
+        labels = {"model_name": model_name, "role": role}
+        self.ttft = Histogram(
+            "baton:time_to_first_token_seconds", "Time from request arrival to its first token.",
+            LABELS, buckets=TTFT_BUCKETS, registry=registry).labels(**labels)
+        self.tpot = Histogram(
+            "baton:time_per_output_token_seconds", "Mean time between output tokens, per request.",
+            LABELS, buckets=TPOT_BUCKETS, registry=registry).labels(**labels)
+        self.e2e = Histogram(
+            "baton:e2e_request_latency_seconds", "Time from request arrival to its last token.",
+            LABELS, buckets=E2E_BUCKETS, registry=registry).labels(**labels)
+        self.success = Counter(
+            "baton:request_success", "Finished requests by finish reason.",
+            (*LABELS, "finished_reason"), registry=registry)
+        self._labels = labels
+        # Workers report token totals from the engine (EngineCollector); the router counts
+        # what it serves.
+        self.prompt_tokens = self.generation_tokens = None
+        if count_tokens:
+            self.prompt_tokens = Counter(
+                "baton:prompt_tokens", "Prompt tokens of served requests.", LABELS,
+                registry=registry).labels(**labels)
+            self.generation_tokens = Counter(
+                "baton:generation_tokens", "Generated tokens of served requests.", LABELS,
+                registry=registry).labels(**labels)
+
+    def observe(self, arrival: float, first_token: float | None, end: float, num_output_tokens: int,
+                finish_reason: str | None, num_prompt_tokens: int = 0) -> None:
+        """Record one finished request (times in seconds on one clock)."""
+        if first_token is not None:
+            self.ttft.observe(max(0.0, first_token - arrival))
+            if num_output_tokens > 1:
+                self.tpot.observe(max(0.0, (end - first_token) / (num_output_tokens - 1)))
+        self.e2e.observe(max(0.0, end - arrival))
+        self.success.labels(**self._labels, finished_reason=finish_reason or "unknown").inc()
+        if self.prompt_tokens is not None:
+            self.prompt_tokens.inc(num_prompt_tokens)
+            self.generation_tokens.inc(num_output_tokens)
+
+
+class EngineCollector(Collector):
+    """Engine gauges and counters, read at scrape time.
+
+    `snapshot()` returns an object with EngineStats' fields (baton.engine.llm_engine) or
+    None when the engine cannot answer right now; it runs on the scrape thread.
+    """
+
+    def __init__(self, snapshot: Callable[[], Any], model_name: str, role: str):
+        self._snapshot = snapshot
+        self._label_values = [model_name, role]
+
+    def describe(self):
+        # Without describe(), registering would call collect() (and the engine) at once.
+        return []
+
+    def collect(self):
+        try:
+            stats = self._snapshot()
+        except Exception:  # a scrape must not fail because the engine is busy or stopping
+            log.debug("engine stats unavailable", exc_info=True)
+            stats = None
+        if stats is None:
+            return
+        lv = self._label_values
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(name, doc, labels=LABELS)
+            family.add_metric(lv, value)
+            return family
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, doc, labels=LABELS)
+            family.add_metric(lv, value)
+            return family
+
+        yield gauge("baton:num_requests_running", "Requests in the running batch.", stats.num_running)
+        yield gauge("baton:num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting)
+        yield gauge("baton:kv_cache_usage_perc",
+                    "Share of KV blocks in use, 0..1 (requests and reservations).", stats.kv_cache_usage)
+        yield counter("baton:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                      stats.prefix_cache_queries)
+        yield counter("baton:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                      stats.prefix_cache_hits)
+        yield counter("baton:prompt_tokens", "Prompt tokens this engine computed or admitted.",
+                      stats.prompt_tokens_total)
+        yield counter("baton:generation_tokens", "Tokens this engine generated.",
+                      stats.generation_tokens_total)
+
+
+class RouterGauges(Collector):
+    """The router's own queue state: requests in flight and waiting for decode capacity."""
+
+    def __init__(self, running: Callable[[], int], waiting: Callable[[], int], model_name: str):
+        self._running, self._waiting = running, waiting
+        self._lv = [model_name, "router"]
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        for name, doc, fn in (
+            ("baton:num_requests_running", "Requests the router is serving.", self._running),
+            ("baton:num_requests_waiting", "Requests waiting for decode capacity.", self._waiting),
+        ):
+            family = GaugeMetricFamily(name, doc, labels=LABELS)
+            family.add_metric(self._lv, fn())
+            yield family

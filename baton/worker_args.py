@@ -1,0 +1,107 @@
+"""Worker command lines (`baton serve-prefill|serve-decode|serve-worker`) -> typed options.
+
+The flags are the contract with the operator (docs/architecture.md, "Process command
+lines"): engine flags map one to one onto `EngineArgs` fields, server flags onto
+`WorkerOptions`. No torch here: `EngineArgs` is built only when a worker starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+TRANSPORTS = ("grpc", "ucx")
+
+# flag dest -> EngineArgs field (same name unless noted)
+_ENGINE_FIELDS = (
+    "model", "served_model_name", "dtype", "device", "block_size", "max_num_seqs",
+    "max_num_batched_tokens", "max_model_len", "gpu_memory_utilization",
+    "num_gpu_blocks_override", "kv_cache_memory_gb", "enable_prefix_caching", "seed",
+)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """Everything about a worker process that is not the engine."""
+
+    role: str  # "prefill", "decode" or "colocated"
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_port: int = 9090
+    kv_transfer: str = "grpc"
+    kv_port: int = 50052
+    advertise_host: str | None = None  # address peers use to reach this worker's KV port
+    shutdown_grace_seconds: float = 30.0
+    reservation_ttl_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.role not in ("prefill", "decode", "colocated"):
+            raise ValueError(f"role must be prefill, decode or colocated, got {self.role!r}")
+        if self.kv_transfer not in TRANSPORTS:
+            raise ValueError(f"--kv-transfer must be one of {TRANSPORTS}, got {self.kv_transfer!r}")
+        for name in ("port", "metrics_port", "kv_port"):
+            value = getattr(self, name)
+            if not 0 <= value < 65536:
+                raise ValueError(f"--{name.replace('_', '-')} must be a TCP port, got {value}")
+        if self.shutdown_grace_seconds < 0:
+            raise ValueError("--shutdown-grace-seconds must be >= 0")
+        if self.reservation_ttl_seconds <= 0:
+            raise ValueError("--reservation-ttl-seconds must be > 0")
+
+
+def build_parser(prog: str, role: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=f"Run a Baton {role} worker.")
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--model", default=None, help="Hugging Face model directory (default: the embedded tiny model)")
+    engine.add_argument("--served-model-name", default=None, help="name reported to the router (default: directory name)")
+    engine.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    engine.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    engine.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    engine.add_argument("--max-num-seqs", type=int, default=256, help="running sequences per step")
+    engine.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
+    engine.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: from config)")
+    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    engine.add_argument("--num-gpu-blocks-override", type=int, default=None, help="KV pool size in blocks (also on CPU)")
+    engine.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="KV pool size on CPU without an override")
+    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    engine.add_argument("--seed", type=int, default=0, help="engine random seed (unseeded sampling)")
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="0.0.0.0", help="bind address")
+    server.add_argument("--port", type=int, default=50051, help="gRPC port")
+    server.add_argument("--metrics-port", type=int, default=9090, help="HTTP port of /metrics")
+    server.add_argument("--shutdown-grace-seconds", type=float, default=30.0,
+                        help="on SIGTERM, finish in-flight work for at most this long")
+    if role != "colocated":
+        kv = parser.add_argument_group("KV transfer")
+        kv.add_argument("--kv-transfer", default="grpc", choices=list(TRANSPORTS), help="KV data plane")
+        kv.add_argument("--kv-port", type=int, default=50052, help="UCX listener port (decode workers)")
+        kv.add_argument("--advertise-host", default=None,
+                        help="address prefill workers use to reach this worker (default: $POD_IP or the bind address)")
+    if role == "decode":
+        kv.add_argument("--reservation-ttl-seconds", type=float, default=30.0,
+                        help="a reservation not filled within this long is freed")
+    return parser
+
+
+def parse(argv: list[str], prog: str, role: str) -> tuple[Any, WorkerOptions]:
+    """Returns (EngineArgs, WorkerOptions); argparse exits with status 2 on bad flags."""
+    parser = build_parser(prog, role)
+    ns = parser.parse_args(argv)
+    try:
+        options = WorkerOptions(
+            role=role,
+            host=ns.host,
+            port=ns.port,
+            metrics_port=ns.metrics_port,
+            kv_transfer=getattr(ns, "kv_transfer", "grpc"),
+            kv_port=getattr(ns, "kv_port", 50052),
+            advertise_host=getattr(ns, "advertise_host", None),
+            shutdown_grace_seconds=ns.shutdown_grace_seconds,
+            reservation_ttl_seconds=getattr(ns, "reservation_ttl_seconds", 30.0),
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    from baton.engine.config import EngineArgs
+
+    return EngineArgs(**{name: getattr(ns, name) for name in _ENGINE_FIELDS}), options

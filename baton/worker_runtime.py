@@ -1,0 +1,176 @@
+"""What every worker process shares: the gRPC server, health, /metrics and SIGTERM drain.
+
+`WorkerRuntime.serve()` runs until SIGTERM or SIGINT, then drains: the health service turns
+NOT_SERVING and `Stats` reports `draining`, so routers stop sending new work; new work is
+refused with UNAVAILABLE (the router retries elsewhere); in-flight calls finish, bounded by
+the grace period; then the server stops and `serve()` returns (exit status 0).
+No torch here: the role's servicer owns the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from prometheus_client import REGISTRY, start_http_server
+
+from baton.worker_args import WorkerOptions
+
+log = logging.getLogger(__name__)
+
+# Large enough for a prompt of a million token ids or a big KV chunk on the gRPC data plane.
+MAX_MESSAGE_BYTES = 256 << 20
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+
+
+class WorkerRuntime:
+    """Lifecycle and in-flight accounting of one worker process."""
+
+    def __init__(self, options: WorkerOptions):
+        self.options = options
+        self.draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stop = asyncio.Event()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @contextlib.contextmanager
+    def work(self) -> Iterator[None]:
+        """Count a call as in flight: draining waits until none is left (or the grace ends)."""
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def refuse_if_draining(self, context: grpc.aio.ServicerContext) -> None:
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining (shutting down)")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve(
+        self,
+        register: Callable[[grpc.aio.Server], None],
+        collector=None,
+        on_started: Callable[[], Awaitable[None]] | None = None,
+        on_stopped: Callable[[], Awaitable[None]] | None = None,
+    ) -> int:
+        """Serve until a stop signal, drain, and return the exit status (0)."""
+        opts = self.options
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        register(server)
+        health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        address = f"{_grpc_host(opts.host)}:{opts.port}"
+        try:
+            server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc reports a failed bind as RuntimeError
+            raise OSError(f"cannot listen on {address} (is the port in use?)") from exc
+        if collector is not None:
+            REGISTRY.register(collector)
+        http_server, http_thread = start_http_server(opts.metrics_port, addr=opts.host)
+        await server.start()
+        if on_started is not None:
+            await on_started()
+        await health.set("", health_pb2.HealthCheckResponse.SERVING)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        log.info("%s worker serving gRPC on %s, metrics on :%d", opts.role, address, opts.metrics_port)
+        print(f"baton {opts.role} worker ready: grpc {address} metrics :{opts.metrics_port}", flush=True)
+        try:
+            await self._stop.wait()
+            await self._drain(health)
+        finally:
+            await server.stop(grace=1.0)
+            if on_stopped is not None:
+                await on_stopped()
+            http_server.shutdown()
+            http_thread.join(timeout=2)
+            if collector is not None:
+                REGISTRY.unregister(collector)
+        log.info("%s worker stopped", opts.role)
+        return 0
+
+    async def _drain(self, health: health_aio.HealthServicer) -> None:
+        self.draining = True
+        await health.enter_graceful_shutdown()
+        grace = self.options.shutdown_grace_seconds
+        log.info("draining: %d call(s) in flight, grace %.0fs", self._in_flight, grace)
+        start = time.monotonic()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=grace)
+        except TimeoutError:
+            log.warning("grace period over with %d call(s) in flight; cancelling them", self._in_flight)
+        else:
+            log.info("drained in %.1fs", time.monotonic() - start)
+
+
+def _grpc_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def configure_logging() -> None:
+    from baton.settings import log_level
+
+    logging.basicConfig(level=log_level(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run_worker(argv: list[str], prog: str, role: str, make_servicer) -> int:
+    """Entry point of every `baton serve-*` worker command.
+
+    `make_servicer(engine, runtime)` returns an object with `register(server)` (adds its
+    gRPC services), `collector()`, and optional async `start()`/`stop()` hooks.
+    """
+    from baton.worker_args import parse
+
+    engine_args, options = parse(argv, prog, role)
+    configure_logging()
+    from baton.engine import AsyncLLMEngine
+
+    try:
+        engine = AsyncLLMEngine.from_engine_args(engine_args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+
+    async def main() -> int:
+        runtime = WorkerRuntime(options)
+        log.info("starting %s worker for %s", role, engine.config.served_model_name)
+        servicer = make_servicer(engine, runtime)
+        try:
+            return await runtime.serve(
+                servicer.register,
+                collector=servicer.collector(),
+                on_started=getattr(servicer, "start", None),
+                on_stopped=getattr(servicer, "stop", None),
+            )
+        finally:
+            await engine.shutdown()
+
+    try:
+        return asyncio.run(main())
+    except OSError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1

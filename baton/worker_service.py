@@ -1,0 +1,132 @@
+"""The gRPC servicer calls every worker role shares: Info, Stats, Abort, and streaming an
+engine request out as `GenerateChunk`s (used by Generate and Decode).
+
+Duck-typed on `baton.engine.AsyncLLMEngine` so that this module imports no torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from baton import __version__
+from baton.metrics import EngineCollector, RequestMetrics
+from baton.protos import worker_pb2, worker_pb2_grpc
+from baton.sampling_params import SamplingParams
+from baton.worker_messages import ChunkWriter, params_from_proto
+from baton.worker_runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+ROLES = {"prefill": worker_pb2.PREFILL, "decode": worker_pb2.DECODE, "colocated": worker_pb2.COLOCATED}
+
+
+class EngineServicer(worker_pb2_grpc.WorkerServicer):
+    """Base of the role servicers: owns the engine handle, the runtime and the metrics."""
+
+    def __init__(self, engine, runtime: WorkerRuntime):
+        self.engine = engine
+        self.runtime = runtime
+        config = engine.config
+        self.role = runtime.options.role
+        self.model_name = config.served_model_name
+        self.metrics = RequestMetrics(self.model_name, self.role)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- shared calls --------------------------------------------------------------------
+
+    async def Info(self, request, context) -> worker_pb2.WorkerInfo:
+        config = self.engine.config
+        stats = await self.engine.run(lambda e: e.stats())
+        return worker_pb2.WorkerInfo(
+            role=ROLES[self.role],
+            model_name=self.model_name,
+            max_model_len=config.max_model_len,
+            block_size=config.block_size,
+            vocab_size=config.vocab_size,
+            kv_transfer="" if self.role == "colocated" else self.runtime.options.kv_transfer,
+            num_blocks=stats.num_blocks,
+            version=__version__,
+        )
+
+    async def Stats(self, request, context) -> worker_pb2.LoadStats:
+        s = await self.engine.run(lambda e: e.stats())
+        return worker_pb2.LoadStats(
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            kv_cache_usage=s.kv_cache_usage,
+            num_free_blocks=s.num_free_blocks,
+            num_blocks=s.num_blocks,
+            draining=self.runtime.draining,
+            num_in_flight=self.runtime.in_flight,
+        )
+
+    async def Abort(self, request, context) -> worker_pb2.AbortReply:
+        rid = request.request_id
+        found = await self.engine.run(lambda e: rid in e.requests or e.held_blocks(rid) is not None)
+        await self.engine.abort(rid)  # a stream of the request ends with finish_reason "abort"
+        return worker_pb2.AbortReply(found=found)
+
+    # -- helpers for the role servicers --------------------------------------------------
+
+    def collector(self) -> EngineCollector:
+        """Engine gauges for /metrics; must be created on the serving event loop."""
+        self._loop = asyncio.get_running_loop()
+        return EngineCollector(self._snapshot, self.model_name, self.role)
+
+    def _snapshot(self):
+        # Runs on the scrape thread: ask the engine thread through the event loop.
+        if self._loop is None or self._loop.is_closed():
+            return None
+        future = asyncio.run_coroutine_threadsafe(self.engine.run(lambda e: e.stats()), self._loop)
+        return future.result(timeout=5)
+
+    async def parse_params(self, msg, context) -> SamplingParams:
+        try:
+            return params_from_proto(msg)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise  # unreachable: abort raises
+
+    async def stream_outputs(
+        self, outputs: AsyncIterator, context, arrival: float, num_prompt_tokens: int
+    ) -> AsyncIterator[worker_pb2.GenerateChunk]:
+        """Turn an engine stream of cumulative RequestOutputs into delta chunks.
+
+        Closing the engine stream (also on cancellation) aborts the request in the engine.
+        Errors before the first output are INVALID_ARGUMENT (bad prompt or parameters);
+        a dead engine is UNAVAILABLE.
+        """
+        writer = ChunkWriter(num_prompt_tokens)
+        first_token_at: float | None = None
+        completion = None
+        async with contextlib.aclosing(outputs):
+            try:
+                async for out in outputs:
+                    completion = out.outputs[0]
+                    if first_token_at is None and completion.token_ids:
+                        first_token_at = time.time()
+                    chunk = writer.chunk(completion, out.num_cached_tokens, out.error)
+                    if chunk is not None:
+                        yield chunk
+            except ValueError as exc:
+                await context.abort(_value_error_code(exc), str(exc))
+            except Exception as exc:  # EngineDeadError or a failed step
+                log.error("request failed in the engine: %s", exc)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine failed: {exc}")
+        if completion is not None:
+            self.metrics.observe(arrival, first_token_at, time.time(), len(completion.token_ids),
+                                 completion.finish_reason)
+
+
+def _value_error_code(exc: ValueError) -> grpc.StatusCode:
+    if type(exc).__name__ == "NoCapacityError":
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if "already in use" in str(exc):
+        return grpc.StatusCode.ALREADY_EXISTS
+    return grpc.StatusCode.INVALID_ARGUMENT

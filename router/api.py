@@ -1,0 +1,167 @@
+"""Serving `/v1/completions` and `/v1/chat/completions`: request -> streams -> response.
+
+The order of checks decides the status a client sees: unknown model 404; no healthy
+worker 503; bad parameters or a prompt too long 400; saturated 429. Every check runs
+before the first byte of a response, and a stream's first output is awaited before the
+200 is committed, so an error at admission (reservation refused, prompt too long for the
+KV cache) is still a proper HTTP status. Errors after that arrive as an SSE `error` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from baton.metrics import RequestMetrics
+from baton.router.dispatch import Delta, Dispatcher
+from baton.router.errors import APIError, model_not_found, no_worker
+from baton.router.fanout import ClientGone, FanOut, Job
+from baton.router.params import (
+    DEFAULT_COMPLETION_MAX_TOKENS,
+    chat_prompt,
+    check_length,
+    completion_prompts,
+    sampling_params,
+)
+from baton.router.protocol import ChatCompletionRequest, CompletionRequest
+from baton.router.responses import ResponseBuilder, sse
+from baton.router.workers import WorkerPool
+from baton.tokenizer import Tokenizer
+from baton.worker_messages import OutputState
+
+log = logging.getLogger(__name__)
+
+
+class _Timing:
+    """Per-choice timestamps for the router's latency metrics (the client's view)."""
+
+    def __init__(self, metrics: RequestMetrics, prompt_tokens: dict[int, int]):
+        self.metrics = metrics
+        self.arrival = time.time()
+        self.first: dict[int, float] = {}
+        self.prompt_tokens = prompt_tokens
+
+    def on_delta(self, index: int, delta: Delta) -> None:
+        if delta.token_ids and index not in self.first:
+            self.first[index] = time.time()
+        if delta.finished:
+            state = delta.state
+            self.metrics.observe(self.arrival, self.first.get(index), time.time(), len(state.token_ids),
+                                 state.finish_reason, self.prompt_tokens.get(index, 0))
+
+
+class OpenAIServing:
+    def __init__(self, tokenizer: Tokenizer, pool: WorkerPool, dispatcher: Dispatcher,
+                 served_model_names: tuple[str, ...], metrics: RequestMetrics):
+        self.tokenizer = tokenizer
+        self.pool = pool
+        self.dispatcher = dispatcher
+        self.served = served_model_names
+        self.metrics = metrics
+
+    def _limits(self) -> tuple[int, int]:
+        limits = self.pool.model_limits(self.dispatcher.roles)
+        if limits is None:
+            raise no_worker(self.dispatcher.roles[-1])
+        return limits
+
+    async def serve(self, body: CompletionRequest | ChatCompletionRequest, request: Request) -> Response:
+        chat = isinstance(body, ChatCompletionRequest)
+        if body.model not in self.served:
+            raise model_not_found(body.model, list(self.served))
+        max_model_len, vocab_size = self._limits()
+        if chat:
+            prompts = [chat_prompt(body, self.tokenizer)]
+            max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+            param = "messages"
+        else:
+            prompts = completion_prompts(body, self.tokenizer, vocab_size)
+            max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
+            logprobs = body.logprobs
+            param = "prompt"
+        response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        jobs: list[Job] = []
+        prompt_tokens: dict[int, int] = {}
+        for p_index, prompt in enumerate(prompts):
+            limit = check_length(len(prompt.token_ids), max_tokens, max_model_len, param)
+            params = sampling_params(body, limit, logprobs)
+            for i in range(body.n):
+                index = p_index * body.n + i
+                seeded = params if params.seed is None or i == 0 else params.clone(seed=(params.seed + i) % 2**63)
+                jobs.append(Job(index, f"{response_id}-{index}", prompt.token_ids, seeded))
+                prompt_tokens[index] = len(prompt.token_ids) if i == 0 else 0
+        self.dispatcher.check_admission()
+        log.debug("%s: %d prompt(s), %d stream(s)", response_id, len(prompts), len(jobs))
+        builder = ResponseBuilder(
+            chat=chat, response_id=response_id, model=body.model, tokenizer=self.tokenizer,
+            prompt_token_counts=[len(p.token_ids) for p in prompts], n=body.n,
+            logprobs=logprobs is not None, top_logprobs=logprobs or 0,
+            include_usage=bool(body.stream and body.stream_options and body.stream_options.include_usage))
+        timing = _Timing(self.metrics, prompt_tokens)
+        fan = FanOut(self.dispatcher, jobs)
+        fan.start()
+        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, fan))
+        try:
+            await fan.first()
+        except BaseException:
+            watcher.cancel()
+            await fan.close()
+            raise
+        if body.stream:
+            return StreamingResponse(self._stream(fan, builder, timing, watcher),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            states = await self._collect(fan, timing)
+        except ClientGone:
+            return Response(status_code=499)
+        finally:
+            watcher.cancel()
+        return JSONResponse(builder.response(states))
+
+    async def _collect(self, fan: FanOut, timing: _Timing) -> dict[int, OutputState]:
+        states: dict[int, OutputState] = {}
+        async for index, delta in fan.events():
+            states[index] = delta.state
+            timing.on_delta(index, delta)
+        return states
+
+    async def _stream(self, fan: FanOut, builder: ResponseBuilder, timing: _Timing,
+                      watcher: asyncio.Task) -> AsyncIterator[bytes]:
+        states: dict[int, OutputState] = {}
+        try:
+            async for index, delta in fan.events():
+                states[index] = delta.state
+                timing.on_delta(index, delta)
+                for chunk in builder.stream_chunks(index, delta):
+                    yield sse(chunk)
+            if builder.include_usage:
+                yield sse(builder.usage_chunk(states))
+            yield sse("[DONE]")
+        except ClientGone:
+            return
+        except APIError as exc:
+            # The 200 is already sent: report the failure in the stream, as vLLM does.
+            yield sse(exc.body())
+            yield sse("[DONE]")
+        finally:
+            watcher.cancel()
+            await fan.close()
+
+
+async def _watch_disconnect(request: Request, fan: FanOut) -> None:
+    """Cancel the streams as soon as the client goes away (also while nothing is sent)."""
+    with contextlib.suppress(asyncio.CancelledError):
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                fan.client_gone()
+                return

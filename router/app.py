@@ -1,0 +1,122 @@
+"""The router's FastAPI application: OpenAI endpoints, auth, health, readiness, metrics.
+
+`GET /health` answers 200 while the router process serves (the Kubernetes liveness and
+readiness probe: a router without workers still answers requests, with 503s); its body
+counts the healthy workers per role. `GET /ready` is 200 only when every role has a
+healthy worker (what `baton up` waits for). `/metrics` and the health endpoints need no key.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from baton import __version__
+from baton.metrics import RequestMetrics, RouterGauges
+from baton.router import errors
+from baton.router.api import OpenAIServing
+from baton.router.config import RouterConfig
+from baton.router.discovery import Discovery, KubernetesDiscovery, StaticDiscovery
+from baton.router.dispatch import Dispatcher
+from baton.router.protocol import ChatCompletionRequest, CompletionRequest
+from baton.router.routing import make_policy
+from baton.router.workers import WorkerPool
+from baton.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class BearerAuth:
+    """ASGI middleware: `/v1/*` needs `Authorization: Bearer <key>` (compared in constant
+    time). Runs before the body is parsed, so a bad key is a 401 whatever the body is."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = b""
+            for name, value in scope.get("headers", ()):
+                if name == b"authorization":
+                    given = value
+                    break
+            if not hmac.compare_digest(given, self._expected):
+                response = errors.unauthorized().response()
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _discovery(config: RouterConfig) -> Discovery:
+    if config.discovery == "kubernetes":
+        return KubernetesDiscovery(config.namespace, config.services)
+    return StaticDiscovery({role: list(config.addresses[role]) for role in config.roles})
+
+
+def create_app(config: RouterConfig, registry: CollectorRegistry | None = None) -> FastAPI:
+    tokenizer = Tokenizer(config.model_dir)
+    registry = registry or CollectorRegistry()
+    model_name = config.served_model_names[0]
+    pool = WorkerPool(config.roles, config.poll_interval)
+    dispatcher = Dispatcher(pool, make_policy(config.routing_policy), config.disaggregated, config.max_queue)
+    metrics = RequestMetrics(model_name, "router", registry, count_tokens=True)
+    registry.register(RouterGauges(lambda: dispatcher.running, lambda: dispatcher.waiting, model_name))
+    serving = OpenAIServing(tokenizer, pool, dispatcher, config.served_model_names, metrics)
+    discovery = _discovery(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await discovery.start(pool)
+        await pool.start()
+        log.info("router for %s (%s) on %s:%d", model_name,
+                 "disaggregated" if config.disaggregated else "colocated", config.host, config.port)
+        yield
+        await discovery.stop()
+        await pool.stop()
+
+    app = FastAPI(title="Baton router", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible API in front of Baton's prefill and decode workers.")
+    errors.install(app)
+    app.state.pool = pool
+    app.state.dispatcher = dispatcher
+
+    @app.post("/v1/completions", tags=["openai"])
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await serving.serve(body, request)
+
+    @app.post("/v1/chat/completions", tags=["openai"])
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await serving.serve(body, request)
+
+    @app.get("/v1/models", tags=["openai"])
+    async def models() -> dict:
+        limits = pool.model_limits(config.roles)
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "baton",
+                 "root": config.served_model_names[0],
+                 "max_model_len": limits[0] if limits else None} for name in config.served_model_names]
+        return {"object": "list", "data": data}
+
+    @app.get("/health", tags=["operations"])
+    async def health() -> dict:
+        return {"status": "ok", "mode": "disaggregated" if config.disaggregated else "colocated",
+                "workers": pool.summary()}
+
+    @app.get("/ready", tags=["operations"])
+    async def ready() -> JSONResponse:
+        summary = pool.summary()
+        ok = all(summary[role]["healthy"] > 0 for role in config.roles)
+        return JSONResponse({"ready": ok, "workers": summary}, status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["operations"])
+    async def prometheus() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    if config.api_key:
+        app.add_middleware(BearerAuth, api_key=config.api_key)
+    return app

@@ -1,0 +1,138 @@
+"""The router's command line (`baton serve-router`) and its typed, frozen configuration.
+
+The flags are the contract with the operator (docs/architecture.md, "Process command
+lines"). The mode follows from the workers given: colocated workers (`--worker`,
+`--worker-service`) or prefill and decode workers, never both.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from baton.router.routing import POLICIES
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    model_dir: Path
+    served_model_names: tuple[str, ...]
+    host: str = "0.0.0.0"
+    port: int = 8000
+    prefill: tuple[str, ...] = ()
+    decode: tuple[str, ...] = ()
+    worker: tuple[str, ...] = ()
+    discovery: str = "static"
+    namespace: str = "default"
+    services: dict[str, str] = field(default_factory=dict)  # role -> Service name
+    routing_policy: str = "load"
+    max_queue: int = 64
+    api_key: str | None = field(default=None, repr=False)
+    poll_interval: float = 0.5
+    shutdown_grace_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.discovery not in ("static", "kubernetes"):
+            raise ValueError(f"--discovery must be static or kubernetes, got {self.discovery!r}")
+        if self.routing_policy not in POLICIES:
+            raise ValueError(f"--routing-policy must be one of {sorted(POLICIES)}")
+        if self.max_queue < 1:
+            raise ValueError("--max-queue must be >= 1")
+        if not self.served_model_names:
+            raise ValueError("--served-model-name needs at least one name")
+        roles = set(self.roles)
+        if self.discovery == "static":
+            given = {r for r in ("prefill", "decode", "colocated") if self.addresses[r]}
+        else:
+            given = set(self.services)
+        if given != roles:
+            raise ValueError(
+                "give colocated workers (--worker / --worker-service) or both prefill and decode "
+                "workers (--prefill and --decode / --prefill-service and --decode-service), not both")
+        for role in ("prefill", "decode", "colocated"):
+            for address in self.addresses[role]:
+                host, _, port = address.rpartition(":")
+                if not host or not port.isdigit():
+                    raise ValueError(f"worker address must be host:port, got {address!r}")
+
+    @property
+    def disaggregated(self) -> bool:
+        if self.discovery == "kubernetes":
+            return "colocated" not in self.services
+        return not self.worker
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return ("prefill", "decode") if self.disaggregated else ("colocated",)
+
+    @property
+    def addresses(self) -> dict[str, tuple[str, ...]]:
+        return {"prefill": self.prefill, "decode": self.decode, "colocated": self.worker}
+
+
+def _split(values: list[str] | None) -> tuple[str, ...]:
+    out: list[str] = []
+    for value in values or []:
+        out += [v.strip() for v in value.split(",") if v.strip()]
+    return tuple(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="baton serve-router",
+                                description="Run the OpenAI-compatible router in front of Baton workers.")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", default=None, help="model directory: tokenizer and chat template (default: the tiny model)")
+    p.add_argument("--served-model-name", default=None, help="NAME[,ALIAS...] accepted in 'model' (default: directory name)")
+    p.add_argument("--prefill", action="append", metavar="ADDR[,ADDR...]", help="static prefill workers, host:port")
+    p.add_argument("--decode", action="append", metavar="ADDR[,ADDR...]", help="static decode workers")
+    p.add_argument("--worker", action="append", metavar="ADDR[,ADDR...]", help="static colocated workers")
+    p.add_argument("--discovery", default="static", choices=["static", "kubernetes"])
+    p.add_argument("--namespace", default=None, help="namespace of the EndpointSlices (default: the pod's)")
+    p.add_argument("--prefill-service", default=None)
+    p.add_argument("--decode-service", default=None)
+    p.add_argument("--worker-service", default=None)
+    p.add_argument("--routing-policy", default="load", choices=sorted(POLICIES))
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests per decode worker before 429")
+    p.add_argument("--api-key", default=None, help="bearer token required on /v1/* (default: $BATON_API_KEY)")
+    p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between worker load polls")
+    p.add_argument("--shutdown-grace-seconds", type=float, default=30.0)
+    return p
+
+
+def parse(argv: list[str]) -> RouterConfig:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    from baton import settings
+
+    if ns.model:
+        model_dir = Path(ns.model)
+    else:
+        from baton.engine.tiny_model import ensure_tiny_model  # imports torch, only here
+
+        model_dir = ensure_tiny_model()
+    names = _split([ns.served_model_name]) if ns.served_model_name else (model_dir.name,)
+    services = {role: name for role, name in (("prefill", ns.prefill_service), ("decode", ns.decode_service),
+                                              ("colocated", ns.worker_service)) if name}
+    try:
+        return RouterConfig(
+            model_dir=model_dir,
+            served_model_names=names,
+            host=ns.host,
+            port=ns.port,
+            prefill=_split(ns.prefill),
+            decode=_split(ns.decode),
+            worker=_split(ns.worker),
+            discovery=ns.discovery,
+            namespace=ns.namespace or settings.pod_namespace() or "default",
+            services=services,
+            routing_policy=ns.routing_policy,
+            max_queue=ns.max_queue,
+            api_key=ns.api_key or settings.api_key(),
+            poll_interval=ns.poll_interval,
+            shutdown_grace_seconds=ns.shutdown_grace_seconds,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+

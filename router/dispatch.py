@@ -1,0 +1,301 @@
+"""Serving one output stream (one prompt, n=1) on the workers: DESIGN.md "Request flow".
+
+Disaggregated: reserve KV on a decode worker (the ticket), open its Decode stream, send
+the prompt and the ticket to a prefill worker, and merge what comes back: the first token
+from the prefill reply (streamed at once) and the rest from the decode stream, which
+repeats the first token (`OutputState` drops the overlap by offset). A failed prefill is
+retried once on another prefill worker with the same reservation. Colocated: one Generate
+stream. However the stream ends early (client gone, a worker failed), every call is
+cancelled and every worker touched gets an Abort, so no KV stays held anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from baton.protos import worker_pb2
+from baton.router.errors import APIError, bad_request, no_worker, overloaded, worker_failed
+from baton.router.routing import RoutingPolicy
+from baton.router.workers import Worker, WorkerPool
+from baton.sampling_params import SamplingParams
+from baton.worker_messages import OutputState, params_to_proto
+
+log = logging.getLogger(__name__)
+
+RESERVE_TIMEOUT_S = 10.0
+ABORT_TIMEOUT_S = 5.0
+
+
+@dataclass
+class Delta:
+    """What one stream gained: new tokens (with logprobs) and new text; `state` is the whole."""
+
+    token_ids: list[int]
+    logprobs: list[dict[int, float]]
+    text: str
+    state: OutputState
+
+    @property
+    def finished(self) -> bool:
+        return self.state.finish_reason is not None
+
+
+def _delta(state: OutputState, new_tokens: int, new_chars: int) -> Delta:
+    tokens = state.token_ids[len(state.token_ids) - new_tokens:] if new_tokens else []
+    logprobs = state.logprobs[len(state.logprobs) - new_tokens:] if new_tokens and state.logprobs else []
+    text = state.text[len(state.text) - new_chars:] if new_chars else ""
+    return Delta(tokens, logprobs, text, state)
+
+
+class Dispatcher:
+    def __init__(self, pool: WorkerPool, policy: RoutingPolicy, disaggregated: bool, max_queue: int):
+        self.pool = pool
+        self.policy = policy
+        self.disaggregated = disaggregated
+        self.max_queue = max_queue
+        self.running = 0  # output streams in flight
+        self.waiting = 0  # output streams waiting for decode KV capacity
+        self._background: set[asyncio.Task] = set()
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return ("prefill", "decode") if self.disaggregated else ("colocated",)
+
+    def check_admission(self) -> None:
+        """503 when a role has no healthy worker; 429 when every decode worker's queue is full."""
+        for role in self.roles:
+            if not self.pool.available(role):
+                raise no_worker(role)
+        front = self.pool.available(self.roles[-1])
+        queued = self.waiting + sum(w.waiting() for w in front)
+        if queued >= self.max_queue * len(front):
+            raise overloaded()
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[Delta]:
+        """Stream one output. Raises APIError (before or during the stream)."""
+        self.running += 1
+        try:
+            inner = (self._disaggregated if self.disaggregated else self._colocated)(
+                request_id, prompt_token_ids, params_to_proto(params))
+            async with contextlib.aclosing(inner):
+                async for delta in inner:
+                    yield delta
+        finally:
+            self.running -= 1
+            self.pool.notify()
+
+    # -- colocated -----------------------------------------------------------------------
+
+    async def _colocated(self, rid: str, ids: list[int], params: worker_pb2.SamplingParams):
+        request = worker_pb2.GenerateRequest(request_id=rid, prompt_token_ids=ids, params=params)
+        tried: list[Worker] = []
+        while True:
+            candidates = [w for w in self.pool.available("colocated") if w not in tried]
+            if not candidates:
+                raise no_worker("colocated")
+            worker = self.policy.order_decode(candidates)[0]
+            tried.append(worker)
+            state, got_any = OutputState(), False
+            worker.outstanding += 1
+            worker.sent_since_poll += 1
+            call = worker.stub.Generate(request)
+            try:
+                async for chunk in call:
+                    got_any = True
+                    new_tokens, new_chars = state.apply(chunk)
+                    if new_tokens or new_chars or state.finish_reason:
+                        yield _delta(state, new_tokens, new_chars)
+                _check_finished(state, worker)
+                return
+            except grpc.aio.AioRpcError as exc:
+                # Nothing was streamed yet from an unreachable worker: another one may serve it.
+                if exc.code() == grpc.StatusCode.UNAVAILABLE and not got_any and len(tried) < 2:
+                    worker.mark_failed(exc.details() or "unavailable")
+                    continue
+                raise _rpc_error(exc, worker) from None
+            finally:
+                call.cancel()
+                worker.outstanding -= 1
+                if state.finish_reason is None:
+                    self._abort(worker, rid)
+
+    # -- disaggregated -------------------------------------------------------------------
+
+    async def _disaggregated(self, rid: str, ids: list[int], params: worker_pb2.SamplingParams):
+        # A handoff that failed mid-way frees its reservation; while nothing has reached the
+        # client the whole flow runs once more, under a fresh request id.
+        for attempt in range(2):
+            yielded = False
+            try:
+                async for delta in self._disaggregated_once(rid if attempt == 0 else f"{rid}.{attempt}", ids, params):
+                    yielded = True
+                    yield delta
+                return
+            except _HandoffFailed as exc:
+                if yielded or attempt == 1:
+                    raise exc.error from None
+                log.warning("KV handoff of %s failed (%s); reserving again", rid, exc.error.message)
+
+    async def _disaggregated_once(self, rid: str, ids: list[int], params: worker_pb2.SamplingParams):
+        decode, reservation = await self._reserve(rid, len(ids))
+        touched = {decode}
+        events: asyncio.Queue = asyncio.Queue()
+        decode.outstanding += 1
+        call = decode.stub.Decode(worker_pb2.DecodeRequest(
+            ticket_id=reservation.ticket_id, request_id=rid, prompt_token_ids=ids, params=params))
+        loop = asyncio.get_running_loop()
+        reader = loop.create_task(_read_decode(call, events))
+        prefill = loop.create_task(self._prefill(rid, ids, params, reservation.ticket, events, touched))
+        state = OutputState()
+        try:
+            while True:
+                kind, payload = await events.get()
+                if kind == "chunk":
+                    new_tokens, new_chars = state.apply(payload)
+                    if new_tokens or new_chars or (payload.finish_reason and state.finish_reason):
+                        yield _delta(state, new_tokens, new_chars)
+                elif kind == "end":
+                    _check_finished(state, decode)
+                    return
+                elif kind == "decode_error":
+                    error = _rpc_error(payload, decode)
+                    if payload.code() == grpc.StatusCode.ABORTED:
+                        raise _HandoffFailed(error)
+                    raise error
+                elif kind == "prefill_error":
+                    error, handoff_failed = payload
+                    raise _HandoffFailed(error) if handoff_failed else error
+        finally:
+            reader.cancel()
+            prefill.cancel()
+            call.cancel()
+            decode.outstanding -= 1
+            if state.finish_reason is None:
+                for worker in touched:
+                    self._abort(worker, rid)
+
+    async def _reserve(self, rid: str, num_tokens: int) -> tuple[Worker, worker_pb2.ReserveReply]:
+        """Reserve KV for the prompt on the best decode worker that has room; wait for room
+        while every one is full (the 429 bound is checked on entry)."""
+        request = worker_pb2.ReserveRequest(request_id=rid, num_prompt_tokens=num_tokens)
+        waiting = False
+        try:
+            while True:
+                candidates = self.pool.available("decode")
+                if not candidates:
+                    raise no_worker("decode")
+                for worker in self.policy.order_decode(candidates):
+                    try:
+                        reply = await worker.stub.Reserve(request, timeout=RESERVE_TIMEOUT_S)
+                    except grpc.aio.AioRpcError as exc:
+                        code = exc.code()
+                        if code == grpc.StatusCode.INVALID_ARGUMENT:
+                            raise bad_request(exc.details() or "invalid request", "prompt") from None
+                        if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                            worker.mark_failed(f"Reserve: {code.name}: {exc.details()}")
+                        continue
+                    except asyncio.CancelledError:
+                        self._abort(worker, rid)  # the reservation may have been made
+                        raise
+                    worker.sent_since_poll += 1
+                    if worker.info is not None and worker.info.block_size:
+                        worker.reserved_blocks_since_poll += -(-num_tokens // worker.info.block_size)
+                    return worker, reply
+                if not waiting:
+                    waiting = True
+                    self.waiting += 1
+                await self.pool.wait_changed(0.05)
+        finally:
+            if waiting:
+                self.waiting -= 1
+
+    async def _prefill(self, rid: str, ids: list[int], params: worker_pb2.SamplingParams,
+                       ticket: bytes, events: asyncio.Queue, touched: set[Worker]) -> None:
+        request = worker_pb2.PrefillRequest(request_id=rid, prompt_token_ids=ids, params=params,
+                                            ticket=ticket)
+        tried: list[Worker] = []
+        error: APIError = no_worker("prefill")
+        handoff_failed = False
+        while len(tried) < 2:
+            candidates = [w for w in self.pool.available("prefill") if w not in tried]
+            if not candidates:
+                break
+            worker = self.policy.order_prefill(candidates, ids)[0]
+            tried.append(worker)
+            touched.add(worker)
+            worker.outstanding += 1
+            worker.sent_since_poll += 1
+            try:
+                reply = await worker.stub.Prefill(request)
+            except grpc.aio.AioRpcError as exc:
+                error = _rpc_error(exc, worker)
+                code = exc.code()
+                # ABORTED: the push failed and ended the reservation; retrying it is futile.
+                handoff_failed = code == grpc.StatusCode.ABORTED
+                if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION) or handoff_failed:
+                    break
+                log.warning("prefill of %s failed on %s (%s); %s", rid, worker.address,
+                            exc.code().name, "retrying" if len(tried) < 2 else "giving up")
+                continue
+            finally:
+                worker.outstanding -= 1
+            events.put_nowait(("chunk", reply.first))
+            return
+        events.put_nowait(("prefill_error", (error, handoff_failed)))
+
+    # -- cleanup -------------------------------------------------------------------------
+
+    def _abort(self, worker: Worker, rid: str) -> None:
+        """Tell a worker to free a request, without waiting (also from a cancelled task)."""
+        async def abort() -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await worker.stub.Abort(worker_pb2.AbortRequest(request_id=rid), timeout=ABORT_TIMEOUT_S)
+
+        task = asyncio.get_running_loop().create_task(abort())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+async def _read_decode(call, events: asyncio.Queue) -> None:
+    try:
+        async for chunk in call:
+            events.put_nowait(("chunk", chunk))
+    except grpc.aio.AioRpcError as exc:
+        events.put_nowait(("decode_error", exc))
+        return
+    events.put_nowait(("end", None))
+
+
+class _HandoffFailed(Exception):
+    """The KV handoff failed and took the reservation with it: reserve again."""
+
+    def __init__(self, error: APIError):
+        super().__init__(error.message)
+        self.error = error
+
+
+def _check_finished(state: OutputState, worker: Worker) -> None:
+    if state.finish_reason == "abort":
+        raise worker_failed(f"the {worker.role} worker {worker.address} aborted the request")
+    if state.finish_reason is None:
+        raise worker_failed(f"the {worker.role} worker {worker.address} ended the stream early")
+    if state.finish_reason == "error":
+        raise worker_failed(state.error or "the engine failed the request")
+
+
+def _rpc_error(exc: grpc.aio.AioRpcError, worker: Worker) -> APIError:
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return bad_request(details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return overloaded()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        worker.mark_failed(details or "unavailable")
+    return worker_failed(f"{worker.role} worker {worker.address}: {code.name}: {details}")

@@ -1,0 +1,179 @@
+"""From an OpenAI request body to token-id prompts and `SamplingParams`, or a 400.
+
+Every rule that decides whether a request is acceptable lives here or in
+`SamplingParams`; a `ValueError` from either becomes a 400 naming the parameter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from baton.router.errors import APIError, bad_request
+from baton.router.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+)
+from baton.sampling_params import GuidedDecodingParams, SamplingParams
+from baton.tokenizer import Tokenizer
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+@dataclass(frozen=True)
+class Prompt:
+    token_ids: list[int]
+    text: str | None = None
+
+
+def _param_error(exc: ValueError) -> APIError:
+    message = str(exc)
+    param = message.split(" ", 1)[0] if message else None
+    known = set(SamplingParams.__dataclass_fields__)
+    return bad_request(message, param if param in known else None)
+
+
+def _reject_unsupported(req: SamplingFields) -> None:
+    if req.logit_bias:
+        raise bad_request("logit_bias is not supported", "logit_bias")
+    if isinstance(req, CompletionRequest):
+        if req.echo:
+            raise bad_request("echo is not supported", "echo")
+        if req.suffix:
+            raise bad_request("suffix is not supported", "suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise bad_request("best_of is not supported (leave it unset or equal to n)", "best_of")
+    if isinstance(req, ChatCompletionRequest):
+        if req.tools:
+            raise bad_request("tools (function calling) are not supported", "tools")
+        if req.tool_choice not in (None, "none", "auto"):
+            raise bad_request("tool_choice is not supported", "tool_choice")
+
+
+def guided_decoding(req: SamplingFields) -> GuidedDecodingParams | None:
+    """response_format or vLLM's guided_* fields -> GuidedDecodingParams (at most one)."""
+    given: dict[str, Any] = {}
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        given["json_object"] = True
+    elif fmt is not None and fmt.type == "json_schema":
+        schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
+        if not isinstance(schema, dict):
+            raise bad_request("response_format.json_schema.schema must be a JSON object",
+                              "response_format")
+        given["json"] = schema
+    for field, key in (("guided_json", "json"), ("guided_regex", "regex"),
+                       ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+        value = getattr(req, field)
+        if value is not None:
+            if key in given:
+                raise bad_request(f"{field} conflicts with response_format", field)
+            given[key] = value
+    if not given:
+        return None
+    if len(given) > 1:
+        raise bad_request(f"give one structured-output constraint, got {sorted(given)}",
+                          "response_format")
+    try:
+        return GuidedDecodingParams(**given)
+    except ValueError as exc:
+        raise bad_request(str(exc), "response_format") from exc
+
+
+def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    """One output's params (n=1: the router fans n out). Raises APIError(400)."""
+    _reject_unsupported(req)
+    fields: dict[str, Any] = dict(
+        n=1,
+        max_tokens=max_tokens,
+        stop=req.stop,
+        seed=req.seed,
+        min_tokens=req.min_tokens,
+        ignore_eos=req.ignore_eos,
+        stop_token_ids=req.stop_token_ids,
+        logprobs=logprobs,
+        skip_special_tokens=req.skip_special_tokens,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        guided_decoding=guided_decoding(req),
+    )
+    for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                 "frequency_penalty", "repetition_penalty"):
+        value = getattr(req, name)
+        if value is not None:
+            fields[name] = value
+    if isinstance(req.stop, list) and len(req.stop) > 64:
+        raise bad_request("stop takes at most 64 strings", "stop")
+    try:
+        return SamplingParams(**fields)
+    except ValueError as exc:
+        raise _param_error(exc) from exc
+
+
+def check_length(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int,
+                 param: str) -> int:
+    """The max_tokens to run with; 400 when the prompt plus output cannot fit the context."""
+    if num_prompt_tokens == 0:
+        raise bad_request("The prompt is empty.", param)
+    room = max_model_len - num_prompt_tokens
+    if room < 1 or (max_tokens is not None and max_tokens > room):
+        asked = num_prompt_tokens + (max_tokens or 1)
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {asked} tokens ({num_prompt_tokens} in the prompt, "
+            f"{max_tokens or 1} for the completion). Reduce the prompt or max_tokens.",
+            param, "context_length_exceeded")
+    return room if max_tokens is None else max_tokens
+
+
+def _check_ids(ids: list[int], vocab_size: int) -> list[int]:
+    bad = next((t for t in ids if t >= vocab_size), None)
+    if bad is not None:
+        raise bad_request(f"token id {bad} is out of range: the vocabulary has {vocab_size} tokens",
+                          "prompt")
+    return list(ids)
+
+
+def completion_prompts(req: CompletionRequest, tokenizer: Tokenizer, vocab_size: int) -> list[Prompt]:
+    p = req.prompt
+    if isinstance(p, str):
+        return [Prompt(tokenizer.encode(p), p)]
+    if not p:
+        raise bad_request("prompt is an empty list", "prompt")
+    if len(p) > 256:
+        raise bad_request("at most 256 prompts per request", "prompt")
+    if all(isinstance(x, int) for x in p):
+        return [Prompt(_check_ids(p, vocab_size))]
+    if all(isinstance(x, str) for x in p):
+        return [Prompt(tokenizer.encode(x), x) for x in p]
+    if all(isinstance(x, list) for x in p):
+        return [Prompt(_check_ids(x, vocab_size)) for x in p]
+    raise bad_request("prompt must be a string, a list of strings, a list of token ids or a "
+                      "list of token-id lists", "prompt")
+
+
+def _message_dict(index: int, message) -> dict[str, Any]:
+    data = message.model_dump(exclude_none=True)
+    content = message.content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if part.type != "text" or part.text is None:
+                raise bad_request(f"messages[{index}]: only text content parts are supported "
+                                  f"(got type {part.type!r})", "messages")
+            texts.append(part.text)
+        content = "".join(texts)
+    data["content"] = content if content is not None else ""
+    return data
+
+
+def chat_prompt(req: ChatCompletionRequest, tokenizer: Tokenizer) -> Prompt:
+    messages = [_message_dict(i, m) for i, m in enumerate(req.messages)]
+    kwargs = dict(req.chat_template_kwargs or {})
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
+                                             **kwargs)
+    except Exception as exc:  # a template fails on what the messages hold: the client's input
+        raise bad_request(f"cannot apply the chat template: {exc}", "messages") from exc
+    # The template writes BOS itself; encoding must not add another.
+    return Prompt(tokenizer.encode(text, add_special_tokens=False), text)

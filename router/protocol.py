@@ -1,0 +1,111 @@
+"""Request bodies of the OpenAI API the router serves (pydantic; OpenAPI comes from these).
+
+Types and coarse bounds are checked here (a wrong type is a 400 before anything runs);
+the sampling rules themselves live in `baton.sampling_params.SamplingParams`, which
+`router/params.py` builds from these. Unknown fields are ignored, as OpenAI does; known
+features Baton does not implement are rejected with a 400 when set (see params.py).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_N = 128  # outputs per prompt
+MAX_PROMPTS = 256  # prompts in one completions request
+MAX_STOP = 64
+MAX_LOGPROBS = 20
+INT32 = 2**31 - 1
+
+Int32 = Annotated[int, Field(ge=-INT32, le=INT32)]
+TokenId = Annotated[int, Field(ge=0, le=INT32)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class JsonSchemaFormat(_Body):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class SamplingFields(_Body):
+    """Fields completions and chat share (OpenAI's plus vLLM's extras)."""
+
+    model: str = Field(max_length=512)
+    max_tokens: Int32 | None = None
+    temperature: float | None = Field(default=None, description="0 is greedy; default 1")
+    top_p: float | None = None
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stop: str | list[str] | None = Field(default=None)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    # vLLM extras
+    top_k: Int32 | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: Int32 = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[TokenId] | None = Field(default=None, max_length=MAX_STOP)
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # structured output: OpenAI's response_format and vLLM's guided_* extras
+    response_format: ResponseFormat | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions"""
+
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # tool_calls, name, ... reach the template
+
+    role: str = Field(max_length=64)
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions"""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Int32 | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None

@@ -1,0 +1,33 @@
+"""`baton serve-router`: the OpenAI-compatible router process (uvicorn with uvloop)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def main(argv: list[str]) -> int:
+    from baton.router.config import parse
+    from baton.worker_runtime import configure_logging
+
+    config = parse(argv)
+    configure_logging()
+    import uvicorn
+
+    from baton.router.app import create_app
+
+    try:
+        app = create_app(config)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"baton serve-router: {exc}", file=sys.stderr)
+        return 2
+    level = logging.getLogger().getEffectiveLevel()
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=config.host, port=config.port, loop="uvloop", http="httptools",
+        log_level=level, access_log=level <= logging.DEBUG,
+        timeout_graceful_shutdown=int(config.shutdown_grace_seconds),
+        # Streams stay open for a whole generation; never cut an idle keep-alive too soon.
+        timeout_keep_alive=30,
+    ))
+    server.run()
+    return 0 if server.started else 1
