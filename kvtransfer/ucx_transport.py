@@ -4,17 +4,23 @@ Each decode worker listens on its UCX port; a sender keeps a few endpoints per d
 and runs one handoff at a time on each (so aborting one handoff's endpoint touches no other):
 
     sender                                  receiver (one task per endpoint)
-    frame: KVHandoffHeader              ->  begin(): check ticket, layout, sizes
-                                        <-  frame: KVPushReply(acked_bytes=0) (ready) | error
-    message per region (or 1 staged)    ->  received in place into the reserved blocks
-                                        <-  frame: KVPushReply(done) | error
+    control: KVHandoffHeader            ->  begin(): check ticket, layout, sizes
+    data: one message per region        ->  received in place into the reserved blocks
+          (or one staged message)
+                                        <-  control: KVPushReply(done) | error
 
-A frame is an 8-byte length message and a payload message. With CUDA pools both ends hand
-UCX device memory, which it moves with CUDA IPC (NVLink) in a node or RDMA across nodes;
-host pools go over TCP or shared memory. When the source and destination blocks form more
-than `max_direct_messages` regions that are contiguous at both ends, the sender gathers
-them into one staging buffer and the receiver scatters from one (one device copy each):
-one large message beats many small ones (DESIGN.md "Hardware facts").
+The sender posts its data right behind the header, so a handoff costs one round trip beyond
+the data. Nothing lands in the reserved blocks before `begin` accepted the header: the
+receiver posts its receives only then (UCX holds a large message until its receive is
+posted; a refused handoff's data is dropped with the connection, which the sender closes).
+Control frames and data use different tags. A control frame is one message, an 8-byte
+length and the payload, received into a 1 MiB buffer.
+
+With CUDA pools both ends hand UCX device memory, which it moves with CUDA IPC (NVLink) in a
+node or RDMA across nodes; host pools go over TCP or shared memory. When the source and
+destination blocks form more than `max_direct_messages` regions that are contiguous at both
+ends, the sender gathers them into one staging buffer and the receiver scatters from one
+(one device copy each): one large message beats many small ones (DESIGN.md "Hardware facts").
 """
 
 from __future__ import annotations
@@ -46,20 +52,26 @@ def _buffer(t: torch.Tensor):
     return t.numpy() if t.device.type == "cpu" else t
 
 
+CTRL_TAG, DATA_TAG = 1, 2
+MAX_FRAME = 1 << 20
+
+
 async def send_frame(ep, payload: bytes) -> None:
-    await ep.send(np.array([len(payload)], dtype=np.uint64))
-    await ep.send(np.frombuffer(payload, dtype=np.uint8))
+    if len(payload) + 8 > MAX_FRAME:
+        raise HandoffError("bad_request", f"a {len(payload)}-byte control frame is too large")
+    frame = np.empty(8 + len(payload), dtype=np.uint8)
+    frame[:8] = np.frombuffer(len(payload).to_bytes(8, "little"), dtype=np.uint8)
+    frame[8:] = np.frombuffer(payload, dtype=np.uint8)
+    await ep.send(frame, tag=CTRL_TAG)
 
 
-async def recv_frame(ep, max_bytes: int = 64 << 20) -> bytes:
-    size = np.empty(1, dtype=np.uint64)
-    await ep.recv(size)
-    n = int(size[0])
-    if n > max_bytes:
-        raise HandoffError("bad_request", f"a {n}-byte control frame is too large")
-    buf = np.empty(n, dtype=np.uint8)
-    await ep.recv(buf)
-    return buf.tobytes()
+async def recv_frame(ep) -> bytes:
+    buf = np.empty(MAX_FRAME, dtype=np.uint8)  # a smaller message fills its start
+    await ep.recv(buf, tag=CTRL_TAG)
+    n = int.from_bytes(buf[:8].tobytes(), "little")
+    if n + 8 > MAX_FRAME:
+        raise HandoffError("bad_request", f"a control frame claims {n} bytes")
+    return buf[8 : 8 + n].tobytes()
 
 
 def _reply(msg: pb.KVPushReply) -> bytes:
@@ -129,27 +141,38 @@ class UcxSender(SenderTransport):
                     ep.abort()
 
     async def _handoff(self, ep, ticket, rows, src, header, address: str) -> None:
-        await send_frame(ep, header.SerializeToString())
-        reply = pb.KVPushReply.FromString(await recv_frame(ep))
-        if reply.WhichOneof("kind") == "error":
-            raise HandoffError.from_proto(reply.error, f"the decode worker at {address}")
         bufs, staging = plan_buffers(rows, src, list(ticket.block_ids), True, header.staged,
                                      header.max_message_bytes)
         if staging is not None:
             torch.index_select(rows, 0, torch.tensor(src, device=rows.device), out=staging.view(len(src), -1))
         _sync(rows.device)  # the pool's pending writes (and the gather) land before UCX reads
+        await send_frame(ep, header.SerializeToString())
+        reply = asyncio.ensure_future(recv_frame(ep))
+        sends = asyncio.ensure_future(self._send_data(ep, bufs))
+        try:
+            done, _ = await asyncio.wait({reply, sends}, return_when=asyncio.FIRST_COMPLETED)
+            if sends in done:
+                sends.result()  # raises if the connection broke
+            msg = pb.KVPushReply.FromString(await reply)
+            kind = msg.WhichOneof("kind")
+            if kind == "error":  # refused (nothing was moved) or failed mid-way
+                raise HandoffError.from_proto(msg.error, f"the decode worker at {address}")
+            if kind != "done":
+                raise HandoffError("transport", f"the decode worker at {address} answered {kind!r}, not done")
+            await sends
+        finally:
+            for task in (reply, sends):
+                task.cancel()
+            await asyncio.gather(reply, sends, return_exceptions=True)
+
+    @staticmethod
+    async def _send_data(ep, bufs: list[torch.Tensor]) -> None:
         if len(bufs) > 1 and (faults.active("sender_exit") or faults.active("sender_stop")):
-            await ep.send(_buffer(bufs[0]))
+            await ep.send(_buffer(bufs[0]), tag=DATA_TAG)
             faults.fire("sender_exit")
             faults.fire("sender_stop")
             bufs = bufs[1:]
-        await asyncio.gather(*(ep.send(_buffer(b)) for b in bufs))
-        reply = pb.KVPushReply.FromString(await recv_frame(ep))
-        kind = reply.WhichOneof("kind")
-        if kind == "error":
-            raise HandoffError.from_proto(reply.error, f"the decode worker at {address}")
-        if kind != "done":
-            raise HandoffError("transport", f"the decode worker at {address} answered {kind!r} instead of done")
+        await asyncio.gather(*(ep.send(_buffer(b), tag=DATA_TAG) for b in bufs))
 
     async def _connect(self, address: str):
         idle = self._idle.get(address, [])
@@ -232,13 +255,12 @@ class UcxReceiver(ReceiverTransport):
                 slot.abort_hooks.append(ep.abort)  # expiry or cancel: stop the posted receives
                 bufs, staging = plan_buffers(recv.rows, dst, list(header.src_block_ids), False,
                                              header.staged, header.max_message_bytes)
-                await send_frame(ep, _reply(pb.KVPushReply(acked_bytes=0)))
-                if faults.active("receiver_exit") or faults.active("receiver_stop"):
-                    await ep.recv(_buffer(bufs[0]))
+                if len(bufs) > 1 and (faults.active("receiver_exit") or faults.active("receiver_stop")):
+                    await ep.recv(_buffer(bufs[0]), tag=DATA_TAG)
                     faults.fire("receiver_exit")
                     faults.fire("receiver_stop")
                     bufs = bufs[1:]
-                await asyncio.gather(*(ep.recv(_buffer(b)) for b in bufs))
+                await asyncio.gather(*(ep.recv(_buffer(b), tag=DATA_TAG) for b in bufs))
                 if staging is not None:
                     idx = torch.tensor(dst, device=recv.rows.device)
                     recv.rows.index_copy_(0, idx, staging.view(len(dst), -1))

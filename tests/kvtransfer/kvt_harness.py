@@ -28,12 +28,16 @@ class PeerDied(RuntimeError):
 
 class Peer:
     def __init__(self, model_dir, block_size: int, num_blocks: int, transport: str = "ucx",
-                 ttl_s: float = 10.0, chunk_bytes: int = 4096, max_message_bytes: int = 16384):
+                 ttl_s: float = 10.0, chunk_bytes: int = 4096, max_message_bytes: int = 16384,
+                 device: str = "cpu", gpu_order: str | None = None):
+        """A worker with an engine on the tiny model at `model_dir`, or, with
+        `model_dir=None`, a bare `TensorPool` on `device` (`gpu_order`: its
+        CUDA_VISIBLE_DEVICES, own GPU first)."""
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        spec = dict(model_dir=str(model_dir), block_size=block_size, num_blocks=num_blocks,
+        spec = dict(model_dir=None if model_dir is None else str(model_dir), block_size=block_size, num_blocks=num_blocks,
                     transport=transport, ttl_s=ttl_s, chunk_bytes=chunk_bytes,
-                    max_message_bytes=max_message_bytes)
+                    max_message_bytes=max_message_bytes, device=device, gpu_order=gpu_order)
         self.spec = spec
         self.proc = ctx.Process(target=_child_main, args=(child, spec), daemon=True)
         self.proc.start()
@@ -61,7 +65,11 @@ class Peer:
                 return fut
             i = next(self._ids)
             self._pending[i] = fut
-            self.conn.send((i, name, kwargs))
+            try:
+                self.conn.send((i, name, kwargs))
+            except OSError:
+                self._pending.pop(i, None)
+                fut.set_exception(PeerDied(f"peer {self.proc.pid} is gone"))
         return fut
 
     def call(self, name: str, timeout: float = 60, **kwargs):
@@ -82,6 +90,14 @@ class Peer:
     def alive(self) -> bool:
         return self.proc.is_alive()
 
+    def wait_exit(self, timeout: float) -> int | None:
+        """The exit code once the process ended (None if it still runs after `timeout`).
+        Polls: two threads blocking in waitpid on one child race each other."""
+        deadline = time.monotonic() + timeout
+        while self.proc.exitcode is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.proc.exitcode
+
     def resume(self) -> None:
         os.kill(self.proc.pid, signal.SIGCONT)
 
@@ -99,7 +115,7 @@ class Peer:
         if self.alive:
             os.kill(self.proc.pid, signal.SIGCONT)
             self.proc.kill()
-        self.proc.join(10)
+        self.wait_exit(10)
 
     def _read(self) -> None:
         while True:
@@ -110,7 +126,7 @@ class Peer:
             fut = self._pending.pop(i, None)
             if fut is not None:
                 fut.set_result(value) if ok else fut.set_exception(value)
-        self.proc.join(5)
+        self.wait_exit(5)
         with self._lock:
             pending, self._pending = self._pending, {}
         for fut in pending.values():
@@ -121,6 +137,8 @@ class Peer:
 
 
 def _child_main(conn, spec: dict) -> None:
+    if spec["gpu_order"] is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = spec["gpu_order"]
     asyncio.run(_Child(conn, spec).serve())
 
 
@@ -132,24 +150,32 @@ class _Child:
     async def serve(self) -> None:
         import grpc
 
-        from baton.engine import AsyncLLMEngine, EngineArgs
-        from baton.kvtransfer import KVReceiver, KVSender, TransferConfig
+        from baton.kvtransfer import KVLayout, KVReceiver, KVSender, TensorPool, TransferConfig
         from baton.kvtransfer.blocks import block_rows
+        from baton.kvtransfer.pool import EnginePool
 
         s = self.spec
-        self.engine = AsyncLLMEngine.from_engine_args(EngineArgs(
-            model=s["model_dir"], block_size=s["block_size"], num_gpu_blocks_override=s["num_blocks"],
-            device="cpu", max_num_seqs=128))
+        if s["model_dir"] is None:  # a bare pool: no model, any device
+            self.engine = None
+            layout = KVLayout("pool-test", 4, 2, 64, s["block_size"], "bfloat16")
+            self.pool = TensorPool(layout, s["num_blocks"], device=s["device"])
+        else:
+            from baton.engine import AsyncLLMEngine, EngineArgs
+
+            self.engine = AsyncLLMEngine.from_engine_args(EngineArgs(
+                model=s["model_dir"], block_size=s["block_size"], num_gpu_blocks_override=s["num_blocks"],
+                device="cpu", max_num_seqs=128))
+            self.pool = EnginePool(self.engine)
         config = TransferConfig(chunk_bytes=s["chunk_bytes"], window_chunks=4,
                                 max_message_bytes=s["max_message_bytes"], push_timeout_s=20)
         self.server = grpc.aio.server()
-        self.receiver = KVReceiver(self.engine, s["transport"], default_ttl_s=s["ttl_s"], config=config)
+        self.receiver = KVReceiver(self.pool, s["transport"], default_ttl_s=s["ttl_s"], config=config)
         self.receiver.add_to_server(self.server)
         port = self.server.add_insecure_port("127.0.0.1:0")
         await self.server.start()
         await self.receiver.start(port)
-        self.sender = KVSender(self.engine, config=config)
-        self.rows = block_rows(self.engine.engine.runner.kv)
+        self.sender = KVSender(self.pool, config=config)
+        self.rows = block_rows(self.pool.kv)
         self.loop = asyncio.get_running_loop()
         threading.Thread(target=self._read, daemon=True).start()
         await asyncio.Event().wait()  # until the test kills this process
@@ -180,7 +206,7 @@ class _Child:
                 "free": await self.cmd_free(), "pid": os.getpid()}
 
     async def cmd_free(self):
-        return await self.engine.run(lambda e: e.block_manager.num_free_blocks)
+        return await self.pool.num_free_blocks()
 
     async def cmd_set_fault(self, value):
         if value:
@@ -203,27 +229,27 @@ class _Child:
         return await self.receiver.cancel(ticket_id)
 
     async def cmd_release(self, block_ids):
-        await self.engine.run(lambda e: e.release_blocks(list(block_ids)))
+        await self.pool.release(list(block_ids))
 
     async def cmd_digest(self, block_ids):
-        return hashlib.sha256(self.rows[list(block_ids)].numpy().tobytes()).hexdigest()
+        return hashlib.sha256(self.rows[list(block_ids)].cpu().numpy().tobytes()).hexdigest()
 
     async def cmd_digest_many(self, block_lists):
         return [await self.cmd_digest(ids) for ids in block_lists]
 
     async def cmd_digest_except(self, block_ids):
         keep = [b for b in range(self.rows.shape[0]) if b not in set(block_ids)]
-        return hashlib.sha256(self.rows[keep].numpy().tobytes()).hexdigest()
+        return hashlib.sha256(self.rows[keep].cpu().numpy().tobytes()).hexdigest()
 
     async def cmd_reserve_local(self, num_tokens, seed):
-        """Take blocks on this engine and fill them with random bytes: a synthetic source."""
+        """Take blocks of this pool and fill them with random values: a synthetic source."""
         import torch
 
-        ids = await self.engine.run(lambda e: e.reserve_blocks(num_tokens))
+        ids = await self.pool.reserve(num_tokens)
         gen = torch.Generator().manual_seed(seed)
-        kv = self.engine.engine.runner.kv
+        kv = self.pool.kv
         # Finite values: the engine reads a block's unused slots too (masked), and NaN * 0 is NaN.
-        kv[ids] = torch.randn((len(ids), *kv.shape[1:]), generator=gen).to(kv.dtype)
+        kv[ids] = torch.randn((len(ids), *kv.shape[1:]), generator=gen).to(kv.dtype).to(kv.device)
         return ids
 
     async def cmd_prefill(self, request_id, prompt_token_ids):
