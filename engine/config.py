@@ -63,6 +63,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     attention_backend: str = "auto"
+    enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
     disable_log_stats: bool = True
 
     def create_engine_config(self) -> EngineConfig:
@@ -109,6 +110,7 @@ class EngineArgs:
             enable_prefix_caching=self.enable_prefix_caching,
             enable_chunked_prefill=self.enable_chunked_prefill,
             attention_backend=self.attention_backend,
+            enforce_eager=self.enforce_eager,
         )
 
     @classmethod
@@ -144,6 +146,7 @@ class EngineConfig:
     enable_prefix_caching: bool
     enable_chunked_prefill: bool
     attention_backend: str
+    enforce_eager: bool = False
 
     @property
     def num_layers(self) -> int:

@@ -3,6 +3,11 @@
 `execute(batch)` turns a scheduled batch into input tensors, runs the model once over all
 its tokens, and samples the next token for every sequence whose step reaches the end of its
 known tokens. Everything else in the engine is CPU bookkeeping.
+
+On CUDA, decode-only steps replay CUDA graphs captured at start-up (`cuda_graphs.py`) unless
+`enforce_eager` is set or the attention backend cannot be captured; other steps run eagerly.
+Inputs go to the device with non-blocking copies and sampling stays on the device, so the
+only host sync of a step is the read of the sampled token ids.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from baton.engine.attention.base import AttentionMetadata, create_backend, pick_backend_name
+from baton.engine.attention.base import create_backend, pick_backend_name
 from baton.engine.config import EngineConfig
+from baton.engine.input_prep import prepare
 from baton.engine.kv_cache import KVCacheSpec
 from baton.engine.loader import load_model
 from baton.engine.sampler import Sampler, prompt_logprobs
@@ -57,9 +63,22 @@ class ModelRunner:
             head_dim=config.head_dim,
             scale=config.head_dim**-0.5,
         )
+        self.graphs = None  # decode CUDA graphs, captured once the KV pool exists
         self.num_blocks = self._decide_num_blocks()
         self.kv = self.kv_spec.allocate(self.num_blocks, self.device)
         self.sampler = Sampler(self.device, config.seed, eos_token_ids)
+        if self.device.type == "cuda" and config.dtype != torch.float32:
+            from baton.engine.models import skinny_gemm
+
+            skinny_gemm.tune(self.model, max_rows=min(skinny_gemm.MAX_ROWS, config.max_num_seqs))
+        if self.device.type == "cuda" and self.backend.supports_cuda_graphs and not config.enforce_eager:
+            from baton.engine.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(
+                self.model, self.backend, self.kv, config.block_size, config.max_model_len,
+                config.max_num_seqs, self.device,
+            )
+            self.graphs.capture()
         log.info(
             "KV pool: %d blocks of %d tokens (%.1f MiB) on %s, attention backend %s",
             self.num_blocks, config.block_size,
@@ -106,70 +125,36 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, sample: bool = True) -> list[StepOutput]:
-        bs = self.config.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_lens: list[int] = []
-        seq_lens: list[int] = []
-        starts = [0]
-        tables: list[list[int]] = []
-        sample_rows: list[int] = []  # flat index of the last token of sequences that sample
-        sample_seqs: list[int] = []
-        prompt_rows: list[tuple[int, int, int]] = []  # (seq index, first flat row, count)
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            start = seq.num_computed_tokens
-            end = start + n
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            query_lens.append(n)
-            seq_lens.append(end)
-            tables.append(table)
-            if end == seq.num_tokens:
-                sample_rows.append(starts[-1] + n - 1)
-                sample_seqs.append(i)
-            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
-                count = min(end, seq.num_prompt_tokens - 1) - start
-                prompt_rows.append((i, starts[-1], count))
-            starts.append(starts[-1] + n)
-
-        dev = self.device
-        max_blocks = max(len(t) for t in tables)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            seq_lens_t=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32, device=dev),
-            query_lens=query_lens,
-            seq_lens=seq_lens,
-            block_size=bs,
-        )
-        hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
-            self.kv, meta, self.backend,
-        )
         outputs = [StepOutput() for _ in batch.seqs]
+        if sample and self.graphs is not None and self.graphs.can_run(batch):
+            logits = self.graphs.run(batch.seqs)
+            self._sample(logits, batch.seqs, list(range(len(batch.seqs))), outputs)
+            return outputs
+
+        inputs = prepare(batch, self.config.block_size, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv, inputs.meta, self.backend)
         if not sample:
             return outputs
 
-        for i, first_row, count in prompt_rows:
+        for i, first_row, count in inputs.prompt_rows:
             seq = batch.seqs[i]
             start = seq.num_computed_tokens
             logits = self.model.compute_logits(hidden[first_row : first_row + count])
             next_ids = seq.token_ids[start + 1 : start + 1 + count]
             outputs[i].prompt_logprobs = prompt_logprobs(logits, next_ids, seq.params.prompt_logprobs)
 
-        if sample_rows:
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
-            seqs = [batch.seqs[i] for i in sample_seqs]
-            result = self.sampler(logits, seqs)
-            for j, i in enumerate(sample_seqs):
-                out = outputs[i]
-                out.token_id = result.token_ids[j]
-                out.logprob = result.logprobs[j]
-                out.top_logprobs = result.top_logprobs[j]
-                out.error = result.errors.get(j)
+        if inputs.sample_seqs:
+            rows = hidden if inputs.sample_rows is None else hidden[inputs.sample_rows]
+            self._sample(self.model.compute_logits(rows), batch.seqs, inputs.sample_seqs, outputs)
         return outputs
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], which: list[int],
+                outputs: list[StepOutput]) -> None:
+        """Sample one token for each of `seqs[i] for i in which` (logits row j is `which[j]`)."""
+        result = self.sampler(logits, [seqs[i] for i in which])
+        for j, i in enumerate(which):
+            out = outputs[i]
+            out.token_id = result.token_ids[j]
+            out.logprob = result.logprobs[j]
+            out.top_logprobs = result.top_logprobs[j]
+            out.error = result.errors.get(j)

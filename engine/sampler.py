@@ -58,11 +58,11 @@ class Sampler:
         self._mask_stop_tokens(logits, seqs)
         apply_penalties(logits, seqs)
 
-        greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
+        flags = [s.params.greedy for s in seqs]
         token_ids = logits.argmax(dim=-1)
-        if not bool(greedy.all()):
+        if not all(flags):  # decided on the host: no device sync before the one below
             sampled = self._sample(logits, seqs)
-            token_ids = torch.where(greedy, token_ids, sampled)
+            token_ids = torch.where(_to_device(flags, torch.bool, logits.device), token_ids, sampled)
 
         result_ids = token_ids.tolist()
         logprobs: list[float | None] = [None] * len(seqs)
@@ -95,7 +95,7 @@ class Sampler:
                     logits[i] = torch.where(torch.isfinite(masked).any(), masked, row)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        temps = torch.tensor([max(s.params.temperature, 1e-5) for s in seqs], device=logits.device)
+        temps = _to_device([max(s.params.temperature, 1e-5) for s in seqs], torch.float32, logits.device)
         logits = logits / temps[:, None]
         apply_top_k_top_p_min_p(logits, seqs)
         probs = torch.softmax(logits, dim=-1)
@@ -121,26 +121,58 @@ def apply_logits_processors(logits: torch.Tensor, seqs: list[Sequence]) -> dict[
     return errors
 
 
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor, copied without waiting for the device."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
-    """Repetition (prompt + output tokens) and presence/frequency (output tokens) penalties."""
+    """Repetition (prompt + output tokens) and presence/frequency (output tokens) penalties.
+
+    All penalised rows at once: one scatter builds the "seen" mask and one the output-token
+    counts, whatever the batch size.
+    """
     vocab = logits.shape[1]
+    rows: list[int] = []
+    reps: list[float] = []
+    pres: list[float] = []
+    freqs: list[float] = []
+    out_rows: list[int] = []
+    out_ids: list[int] = []
+    seen_rows: list[int] = []
+    seen_ids: list[int] = []
     for i, seq in enumerate(seqs):
         p = seq.params
-        rep, pres, freq = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
-        if rep == 1.0 and pres == 0.0 and freq == 0.0:
+        if p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0:
             continue
-        row = logits[i]
-        out_ids = torch.tensor([t for t in seq.output_token_ids if t < vocab], device=logits.device, dtype=torch.long)
-        if rep != 1.0:
-            seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
-            seen[torch.tensor([t for t in seq.prompt_token_ids if t < vocab], device=logits.device, dtype=torch.long)] = True
-            seen[out_ids] = True
-            penalised = torch.where(row > 0, row / rep, row * rep)
-            row.copy_(torch.where(seen, penalised, row))
-        if pres != 0.0 or freq != 0.0:
-            counts = torch.zeros(vocab, device=logits.device)
-            counts.index_add_(0, out_ids, torch.ones_like(out_ids, dtype=counts.dtype))
-            row -= freq * counts + pres * (counts > 0).float()
+        j = len(rows)
+        rows.append(i)
+        reps.append(p.repetition_penalty)
+        pres.append(p.presence_penalty)
+        freqs.append(p.frequency_penalty)
+        output = [t for t in seq.output_token_ids if t < vocab]
+        out_rows += [j] * len(output)
+        out_ids += output
+        if p.repetition_penalty != 1.0:
+            seen = [t for t in seq.prompt_token_ids if t < vocab] + output
+            seen_rows += [j] * len(seen)
+            seen_ids += seen
+    if not rows:
+        return
+    dev = logits.device
+    index = _to_device(rows, torch.long, dev)
+    sub = logits[index]
+    seen_mask = torch.zeros(sub.shape, dtype=torch.bool, device=dev)
+    seen_mask[_to_device(seen_rows, torch.long, dev), _to_device(seen_ids, torch.long, dev)] = True
+    rep = _to_device(reps, torch.float32, dev)[:, None]
+    sub = torch.where(seen_mask, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    counts = torch.zeros(sub.shape, dtype=sub.dtype, device=dev)
+    out_r, out_t = _to_device(out_rows, torch.long, dev), _to_device(out_ids, torch.long, dev)
+    counts.index_put_((out_r, out_t), torch.ones(len(out_ids), dtype=sub.dtype, device=dev), accumulate=True)
+    freq_t = _to_device(freqs, torch.float32, dev)[:, None]
+    pres_t = _to_device(pres, torch.float32, dev)[:, None]
+    sub -= freq_t * counts + pres_t * (counts > 0).float()
+    logits[index] = sub
 
 
 def apply_top_k_top_p_min_p(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -152,18 +184,18 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     if any(0 < k < vocab for k in ks) or any(p < 1.0 for p in ps):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=logits.device)[None, :]
-        k_t = torch.tensor([k if 0 < k < vocab else vocab for k in ks], device=logits.device)
+        k_t = _to_device([k if 0 < k < vocab else vocab for k in ks], torch.long, logits.device)
         drop = ranks >= k_t[:, None]
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         probs = torch.softmax(sorted_logits, dim=-1)
         before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly better tokens
-        p_t = torch.tensor(ps, device=logits.device)
+        p_t = _to_device(ps, torch.float32, logits.device)
         drop |= before > p_t[:, None]
         drop[:, 0] = False  # always keep the best token
         logits.scatter_(1, order, sorted_logits.masked_fill(drop, float("-inf")))
     if any(m > 0.0 for m in mins):
         probs = torch.softmax(logits, dim=-1)
-        m_t = torch.tensor(mins, device=logits.device)
+        m_t = _to_device(mins, torch.float32, logits.device)
         threshold = probs.max(dim=-1, keepdim=True).values * m_t[:, None]
         logits.masked_fill_(probs < threshold, float("-inf"))
 

@@ -9,8 +9,10 @@ KV cache, and compute attention of the step's queries over each sequence's whole
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -26,7 +28,8 @@ class AttentionMetadata:
       query_start_loc [num_seqs + 1] int32
       seq_lens_t      [num_seqs] int32
       block_tables    [num_seqs, max_blocks] int32, padded with 0
-    Host copies (`query_lens`, `seq_lens`) let backends plan without a device sync.
+    Host copies (`query_lens`, `seq_lens`) let backends plan without a device sync; a
+    backend may keep what it derives from them in `plan`, so each layer reuses it.
     """
 
     slot_mapping: torch.Tensor
@@ -36,6 +39,7 @@ class AttentionMetadata:
     query_lens: list[int]
     seq_lens: list[int]
     block_size: int
+    plan: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:
@@ -55,9 +59,17 @@ class AttentionMetadata:
 
 
 class AttentionBackend(ABC):
-    """Paged attention for one model. Stateless between steps except for caches of plans."""
+    """Paged attention for one model. Stateless between steps except for caches of plans.
+
+    `forward` = `store` + `attend`. A model whose fused rotary kernel already wrote the
+    step's keys and values into the cache calls `attend` alone. A backend with
+    `supports_cuda_graphs` computes decode-only steps from device tensors and the number of
+    sequences only (never from the host lengths), so that step can be captured in a CUDA
+    graph and replayed with other lengths.
+    """
 
     name: str
+    supports_cuda_graphs = False
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
         self.num_heads = num_heads
@@ -65,7 +77,6 @@ class AttentionBackend(ABC):
         self.head_dim = head_dim
         self.scale = scale
 
-    @abstractmethod
     def forward(
         self,
         q: torch.Tensor,
@@ -81,10 +92,28 @@ class AttentionBackend(ABC):
         k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim] (strided views of
         the block-major pool). Returns [num_tokens, num_heads, head_dim] in q's dtype.
         """
+        self.store(k, v, k_cache, v_cache, meta)
+        return self.attend(q, k_cache, v_cache, meta)
+
+    def store(self, k, v, k_cache, v_cache, meta: AttentionMetadata) -> None:
+        """Write the step's keys and values into their slots."""
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping, meta.block_size)
+
+    @abstractmethod
+    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention of q over each sequence's cached context (the step's keys included).
+
+        q [num_tokens, num_heads, head_dim], rows may be strided (the head dimension is
+        contiguous). Returns a new [num_tokens, num_heads, head_dim] tensor in q's dtype.
+        """
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping, block_size: int) -> None:
-    """Scatter new keys/values into their slots (works on the strided per-layer views)."""
+    """Scatter new keys/values into their slots (works on the strided per-layer views).
+
+    Every slot must be valid: padding rows with negative slots only occur in captured decode
+    steps, which run on backends whose `store` skips them.
+    """
     blocks = torch.div(slot_mapping, block_size, rounding_mode="floor")
     offsets = slot_mapping - blocks * block_size
     k_cache[blocks, offsets] = k.to(k_cache.dtype)
@@ -94,12 +123,24 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping, block_size: int) -> None:
 # name -> "module:Class"; imported only when chosen.
 BACKENDS: dict[str, str] = {
     "torch": "baton.engine.attention.torch_ref:TorchAttention",
+    "triton": "baton.engine.attention.triton_backend:TritonAttention",
+    "flash_attn": "baton.engine.attention.flash_attn:FlashAttnBackend",
 }
 
 
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 def pick_backend_name(requested: str, device: torch.device) -> str:
+    """"auto": the Triton kernels on CUDA (measured fastest: docs/architecture.md), else torch.
+
+    `flash_attn` is chosen by name only: its paged kernels need blocks of 256 tokens.
+    """
     if requested != "auto":
         return requested
+    if device.type == "cuda" and _importable("triton"):
+        return "triton"
     return "torch"
 
 

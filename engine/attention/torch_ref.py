@@ -7,22 +7,23 @@ steps with prefill chunks loop over sequences.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
-from baton.engine.attention.base import AttentionBackend, AttentionMetadata, write_kv
+from baton.engine.attention.base import AttentionBackend, AttentionMetadata
 
 
 class TorchAttention(AttentionBackend):
     name = "torch"
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping, meta.block_size)
+    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         if meta.is_decode_only:
             return self._decode(q, k_cache, v_cache, meta)
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         bs = meta.block_size
-        starts = meta.query_start_loc.tolist()
+        starts = [0, *itertools.accumulate(meta.query_lens)]  # host copy: no device sync
         for i, (qlen, slen) in enumerate(zip(meta.query_lens, meta.seq_lens)):
             nblocks = -(-slen // bs)
             table = meta.block_tables[i, :nblocks].long()

@@ -4,6 +4,11 @@ The forward pass works on a flat batch: `input_ids` and `positions` are `[T]` fo
 step's tokens of all sequences; attention finds each sequence's rows through
 `AttentionMetadata`. Q/K/V and gate/up projections are fused at load time (one matmul
 each); Hugging Face checkpoint names are mapped onto the fused weights in `load_weights`.
+
+On CUDA (with Triton) three fused kernels replace chains of small ones: residual add +
+RMSNorm, rotary + KV store, SiLU * up (`triton_ops`). They compute what the torch code below
+computes; the CPU path runs the torch code. `set_fused_kernels(False)` turns them off (for
+measuring what they buy).
 """
 
 from __future__ import annotations
@@ -18,6 +23,33 @@ from torch import nn
 
 from baton.engine.attention.base import AttentionBackend, AttentionMetadata
 from baton.engine.kv_cache import layer_view
+
+_fused = {"enabled": True, "ops": None}
+
+
+def set_fused_kernels(enabled: bool) -> None:
+    """Use the fused Triton kernels on CUDA tensors (default) or the plain torch code."""
+    _fused["enabled"] = enabled
+
+
+def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)`; on CUDA with few rows, through the measured-fastest kernel (skinny_gemm)."""
+    if x.is_cuda and _fused["enabled"] and x.shape[0] <= 64:
+        from baton.engine.models import skinny_gemm
+
+        return skinny_gemm.linear(layer, x)
+    return layer(x)
+
+
+def _fused_ops(x: torch.Tensor):
+    """The fused-kernel module when `x` is on CUDA and they are on, else None."""
+    if not (x.is_cuda and _fused["enabled"]):
+        return None
+    if _fused["ops"] is None:
+        from baton.engine.models import triton_ops
+
+        _fused["ops"] = triton_ops
+    return _fused["ops"]
 
 
 @dataclass(frozen=True)
@@ -68,12 +100,24 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """RMSNorm(x), or with a residual: (RMSNorm(x + residual), x + residual).
+
+        On the fused path the sum is written into `residual` in place.
+        """
+        ops = _fused_ops(x)
+        if ops is not None:
+            out = ops.add_rms_norm(x, residual, self.weight, self.eps)
+            return out if residual is None else (out, residual)
+        if residual is not None:
+            x = x + residual
+            residual = x
         # As Hugging Face does: normalise in float32, scale in the input dtype.
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        out = self.weight * xf.to(dtype)
+        return out if residual is None else (out, residual)
 
 
 def rope_inv_freq(args: LlamaArgs) -> torch.Tensor:
@@ -142,14 +186,21 @@ class Attention(nn.Module):
 
     def forward(self, x, positions, rotary: Rotary, kv: torch.Tensor, meta, backend: AttentionBackend):
         a = self.args
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, a.num_heads, a.head_dim)
-        k = k.view(-1, a.num_kv_heads, a.head_dim)
-        v = v.view(-1, a.num_kv_heads, a.head_dim)
-        q, k = rotary(positions, q, k)
+        qkv = _linear(self.qkv_proj, x)
         k_cache, v_cache = layer_view(kv, self.layer_idx)
-        out = backend.forward(q, k, v, k_cache, v_cache, meta)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        ops = _fused_ops(qkv)
+        if ops is not None:
+            q = ops.rope_store(qkv, positions, rotary.cos_sin, k_cache, v_cache, meta.slot_mapping,
+                               a.num_heads, a.num_kv_heads, a.head_dim)
+            out = backend.attend(q, k_cache, v_cache, meta)
+        else:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.view(-1, a.num_heads, a.head_dim)
+            k = k.view(-1, a.num_kv_heads, a.head_dim)
+            v = v.view(-1, a.num_kv_heads, a.head_dim)
+            q, k = rotary(positions, q, k)
+            out = backend.forward(q, k, v, k_cache, v_cache, meta)
+        return _linear(self.o_proj, out.reshape(-1, self.q_size))
 
 
 class MLP(nn.Module):
@@ -160,7 +211,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        gate_up = _linear(self.gate_up_proj, x)
+        ops = _fused_ops(gate_up)
+        if ops is not None:
+            return _linear(self.down_proj, ops.silu_mul(gate_up))
+        gate, up = gate_up.split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -172,9 +227,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, positions, rotary, kv, meta, backend):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, rotary, kv, meta, backend):
+        """(layer input, residual stream or None) -> (MLP output, residual stream).
+
+        The residual add of each sub-block happens inside the next RMSNorm, so that on CUDA
+        it fuses with it: the stream after this layer is `mlp_out + residual`.
+        """
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, rotary, kv, meta, backend)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -183,7 +248,10 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, hf_config: dict):
         super().__init__()
         self.args = args = LlamaArgs.from_hf(hf_config, qkv_bias=self.qkv_bias)
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        # An explicit (empty) weight skips the random init: under the loader's meta device
+        # that init imports torch._dynamo, seconds of every worker's startup.
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size,
+                                         _weight=torch.empty(args.vocab_size, args.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
@@ -205,12 +273,15 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
+        residual = None
         for layer in self.layers:
-            x = layer(x, positions, self.rotary, kv, meta, backend)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rotary, kv, meta, backend)
+        if residual is None:  # a model with no layers
+            return self.norm(x)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        return _linear(self.lm_head, hidden)
 
     # Hugging Face name -> (our parameter name, slice index in the fused tensor or None).
     _FUSED = {

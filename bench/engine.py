@@ -1,0 +1,322 @@
+"""H100 engine benchmark: batch-1 decode, decode against the bandwidth floor, prefill MFU,
+offline throughput, and `transformers` on the same workload.
+
+    python bench/engine.py --out bench/results/engine-h100.json --png bench/results/engine-h100.png
+
+Llama-3.1-8B-shaped model with random bf16 weights drawn on the GPU (`engine_workload.py`).
+Every figure is a wall-clock time of the engine's own code path (`LLMEngine.step` or
+`ModelRunner.execute`, which end with the host reading the sampled tokens), medians of
+repeated runs after warm-up; GPU-only graph replay times are reported beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_workload import (  # noqa: E402
+    LLAMA31_8B,
+    PEAK_BF16_FLOPS,
+    decode_floor_s,
+    offline_requests,
+    prefill_flops,
+    write_random_checkpoint,
+)
+
+from baton.engine.config import EngineArgs  # noqa: E402
+from baton.engine.llm_engine import LLMEngine  # noqa: E402
+from baton.engine.scheduler import ScheduledBatch  # noqa: E402
+from baton.engine.sequence import Sequence  # noqa: E402
+from baton.sampling_params import SamplingParams  # noqa: E402
+
+GREEDY = dict(temperature=0, ignore_eos=True, detokenize=False)
+
+
+def machine() -> dict:
+    props = torch.cuda.get_device_properties(0)
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip()
+    import triton
+
+    return {"gpu": props.name, "nvidia_smi": smi, "sms": props.multi_processor_count, "torch": torch.__version__,
+            "cuda": torch.version.cuda, "triton": triton.__version__, "cpus": os.cpu_count()}
+
+
+def timed(fn, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def gpu_time(fn, repeats: int = 20) -> float:
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats / 1e3
+
+
+def synthetic_seqs(engine: LLMEngine, batch: int, context: int, rng) -> list[Sequence]:
+    """`batch` sequences whose first `context - 1` tokens are cached (random KV) and whose
+    next step decodes token `context`."""
+    seqs = []
+    for i in range(batch):
+        seq = Sequence(f"syn{i}", 0, rng.integers(0, LLAMA31_8B["vocab_size"], context).tolist(),
+                       SamplingParams(max_tokens=1, **GREEDY), 0.0)
+        seq.block_table = engine.reserve_blocks(context)
+        seq.num_computed_tokens = context - 1
+        seqs.append(seq)
+    return seqs
+
+
+def release(engine: LLMEngine, seqs: list[Sequence]) -> None:
+    for seq in seqs:
+        engine.release_blocks(seq.block_table)
+
+
+def bench_batch1(engine: LLMEngine, rng, prompt_len=128, new_tokens=256) -> dict:
+    """Decode time per output token of one request through `LLMEngine.step`."""
+    params = SamplingParams(max_tokens=new_tokens, **GREEDY)
+    tpots = []
+    for rep in range(3):
+        engine.add_request(f"b1-{rep}", {"prompt_token_ids": rng.integers(0, LLAMA31_8B["vocab_size"], prompt_len).tolist()}, params)
+        stamps = []
+        while engine.has_unfinished_requests():
+            engine.step()
+            stamps.append(time.perf_counter())
+        tpots.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))  # after the first token
+    return {"tpot_ms": 1e3 * statistics.median(tpots[1:]), "prompt_tokens": prompt_len, "new_tokens": new_tokens}
+
+
+def bench_decode(engine: LLMEngine, batches: list[int], context: int, rng) -> dict:
+    runner = engine.runner
+    results = {}
+    for b in batches:
+        seqs = synthetic_seqs(engine, b, context, rng)
+        batch = ScheduledBatch(seqs, [1] * b)
+        step = timed(lambda batch=batch: runner.execute(batch), repeats=20)
+        entry = {"step_ms": 1e3 * step, "floor_ms": 1e3 * decode_floor_s(LLAMA31_8B, b, context)}
+        entry["ratio"] = entry["floor_ms"] / entry["step_ms"]
+        graphs = runner.graphs
+        if graphs is not None:
+            size = graphs.fill(seqs)
+            graphs._upload(size)
+            graph = graphs.graphs[size][0]
+            entry["graph_gpu_ms"] = 1e3 * gpu_time(graph.replay)
+            entry["host_prep_ms"] = 1e3 * timed(lambda g=graphs, s=seqs: g.fill(s), repeats=20)
+            logits = graphs.graphs[size][1][:b]
+            entry["sampler_ms"] = 1e3 * timed(lambda x=logits, s=seqs: runner.sampler(x, s), repeats=20)
+        results[b] = entry
+        release(engine, seqs)
+        print(f"decode b={b}: {entry}", flush=True)
+    return results
+
+
+def bench_unfused_and_eager(engine: LLMEngine, rng, context: int) -> dict:
+    """What the fused kernels and the CUDA graphs buy: the same steps without them."""
+    from baton.engine.cuda_graphs import DecodeGraphs
+    from baton.engine.models.llama import set_fused_kernels
+
+    runner, out = engine.runner, {}
+    for b in (1, 64):
+        seqs = synthetic_seqs(engine, b, context, rng)
+        batch = ScheduledBatch(seqs, [1] * b)
+        graphs = runner.graphs
+        runner.graphs = None
+        out[f"eager_fused_step_ms_b{b}"] = 1e3 * timed(lambda batch=batch: runner.execute(batch), repeats=10)
+        set_fused_kernels(False)
+        out[f"eager_unfused_step_ms_b{b}"] = 1e3 * timed(lambda batch=batch: runner.execute(batch), repeats=10)
+        unfused = DecodeGraphs(runner.model, runner.backend, runner.kv, engine.config.block_size,
+                               engine.config.max_model_len, b, runner.device, sizes=[b])
+        unfused.capture()
+        set_fused_kernels(True)
+        unfused.fill(seqs)
+        unfused._upload(b)
+        out[f"graph_unfused_gpu_ms_b{b}"] = 1e3 * gpu_time(unfused.graphs[b][0].replay)
+        del unfused
+        runner.graphs = graphs
+        release(engine, seqs)
+    print(f"unfused/eager: {out}", flush=True)
+    return out
+
+
+def bench_prefill(engine: LLMEngine, lengths: list[int], rng) -> dict:
+    results = {}
+    for n in lengths:
+        seq = Sequence("prefill", 0, rng.integers(0, LLAMA31_8B["vocab_size"], n).tolist(), SamplingParams(max_tokens=1, **GREEDY), 0.0)
+        seq.block_table = engine.reserve_blocks(n)
+        batch = ScheduledBatch([seq], [n])
+        t = timed(lambda batch=batch: engine.runner.execute(batch), repeats=5, warmup=2)
+        flops = prefill_flops(LLAMA31_8B, n)
+        results[n] = {"ms": 1e3 * t, "tok_s": n / t, "tflop_s": flops / t / 1e12, "mfu": flops / t / PEAK_BF16_FLOPS}
+        release(engine, [seq])
+        print(f"prefill {n}: {results[n]}", flush=True)
+    return results
+
+
+def bench_offline(engine: LLMEngine, requests) -> dict:
+    """All requests at once through `LLMEngine.step`; per-step host costs at large batches."""
+    sched, execute = engine.scheduler.schedule, engine.runner.execute
+    steps: list[dict] = []
+
+    def timed_schedule():
+        t = time.perf_counter()
+        batch = sched()
+        steps.append({"n": len(batch.seqs), "tokens": batch.total_tokens, "schedule": time.perf_counter() - t})
+        return batch
+
+    def timed_execute(batch, sample=True):
+        t = time.perf_counter()
+        out = execute(batch, sample)
+        steps[-1]["execute"] = time.perf_counter() - t
+        return out
+
+    engine.scheduler.schedule, engine.runner.execute = timed_schedule, timed_execute
+    start = time.perf_counter()
+    for i, (prompt, n_out) in enumerate(requests):
+        engine.add_request(f"off{i}", {"prompt_token_ids": prompt}, SamplingParams(max_tokens=n_out, **GREEDY))
+    got = 0
+    while engine.has_unfinished_requests():
+        t = time.perf_counter()
+        for out in engine.step():
+            if out.finished:
+                got += len(out.outputs[0].token_ids)
+        steps[-1]["step"] = time.perf_counter() - t
+    elapsed = time.perf_counter() - start
+    del engine.scheduler.schedule, engine.runner.execute
+    want = sum(o for _, o in requests)
+    if got != want:
+        raise RuntimeError(f"offline run produced {got} output tokens, expected {want}")
+    prompt_tokens = sum(len(p) for p, _ in requests)
+    big = [s for s in steps if s["n"] >= 200 and s["tokens"] == s["n"] and "execute" in s]
+    host = {}
+    if big:
+        host = {
+            "steps": len(big),
+            "schedule_ms": 1e3 * statistics.median(s["schedule"] for s in big),
+            "execute_ms": 1e3 * statistics.median(s["execute"] for s in big),
+            "engine_rest_ms": 1e3 * statistics.median(s["step"] - s["schedule"] - s["execute"] for s in big),
+        }
+    return {"requests": len(requests), "seconds": elapsed, "output_tokens": want, "prompt_tokens": prompt_tokens,
+            "output_tok_s": want / elapsed, "total_tok_s": (want + prompt_tokens) / elapsed,
+            "steps": len(steps), "decode_steps_ge200_host": host}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    dec = result["decode"]
+    bs = sorted(int(b) for b in dec)
+    axes[0].plot(bs, [dec[str(b)]["step_ms"] for b in bs], "o-", label="engine step (wall)")
+    axes[0].plot(bs, [dec[str(b)]["floor_ms"] for b in bs], "k--", label="bandwidth floor (3.35 TB/s)")
+    axes[0].set(xscale="log", xlabel="batch (1k-token contexts)", ylabel="ms per decode step",
+                title="Decode step vs floor")
+    axes[0].legend()
+    pre = result["prefill"]
+    lens = sorted(int(n) for n in pre)
+    axes[1].bar([str(n) for n in lens], [100 * pre[str(n)]["mfu"] for n in lens])
+    axes[1].axhline(60, color="k", ls="--", label="target 60%")
+    axes[1].set(xlabel="prompt tokens", ylabel="MFU % (989 TFLOP/s)", title="Prefill MFU")
+    axes[1].legend()
+    names = ["baton", "transformers"]
+    vals = [result["offline_output_tok_s"], result.get("hf_offline_output_tok_s") or 0]
+    axes[2].bar(names, vals)
+    axes[2].set(ylabel="output tokens/s", title="Offline: 1000 requests (HF: subset, see JSON)")
+    fig.suptitle(f"Llama-3.1-8B shape, bf16, {result['machine']['gpu']} — {result['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/results/engine-h100.json")
+    ap.add_argument("--png", default="bench/results/engine-h100.png")
+    ap.add_argument("--model-dir", default="/tmp/llama31-8b-random")
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--hf-requests", type=int, default=128, help="0 skips the transformers baseline")
+    ap.add_argument("--hf-batch", type=int, default=64)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    args = ap.parse_args()
+    from baton.engine.tiny_model import ensure_tiny_model
+
+    rng = np.random.default_rng(0)
+    result = {"machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
+              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    t = time.perf_counter()
+    model_dir = write_random_checkpoint(Path(args.model_dir), LLAMA31_8B, ensure_tiny_model())
+    result["checkpoint_write_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    engine = LLMEngine.from_engine_args(EngineArgs(
+        model=str(model_dir), dtype="bfloat16", device="cuda", max_model_len=8320, max_num_seqs=256,
+        max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=0.9))
+    result["engine_start_s"] = time.perf_counter() - t
+    from baton.engine.models import skinny_gemm
+
+    result["few_row_matmul_tuning"] = dict(skinny_gemm.REPORT)
+    result["attention_backend"] = engine.runner.backend_name
+    result["kv_blocks"] = engine.runner.num_blocks
+    engine.runner.kv.normal_()  # never time on zeros
+
+    result["batch1"] = bench_batch1(engine, rng)
+    result["decode_tpot_ms_batch1"] = result["batch1"]["tpot_ms"]
+    print(f"batch-1 TPOT {result['decode_tpot_ms_batch1']:.3f} ms", flush=True)
+    result["decode"] = {str(b): v for b, v in bench_decode(engine, [1, 8, 32, 64, 128, 256], 1024, rng).items()}
+    result["decode_roofline_ratio"] = {b: v["ratio"] for b, v in result["decode"].items() if b != "1"}
+    result["what_fusion_and_graphs_buy"] = bench_unfused_and_eager(engine, rng, 1024)
+    result["prefill"] = {str(n): v for n, v in bench_prefill(engine, [512, 2048, 8192], rng).items()}
+    result["prefill_mfu"] = {n: v["mfu"] for n, v in result["prefill"].items()}
+
+    requests = offline_requests(args.requests, LLAMA31_8B["vocab_size"], seed=0)
+    result["offline"] = bench_offline(engine, requests)
+    result["offline_output_tok_s"] = result["offline"]["output_tok_s"]
+    result["offline_total_tok_s"] = result["offline"]["total_tok_s"]
+    print(f"offline: {result['offline']}", flush=True)
+    if args.hf_requests:
+        subset = requests[: args.hf_requests]
+        result["offline_same_subset_as_hf"] = bench_offline(engine, subset)
+    del engine
+    torch.cuda.empty_cache()
+    if args.hf_requests:
+        from engine_hf import hf_offline
+
+        hf = hf_offline(model_dir, subset, args.hf_batch, LLAMA31_8B["eos_token_id"])
+        result["hf_offline"] = hf
+        result["hf_offline_output_tok_s"] = hf["output_tok_s"]
+        result["hf_offline_total_tok_s"] = hf["total_tok_s"]
+        result["hf_note"] = (f"transformers ran the first {len(subset)} of the {len(requests)} seeded requests "
+                             "(device-time budget); its tok/s is measured on that subset, not scaled. The engine "
+                             "on the same subset is in offline_same_subset_as_hf.")
+        result["speedup_vs_hf_same_subset"] = result["offline_same_subset_as_hf"]["output_tok_s"] / hf["output_tok_s"]
+        print(f"hf: {hf}", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    plot(result, Path(args.png))
+    print(json.dumps({k: result[k] for k in ("decode_tpot_ms_batch1", "decode_roofline_ratio", "prefill_mfu",
+                                               "offline_output_tok_s", "offline_total_tok_s")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The Triton attention backend (CUDA): paged decode and prefill kernels, KV store.
+
+A decode-only step runs the split-K decode kernel over all sequences; its grid depends on
+the number of sequences only, so the step can be captured in a CUDA graph. A step with
+prefill chunks sends its one-token sequences to the decode kernel (through index lists) and
+the rest to the prefill kernel; what it derives from the host lengths is planned once per
+step in `meta.plan` and reused by every layer.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+from baton.engine.attention.base import AttentionBackend, AttentionMetadata
+from baton.engine.attention.triton_decode import paged_decode
+from baton.engine.attention.triton_prefill import paged_prefill, prefill_config, prefill_work
+
+
+@triton.jit
+def _store_kv_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cb, stride_ct, stride_ch, stride_vcb, stride_vct, stride_vch,
+    NUM_KV_HEADS: tl.constexpr, H_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t)
+    if slot >= 0:  # a negative slot is a padding row of a captured batch
+        block = slot // BLOCK_SIZE
+        offset = slot % BLOCK_SIZE
+        h = tl.arange(0, H_PAD)
+        d = tl.arange(0, D_PAD)
+        mask = (h[:, None] < NUM_KV_HEADS) & (d[None, :] < HEAD_DIM)
+        k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
+        v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
+        tl.store(k_cache_ptr + block * stride_cb + offset * stride_ct + h[:, None] * stride_ch + d[None, :],
+                 k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + block * stride_vcb + offset * stride_vct + h[:, None] * stride_vch + d[None, :],
+                 v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """k, v [T, Hkv, D] -> their slots in the paged views; rows with slot < 0 are skipped."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    _store_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads, H_PAD=triton.next_power_of_2(num_kv_heads),
+        HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=k_cache.shape[1],
+        num_warps=1,
+    )
+
+
+class TritonAttention(AttentionBackend):
+    name = "triton"
+    supports_cuda_graphs = True
+
+    def store(self, k, v, k_cache, v_cache, meta: AttentionMetadata) -> None:
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+
+    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if meta.is_decode_only:
+            return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_t, self.scale, out)
+        plan = meta.plan.get("triton")
+        if plan is None:
+            plan = meta.plan["triton"] = self._plan(meta, q)
+        if plan["decode_seqs"] is not None:
+            paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_t, self.scale, out,
+                         seq_ids=plan["decode_seqs"], q_rows=plan["decode_rows"])
+        paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_t, meta.query_start_loc,
+                      meta.query_lens, meta.seq_lens, self.scale, out, config=plan["config"], work=plan["work"])
+        return out
+
+    def _plan(self, meta: AttentionMetadata, q: torch.Tensor) -> dict:
+        """Split a mixed step: one-token sequences go to the decode kernel."""
+        device = q.device
+        starts = [0, *itertools.accumulate(meta.query_lens)]
+        decode = [i for i, n in enumerate(meta.query_lens) if n == 1]
+        prefill = [i for i, n in enumerate(meta.query_lens) if n > 1]
+        config = prefill_config(self.head_dim, q.dtype, max((meta.query_lens[i] for i in prefill), default=0))
+        plan: dict = {
+            "config": config,
+            "work": prefill_work(meta.query_lens, meta.seq_lens, config["block_m"], device, prefill),
+            "decode_seqs": None,
+            "decode_rows": None,
+        }
+        if decode:
+            lists = torch.tensor([decode, [starts[i] for i in decode]], dtype=torch.int32)
+            on_device = lists.to(device, non_blocking=True)
+            plan["decode_seqs"], plan["decode_rows"] = on_device[0], on_device[1]
+        return plan

@@ -1,0 +1,196 @@
+"""Paged decode attention in Triton: one query token per sequence over its paged KV.
+
+Split-K ("flash decoding"): the grid is (sequence, KV head, split). Each program takes the
+`GROUP` query heads that share one KV head (padded to 16 rows so the two products run on
+the tensor cores), walks its split of the context in tiles of `BLOCK_N` tokens, gathering
+each token's key and value rows through the block table, and keeps an online softmax. With
+one split the program writes the final output; with several, each writes a normalised
+partial output and its log-sum-exp (base 2), and a second kernel merges them.
+
+The grid depends only on the number of sequences (never on their lengths), so a decode
+step can be captured in a CUDA graph once per batch size and replayed for any lengths.
+KV views are strided (the block stride of the block-major pool is not
+`block_size * kv_heads * head_dim`); only the head dimension must be contiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from baton.engine.attention.triton_tile import attend_tile
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, seq_ids_ptr, q_rows_ptr,
+    out_ptr, part_o_ptr, part_lse_ptr,
+    scale,
+    stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_bt,
+    stride_ot, stride_oh,
+    num_heads, num_splits,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    SINGLE: tl.constexpr, INDIRECT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    if INDIRECT:  # a mixed batch: this program's sequence and query row come from lists
+        seq = tl.load(seq_ids_ptr + pid)
+        q_row = tl.load(q_rows_ptr + pid)
+    else:
+        seq = pid
+        q_row = pid
+    seq_len = tl.load(seq_lens_ptr + seq)
+    # Splits are whole tiles; trailing splits of a short sequence are empty.
+    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, D_PAD)
+    heads = kvh * GROUP + g
+    g_mask = g < GROUP
+    d_mask = d < HEAD_DIM
+    q = tl.load(
+        q_ptr + q_row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :], other=0.0,
+    )
+    qk_scale = scale * 1.4426950408889634  # softmax in base 2
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        m_i, l_i, acc = attend_tile(q, k_ptr, v_ptr, bt_row, kvh, n0, m_i, end, d, d_mask, m_i, l_i, acc, qk_scale,
+                                    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                                    BLOCK_SIZE, BLOCK_N, False, True, PRECISION)
+
+    out_mask = g_mask[:, None] & d_mask[None, :]
+    safe_l = tl.where(l_i > 0, l_i, 1.0)  # an empty split (or length 0) writes zeros
+    o = acc / safe_l[:, None]
+    if SINGLE:
+        tl.store(out_ptr + q_row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
+        # part_o [programs, num_heads, num_splits, D_PAD], part_lse [programs, num_heads, num_splits]
+        row = (pid * num_heads + heads) * num_splits + split
+        tl.store(part_o_ptr + row[:, None] * D_PAD + d[None, :], o, mask=out_mask)
+        tl.store(part_lse_ptr + row, lse, mask=g_mask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    out_ptr, part_o_ptr, part_lse_ptr, q_rows_ptr,
+    stride_ot, stride_oh, num_heads, num_splits,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, INDIRECT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    q_row = tl.load(q_rows_ptr + pid) if INDIRECT else pid
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, D_PAD)
+    s_mask = s < num_splits
+    base = (pid * num_heads + h) * num_splits
+    lse = tl.load(part_lse_ptr + base + s, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.where(lse > float("-inf"), tl.exp2(lse - m), 0.0)
+    total = tl.sum(w, 0)
+    o = tl.load(part_o_ptr + (base + s)[:, None] * D_PAD + d[None, :], mask=s_mask[:, None], other=0.0)
+    res = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + q_row.to(tl.int64) * stride_ot + h * stride_oh + d, res.to(out_ptr.dtype.element_ty),
+             mask=d < HEAD_DIM)
+
+
+def num_splits_for(num_seqs: int, num_kv_heads: int, max_splits: int = 32) -> int:
+    """Splits so that about two programs per SM run (132 SMs on an H100); 1 when enough."""
+    target = 264
+    return max(1, min(max_splits, -(-target // max(1, num_seqs * num_kv_heads))))
+
+
+def decode_block_n(head_dim: int) -> int:
+    return 64 if head_dim <= 128 else 32
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    num_splits: int | None = None,
+    seq_ids: torch.Tensor | None = None,
+    q_rows: torch.Tensor | None = None,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Attention of one query token per sequence over its paged context.
+
+    q [T, H, D] (rows may be strided); k_cache, v_cache [num_blocks, block_size, Hkv, D];
+    block_tables [S, max_blocks] int32; seq_lens [S] int32 (context length including the
+    query's own token, already stored); out [T, H, D]. Without `seq_ids`, program i serves
+    sequence i from q row i. With `seq_ids`/`q_rows` ([P] int32 each), program i serves
+    sequence `seq_ids[i]` from q row `q_rows[i]` (a mixed prefill/decode step). A sequence of
+    length 0 gets zeros. Returns `out`.
+    """
+    num_programs = (seq_ids.shape[0] if seq_ids is not None else block_tables.shape[0])
+    if num_programs == 0:
+        return out
+    _, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    block_size = k_cache.shape[1]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    for t in (q, k_cache, v_cache, out):
+        if t.stride(-1) != 1:
+            raise ValueError("attention tensors need a contiguous head dimension")
+    group = num_heads // num_kv_heads
+    if num_splits is None:
+        num_splits = num_splits_for(num_programs, num_kv_heads)
+    block_n = block_n or decode_block_n(head_dim)
+    d_pad = triton.next_power_of_2(head_dim)
+    indirect = seq_ids is not None
+    dummy = seq_lens  # an int32 pointer the kernel never reads when INDIRECT is off
+    if num_splits > 1:
+        part_o = torch.empty((num_programs, num_heads, num_splits, d_pad), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((num_programs, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_lse = out
+    _decode_split_kernel[(num_programs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens,
+        seq_ids if indirect else dummy, q_rows if indirect else dummy,
+        out, part_o, part_lse,
+        scale,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        num_heads, num_splits,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim, D_PAD=d_pad,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        SINGLE=num_splits == 1, INDIRECT=indirect,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _decode_merge_kernel[(num_programs, num_heads)](
+            out, part_o, part_lse, q_rows if indirect else dummy,
+            out.stride(0), out.stride(1), num_heads, num_splits,
+            HEAD_DIM=head_dim, D_PAD=d_pad,
+            SPLITS_PAD=triton.next_power_of_2(num_splits), INDIRECT=indirect,
+            num_warps=1 if d_pad <= 128 else 2,
+        )
+    return out

@@ -1,0 +1,138 @@
+"""CUDA graphs of the decode step (one new token per sequence) for a set of batch sizes.
+
+A decode step of an 8B model is a few hundred kernels; launched one by one from Python they
+cost more than the step's memory traffic at small batches. Each captured graph replays the
+whole forward pass and the LM head with one launch. A step of `n` sequences replays the
+graph of the smallest captured size `>= n`; the padding rows have length 0 and slot -1, so
+they read and write no KV and their logits are ignored.
+
+Inputs live in static device buffers that the graphs read; each step fills pinned host
+mirrors with numpy and copies them over with two non-blocking transfers (int64: token ids,
+positions, slots; int32: lengths and block tables). The copy of step n+1 can never overwrite
+inputs step n still reads: every step ends with the host waiting for its sampled tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from baton.engine.attention.base import AttentionBackend, AttentionMetadata
+from baton.engine.input_prep import table_array
+from baton.engine.scheduler import ScheduledBatch
+from baton.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then every 8 up to 64 and every 16 after, up to `max_num_seqs`."""
+    sizes = [1, 2, 4, 8, *range(16, 65, 8), *range(80, 4097, 16)]
+    return sorted({s for s in sizes if s < max_num_seqs} | {max_num_seqs})
+
+
+class DecodeGraphs:
+    def __init__(self, model, backend: AttentionBackend, kv: torch.Tensor, block_size: int,
+                 max_model_len: int, max_num_seqs: int, device: torch.device,
+                 sizes: list[int] | None = None):
+        self.model = model
+        self.backend = backend
+        self.kv = kv
+        self.block_size = block_size
+        self.device = device
+        self.sizes = sorted(sizes) if sizes else capture_sizes(max_num_seqs)
+        self.max_size = self.sizes[-1]
+        self.width = -(-max_model_len // block_size)  # block-table columns
+        b, w = self.max_size, self.width
+        # int64 rows: ids, positions, slots. int32: lengths [b], then tables [b, w].
+        self._longs = torch.zeros((3, b), dtype=torch.long, device=device)
+        self._ints = torch.zeros(b + b * w, dtype=torch.int32, device=device)
+        self._host_longs = torch.zeros((3, b), dtype=torch.long, pin_memory=True)
+        self._host_ints = torch.zeros(b + b * w, dtype=torch.int32, pin_memory=True)
+        self._np_longs = self._host_longs.numpy()
+        self._np_ints = self._host_ints.numpy()
+        self._np_longs[2] = -1
+        self._host_tables = self._np_ints[b:].reshape(b, w)
+        self._tables = self._ints[b:].view(b, w)
+        self._query_start = torch.arange(b + 1, dtype=torch.int32, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.num_replays = 0
+
+    def _meta(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self._longs[2, :size],
+            query_start_loc=self._query_start[: size + 1],
+            seq_lens_t=self._ints[:size],
+            block_tables=self._tables[:size],
+            query_lens=[1] * size,
+            seq_lens=[1] * size,  # never read on the graph path: lengths come from the device
+            block_size=self.block_size,
+        )
+
+    def _forward(self, size: int) -> torch.Tensor:
+        hidden = self.model(self._longs[0, :size], self._longs[1, :size], self.kv, self._meta(size), self.backend)
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every size, largest first so that the smaller ones reuse its memory pool."""
+        self._upload(self.max_size)  # all rows padding: length 0, slot -1 (touch no KV)
+        pool = None
+        for size in reversed(self.sizes):
+            self._forward(size)  # compiles the kernels and settles the allocator
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._forward(size)
+            pool = graph.pool()
+            self.graphs[size] = (graph, logits)
+        torch.cuda.synchronize(self.device)
+        log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
+
+    def can_run(self, batch: ScheduledBatch) -> bool:
+        """A decode-only step that fits a captured size and samples every sequence."""
+        if not self.graphs or len(batch.seqs) > self.max_size:
+            return False
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if n != 1 or seq.num_computed_tokens + 1 != seq.num_tokens:
+                return False
+        return True
+
+    def run(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Logits [len(seqs), vocab] of the next token of each sequence (a view: use it now)."""
+        size = self.fill(seqs)
+        self._upload(size)
+        graph, logits = self.graphs[size]
+        graph.replay()
+        self.num_replays += 1
+        return logits[: len(seqs)]
+
+    def fill(self, seqs: list[Sequence]) -> int:
+        """Write the step's inputs into the pinned host buffers; returns the graph size."""
+        n = len(seqs)
+        size = next(s for s in self.sizes if s >= n)
+        bs = self.block_size
+        ids, positions, slots = [], [], []
+        lens = self._np_ints
+        tables = self._host_tables
+        for i, seq in enumerate(seqs):
+            p = seq.num_computed_tokens
+            table = table_array(seq)
+            ids.append(seq.token_ids[p])
+            positions.append(p)
+            slots.append(int(table[p // bs]) * bs + p % bs)
+            lens[i] = p + 1
+            tables[i, : len(table)] = table
+        longs = self._np_longs
+        longs[0, :n] = ids
+        longs[1, :n] = positions
+        longs[2, :n] = slots
+        longs[2, n:size] = -1
+        lens[n:size] = 0
+        return size
+
+    def _upload(self, size: int) -> None:
+        self._longs.copy_(self._host_longs, non_blocking=True)
+        end = self.max_size + size * self.width  # all lengths, then the first `size` table rows
+        self._ints[:end].copy_(self._host_ints[:end], non_blocking=True)

@@ -1,0 +1,23 @@
+"""GPU tests: CUDA-only ones carry the `gpu` marker (CI never runs them; run `pytest -m gpu`).
+
+The engine's tiny Hugging Face models and the transformers reference come from
+tests/engine/conftest.py, loaded here by path so both folders share one definition. The
+project imports test modules with `--import-mode=importlib`, so this folder is put on
+`sys.path` for the shared `attention_cases` helpers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+_spec = importlib.util.spec_from_file_location("engine_conftest", Path(__file__).parents[1] / "engine" / "conftest.py")
+_engine = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_engine)
+
+tiny_dir = _engine.tiny_dir
+hf_models = _engine.hf_models
+hf = _engine.hf

@@ -1,0 +1,117 @@
+"""The GPU kernels' logic on the CPU, through Triton's interpreter.
+
+Run by test_kernels_interpreted.py in a child process with `TRITON_INTERPRET=1`: the switch
+is read when `@triton.jit` decorates a function, Triton's own library included, so it must be
+set before anything imports triton. The interpreter's bf16 products are wrong (Triton 3.x
+numpy emulation), so these run in float32 and float16; bf16 is covered by the `gpu` tests.
+Sizes are small: the interpreter runs one program at a time.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from attention_cases import TOLERANCE, make_case, reference, rel_err
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("run through test_kernels_interpreted.py (needs TRITON_INTERPRET=1)", allow_module_level=True)
+
+triton = pytest.importorskip("triton")
+
+from baton.engine.attention import triton_decode, triton_prefill  # noqa: E402
+from baton.engine.models import skinny_gemm, triton_ops  # noqa: E402
+
+SHAPES = [(4, 2, 16, 4), (6, 6, 32, 8), (8, 1, 80, 16)]  # heads, KV heads, head dim, block size
+DTYPES = [torch.float32, torch.float16]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_with_and_without_splits(shape, dtype):
+    heads, kv_heads, head_dim, block_size = shape
+    case = make_case([1, 9, 70, 33], [1] * 4, heads, kv_heads, head_dim, block_size, dtype, "cpu")
+    want = reference(case)
+    for splits in (1, 3):
+        out = torch.full_like(case.q, float("nan"))
+        triton_decode.paged_decode(case.q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens_t,
+                                   case.scale, out, num_splits=splits, block_n=16)
+        assert rel_err(out, want) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prefill_with_prefixes_and_chunks(shape, dtype):
+    heads, kv_heads, head_dim, block_size = shape
+    pairs = [(20, 20), (7, 3), (45, 17), (3, 1)]
+    case = make_case([c for c, _ in pairs], [q for _, q in pairs], heads, kv_heads, head_dim, block_size, dtype,
+                     "cpu", seed=2)
+    out = torch.full_like(case.q, float("nan"))
+    config = {"block_m": 16, "block_n": 16, "num_warps": 4, "num_stages": 1}
+    triton_prefill.paged_prefill(case.q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens_t,
+                                 case.query_start_loc, case.query_lens, case.seq_lens, case.scale, out, config=config)
+    assert rel_err(out, reference(case)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,n,k,bias", [(1, 48, 64, False), (5, 40, 96, True), (33, 64, 300, False)])
+def test_few_row_matmul(dtype, rows, n, k, bias):
+    x, w = torch.randn(rows, k).to(dtype), torch.randn(n, k).to(dtype)
+    b = torch.randn(n).to(dtype) if bias else None
+    want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    for config in [(16, 32, 4, 1), (32, 128, 4, 2)]:
+        assert rel_err(skinny_gemm.skinny_mm(x, w, b, config), want) < TOLERANCE[dtype]
+
+
+def test_fused_ops_equal_the_torch_code():
+    import torch.nn.functional as F
+
+    from baton.engine.models.llama import LlamaArgs, RMSNorm, Rotary
+
+    ops = triton_ops
+    norm = RMSNorm(96, 1e-5).requires_grad_(False)
+    norm.weight.normal_(1.0, 0.1)
+    x, residual = torch.randn(5, 96), torch.randn(5, 96)
+    want_out, want_res = norm(x, residual.clone())  # CPU tensors: the torch path
+    res = residual.clone()
+    torch.testing.assert_close(ops.add_rms_norm(x, res, norm.weight, 1e-5), want_out)  # the variance sums in another order
+    assert torch.equal(res, want_res)
+    gate_up = torch.randn(5, 80)
+    gate, up = gate_up.split(40, -1)
+    torch.testing.assert_close(ops.silu_mul(gate_up), F.silu(gate) * up)
+
+    heads, kv_heads, head_dim, block_size = 6, 2, 16, 4
+    cfg = {"hidden_size": 96, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": heads,
+           "num_key_value_heads": kv_heads, "head_dim": head_dim, "vocab_size": 8, "max_position_embeddings": 64}
+    rotary = Rotary(LlamaArgs.from_hf(cfg))
+    rotary.build(torch.device("cpu"), 64)
+    qkv = torch.randn(5, (heads + 2 * kv_heads) * head_dim)
+    positions = torch.tensor([0, 3, 7, 63, 10])
+    slots = torch.tensor([5, 0, -1, 15, 9])
+    pool = torch.zeros(4, 2, 2, block_size, kv_heads, head_dim)
+    k_cache, v_cache = pool[:, 1, 0], pool[:, 1, 1]
+    q_ref, k_ref = rotary(positions, qkv[:, :96].view(5, heads, head_dim), qkv[:, 96:128].view(5, kv_heads, head_dim))
+    v_ref = qkv[:, 128:].view(5, kv_heads, head_dim).clone()
+    q = ops.rope_store(qkv, positions, rotary.cos_sin, k_cache, v_cache, slots, heads, kv_heads, head_dim)
+    assert torch.equal(q, q_ref)
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            assert torch.equal(k_cache[slot // block_size, slot % block_size], k_ref[t])
+            assert torch.equal(v_cache[slot // block_size, slot % block_size], v_ref[t])
+    assert int((pool[:, 1].abs().sum(dim=(1, 3, 4)) != 0).sum()) == 4 and (pool[:, 0] == 0).all()
+
+
+def test_engine_with_triton_backend_matches_torch_backend(tiny_dir):
+    """Whole engine on the CPU through the Triton backend: chunked prefill makes mixed steps."""
+    from baton.engine import LLM, SamplingParams
+
+    prompts = [list(range(5, 30)), [0, 400, 7]]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    tokens = {}
+    for backend in ("torch", "triton"):
+        llm = LLM(model=str(tiny_dir), device="cpu", attention_backend=backend, num_gpu_blocks_override=32,
+                  block_size=4, max_num_batched_tokens=16)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        tokens[backend] = [o.outputs[0].token_ids for o in outs]
+    assert tokens["triton"] == tokens["torch"]

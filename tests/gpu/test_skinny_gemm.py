@@ -1,0 +1,43 @@
+"""Few-row matrix products: every configuration equals cuBLAS, and tuning picks a working one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.mark.parametrize("rows", [1, 7, 16, 33, 64])
+@pytest.mark.parametrize("shape,bias", [((6144, 4096), False), ((1000, 896), True), ((512, 300), False)])
+def test_every_config_matches_cublas(rows, shape, bias):
+    from baton.engine.models.skinny_gemm import CONFIGS, fits, m_pad, skinny_mm
+
+    n, k = shape
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None
+    want = F.linear(x.float(), w.float(), None if b is None else b.float())
+    configs = [c for c in CONFIGS if fits(c, m_pad(rows))]
+    assert len(configs) >= 4
+    for config in configs:
+        got = skinny_mm(x, w, b, config)
+        assert got.shape == (rows, n) and got.dtype == torch.bfloat16
+        assert ((got.float() - want).norm() / want.norm()) < 1e-2, config
+
+
+def test_tuned_linear_equals_the_layer():
+    from baton.engine.models import skinny_gemm
+
+    model = torch.nn.Sequential(*(torch.nn.Linear(512, 1536, bias=False) for _ in range(3))).to("cuda", torch.bfloat16)
+    report = skinny_gemm.tune(model, max_rows=32)
+    assert {key[2] for key in report} == {16, 32}
+    layer = model[0]
+    for rows in (1, 20, 64, 65):
+        x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)
+        got, want = skinny_gemm.linear(layer, x), layer(x)
+        assert ((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
