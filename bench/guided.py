@@ -9,10 +9,11 @@ launch of its application) and the cold compile time of the schema.
 
 CPU (the embedded tiny model):
     python3 bench/guided.py --out bench/results/guided-cpu.json
-CUDA (a random Llama of the given shape, with a synthetic byte-level vocabulary as wide
-as a real model's, so the bitmask costs what it would):
-    python3 bench/guided.py --device cuda --dtype bfloat16 --hidden 4096 --intermediate 14336 \
-        --layers 32 --heads 32 --kv-heads 8 --vocab 128256 --out bench/results/guided-h100.json
+CUDA (a random Llama-3.1-8B-shaped model, any dimension overridable with --hidden,
+--layers, ..., and a synthetic byte-level vocabulary as wide as its 128,256 tokens, so the
+bitmask costs what it would with the real tokenizer):
+    python3 bench/guided.py --device cuda --dtype bfloat16 --llama-8b --max-tokens 128 \
+        --out bench/results/guided-h100.json
 """
 
 from __future__ import annotations
@@ -31,13 +32,17 @@ from pathlib import Path
 import torch
 
 from baton.engine import EngineArgs, GuidedDecodingParams, LLMEngine, SamplingParams
-from baton.engine.tiny_model import (
-    SPECIAL_TOKENS,
-    TINY_CONFIG,
-    ensure_tiny_model,
-    random_llama_weights,
-    write_tiny_model,
-)
+from baton.engine.tiny_model import SPECIAL_TOKENS, ensure_tiny_model
+
+# --flag -> Hugging Face config key, over Llama-3.1-8B's config (bench/engine_workload.py).
+SHAPE_FLAGS = {
+    "hidden": "hidden_size",
+    "intermediate": "intermediate_size",
+    "layers": "num_hidden_layers",
+    "heads": "num_attention_heads",
+    "kv_heads": "num_key_value_heads",
+    "vocab": "vocab_size",
+}
 
 # Rows of records: at least 64 items, so no output completes within the measured tokens.
 SCHEMA = {
@@ -87,26 +92,19 @@ def synthetic_tokenizer(vocab_size: int, seed: int = 0):
 
 
 def write_model(out: Path, args: argparse.Namespace) -> Path:
-    """The tiny model's files, reshaped to the requested Llama shape and vocabulary."""
-    write_tiny_model(out)
-    config = json.loads((out / "config.json").read_text())
-    config.update(
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        head_dim=args.hidden // args.heads,
-        vocab_size=args.vocab,
-        torch_dtype="bfloat16" if args.dtype == "bfloat16" else TINY_CONFIG["torch_dtype"],
-    )
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    synthetic_tokenizer(args.vocab).save(str(out / "tokenizer.json"))
-    from safetensors.torch import save_file
+    """A random Llama checkpoint of the requested shape (drawn on the device, as the engine
+    benchmark does) with a synthetic tokenizer as wide as its vocabulary."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from engine_workload import LLAMA31_8B, write_random_checkpoint
 
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype, torch.float32)
-    weights = {k: v.to(dtype).contiguous() for k, v in random_llama_weights(config).items()}
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = dict(LLAMA31_8B, bos_token_id=0, eos_token_id=[1, 3])  # the synthetic specials
+    for flag, key in SHAPE_FLAGS.items():
+        if getattr(args, flag) is not None:
+            cfg[key] = getattr(args, flag)
+    cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+    draw_on = args.device if args.device.startswith("cuda") else "cpu"
+    write_random_checkpoint(out, cfg, ensure_tiny_model(), device=draw_on)
+    synthetic_tokenizer(cfg["vocab_size"]).save(str(out / "tokenizer.json"))
     return out
 
 
@@ -155,13 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--model", help="a model directory (default: the tiny model, or --hidden ...)")
-    p.add_argument("--hidden", type=int)
-    p.add_argument("--intermediate", type=int)
-    p.add_argument("--layers", type=int)
-    p.add_argument("--heads", type=int)
-    p.add_argument("--kv-heads", type=int)
-    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--model", help="a model directory (default: the embedded tiny model)")
+    p.add_argument("--llama-8b", action="store_true", help="a random Llama-3.1-8B-shaped model")
+    for flag in SHAPE_FLAGS:
+        p.add_argument("--" + flag.replace("_", "-"), type=int, help="with --llama-8b: override")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
@@ -171,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = None
     if args.model:
         model = Path(args.model)
-    elif args.hidden:
+    elif args.llama_8b:
         tmp = tempfile.TemporaryDirectory(prefix="baton-bench-guided-")
         t0 = time.perf_counter()
         model = write_model(Path(tmp.name), args)
