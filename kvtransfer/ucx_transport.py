@@ -41,9 +41,14 @@ from baton.protos import kvtransfer_pb2 as pb
 log = logging.getLogger(__name__)
 
 
-def _ucxx():
+def _ucxx(progress_mode: str | None):
     import ucxx
 
+    if progress_mode is not None:
+        try:
+            ucxx.init(progress_mode=progress_mode)
+        except RuntimeError:  # already started in this process: its mode stays
+            log.debug("UCX already initialised; progress mode %s not applied", progress_mode)
     return ucxx
 
 
@@ -115,7 +120,7 @@ class UcxSender(SenderTransport):
 
     def __init__(self, config):
         self.config = config
-        self.ucxx = _ucxx()
+        self.ucxx = _ucxx(config.ucx_progress_mode)
         self._idle: dict[str, list] = {}
         self._limits: dict[str, asyncio.Semaphore] = {}
 
@@ -146,9 +151,8 @@ class UcxSender(SenderTransport):
         if staging is not None:
             torch.index_select(rows, 0, torch.tensor(src, device=rows.device), out=staging.view(len(src), -1))
         _sync(rows.device)  # the pool's pending writes (and the gather) land before UCX reads
-        await send_frame(ep, header.SerializeToString())
         reply = asyncio.ensure_future(recv_frame(ep))
-        sends = asyncio.ensure_future(self._send_data(ep, bufs))
+        sends = asyncio.ensure_future(self._send_data(ep, header.SerializeToString(), bufs))
         try:
             done, _ = await asyncio.wait({reply, sends}, return_when=asyncio.FIRST_COMPLETED)
             if sends in done:
@@ -166,13 +170,17 @@ class UcxSender(SenderTransport):
             await asyncio.gather(reply, sends, return_exceptions=True)
 
     @staticmethod
-    async def _send_data(ep, bufs: list[torch.Tensor]) -> None:
+    async def _send_data(ep, header: bytes, bufs: list[torch.Tensor]) -> None:
+        """Post the header and every data message at once (none waits for another)."""
         if len(bufs) > 1 and (faults.active("sender_exit") or faults.active("sender_stop")):
-            await ep.send(_buffer(bufs[0]), tag=DATA_TAG)
+            await asyncio.gather(send_frame(ep, header), ep.send(_buffer(bufs[0]), tag=DATA_TAG))
             faults.fire("sender_exit")
             faults.fire("sender_stop")
-            bufs = bufs[1:]
-        await asyncio.gather(*(ep.send(_buffer(b), tag=DATA_TAG) for b in bufs))
+            header, bufs = None, bufs[1:]
+        sends = [ep.send(_buffer(b), tag=DATA_TAG) for b in bufs]
+        if header is not None:
+            sends.insert(0, send_frame(ep, header))
+        await asyncio.gather(*sends)
 
     async def _connect(self, address: str):
         idle = self._idle.get(address, [])
@@ -200,7 +208,7 @@ class UcxReceiver(ReceiverTransport):
 
     def __init__(self, receiver):
         self.receiver = receiver
-        self.ucxx = _ucxx()
+        self.ucxx = _ucxx(receiver.config.ucx_progress_mode)
         self._listener = None
         self._handlers: set[asyncio.Task] = set()
         self._endpoints: set = set()
