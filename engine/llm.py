@@ -17,6 +17,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, **kwargs: Any):
         self.engine = LLMEngine.from_engine_args(EngineArgs.from_kwargs(model=model, **kwargs))
+        self.engine.stream_outputs = False  # generate() only needs each request's final output
         self._counter = 0
 
     def get_tokenizer(self):

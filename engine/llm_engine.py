@@ -44,7 +44,6 @@ class _Request:
     hold_kv: bool = False
     prompt_logprobs: list[dict[int, float] | None] | None = None
     error: str | None = None
-    changed: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -90,6 +89,9 @@ class LLMEngine:
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill
         )
         self.requests: dict[str, _Request] = {}
+        self._changed: dict[str, _Request] = {}  # requests with news since the last step
+        # False: step() returns only finished requests (offline use, no per-step copies).
+        self.stream_outputs = True
         self.held: dict[str, list[int]] = {}  # request id -> blocks kept for a KV handoff
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -174,6 +176,7 @@ class LLMEngine:
         finals = []
         for rid in ids:
             request = self.requests.pop(rid, None)
+            self._changed.pop(rid, None)
             if request is not None:
                 for seq in request.seqs:
                     if not seq.is_finished:
@@ -203,7 +206,7 @@ class LLMEngine:
             if seq.is_finished:  # its request failed earlier in this step (a sibling's error)
                 continue
             request = self.requests[seq.request_id]
-            request.changed = True
+            self._changed[request.request_id] = request
             metrics = request.metrics
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
@@ -250,19 +253,20 @@ class LLMEngine:
         if keep:
             self.held[request.request_id] = list(seq.block_table)
         self.scheduler.finish(seq, status, free_blocks=not keep)
-        request.changed = True
+        self._changed[request.request_id] = request
         if request.finished:
             request.metrics.finished_time = time.time()
 
     def _collect_outputs(self) -> list[RequestOutput]:
+        """Outputs of the requests that changed (only finished ones unless streaming)."""
         outputs = []
-        for rid, request in list(self.requests.items()):
-            if not request.changed:
-                continue
-            request.changed = False
-            outputs.append(self._make_output(request))
-            if request.finished:
-                del self.requests[rid]
+        changed, self._changed = self._changed, {}
+        for rid, request in changed.items():
+            finished = request.finished
+            if finished or self.stream_outputs:
+                outputs.append(self._make_output(request))
+            if finished:
+                self.requests.pop(rid, None)
         return outputs
 
     def _make_output(self, request: _Request) -> RequestOutput:
@@ -344,7 +348,7 @@ class LLMEngine:
         now = time.time()
         request.metrics.first_scheduled_time = now
         request.metrics.time_in_queue = now - arrival
-        request.changed = True
+        self._changed[request_id] = request
         self._append(request, seq, first_token_id, first_logprob, first_top_logprobs, now)
         if not seq.is_finished:
             self.scheduler.add(seq)

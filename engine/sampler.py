@@ -38,14 +38,6 @@ class Sampler:
         self.generator.manual_seed(seed)
         self.transforms: list[LogitsTransform] = [apply_logits_processors]
 
-    def _seq_generator(self, seq: Sequence) -> torch.Generator:
-        gen = seq.extra.get("generator")
-        if gen is None:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(seq.params.seed)
-            seq.extra["generator"] = gen
-        return gen
-
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         """logits [N, V] (any float dtype), one row per sequence -> one token per row."""
         logits = logits.float()
@@ -101,10 +93,48 @@ class Sampler:
         probs = torch.softmax(logits, dim=-1)
         noise = torch.empty_like(probs)
         seeded = [i for i, s in enumerate(seqs) if s.params.seed is not None]
-        noise.exponential_(generator=self.generator)
-        for i in seeded:
-            noise[i].exponential_(generator=self._seq_generator(seqs[i]))
+        if len(seeded) < len(seqs):
+            noise.exponential_(generator=self.generator)
+        if seeded:
+            rows = _to_device(seeded, torch.long, probs.device)
+            noise[rows] = seeded_exponential(
+                [seqs[i].params.seed for i in seeded],
+                [seqs[i].num_output_tokens for i in seeded],
+                probs.shape[1],
+                probs.device,
+            )
         return (probs / noise).argmax(dim=-1)
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_MIX1, _MIX2 = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+_GOLDEN, _STEP = _signed(0x9E3779B97F4A7C15), _signed(0xD1B54A32D192ED03)
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def seeded_exponential(seeds: list[int], steps: list[int], vocab: int, device: torch.device) -> torch.Tensor:
+    """Exp(1) noise [len(seeds), vocab] that depends only on (seed, step, token id).
+
+    A counter-based generator (SplitMix64's finaliser over seed, output position and token
+    id, in int64 arithmetic that wraps identically on every device): a seeded request draws
+    the same tokens whatever else is in the batch, and all seeded rows take one batched op
+    instead of one generator call each.
+    """
+    seed_t = torch.tensor(seeds, dtype=torch.long).to(device, non_blocking=True)
+    step_t = torch.tensor(steps, dtype=torch.long).to(device, non_blocking=True)
+    x = seed_t[:, None] * _GOLDEN + step_t[:, None] * _STEP + torch.arange(vocab, device=device)[None, :]
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    x = x ^ _shr(x, 31)
+    uniform = (_shr(x, 40).float() + 0.5) * (1.0 / (1 << 24))  # top 24 bits, in (0, 1)
+    return -torch.log(uniform)
 
 
 def apply_logits_processors(logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, str]:

@@ -95,6 +95,7 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch():
         for _ in range(20):
             batch = torch.cat([logits] * (1 + batch_extra))
             tokens.append(sampler(batch, [s, *others]).token_ids[0])
+            s.append_token(tokens[-1], 0.0)  # the draw depends on the output position
         return tokens
 
     assert draw(0) == draw(0) == draw(3)
@@ -134,3 +135,14 @@ def test_logits_processor_errors_are_reported_per_row():
     )
     assert "nope" in result.errors[0] and 1 not in result.errors
     assert result.token_ids[1] == 1
+
+
+def test_seeded_noise_is_exponential_and_depends_on_seed_and_step():
+    from baton.engine.sampler import seeded_exponential
+
+    noise = seeded_exponential([1, 1, 2], [0, 1, 0], 20000, torch.device("cpu"))
+    assert noise.min() > 0
+    assert noise.mean().item() == pytest.approx(1.0, abs=0.03)  # Exp(1): mean 1, variance 1
+    assert noise.var().item() == pytest.approx(1.0, abs=0.08)
+    assert not torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], noise[2])
+    assert torch.equal(noise[0], seeded_exponential([1], [0], 20000, torch.device("cpu"))[0])
