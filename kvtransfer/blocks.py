@@ -26,28 +26,32 @@ def _pinned(nbytes: int) -> torch.Tensor:
     return buf[:nbytes]
 
 
+def _breaks(*seqs: np.ndarray) -> np.ndarray:
+    """Indices where a stretch of consecutive ids (in every sequence at once) starts."""
+    step = np.zeros(len(seqs[0]) - 1, dtype=bool)
+    for ids in seqs:
+        step |= np.diff(ids) != 1
+    return np.concatenate(([0], np.flatnonzero(step) + 1, [len(seqs[0])]))
+
+
 def runs(ids: Sequence[int]) -> list[tuple[int, int]]:
     """(start, count) of each stretch of consecutive ids, in the given order."""
-    out: list[tuple[int, int]] = []
-    for i in ids:
-        if out and out[-1][0] + out[-1][1] == i:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((i, 1))
-    return out
+    if len(ids) == 0:
+        return []
+    arr = np.asarray(ids, dtype=np.int64)
+    b = _breaks(arr)
+    return [(int(arr[i]), int(j - i)) for i, j in zip(b[:-1], b[1:])]
 
 
 def segments(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:
     """(src_start, dst_start, count): maximal stretches contiguous on both sides."""
     if len(src) != len(dst):
         raise ValueError(f"{len(src)} source blocks for {len(dst)} destination blocks")
-    out: list[tuple[int, int, int]] = []
-    for s, d in zip(src, dst):
-        if out and out[-1][0] + out[-1][2] == s and out[-1][1] + out[-1][2] == d:
-            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
-        else:
-            out.append((s, d, 1))
-    return out
+    if len(src) == 0:
+        return []
+    s, d = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
+    b = _breaks(s, d)
+    return [(int(s[i]), int(d[i]), int(j - i)) for i, j in zip(b[:-1], b[1:])]
 
 
 def block_rows(kv: torch.Tensor) -> torch.Tensor:
