@@ -136,7 +136,7 @@ def start(child: Child, quiet: bool) -> None:
     child.pump.start()
 
 
-def wait_ready(url: str, children: list[Child], api_key: str | None, timeout: float) -> str | None:
+def wait_ready(url: str, children: list[Child], timeout: float) -> str | None:
     """None when the router reports every role healthy; otherwise why not."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -195,10 +195,7 @@ def main(argv: list[str]) -> int:
         model_dir = ensure_tiny_model()  # once, before any worker starts
     model_name = (args.served_model_name or model_dir.name).split(",")[0]
     children = plan(args, model_dir)
-    stopping = threading.Event()
-
     def on_signal(signum, frame):
-        stopping.set()
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -208,7 +205,7 @@ def main(argv: list[str]) -> int:
         for child in children:
             start(child, args.quiet)
             print(f"baton up: {child.name:<10} pid {child.proc.pid:<8} {child.info}", flush=True)
-        problem = wait_ready(url, children, args.api_key, READY_TIMEOUT_S)
+        problem = wait_ready(url, children, READY_TIMEOUT_S)
         if problem is not None:
             print(f"baton up: failed to start: {problem}", file=sys.stderr)
             return 1
@@ -222,12 +219,19 @@ def main(argv: list[str]) -> int:
             lines.append("This is the embedded tiny model: its weights are random, so its text is random.")
         lines += ["", "  " + curl_example(url, model_name, args.api_key), "", "Press Ctrl-C to stop.", ""]
         print("\n".join(lines), flush=True)
+        reported: set[str] = set()
         while True:
             for child in children:
-                if child.proc.poll() is not None:
-                    print(f"baton up: {child.name} exited with status {child.proc.returncode}; stopping",
+                if child.proc.poll() is None or child.name in reported:
+                    continue
+                if child.name == "router":
+                    print(f"baton up: the router exited with status {child.proc.returncode}; stopping",
                           file=sys.stderr)
                     return 1
+                # The router routes around a dead worker; keep serving with the others.
+                reported.add(child.name)
+                print(f"baton up: {child.name} exited with status {child.proc.returncode}",
+                      file=sys.stderr, flush=True)
             time.sleep(0.5)
     except KeyboardInterrupt:
         print("\nbaton up: stopping", flush=True)

@@ -103,7 +103,7 @@ class WorkerRuntime:
             await self._stop.wait()
             await self._drain(health)
         finally:
-            await server.stop(grace=1.0)
+            await server.stop(grace=0.5)
             if on_stopped is not None:
                 await on_stopped()
             http_server.shutdown()

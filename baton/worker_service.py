@@ -52,6 +52,7 @@ class EngineServicer(worker_pb2_grpc.WorkerServicer):
             kv_transfer="" if self.role == "colocated" else self.runtime.options.kv_transfer,
             num_blocks=stats.num_blocks,
             version=__version__,
+            max_num_seqs=config.max_num_seqs,
         )
 
     async def Stats(self, request, context) -> worker_pb2.LoadStats:

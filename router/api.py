@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from baton.metrics import RequestMetrics
 from baton.router.dispatch import Delta, Dispatcher
-from baton.router.errors import APIError, model_not_found, no_worker
+from baton.router.errors import APIError, bad_request, model_not_found, no_worker
 from baton.router.fanout import ClientGone, FanOut, Job
 from baton.router.params import (
     DEFAULT_COMPLETION_MAX_TOKENS,
@@ -37,6 +37,8 @@ from baton.tokenizer import Tokenizer
 from baton.worker_messages import OutputState
 
 log = logging.getLogger(__name__)
+
+MAX_STREAMS = 256  # outputs (prompts x n) one request may ask for
 
 
 class _Timing:
@@ -87,6 +89,8 @@ class OpenAIServing:
             max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
             logprobs = body.logprobs
             param = "prompt"
+        if len(prompts) * body.n > MAX_STREAMS:
+            raise bad_request(f"{len(prompts)} prompt(s) x n={body.n} outputs exceed {MAX_STREAMS} per request", "n")
         response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         jobs: list[Job] = []
         prompt_tokens: dict[int, int] = {}

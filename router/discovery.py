@@ -79,31 +79,45 @@ def slice_addresses(endpoint_slice) -> set[str]:
     return found
 
 
-def service_addresses(slices: Iterable) -> set[str]:
-    """Union of the ready addresses of a Service's slices."""
+def service_addresses(slices: Iterable, service: str | None = None) -> set[str]:
+    """Union of the ready addresses of a Service's slices (only the slices labelled with
+    `service`, when given: the label selector is checked here too)."""
     result: set[str] = set()
     for endpoint_slice in slices:
-        result |= slice_addresses(endpoint_slice)
+        labels = _get(_get(endpoint_slice, "metadata"), "labels") or {}
+        if service is None or labels.get(SERVICE_NAME_LABEL) == service:
+            result |= slice_addresses(endpoint_slice)
     return result
 
 
 class KubernetesDiscovery(Discovery):
     """Watches EndpointSlices of one Service per role (role -> Service name)."""
 
-    def __init__(self, namespace: str, services: Mapping[str, str]):
+    def __init__(self, namespace: str, services: Mapping[str, str], kubeconfig: str | None = None,
+                 watch_seconds: int = 60):
         self.namespace = namespace
         self.services = dict(services)
+        self.kubeconfig = kubeconfig  # None: in-cluster, else $KUBECONFIG or ~/.kube/config
+        # Each watch call ends after this long (then the slices are listed again); it also
+        # bounds how long stop() waits for a quiet watch to notice.
+        self.watch_seconds = watch_seconds
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
-    async def start(self, pool: WorkerPool) -> None:
+    def _api(self):
         from kubernetes import client, config
 
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        api = client.DiscoveryV1Api()
+        if self.kubeconfig is None:
+            try:
+                configuration = client.Configuration()
+                config.load_incluster_config(client_configuration=configuration)
+                return client.DiscoveryV1Api(client.ApiClient(configuration))
+            except config.ConfigException:
+                pass
+        return client.DiscoveryV1Api(config.new_client_from_config(config_file=self.kubeconfig))
+
+    async def start(self, pool: WorkerPool) -> None:
+        api = self._api()
         loop = asyncio.get_running_loop()
         for role, service in self.services.items():
             thread = threading.Thread(target=self._watch, args=(api, loop, pool, role, service),
@@ -118,7 +132,7 @@ class KubernetesDiscovery(Discovery):
         slices: dict[str, object] = {}
 
         def publish() -> None:
-            addresses = service_addresses(slices.values())
+            addresses = service_addresses(slices.values(), service)
             loop.call_soon_threadsafe(pool.set_addresses, role, addresses)
 
         while not self._stop.is_set():
@@ -128,7 +142,8 @@ class KubernetesDiscovery(Discovery):
                 publish()
                 stream = watch.Watch().stream(
                     api.list_namespaced_endpoint_slice, self.namespace, label_selector=selector,
-                    resource_version=listing.metadata.resource_version, timeout_seconds=60)
+                    resource_version=listing.metadata.resource_version,
+                    timeout_seconds=self.watch_seconds, _request_timeout=(10, self.watch_seconds + 5))
                 for event in stream:
                     if self._stop.is_set():
                         return
@@ -139,8 +154,12 @@ class KubernetesDiscovery(Discovery):
                         slices[obj.metadata.name] = obj
                     publish()
             except Exception as exc:  # API hiccup or an expired resourceVersion: list again
+                if self._stop.is_set():
+                    return
                 log.warning("watching EndpointSlices of %s/%s failed: %s", self.namespace, service, exc)
                 self._stop.wait(2.0)
 
     async def stop(self) -> None:
         self._stop.set()
+        for thread in self._threads:
+            await asyncio.to_thread(thread.join, self.watch_seconds + 10)

@@ -11,6 +11,7 @@ from typing import Any
 
 from baton.router.errors import APIError, bad_request
 from baton.router.protocol import (
+    MAX_PROMPTS,
     ChatCompletionRequest,
     CompletionRequest,
     SamplingFields,
@@ -140,10 +141,10 @@ def completion_prompts(req: CompletionRequest, tokenizer: Tokenizer, vocab_size:
         return [Prompt(tokenizer.encode(p), p)]
     if not p:
         raise bad_request("prompt is an empty list", "prompt")
-    if len(p) > 256:
-        raise bad_request("at most 256 prompts per request", "prompt")
     if all(isinstance(x, int) for x in p):
         return [Prompt(_check_ids(p, vocab_size))]
+    if len(p) > MAX_PROMPTS:
+        raise bad_request(f"at most {MAX_PROMPTS} prompts per request", "prompt")
     if all(isinstance(x, str) for x in p):
         return [Prompt(tokenizer.encode(x), x) for x in p]
     if all(isinstance(x, list) for x in p):

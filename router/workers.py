@@ -67,7 +67,11 @@ class Worker:
         return max(polled + self.sent_since_poll, self.outstanding)
 
     def waiting(self) -> int:
-        return (self.stats.num_waiting if self.stats else 0) + self.sent_since_poll
+        """Requests queued in the worker's engine: the last poll, or what this router alone
+        has in flight beyond the engine's batch size, whichever is larger."""
+        polled = self.stats.num_waiting if self.stats else 0
+        batch = self.info.max_num_seqs if self.info is not None and self.info.max_num_seqs else None
+        return max(polled, self.outstanding - batch) if batch else polled
 
     def kv_usage(self) -> float:
         if self.stats is None or not self.stats.num_blocks:

@@ -1,6 +1,7 @@
 """Deployments shared by the serving tests: started once per session, stopped at the end.
 
 `disaggregated`: `baton up` with one prefill and one decode worker (gRPC KV transfer).
+`disaggregated_ucx`: the same with the UCX KV transport (TCP on this CPU-only host).
 `colocated`: `baton up --mode colocated` with one worker, behind an API key.
 Tests that kill processes start their own deployments (test_faults.py).
 """
@@ -52,12 +53,19 @@ def disaggregated(_tiny_model_cache) -> Deployment:
 
 
 @pytest.fixture(scope="session")
+def disaggregated_ucx(_tiny_model_cache) -> Deployment:
+    dep = baton_up("--mode", "disaggregated", "--transport", "ucx")
+    yield dep
+    dep.stop()
+
+
+@pytest.fixture(scope="session")
 def colocated(_tiny_model_cache) -> Deployment:
     dep = baton_up("--mode", "colocated", api_key=API_KEY)
     yield dep
     dep.stop()
 
 
-@pytest.fixture(scope="session", params=["disaggregated", "colocated"])
+@pytest.fixture(scope="session", params=["disaggregated", "disaggregated_ucx", "colocated"])
 def deployment(request) -> Deployment:
     return request.getfixturevalue(request.param)

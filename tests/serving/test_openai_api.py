@@ -3,6 +3,7 @@ transfer, and colocated behind an API key)."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from baton.tokenizer import Tokenizer
@@ -144,3 +145,19 @@ def test_max_tokens_default_for_chat_fills_the_context(deployment):
     out = deployment.client().chat.completions.create(
         model="tiny-llama-v1", messages=MESSAGES, max_completion_tokens=3, **GREEDY)
     assert out.usage.completion_tokens <= 3
+
+
+def test_workers_expose_prometheus_metrics(deployment):
+    deployment.client().completions.create(model="tiny-llama-v1", prompt=PROMPT, max_tokens=3)
+    names = ["baton:time_to_first_token_seconds_count", "baton:e2e_request_latency_seconds_count",
+             "baton:num_requests_running", "baton:num_requests_waiting", "baton:kv_cache_usage_perc",
+             "baton:prefix_cache_queries_total", "baton:prefix_cache_hits_total",
+             "baton:prompt_tokens_total", "baton:generation_tokens_total"]
+    for worker in deployment.workers():
+        role = {"worker": "colocated"}.get(worker.name.split("-")[0], worker.name.split("-")[0])
+        text = httpx.get(worker.metrics_url).text
+        for name in names:
+            assert f'{name}{{model_name="tiny-llama-v1",role="{role}"}}' in text, (worker.name, name)
+        if role == "decode":
+            assert deployment.metric("baton:kv_transfer_bytes_total", worker.name) > 0
+    assert deployment.metric("baton:generation_tokens_total", "router") > 0

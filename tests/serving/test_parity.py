@@ -38,13 +38,13 @@ def _served(deployment) -> list[tuple[str, list[str]]]:
     return results
 
 
-def test_greedy_output_is_identical_everywhere(disaggregated, colocated, offline):
-    disagg = _served(disaggregated)
-    coloc = _served(colocated)
-    for prompt, want, a, b in zip(PROMPTS, offline, disagg, coloc):
-        assert a == want, f"disaggregated differs from offline for {prompt!r}"
-        assert b == want, f"colocated differs from offline for {prompt!r}"
+def test_greedy_output_is_identical_everywhere(disaggregated, disaggregated_ucx, colocated, offline):
+    served = {"disaggregated (grpc)": _served(disaggregated), "disaggregated (ucx)": _served(disaggregated_ucx),
+              "colocated": _served(colocated)}
+    for i, (prompt, want) in enumerate(zip(PROMPTS, offline)):
         assert len(want[1]) == MAX_TOKENS
+        for mode, results in served.items():
+            assert results[i] == want, f"{mode} differs from offline for {prompt!r}"
 
 
 def test_greedy_streams_join_without_seams(disaggregated, offline):

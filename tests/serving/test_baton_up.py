@@ -1,0 +1,42 @@
+"""`baton up` itself: the curl it prints works, Ctrl-C stops every process it started."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+import subprocess
+import sys
+
+from serving_harness import baton_up, wait_until
+
+
+def test_printed_curl_works_and_ctrl_c_leaves_nothing_behind(_tiny_model_cache):
+    dep = baton_up("--mode", "colocated", "--served-model-name", "tiny,alias")
+    assert set(dep.processes) == {"worker-0", "router"}
+    assert any("its text is random" in line for line in dep.output)
+    curl = next(line.strip() for line in dep.output if line.strip().startswith("curl "))
+    result = subprocess.run(shlex.split(curl), capture_output=True, text=True, timeout=60)
+    answer = json.loads(result.stdout)
+    assert answer["object"] == "chat.completion" and answer["model"] == "tiny"
+    assert answer["usage"]["completion_tokens"] >= 1
+    assert dep.stop(signal.SIGINT) == 0
+    for process in dep.processes.values():
+        wait_until(lambda p=process: not p.alive(), timeout=10, what=f"{process.name} to exit")
+
+
+def test_bad_arguments_fail_fast():
+    bad = subprocess.run([sys.executable, "-m", "baton.cli", "up", "--model", "/nonexistent"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "not a model directory" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "baton.cli", "up", "--prefill", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+
+
+def test_killing_baton_up_outright_takes_its_children_along(_tiny_model_cache):
+    dep = baton_up("--mode", "colocated")
+    dep.proc.kill()  # SIGKILL: no chance to clean up; the children get the parent-death signal
+    dep.proc.wait(timeout=10)
+    for process in dep.processes.values():
+        wait_until(lambda p=process: not p.alive(), timeout=20, what=f"{process.name} to exit")

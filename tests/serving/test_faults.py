@@ -1,0 +1,140 @@
+"""Failures on a real disaggregated deployment (two prefill workers, one decode worker):
+saturation, client disconnects, a prefill worker killed, the decode worker killed mid-stream.
+
+The tests run in file order; the last one kills the decode worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import grpc
+import httpx
+import openai
+import pytest
+from serving_harness import baton_up, wait_until
+
+from baton.protos import worker_pb2, worker_pb2_grpc
+from baton.router.routing import prefix_key, rendezvous_score
+from baton.tokenizer import Tokenizer
+
+M = "tiny-llama-v1"
+LONG = {"ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def dep(_tiny_model_cache):
+    d = baton_up("--prefill", "2", "--decode", "1", "--max-queue", "1")
+    yield d
+    d.stop()
+
+
+def kv_usage(dep, name: str) -> float:
+    return dep.metric("baton:kv_cache_usage_perc", name)
+
+
+def all_kv_free(dep) -> bool:
+    return all(kv_usage(dep, w.name) == 0.0 for w in dep.workers() if w.alive())
+
+
+def test_saturated_decode_answers_429_with_retry_after(dep):
+    """Another client of the decode worker holds almost all of its KV: the next request waits
+    in the router's queue (at most 1 here), the one after is refused; once the KV is given
+    back, the waiting one is served."""
+    channel = grpc.insecure_channel(dep.processes["decode-0"].grpc)
+    stub = worker_pb2_grpc.WorkerStub(channel)
+    stub.Reserve(worker_pb2.ReserveRequest(request_id="hog", num_prompt_tokens=1000, ttl_seconds=30))
+    body = {"model": M, "prompt": "Saturate " * 20, "max_tokens": 5}
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=dep.url, timeout=60) as client:
+            waiting = asyncio.ensure_future(client.post("/v1/completions", json=body))
+            await asyncio.sleep(0.5)
+            refused = await client.post("/v1/completions", json=body)
+            assert not waiting.done()
+            stub.Abort(worker_pb2.AbortRequest(request_id="hog"))  # the KV comes back
+            return await waiting, refused
+
+    served, refused = asyncio.run(scenario())
+    channel.close()
+    assert refused.status_code == 429, refused.text
+    assert refused.headers["Retry-After"] == "1"
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert served.status_code == 200, served.text
+    wait_until(lambda: all_kv_free(dep), what="KV freed")
+
+
+def test_client_disconnect_frees_kv_on_every_worker(dep):
+    client = dep.client()
+    stream = client.completions.create(model=M, prompt="Disconnect me " * 10, max_tokens=800, stream=True,
+                                       temperature=0, extra_body=LONG)
+    for i, _ in enumerate(stream):
+        if i == 5:
+            break
+    assert kv_usage(dep, "decode-0") > 0.0  # the request really holds KV now
+    stream.close()
+    wait_until(lambda: all_kv_free(dep), what="KV usage 0 on every worker after a streaming disconnect")
+    # A non-streaming request whose client gives up.
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{dep.url}/v1/completions", timeout=0.5,
+                   json={"model": M, "prompt": "Wait for me " * 10, "max_tokens": 800, **LONG})
+    wait_until(lambda: all_kv_free(dep), what="KV usage 0 after a non-streaming disconnect")
+    assert dep.proc.poll() is None
+
+
+def _prompts_preferring(dep, worker: str, count: int) -> list[str]:
+    """Prompts whose prefix hashes to `worker` (the router's affinity rule)."""
+    tokenizer = Tokenizer(dep_model_dir())
+    target = dep.processes[worker].grpc
+    others = [p.grpc for n, p in dep.processes.items() if n.startswith("prefill") and n != worker]
+    found, i = [], 0
+    while len(found) < count:
+        text = f"Request number {i} about something else entirely, with enough words to fill blocks."
+        key = prefix_key(tokenizer.encode(text), 16)
+        if key is not None and all(rendezvous_score(key, target) > rendezvous_score(key, o) for o in others):
+            found.append(text)
+        i += 1
+    return found
+
+
+def dep_model_dir():
+    from baton.engine.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model()
+
+
+def test_killed_prefill_worker_is_retried_elsewhere(dep):
+    prompts = _prompts_preferring(dep, "prefill-0", 3)
+    client = dep.client()
+    os.kill(dep.processes["prefill-0"].pid, signal.SIGKILL)
+    wait_until(lambda: not dep.processes["prefill-0"].alive(), what="prefill-0 gone")
+    outputs = [client.completions.create(model=M, prompt=p, max_tokens=8, temperature=0, extra_body=LONG)
+               for p in prompts]
+    assert all(o.usage.completion_tokens == 8 for o in outputs)
+    assert any("retrying" in line and "prefill" in line for line in dep.output), "no prefill was retried"
+    wait_until(lambda: all_kv_free(dep), what="KV freed")
+
+
+def test_killed_decode_worker_fails_the_stream_promptly(dep):
+    client = dep.client(timeout=30)
+    stream = client.completions.create(model=M, prompt="Kill the decoder", max_tokens=900, stream=True,
+                                       temperature=0, extra_body=LONG)
+    received = 0
+    with pytest.raises(openai.APIError) as info:
+        for _ in stream:
+            received += 1
+            if received == 5:
+                os.kill(dep.processes["decode-0"].pid, signal.SIGKILL)
+                killed_at = time.monotonic()
+    assert time.monotonic() - killed_at < 5.0
+    assert "decode" in str(info.value)
+    # Nothing is left on the prefill worker, and new requests fail fast with 503 once the
+    # router has noticed.
+    wait_until(lambda: kv_usage(dep, "prefill-1") == 0.0, what="prefill KV freed")
+    status = wait_until(lambda: httpx.post(f"{dep.url}/v1/completions", timeout=10,
+                                           json={"model": M, "prompt": "hi"}).status_code == 503,
+                        what="503 without a decode worker")
+    assert status
