@@ -15,6 +15,7 @@ thread pools, never on the event loop; a device pool is staged through host memo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -117,6 +118,7 @@ class GrpcSender(SenderTransport):
             return pb.KVPushMessage(chunk=pb.KVChunk(offset=off, data=data, crc32=crc))
 
         replies = asyncio.ensure_future(read_replies())
+        nxt = None
         try:
             await call.write(pb.KVPushMessage(header=header))
             nxt = loop.run_in_executor(self._pool, read_chunk, 0) if offsets else None
@@ -135,10 +137,17 @@ class GrpcSender(SenderTransport):
             await _first(call.write(pb.KVPushMessage(end=pb.KVHandoffEnd(num_chunks=len(offsets)))), replies)
             await call.done_writing()
             await replies
+        except Exception:
+            # A write that failed because the receiver ended the call: its reply says why.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(replies), 1.0)
+            if replies.done() and not replies.cancelled() and isinstance(replies.exception(), HandoffError):
+                raise replies.exception() from None
+            raise
         finally:
             if not replies.done():
                 replies.cancel()
-            await asyncio.gather(replies, return_exceptions=True)
+            await asyncio.gather(replies, *([nxt] if nxt is not None else []), return_exceptions=True)
 
 
 async def _first(aw, replies: asyncio.Future) -> None:

@@ -52,7 +52,10 @@ class TransferMetrics:
         self._fam, self._labels = fam, labels
         self.seconds = fam.seconds.labels(**labels)
         self.bytes = fam.bytes.labels(**labels)
-        self.reserved_blocks = fam.reserved.labels(**labels)
+
+    def set_reserved_blocks(self, n: int) -> None:
+        """The decode side's gauge of reserved, not yet filled blocks."""
+        self._fam.reserved.labels(**self._labels).set(n)
 
     def completed(self, num_bytes: int, seconds: float) -> None:
         self.seconds.observe(seconds)

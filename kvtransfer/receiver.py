@@ -113,6 +113,7 @@ class KVReceiver:
         self._ended: OrderedDict[str, HandoffError] = OrderedDict()
         self._releases: set[asyncio.Task] = set()
         self._unfilled_blocks = 0
+        self.metrics.set_reserved_blocks(0)
         self._grpc = create_receiver("grpc", self)
         self._ucx = create_receiver("ucx", self) if transport == "ucx" else None
         self._started = False
@@ -341,4 +342,4 @@ class KVReceiver:
 
     def _count_unfilled(self, delta: int) -> None:
         self._unfilled_blocks += delta
-        self.metrics.reserved_blocks.set(self._unfilled_blocks)
+        self.metrics.set_reserved_blocks(self._unfilled_blocks)

@@ -99,6 +99,11 @@ class KVSender:
         except HandoffError as err:
             self._fail(ticket, err)
             raise
+        except Exception as exc:  # a bug or an unexpected library error: still a clean failure
+            log.exception("KV push of ticket %s failed", ticket.ticket_id)
+            err = HandoffError("transport", f"the push failed here: {exc!r}")
+            self._fail(ticket, err)
+            raise err from exc
         seconds = time.perf_counter() - t0
         self.metrics.completed(ticket.num_bytes, seconds)
         return PushResult(ticket.num_bytes, seconds)

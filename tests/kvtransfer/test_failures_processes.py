@@ -31,10 +31,10 @@ def test_layout_mismatch_is_refused_by_both_sides(peers):
     decode, prefill = peers["d16"], peers["p4"]  # block sizes 16 and 4
     first, ticket, tid = prefill_and_reserve(decode, prefill, "mismatch", tokens=PROMPT[:40])
     sent = error_of(prefill.call, "push", ticket=ticket, request_id="mismatch", first_token=first["token"])
-    assert sent.reason == "layout_mismatch" and sent.field == "block_size"
+    assert sent.reason == "layout_mismatch" and sent.field == "block_size", sent
     assert "block_size: 4 here, 16 at the peer" in sent.message
     waited = error_of(decode.call, "wait", ticket_id=tid, timeout_s=10)
-    assert waited.reason == "layout_mismatch" and "block_size" in waited.message
+    assert waited.reason == "layout_mismatch" and "block_size" in waited.message, waited
     assert decode.wait_free(decode.num_blocks) == decode.num_blocks
     assert prefill.wait_free(prefill.num_blocks) == prefill.num_blocks
 
@@ -46,8 +46,9 @@ def test_an_expired_reservation_is_freed_and_refused(peers, transport):
     assert decode.wait_free(decode.num_blocks) == decode.num_blocks  # freed at expiry
     sent = error_of(prefill.call, "push", ticket=ticket, request_id=f"expired-{transport}",
                     first_token=first["token"], transport=transport)
-    assert sent.reason == "expired"
-    assert error_of(decode.call, "wait", ticket_id=tid).reason == "expired"
+    assert sent.reason == "expired", sent
+    waited = error_of(decode.call, "wait", ticket_id=tid)
+    assert waited.reason == "expired", waited
     assert prefill.wait_free(prefill.num_blocks) == prefill.num_blocks
 
 
@@ -60,9 +61,9 @@ def test_a_corrupted_chunk_fails_the_handoff(peers):
                         first_token=first["token"], transport="grpc")
     finally:
         prefill.call("set_fault", value="")
-    assert sent.reason == "checksum" and "CRC-32" in sent.message
+    assert sent.reason == "checksum" and "CRC-32" in sent.message, sent
     waited = error_of(decode.call, "wait", ticket_id=tid)
-    assert waited.reason == "checksum"
+    assert waited.reason == "checksum", waited
     assert decode.wait_free(decode.num_blocks) == decode.num_blocks
     assert prefill.wait_free(prefill.num_blocks) == prefill.num_blocks
 
@@ -107,7 +108,7 @@ def test_a_receiver_that_never_answers(peers, transport):
     start = time.monotonic()
     sent = error_of(prefill.call, "push", ticket=ticket, request_id=f"rstop-{transport}",
                     first_token=first["token"], transport=transport, timeout_s=1.5)
-    assert sent.reason == "timeout" and "did not finish" in sent.message
+    assert sent.reason == "timeout" and "did not finish" in sent.message, sent
     assert time.monotonic() - start < 10
     assert decode.wait_stopped(1)
     assert prefill.wait_free(prefill.num_blocks) == prefill.num_blocks
@@ -129,7 +130,7 @@ def test_a_sender_that_never_answers(peers, transport):
                           first_token=first["token"], transport=transport)
     assert prefill.wait_stopped(15)
     waited = error_of(decode.call, "wait", ticket_id=tid, timeout_s=20)
-    assert waited.reason == "expired"
+    assert waited.reason == "expired", waited
     assert decode.wait_free(decode.num_blocks) == decode.num_blocks
     prefill.resume()
     prefill.call("set_fault", value="")
