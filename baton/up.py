@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import ctypes
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -33,6 +34,7 @@ class Child:
     name: str
     argv: list[str]
     info: str = ""
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
     pump: threading.Thread | None = field(default=None, repr=False)
 
@@ -93,6 +95,11 @@ def plan(args: argparse.Namespace, model_dir: Path) -> list[Child]:
     gpus = _gpu_count(args.device)
     roles = ([("prefill", args.prefill), ("decode", args.decode)] if args.mode == "disaggregated"
              else [("worker", args.workers)])
+    # CPU workers share the cores instead of each starting one thread per core (which
+    # oversubscribes them several times over); an explicit OMP_NUM_THREADS wins.
+    env = {}
+    if not gpus and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // sum(n for _, n in roles)))
     children, addresses = [], {}
     k = 0
     for role, count in roles:
@@ -105,7 +112,8 @@ def plan(args: argparse.Namespace, model_dir: Path) -> list[Child]:
                     "--shutdown-grace-seconds", str(args.shutdown_grace_seconds)]
             if role != "worker":
                 argv += ["--kv-transfer", args.transport, "--kv-port", str(free_port())]
-            children.append(Child(f"{role}-{i}", argv, f"grpc 127.0.0.1:{port}  metrics http://127.0.0.1:{metrics}/metrics"))
+            children.append(Child(f"{role}-{i}", argv, f"grpc 127.0.0.1:{port}  metrics http://127.0.0.1:{metrics}/metrics",
+                                  env))
             addresses.setdefault(role, []).append(f"127.0.0.1:{port}")
     router = ["serve-router", "--model", str(model_dir), "--host", args.host, "--port", str(args.port),
               "--routing-policy", args.routing_policy,
@@ -129,7 +137,7 @@ def _pump(child: Child, quiet: bool) -> None:
 
 def start(child: Child, quiet: bool) -> None:
     child.proc = subprocess.Popen(
-        [sys.executable, "-u", "-m", "baton.cli", *child.argv],
+        [sys.executable, "-u", "-m", "baton.cli", *child.argv], env={**os.environ, **child.env},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
         errors="replace", start_new_session=True, preexec_fn=_parent_death_signal)
     child.pump = threading.Thread(target=_pump, args=(child, quiet), daemon=True)

@@ -24,6 +24,9 @@ from baton.worker_runtime import WorkerRuntime
 log = logging.getLogger(__name__)
 
 ROLES = {"prefill": worker_pb2.PREFILL, "decode": worker_pb2.DECODE, "colocated": worker_pb2.COLOCATED}
+# How long Stats waits for the engine thread before answering with the last snapshot: a long
+# step or a grammar compile must not make a healthy worker look dead to the router.
+STATS_WAIT_S = 0.25
 
 
 class EngineServicer(worker_pb2_grpc.WorkerServicer):
@@ -37,12 +40,30 @@ class EngineServicer(worker_pb2_grpc.WorkerServicer):
         self.model_name = config.served_model_name
         self.metrics = RequestMetrics(self.model_name, self.role)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stats_task: asyncio.Future | None = None
+        self._last_stats = None
 
     # -- shared calls --------------------------------------------------------------------
 
+    async def engine_stats(self):
+        """EngineStats from the engine thread, or the last snapshot if it is busy for long."""
+        if self._stats_task is None or self._stats_task.done():
+            self._stats_task = asyncio.ensure_future(self.engine.run(lambda e: e.stats()))
+            self._stats_task.add_done_callback(self._keep_stats)
+        if self._last_stats is None:
+            return await asyncio.shield(self._stats_task)
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._stats_task), STATS_WAIT_S)
+        except TimeoutError:
+            return self._last_stats
+
+    def _keep_stats(self, task: asyncio.Future) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self._last_stats = task.result()
+
     async def Info(self, request, context) -> worker_pb2.WorkerInfo:
         config = self.engine.config
-        stats = await self.engine.run(lambda e: e.stats())
+        stats = await self.engine_stats()
         return worker_pb2.WorkerInfo(
             role=ROLES[self.role],
             model_name=self.model_name,
@@ -56,7 +77,7 @@ class EngineServicer(worker_pb2_grpc.WorkerServicer):
         )
 
     async def Stats(self, request, context) -> worker_pb2.LoadStats:
-        s = await self.engine.run(lambda e: e.stats())
+        s = await self.engine_stats()
         return worker_pb2.LoadStats(
             num_running=s.num_running,
             num_waiting=s.num_waiting,
@@ -84,7 +105,7 @@ class EngineServicer(worker_pb2_grpc.WorkerServicer):
         # Runs on the scrape thread: ask the engine thread through the event loop.
         if self._loop is None or self._loop.is_closed():
             return None
-        future = asyncio.run_coroutine_threadsafe(self.engine.run(lambda e: e.stats()), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self.engine_stats(), self._loop)
         return future.result(timeout=5)
 
     async def parse_params(self, msg, context) -> SamplingParams:

@@ -67,7 +67,7 @@ class PrefillServicer(EngineServicer):
                 code = _PUSH_CODES.get(exc.reason, grpc.StatusCode.ABORTED)
                 await context.abort(code, f"KV push failed: {exc}")
             chunk = self._first_chunk(completion, ids, params, final.num_cached_tokens)
-            self.metrics.observe(arrival, first_at, time.time(), 1, completion.finish_reason)
+            self.metrics.observe(arrival, first_at, time.time(), 1, chunk.finish_reason or "prefilled")
             return worker_pb2.PrefillReply(first=chunk, kv_transfer_seconds=result.seconds)
 
     async def _prefill(self, rid: str, ids: list[int], params, context):

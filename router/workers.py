@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 ROLE_NAMES = {worker_pb2.PREFILL: "prefill", worker_pb2.DECODE: "decode",
               worker_pb2.COLOCATED: "colocated"}
+SLOW_POLLS_UNHEALTHY = 3
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 256 << 20),
     ("grpc.max_receive_message_length", 256 << 20),
@@ -50,6 +51,7 @@ class Worker:
         self.retired = False
         self.last_error: str | None = None
         self.last_poll = 0.0
+        self.slow_polls = 0  # consecutive polls that timed out
         self.outstanding = 0  # calls from this router in flight on the worker
         self.sent_since_poll = 0  # new requests sent since the last Stats
         self.reserved_blocks_since_poll = 0
@@ -95,9 +97,16 @@ class Worker:
                 self.info = info
             stats = await self.stub.Stats(worker_pb2.StatsRequest(), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
+            # A worker that answers slowly is busy, not gone: only a few slow polls in a row
+            # (or a refused connection) take it out.
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self.info is not None:
+                self.slow_polls += 1
+                if self.slow_polls < SLOW_POLLS_UNHEALTHY:
+                    return
             self.mark_failed(f"{exc.code().name}: {exc.details()}")
             self.info = None  # a restarted worker may be configured differently
             return
+        self.slow_polls = 0
         self.stats = stats
         self.sent_since_poll = 0
         self.reserved_blocks_since_poll = 0

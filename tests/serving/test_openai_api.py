@@ -3,6 +3,8 @@ transfer, and colocated behind an API key)."""
 
 from __future__ import annotations
 
+import re
+
 import httpx
 import pytest
 
@@ -161,3 +163,28 @@ def test_workers_expose_prometheus_metrics(deployment):
         if role == "decode":
             assert deployment.metric("baton:kv_transfer_bytes_total", worker.name) > 0
     assert deployment.metric("baton:generation_tokens_total", "router") > 0
+
+
+def test_stop_string_inside_the_first_token(deployment):
+    """The first token comes from the prefill worker in disaggregated mode: a stop string that
+    starts in it must be cut the same way."""
+    client = deployment.client()
+    base = client.completions.create(model="tiny-llama-v1", prompt=PROMPT, max_tokens=8,
+                                     extra_body=NO_EOS, **GREEDY).choices[0].text
+    for stop in (base[:2], base[1:3]):
+        for stream in (False, True):
+            out = client.completions.create(model="tiny-llama-v1", prompt=PROMPT, max_tokens=8, stop=stop,
+                                            stream=stream, extra_body=NO_EOS, **GREEDY)
+            text = "".join(c.choices[0].text for c in out) if stream else out.choices[0].text
+            assert text == base[: base.find(stop)], (stop, stream)
+
+
+def test_structured_output_is_enforced(deployment):
+    client = deployment.client()
+    choice = client.chat.completions.create(model="tiny-llama-v1", messages=MESSAGES, max_tokens=10,
+                                            extra_body={"guided_choice": ["Paris", "Lyon"]}, **GREEDY)
+    assert choice.choices[0].message.content in ("Paris", "Lyon")
+    assert choice.choices[0].finish_reason == "stop"
+    digits = client.completions.create(model="tiny-llama-v1", prompt=PROMPT, max_tokens=10, temperature=1.0,
+                                       seed=5, extra_body={"guided_regex": "[0-9]{3}-[a-z]{2}"})
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", digits.choices[0].text), digits.choices[0].text

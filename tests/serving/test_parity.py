@@ -54,3 +54,16 @@ def test_greedy_streams_join_without_seams(disaggregated, offline):
         stream = client.completions.create(model="tiny-llama-v1", prompt=prompt, max_tokens=MAX_TOKENS,
                                            temperature=0.0, stream=True, extra_body={"ignore_eos": True})
         assert "".join(c.choices[0].text for c in stream) == want_text
+
+
+def test_seeded_sampling_is_identical_in_every_mode(disaggregated, disaggregated_ucx, colocated, tiny_model_dir):
+    """Seeded noise depends on (seed, position) only, so the prefill worker's first token and
+    the decode worker's rest sample exactly what one engine would; n=2 uses seed and seed+1."""
+    llm = LLM(model=str(tiny_model_dir), num_gpu_blocks_override=64, device="cpu")
+    params = SamplingParams(temperature=0.8, top_p=0.95, seed=11, n=2, max_tokens=MAX_TOKENS, ignore_eos=True)
+    want = [o.text for o in llm.generate(PROMPTS[1], params, use_tqdm=False)[0].outputs]
+    for dep in (disaggregated, disaggregated_ucx, colocated):
+        out = dep.client().completions.create(model="tiny-llama-v1", prompt=PROMPTS[1], max_tokens=MAX_TOKENS,
+                                              temperature=0.8, top_p=0.95, seed=11, n=2,
+                                              extra_body={"ignore_eos": True})
+        assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == want
