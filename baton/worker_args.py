@@ -1,8 +1,10 @@
 """Worker command lines (`baton serve-prefill|serve-decode|serve-worker`) -> typed options.
 
 The flags are the contract with the operator (docs/architecture.md, "Process command
-lines"): engine flags map one to one onto `EngineArgs` fields, server flags onto
-`WorkerOptions`. No torch here: `EngineArgs` is built only when a worker starts.
+lines"): engine flags map one to one onto `EngineArgs` fields (every field has a flag:
+the common ones are written out here, the rest are derived from the dataclass), server
+flags onto `WorkerOptions`. Building the parser imports the engine's config module (torch):
+only worker processes do.
 """
 
 from __future__ import annotations
@@ -50,6 +52,29 @@ class WorkerOptions:
             raise ValueError("--reservation-ttl-seconds must be > 0")
 
 
+def _engine_field_flags(group, explicit: set[str]) -> list[str]:
+    """Flags for the EngineArgs fields without a hand-written flag (`--enforce-eager`,
+    `--attention-backend`, ...), so any engine setting can be passed (the operator's
+    `extraArgs`). Returns their dest names."""
+    import dataclasses
+
+    from baton.engine.config import EngineArgs
+
+    added = []
+    for f in dataclasses.fields(EngineArgs):
+        if f.name in explicit:
+            continue
+        kind = str(f.type)
+        flag = "--" + f.name.replace("_", "-")
+        if "bool" in kind:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            cast = int if "int" in kind else float if "float" in kind else str
+            group.add_argument(flag, type=cast, default=f.default, metavar=f.name.upper())
+        added.append(f.name)
+    return added
+
+
 def build_parser(prog: str, role: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=f"Run a Baton {role} worker.")
     engine = parser.add_argument_group("engine")
@@ -66,18 +91,19 @@ def build_parser(prog: str, role: str) -> argparse.ArgumentParser:
     engine.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="KV pool size on CPU without an override")
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     engine.add_argument("--seed", type=int, default=0, help="engine random seed (unseeded sampling)")
+    parser.set_defaults(_engine_fields=list(_ENGINE_FIELDS) + _engine_field_flags(engine, set(_ENGINE_FIELDS)))
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="0.0.0.0", help="bind address")
     server.add_argument("--port", type=int, default=50051, help="gRPC port")
     server.add_argument("--metrics-port", type=int, default=9090, help="HTTP port of /metrics")
     server.add_argument("--shutdown-grace-seconds", type=float, default=30.0,
                         help="on SIGTERM, finish in-flight work for at most this long")
-    if role != "colocated":
-        kv = parser.add_argument_group("KV transfer")
-        kv.add_argument("--kv-transfer", default="grpc", choices=list(TRANSPORTS), help="KV data plane")
-        kv.add_argument("--kv-port", type=int, default=50052, help="UCX listener port (decode workers)")
-        kv.add_argument("--advertise-host", default=None,
-                        help="address prefill workers use to reach this worker (default: $POD_IP or the bind address)")
+    # Colocated workers accept the KV flags too (one flag set for every role); they move no KV.
+    kv = parser.add_argument_group("KV transfer" if role != "colocated" else "KV transfer (ignored here)")
+    kv.add_argument("--kv-transfer", default="grpc", choices=list(TRANSPORTS), help="KV data plane")
+    kv.add_argument("--kv-port", type=int, default=50052, help="UCX listener port (decode workers)")
+    kv.add_argument("--advertise-host", default=None,
+                    help="address prefill workers use to reach this worker (default: $POD_IP or the bind address)")
     if role == "decode":
         kv.add_argument("--reservation-ttl-seconds", type=float, default=30.0,
                         help="a reservation not filled within this long is freed")
@@ -94,9 +120,9 @@ def parse(argv: list[str], prog: str, role: str) -> tuple[Any, WorkerOptions]:
             host=ns.host,
             port=ns.port,
             metrics_port=ns.metrics_port,
-            kv_transfer=getattr(ns, "kv_transfer", "grpc"),
-            kv_port=getattr(ns, "kv_port", 50052),
-            advertise_host=getattr(ns, "advertise_host", None),
+            kv_transfer=ns.kv_transfer,
+            kv_port=ns.kv_port,
+            advertise_host=ns.advertise_host,
             shutdown_grace_seconds=ns.shutdown_grace_seconds,
             reservation_ttl_seconds=getattr(ns, "reservation_ttl_seconds", 30.0),
         )
@@ -104,4 +130,4 @@ def parse(argv: list[str], prog: str, role: str) -> tuple[Any, WorkerOptions]:
         parser.error(str(exc))
     from baton.engine.config import EngineArgs
 
-    return EngineArgs(**{name: getattr(ns, name) for name in _ENGINE_FIELDS}), options
+    return EngineArgs(**{name: getattr(ns, name) for name in ns._engine_fields}), options

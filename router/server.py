@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 
@@ -29,5 +30,9 @@ def main(argv: list[str]) -> int:
         # Streams stay open for a whole generation; never cut an idle keep-alive too soon.
         timeout_keep_alive=30,
     ))
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT and then re-raises the signal with the
+    # handlers it found: with these no-op handlers the process exits 0 after a clean drain.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: None)
     server.run()
     return 0 if server.started else 1

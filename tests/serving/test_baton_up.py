@@ -8,7 +8,8 @@ import signal
 import subprocess
 import sys
 
-from serving_harness import baton_up, wait_until
+import httpx
+from serving_harness import baton_up, free_port, wait_until
 
 
 def test_printed_curl_works_and_ctrl_c_leaves_nothing_behind(_tiny_model_cache):
@@ -40,3 +41,22 @@ def test_killing_baton_up_outright_takes_its_children_along(_tiny_model_cache):
     dep.proc.wait(timeout=10)
     for process in dep.processes.values():
         wait_until(lambda p=process: not p.alive(), timeout=20, what=f"{process.name} to exit")
+
+
+def test_router_drains_and_exits_0_on_sigterm(tiny_model_dir):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "baton.cli", "serve-router", "--model", str(tiny_model_dir),
+                             "--worker", "127.0.0.1:1", "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(healthy, timeout=60, what="the router")
+    # No healthy worker: requests get 503, the router itself is alive (not ready).
+    assert httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 503
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0

@@ -1,0 +1,50 @@
+"""The command lines the operator writes are the ones the workers and the router accept
+(docs/architecture.md, "Process command lines")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from baton.operator import spec
+from baton.operator.builders import router as router_builder
+from baton.operator.builders import workers as worker_builder
+from baton.router.config import build_parser as router_parser
+from baton.worker_args import build_parser as worker_parser
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
+ROLES = {"prefill": "prefill", "decode": "decode", "worker": "colocated"}
+
+
+def _services(path: Path):
+    return [spec.parse(doc) for doc in yaml.safe_load_all(path.read_text())
+            if doc and doc.get("kind") == "InferenceService"]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_operator_command_lines_parse(path):
+    services = _services(path)
+    if not services:
+        pytest.skip("no InferenceService in this example")
+    for svc in services:
+        svc = _with_extra_args(svc)
+        for role in svc.roles:
+            args = worker_builder.worker_args(svc, role)
+            ns = worker_parser(f"baton {worker_builder.COMMANDS[role.name]}", ROLES[role.name]).parse_args(args)
+            assert ns.port == 50051 and ns.metrics_port == 9090 and ns.host == "0.0.0.0"
+            if role.name != "worker":
+                assert ns.kv_transfer == svc.transport
+        ns = router_parser().parse_args(router_builder.router_args(svc))
+        assert ns.discovery == "kubernetes" and ns.port == 8000
+
+
+def _with_extra_args(svc):
+    """The engine fields an `extraArgs` list may set reach EngineArgs through flags too."""
+    import dataclasses
+
+    roles = tuple(dataclasses.replace(r, engine=dataclasses.replace(
+        r.engine, extra_args=("--enforce-eager", "--attention-backend", "torch")))
+        for r in svc.roles)
+    return dataclasses.replace(svc, roles=roles)
