@@ -115,6 +115,9 @@ class OpenAIServing:
         watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, fan))
         try:
             await fan.first()
+        except ClientGone:
+            await fan.close()
+            return Response(status_code=499)  # nobody is listening any more
         except BaseException:
             watcher.cancel()
             await fan.close()

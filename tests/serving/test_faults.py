@@ -67,6 +67,21 @@ def test_saturated_decode_answers_429_with_retry_after(dep):
     wait_until(lambda: all_kv_free(dep), what="KV freed")
 
 
+def test_client_leaving_while_queued_is_forgotten(dep):
+    """A request waiting in the router for decode KV, whose client gives up, leaves no trace."""
+    channel = grpc.insecure_channel(dep.processes["decode-0"].grpc)
+    stub = worker_pb2_grpc.WorkerStub(channel)
+    stub.Reserve(worker_pb2.ReserveRequest(request_id="hog2", num_prompt_tokens=1000, ttl_seconds=30))
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{dep.url}/v1/completions", timeout=0.7,
+                   json={"model": M, "prompt": "Queue me " * 20, "max_tokens": 5})
+    wait_until(lambda: dep.metric("baton:num_requests_waiting", "router") == 0.0, what="router queue empty")
+    stub.Abort(worker_pb2.AbortRequest(request_id="hog2"))
+    channel.close()
+    wait_until(lambda: all_kv_free(dep), what="KV freed")
+    assert not any("unexpected error" in line for line in dep.output)
+
+
 def test_client_disconnect_frees_kv_on_every_worker(dep):
     client = dep.client()
     stream = client.completions.create(model=M, prompt="Disconnect me " * 10, max_tokens=800, stream=True,
