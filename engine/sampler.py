@@ -133,8 +133,16 @@ def seeded_exponential(seeds: list[int], steps: list[int], vocab: int, device: t
     x = (x ^ _shr(x, 30)) * _MIX1
     x = (x ^ _shr(x, 27)) * _MIX2
     x = x ^ _shr(x, 31)
-    uniform = (_shr(x, 40).float() + 0.5) * (1.0 / (1 << 24))  # top 24 bits, in (0, 1)
-    return -torch.log(uniform)
+    return -torch.log(bits_to_uniform(_shr(x, 41)))
+
+
+def bits_to_uniform(bits: torch.Tensor) -> torch.Tensor:
+    """23 random bits -> float32 strictly inside (0, 1).
+
+    23, not 24: (2**24 - 0.5) rounds to 2**24 in float32, which would give a uniform of 1.0,
+    zero noise, and 0/0 = NaN in the race for a token the grammar or top-k had removed.
+    """
+    return (bits.float() + 0.5) * (1.0 / (1 << 23))
 
 
 def apply_logits_processors(logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, str]:

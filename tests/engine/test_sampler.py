@@ -146,3 +146,24 @@ def test_seeded_noise_is_exponential_and_depends_on_seed_and_step():
     assert noise.var().item() == pytest.approx(1.0, abs=0.08)
     assert not torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], noise[2])
     assert torch.equal(noise[0], seeded_exponential([1], [0], 20000, torch.device("cpu"))[0])
+
+
+def test_noise_bits_never_map_to_zero_or_one():
+    from baton.engine.sampler import bits_to_uniform
+
+    u = bits_to_uniform(torch.tensor([0, (1 << 23) - 1]))
+    assert 0.0 < u[0] and u[1] < 1.0 and -torch.log(u[1]) > 0
+
+
+def test_a_masked_token_is_never_sampled_by_a_seeded_request():
+    # Only two tokens allowed (as under a grammar): every seeded draw must pick one of them.
+    sampler = Sampler(torch.device("cpu"), 0, eos_token_ids=[])
+    logits = torch.full((64, 5000), float("-inf"))
+    logits[:, 7] = 0.0
+    logits[:, 4999] = 1.0
+    seqs = [seq(SamplingParams(temperature=1.0, seed=i)) for i in range(64)]
+    for step in range(20):
+        tokens = sampler(logits.clone(), seqs).token_ids
+        assert set(tokens) <= {7, 4999}
+        for s, t in zip(seqs, tokens):
+            s.append_token(t, 0.0)
