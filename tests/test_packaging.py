@@ -2,9 +2,11 @@
 
 import importlib
 import pathlib
+import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -17,7 +19,7 @@ def test_every_package_folder_is_listed_and_imports():
     setuptools = _pyproject()["tool"]["setuptools"]
     package_dir = setuptools["package-dir"]
     listed = set(setuptools["packages"])
-    found = set()
+    found = set(package_dir)  # each mapped folder is a package (operator/ has no __init__.py)
     for top_name, folder in package_dir.items():
         for init in (ROOT / folder).rglob("__init__.py"):
             rel = init.parent.relative_to(ROOT / folder)
@@ -25,16 +27,24 @@ def test_every_package_folder_is_listed_and_imports():
     assert found == listed, f"pyproject packages differ: missing {found - listed}, extra {listed - found}"
     for name in sorted(listed):
         module = importlib.import_module(name)
-        assert pathlib.Path(module.__file__).is_relative_to(ROOT)
+        assert pathlib.Path(list(module.__path__)[0]).is_relative_to(ROOT)
 
 
-def test_nothing_shadows_the_standard_library():
-    # Run from the repository root, where a folder named operator/ sits beside the code.
+def test_nothing_shadows_the_standard_library(tmp_path):
+    """`python -m` puts the working directory first on sys.path before the standard library
+    is imported; from the repository root the folder operator/ must not replace `operator`.
+    A bare virtual environment, so no site .pth file imports `operator` early by luck."""
+    assert not (ROOT / "operator" / "__init__.py").exists()  # a namespace portion only
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "v")], check=True)
     out = subprocess.run(
-        [sys.executable, "-c", "import operator, baton.operator; print(operator.__file__)"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout
-    assert not out.strip().startswith(str(ROOT))
+        [str(tmp_path / "v" / "bin" / "python"), "-m", "json.tool", "--help"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "baton.cli", "operator", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
 
 
 def test_readme_test_command_is_what_ci_runs():
@@ -54,8 +64,14 @@ def test_cli_lists_commands():
 
 def test_a_built_wheel_installs_and_imports_every_subpackage(tmp_path):
     """A normal (non-editable) install works too: the mapped folders land inside baton/."""
+    # Build from a clean copy: setuptools reuses an in-tree build/ left by earlier builds.
+    src = tmp_path / "src"
+    shutil.copytree(
+        ROOT, src, symlinks=True,
+        ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", ".whl*", ".*cache", "bench"),
+    )
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(src)],
         check=True, capture_output=True,
     )
     wheel = next(tmp_path.glob("baton-*.whl"))
@@ -67,9 +83,12 @@ def test_a_built_wheel_installs_and_imports_every_subpackage(tmp_path):
     code = (
         "import importlib, baton, pathlib\n"
         f"mods = [importlib.import_module(n) for n in {names!r}]\n"
-        "import sys\nassert all(m.__file__.startswith(sys.prefix) for m in mods), [m.__file__ for m in mods]\n"
+        "import sys\nassert all(list(m.__path__)[0].startswith(sys.prefix) for m in mods), [m.__path__ for m in mods]\n"
         "assert (pathlib.Path(baton.__file__).parent / 'protos' / 'common.proto').exists()\n"
         "print('ok')\n"
     )
     out = subprocess.run([str(py), "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+    assert "baton/operator/main.py" in names and "baton/operator/__init__.py" not in names
