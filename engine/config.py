@@ -72,6 +72,17 @@ class EngineArgs:
         device = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype, hf_config.get("torch_dtype") or hf_config.get("dtype"), device)
         derived_max = int(hf_config.get("max_position_embeddings", 2048))
+        # Sliding-window attention is not implemented: within the window it equals full
+        # attention, so contexts are capped at the window (Mistral v0.1: 4,096).
+        window = hf_config.get("sliding_window") if hf_config.get("use_sliding_window", True) else None
+        if window:
+            derived_max = min(derived_max, int(window))
+            if self.max_model_len and self.max_model_len > window:
+                raise ValueError(
+                    f"max_model_len {self.max_model_len} exceeds this model's sliding_window "
+                    f"({window}); Baton does not implement sliding-window attention, so contexts "
+                    f"are limited to the window"
+                )
         max_model_len = self.max_model_len or derived_max
         if max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")

@@ -156,3 +156,17 @@ def test_a_pool_smaller_than_max_model_len_caps_generation_instead_of_hanging(ti
     assert all(o.outputs[0].finish_reason == "length" and len(o.outputs[0].token_ids) == 24 - 5 for o in outs)
     with pytest.raises(ValueError, match="maximum context length is 24"):
         small.generate([{"prompt_token_ids": [5] * 30}], SamplingParams())
+
+
+def test_sliding_window_models_are_capped_at_the_window(tmp_path, tiny_dir):
+    shutil.copytree(tiny_dir, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config.update(architectures=["MistralForCausalLM"], sliding_window=32)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    llm = LLM(model=str(tmp_path / "m"), device="cpu", num_gpu_blocks_override=16)
+    assert llm.engine.max_model_len == 32
+    with pytest.raises(ValueError, match="sliding_window"):
+        LLM(model=str(tmp_path / "m"), device="cpu", num_gpu_blocks_override=16, max_model_len=64)
+    config["use_sliding_window"] = False  # Qwen2 style: the window is off
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    assert LLM(model=str(tmp_path / "m"), device="cpu", num_gpu_blocks_override=300).engine.max_model_len == 4096
