@@ -49,7 +49,11 @@ class KVCacheSpec:
         return (num_blocks, self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
 
     def allocate(self, num_blocks: int, device: torch.device) -> torch.Tensor:
-        # Poisoned on purpose in debug builds would be nicer; zeros keep CPU runs deterministic.
+        """The pool. On CPU it is left uninitialised, so the OS commits pages only as blocks
+        are used (the reference backend zeroes what it reads past a sequence's end); on CUDA
+        it is zero-filled."""
+        if device.type == "cpu":
+            return torch.empty(self.shape(num_blocks), dtype=self.dtype, device=device)
         return torch.zeros(self.shape(num_blocks), dtype=self.dtype, device=device)
 
 

@@ -44,6 +44,10 @@ class TorchAttention(AttentionBackend):
         keys = k_cache[table].reshape(n, -1, self.num_kv_heads, self.head_dim)
         values = v_cache[table].reshape(n, -1, self.num_kv_heads, self.head_dim)
         mask = torch.arange(keys.shape[1], device=q.device)[None, :] < meta.seq_lens_t[:, None]
+        # Slots past a sequence's end hold whatever the pool held (uninitialised memory, or
+        # another request's KV): a NaN there would survive masking (0 * NaN), so zero them.
+        keys = keys.masked_fill(~mask[:, :, None, None], 0)
+        values = values.masked_fill(~mask[:, :, None, None], 0)
         return self._sdpa(q[:, None], keys, values, mask[:, None, :])[:, 0]
 
     def _sdpa(self, q, k, v, mask) -> torch.Tensor:

@@ -170,3 +170,16 @@ def test_sliding_window_models_are_capped_at_the_window(tmp_path, tiny_dir):
     config["use_sliding_window"] = False  # Qwen2 style: the window is off
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     assert LLM(model=str(tmp_path / "m"), device="cpu", num_gpu_blocks_override=300).engine.max_model_len == 4096
+
+
+def test_garbage_in_unused_kv_slots_never_reaches_the_output(tiny_dir):
+    """The CPU pool is uninitialised memory: poison it and outputs must not change."""
+    def run(poison: bool) -> list[list[int]]:
+        llm = LLM(model=str(tiny_dir), device="cpu", num_gpu_blocks_override=32, block_size=4)
+        if poison:
+            llm.engine.runner.kv.fill_(float("nan"))
+        prompts = [PROMPT, {"prompt_token_ids": [0, 9, 8, 7, 6, 5, 4]}, {"prompt_token_ids": [0, 11]}]
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+        return [o.outputs[0].token_ids for o in outs]
+
+    assert run(poison=True) == run(poison=False)
