@@ -16,7 +16,7 @@ import itertools
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from baton.engine.block_manager import BlockManager
@@ -44,7 +44,6 @@ class _Request:
     hold_kv: bool = False
     prompt_logprobs: list[dict[int, float] | None] | None = None
     error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def seqs(self) -> list[Sequence]:
