@@ -7,7 +7,7 @@ by changing this file and `baton/protos/worker.proto` only.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from baton.protos import common_pb2, worker_pb2
@@ -19,10 +19,7 @@ from baton.sampling_params import GuidedDecodingParams, SamplingParams
 def guided_to_json(guided: GuidedDecodingParams | None) -> str:
     if guided is None:
         return ""
-    if guided.json_object:
-        return json.dumps({"json_object": True})
-    kind = guided.kind
-    return json.dumps({kind: getattr(guided, kind)})
+    return json.dumps({guided.kind: getattr(guided, guided.kind)})
 
 
 def guided_from_json(text: str) -> GuidedDecodingParams | None:
@@ -35,8 +32,7 @@ def guided_from_json(text: str) -> GuidedDecodingParams | None:
         raise ValueError(f"guided_decoding_json is not JSON: {exc}") from exc
     if not isinstance(value, dict):
         raise ValueError("guided_decoding_json must be a JSON object")
-    allowed = {"json", "regex", "choice", "grammar", "json_object"}
-    unknown = set(value) - allowed
+    unknown = set(value) - {f.name for f in fields(GuidedDecodingParams)}
     if unknown:
         raise ValueError(f"guided_decoding_json has unknown keys {sorted(unknown)}")
     return GuidedDecodingParams(**value)
