@@ -72,8 +72,9 @@ def test_grace_period_bounds_the_drain(_tiny_model_cache):
     proc, address = _start_worker("--shutdown-grace-seconds", "1", "--max-num-seqs", "1")
     channel = grpc.insecure_channel(address)
     stub = worker_pb2_grpc.WorkerStub(channel)
-    # Two long requests one after the other (one sequence at a time): more than 1 s of work.
-    calls = [_generate(stub, f"r{i}", 980) for i in range(2)]
+    # Four long requests one after the other (one sequence at a time): several seconds of
+    # work, well past the 1 s grace period even on a fast, idle machine.
+    calls = [_generate(stub, f"r{i}", 980) for i in range(4)]
     errors: list[grpc.StatusCode] = []
 
     def drain(call) -> None:
