@@ -43,12 +43,19 @@ def runs(ids: Sequence[int]) -> list[tuple[int, int]]:
     return [(int(arr[i]), int(j - i)) for i, j in zip(b[:-1], b[1:])]
 
 
+def _consecutive(ids: Sequence[int]) -> bool:
+    first = ids[0]
+    return ids[-1] - first == len(ids) - 1 and list(ids) == list(range(first, first + len(ids)))
+
+
 def segments(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:
     """(src_start, dst_start, count): maximal stretches contiguous on both sides."""
     if len(src) != len(dst):
         raise ValueError(f"{len(src)} source blocks for {len(dst)} destination blocks")
     if len(src) == 0:
         return []
+    if _consecutive(src) and _consecutive(dst):  # the common case, without numpy's overhead
+        return [(int(src[0]), int(dst[0]), len(src))]
     s, d = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
     b = _breaks(s, d)
     return [(int(s[i]), int(d[i]), int(j - i)) for i, j in zip(b[:-1], b[1:])]

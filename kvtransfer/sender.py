@@ -50,6 +50,7 @@ class KVSender:
         self.config = config or TransferConfig()
         self.allowed = tuple(transports)
         self.metrics = TransferMetrics(model_name or self.layout.model, "prefill", registry)
+        self._layout_proto = self.layout.to_proto()  # in every header; built once
         self._transports: dict[str, SenderTransport] = {}
         self._aborts: set[asyncio.Task] = set()
         from baton.kvtransfer.grpc_transport import Channels
@@ -143,7 +144,7 @@ class KVSender:
         staged = len(segments(src, ticket.block_ids)) > self.config.max_direct_messages
         return pb.KVHandoffHeader(
             ticket_id=ticket.ticket_id,
-            layout=self.layout.to_proto(),
+            layout=self._layout_proto,
             src_block_ids=src,
             num_bytes=ticket.num_bytes,
             first_token=first.to_proto(),

@@ -28,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
+import time
 
 import numpy as np
 import torch
@@ -60,19 +62,45 @@ def _buffer(t: torch.Tensor):
 CTRL_TAG, DATA_TAG = 1, 2
 MAX_FRAME = 1 << 20
 
+# Bench instrumentation, off in workers: while `stamps` is a list, each end appends
+# (stage, time.perf_counter()) at its handoff stages (bench/kv_transfer.py reads them; one
+# handoff at a time, or the stages interleave).
+stamps: list[tuple[str, float]] | None = None
+
+
+def _stamp(stage: str) -> None:
+    if stamps is not None:
+        stamps.append((stage, time.perf_counter()))
+
+
+if sys.version_info >= (3, 12):
+    def _post(coro) -> asyncio.Task:
+        """Run `coro` up to its first wait now: a UCXX send or receive submits its request
+        before it first awaits, so requests go out at once and in call order (which matters:
+        the messages of one tag match receives in posting order)."""
+        return asyncio.Task(coro, eager_start=True)
+else:  # the task starts on the loop's next turn; tasks start in creation order
+    _post = asyncio.ensure_future
+
+
+def frame_buffer() -> np.ndarray:
+    """A control-frame receive buffer; each endpoint reuses one (one frame at a time)."""
+    return np.empty(MAX_FRAME, dtype=np.uint8)
+
 
 async def send_frame(ep, payload: bytes) -> None:
     if len(payload) + 8 > MAX_FRAME:
         raise HandoffError("bad_request", f"a {len(payload)}-byte control frame is too large")
-    frame = np.empty(8 + len(payload), dtype=np.uint8)
-    frame[:8] = np.frombuffer(len(payload).to_bytes(8, "little"), dtype=np.uint8)
-    frame[8:] = np.frombuffer(payload, dtype=np.uint8)
+    frame = bytearray(len(payload).to_bytes(8, "little"))
+    frame += payload
     await ep.send(frame, tag=CTRL_TAG)
 
 
-async def recv_frame(ep) -> bytes:
-    buf = np.empty(MAX_FRAME, dtype=np.uint8)  # a smaller message fills its start
-    await ep.recv(buf, tag=CTRL_TAG)
+async def recv_frame(ep, buf: np.ndarray | None = None) -> bytes:
+    """The next control frame's payload, received into `buf` (from `frame_buffer`) if given."""
+    if buf is None:
+        buf = frame_buffer()
+    await ep.recv(buf, tag=CTRL_TAG)  # a smaller message fills its start
     n = int.from_bytes(buf[:8].tobytes(), "little")
     if n + 8 > MAX_FRAME:
         raise HandoffError("bad_request", f"a control frame claims {n} bytes")
@@ -121,7 +149,7 @@ class UcxSender(SenderTransport):
     def __init__(self, config):
         self.config = config
         self.ucxx = _ucxx(config.ucx_progress_mode)
-        self._idle: dict[str, list] = {}
+        self._idle: dict[str, list] = {}  # address -> [(endpoint, its frame buffer)]
         self._limits: dict[str, asyncio.Semaphore] = {}
 
     async def send(self, ticket, rows, src_block_ids, header) -> None:
@@ -130,10 +158,10 @@ class UcxSender(SenderTransport):
             raise HandoffError("transport_unavailable", f"the decode worker at {ticket.control_address} has no UCX listener")
         limit = self._limits.setdefault(address, asyncio.Semaphore(self.config.max_endpoints_per_peer))
         async with limit:
-            ep = await self._connect(address)
+            ep, frame = await self._connect(address)
             ok = False
             try:
-                await self._handoff(ep, ticket, rows, src_block_ids, header, address)
+                await self._handoff(ep, frame, ticket, rows, src_block_ids, header, address)
                 ok = True
             except HandoffError:
                 raise
@@ -141,64 +169,77 @@ class UcxSender(SenderTransport):
                 raise HandoffError("peer_lost", f"the UCX connection to {address} failed: {exc!r}") from None
             finally:
                 if ok:
-                    self._idle.setdefault(address, []).append(ep)
-                else:  # its protocol state is unknown: never reuse it
+                    self._idle.setdefault(address, []).append((ep, frame))
+                else:  # its protocol state is unknown: never reuse it (nor its frame buffer)
                     ep.abort()
 
-    async def _handoff(self, ep, ticket, rows, src, header, address: str) -> None:
+    async def _handoff(self, ep, frame, ticket, rows, src, header, address: str) -> None:
         bufs, staging = plan_buffers(rows, src, list(ticket.block_ids), True, header.staged,
                                      header.max_message_bytes)
         if staging is not None:
             torch.index_select(rows, 0, torch.tensor(src, device=rows.device), out=staging.view(len(src), -1))
         _sync(rows.device)  # the pool's pending writes (and the gather) land before UCX reads
-        reply = asyncio.ensure_future(recv_frame(ep))
-        sends = asyncio.ensure_future(self._send_data(ep, header.SerializeToString(), bufs))
+        reply = _post(recv_frame(ep, frame))  # first, so the answer always finds its receive
+        if len(bufs) > 1 and (faults.active("sender_exit") or faults.active("sender_stop")):
+            sends = [_post(self._send_faulty(ep, header.SerializeToString(), bufs))]
+        else:  # the header and every data message at once (none waits for another)
+            sends = [_post(send_frame(ep, header.SerializeToString()))]
+            sends += [_post(ep.send(_buffer(b), tag=DATA_TAG)) for b in bufs]
+        _stamp("sends_posted")
+        data = asyncio.gather(*sends)  # fails as soon as one send fails
         try:
-            done, _ = await asyncio.wait({reply, sends}, return_when=asyncio.FIRST_COMPLETED)
-            if sends in done:
-                sends.result()  # raises if the connection broke
+            # The answer normally follows the data; a refusal comes without it (the receiver
+            # never takes the data) and a broken connection fails the sends first.
+            if not reply.done():
+                await asyncio.wait((reply, data), return_when=asyncio.FIRST_COMPLETED)
+            if data.done():
+                data.result()  # raises if the connection broke
             msg = pb.KVPushReply.FromString(await reply)
+            _stamp("reply_received")
             kind = msg.WhichOneof("kind")
             if kind == "error":  # refused (nothing was moved) or failed mid-way
                 raise HandoffError.from_proto(msg.error, f"the decode worker at {address}")
             if kind != "done":
                 raise HandoffError("transport", f"the decode worker at {address} answered {kind!r}, not done")
-            await sends
+            await data
         finally:
-            for task in (reply, sends):
+            pending = [t for t in (reply, data, *sends) if not t.done()]
+            for task in pending:
                 task.cancel()
-            await asyncio.gather(reply, sends, return_exceptions=True)
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+            for task in (reply, data, *sends):  # mark failures seen (the error went up already)
+                if not task.cancelled():
+                    task.exception()
 
     @staticmethod
-    async def _send_data(ep, header: bytes, bufs: list[torch.Tensor]) -> None:
-        """Post the header and every data message at once (none waits for another)."""
-        if len(bufs) > 1 and (faults.active("sender_exit") or faults.active("sender_stop")):
-            await asyncio.gather(send_frame(ep, header), ep.send(_buffer(bufs[0]), tag=DATA_TAG))
-            faults.fire("sender_exit")
-            faults.fire("sender_stop")
-            header, bufs = None, bufs[1:]
-        sends = [ep.send(_buffer(b), tag=DATA_TAG) for b in bufs]
-        if header is not None:
-            sends.insert(0, send_frame(ep, header))
-        await asyncio.gather(*sends)
+    async def _send_faulty(ep, header: bytes, bufs: list[torch.Tensor]) -> None:
+        """Tests only (`sender_exit`, `sender_stop`): the header and the first message, then
+        the fault, then the rest."""
+        await asyncio.gather(send_frame(ep, header), ep.send(_buffer(bufs[0]), tag=DATA_TAG))
+        faults.fire("sender_exit")
+        faults.fire("sender_stop")
+        await asyncio.gather(*(ep.send(_buffer(b), tag=DATA_TAG) for b in bufs[1:]))
 
     async def _connect(self, address: str):
+        """An idle endpoint to `address` with its frame buffer, or a new pair."""
         idle = self._idle.get(address, [])
         while idle:
-            ep = idle.pop()
+            ep, frame = idle.pop()
             if not ep.closed:
-                return ep
+                return ep, frame
         host, port = address.rsplit(":", 1)
         try:
-            return await asyncio.wait_for(self.ucxx.create_endpoint(host, int(port)), self.config.push_timeout_s)
+            ep = await asyncio.wait_for(self.ucxx.create_endpoint(host, int(port)), self.config.push_timeout_s)
         except TimeoutError:
             raise HandoffError("timeout", f"no UCX connection to {address}") from None
         except Exception as exc:
             raise HandoffError("peer_lost", f"cannot reach the UCX listener at {address}: {exc!r}") from None
+        return ep, frame_buffer()
 
     async def close(self) -> None:
         for eps in self._idle.values():
-            for ep in eps:
+            for ep, _ in eps:
                 ep.abort()
         self._idle.clear()
 
@@ -231,10 +272,11 @@ class UcxReceiver(ReceiverTransport):
         task = asyncio.current_task()
         self._handlers.add(task)
         self._endpoints.add(ep)
+        buf = frame_buffer()
         try:
             while True:
                 try:
-                    frame = await recv_frame(ep)
+                    frame = await recv_frame(ep, buf)
                 except Exception:
                     return  # the sender closed the connection (or died) between handoffs
                 if not await self._serve_one(ep, frame):
@@ -249,6 +291,7 @@ class UcxReceiver(ReceiverTransport):
         """One handoff; returns whether the connection is still usable."""
         recv = self.receiver
         try:
+            _stamp("header_received")
             header = pb.KVHandoffHeader.FromString(frame)
             slot = recv.begin(header)
         except HandoffError as exc:
@@ -268,11 +311,13 @@ class UcxReceiver(ReceiverTransport):
                     faults.fire("receiver_exit")
                     faults.fire("receiver_stop")
                     bufs = bufs[1:]
-                await asyncio.gather(*(ep.recv(_buffer(b), tag=DATA_TAG) for b in bufs))
+                await self._receive(ep, bufs)
+                _stamp("data_received")
                 if staging is not None:
                     idx = torch.tensor(dst, device=recv.rows.device)
                     recv.rows.index_copy_(0, idx, staging.view(len(dst), -1))
                 _sync(recv.rows.device)
+                _stamp("data_synced")
         except HandoffError as exc:  # the slot failed while we were receiving
             recv.fail_transfer(slot, exc)
             return False
@@ -284,5 +329,26 @@ class UcxReceiver(ReceiverTransport):
         except HandoffError as exc:
             await send_frame(ep, _reply(pb.KVPushReply(error=exc.to_proto())))
             return True
+        _stamp("completed")
         await send_frame(ep, _reply(pb.KVPushReply(done=True)))
+        _stamp("reply_sent")
         return True
+
+    @staticmethod
+    async def _receive(ep, bufs: list[torch.Tensor]) -> None:
+        """Post a receive per message, in message order, at once; return when all landed.
+
+        On any failure the endpoint is aborted and every receive has ended before this
+        raises, so nothing lands in the blocks after the slot lets them go."""
+        if len(bufs) == 1:  # posted by this call, before its first wait
+            _stamp("receives_posted")
+            await ep.recv(_buffer(bufs[0]), tag=DATA_TAG)
+            return
+        recvs = [_post(ep.recv(_buffer(b), tag=DATA_TAG)) for b in bufs]
+        _stamp("receives_posted")
+        try:
+            await asyncio.gather(*recvs)
+        except BaseException:
+            ep.abort()  # ends the receives still posted
+            await asyncio.gather(*recvs, return_exceptions=True)
+            raise

@@ -21,6 +21,13 @@ def test_runs_and_segments_keep_prompt_order():
         segments([1, 2], [3])
 
 
+def test_segments_one_run_shortcut_only_takes_consecutive_ids():
+    assert segments([4, 5, 6], (9, 10, 11)) == [(4, 9, 3)]
+    # first and last ids span the right length, but the middle is not consecutive
+    assert segments([0, 2, 2], [0, 1, 2]) == [(0, 0, 1), (2, 1, 1), (2, 2, 1)]
+    assert segments([0, 1, 2], [5, 7, 7]) == [(0, 5, 1), (1, 7, 1), (2, 7, 1)]
+
+
 def test_split_covers_every_byte():
     assert split(10, 0) == [(0, 10)]
     assert split(10, 4) == [(0, 4), (4, 8), (8, 10)]
