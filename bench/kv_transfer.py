@@ -2,13 +2,23 @@
 
 Two processes, a sender (prefill side) and a receiver (decode side), each with a synthetic
 block-major KV pool of the right shape (32 layers x 8 KV heads x 128 x bf16, 16-token
-blocks) and the real `KVSender` / `KVReceiver` / transports; no model. One handoff is
-`KVSender.push` from its call to the decode side's verified confirmation (reservation not
-included), measured in the sender. On GPUs the sender's pool is on GPU0 and the receiver's
-on GPU1, and a plain torch peer copy of the same bytes is measured in the same run.
+blocks) and the real `KVSender` / `KVReceiver` / transports; no model. On GPUs the sender's
+pool is on GPU0 and the receiver's on GPU1, and a plain torch peer copy of the same bytes is
+measured in the same run.
+
+A handoff's latency (`handoff_ms`, `decode_ready_ms`) runs from the sender's
+`KVSender.push` call to the end of the receiver's `complete()`: the bytes are verified and
+the decode engine may admit the request (reservation not included). Both processes run on
+one host, so their `time.perf_counter()` (CLOCK_MONOTONIC) stamps compare. `push_roundtrip_ms`
+is until `push` returned in the sender (the decode side's confirmation came back).
+`stages_ms` splits a UCX handoff at the transport's stamps (`ucx_transport.stamps`, on in
+these processes only): sends posted, header received, receives posted, data received,
+device synced, completed, reply sent, reply received.
 
     python bench/kv_transfer.py --device cpu                  # bench/results/kv_transfer-cpu.json
     python bench/kv_transfer.py --device cuda --transports ucx,grpc   # -> kv_transfer-cuda.json
+    python bench/kv_transfer.py --device cuda --transports ucx --max-message-mib 0,64,32 \
+        --ucx-progress-modes thread-polling,thread-polling+UCXPY_ENABLE_DELAYED_SUBMISSION=0
 """
 
 from __future__ import annotations
@@ -32,9 +42,20 @@ LAYOUT_ARGS = dict(model="llama-3-8b", num_layers=32, num_kv_heads=8, head_dim=1
 # -- the two worker processes ----------------------------------------------------------------
 
 
-def _worker(conn, role: str, device: str, num_blocks: int, gpu_order: str | None, mode: str | None) -> None:
+def parse_variant(variant: str | None) -> tuple[str | None, dict[str, str]]:
+    """`MODE[+NAME=VALUE...]` -> (UCXX progress mode, environment for both processes)."""
+    if not variant:
+        return None, {}
+    mode, *assignments = variant.split("+")
+    env = dict(a.split("=", 1) for a in assignments)
+    return mode or None, env
+
+
+def _worker(conn, role: str, device: str, num_blocks: int, gpu_order: str | None, variant: str | None) -> None:
     if gpu_order is not None:  # own GPU first; both visible, as UCX CUDA IPC wants
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu_order
+    mode, env = parse_variant(variant)
+    os.environ.update(env)  # before UCX loads
     import asyncio
 
     asyncio.run(_serve(conn, role, device, num_blocks, mode))
@@ -42,13 +63,24 @@ def _worker(conn, role: str, device: str, num_blocks: int, gpu_order: str | None
 
 async def _serve(conn, role: str, device: str, num_blocks: int, mode: str | None) -> None:
     import asyncio
+    import dataclasses
     import hashlib
 
     import grpc
     import torch
     from prometheus_client import CollectorRegistry
 
-    from baton.kvtransfer import KVLayout, KVReceiver, KVSender, TensorPool, Ticket, TransferConfig
+    from baton.kvtransfer import (
+        KVLayout,
+        KVReceiver,
+        KVSender,
+        TensorPool,
+        Ticket,
+        TransferConfig,
+        ucx_transport,
+    )
+
+    ucx_transport.stamps = stamps = []  # this process's stage stamps (one handoff at a time)
 
     layout = KVLayout(**LAYOUT_ARGS)
     pool = TensorPool(layout, num_blocks, device=device)
@@ -62,6 +94,14 @@ async def _serve(conn, role: str, device: str, num_blocks: int, mode: str | None
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20)])
         end = KVReceiver(pool, "ucx", default_ttl_s=120, config=config, registry=registry)
         end.add_to_server(server)
+        complete = end.complete
+
+        def stamped_complete(slot):  # the gRPC transport has no stamps: this stage for it
+            handoff = complete(slot)
+            stamps.append(("complete_returned", time.perf_counter()))
+            return handoff
+
+        end.complete = stamped_complete
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         await end.start(port)
@@ -77,14 +117,18 @@ async def _serve(conn, role: str, device: str, num_blocks: int, mode: str | None
         if cmd == "push":
             ticket = Ticket.from_bytes(kw["ticket"])
             if kw["transport"] != ticket.transport:
-                import dataclasses
-
                 ticket = dataclasses.replace(ticket, transport=kw["transport"])
             n = len(ticket.block_ids)
             src = list(range(0, 2 * n, 2)) if kw["scattered"] else list(range(n))
-            result = await end.push(ticket, src, 1)
-            return result.seconds
+            if end.config.max_message_bytes != kw["max_message_bytes"]:
+                end.config = dataclasses.replace(end.config, max_message_bytes=kw["max_message_bytes"])
+            stamps.clear()
+            t0 = time.perf_counter()
+            await end.push(ticket, src, 1)
+            t1 = time.perf_counter()
+            return [("push_called", t0), *stamps, ("push_returned", t1)]
         if cmd == "reserve":
+            stamps.clear()
             if not kw["scattered"]:
                 return (await end.reserve("bench", kw["tokens"])).to_bytes()
             # Every other block: the reservation is as fragmented as a pool can be.
@@ -98,7 +142,7 @@ async def _serve(conn, role: str, device: str, num_blocks: int, mode: str | None
             handoff = await end.wait(kw["ticket_id"], 60)
             out = digest(handoff.block_ids) if kw.get("digest") else None
             await end.release(handoff)
-            return out
+            return out, list(stamps)
         if cmd == "digest":
             return digest(kw["block_ids"])
         if cmd == "ping":
@@ -141,32 +185,50 @@ class Worker:
 # -- measurements --------------------------------------------------------------------------
 
 
+# A handoff's stages in order (sender and receiver stamps; the UCX transport's names).
+STAGES = ("push_called", "sends_posted", "header_received", "receives_posted", "data_received",
+          "data_synced", "complete_returned", "completed", "reply_sent", "reply_received", "push_returned")
+
+
 def measure_handoffs(sender: Worker, receiver: Worker, transport: str, tokens: int, reps: int,
-                     warmup: int, scattered: bool = False) -> dict:
-    """Median of `reps` handoffs after `warmup`; the last one's bytes are compared."""
+                     warmup: int, scattered: bool = False, max_message_bytes: int = 0) -> dict:
+    """Medians of `reps` handoffs after `warmup`; the last one's bytes are compared.
+
+    `median_ms` is the decode-ready latency (push called -> receiver's complete() done)."""
     from baton.kvtransfer import Ticket
 
-    times = []
+    ready, roundtrip, stages = [], [], {}
     for i in range(warmup + reps):
         ticket = receiver.call("reserve", tokens=tokens, scattered=scattered)
-        seconds = sender.call("push", ticket=ticket, transport=transport, scattered=scattered)
+        sent = sender.call("push", ticket=ticket, transport=transport, scattered=scattered,
+                           max_message_bytes=max_message_bytes)
         last = i == warmup + reps - 1
-        got = receiver.call("wait_release", ticket_id=Ticket.from_bytes(ticket).ticket_id, digest=last)
-        if i >= warmup:
-            times.append(seconds)
+        got, received = receiver.call("wait_release", ticket_id=Ticket.from_bytes(ticket).ticket_id, digest=last)
+        if i < warmup:
+            continue
+        at = dict(sent) | dict(received)
+        ready.append(at.get("completed", at["complete_returned"]) - at["push_called"])
+        roundtrip.append(at["push_returned"] - at["push_called"])
+        names = [n for n in STAGES if n in at]
+        for a, b in zip(names, names[1:]):
+            stages.setdefault(f"{a}->{b}", []).append(at[b] - at[a])
     blocks = -(-tokens // LAYOUT_ARGS["block_size"])
     src = list(range(0, 2 * blocks, 2)) if scattered else list(range(blocks))
     if got != sender.call("digest", block_ids=src):
         raise RuntimeError(f"{transport} {tokens} tokens: the received bytes differ from the sent ones")
     nbytes = blocks * LAYOUT_ARGS["block_size"] * 128 * 1024
-    med = statistics.median(times)
+    med, med_rt = statistics.median(ready), statistics.median(roundtrip)
     return {
         "bytes": nbytes,
         "reps": reps,
         "median_ms": med * 1e3,
-        "min_ms": min(times) * 1e3,
-        "max_ms": max(times) * 1e3,
+        "decode_ready_ms": med * 1e3,
+        "min_ms": min(ready) * 1e3,
+        "max_ms": max(ready) * 1e3,
         "effective_gbps": nbytes / med / 1e9,
+        "push_roundtrip_ms": med_rt * 1e3,
+        "push_roundtrip_gbps": nbytes / med_rt / 1e9,
+        "stages_ms": {k: statistics.median(v) * 1e3 for k, v in stages.items() if len(v) == reps},
         "verified": True,
     }
 
@@ -246,35 +308,46 @@ def plot(result: dict, path: Path) -> None:
 
 
 def run_pair(args, tokens: list[int], transports: list[str], mode: str | None) -> dict:
-    """Start a sender and a receiver (UCX progress `mode`), time every transport and size."""
+    """Start a sender and a receiver (UCX variant `mode`: progress mode and environment), time
+    every transport and size; UCX under each `--max-message-mib` too."""
     num_blocks = max(max(tokens), 2 * args.scattered_tokens) // LAYOUT_ARGS["block_size"] + 8
     device = "cpu" if args.device == "cpu" else "cuda:0"  # each process sees its own GPU first
     gpus = ("0,1", "1,0") if args.device == "cuda" else (None, None)
     sender = Worker("sender", device, num_blocks, gpus[0], mode)
     receiver = Worker("receiver", device, num_blocks, gpus[1], mode)
-    out: dict = {"by_transport": {}, "scattered": {}, "errors": {}}
+    out: dict = {"by_transport": {}, "scattered": {}, "errors": {}, "ucx_by_max_message_mib": {}}
     try:
         sender.call("ping")
         receiver.call("ping")
         for transport in transports:
-            rows = out["by_transport"][transport] = {}
-            try:
-                for n in tokens:
-                    reps = args.reps or (max(5, 40960 // n) if transport == "ucx" else max(3, 8192 // n))
-                    t0 = time.perf_counter()
-                    rows[str(n)] = row = measure_handoffs(sender, receiver, transport, n, reps, args.warmup)
-                    print(f"{transport:5s} [{mode or 'default'}] {n:5d} tokens: {row['median_ms']:9.3f} ms "
-                          f"{row['effective_gbps']:8.2f} GB/s ({reps} reps, {time.perf_counter() - t0:.1f}s)",
-                          flush=True)
-                if args.scattered_tokens:
-                    n = args.scattered_tokens
-                    row = measure_handoffs(sender, receiver, transport, n, 5, args.warmup, scattered=True)
-                    out["scattered"].setdefault(transport, {})[str(n)] = row
-                    print(f"{transport:5s} [{mode or 'default'}] {n:5d} tokens, every other block: "
-                          f"{row['median_ms']:9.3f} ms {row['effective_gbps']:8.2f} GB/s", flush=True)
-            except Exception as exc:  # record it and go on with the next transport
-                out["errors"][transport] = f"{type(exc).__name__}: {exc}"
-                print(f"{transport} [{mode}] failed: {exc}", flush=True)
+            variants = args.mibs if transport == "ucx" else args.mibs[:1]
+            for mib in variants:
+                tag = f"{transport}{'' if mib == args.mibs[0] else f' <={mib}MiB'}"
+                rows = {}
+                if mib == args.mibs[0]:
+                    out["by_transport"][transport] = rows
+                if transport == "ucx":
+                    out["ucx_by_max_message_mib"][str(mib)] = rows
+                try:
+                    for n in tokens:
+                        reps = args.reps or (min(200, max(5, 40960 // n)) if transport == "ucx" else max(3, 8192 // n))
+                        t0 = time.perf_counter()
+                        rows[str(n)] = row = measure_handoffs(sender, receiver, transport, n, reps, args.warmup,
+                                                              max_message_bytes=mib << 20)
+                        print(f"{tag} [{mode or 'default'}] {n:5d} tokens: ready {row['median_ms']:8.3f} ms "
+                              f"{row['effective_gbps']:7.2f} GB/s, round trip {row['push_roundtrip_ms']:8.3f} ms "
+                              f"({reps} reps, {time.perf_counter() - t0:.1f}s)", flush=True)
+                        print("    " + ", ".join(f"{k} {v:.3f}" for k, v in row["stages_ms"].items()), flush=True)
+                    if args.scattered_tokens and mib == args.mibs[0]:
+                        n = args.scattered_tokens
+                        row = measure_handoffs(sender, receiver, transport, n, 5, args.warmup, scattered=True,
+                                               max_message_bytes=mib << 20)
+                        out["scattered"].setdefault(transport, {})[str(n)] = row
+                        print(f"{tag} [{mode or 'default'}] {n:5d} tokens, every other block: ready "
+                              f"{row['median_ms']:8.3f} ms {row['effective_gbps']:7.2f} GB/s", flush=True)
+                except Exception as exc:  # record it and go on with the next transport
+                    out["errors"][tag] = f"{type(exc).__name__}: {exc}"
+                    print(f"{tag} [{mode}] failed: {exc}", flush=True)
     finally:
         sender.close()
         receiver.close()
@@ -291,13 +364,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scattered-tokens", type=int, default=2048,
                         help="also time this size with every other block on both ends (0: skip)")
     parser.add_argument("--ucx-progress-modes", default="",
-                        help="comma list: time UCX under each UCXX progress mode, report the fastest")
+                        help="comma list: time UCX under each UCXX progress mode, report the fastest; an "
+                             "entry MODE+NAME=VALUE[+...] also sets environment variables in both processes "
+                             "(e.g. thread-polling+UCXPY_ENABLE_DELAYED_SUBMISSION=0)")
+    parser.add_argument("--max-message-mib", default="0",
+                        help="comma list: time UCX with each TransferConfig.max_message_bytes (MiB; 0: one "
+                             "message per region); the first is the main result")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/kv_transfer-<device>.json)")
     parser.add_argument("--machine", default=None, help="machine description to record")
     args = parser.parse_args(argv)
     tokens = [int(t) for t in args.tokens.split(",")]
     transports = args.transports.split(",")
     modes = [m for m in args.ucx_progress_modes.split(",") if m] or [None]
+    args.mibs = [int(m) for m in args.max_message_mib.split(",")]
     out = Path(args.out or Path(__file__).parent / "results" / f"kv_transfer-{args.device}.json")
     result = {
         "benchmark": "kv_transfer",
@@ -309,9 +388,13 @@ def main(argv: list[str] | None = None) -> int:
         "layout": LAYOUT_ARGS,
         "target": TARGET,
         "transport": transports[0],
-        "note": "handoff = KVSender.push until the decode side confirmed verified bytes; "
-                "contiguous blocks on both ends unless under 'scattered' (every other block: "
-                "UCX gathers into one message and scatters it)",
+        "note": "handoff_ms / decode_ready_ms = KVSender.push called (sender) until the receiver's "
+                "complete() ran (bytes verified, the decode engine may admit the request), from "
+                "perf_counter stamps of both processes on one host; push_roundtrip_ms = until push "
+                "returned (the decode side's confirmation arrived); stages_ms = medians between "
+                "stamps; contiguous blocks on both ends unless under 'scattered' (every other "
+                "block: UCX gathers into one message and scatters it)",
+        "max_message_mib": args.mibs[0],
     }
     runs = {}
     for i, mode in enumerate(modes):  # other transports only once
@@ -330,9 +413,17 @@ def main(argv: list[str] | None = None) -> int:
         result["ucx_progress_mode"] = best
         result["by_transport"]["ucx"] = runs[best]["by_transport"]["ucx"]
         result["scattered"]["ucx"] = runs[best]["scattered"].get("ucx", {})
+        for m in modes:
+            for tag, err in runs[m]["errors"].items():
+                result["errors"].setdefault(f"{tag} [{m}]", err)
+    if "ucx" in transports and len(args.mibs) > 1:
+        best_run = runs[result.get("ucx_progress_mode", modes[0])]
+        result["ucx_by_max_message_mib"] = best_run["ucx_by_max_message_mib"]
     main_rows = result["by_transport"][transports[0]]
     result["handoff_ms"] = {t: r["median_ms"] for t, r in main_rows.items()}
     result["effective_gbps"] = {t: r["effective_gbps"] for t, r in main_rows.items()}
+    result["push_roundtrip_ms"] = {t: r["push_roundtrip_ms"] for t, r in main_rows.items()}
+    result["stages_ms"] = {t: r["stages_ms"] for t, r in main_rows.items()}
     if args.device == "cuda":
         result["peer_copy_gbps"], result["peer_copy_ms"] = {}, {}
         for n in tokens:
