@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 TRANSPORTS = ("grpc", "ucx")
+UCX_PROGRESS_MODES = ("thread", "thread-polling", "polling", "blocking")
 
 # flag dest -> EngineArgs field (same name unless noted)
 _ENGINE_FIELDS = (
@@ -36,6 +37,7 @@ class WorkerOptions:
     advertise_host: str | None = None  # address peers use to reach this worker's KV port
     shutdown_grace_seconds: float = 30.0
     reservation_ttl_seconds: float = 30.0
+    ucx_progress_mode: str | None = None  # None: UCXX's default ($UCXPY_PROGRESS_MODE or thread)
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode", "colocated"):
@@ -50,6 +52,8 @@ class WorkerOptions:
             raise ValueError("--shutdown-grace-seconds must be >= 0")
         if self.reservation_ttl_seconds <= 0:
             raise ValueError("--reservation-ttl-seconds must be > 0")
+        if self.ucx_progress_mode not in (None, *UCX_PROGRESS_MODES):
+            raise ValueError(f"--ucx-progress-mode must be one of {UCX_PROGRESS_MODES}, got {self.ucx_progress_mode!r}")
 
 
 def _engine_field_flags(group, explicit: set[str]) -> list[str]:
@@ -102,6 +106,9 @@ def build_parser(prog: str, role: str) -> argparse.ArgumentParser:
     kv = parser.add_argument_group("KV transfer" if role != "colocated" else "KV transfer (ignored here)")
     kv.add_argument("--kv-transfer", default="grpc", choices=list(TRANSPORTS), help="KV data plane")
     kv.add_argument("--kv-port", type=int, default=50052, help="UCX listener port (decode workers)")
+    kv.add_argument("--ucx-progress-mode", default=None, choices=list(UCX_PROGRESS_MODES),
+                    help="UCXX progress mode with --kv-transfer ucx (default: $UCXPY_PROGRESS_MODE or thread; "
+                         "thread-polling is fastest on GPU hosts but spins a core)")
     kv.add_argument("--advertise-host", default=None,
                     help="address prefill workers use to reach this worker (default: $POD_IP or the bind address)")
     if role == "decode":
@@ -125,6 +132,7 @@ def parse(argv: list[str], prog: str, role: str) -> tuple[Any, WorkerOptions]:
             advertise_host=ns.advertise_host,
             shutdown_grace_seconds=ns.shutdown_grace_seconds,
             reservation_ttl_seconds=getattr(ns, "reservation_ttl_seconds", 30.0),
+            ucx_progress_mode=ns.ucx_progress_mode,
         )
     except ValueError as exc:
         parser.error(str(exc))

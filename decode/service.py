@@ -17,7 +17,7 @@ import time
 import grpc
 
 from baton import settings
-from baton.kvtransfer import HandoffError, KVReceiver
+from baton.kvtransfer import HandoffError, KVReceiver, TransferConfig
 from baton.protos import worker_pb2, worker_pb2_grpc
 from baton.worker_service import EngineServicer
 
@@ -50,6 +50,7 @@ class DecodeServicer(EngineServicer):
             advertise_host=advertise_host(opts.host, opts.advertise_host),
             ucx_port=opts.kv_port,
             default_ttl_s=opts.reservation_ttl_seconds,
+            config=TransferConfig(ucx_progress_mode=opts.ucx_progress_mode),
             model_name=self.model_name,
         )
 

@@ -17,7 +17,7 @@ import time
 
 import grpc
 
-from baton.kvtransfer import HandoffError, KVSender, Ticket
+from baton.kvtransfer import HandoffError, KVSender, Ticket, TransferConfig
 from baton.protos import worker_pb2, worker_pb2_grpc
 from baton.tokenizer import IncrementalDetokenizer
 from baton.worker_messages import first_token_params, hold_back, logprobs_to_proto
@@ -37,7 +37,8 @@ class PrefillServicer(EngineServicer):
     def __init__(self, engine, runtime):
         super().__init__(engine, runtime)
         transports = ("grpc", "ucx") if runtime.options.kv_transfer == "ucx" else ("grpc",)
-        self.sender = KVSender(engine, model_name=self.model_name, transports=transports)
+        config = TransferConfig(ucx_progress_mode=runtime.options.ucx_progress_mode)
+        self.sender = KVSender(engine, config=config, model_name=self.model_name, transports=transports)
 
     def register(self, server: grpc.aio.Server) -> None:
         worker_pb2_grpc.add_WorkerServicer_to_server(self, server)
