@@ -78,7 +78,7 @@ if sys.version_info >= (3, 12):
         """Run `coro` up to its first wait now: a UCXX send or receive submits its request
         before it first awaits, so requests go out at once and in call order (which matters:
         the messages of one tag match receives in posting order)."""
-        return asyncio.Task(coro, eager_start=True)
+        return asyncio.Task(coro, loop=asyncio.get_running_loop(), eager_start=True)
 else:  # the task starts on the loop's next turn; tasks start in creation order
     _post = asyncio.ensure_future
 

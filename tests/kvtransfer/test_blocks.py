@@ -1,10 +1,12 @@
 """How a handoff's byte stream maps onto block runs, and the UCX message plan."""
 
+import asyncio
+
 import pytest
 import torch
 
 from baton.kvtransfer.blocks import BlockStream, block_rows, runs, segments, split
-from baton.kvtransfer.ucx_transport import plan_buffers
+from baton.kvtransfer.ucx_transport import _post, plan_buffers
 
 
 def pool(num_blocks=16, block_numel=24, dtype=torch.float32):
@@ -88,3 +90,17 @@ def test_ucx_plans_agree_on_message_sizes_and_move_the_right_bytes(staged, max_m
     if recv_staging is not None:
         dst_rows.index_copy_(0, torch.tensor(dst), recv_staging.view(len(dst), -1))
     assert torch.equal(dst_kv[dst], src_kv[src])
+
+
+async def test_posted_requests_start_in_call_order():
+    """Messages of one tag match receives in posting order: `_post` must keep call order."""
+    order = []
+
+    async def submit(i):
+        order.append(i)  # a UCXX request is submitted here, before the first await
+        await asyncio.sleep(0)
+        return i
+
+    tasks = [_post(submit(i)) for i in range(5)]
+    assert await asyncio.gather(*tasks) == [0, 1, 2, 3, 4]
+    assert order == [0, 1, 2, 3, 4]
