@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from baton.engine.attention.triton_tile import attend_tile
+from baton.engine.models.pdl import enter, launch_kwargs
 
 
 @triton.jit
@@ -36,8 +37,9 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    SINGLE: tl.constexpr, INDIRECT: tl.constexpr, PRECISION: tl.constexpr,
+    SINGLE: tl.constexpr, INDIRECT: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    enter(USE_PDL)
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -91,8 +93,9 @@ def _decode_merge_kernel(
     out_ptr, part_o_ptr, part_lse_ptr, q_rows_ptr,
     stride_ot, stride_oh, num_heads, num_splits,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    SPLITS_PAD: tl.constexpr, INDIRECT: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, INDIRECT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    enter(USE_PDL)
     pid = tl.program_id(0)
     h = tl.program_id(1)
     q_row = tl.load(q_rows_ptr + pid) if INDIRECT else pid
@@ -183,7 +186,7 @@ def paged_decode(
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
         SINGLE=num_splits == 1, INDIRECT=indirect,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **launch_kwargs(),
     )
     if num_splits > 1:
         _decode_merge_kernel[(num_programs, num_heads)](
@@ -191,6 +194,6 @@ def paged_decode(
             out.stride(0), out.stride(1), num_heads, num_splits,
             HEAD_DIM=head_dim, D_PAD=d_pad,
             SPLITS_PAD=triton.next_power_of_2(num_splits), INDIRECT=indirect,
-            num_warps=1 if d_pad <= 128 else 2,
+            num_warps=1 if d_pad <= 128 else 2, **launch_kwargs(),
         )
     return out

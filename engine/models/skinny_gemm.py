@@ -21,13 +21,15 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from baton.engine.models.pdl import enter, launch_kwargs
+
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 64
 BUCKETS = (16, 32, 64)
 # (BLOCK_N, BLOCK_K, num_warps, num_stages)
-CONFIGS = [(16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 128, 4, 6), (64, 128, 4, 4),
-           (64, 256, 4, 3), (64, 256, 8, 3), (128, 128, 8, 3)]
+CONFIGS = [(16, 256, 4, 4), (16, 256, 4, 6), (16, 512, 4, 3), (16, 128, 4, 8), (32, 256, 4, 4), (32, 128, 4, 6),
+           (32, 128, 4, 8), (64, 128, 4, 4), (64, 128, 4, 6), (64, 256, 4, 3), (64, 256, 8, 3), (128, 128, 8, 3)]
 
 # (N, K, M_PAD, dtype) -> the winning configuration, or None where cuBLAS won. Kept for the
 # process: later engines with the same shapes reuse it.
@@ -38,7 +40,8 @@ REPORT: dict[str, dict] = {}  # "NxK/M_PAD" -> {"best": ..., "us": {candidate: m
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                    HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   EVEN_K: tl.constexpr):
+                   EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
+    enter(USE_PDL)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, M_PAD)
     k = tl.arange(0, BLOCK_K)
@@ -83,7 +86,7 @@ def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     _skinny_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, out, rows, n, k, x.stride(0), weight.stride(0),
         out.stride(0), HAS_BIAS=bias is not None, M_PAD=m_pad(rows), BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=k % block_k == 0, num_warps=warps, num_stages=stages,
+        EVEN_K=k % block_k == 0, num_warps=warps, num_stages=stages, **launch_kwargs(),
     )
     return out
 

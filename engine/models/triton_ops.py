@@ -18,10 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
+from baton.engine.models.pdl import enter, launch_kwargs
+
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, n_cols, eps,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -52,6 +55,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     _add_rms_norm_kernel[(num_rows,)](
         x, res, weight, out, x.stride(0), res.stride(0), out.stride(0), n_cols, eps,
         HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 512)),
+        **launch_kwargs(),
     )
     return out
 
@@ -63,7 +67,9 @@ def _rope_store_kernel(
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, H_PAD: tl.constexpr, KV_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    enter(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t)
     j = tl.arange(0, HALF_PAD)
@@ -133,13 +139,14 @@ def rope_store(
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
             H_PAD=triton.next_power_of_2(num_heads), KV_PAD=triton.next_power_of_2(num_kv_heads),
             HEAD_DIM=head_dim, HALF=half, HALF_PAD=triton.next_power_of_2(half),
-            BLOCK_SIZE=k_cache.shape[1], num_warps=4,
+            BLOCK_SIZE=k_cache.shape[1], num_warps=4, **launch_kwargs(),
         )
     return qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -158,6 +165,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if num_rows:
         block = min(2048, triton.next_power_of_2(inter))
         _silu_mul_kernel[(num_rows, triton.cdiv(inter, block))](
-            gate_up, out, gate_up.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4,
+            gate_up, out, gate_up.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4, **launch_kwargs(),
         )
     return out

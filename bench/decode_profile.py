@@ -1,0 +1,131 @@
+"""Where a decode step's GPU time goes, and what programmatic dependent launch (PDL) buys.
+
+For a Llama-3.1-8B-shaped model with random weights (as `bench/engine.py`), 1k-token
+contexts: the GPU time of one replay of the captured decode graph at several batch sizes,
+with PDL on and off (graphs recaptured), batch-1 time per output token through
+`LLMEngine.step`, and a kernel-by-kernel breakdown of one batch-1 replay from the profiler
+(sum of kernel times against the replay's time: the rest is the GPU between kernels).
+
+    python3 bench/decode_profile.py --out decode-profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_workload import LLAMA31_8B, decode_floor_s, write_random_checkpoint  # noqa: E402
+
+from baton.engine.config import EngineArgs  # noqa: E402
+from baton.engine.cuda_graphs import DecodeGraphs  # noqa: E402
+from baton.engine.llm_engine import LLMEngine  # noqa: E402
+from baton.engine.models import pdl  # noqa: E402
+from engine import bench_batch1, gpu_time, machine, release, synthetic_seqs  # noqa: E402
+
+
+def graph_times(engine: LLMEngine, batches: list[int], context: int, rng) -> dict:
+    runner = engine.runner
+    out = {}
+    for b in batches:
+        seqs = synthetic_seqs(engine, b, context, rng)
+        size = runner.graphs.fill(seqs)
+        runner.graphs._upload(size)
+        ms = 1e3 * gpu_time(runner.graphs.graphs[size][0].replay, repeats=50)
+        out[b] = {"graph_gpu_ms": ms, "floor_ms": 1e3 * decode_floor_s(LLAMA31_8B, b, context)}
+        out[b]["gpu_ratio"] = out[b]["floor_ms"] / ms
+        release(engine, seqs)
+    return out
+
+
+def recapture(engine: LLMEngine) -> None:
+    runner, c = engine.runner, engine.config
+    runner.graphs = None
+    torch.cuda.empty_cache()
+    runner.graphs = DecodeGraphs(runner.model, runner.backend, runner.kv, c.block_size, c.max_model_len,
+                                 c.max_num_seqs, runner.device)
+    runner.graphs.capture()
+
+
+def kernel_breakdown(engine: LLMEngine, batch: int, context: int, rng) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    seqs = synthetic_seqs(engine, batch, context, rng)
+    graphs = engine.runner.graphs
+    size = graphs.fill(seqs)
+    graphs._upload(size)
+    graph = graphs.graphs[size][0]
+    replays = 10
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    release(engine, seqs)
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    by_name: dict[str, list[float]] = defaultdict(list)
+    for e in kernels:
+        by_name[e.name].append(e.device_time)
+    total_us = sum(sum(v) for v in by_name.values()) / replays
+    span_us = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / replays
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:25]
+    return {
+        "batch": batch,
+        "kernels_per_replay": len(kernels) / replays,
+        "kernel_time_us_per_replay": total_us,
+        "span_us_per_replay": span_us,
+        "between_kernels_us_per_replay": span_us - total_us,
+        "top": [{"kernel": name[:120], "calls_per_replay": len(v) / replays, "us_per_replay": sum(v) / replays,
+                 "us_per_call": sum(v) / len(v)} for name, v in top],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="decode-profile.json")
+    ap.add_argument("--model-dir", default="/tmp/llama31-8b-random")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    args = ap.parse_args()
+    from baton.engine.tiny_model import ensure_tiny_model
+
+    rng = np.random.default_rng(0)
+    result = {"machine": machine(), "command": " ".join(["python3", *sys.argv]),
+              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    model_dir = write_random_checkpoint(Path(args.model_dir), LLAMA31_8B, ensure_tiny_model())
+    t = time.perf_counter()
+    engine = LLMEngine.from_engine_args(EngineArgs(
+        model=str(model_dir), dtype="bfloat16", device="cuda", max_model_len=2048, max_num_seqs=max(args.batches),
+        gpu_memory_utilization=0.9))
+    result["engine_start_s"] = time.perf_counter() - t
+    result["pdl_enabled_at_start"] = pdl.enabled()
+    engine.runner.kv.normal_()
+    result["batch1_tpot_ms"] = {}
+    result["graph"] = {}
+    for key, on in (("no_pdl", False), ("pdl", True)):  # the default build last
+        pdl.ENABLED = on
+        recapture(engine)
+        result["graph"][key] = graph_times(engine, args.batches, 1024, rng)
+        result["batch1_tpot_ms"][key] = bench_batch1(engine, rng, new_tokens=128)["tpot_ms"]
+        print(key, result["batch1_tpot_ms"][key], result["graph"][key], flush=True)
+    result["profile_b1"] = kernel_breakdown(engine, 1, 1024, rng)
+    result["profile_b64"] = kernel_breakdown(engine, max(args.batches), 1024, rng)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if not k.startswith("profile")}, indent=1))
+    for k in ("profile_b1", "profile_b64"):
+        p = result[k]
+        print(k, {x: p[x] for x in p if x != "top"})
+        for row in p["top"][:14]:
+            print("   ", row)
+
+
+if __name__ == "__main__":
+    main()
