@@ -10,8 +10,10 @@ launch of its application) and the cold compile time of the schema.
 CPU (the embedded tiny model):
     python3 bench/guided.py --out bench/results/guided-cpu.json
 CUDA (a random Llama-3.1-8B-shaped model, any dimension overridable with --hidden,
---layers, ..., and a synthetic byte-level vocabulary as wide as its 128,256 tokens, so the
-bitmask costs what it would with the real tokenizer):
+--layers, ..., whose logits are 128,256 wide, with a byte-level BPE vocabulary trained on
+the standard library; `--vocab-kind synthetic` takes random multi-byte pieces instead, a
+worst case for xgrammar: many tokens mix quotes, brackets and letters, and those it must
+check one by one at every step):
     python3 bench/guided.py --device cuda --dtype bfloat16 --llama-8b --max-tokens 128 \
         --out bench/results/guided-h100.json
 """
@@ -71,7 +73,7 @@ SCHEMA = {
 def synthetic_tokenizer(vocab_size: int, seed: int = 0):
     """A byte-level BPE tokenizer with `vocab_size` tokens: the special tokens, the 256 byte
     symbols, then random multi-character pieces (no merges: prompts encode to bytes, every
-    id decodes). Only the vocabulary's size and shape matter to the grammar's bitmask."""
+    id decodes)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -91,6 +93,36 @@ def synthetic_tokenizer(vocab_size: int, seed: int = 0):
     return tok
 
 
+def bpe_tokenizer(vocab_size: int, seed: int = 0):
+    """A byte-level BPE tokenizer trained here, in seconds, on this Python's standard library
+    sources (English docstrings and code, like much of a real LLM vocabulary), padded to
+    `vocab_size` with concatenations of two of its word pieces once the merges run out."""
+    import glob
+    import sysconfig
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    root = sysconfig.get_paths()["stdlib"]
+    files = sorted(f for f in glob.glob(f"{root}/**/*.py", recursive=True) if "site-packages" not in f)
+    texts = [Path(f).read_text(errors="replace") for f in files]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    words = sorted(t for t in tok.get_vocab() if t.removeprefix("Ġ").isalpha())
+    rng = random.Random(seed)
+    extra, have = [], set(tok.get_vocab())
+    while tok.get_vocab_size() + len(extra) < vocab_size:
+        piece = rng.choice(words) + rng.choice(words).removeprefix("Ġ")
+        if piece not in have:
+            have.add(piece)
+            extra.append(piece)
+    tok.add_tokens(extra)
+    return tok
+
+
 def write_model(out: Path, args: argparse.Namespace) -> Path:
     """A random Llama checkpoint of the requested shape (drawn on the device, as the engine
     benchmark does) with a synthetic tokenizer as wide as its vocabulary."""
@@ -104,7 +136,8 @@ def write_model(out: Path, args: argparse.Namespace) -> Path:
     cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
     draw_on = args.device if args.device.startswith("cuda") else "cpu"
     write_random_checkpoint(out, cfg, ensure_tiny_model(), device=draw_on)
-    synthetic_tokenizer(cfg["vocab_size"]).save(str(out / "tokenizer.json"))
+    make = bpe_tokenizer if args.vocab_kind == "bpe" else synthetic_tokenizer
+    make(cfg["vocab_size"]).save(str(out / "tokenizer.json"))
     return out
 
 
@@ -123,6 +156,29 @@ def timed_transform(engine: LLMEngine, sink: list[float]):
                 sink.append(time.perf_counter() - t0)
 
     transforms[index] = timed
+
+
+class TimedFill:
+    """xgrammar's BatchGrammarMatcher, recording the host time of each bitmask fill."""
+
+    def __init__(self, threads, sink: list[float]):
+        import xgrammar
+
+        self.inner = xgrammar.BatchGrammarMatcher(threads)
+        self.sink = sink
+
+    def batch_fill_next_token_bitmask(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return self.inner.batch_fill_next_token_bitmask(*args, **kwargs)
+        finally:
+            self.sink.append(time.perf_counter() - t0)
+
+
+def set_fill_threads(engine: LLMEngine, threads, sink: list[float]) -> None:
+    """Fill the guided bitmasks with this many xgrammar threads ("auto": xgrammar's choice)."""
+    engine.guided._get_compiler()
+    engine.guided._batch = TimedFill(threads, sink)
 
 
 def run_batch(engine: LLMEngine, batch: int, guided: bool, max_tokens: int, tag: str) -> list[float]:
@@ -160,8 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--vocab-kind", choices=["bpe", "synthetic"], default="bpe",
+                   help="with --llama-8b: a BPE vocabulary trained on the standard library (default) or "
+                        "random multi-byte pieces (a worst case for xgrammar's token-mask cache)")
+    p.add_argument("--fill-threads", nargs="+", default=["1"],
+                   help="xgrammar bitmask-fill threads to compare ('auto' or a number); the first is the headline")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    fill_threads = [t if t == "auto" else int(t) for t in args.fill_threads]
 
     tmp = None
     if args.model:
@@ -194,25 +256,44 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     engine.guided.compile(GuidedDecodingParams(json=SCHEMA))
     compile_ms = (time.perf_counter() - t0) * 1e3
+    fill_times: list[float] = []
+    set_fill_threads(engine, fill_threads[0], fill_times)
     for guided in (False, True):  # warm-up: kernels, the matcher's caches
         run_batch(engine, max(args.batch), guided, 8, f"warm-{guided}")
 
     results = []
     for batch in args.batch:
-        steps: dict[bool, list[float]] = {False: [], True: []}
-        mask_times.clear()
+        steps: dict[object, list[float]] = {t: [] for t in [None, *fill_threads]}  # None: free
+        host: dict[object, list[float]] = {t: [] for t in fill_threads}
+        fills: dict[object, list[float]] = {t: [] for t in fill_threads}
         for r in range(args.repeats):
-            for guided in (False, True):
-                steps[guided] += run_batch(engine, batch, guided, args.max_tokens, f"b{batch}-{r}-{guided}")
-        free_ms = statistics.median(steps[False]) * 1e3
-        json_ms = statistics.median(steps[True]) * 1e3
+            for threads in steps:
+                if threads is not None:
+                    set_fill_threads(engine, threads, fill_times)
+                mask_times.clear()
+                fill_times.clear()
+                steps[threads] += run_batch(engine, batch, threads is not None, args.max_tokens, f"b{batch}-{r}-{threads}")
+                if threads is not None:
+                    host[threads] += mask_times
+                    fills[threads] += fill_times
+        free_ms = statistics.median(steps[None]) * 1e3
+        by_threads = {}
+        for threads in fill_threads:
+            json_ms = statistics.median(steps[threads]) * 1e3
+            by_threads[str(threads)] = {
+                "json_tpot_ms": round(json_ms, 3),
+                "overhead_pct": round((json_ms / free_ms - 1) * 100, 1),
+                "guided_host_ms_per_step": round(statistics.median(host[threads]) * 1e3, 3),
+                "bitmask_fill_ms_per_step": round(statistics.median(fills[threads]) * 1e3, 3),
+            }
+        head = by_threads[str(fill_threads[0])]
         row = {
             "batch": batch,
             "free_tpot_ms": round(free_ms, 3),
-            "json_tpot_ms": round(json_ms, 3),
-            "overhead_pct": round((json_ms / free_ms - 1) * 100, 1),
-            "guided_host_ms_per_step": round(statistics.median(mask_times) * 1e3, 3),
-            "steps_measured": {"free": len(steps[False]), "json": len(steps[True])},
+            **head,
+            "fill_threads": fill_threads[0],
+            "by_fill_threads": by_threads,
+            "steps_measured": {"free": len(steps[None]), "json": len(steps[fill_threads[0]])},
         }
         print(json.dumps(row), file=sys.stderr)
         results.append(row)
@@ -239,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             "kv_heads": cfg["num_key_value_heads"],
             "vocab": cfg["vocab_size"],
             "tokenizer_vocab": engine.tokenizer.vocab_size,
+            "vocab_kind": args.vocab_kind if args.llama_8b else "the model's own",
             "dtype": str(engine.config.dtype).removeprefix("torch."),
         },
         "max_tokens": args.max_tokens,
