@@ -12,6 +12,7 @@ repeated runs after warm-up; GPU-only graph replay times are reported beside the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -285,6 +286,11 @@ def main() -> None:
     result["batch1"] = bench_batch1(engine, rng)
     result["decode_tpot_ms_batch1"] = result["batch1"]["tpot_ms"]
     print(f"batch-1 TPOT {result['decode_tpot_ms_batch1']:.3f} ms", flush=True)
+    sync_config = engine.config  # the same step with asynchronous scheduling (read per step)
+    engine.config = dataclasses.replace(sync_config, async_scheduling=True)
+    result["batch1_async_scheduling"] = bench_batch1(engine, rng)
+    engine.config = sync_config
+    print(f"batch-1 TPOT, async scheduling {result['batch1_async_scheduling']['tpot_ms']:.3f} ms", flush=True)
     result["decode"] = {str(b): v for b, v in bench_decode(engine, [1, 8, 32, 64, 128, 256], 1024, rng).items()}
     result["decode_roofline_ratio"] = {b: v["ratio"] for b, v in result["decode"].items() if b != "1"}
     result["what_fusion_and_graphs_buy"] = bench_unfused_and_eager(engine, rng, 1024)

@@ -93,7 +93,9 @@ class BlockManager:
         """Register the sequence's full, computed blocks in the prefix cache."""
         if not self.enable_prefix_caching:
             return
-        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        # Under asynchronous scheduling the count runs ahead of the tokens the host has read.
+        computed = min(seq.num_computed_tokens, seq.num_tokens)
+        num_full = min(computed // self.block_size, len(seq.block_table))
         done = seq.extra.get("num_registered_blocks", 0)
         if num_full <= done:
             return
@@ -115,6 +117,10 @@ class BlockManager:
         """Whether `allocate(seq, num_new_tokens, cached)` would succeed."""
         cached_free = sum(1 for b in cached if self.ref_counts[b] == 0)
         return self._num_new_blocks(seq, num_new_tokens, cached) + cached_free <= len(self.free)
+
+    def can_allocate_all(self, seqs: list[Sequence], num_new_tokens: int) -> bool:
+        """Whether every sequence can get `num_new_tokens` more tokens at once."""
+        return sum(self._num_new_blocks(seq, num_new_tokens, ()) for seq in seqs) <= len(self.free)
 
     def allocate(self, seq: Sequence, num_new_tokens: int, cached: list[int] = ()) -> None:
         """Give `seq` the blocks for `num_new_tokens` more tokens, after `cached` prefix blocks.

@@ -64,6 +64,8 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     attention_backend: str = "auto"
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
+    # Launch the next decode step before the host processes the previous one (llm_engine.py)
+    async_scheduling: bool = False
     disable_log_stats: bool = True
 
     def create_engine_config(self) -> EngineConfig:
@@ -122,6 +124,7 @@ class EngineArgs:
             enable_chunked_prefill=self.enable_chunked_prefill,
             attention_backend=self.attention_backend,
             enforce_eager=self.enforce_eager,
+            async_scheduling=self.async_scheduling,
         )
 
     @classmethod
@@ -158,6 +161,7 @@ class EngineConfig:
     enable_chunked_prefill: bool
     attention_backend: str
     enforce_eager: bool = False
+    async_scheduling: bool = False
 
     @property
     def num_layers(self) -> int:

@@ -9,7 +9,9 @@ they read and write no KV and their logits are ignored.
 Inputs live in static device buffers that the graphs read; each step fills pinned host
 mirrors with numpy and copies them over with two non-blocking transfers (int64: token ids,
 positions, slots; int32: lengths and block tables). The copy of step n+1 can never overwrite
-inputs step n still reads: every step ends with the host waiting for its sampled tokens.
+inputs step n still reads (the copies and replays are ordered on one stream), and the host
+never rewrites a mirror whose copy may still be queued: steps alternate between two sets
+of mirrors, and the host has waited for step n-1's tokens before it fills step n+1's.
 """
 
 from __future__ import annotations
@@ -48,16 +50,27 @@ class DecodeGraphs:
         # int64 rows: ids, positions, slots. int32: lengths [b], then tables [b, w].
         self._longs = torch.zeros((3, b), dtype=torch.long, device=device)
         self._ints = torch.zeros(b + b * w, dtype=torch.int32, device=device)
-        self._host_longs = torch.zeros((3, b), dtype=torch.long, pin_memory=True)
-        self._host_ints = torch.zeros(b + b * w, dtype=torch.int32, pin_memory=True)
-        self._np_longs = self._host_longs.numpy()
-        self._np_ints = self._host_ints.numpy()
-        self._np_longs[2] = -1
-        self._host_tables = self._np_ints[b:].reshape(b, w)
+        # Two sets of pinned host mirrors, used in turn: with asynchronous scheduling the next
+        # step's inputs are written while the previous step's copy may still be queued.
+        self._host_sets = [self._host_set(b, w) for _ in range(2)]
+        self._use_host_set(0)
         self._tables = self._ints[b:].view(b, w)
         self._query_start = torch.arange(b + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.num_replays = 0
+
+    @staticmethod
+    def _host_set(b: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        longs = torch.zeros((3, b), dtype=torch.long, pin_memory=True)
+        longs[2] = -1
+        return longs, torch.zeros(b + b * w, dtype=torch.int32, pin_memory=True)
+
+    def _use_host_set(self, i: int) -> None:
+        self._host_index = i
+        self._host_longs, self._host_ints = self._host_sets[i]
+        self._np_longs = self._host_longs.numpy()
+        self._np_ints = self._host_ints.numpy()
+        self._host_tables = self._np_ints[self.max_size :].reshape(self.max_size, self.width)
 
     def _meta(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -99,10 +112,16 @@ class DecodeGraphs:
                 return False
         return True
 
-    def run(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Logits [len(seqs), vocab] of the next token of each sequence (a view: use it now)."""
+    def run(self, seqs: list[Sequence], input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [len(seqs), vocab] of the next token of each sequence (a view: use it now).
+
+        `input_ids` (on the device): the step's tokens, when the host does not know them yet
+        (asynchronous scheduling: the previous step's samples)."""
         size = self.fill(seqs)
         self._upload(size)
+        self._use_host_set(1 - self._host_index)  # the next step fills the other set
+        if input_ids is not None:
+            self._longs[0, : len(seqs)].copy_(input_ids)
         graph, logits = self.graphs[size]
         graph.replay()
         self.num_replays += 1

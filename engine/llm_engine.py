@@ -19,13 +19,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from baton.engine.block_manager import BlockManager
 from baton.engine.config import EngineArgs, EngineConfig
 from baton.engine.guided import GuidedDecoder
-from baton.engine.model_runner import ModelRunner
+from baton.engine.model_runner import ModelRunner, StepOutput
 from baton.engine.output_processor import SequenceOutput
 from baton.engine.outputs import RequestOutput
-from baton.engine.scheduler import Scheduler
+from baton.engine.scheduler import ScheduledBatch, Scheduler
 from baton.engine.sequence import RequestMetrics, Sequence, SequenceStatus
 from baton.sampling_params import SamplingParams
 from baton.tokenizer import Tokenizer
@@ -52,6 +54,27 @@ class _Request:
     @property
     def finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
+
+
+@dataclass
+class _Inflight:
+    """A launched decode step whose tokens the host has not read (asynchronous scheduling)."""
+
+    batch: ScheduledBatch
+    ids: torch.Tensor  # [N] sampled token ids on the device
+    host: torch.Tensor  # their copy in host memory (pinned on CUDA), valid once `event` passed
+    event: Any  # torch.cuda.Event, or None on the CPU (nothing to wait for)
+
+
+# Asynchronous scheduling: a token the device has sampled and the host has not read yet
+# holds its place in `Sequence.token_ids` while the next step is launched, within one
+# step() call. Never a valid id, so a step that fed it to the model would fail loudly.
+PLACEHOLDER = -1
+
+
+def _drop_placeholder(seq: Sequence) -> None:
+    if seq.token_ids and seq.token_ids[-1] == PLACEHOLDER:
+        seq.token_ids.pop()
 
 
 @dataclass
@@ -95,6 +118,7 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._ids = itertools.count()
+        self._inflight: _Inflight | None = None  # asynchronous scheduling: a launched step
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> LLMEngine:
@@ -188,7 +212,7 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         # A request that finished at admission (a prefilled request whose first token ends
         # it) is no longer scheduled but still has an output for step() to deliver.
-        return self.scheduler.has_unfinished() or bool(self.requests)
+        return self.scheduler.has_unfinished() or bool(self.requests) or self._inflight is not None
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
@@ -196,10 +220,21 @@ class LLMEngine:
     # -- the step ------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self._inflight is not None:  # asynchronous scheduling: launch the next, then finish
+            done, self._inflight = self._inflight, None
+            self._inflight = self._launch_next(done)
+            return self._finish_launched(done)
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return self._collect_outputs()
+        if self.config.async_scheduling and self._overlappable(batch):
+            self._inflight = self._launch(batch, None)
+            return self._collect_outputs()
         step_outputs = self.runner.execute(batch)
+        return self._process(batch, step_outputs, computed=False)
+
+    def _process(self, batch: ScheduledBatch, step_outputs: list[StepOutput], computed: bool) -> list[RequestOutput]:
+        """Account a step's results; `computed`: num_computed_tokens was advanced at launch."""
         now = time.time()
         for seq, num_new, out in zip(batch.seqs, batch.num_new_tokens, step_outputs):
             if seq.is_finished:  # its request failed earlier in this step (a sibling's error)
@@ -210,7 +245,8 @@ class LLMEngine:
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
                 metrics.time_in_queue = now - metrics.arrival_time
-            seq.num_computed_tokens += num_new
+            if not computed:
+                seq.num_computed_tokens += num_new
             self.block_manager.cache_computed_blocks(seq)
             if out.prompt_logprobs is not None and request.prompt_logprobs is not None and seq.index == 0:
                 request.prompt_logprobs.extend(out.prompt_logprobs)
@@ -221,6 +257,71 @@ class LLMEngine:
                 continue
             self._append(request, seq, out.token_id, out.logprob, out.top_logprobs, now)
         return self._collect_outputs()
+
+    # -- asynchronous scheduling ------------------------------------------------------------
+    #
+    # With `async_scheduling`, a decode step whose sequences need nothing from the host at
+    # sampling time is launched without waiting for its tokens; the next step() launches the
+    # following step with those tokens still on the device (each sequence holds a
+    # placeholder for its unknown token until the call reads it), then reads the first
+    # step's tokens and processes them while the device computes. Between calls a launched
+    # step's sequences count its token as computed (`num_computed_tokens` runs one ahead of
+    # what the host has read). Sequences that finished in the first step
+    # ride along in the second for nothing: their rows are dropped, and the blocks they free
+    # are reused only by work queued after it. Anything else (a waiting request that could be
+    # admitted, prefill, guided decoding, penalties, logprobs, logits processors, a held KV
+    # handoff, a full pool) ends the chain: the launched step is finished and the next step()
+    # schedules normally.
+
+    def _overlappable(self, batch: ScheduledBatch) -> bool:
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            p = seq.params
+            if n != 1 or seq.num_computed_tokens + 1 != seq.num_tokens:
+                return False
+            if (p.guided_decoding is not None or p.logits_processors or p.logprobs is not None
+                    or p.prompt_logprobs is not None or p.presence_penalty or p.frequency_penalty
+                    or p.repetition_penalty != 1.0 or self.requests[seq.request_id].hold_kv):
+                return False
+        return True
+
+    def _launch(self, batch: ScheduledBatch, input_ids) -> _Inflight:
+        ids = self.runner.launch_decode(batch, input_ids)
+        for seq in batch.seqs:
+            seq.num_computed_tokens += 1  # the device computes it in stream order
+        host = ids
+        event = None
+        if ids.is_cuda:
+            host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+            host.copy_(ids, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        return _Inflight(batch, ids, host, event)
+
+    def _launch_next(self, done: _Inflight) -> _Inflight | None:
+        """The step after `done`, launched before `done`'s tokens are read; None if it can't."""
+        sched = self.scheduler
+        keep = [i for i, seq in enumerate(done.batch.seqs) if not seq.is_finished]
+        seqs = [done.batch.seqs[i] for i in keep]
+        if not seqs or len(seqs) != len(sched.running) or (sched.waiting and len(sched.running) < sched.max_num_seqs):
+            return None
+        for seq in seqs:
+            seq.token_ids.append(PLACEHOLDER)
+        if not self.block_manager.can_allocate_all(seqs, 1):
+            for seq in seqs:
+                seq.token_ids.pop()
+            return None
+        for seq in seqs:
+            self.block_manager.allocate(seq, 1)
+        index = done.ids if len(keep) == len(done.batch.seqs) else done.ids[torch.tensor(keep, device=done.ids.device)]
+        return self._launch(ScheduledBatch(seqs, [1] * len(seqs)), index)
+
+    def _finish_launched(self, done: _Inflight) -> list[RequestOutput]:
+        if done.event is not None:
+            done.event.synchronize()
+        token_ids = done.host.tolist()
+        for seq in done.batch.seqs:
+            _drop_placeholder(seq)  # the token it stood for is appended below
+        return self._process(done.batch, [StepOutput(token_id=t) for t in token_ids], computed=True)
 
     def _append(self, request: _Request, seq: Sequence, token_id: int, logprob, top_logprobs, now: float) -> None:
         try:

@@ -148,6 +148,24 @@ class ModelRunner:
             self._sample(self.model.compute_logits(rows), batch.seqs, inputs.sample_seqs, outputs)
         return outputs
 
+    @torch.inference_mode()
+    def launch_decode(self, batch: ScheduledBatch, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Queue a decode-only step (one token per sequence, every one sampled) and return its
+        token ids on the device without waiting for them. `input_ids` [N] on the device
+        replace the tokens the sequences hold (placeholders, under asynchronous scheduling).
+        The sequences must need nothing from the host at sampling time (see
+        `LLMEngine._overlappable`)."""
+        if self.graphs is not None and self.graphs.can_run(batch):
+            logits = self.graphs.run(batch.seqs, input_ids)
+        else:
+            inputs = prepare(batch, self.config.block_size, self.device)
+            if input_ids is not None:
+                inputs.input_ids.copy_(input_ids)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv, inputs.meta, self.backend)
+            rows = hidden if inputs.sample_rows is None else hidden[inputs.sample_rows]
+            logits = self.model.compute_logits(rows)
+        return self.sampler.sample_ids(logits, batch.seqs)
+
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], which: list[int],
                 outputs: list[StepOutput]) -> None:
         """Sample one token for each of `seqs[i] for i in which` (logits row j is `which[j]`)."""

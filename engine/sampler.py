@@ -40,22 +40,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         """logits [N, V] (any float dtype), one row per sequence -> one token per row."""
-        logits = logits.float()
         want_logprobs = [s.params.logprobs is not None for s in seqs]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
-
-        errors: dict[int, str] = {}
-        for transform in self.transforms:
-            errors.update(transform(logits, seqs))
-        self._mask_stop_tokens(logits, seqs)
-        apply_penalties(logits, seqs)
-
-        flags = [s.params.greedy for s in seqs]
-        token_ids = logits.argmax(dim=-1)
-        if not all(flags):  # decided on the host: no device sync before the one below
-            sampled = self._sample(logits, seqs)
-            token_ids = torch.where(_to_device(flags, torch.bool, logits.device), token_ids, sampled)
-
+        token_ids, raw_logprobs, errors = self._choose(logits, seqs, any(want_logprobs))
         result_ids = token_ids.tolist()
         logprobs: list[float | None] = [None] * len(seqs)
         tops: list[dict[int, float] | None] = [None] * len(seqs)
@@ -73,6 +59,28 @@ class Sampler:
                 logprobs[i] = chosen[j]
                 tops[i] = entry
         return SampleResult(result_ids, logprobs, tops, errors)
+
+    def sample_ids(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """The chosen token ids [N] on the logits' device, without waiting for them (no
+        logprobs; transforms that report errors need `__call__`)."""
+        return self._choose(logits, seqs, False)[0]
+
+    def _choose(self, logits: torch.Tensor, seqs: list[Sequence], logprobs: bool):
+        """(token ids on the device, raw log-probabilities if asked, row -> error)."""
+        logits = logits.float()
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if logprobs else None
+        errors: dict[int, str] = {}
+        for transform in self.transforms:
+            errors.update(transform(logits, seqs))
+        self._mask_stop_tokens(logits, seqs)
+        apply_penalties(logits, seqs)
+
+        flags = [s.params.greedy for s in seqs]
+        token_ids = logits.argmax(dim=-1)
+        if not all(flags):  # decided on the host: no device sync before the caller's read
+            sampled = self._sample(logits, seqs)
+            token_ids = torch.where(_to_device(flags, torch.bool, logits.device), token_ids, sampled)
+        return token_ids, raw_logprobs, errors
 
     def _mask_stop_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         for i, seq in enumerate(seqs):

@@ -114,8 +114,9 @@ def test_bad_requests_leave_no_kv_behind(disaggregated):
     httpx.post(f"{disaggregated.url}/v1/completions", timeout=30,
                json={"model": M, "prompt": "hi", "guided_regex": "(bad"})
     for worker in disaggregated.workers():
+        # 30 s: the whole suite on 2 loaded cores once took more than 10 s here.
         wait_until(lambda w=worker: disaggregated.metric("baton:kv_cache_usage_perc", w.name) == 0.0,
-                   what=f"KV usage 0 on {worker.name}")
+                   timeout=30.0, what=f"KV usage 0 on {worker.name}")
 
 
 def test_api_key_is_required_on_v1(colocated):
