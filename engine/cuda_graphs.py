@@ -147,6 +147,7 @@ class DecodeGraphs:
         longs[0, :n] = ids
         longs[1, :n] = positions
         longs[2, :n] = slots
+        longs[:2, n:size] = 0  # padding rows: token 0 (never a placeholder left from earlier)
         longs[2, n:size] = -1
         lens[n:size] = 0
         return size
