@@ -174,8 +174,9 @@ def bench_prefill(engine: LLMEngine, lengths: list[int], rng) -> dict:
     return results
 
 
-def bench_offline(engine: LLMEngine, requests) -> dict:
-    """All requests at once through `LLMEngine.step`; per-step host costs at large batches."""
+def bench_offline(engine: LLMEngine, requests, instrument: bool = True) -> dict:
+    """All requests at once through `LLMEngine.step`; per-step host costs at large batches
+    (`instrument`: not under asynchronous scheduling, whose launched steps skip the scheduler)."""
     sched, execute = engine.scheduler.schedule, engine.runner.execute
     steps: list[dict] = []
 
@@ -191,7 +192,8 @@ def bench_offline(engine: LLMEngine, requests) -> dict:
         steps[-1]["execute"] = time.perf_counter() - t
         return out
 
-    engine.scheduler.schedule, engine.runner.execute = timed_schedule, timed_execute
+    if instrument:
+        engine.scheduler.schedule, engine.runner.execute = timed_schedule, timed_execute
     engine.stream_outputs = False  # as LLM.generate runs it: only final outputs are built
     start = time.perf_counter()
     for i, (prompt, n_out) in enumerate(requests):
@@ -202,9 +204,11 @@ def bench_offline(engine: LLMEngine, requests) -> dict:
         for out in engine.step():
             if out.finished:
                 got += len(out.outputs[0].token_ids)
-        steps[-1]["step"] = time.perf_counter() - t
+        if instrument:
+            steps[-1]["step"] = time.perf_counter() - t
     elapsed = time.perf_counter() - start
-    del engine.scheduler.schedule, engine.runner.execute
+    if instrument:
+        del engine.scheduler.schedule, engine.runner.execute
     engine.stream_outputs = True
     want = sum(o for _, o in requests)
     if got != want:
@@ -262,6 +266,8 @@ def main() -> None:
     ap.add_argument("--hf-requests", type=int, default=128, help="0 skips the transformers baseline")
     ap.add_argument("--hf-batch", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--offline-async-scheduling", action="store_true",
+                    help="run the offline workload a second time with asynchronous scheduling")
     args = ap.parse_args()
     from baton.engine.tiny_model import ensure_tiny_model
 
@@ -302,6 +308,12 @@ def main() -> None:
     result["offline_output_tok_s"] = result["offline"]["output_tok_s"]
     result["offline_total_tok_s"] = result["offline"]["total_tok_s"]
     print(f"offline: {result['offline']}", flush=True)
+    if args.offline_async_scheduling:
+        sync_config = engine.config
+        engine.config = dataclasses.replace(sync_config, async_scheduling=True)
+        result["offline_async_scheduling"] = bench_offline(engine, requests, instrument=False)
+        engine.config = sync_config
+        print(f"offline, async scheduling: {result['offline_async_scheduling']}", flush=True)
     if args.hf_requests:
         subset = requests[: args.hf_requests]
         result["offline_same_subset_as_hf"] = bench_offline(engine, subset)
