@@ -169,3 +169,40 @@ async def test_async_engine_streams_and_aborts_with_overlapped_steps(tiny_dir):
         finally:
             await eng.shutdown()
     assert results[True] == results[False]
+
+
+def test_prefilled_requests_continue_under_async_scheduling(tiny_dir):
+    """A decode engine with asynchronous scheduling continues requests whose prompt KV was
+    copied in from a prefill engine, exactly as one engine generates them."""
+    prompts = [f"Handoff number {i} goes " * (i + 1) for i in range(3)]
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    want = run(make(tiny_dir, False), [(p, greedy) for p in prompts])
+    prefill = make(tiny_dir, False)
+    decode = make(tiny_dir, True)
+    for i, prompt in enumerate(prompts):
+        prefill.add_request(f"p{i}", prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True), hold_kv=True)
+    firsts = {}
+    while prefill.has_unfinished_requests():
+        for out in prefill.step():
+            firsts[out.request_id] = out
+    for i in range(len(prompts)):
+        out = firsts[f"p{i}"]
+        src = prefill.held_blocks(f"p{i}")
+        dst = decode.reserve_blocks(len(out.prompt_token_ids))
+        decode.runner.kv[dst] = prefill.runner.kv[src]
+        prefill.release_held(f"p{i}")
+        decode.add_prefilled_request(f"r{i}", out.prompt_token_ids, greedy, dst, out.outputs[0].token_ids[0])
+    got = {}
+    while decode.has_unfinished_requests():
+        for out in decode.step():
+            if out.finished:
+                got[out.request_id] = out.outputs[0].token_ids
+    assert got == {rid: v[0] for rid, v in want.items()}
+    assert decode.stats().kv_cache_usage == 0.0
+
+
+def test_the_model_length_limit_ends_requests_as_before(tiny_dir):
+    reqs = [(f"Long {i} " * 6, SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)) for i in range(3)]
+    want = run(make(tiny_dir, False, max_model_len=96), reqs)
+    assert all(v[1] == "length" for v in want.values())
+    assert run(make(tiny_dir, True, max_model_len=96), reqs) == want
