@@ -1,7 +1,7 @@
 """`baton up`: the router and its workers as local processes, on one machine.
 
 Starts the workers (prefill and decode, or colocated) and the router, waits until the
-router sees every role healthy (`GET /ready`), prints the URL and a ready-to-paste `curl`,
+router sees every worker healthy (`GET /ready`), prints the URL and a ready-to-paste `curl`,
 and on Ctrl-C (or SIGTERM) stops the router first, then the workers, each with SIGTERM
 (they finish what they serve) and SIGKILL after the grace period. Children die with
 `baton up` even if it is killed outright (Linux parent-death signal), so nothing is left
@@ -145,15 +145,17 @@ def start(child: Child, quiet: bool) -> None:
 
 
 def wait_ready(url: str, children: list[Child], timeout: float) -> str | None:
-    """None when the router reports every role healthy; otherwise why not."""
+    """None when the router reports every worker it was given healthy (its `/ready` needs
+    only one per role); otherwise why not."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for child in children:
             if child.proc.poll() is not None:
                 return f"{child.name} exited with status {child.proc.returncode}"
-        with contextlib.suppress(urllib.error.URLError, OSError, ValueError):
+        with contextlib.suppress(urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
             with urllib.request.urlopen(f"{url}/ready", timeout=2) as response:
-                if json.load(response).get("ready"):
+                body = json.load(response)
+                if body.get("ready") and all(w["healthy"] == w["total"] for w in body["workers"].values()):
                     return None
         time.sleep(0.25)
     return f"not ready after {timeout:.0f}s"
