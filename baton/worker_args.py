@@ -13,8 +13,9 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
+from baton.kvtransfer.config import UCX_PROGRESS_MODES
+
 TRANSPORTS = ("grpc", "ucx")
-UCX_PROGRESS_MODES = ("thread", "thread-polling", "polling", "blocking")
 
 # flag dest -> EngineArgs field (same name unless noted)
 _ENGINE_FIELDS = (
@@ -108,7 +109,7 @@ def build_parser(prog: str, role: str) -> argparse.ArgumentParser:
     kv.add_argument("--kv-port", type=int, default=50052, help="UCX listener port (decode workers)")
     kv.add_argument("--ucx-progress-mode", default=None, choices=list(UCX_PROGRESS_MODES),
                     help="UCXX progress mode with --kv-transfer ucx (default: $UCXPY_PROGRESS_MODE or thread; "
-                         "thread-polling is fastest on GPU hosts but spins a core)")
+                         "polling and thread-polling are fastest on GPU hosts, thread-polling spins a core)")
     kv.add_argument("--advertise-host", default=None,
                     help="address prefill workers use to reach this worker (default: $POD_IP or the bind address)")
     if role == "decode":

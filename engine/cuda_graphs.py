@@ -105,12 +105,7 @@ class DecodeGraphs:
 
     def can_run(self, batch: ScheduledBatch) -> bool:
         """A decode-only step that fits a captured size and samples every sequence."""
-        if not self.graphs or len(batch.seqs) > self.max_size:
-            return False
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            if n != 1 or seq.num_computed_tokens + 1 != seq.num_tokens:
-                return False
-        return True
+        return bool(self.graphs) and len(batch.seqs) <= self.max_size and batch.decode_only
 
     def run(self, seqs: list[Sequence], input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [len(seqs), vocab] of the next token of each sequence (a view: use it now).

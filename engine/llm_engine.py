@@ -274,13 +274,12 @@ class LLMEngine:
     # schedules normally.
 
     def _overlappable(self, batch: ScheduledBatch) -> bool:
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        if not batch.decode_only:
+            return False
+        for seq in batch.seqs:
             p = seq.params
-            if n != 1 or seq.num_computed_tokens + 1 != seq.num_tokens:
-                return False
             if (p.guided_decoding is not None or p.logits_processors or p.logprobs is not None
-                    or p.prompt_logprobs is not None or p.presence_penalty or p.frequency_penalty
-                    or p.repetition_penalty != 1.0 or self.requests[seq.request_id].hold_kv):
+                    or p.prompt_logprobs is not None or p.has_penalties or self.requests[seq.request_id].hold_kv):
                 return False
         return True
 

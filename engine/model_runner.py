@@ -131,8 +131,7 @@ class ModelRunner:
             self._sample(logits, batch.seqs, list(range(len(batch.seqs))), outputs)
             return outputs
 
-        inputs = prepare(batch, self.config.block_size, self.device)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv, inputs.meta, self.backend)
+        inputs, hidden = self._forward(batch)
         if not sample:
             return outputs
 
@@ -144,8 +143,7 @@ class ModelRunner:
             outputs[i].prompt_logprobs = prompt_logprobs(logits, next_ids, seq.params.prompt_logprobs)
 
         if inputs.sample_seqs:
-            rows = hidden if inputs.sample_rows is None else hidden[inputs.sample_rows]
-            self._sample(self.model.compute_logits(rows), batch.seqs, inputs.sample_seqs, outputs)
+            self._sample(self._sampled_logits(inputs, hidden), batch.seqs, inputs.sample_seqs, outputs)
         return outputs
 
     @torch.inference_mode()
@@ -158,13 +156,20 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(batch):
             logits = self.graphs.run(batch.seqs, input_ids)
         else:
-            inputs = prepare(batch, self.config.block_size, self.device)
-            if input_ids is not None:
-                inputs.input_ids.copy_(input_ids)
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv, inputs.meta, self.backend)
-            rows = hidden if inputs.sample_rows is None else hidden[inputs.sample_rows]
-            logits = self.model.compute_logits(rows)
+            logits = self._sampled_logits(*self._forward(batch, input_ids))
         return self.sampler.sample_ids(logits, batch.seqs)
+
+    def _forward(self, batch: ScheduledBatch, input_ids: torch.Tensor | None = None):
+        """(the step's inputs, hidden states of every token) of an eager step; `input_ids` on
+        the device replace the tokens the host prepared."""
+        inputs = prepare(batch, self.config.block_size, self.device)
+        if input_ids is not None:
+            inputs.input_ids.copy_(input_ids)
+        return inputs, self.model(inputs.input_ids, inputs.positions, self.kv, inputs.meta, self.backend)
+
+    def _sampled_logits(self, inputs, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of the rows the step samples from."""
+        return self.model.compute_logits(hidden if inputs.sample_rows is None else hidden[inputs.sample_rows])
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], which: list[int],
                 outputs: list[StepOutput]) -> None:

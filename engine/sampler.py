@@ -189,7 +189,7 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     seen_ids: list[int] = []
     for i, seq in enumerate(seqs):
         p = seq.params
-        if p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0:
+        if not p.has_penalties:
             continue
         j = len(rows)
         rows.append(i)

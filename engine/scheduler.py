@@ -25,6 +25,12 @@ class ScheduledBatch:
     preempted: list[Sequence] = field(default_factory=list)
 
     @property
+    def decode_only(self) -> bool:
+        """Every sequence computes exactly its one newest token (and so is sampled)."""
+        return all(n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens
+                   for seq, n in zip(self.seqs, self.num_new_tokens))
+
+    @property
     def total_tokens(self) -> int:
         return sum(self.num_new_tokens)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+UCX_PROGRESS_MODES = ("thread", "thread-polling", "polling", "blocking")
+
 
 @dataclass(frozen=True)
 class TransferConfig:
@@ -38,7 +40,7 @@ class TransferConfig:
         for name in ("window_chunks", "max_direct_messages", "max_endpoints_per_peer", "copy_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.ucx_progress_mode not in (None, "thread", "thread-polling", "polling", "blocking"):
+        if self.ucx_progress_mode not in (None, *UCX_PROGRESS_MODES):
             raise ValueError(f"unknown ucx_progress_mode {self.ucx_progress_mode!r}")
         if self.max_message_bytes < 0:
             raise ValueError(f"max_message_bytes must be >= 0, got {self.max_message_bytes}")
