@@ -12,6 +12,7 @@ with PDL on and off (graphs recaptured), batch-1 time per output token through
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
@@ -28,7 +29,7 @@ from engine_workload import LLAMA31_8B, decode_floor_s, write_random_checkpoint 
 from baton.engine.config import EngineArgs  # noqa: E402
 from baton.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from baton.engine.llm_engine import LLMEngine  # noqa: E402
-from baton.engine.models import pdl  # noqa: E402
+from baton.engine.models import pdl, skinny_gemm  # noqa: E402
 from engine import bench_batch1, gpu_time, machine, release, synthetic_seqs  # noqa: E402
 
 
@@ -94,6 +95,8 @@ def main() -> None:
     ap.add_argument("--out", default="decode-profile.json")
     ap.add_argument("--model-dir", default="/tmp/llama31-8b-random")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--prefetch-mb", type=float, nargs="+", default=[0, 4, 8, 16],
+                    help="weight bytes per product prefetched into L2 before the PDL wait (PDL on)")
     args = ap.parse_args()
     from baton.engine.tiny_model import ensure_tiny_model
 
@@ -107,17 +110,31 @@ def main() -> None:
         gpu_memory_utilization=0.9))
     result["engine_start_s"] = time.perf_counter() - t
     result["pdl_enabled_at_start"] = pdl.enabled()
+    result["few_row_matmul_tuning"] = dict(skinny_gemm.REPORT)
     engine.runner.kv.normal_()
     result["batch1_tpot_ms"] = {}
     result["graph"] = {}
-    for key, on in (("no_pdl", False), ("pdl", True)):  # the default build last
+    default_prefetch = skinny_gemm.PREFETCH_BYTES
+    variants = [("no_pdl", False, 0)] + [(f"pdl_prefetch_{mb:g}mb", True, int(mb * 2**20)) for mb in args.prefetch_mb]
+    for key, on, prefetch in variants:
         pdl.ENABLED = on
+        skinny_gemm.PREFETCH_BYTES = prefetch
         recapture(engine)
         result["graph"][key] = graph_times(engine, args.batches, 1024, rng)
         result["batch1_tpot_ms"][key] = bench_batch1(engine, rng, new_tokens=128)["tpot_ms"]
         print(key, result["batch1_tpot_ms"][key], result["graph"][key], flush=True)
-    result["profile_b1"] = kernel_breakdown(engine, 1, 1024, rng)
-    result["profile_b64"] = kernel_breakdown(engine, max(args.batches), 1024, rng)
+        if key == "no_pdl":  # kernel times without PDL's overlap: each kernel's own duration
+            result["profile_b1"] = kernel_breakdown(engine, 1, 1024, rng)
+            result["profile_b64"] = kernel_breakdown(engine, max(args.batches), 1024, rng)
+    pdl.ENABLED = True
+    skinny_gemm.PREFETCH_BYTES = default_prefetch
+    recapture(engine)
+    sync_config = engine.config
+    engine.config = dataclasses.replace(sync_config, async_scheduling=True)
+    result["batch1_tpot_ms"]["default_async_scheduling"] = bench_batch1(engine, rng, new_tokens=128)["tpot_ms"]
+    engine.config = sync_config
+    result["batch1_tpot_ms"]["default"] = bench_batch1(engine, rng, new_tokens=128)["tpot_ms"]
+    print(result["batch1_tpot_ms"], flush=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if not k.startswith("profile")}, indent=1))
     for k in ("profile_b1", "profile_b64"):

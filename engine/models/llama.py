@@ -211,6 +211,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and _fused["enabled"] and x.shape[0] <= 64:  # few rows: SiLU in the product
+            from baton.engine.models import skinny_gemm
+
+            act = skinny_gemm.silu_linear(self.gate_up_proj, x)
+            if act is not None:
+                return _linear(self.down_proj, act)
         gate_up = _linear(self.gate_up_proj, x)
         ops = _fused_ops(gate_up)
         if ops is not None:

@@ -64,6 +64,22 @@ def test_few_row_matmul(dtype, rows, n, k, bias):
         assert rel_err(skinny_gemm.skinny_mm(x, w, b, config), want) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,k,bias", [(1, 64, False), (5, 96, True), (33, 300, False)])
+def test_few_row_matmul_with_silu(dtype, rows, k, bias):
+    """SiLU(gate) * up of the fused gate/up projection, in the product's kernel."""
+    import torch.nn.functional as F
+
+    inter = 40
+    x, w = torch.randn(rows, k).to(dtype), torch.randn(2 * inter, k).to(dtype)
+    b = torch.randn(2 * inter).to(dtype) if bias else None
+    gate, up = F.linear(x.double(), w.double(), None if b is None else b.double()).chunk(2, dim=-1)
+    for config in [(32, 32, 4, 1), (64, 128, 4, 2)]:
+        act = skinny_gemm.skinny_mm(x, w, b, config, silu=True)
+        assert act.shape == (rows, inter)
+        assert rel_err(act, F.silu(gate) * up) < 3 * TOLERANCE[dtype]
+
+
 def test_fused_ops_equal_the_torch_code():
     import torch.nn.functional as F
 

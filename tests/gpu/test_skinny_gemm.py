@@ -41,3 +41,21 @@ def test_tuned_linear_equals_the_layer():
         x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)
         got, want = skinny_gemm.linear(layer, x), layer(x)
         assert ((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
+
+
+@pytest.mark.parametrize("rows", [1, 7, 33, 64])
+def test_silu_fused_into_every_config(rows):
+    """SiLU(gate) * up in the product's kernel equals the product then F.silu(gate) * up."""
+    from baton.engine.models.skinny_gemm import CONFIGS, fits, m_pad, skinny_mm
+
+    k, inter = 4096, 1024
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(2 * inter, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    gate, up = F.linear(x, w).chunk(2, dim=-1)
+    want = (F.silu(gate) * up).float()
+    configs = [c for c in CONFIGS if fits(c, m_pad(rows)) and c[0] >= 32]
+    assert len(configs) >= 4
+    for config in configs:
+        act = skinny_mm(x, w, None, config, silu=True)
+        assert act.shape == (rows, inter) and act.dtype == torch.bfloat16
+        assert ((act.float() - want).norm() / want.norm()) < 1e-2, config
