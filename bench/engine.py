@@ -132,6 +132,30 @@ def bench_decode(engine: LLMEngine, batches: list[int], context: int, rng) -> di
     return results
 
 
+def bench_decode_engine(engine: LLMEngine, batches: list[int], context: int, rng, steps: int = 24) -> dict:
+    """Decode step time through `LLMEngine.step` (the engine's own configuration: on CUDA,
+    asynchronous scheduling), `b` requests with `context - 1`-token prompts decoding
+    together: the median interval between step() returns once every prompt is prefilled."""
+    params = SamplingParams(max_tokens=steps + 2, **GREEDY)
+    results = {}
+    for b in batches:
+        for i in range(b):
+            prompt = rng.integers(0, LLAMA31_8B["vocab_size"], context - 1).tolist()
+            engine.add_request(f"dec{b}-{i}", {"prompt_token_ids": prompt}, params)
+        while any(not s.output_token_ids for r in engine.requests.values() for s in r.seqs):  # prefill (chunked)
+            engine.step()
+        stamps = []
+        while engine.has_unfinished_requests():
+            engine.step()
+            stamps.append(time.perf_counter())
+        intervals = np.diff(stamps[: steps - 2])  # full-batch steps only (the last ones drain)
+        step = float(np.median(intervals))
+        results[b] = {"step_ms": 1e3 * step, "floor_ms": 1e3 * decode_floor_s(LLAMA31_8B, b, context)}
+        results[b]["ratio"] = results[b]["floor_ms"] / results[b]["step_ms"]
+        print(f"engine decode b={b}: {results[b]}", flush=True)
+    return results
+
+
 def bench_unfused_and_eager(engine: LLMEngine, rng, context: int) -> dict:
     """What the fused kernels and the CUDA graphs buy: the same steps without them."""
     from baton.engine.cuda_graphs import DecodeGraphs
@@ -174,9 +198,10 @@ def bench_prefill(engine: LLMEngine, lengths: list[int], rng) -> dict:
     return results
 
 
-def bench_offline(engine: LLMEngine, requests, instrument: bool = True) -> dict:
+def bench_offline(engine: LLMEngine, requests) -> dict:
     """All requests at once through `LLMEngine.step`; per-step host costs at large batches
-    (`instrument`: not under asynchronous scheduling, whose launched steps skip the scheduler)."""
+    when scheduling is synchronous (asynchronously launched steps skip the scheduler)."""
+    instrument = not engine.config.async_scheduling
     sched, execute = engine.scheduler.schedule, engine.runner.execute
     steps: list[dict] = []
 
@@ -266,8 +291,8 @@ def main() -> None:
     ap.add_argument("--hf-requests", type=int, default=128, help="0 skips the transformers baseline")
     ap.add_argument("--hf-batch", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    ap.add_argument("--offline-async-scheduling", action="store_true",
-                    help="run the offline workload a second time with asynchronous scheduling")
+    ap.add_argument("--offline-sync-scheduling", action="store_true",
+                    help="run the offline workload a second time without asynchronous scheduling")
     args = ap.parse_args()
     from baton.engine.tiny_model import ensure_tiny_model
 
@@ -289,16 +314,19 @@ def main() -> None:
     result["kv_blocks"] = engine.runner.num_blocks
     engine.runner.kv.normal_()  # never time on zeros
 
+    result["async_scheduling"] = engine.config.async_scheduling
     result["batch1"] = bench_batch1(engine, rng)
     result["decode_tpot_ms_batch1"] = result["batch1"]["tpot_ms"]
     print(f"batch-1 TPOT {result['decode_tpot_ms_batch1']:.3f} ms", flush=True)
-    sync_config = engine.config  # the same step with asynchronous scheduling (read per step)
-    engine.config = dataclasses.replace(sync_config, async_scheduling=True)
-    result["batch1_async_scheduling"] = bench_batch1(engine, rng)
-    engine.config = sync_config
-    print(f"batch-1 TPOT, async scheduling {result['batch1_async_scheduling']['tpot_ms']:.3f} ms", flush=True)
-    result["decode"] = {str(b): v for b, v in bench_decode(engine, [1, 8, 32, 64, 128, 256], 1024, rng).items()}
+    default_config = engine.config  # the same steps without asynchronous scheduling (read per step)
+    engine.config = dataclasses.replace(default_config, async_scheduling=False)
+    result["batch1_sync_scheduling"] = bench_batch1(engine, rng)
+    engine.config = default_config
+    print(f"batch-1 TPOT, synchronous scheduling {result['batch1_sync_scheduling']['tpot_ms']:.3f} ms", flush=True)
+    batches = [1, 8, 32, 64, 128, 256]
+    result["decode"] = {str(b): v for b, v in bench_decode_engine(engine, batches, 1024, rng).items()}
     result["decode_roofline_ratio"] = {b: v["ratio"] for b, v in result["decode"].items() if b != "1"}
+    result["decode_parts"] = {str(b): v for b, v in bench_decode(engine, batches, 1024, rng).items()}
     result["what_fusion_and_graphs_buy"] = bench_unfused_and_eager(engine, rng, 1024)
     result["prefill"] = {str(n): v for n, v in bench_prefill(engine, [512, 2048, 8192], rng).items()}
     result["prefill_mfu"] = {n: v["mfu"] for n, v in result["prefill"].items()}
@@ -308,12 +336,11 @@ def main() -> None:
     result["offline_output_tok_s"] = result["offline"]["output_tok_s"]
     result["offline_total_tok_s"] = result["offline"]["total_tok_s"]
     print(f"offline: {result['offline']}", flush=True)
-    if args.offline_async_scheduling:
-        sync_config = engine.config
-        engine.config = dataclasses.replace(sync_config, async_scheduling=True)
-        result["offline_async_scheduling"] = bench_offline(engine, requests, instrument=False)
-        engine.config = sync_config
-        print(f"offline, async scheduling: {result['offline_async_scheduling']}", flush=True)
+    if args.offline_sync_scheduling:
+        engine.config = dataclasses.replace(default_config, async_scheduling=False)
+        result["offline_sync_scheduling"] = bench_offline(engine, requests)
+        engine.config = default_config
+        print(f"offline, synchronous scheduling: {result['offline_sync_scheduling']}", flush=True)
     if args.hf_requests:
         subset = requests[: args.hf_requests]
         result["offline_same_subset_as_hf"] = bench_offline(engine, subset)

@@ -64,8 +64,9 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     attention_backend: str = "auto"
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
-    # Launch the next decode step before the host processes the previous one (llm_engine.py)
-    async_scheduling: bool = False
+    # Launch the next decode step before the host processes the previous one (llm_engine.py);
+    # None: on for CUDA, where the host's work then overlaps the GPU's, off on the CPU
+    async_scheduling: bool | None = None
     disable_log_stats: bool = True
 
     def create_engine_config(self) -> EngineConfig:
@@ -124,7 +125,7 @@ class EngineArgs:
             enable_chunked_prefill=self.enable_chunked_prefill,
             attention_backend=self.attention_backend,
             enforce_eager=self.enforce_eager,
-            async_scheduling=self.async_scheduling,
+            async_scheduling=device.type == "cuda" if self.async_scheduling is None else self.async_scheduling,
         )
 
     @classmethod

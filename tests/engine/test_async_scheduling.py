@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from baton.engine import EngineArgs, GuidedDecodingParams, LLMEngine, SamplingParams
 from baton.engine.llm_engine import PLACEHOLDER
@@ -206,3 +207,11 @@ def test_the_model_length_limit_ends_requests_as_before(tiny_dir):
     want = run(make(tiny_dir, False, max_model_len=96), reqs)
     assert all(v[1] == "length" for v in want.values())
     assert run(make(tiny_dir, True, max_model_len=96), reqs) == want
+
+
+def test_default_is_on_for_cuda_only(tiny_dir):
+    """Unset, asynchronous scheduling is on where the device runs apart from the host (CUDA)."""
+    assert EngineArgs(model=str(tiny_dir), device="cpu").create_engine_config().async_scheduling is False
+    assert EngineArgs(model=str(tiny_dir), device="cpu", async_scheduling=True).create_engine_config().async_scheduling
+    if torch.cuda.is_available():
+        assert EngineArgs(model=str(tiny_dir), device="cuda").create_engine_config().async_scheduling is True
