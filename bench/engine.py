@@ -135,21 +135,27 @@ def bench_decode(engine: LLMEngine, batches: list[int], context: int, rng) -> di
 def bench_decode_engine(engine: LLMEngine, batches: list[int], context: int, rng, steps: int = 24) -> dict:
     """Decode step time through `LLMEngine.step` (the engine's own configuration: on CUDA,
     asynchronous scheduling), `b` requests with `context - 1`-token prompts decoding
-    together: the median interval between step() returns once every prompt is prefilled."""
-    params = SamplingParams(max_tokens=steps + 2, **GREEDY)
+    together: the median interval between step() returns once every prompt is prefilled.
+    Outputs are unbounded (prompts prefilled first would otherwise finish while the last
+    are prefilled, shrinking the batch); the requests are aborted after `steps` steps."""
+    params = SamplingParams(max_tokens=context, **GREEDY)
     results = {}
     for b in batches:
-        for i in range(b):
-            prompt = rng.integers(0, LLAMA31_8B["vocab_size"], context - 1).tolist()
-            engine.add_request(f"dec{b}-{i}", {"prompt_token_ids": prompt}, params)
+        ids = [f"dec{b}-{i}" for i in range(b)]
+        for rid in ids:
+            engine.add_request(rid, {"prompt_token_ids": rng.integers(0, LLAMA31_8B["vocab_size"], context - 1).tolist()},
+                               params)
         while any(not s.output_token_ids for r in engine.requests.values() for s in r.seqs):  # prefill (chunked)
             engine.step()
-        stamps = []
-        while engine.has_unfinished_requests():
+        stamps = [time.perf_counter()]
+        for _ in range(steps):
             engine.step()
             stamps.append(time.perf_counter())
-        intervals = np.diff(stamps[: steps - 2])  # full-batch steps only (the last ones drain)
-        step = float(np.median(intervals))
+        for rid in ids:
+            engine.abort_request(rid)
+        while engine.has_unfinished_requests():
+            engine.step()
+        step = float(np.median(np.diff(stamps[1:])))  # from the second step: the first may start the chain
         results[b] = {"step_ms": 1e3 * step, "floor_ms": 1e3 * decode_floor_s(LLAMA31_8B, b, context)}
         results[b]["ratio"] = results[b]["floor_ms"] / results[b]["step_ms"]
         print(f"engine decode b={b}: {results[b]}", flush=True)
