@@ -10,6 +10,7 @@ SiLU(gate) * up in the epilogue (silu). Decided which fusions skinny_gemm has
     python3 bench/fused_gemv_probe.py   # writes $OUT/fused_variants.json (default /tmp)
 """
 
+import datetime
 import itertools
 import json
 import os
@@ -103,7 +104,9 @@ def main() -> None:
         key = f"{n}x{k}/m{rows}/mode{mode}{'/silu' if silu else ''}"
         results[key] = best
         print(key, best, flush=True)
-    Path(os.environ.get("OUT", "/tmp"), "fused_variants.json").write_text(json.dumps(results, indent=1))
+    out = {"machine": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+           "command": "python3 bench/fused_gemv_probe.py", "us_per_product_and_best_config": results}
+    Path(os.environ.get("OUT", "/tmp"), "fused_variants.json").write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
