@@ -6,9 +6,8 @@ step's tokens of all sequences; attention finds each sequence's rows through
 each); Hugging Face checkpoint names are mapped onto the fused weights in `load_weights`.
 
 On CUDA (with Triton) three fused kernels replace chains of small ones: residual add +
-RMSNorm, rotary + KV store, SiLU * up (`triton_ops`); in decode steps (few rows) the last
-two run inside the Q/K/V and gate/up products' kernels (`skinny_gemm`). They compute what
-the torch code below computes; the CPU path runs the torch code. `set_fused_kernels(False)` turns them off (for
+RMSNorm, rotary + KV store, SiLU * up (`triton_ops`). They compute what the torch code below
+computes; the CPU path runs the torch code. `set_fused_kernels(False)` turns them off (for
 measuring what they buy).
 """
 
@@ -33,19 +32,13 @@ def set_fused_kernels(enabled: bool) -> None:
     _fused["enabled"] = enabled
 
 
-def _few_rows(x: torch.Tensor):
-    """The few-row product module (skinny_gemm) for a CUDA step of <= 64 rows, else None."""
+def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)`; on CUDA with few rows, through the measured-fastest kernel (skinny_gemm)."""
     if x.is_cuda and _fused["enabled"] and x.shape[0] <= 64:
         from baton.engine.models import skinny_gemm
 
-        return skinny_gemm
-    return None
-
-
-def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)`; on CUDA with few rows, through the measured-fastest kernel (skinny_gemm)."""
-    few = _few_rows(x)
-    return layer(x) if few is None else few.linear(layer, x)
+        return skinny_gemm.linear(layer, x)
+    return layer(x)
 
 
 def _fused_ops(x: torch.Tensor):
@@ -193,14 +186,8 @@ class Attention(nn.Module):
 
     def forward(self, x, positions, rotary: Rotary, kv: torch.Tensor, meta, backend: AttentionBackend):
         a = self.args
-        k_cache, v_cache = layer_view(kv, self.layer_idx)
-        few = _few_rows(x)
-        if few is not None:  # rotary and the KV store in the product's kernel
-            q = few.rope_linear(self.qkv_proj, x, positions, rotary.cos_sin, k_cache, v_cache, meta.slot_mapping,
-                                a.num_heads, a.num_kv_heads, a.head_dim)
-            if q is not None:
-                return _linear(self.o_proj, backend.attend(q, k_cache, v_cache, meta).reshape(-1, self.q_size))
         qkv = _linear(self.qkv_proj, x)
+        k_cache, v_cache = layer_view(kv, self.layer_idx)
         ops = _fused_ops(qkv)
         if ops is not None:
             q = ops.rope_store(qkv, positions, rotary.cos_sin, k_cache, v_cache, meta.slot_mapping,
@@ -224,9 +211,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        few = _few_rows(x)
-        if few is not None:  # SiLU * up in the product's kernel
-            act = few.silu_linear(self.gate_up_proj, x)
+        if x.is_cuda and _fused["enabled"] and x.shape[0] <= 64:  # few rows: SiLU in the product
+            from baton.engine.models import skinny_gemm
+
+            act = skinny_gemm.silu_linear(self.gate_up_proj, x)
             if act is not None:
                 return _linear(self.down_proj, act)
         gate_up = _linear(self.gate_up_proj, x)

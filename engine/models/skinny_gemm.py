@@ -41,7 +41,6 @@ _times: dict[tuple[int, int, int, torch.dtype], dict] = {}
 # The SiLU-fused variant replaces a separate ~2-3 us kernel: it is used when its
 # configuration is at most this much slower than cuBLAS without the fusion.
 FUSED_CREDIT_US = 2.0
-PLAIN, SILU, ROPE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)  # the kernel's epilogues
 REPORT: dict[str, dict] = {}  # "NxK/M_PAD" -> {"best": ..., "us": {candidate: microseconds}}, for benchmarks
 
 
@@ -57,55 +56,30 @@ def _prefetch_l2(ptr, nbytes):
 
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, prefetch_bytes,
-                   pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, stride_cs, stride_kb, stride_kt, stride_kh,
-                   stride_vb, stride_vt, stride_vh,
                    HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, EPILOGUE: tl.constexpr,
-                   NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr, USE_PDL: tl.constexpr):
+                   EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, SILU: tl.constexpr, USE_PDL: tl.constexpr):
     """out = x @ W.T (+ bias), each program `BLOCK_N` output columns over the whole K.
 
-    Two epilogues take a program's columns in two matching halves (two accumulators):
-    - SILU: W is the fused [gate; up] (N = 2 I); BLOCK_N / 2 gate rows and the matching up
-      rows; writes SiLU(gate) * up [M, I].
-    - ROPE: W is the fused Q/K/V projection; BLOCK_N / 2 columns of the first half of one
-      head and the matching ones of its second half. Rotates q (written to out) and k
-      (written to the paged cache at each row's slot, none where the slot is negative) as
-      `triton_ops.rope_store` does, and stores v in the cache.
-    Both replace a 2-3 us kernel of their own. (Work on x inside the loop does not pay: a
-    residual add there costs 1.5-5 us per product, an RMSNorm's sum of squares 12-80 us,
-    docs/architecture.md.)
+    SILU: W is the fused [gate; up] (N = 2 I); a program takes BLOCK_N / 2 gate rows and the
+    matching up rows and writes SiLU(gate) * up [M, I]: the activation costs no kernel of
+    its own. (Work on x inside the loop does not pay: a residual add there costs 1.5-5 us
+    per product, an RMSNorm's sum of squares 12-80 us, docs/architecture.md.)
     """
     pid = tl.program_id(0)
-    PAIRED: tl.constexpr = EPILOGUE != PLAIN
-    COLS: tl.constexpr = BLOCK_N // 2 if PAIRED else BLOCK_N
-    HALF: tl.constexpr = HEAD_DIM // 2
-    j = tl.arange(0, COLS)
-    if EPILOGUE == ROPE:  # head `h`, columns j0 + j of its first half and HALF + j0 + j
-        h = pid // (HALF // COLS)
-        j0 = (pid % (HALF // COLS)) * COLS
-        n0 = h * HEAD_DIM + j0
-        second = HALF
-        N_OUT = N
-    elif EPILOGUE == SILU:
-        n0 = pid * COLS
-        second = N // 2
-        N_OUT = N // 2
-    else:
-        n0 = pid * COLS
-        second = 0
-        N_OUT = N
+    COLS: tl.constexpr = BLOCK_N // 2 if SILU else BLOCK_N
+    N_OUT = N // 2 if SILU else N
+    n0 = pid * COLS
     if PREFETCH:
         # The weights do not depend on the previous kernel: start streaming this program's
         # first rows into L2 before waiting for it (with PDL this runs while it finishes).
         rows = tl.minimum(N_OUT - n0, COLS)
         nbytes = tl.minimum(rows * stride_wn * (w_ptr.dtype.element_ty.primitive_bitwidth // 8), prefetch_bytes)
-        if PAIRED:
+        if SILU:
             nbytes = nbytes // 2
-            _prefetch_l2(w_ptr + (n0 + second).to(tl.int64) * stride_wn, (nbytes // 16 * 16).to(tl.int32))
+            _prefetch_l2(w_ptr + (n0 + N_OUT).to(tl.int64) * stride_wn, (nbytes // 16 * 16).to(tl.int32))
         _prefetch_l2(w_ptr + n0.to(tl.int64) * stride_wn, (nbytes // 16 * 16).to(tl.int32))
     enter(USE_PDL)
-    n = n0 + j
+    n = n0 + tl.arange(0, COLS)
     m = tl.arange(0, M_PAD)
     k = tl.arange(0, BLOCK_K)
     n_mask = n < N_OUT
@@ -113,9 +87,9 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, 
     x_ptrs = x_ptr + m[:, None] * stride_xm + k[None, :]
     w_ptrs = w_ptr + n[:, None].to(tl.int64) * stride_wn + k[None, :]
     acc = tl.zeros([M_PAD, COLS], tl.float32)
-    if PAIRED:
-        w2_ptrs = w_ptrs + second * stride_wn
-        acc2 = tl.zeros([M_PAD, COLS], tl.float32)
+    if SILU:
+        up_ptrs = w_ptrs + N_OUT.to(tl.int64) * stride_wn
+        acc_up = tl.zeros([M_PAD, COLS], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             x_mask = m_mask[:, None]
@@ -126,46 +100,21 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, 
             w_mask = n_mask[:, None] & k_mask[None, :]
         xk = tl.load(x_ptrs, mask=x_mask, other=0.0)
         acc += tl.dot(xk, tl.trans(tl.load(w_ptrs, mask=w_mask, other=0.0)))
-        if PAIRED:
-            acc2 += tl.dot(xk, tl.trans(tl.load(w2_ptrs, mask=w_mask, other=0.0)))
-            w2_ptrs += BLOCK_K
+        if SILU:
+            acc_up += tl.dot(xk, tl.trans(tl.load(up_ptrs, mask=w_mask, other=0.0)))
+            up_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if PAIRED:
-            acc2 += tl.load(b_ptr + second + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    dtype = out_ptr.dtype.element_ty
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if EPILOGUE == SILU:  # as F.silu(gate) * up on the rounded products
-        g = acc.to(dtype).to(tl.float32)
-        act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
-        acc = act * acc2.to(dtype).to(tl.float32)
-    if EPILOGUE == ROPE:  # on the rounded products, in float32, as rope_store
-        x1 = acc.to(dtype).to(tl.float32)
-        x2 = acc2.to(dtype).to(tl.float32)
-        if h < NUM_HEADS + NUM_KV_HEADS:  # q or k: rotate
-            pos = tl.load(pos_ptr + m, mask=m_mask, other=0)
-            cs = cs_ptr + pos[:, None] * stride_cs + (j0 + j)[None, :]
-            cos = tl.load(cs, mask=out_mask, other=0.0)
-            sin = tl.load(cs + HALF, mask=out_mask, other=0.0)
-            x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-        if h < NUM_HEADS:
-            tl.store(out_ptr + m[:, None] * stride_om + n[None, :], x1.to(dtype), mask=out_mask)
-            tl.store(out_ptr + m[:, None] * stride_om + (n + HALF)[None, :], x2.to(dtype), mask=out_mask)
-        else:
-            slot = tl.load(slot_ptr + m, mask=m_mask, other=-1)
-            ok = out_mask & (slot >= 0)[:, None]
-            block = (slot // BLOCK_SIZE).to(tl.int64)
-            offset = slot % BLOCK_SIZE
-            if h < NUM_HEADS + NUM_KV_HEADS:
-                dst = kc_ptr + (block * stride_kb + offset * stride_kt + (h - NUM_HEADS) * stride_kh)[:, None]
-            else:
-                dst = vc_ptr + (block * stride_vb + offset * stride_vt + (h - NUM_HEADS - NUM_KV_HEADS) * stride_vh)[:, None]
-            tl.store(dst + (j0 + j)[None, :], x1.to(kc_ptr.dtype.element_ty), mask=ok)
-            tl.store(dst + (HALF + j0 + j)[None, :], x2.to(kc_ptr.dtype.element_ty), mask=ok)
-    else:
-        tl.store(out_ptr + m[:, None] * stride_om + n[None, :], acc.to(dtype), mask=out_mask)
+        if SILU:
+            acc_up += tl.load(b_ptr + N_OUT + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if SILU:  # as F.silu(gate) * up on the rounded products
+        g = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
+        acc = act * acc_up.to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + m[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
 
 
 def fits(config: tuple, rows_pad: int, element_bytes: int = 2, shared_bytes: int = 227 * 1024) -> bool:
@@ -179,47 +128,32 @@ def m_pad(rows: int) -> int:
 
 
 def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: tuple, *,
-              silu: bool = False, rope: tuple | None = None) -> torch.Tensor:
+              silu: bool = False) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS, contiguous rows) @ weight[N, K].T (+ bias) with one configuration.
 
     silu: weight is the fused [gate; up] and the result SiLU(gate) * up [M, N / 2].
-    rope = (positions, cos_sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
-    head_dim): weight is the fused Q/K/V projection; as `triton_ops.rope_store` after the
-    product, q is rotated and k, v go to the cache. Returns the [M, N] output, of which
-    only q's columns are written.
     """
     rows, k = x.shape
     n = weight.shape[0]
     block_n, block_k, warps, stages = config
+    cols = block_n // 2 if silu else block_n
     out = torch.empty((rows, n // 2 if silu else n), dtype=x.dtype, device=x.device)
-    grid = triton.cdiv(n, block_n)  # paired: BLOCK_N / 2 columns in each half
+    grid = triton.cdiv(out.shape[1], cols)
     launch = launch_kwargs()
     aligned = weight.data_ptr() % 16 == 0 and weight.stride(0) * weight.element_size() % 16 == 0  # bulk copies
     per_program = PREFETCH_BYTES // grid // 16 * 16 if launch["USE_PDL"] and aligned else 0
-    if rope is not None:
-        positions, cos_sin, k_cache, v_cache, slots, heads, kv_heads, head_dim = rope
-        if (head_dim // 2) % (block_n // 2) or heads * head_dim + 2 * kv_heads * head_dim != n:
-            raise ValueError(f"config {config} cannot rotate heads of {head_dim} in a [{n}, {k}] projection")
-        extra = (positions, cos_sin, slots, k_cache, v_cache, cos_sin.stride(0), *k_cache.stride()[:3],
-                 *v_cache.stride()[:3])
-        heads_kw = dict(NUM_HEADS=heads, NUM_KV_HEADS=kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1])
-    else:
-        extra = (x, x, x, x, x, 0, 0, 0, 0, 0, 0, 0)
-        heads_kw = dict(NUM_HEADS=1, NUM_KV_HEADS=1, HEAD_DIM=2, BLOCK_SIZE=1)
     _skinny_kernel[(grid,)](
         x, weight, bias if bias is not None else weight, out, rows, n, k, x.stride(0), weight.stride(0),
-        out.stride(0), per_program, *extra, HAS_BIAS=bias is not None, M_PAD=m_pad(rows), BLOCK_N=block_n,
-        BLOCK_K=block_k, EVEN_K=k % block_k == 0, PREFETCH=per_program > 0,
-        EPILOGUE=SILU if silu else ROPE if rope is not None else PLAIN, **heads_kw, num_warps=warps,
+        out.stride(0), per_program, HAS_BIAS=bias is not None, M_PAD=m_pad(rows), BLOCK_N=block_n,
+        BLOCK_K=block_k, EVEN_K=k % block_k == 0, PREFETCH=per_program > 0, SILU=silu, num_warps=warps,
         num_stages=stages, **launch,
     )
     return out
 
 
-def _config(layer: nn.Linear, x: torch.Tensor, credit_us: float = 0.0, accept=None) -> tuple | None:
-    """The fastest measured configuration for this product (among those `accept` takes), or
-    None where cuBLAS is faster by more than `credit_us` (what a fused variant saves: the
-    kernel it replaces)."""
+def _config(layer: nn.Linear, x: torch.Tensor, credit_us: float = 0.0, min_block_n: int = 0) -> tuple | None:
+    """The fastest measured configuration for this product, or None where cuBLAS is faster
+    by more than `credit_us` (what a fused variant saves: the kernel it replaces)."""
     rows = x.shape[0]
     w = layer.weight
     if rows == 0 or rows > MAX_ROWS or x.stride(-1) != 1:
@@ -227,7 +161,7 @@ def _config(layer: nn.Linear, x: torch.Tensor, credit_us: float = 0.0, accept=No
     times = _times.get((w.shape[0], w.shape[1], m_pad(rows), w.dtype))
     if times is None:
         return None
-    ours = [c for c in times if c != "cublas" and (accept is None or accept(c))]
+    ours = [c for c in times if c != "cublas" and c[0] >= min_block_n]
     if not ours:
         return None
     best = min(ours, key=times.get)
@@ -243,25 +177,8 @@ def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def silu_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
     """SiLU(gate) * up of the fused gate/up projection `layer(x)` in one kernel, or None where
     this shape has no fast configuration (the caller runs the product and the activation)."""
-    config = _config(layer, x, FUSED_CREDIT_US, accept=lambda c: c[0] >= 32)
+    config = _config(layer, x, FUSED_CREDIT_US, min_block_n=32)
     return None if config is None else skinny_mm(x, layer.weight, layer.bias, config, silu=True)
-
-
-def rope_linear(layer: nn.Linear, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int,
-                num_kv_heads: int, head_dim: int) -> torch.Tensor | None:
-    """The fused Q/K/V projection `layer(x)` followed by `triton_ops.rope_store`, in one
-    kernel: returns q [M, H, D] rotated, k and v stored in the cache. None where this shape
-    has no fast configuration (the caller runs the product and rope_store)."""
-    half = head_dim // 2
-    if head_dim % 2 or k_cache.dtype != v_cache.dtype or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        return None
-    config = _config(layer, x, FUSED_CREDIT_US, accept=lambda c: c[0] >= 32 and half % (c[0] // 2) == 0)
-    if config is None:
-        return None
-    rope = (positions, cos_sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, head_dim)
-    qkv = skinny_mm(x, layer.weight, layer.bias, config, rope=rope)
-    return qkv[:, : num_heads * head_dim].view(x.shape[0], num_heads, head_dim)
 
 
 def graph_time(fn, repeats: int = 5) -> float:

@@ -80,34 +80,6 @@ def test_few_row_matmul_with_silu(dtype, rows, k, bias):
         assert rel_err(act, F.silu(gate) * up) < 3 * TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("rows", [1, 5])
-def test_few_row_matmul_with_rope_and_kv_store(dtype, rows):
-    """Rotary embedding and the KV store in the Q/K/V product's kernel equal the product
-    followed by rope_store: q rotated, k and v in the cache, nothing stored for slot -1."""
-    from baton.engine.models.llama import LlamaArgs, Rotary
-
-    heads, kv_heads, head_dim, block_size, hidden = 4, 2, 64, 4, 96
-    cfg = {"hidden_size": hidden, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": heads,
-           "num_key_value_heads": kv_heads, "head_dim": head_dim, "vocab_size": 8, "max_position_embeddings": 64}
-    rotary = Rotary(LlamaArgs.from_hf(cfg))
-    rotary.build(torch.device("cpu"), 64)
-    x = torch.randn(rows, hidden).to(dtype)
-    w = (torch.randn((heads + 2 * kv_heads) * head_dim, hidden) / hidden**0.5).to(dtype)
-    positions = torch.tensor([3, 0, 63, 7, 10][:rows])
-    slots = torch.tensor([5, -1, 15, 9, 0][:rows])
-    want_pool = torch.zeros(4, 2, block_size, kv_heads, head_dim, dtype=dtype)
-    want_q = triton_ops.rope_store(torch.nn.functional.linear(x, w), positions, rotary.cos_sin, want_pool[:, 0],
-                                   want_pool[:, 1], slots, heads, kv_heads, head_dim)
-    for config in [(32, 32, 4, 1), (64, 32, 4, 2)]:
-        pool = torch.zeros_like(want_pool)
-        rope = (positions, rotary.cos_sin, pool[:, 0], pool[:, 1], slots, heads, kv_heads, head_dim)
-        q = skinny_gemm.skinny_mm(x, w, None, config, rope=rope)[:, : heads * head_dim].view(rows, heads, head_dim)
-        assert rel_err(q, want_q.double()) < 3 * TOLERANCE[dtype]
-        assert rel_err(pool, want_pool.double()) < 3 * TOLERANCE[dtype]
-        assert torch.equal(pool != 0, want_pool != 0)  # the same slots written, none for slot -1
-
-
 def test_fused_ops_equal_the_torch_code():
     import torch.nn.functional as F
 

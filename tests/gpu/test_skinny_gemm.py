@@ -59,36 +59,3 @@ def test_silu_fused_into_every_config(rows):
         act = skinny_mm(x, w, None, config, silu=True)
         assert act.shape == (rows, inter) and act.dtype == torch.bfloat16
         assert ((act.float() - want).norm() / want.norm()) < 1e-2, config
-
-
-@pytest.mark.parametrize("rows", [1, 7, 33, 64])
-def test_rope_and_kv_store_fused_into_every_config(rows):
-    """Rotary + KV store in the Q/K/V product's kernel equals the product then rope_store."""
-    from baton.engine.models.llama import LlamaArgs, Rotary
-    from baton.engine.models.skinny_gemm import CONFIGS, fits, m_pad, skinny_mm
-    from baton.engine.models.triton_ops import rope_store
-
-    heads, kv_heads, head_dim, block_size, hidden = 32, 8, 128, 16, 4096
-    cfg = {"hidden_size": hidden, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": heads,
-           "num_key_value_heads": kv_heads, "head_dim": head_dim, "vocab_size": 8, "max_position_embeddings": 4096,
-           "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192}}
-    rotary = Rotary(LlamaArgs.from_hf(cfg))
-    rotary.build(torch.device("cuda"), 4096)
-    x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn((heads + 2 * kv_heads) * head_dim, hidden, device="cuda", dtype=torch.bfloat16) / hidden**0.5
-    positions = torch.randint(0, 4096, (rows,), device="cuda")
-    slots = torch.randperm(64 * block_size, device="cuda")[:rows]
-    if rows > 1:
-        slots[rows // 2] = -1  # a padding row: stores nothing
-    want_pool = torch.zeros(64, 2, block_size, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    want_q = rope_store(F.linear(x, w), positions, rotary.cos_sin, want_pool[:, 0], want_pool[:, 1], slots, heads,
-                        kv_heads, head_dim).float()
-    configs = [c for c in CONFIGS if fits(c, m_pad(rows)) and c[0] >= 32 and 64 % (c[0] // 2) == 0]
-    assert len(configs) >= 4
-    for config in configs:
-        pool = torch.zeros_like(want_pool)
-        rope = (positions, rotary.cos_sin, pool[:, 0], pool[:, 1], slots, heads, kv_heads, head_dim)
-        q = skinny_mm(x, w, None, config, rope=rope)[:, : heads * head_dim].view(rows, heads, head_dim).float()
-        assert ((q - want_q).norm() / want_q.norm()) < 1e-2, config
-        assert ((pool.float() - want_pool.float()).norm() / want_pool.float().norm()) < 1e-2, config
-        assert torch.equal(pool != 0, want_pool != 0), config
