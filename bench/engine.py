@@ -4,9 +4,12 @@ offline throughput, and `transformers` on the same workload.
     python bench/engine.py --out bench/results/engine-h100.json --png bench/results/engine-h100.png
 
 Llama-3.1-8B-shaped model with random bf16 weights drawn on the GPU (`engine_workload.py`).
-Every figure is a wall-clock time of the engine's own code path (`LLMEngine.step` or
-`ModelRunner.execute`, which end with the host reading the sampled tokens), medians of
-repeated runs after warm-up; GPU-only graph replay times are reported beside them.
+Every figure is a wall-clock time of the engine's own code path, medians of repeated runs
+after warm-up: batch-1 TPOT, decode steps (`decode`) and the offline run through
+`LLMEngine.step` with the engine's defaults (on CUDA: asynchronous scheduling; the
+synchronous figures beside them), prefill through `ModelRunner.execute`. `decode_parts`
+splits a synchronous decode step: `ModelRunner.execute`, the graph replay on the GPU alone,
+input preparation and sampling on the host.
 """
 
 from __future__ import annotations
