@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import urllib.request
+
 import httpx
 import pytest
 from serving_harness import wait_until
@@ -115,8 +117,15 @@ def test_bad_requests_leave_no_kv_behind(disaggregated):
                json={"model": M, "prompt": "hi", "guided_regex": "(bad"})
     for worker in disaggregated.workers():
         # 30 s: the whole suite on 2 loaded cores once took more than 10 s here.
-        wait_until(lambda w=worker: disaggregated.metric("baton:kv_cache_usage_perc", w.name) == 0.0,
-                   timeout=30.0, what=f"KV usage 0 on {worker.name}")
+        try:
+            wait_until(lambda w=worker: disaggregated.metric("baton:kv_cache_usage_perc", w.name) == 0.0,
+                       timeout=30.0, what=f"KV usage 0 on {worker.name}")
+        except AssertionError:  # what the worker holds, and the deployment's last log lines
+            with urllib.request.urlopen(worker.metrics_url, timeout=5) as response:
+                gauges = [x for x in response.read().decode().splitlines() if x.startswith("baton:") and "_bucket" not in x]
+            log = [x for x in disaggregated.output if "cygrpc" not in x]
+            print("metrics of", worker.name, *gauges, "deployment output:", *log[-300:], sep="\n")
+            raise
 
 
 def test_api_key_is_required_on_v1(colocated):
