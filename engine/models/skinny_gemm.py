@@ -62,7 +62,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, 
 
     SILU: W is the fused [gate; up] (N = 2 I); a program takes BLOCK_N / 2 gate rows and the
     matching up rows and writes SiLU(gate) * up [M, I]: the activation costs no kernel of
-    its own. (Work on x inside the loop does not pay: a residual add there costs 1.5-5 us
+    its own. (Work on x inside the loop does not pay: a residual add there costs 1.5-6 us
     per product, an RMSNorm's sum of squares 12-80 us, docs/architecture.md.)
     """
     pid = tl.program_id(0)
