@@ -351,6 +351,8 @@ class LLMEngine:
         keep = request.hold_kv and status is not SequenceStatus.FINISHED_ERROR
         if keep:
             self.held[request.request_id] = list(seq.block_table)
+            log.debug("%s finished (%s) holding %d blocks for a KV handoff", request.request_id, status.name,
+                      len(seq.block_table))
         self.scheduler.finish(seq, status, free_blocks=not keep)
         self._changed[request.request_id] = request
         if request.finished:
@@ -391,6 +393,7 @@ class LLMEngine:
         blocks = self.held.pop(request_id, None)
         if blocks is not None:
             self.block_manager.release(reversed(blocks))
+            log.debug("%s released its %d held blocks", request_id, len(blocks))
 
     def reserve_blocks(self, num_tokens: int) -> list[int]:
         """Reserve the blocks a prompt of `num_tokens` needs; raises ValueError if they don't fit."""

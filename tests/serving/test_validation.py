@@ -128,6 +128,8 @@ def test_bad_requests_leave_no_kv_behind(disaggregated):
             with urllib.request.urlopen(worker.metrics_url, timeout=5) as response:
                 gauges = [x for x in response.read().decode().splitlines() if x.startswith("baton:") and "_bucket" not in x]
             log = [x for x in disaggregated.output if "cygrpc" not in x]
+            held = [x for x in disaggregated.output if "held" in x or "holding" in x]  # with BATON_LOG_LEVEL=DEBUG
+            print("KV holds and releases:", *held, sep="\n")
             print("metrics of", worker.name, *gauges, "deployment output:", *log[-300:], sep="\n")
             raise
 
