@@ -25,31 +25,18 @@ SCHEMA = {
 }
 
 
-def _run(engine: LLMEngine, requests: dict) -> dict:
-    for rid, (prompt, params) in requests.items():
-        engine.add_request(rid, prompt, params)
-    finals = {}
-    for _ in range(2000):
-        if not engine.has_unfinished_requests():
-            return finals
-        for out in engine.step():
-            if out.finished:
-                finals[out.request_id] = out
-    raise AssertionError("the engine did not finish its requests")
-
-
-def test_guided_and_free_rows_in_one_cuda_batch(tmp_path):
+def test_guided_and_free_rows_in_one_cuda_batch(tmp_path, run_all):
     engine = LLMEngine.from_engine_args(EngineArgs(
         model=str(write_tiny_model(tmp_path)), device="cuda", dtype="float32", num_gpu_blocks_override=256,
         max_model_len=512))
     free = {f"free-{i}": (f"Story {i}:", SamplingParams(temperature=t, seed=i, max_tokens=30, ignore_eos=True))
             for i, t in enumerate([0.0, 1.0])}
-    alone = _run(engine, free)
+    alone = run_all(engine, free, max_steps=2000)
     guided = {f"json-{i}": (f"City {i}:", SamplingParams(temperature=1.0, seed=i, max_tokens=120,
                                                           guided_decoding=GuidedDecodingParams(json=SCHEMA)))
               for i in range(3)}
     replays = engine.runner.graphs.num_replays
-    mixed = _run(engine, {**guided, **free})
+    mixed = run_all(engine, {**guided, **free}, max_steps=2000)
     assert engine.runner.graphs.num_replays > replays  # decode steps ran as graphs
     for rid in free:
         assert mixed[rid].outputs[0].token_ids == alone[rid].outputs[0].token_ids

@@ -48,10 +48,10 @@ def padded_vocab_model(tmp_path_factory) -> Path:
     return out
 
 
-def _run_all(engine: LLMEngine, requests: dict[str, tuple[object, SamplingParams]]):
+def _run_all(engine: LLMEngine, requests: dict[str, tuple[object, SamplingParams]], max_steps: int = 5000):
     for rid, (prompt, params) in requests.items():
         engine.add_request(rid, prompt, params)
-    return _drain(engine)
+    return _drain(engine, max_steps)
 
 
 def _drain(engine: LLMEngine, max_steps: int = 5000):
