@@ -6,8 +6,9 @@ step's tokens of all sequences; attention finds each sequence's rows through
 each); Hugging Face checkpoint names are mapped onto the fused weights in `load_weights`.
 
 On CUDA (with Triton) three fused kernels replace chains of small ones: residual add +
-RMSNorm, rotary + KV store, SiLU * up (`triton_ops`). They compute what the torch code below
-computes; the CPU path runs the torch code. `set_fused_kernels(False)` turns them off (for
+RMSNorm, rotary + KV store, SiLU * up (`triton_ops`); in decode steps (few rows) SiLU * up
+runs inside the gate/up product's kernel (`skinny_gemm`). They compute what the torch code
+below computes; the CPU path runs the torch code. `set_fused_kernels(False)` turns them off (for
 measuring what they buy).
 """
 
@@ -32,13 +33,19 @@ def set_fused_kernels(enabled: bool) -> None:
     _fused["enabled"] = enabled
 
 
-def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)`; on CUDA with few rows, through the measured-fastest kernel (skinny_gemm)."""
+def _few_rows(x: torch.Tensor):
+    """The few-row product module (skinny_gemm) for a CUDA step of <= 64 rows, else None."""
     if x.is_cuda and _fused["enabled"] and x.shape[0] <= 64:
         from baton.engine.models import skinny_gemm
 
-        return skinny_gemm.linear(layer, x)
-    return layer(x)
+        return skinny_gemm
+    return None
+
+
+def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)`; on CUDA with few rows, through the measured-fastest kernel (skinny_gemm)."""
+    few = _few_rows(x)
+    return layer(x) if few is None else few.linear(layer, x)
 
 
 def _fused_ops(x: torch.Tensor):
@@ -211,10 +218,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and _fused["enabled"] and x.shape[0] <= 64:  # few rows: SiLU in the product
-            from baton.engine.models import skinny_gemm
-
-            act = skinny_gemm.silu_linear(self.gate_up_proj, x)
+        few = _few_rows(x)
+        if few is not None:  # SiLU * up in the product's kernel
+            act = few.silu_linear(self.gate_up_proj, x)
             if act is not None:
                 return _linear(self.down_proj, act)
         gate_up = _linear(self.gate_up_proj, x)
