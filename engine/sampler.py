@@ -63,6 +63,14 @@ class Sampler:
     def sample_ids(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """The chosen token ids [N] on the logits' device, without waiting for them (no
         logprobs; transforms that report errors need `__call__`)."""
+        if all(_plain_greedy(s) for s in seqs):
+            # Nothing edits the logits: the argmax of the model's dtype is the argmax of its
+            # exact float32 copy, without writing and reading that copy (33 MB at batch 64).
+            if logits.is_cuda and logits.stride(-1) == 1:
+                from baton.engine.models.triton_ops import argmax_rows
+
+                return argmax_rows(logits)
+            return logits.argmax(dim=-1)
         return self._choose(logits, seqs, False)[0]
 
     def _choose(self, logits: torch.Tensor, seqs: list[Sequence], logprobs: bool):
@@ -112,6 +120,13 @@ class Sampler:
                 probs.device,
             )
         return (probs / noise).argmax(dim=-1)
+
+
+def _plain_greedy(seq: Sequence) -> bool:
+    """Greedy, and no transform, stop-token mask or penalty would touch its logits row."""
+    p = seq.params
+    return (p.greedy and not p.logits_processors and p.guided_decoding is None and not p.has_penalties
+            and seq.num_output_tokens >= p.min_tokens)
 
 
 def _signed(value: int) -> int:

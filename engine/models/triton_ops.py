@@ -6,6 +6,7 @@
   store of the rotated k and of v into the paged KV cache, in one pass; rows whose slot is
   negative (padding of a captured batch) are not stored.
 - `silu_mul`: SiLU(gate) * up over the fused gate/up projection.
+- `argmax_rows`: the greedy token of each logits row, the vocabulary in chunks across SMs.
 
 Each saves several small kernels and round trips through memory per layer, which is what
 bounds a batch-1 decode step once the matrix products are at the bandwidth floor
@@ -167,4 +168,49 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         _silu_mul_kernel[(num_rows, triton.cdiv(inter, block))](
             gate_up, out, gate_up.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4, **launch_kwargs(),
         )
+    return out
+
+
+@triton.jit
+def _argmax_chunks_kernel(x_ptr, val_ptr, idx_ptr, stride_x, n_cols, num_chunks, BLOCK: tl.constexpr,
+                          USE_PDL: tl.constexpr):
+    enter(USE_PDL)
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+    value, index = tl.max(x, 0, return_indices=True, return_indices_tie_break_left=True)
+    tl.store(val_ptr + row * num_chunks + chunk, value)
+    tl.store(idx_ptr + row * num_chunks + chunk, chunk * BLOCK + index)
+
+
+@triton.jit
+def _argmax_merge_kernel(val_ptr, idx_ptr, out_ptr, num_chunks, CHUNKS_PAD: tl.constexpr, USE_PDL: tl.constexpr):
+    enter(USE_PDL)
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, CHUNKS_PAD)
+    mask = c < num_chunks
+    values = tl.load(val_ptr + row * num_chunks + c, mask=mask, other=float("-inf"))
+    best = tl.argmax(values, 0, tie_break_left=True)  # the first chunk holding the maximum
+    tl.store(out_ptr + row, tl.load(idx_ptr + row * num_chunks + best).to(tl.int64))
+
+
+def argmax_rows(x: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    """`x.argmax(dim=-1)` [N] int64 of x [N, V] (rows contiguous), the first index of the
+    maximum as torch gives it (NaN excepted): every row in V / block chunks at once, then the
+    chunks merged. torch's reduction runs a row per block: 38 us for 8-64 rows of a
+    128k vocabulary on an H100, which this does in two short kernels."""
+    rows, cols = x.shape
+    out = torch.empty(rows, dtype=torch.long, device=x.device)
+    if rows == 0:
+        return out
+    if x.stride(-1) != 1:
+        raise ValueError("argmax_rows needs a contiguous last dimension")
+    chunks = triton.cdiv(cols, block)
+    values = torch.empty((rows, chunks), dtype=torch.float32, device=x.device)
+    indices = torch.empty((rows, chunks), dtype=torch.int32, device=x.device)
+    _argmax_chunks_kernel[(rows, chunks)](x, values, indices, x.stride(0), cols, chunks, BLOCK=block, num_warps=8,
+                                          **launch_kwargs())
+    _argmax_merge_kernel[(rows,)](values, indices, out, chunks, CHUNKS_PAD=triton.next_power_of_2(chunks),
+                                  num_warps=1, **launch_kwargs())
     return out

@@ -167,3 +167,18 @@ def test_a_masked_token_is_never_sampled_by_a_seeded_request():
         assert set(tokens) <= {7, 4999}
         for s, t in zip(seqs, tokens):
             s.append_token(t, 0.0)
+
+
+def test_sample_ids_takes_the_argmax_of_the_model_dtype_only_where_nothing_edits_the_row():
+    sampler = Sampler(torch.device("cpu"), 0, eos_token_ids=[0])
+    logits = torch.randn(6, 300).to(torch.bfloat16)
+    logits[2, 7] = logits[2, 250] = logits[2].max() + 1  # a tie: both take the first index
+    plain = [seq(SamplingParams(temperature=0)) for _ in range(6)]
+    assert sampler.sample_ids(logits, plain).tolist() == sampler(logits.clone(), plain).token_ids
+    assert sampler.sample_ids(logits, plain)[2].item() == 7
+    # A row still under min_tokens has its stop tokens masked: the plain argmax would be wrong.
+    row = torch.tensor([[9.0, 8.0, 1.0]], dtype=torch.bfloat16)
+    early = seq(SamplingParams(temperature=0, min_tokens=2), output=(2,))
+    assert sampler.sample_ids(row.clone(), [early]).tolist() == [1]
+    penalised = seq(SamplingParams(temperature=0, repetition_penalty=100.0), output=(0,))
+    assert sampler.sample_ids(row.clone(), [penalised]).tolist() == [1]

@@ -118,6 +118,17 @@ def test_fused_ops_equal_the_torch_code():
     assert int((pool[:, 1].abs().sum(dim=(1, 3, 4)) != 0).sum()) == 4 and (pool[:, 0] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_argmax_rows_takes_the_first_maximum(dtype):
+    x = torch.randn(5, 1000).to(dtype)
+    x[1, 300] = x[1, 900] = 50  # a tie across chunks
+    x[2, 10] = x[2, 20] = 50  # within a chunk
+    x[3] = float("-inf")
+    x[4, 255] = x[4, 256] = 50  # on a chunk boundary
+    got = triton_ops.argmax_rows(x, block=256)
+    assert got.tolist() == x.argmax(dim=-1).tolist() == [got[0].item(), 300, 10, 0, 255]
+
+
 def test_engine_with_triton_backend_matches_torch_backend(tiny_dir):
     """Whole engine on the CPU through the Triton backend: chunked prefill makes mixed steps."""
     from baton.engine import LLM, SamplingParams

@@ -95,3 +95,14 @@ def test_rope_store_rotates_q_and_stores_k_v(dtype, heads, kv_heads, head_dim, b
     stored[slots[keep]] = True
     assert (k_cache.reshape(16 * block_size, -1)[~stored] == 0).all()  # nothing else written
     assert (pool[:, 0] == 0).all() and (pool[:, 2] == 0).all()  # other layers untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,vocab", [(1, 128256), (8, 32000), (64, 128256), (3, 100)])
+def test_argmax_rows_equals_torch(dtype, rows, vocab):
+    from baton.engine.models.triton_ops import argmax_rows
+
+    x = torch.randn(rows, vocab, device="cuda").to(dtype)
+    x[0, vocab // 3] = x[0, vocab - 1] = 100  # a tie: the first wins
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+    assert argmax_rows(x)[0].item() == vocab // 3
