@@ -99,6 +99,12 @@ class AttentionBackend(ABC):
         """Write the step's keys and values into their slots."""
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping, meta.block_size)
 
+    def rope_attend(self, qkv, cos_sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor | None:
+        """The step's rotary, KV store and attention in one kernel, from the fused Q/K/V
+        projection [T, (H + 2 Hkv) D] not yet rotated (cos_sin [max_position, D], cos then
+        sin); None where this backend has no such kernel or it does not pay for this step."""
+        return None
+
     @abstractmethod
     def attend(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         """Attention of q over each sequence's cached context (the step's keys included).

@@ -7,6 +7,12 @@ each token's key and value rows through the block table, and keeps an online sof
 one split the program writes the final output; with several, each writes a normalised
 partial output and its log-sum-exp (base 2), and a second kernel merges them.
 
+With `rope` (a decode-only step of a Llama-family model), the kernel also does the rotary
+embedding and the KV store that `triton_ops.rope_store` would do in a kernel of its own:
+each program rotates its query heads as it loads them; the new token's key and value never
+go through the cache in this kernel (the walk covers the `seq_len - 1` cached tokens), split
+0 adds their contribution from registers and stores them in the cache for later steps.
+
 The grid depends only on the number of sequences (never on their lengths), so a decode
 step can be captured in a CUDA graph once per batch size and replayed for any lengths.
 KV views are strided (the block stride of the block-major pool is not
@@ -24,20 +30,35 @@ from baton.engine.models.pdl import enter, launch_kwargs
 
 
 @triton.jit
+def _rope_factors(cs_ptr, seq_len, stride_cs, d, d_mask, HEAD_DIM: tl.constexpr):
+    """Rotate-half rotary at position seq_len - 1 as rope_store computes it, in float32:
+    x * cos + x[partner] * sin gives x1 cos - x2 sin and x2 cos + x1 sin (sin carries the sign)."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    row = cs_ptr + tl.maximum(seq_len - 1, 0).to(tl.int64) * stride_cs
+    first = d < HALF
+    cos = tl.load(row + d % HALF, mask=d_mask, other=0.0)
+    sin = tl.load(row + HALF + d % HALF, mask=d_mask, other=0.0) * tl.where(first, -1.0, 1.0)
+    return cos, sin, tl.where(first, d + HALF, d - HALF)
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, seq_ids_ptr, q_rows_ptr,
     out_ptr, part_o_ptr, part_lse_ptr,
+    cs_ptr, kn_ptr, vn_ptr, slot_ptr,
     scale,
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_bt,
     stride_ot, stride_oh,
+    stride_cs, stride_nt,
     num_heads, num_splits,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    SINGLE: tl.constexpr, INDIRECT: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+    SINGLE: tl.constexpr, INDIRECT: tl.constexpr, ROPE: tl.constexpr, PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     enter(USE_PDL)
     pid = tl.program_id(0)
@@ -50,20 +71,24 @@ def _decode_split_kernel(
         seq = pid
         q_row = pid
     seq_len = tl.load(seq_lens_ptr + seq)
+    # With ROPE the new token (the last) comes from registers, not from the cache.
+    cached = tl.maximum(seq_len - 1, 0) if ROPE else seq_len
     # Splits are whole tiles; trailing splits of a short sequence are empty.
-    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(cached, num_splits), BLOCK_N) * BLOCK_N
     start = split * per_split
-    end = tl.minimum(start + per_split, seq_len)
+    end = tl.minimum(start + per_split, cached)
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, D_PAD)
     heads = kvh * GROUP + g
     g_mask = g < GROUP
     d_mask = d < HEAD_DIM
-    q = tl.load(
-        q_ptr + q_row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :],
-        mask=g_mask[:, None] & d_mask[None, :], other=0.0,
-    )
+    q_ptrs = q_ptr + q_row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh
+    q = tl.load(q_ptrs + d[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    if ROPE:
+        cos, sin, partner = _rope_factors(cs_ptr, seq_len, stride_cs, d, d_mask, HEAD_DIM)
+        q_partner = tl.load(q_ptrs + partner[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+        q = (q.to(tl.float32) * cos[None, :] + q_partner.to(tl.float32) * sin[None, :]).to(q.dtype)
     qk_scale = scale * 1.4426950408889634  # softmax in base 2
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -73,6 +98,31 @@ def _decode_split_kernel(
         m_i, l_i, acc = attend_tile(q, k_ptr, v_ptr, bt_row, kvh, n0, m_i, end, d, d_mask, m_i, l_i, acc, qk_scale,
                                     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                                     BLOCK_SIZE, BLOCK_N, False, True, PRECISION)
+    if ROPE:
+        if (split == 0) & (seq_len > 0):
+            # The new token: rotate its key, add it and its value to split 0's softmax, and
+            # store both where the next steps read them. (The factors are loaded again rather
+            # than kept in registers through the loop.)
+            cos, sin, partner = _rope_factors(cs_ptr, seq_len, stride_cs, d, d_mask, HEAD_DIM)
+            kn_row = kn_ptr + q_row.to(tl.int64) * stride_nt + kvh * HEAD_DIM
+            k_new = tl.load(kn_row + d, mask=d_mask, other=0.0)
+            k_partner = tl.load(kn_row + partner, mask=d_mask, other=0.0)
+            k_rot = (k_new.to(tl.float32) * cos + k_partner.to(tl.float32) * sin).to(k_ptr.dtype.element_ty)
+            v_new = tl.load(vn_ptr + q_row.to(tl.int64) * stride_nt + kvh * HEAD_DIM + d, mask=d_mask, other=0.0)
+            s_new = tl.sum(q.to(tl.float32) * k_rot.to(tl.float32)[None, :], 1) * qk_scale
+            m_new = tl.maximum(m_i, s_new)
+            alpha = tl.exp2(m_i - m_new)
+            p_new = tl.exp2(s_new - m_new)
+            l_i = l_i * alpha + p_new
+            acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
+            m_i = m_new
+            slot = tl.load(slot_ptr + seq)
+            if slot >= 0:  # a negative slot: a padding row of a captured batch
+                page = slot // BLOCK_SIZE
+                off = slot % BLOCK_SIZE
+                tl.store(k_ptr + page * stride_kb + off * stride_kt + kvh * stride_kh + d, k_rot, mask=d_mask)
+                tl.store(v_ptr + page * stride_vb + off * stride_vt + kvh * stride_vh + d,
+                         v_new.to(v_ptr.dtype.element_ty), mask=d_mask)
 
     out_mask = g_mask[:, None] & d_mask[None, :]
     safe_l = tl.where(l_i > 0, l_i, 1.0)  # an empty split (or length 0) writes zeros
@@ -114,13 +164,23 @@ def _decode_merge_kernel(
 
 
 def num_splits_for(num_seqs: int, num_kv_heads: int, max_splits: int = 32) -> int:
-    """Splits so that about two programs per SM run (132 SMs on an H100); 1 when enough."""
-    target = 264
-    return max(1, min(max_splits, -(-target // max(1, num_seqs * num_kv_heads))))
+    """Splits for about 2.5 programs per SM (132 SMs on an H100); none from 256 (sequence,
+    KV head) pairs on: at 1k-token contexts on an H100, 32 sequences of 8 KV heads took
+    50 us in one split and 52 us in two plus the merge (bench/attention_kernels.py)."""
+    pairs = max(1, num_seqs * num_kv_heads)
+    return 1 if pairs >= 256 else max(1, min(max_splits, -(-320 // pairs)))
 
 
-def decode_block_n(head_dim: int) -> int:
-    return 64 if head_dim <= 128 else 32
+def decode_config(head_dim: int, num_seqs: int, num_kv_heads: int) -> tuple[int, int]:
+    """(BLOCK_N, num_stages) by the number of (sequence, KV head) pairs, from the same
+    measurements: short splits (few pairs) want small tiles, 64-256 pairs (batch 8-32 of an
+    8-KV-head model) 128-token tiles (b8: 14.1 against 16.1 us with 64), more want 64."""
+    if head_dim > 128:
+        return 32, 2
+    pairs = num_seqs * num_kv_heads
+    if pairs < 64:
+        return 32, 2
+    return (128, 2) if pairs <= 256 else (64, 3)
 
 
 def paged_decode(
@@ -136,7 +196,8 @@ def paged_decode(
     q_rows: torch.Tensor | None = None,
     block_n: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over its paged context.
 
@@ -146,6 +207,11 @@ def paged_decode(
     sequence i from q row i. With `seq_ids`/`q_rows` ([P] int32 each), program i serves
     sequence `seq_ids[i]` from q row `q_rows[i]` (a mixed prefill/decode step). A sequence of
     length 0 gets zeros. Returns `out`.
+
+    rope = (cos_sin [max_position, D] float32, k_new [S, Hkv * D], v_new [S, Hkv * D],
+    slot_mapping [S]): q is not rotated yet and the new token's key and value are not in the
+    cache (see the module docstring); k_new/v_new rows share one stride (views of the fused
+    Q/K/V projection). Not with `seq_ids`.
     """
     num_programs = (seq_ids.shape[0] if seq_ids is not None else block_tables.shape[0])
     if num_programs == 0:
@@ -161,10 +227,21 @@ def paged_decode(
     group = num_heads // num_kv_heads
     if num_splits is None:
         num_splits = num_splits_for(num_programs, num_kv_heads)
-    block_n = block_n or decode_block_n(head_dim)
+    auto_block_n, auto_stages = decode_config(head_dim, num_programs, num_kv_heads)
+    block_n = block_n or auto_block_n
+    num_stages = num_stages or auto_stages
     d_pad = triton.next_power_of_2(head_dim)
     indirect = seq_ids is not None
     dummy = seq_lens  # an int32 pointer the kernel never reads when INDIRECT is off
+    if rope is not None:
+        if indirect:
+            raise ValueError("the fused rotary runs on decode-only steps (no seq_ids)")
+        cos_sin, k_new, v_new, slots = rope
+        if head_dim % 2 or k_new.stride(0) != v_new.stride(0) or k_new.stride(-1) != 1 or v_new.stride(-1) != 1:
+            raise ValueError("the fused rotary needs an even head_dim and k/v rows of one stride")
+        rope_args, stride_cs, stride_nt = (cos_sin, k_new, v_new, slots), cos_sin.stride(0), k_new.stride(0)
+    else:
+        rope_args, stride_cs, stride_nt = (q, q, q, dummy), 0, 0
     if num_splits > 1:
         part_o = torch.empty((num_programs, num_heads, num_splits, d_pad), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((num_programs, num_heads, num_splits), dtype=torch.float32, device=q.device)
@@ -174,17 +251,19 @@ def paged_decode(
         q, k_cache, v_cache, block_tables, seq_lens,
         seq_ids if indirect else dummy, q_rows if indirect else dummy,
         out, part_o, part_lse,
+        *rope_args,
         scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
+        stride_cs, stride_nt,
         num_heads, num_splits,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, D_PAD=d_pad,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        SINGLE=num_splits == 1, INDIRECT=indirect,
+        SINGLE=num_splits == 1, INDIRECT=indirect, ROPE=rope is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages, **launch_kwargs(),
     )

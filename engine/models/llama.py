@@ -7,7 +7,8 @@ each); Hugging Face checkpoint names are mapped onto the fused weights in `load_
 
 On CUDA (with Triton) three fused kernels replace chains of small ones: residual add +
 RMSNorm, rotary + KV store, SiLU * up (`triton_ops`); in decode steps (few rows) SiLU * up
-runs inside the gate/up product's kernel (`skinny_gemm`). They compute what the torch code
+runs inside the gate/up product's kernel (`skinny_gemm`), and in small decode-only steps
+the rotary and KV store run inside the attention kernel (a backend's `rope_attend`). They compute what the torch code
 below computes; the CPU path runs the torch code. `set_fused_kernels(False)` turns them off (for
 measuring what they buy).
 """
@@ -196,11 +197,12 @@ class Attention(nn.Module):
         qkv = _linear(self.qkv_proj, x)
         k_cache, v_cache = layer_view(kv, self.layer_idx)
         ops = _fused_ops(qkv)
-        if ops is not None:
+        out = None if ops is None else backend.rope_attend(qkv, rotary.cos_sin, k_cache, v_cache, meta)
+        if out is None and ops is not None:
             q = ops.rope_store(qkv, positions, rotary.cos_sin, k_cache, v_cache, meta.slot_mapping,
                                a.num_heads, a.num_kv_heads, a.head_dim)
             out = backend.attend(q, k_cache, v_cache, meta)
-        else:
+        elif out is None:
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = q.view(-1, a.num_heads, a.head_dim)
             k = k.view(-1, a.num_kv_heads, a.head_dim)

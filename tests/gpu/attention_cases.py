@@ -80,3 +80,40 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 # Relative error allowed per dtype: bf16 operands land between 1e-3 and 1e-2, fp16 near 3e-4.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def fused_rope_decode(lens, num_heads, num_kv_heads, head_dim, block_size, dtype, device, num_splits, seed=0):
+    """A decode step through the decode kernel's fused rotary + KV store, and the same step
+    through `rope_store` then the plain decode kernel. A length-0 row is a padding row (slot
+    -1). Returns (fused out, reference out, fused (K, V) caches, reference (K, V) caches)."""
+    from baton.engine.attention.triton_decode import paged_decode
+    from baton.engine.models.llama import LlamaArgs, Rotary
+    from baton.engine.models.triton_ops import rope_store
+
+    case = make_case(lens, [1] * len(lens), num_heads, num_kv_heads, head_dim, block_size, dtype, device, seed=seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = torch.randn((len(lens), q_size + 2 * kv_size), generator=gen).to(dtype=dtype, device=device)
+    cfg = {"hidden_size": q_size, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": num_heads,
+           "num_key_value_heads": num_kv_heads, "head_dim": head_dim, "vocab_size": 8,
+           "max_position_embeddings": max(lens) + 1, "rope_theta": 500000.0}
+    rotary = Rotary(LlamaArgs.from_hf(cfg))
+    rotary.build(torch.device(device), max(lens) + 1)
+    slots = []
+    for i, n in enumerate(lens):
+        page = int(case.block_tables[i, (n - 1) // block_size]) if n else 0
+        slots.append(page * block_size + (n - 1) % block_size if n else -1)
+    slots_t = torch.tensor(slots, dtype=torch.long, device=device)
+    positions = (case.seq_lens_t.long() - 1).clamp(min=0)
+    args = (case.block_tables, case.seq_lens_t, case.scale)
+
+    k_ref, v_ref = case.k_cache.clone(), case.v_cache.clone()
+    q_ref = rope_store(qkv.clone(), positions, rotary.cos_sin, k_ref, v_ref, slots_t, num_heads, num_kv_heads,
+                       head_dim)
+    want = paged_decode(q_ref, k_ref, v_ref, *args, torch.full_like(q_ref, float("nan")), num_splits=num_splits)
+
+    q = qkv[:, :q_size].view(-1, num_heads, head_dim)
+    rope = (rotary.cos_sin, qkv[:, q_size : q_size + kv_size], qkv[:, q_size + kv_size :], slots_t)
+    got = paged_decode(q, case.k_cache, case.v_cache, *args, torch.full_like(q, float("nan")),
+                       num_splits=num_splits, rope=rope)
+    return got, want, (case.k_cache, case.v_cache), (k_ref, v_ref)

@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from attention_cases import TOLERANCE, make_case, reference, rel_err
+from attention_cases import TOLERANCE, fused_rope_decode, make_case, reference, rel_err
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("run through test_kernels_interpreted.py (needs TRITON_INTERPRET=1)", allow_module_level=True)
@@ -38,6 +38,19 @@ def test_decode_with_and_without_splits(shape, dtype):
         triton_decode.paged_decode(case.q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens_t,
                                    case.scale, out, num_splits=splits, block_n=16)
         assert rel_err(out, want) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_with_fused_rotary_and_kv_store(shape, dtype):
+    heads, kv_heads, head_dim, block_size = shape
+    for splits in (1, 3):
+        got, want, caches, ref_caches = fused_rope_decode([1, 9, 0, 70, 33], heads, kv_heads, head_dim, block_size,
+                                                          dtype, "cpu", splits)
+        torch.testing.assert_close(got, want, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+        assert (got[2] == 0).all()  # the padding row
+        for cache, ref in zip(caches, ref_caches):
+            assert torch.equal(cache, ref)  # the same rounding as rope_store, nothing stored for padding
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

@@ -2,15 +2,16 @@
 
 Across block sizes, head dims, GQA ratios (1, 4, 7, 8, MQA), ragged batches, cached prefix
 lengths and dtypes; outputs are poisoned with NaN first, so an unwritten row fails. Also: a
-captured decode graph replayed with other lengths equals an eager launch, and the backend's
-mixed decode + prefill step equals the torch reference backend.
+captured decode graph replayed with other lengths equals an eager launch, the backend's
+mixed decode + prefill step equals the torch reference backend, and the decode kernel with
+the rotary and KV store fused in equals `rope_store` followed by the plain kernel.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from attention_cases import TOLERANCE, make_case, reference, rel_err
+from attention_cases import TOLERANCE, fused_rope_decode, make_case, reference, rel_err
 
 pytestmark = [
     pytest.mark.gpu,
@@ -37,6 +38,25 @@ def test_decode_matches_reference(shape, dtype, num_splits):
                  num_splits=num_splits)
     assert torch.isfinite(out).all()
     assert rel_err(out, reference(case)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[2] % 2 == 0], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_splits", [None, 1, 5])
+def test_decode_with_fused_rotary_and_kv_store(shape, dtype, num_splits):
+    heads, kv_heads, head_dim, block_size = shape
+    lens = [1, 17, 0, 300, 1000, 64, 129]
+    got, want, caches, ref_caches = fused_rope_decode(lens, heads, kv_heads, head_dim, block_size, dtype, "cuda",
+                                                      num_splits)
+    assert torch.isfinite(got).all() and (got[2] == 0).all()
+    assert rel_err(got, want.double()) < TOLERANCE[dtype]
+    for cache, ref in zip(caches, ref_caches):
+        # The rotation rounds as rope_store's, up to contracted multiply-adds: a last place of
+        # the operands (standard normal here), which float32 keeps and bf16/fp16 rarely show.
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(cache, ref, rtol=2 * eps, atol=8 * eps)
+        if dtype != torch.float32:
+            assert (cache == ref).float().mean() > 0.99
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
