@@ -77,7 +77,7 @@ def _decode_case(b: int, context: int, k_cache, v_cache) -> list[dict]:
     auto = num_splits_for(b, HKV)
     for block_n in (32, 64, 128):
         for warps in (4, 8):
-            for stages in (2, 3):
+            for stages in (2, 3, 4):
                 for splits in sorted({auto, max(1, auto // 2), auto * 2}):
                     kw = dict(num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)
                     out = torch.full_like(q, float("nan"))
@@ -94,6 +94,36 @@ def _decode_case(b: int, context: int, k_cache, v_cache) -> list[dict]:
                     t = graph_ms(run)
                     rows.append({"kernel": "triton_decode", "batch": b, **kw, "auto_splits": auto, "ms": t,
                                  "kv_GBs": kv_bytes / t / 1e6, "rel_err": err})
+    return rows
+
+
+def bench_decode_rope(batches, context) -> list[dict]:
+    """The decode kernel with the rotary and KV store fused in (`rope`, as a decode-only
+    step runs it) against the plain kernel, per tile configuration, at the default splits."""
+    rows = []
+    k_cache, v_cache = pool(max(batches) * (context + BS) // BS + 1)
+    for b in batches:
+        nb = context // BS + 1
+        tables = torch.randperm(b * nb, device="cuda", dtype=torch.int32).view(b, nb)
+        lens = torch.full((b,), context, dtype=torch.int32, device="cuda")
+        qkv = torch.randn((b, (H + 2 * HKV) * D), dtype=DT, device="cuda")
+        q = qkv[:, : H * D].view(b, H, D)
+        cos_sin = torch.randn((context + 1, D), dtype=torch.float32, device="cuda")
+        slots = (tables[:, (context - 1) // BS].long() * BS + (context - 1) % BS).contiguous()
+        rope = (cos_sin, qkv[:, H * D : (H + HKV) * D], qkv[:, (H + HKV) * D :], slots)
+        out = torch.empty_like(q)
+        for block_n, stages in ((None, None), (32, 2), (64, 2), (64, 3), (128, 2)):
+            for fused in (False, True):
+                kw = dict(block_n=block_n, num_stages=stages, rope=rope if fused else None)
+
+                def run(kw=kw, args=(q, k_cache, v_cache, tables, lens, D**-0.5, out)):
+                    return paged_decode(*args, **kw)
+
+                run()
+                t = graph_ms(run)
+                rows.append({"kernel": "triton_decode_rope" if fused else "triton_decode", "batch": b,
+                             "block_n": block_n, "num_stages": stages, "ms": t})
+                print(rows[-1], flush=True)
     return rows
 
 
@@ -169,12 +199,16 @@ def ceilings() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8, 64, 256])
+    ap.add_argument("--decode-only", action="store_true", help="skip the ceilings and prefill")
+    ap.add_argument("--rope-only", action="store_true", help="of the decode cases, only the fused-rotary ones")
     args = ap.parse_args()
     result = {"machine": torch.cuda.get_device_name(0), "command": " ".join(["python3", *sys.argv]),
               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
-    result["ceilings"] = ceilings()
-    result["decode"] = bench_decode([1, 8, 64, 256], 1024)
-    result["prefill"] = bench_prefill([2048, 8192])
+    result["ceilings"] = {} if args.decode_only else ceilings()
+    result["decode"] = [] if args.rope_only else bench_decode(args.decode_batches, 1024)
+    result["decode_rope"] = bench_decode_rope(args.decode_batches, 1024)
+    result["prefill"] = [] if args.decode_only else bench_prefill([2048, 8192])
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     ok = [r for r in result["decode"] if "ms" in r and r["kernel"] == "triton_decode"]

@@ -3,8 +3,12 @@
 For a Llama-3.1-8B-shaped model with random weights (as `bench/engine.py`), 1k-token
 contexts: the GPU time of one replay of the captured decode graph at several batch sizes,
 with PDL on and off (graphs recaptured), batch-1 time per output token through
-`LLMEngine.step`, and a kernel-by-kernel breakdown of one batch-1 replay from the profiler
-(sum of kernel times against the replay's time: the rest is the GPU between kernels).
+`LLMEngine.step`, a kernel-by-kernel breakdown of one batch-1 replay from the profiler
+(sum of kernel times against the replay's time: the rest is the GPU between kernels), and
+the GPU timeline of engine steps (`--step-profile-batches`): the kernels outside the graph
+and the largest gaps between kernels. With PDL a kernel's profiled time includes its wait
+for the previous one, so its sums overlap; the profiler also slows the host, so the gaps
+around a step's copies show the host, not the engine's own pace.
 
     python3 bench/decode_profile.py --out decode-profile.json
 """
@@ -30,7 +34,8 @@ from baton.engine.config import EngineArgs  # noqa: E402
 from baton.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from baton.engine.llm_engine import LLMEngine  # noqa: E402
 from baton.engine.models import pdl, skinny_gemm  # noqa: E402
-from engine import bench_batch1, gpu_time, machine, release, synthetic_seqs  # noqa: E402
+from baton.sampling_params import SamplingParams  # noqa: E402
+from engine import GREEDY, bench_batch1, gpu_time, machine, release, synthetic_seqs  # noqa: E402
 
 
 def graph_times(engine: LLMEngine, batches: list[int], context: int, rng) -> dict:
@@ -90,6 +95,54 @@ def kernel_breakdown(engine: LLMEngine, batch: int, context: int, rng) -> dict:
     }
 
 
+def step_breakdown(engine: LLMEngine, batch: int, context: int, rng, steps: int = 8) -> dict:
+    """The GPU timeline of `steps` steps through `LLMEngine.step` at one batch size (the
+    engine's own configuration): wall time per step against kernel time, and the largest
+    gaps between kernels, by the kernels on either side, and the kernels outside the graph."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = [f"prof{batch}-{i}" for i in range(batch)]
+    for rid in ids:
+        engine.add_request(rid, {"prompt_token_ids": rng.integers(0, LLAMA31_8B["vocab_size"], context - 1).tolist()},
+                           SamplingParams(max_tokens=context, **GREEDY))
+    while any(not s.output_token_ids for r in engine.requests.values() for s in r.seqs):
+        engine.step()
+    for _ in range(4):
+        engine.step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    wall_us = (time.perf_counter() - t) * 1e6 / steps
+    for rid in ids:
+        engine.abort_request(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
+    kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    gaps: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for a, b in zip(kernels, kernels[1:]):
+        gaps[(a.name[:60], b.name[:60])].append(b.time_range.start - a.time_range.end)
+    by_name: dict[str, list[float]] = defaultdict(list)
+    for e in kernels:
+        by_name[e.name[:80]].append(e.device_time)
+    span = kernels[-1].time_range.end - kernels[0].time_range.start
+    busy = sum(e.device_time for e in kernels)
+    return {
+        "batch": batch,
+        "wall_us_per_step": wall_us,
+        "gpu_span_us_per_step": span / steps,
+        "kernel_us_per_step": busy / steps,
+        "kernels_per_step": len(kernels) / steps,
+        "top_gaps": [{"before": k[0], "after": k[1], "us_per_step": sum(v) / steps, "count_per_step": len(v) / steps}
+                     for k, v in sorted(gaps.items(), key=lambda kv: -sum(kv[1]))[:12]],
+        # A kernel the graph runs appears a multiple of the layer count per step, or once.
+        "kernels": [{"kernel": k, "calls_per_step": len(v) / steps, "us_per_step": sum(v) / steps}
+                    for k, v in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:20]],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="decode-profile.json")
@@ -97,6 +150,9 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--prefetch-mb", type=float, nargs="+", default=[0, 4, 8, 16],
                     help="weight bytes per product prefetched into L2 before the PDL wait (PDL on)")
+    ap.add_argument("--no-pdl-off", action="store_true", help="skip the variant without PDL (and its kernel profile)")
+    ap.add_argument("--step-profile-batches", type=int, nargs="*", default=[8, 64],
+                    help="batch sizes whose LLMEngine.step timeline is profiled")
     args = ap.parse_args()
     from baton.engine.tiny_model import ensure_tiny_model
 
@@ -115,7 +171,8 @@ def main() -> None:
     result["batch1_tpot_ms"] = {}
     result["graph"] = {}
     default_prefetch = skinny_gemm.PREFETCH_BYTES
-    variants = [("no_pdl", False, 0)] + [(f"pdl_prefetch_{mb:g}mb", True, int(mb * 2**20)) for mb in args.prefetch_mb]
+    variants = [] if args.no_pdl_off else [("no_pdl", False, 0)]
+    variants += [(f"pdl_prefetch_{mb:g}mb", True, int(mb * 2**20)) for mb in args.prefetch_mb]
     for key, on, prefetch in variants:
         pdl.ENABLED = on
         skinny_gemm.PREFETCH_BYTES = prefetch
@@ -129,6 +186,13 @@ def main() -> None:
     pdl.ENABLED = True
     skinny_gemm.PREFETCH_BYTES = default_prefetch
     recapture(engine)
+    result["engine_steps"] = {b: step_breakdown(engine, b, 1024, rng) for b in args.step_profile_batches}
+    for b, p in result["engine_steps"].items():
+        print("engine steps", b, {k: v for k, v in p.items() if k not in ("top_gaps", "kernels")})
+        for row in p["top_gaps"][:8]:
+            print("    gap", row)
+        for row in p["kernels"][:10]:
+            print("    kernel", row)
     result["batch1_tpot_ms"]["default"] = bench_batch1(engine, rng, new_tokens=128)["tpot_ms"]  # async on CUDA
     default_config = engine.config
     engine.config = dataclasses.replace(default_config, async_scheduling=False)
@@ -138,6 +202,8 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if not k.startswith("profile")}, indent=1))
     for k in ("profile_b1", "profile_b64"):
+        if k not in result:
+            continue
         p = result[k]
         print(k, {x: p[x] for x in p if x != "top"})
         for row in p["top"][:14]:
