@@ -101,13 +101,20 @@ class AsyncLLMEngine:
 
     # -- the asyncio side ----------------------------------------------------------------
 
-    async def run(self, fn: Callable[[LLMEngine], T]) -> T:
-        """Run `fn(engine)` on the engine thread between steps; return its result."""
+    async def run(self, fn: Callable[[LLMEngine], T], *, always: bool = False) -> T:
+        """Run `fn(engine)` on the engine thread between steps; return its result.
+
+        A caller cancelled before the engine thread reaches the command skips it: right for
+        a query, or for an acquisition nobody would own. With `always` the command runs
+        anyway (the caller still sees its cancellation at once): releases and aborts, which
+        must not be lost because the task that asked for them was cancelled meanwhile.
+        """
         if self._stopped.is_set():
             raise EngineDeadError("the engine was shut down")
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put((fn, fut))
-        return await asyncio.wrap_future(fut)
+        waiter = asyncio.wrap_future(fut)
+        return await (asyncio.shield(waiter) if always else waiter)
 
     async def _stream(self, request_id: str, add: Callable[[LLMEngine], None]) -> AsyncIterator[RequestOutput]:
         if request_id in self._streams:
@@ -168,7 +175,7 @@ class AsyncLLMEngine:
             for out in engine.abort_request(request_id):
                 self._deliver(out.request_id, out)
 
-        await self.run(abort)
+        await self.run(abort, always=True)
 
     async def shutdown(self) -> None:
         self._stopped.set()

@@ -58,16 +58,28 @@ class EnginePool(KVPool):
     async def reserve(self, num_tokens: int) -> list[int]:
         from baton.engine.llm_engine import NoCapacityError
 
+        # Shielded: a caller cancelled once the reservation is queued must not leave blocks
+        # that nobody owns; they go back as soon as the reservation is made.
+        reserving = asyncio.ensure_future(self.engine.run(lambda e: e.reserve_blocks(num_tokens)))
         try:
-            return await self.engine.run(lambda e: e.reserve_blocks(num_tokens))
+            return await asyncio.shield(reserving)
+        except asyncio.CancelledError:
+            reserving.add_done_callback(self._give_back)
+            raise
         except NoCapacityError as exc:
             raise HandoffError("no_capacity", str(exc)) from None
         except ValueError as exc:
             raise HandoffError("bad_request", str(exc)) from None
 
+    def _give_back(self, reserving: asyncio.Future) -> None:
+        if not reserving.cancelled() and reserving.exception() is None:
+            asyncio.ensure_future(self.release(reserving.result()))
+
+    # Releases run even when the task that asked for them is cancelled meanwhile (a gRPC
+    # handler whose call the router cancels while it cleans up): else the blocks stay taken.
     async def release(self, block_ids: list[int]) -> None:
         ids = list(block_ids)
-        await self.engine.run(lambda e: e.release_blocks(ids))
+        await self.engine.run(lambda e: e.release_blocks(ids), always=True)
 
     async def num_free_blocks(self) -> int:
         return await self.engine.run(lambda e: e.block_manager.num_free_blocks)
@@ -76,7 +88,7 @@ class EnginePool(KVPool):
         return await self.engine.run(lambda e: e.held_blocks(request_id))
 
     async def release_held(self, request_id: str) -> None:
-        await self.engine.run(lambda e: e.release_held(request_id))
+        await self.engine.run(lambda e: e.release_held(request_id), always=True)
 
 
 class TensorPool(KVPool):

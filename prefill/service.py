@@ -87,7 +87,7 @@ class PrefillServicer(EngineServicer):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine failed: {exc}")
         completion = final.outputs[0] if final is not None else None
         if completion is None or not completion.token_ids or completion.finish_reason in ("error", "abort"):
-            await self.engine.run(lambda e: e.release_held(rid))
+            await self.engine.run(lambda e: e.release_held(rid), always=True)
             why = (final.error if final is not None else None) or "no token was sampled"
             await context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {why}")
         return final

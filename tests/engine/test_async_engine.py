@@ -130,3 +130,50 @@ async def test_cancel_while_the_add_is_queued_frees_the_blocks(engine):
         await asyncio.sleep(0.02)
     assert await engine.run(lambda e: e.block_manager.num_free_blocks) == total
     assert "p1" not in engine.engine.requests
+
+
+async def test_a_release_whose_caller_is_cancelled_still_runs(engine):
+    """A prefill handler that the router cancels while it releases the KV it held for the
+    handoff: the release, already queued, must not be dropped with the handler."""
+    from baton.kvtransfer.pool import EnginePool
+
+    pool = EnginePool(engine)
+    total = await pool.num_free_blocks()
+    async for _ in engine.generate({"prompt_token_ids": list(range(4, 30))}, SamplingParams(max_tokens=1), "h1",
+                                   hold_kv=True):
+        pass
+    assert await pool.held_blocks("h1")
+    busy = asyncio.ensure_future(engine.run(lambda e: time.sleep(0.3)))  # the release waits in the queue
+    await asyncio.sleep(0.05)
+    releasing = asyncio.ensure_future(pool.release_held("h1"))
+    await asyncio.sleep(0.01)
+    releasing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await releasing
+    await busy
+    assert await pool.held_blocks("h1") is None
+    assert await pool.num_free_blocks() == total
+
+
+async def test_a_reservation_whose_caller_is_cancelled_gives_its_blocks_back(engine):
+    """Cancelled after the engine made the reservation but before the caller saw it."""
+    from baton.kvtransfer.pool import EnginePool
+
+    pool = EnginePool(engine)
+    total = await pool.num_free_blocks()
+    loop = asyncio.get_running_loop()
+    busy = asyncio.ensure_future(engine.run(lambda e: time.sleep(0.3)))
+    await asyncio.sleep(0.05)
+    reserving = asyncio.ensure_future(pool.reserve(40))
+    await asyncio.sleep(0.01)
+    # Queued behind the reservation: the cancel reaches the caller just after its result.
+    cancel = asyncio.ensure_future(engine.run(lambda e: loop.call_soon_threadsafe(reserving.cancel)))
+    await busy
+    await cancel
+    with pytest.raises(asyncio.CancelledError):
+        await reserving
+    for _ in range(100):
+        if await pool.num_free_blocks() == total:
+            break
+        await asyncio.sleep(0.02)
+    assert await pool.num_free_blocks() == total

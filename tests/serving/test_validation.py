@@ -111,10 +111,6 @@ def test_unknown_route_and_method_use_the_error_shape(disaggregated):
     _check_error_body(httpx.get(f"{disaggregated.url}/v1/completions"), 405)
 
 
-# A known bug, not yet found: in full-suite runs (4 of 5 on 2026-11-27; never with
-# tests/serving alone) 3 blocks stay referenced on the prefill worker with no request
-# running or waiting (docs/limits.md). The test still runs and prints what the worker holds.
-@pytest.mark.xfail(reason="known: 3 KV blocks stay held on the prefill worker in full-suite runs", strict=False)
 def test_bad_requests_leave_no_kv_behind(disaggregated):
     """After the tables above (and a guided request that fails on the prefill worker)."""
     httpx.post(f"{disaggregated.url}/v1/completions", timeout=30,
