@@ -8,9 +8,9 @@ each); Hugging Face checkpoint names are mapped onto the fused weights in `load_
 On CUDA (with Triton) three fused kernels replace chains of small ones: residual add +
 RMSNorm, rotary + KV store, SiLU * up (`triton_ops`); in decode steps (few rows) SiLU * up
 runs inside the gate/up product's kernel (`skinny_gemm`), and in small decode-only steps
-the rotary and KV store run inside the attention kernel (a backend's `rope_attend`). They compute what the torch code
-below computes; the CPU path runs the torch code. `set_fused_kernels(False)` turns them off (for
-measuring what they buy).
+the rotary and KV store run inside the attention kernel (a backend's `rope_attend`). They
+compute what the torch code below computes; the CPU path runs the torch code.
+`set_fused_kernels(False)` turns them off (for measuring what they buy).
 """
 
 from __future__ import annotations
