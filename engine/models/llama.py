@@ -197,12 +197,13 @@ class Attention(nn.Module):
         qkv = _linear(self.qkv_proj, x)
         k_cache, v_cache = layer_view(kv, self.layer_idx)
         ops = _fused_ops(qkv)
-        out = None if ops is None else backend.rope_attend(qkv, rotary.cos_sin, k_cache, v_cache, meta)
-        if out is None and ops is not None:
-            q = ops.rope_store(qkv, positions, rotary.cos_sin, k_cache, v_cache, meta.slot_mapping,
-                               a.num_heads, a.num_kv_heads, a.head_dim)
-            out = backend.attend(q, k_cache, v_cache, meta)
-        elif out is None:
+        if ops is not None:
+            out = backend.rope_attend(qkv, rotary.cos_sin, k_cache, v_cache, meta)
+            if out is None:
+                q = ops.rope_store(qkv, positions, rotary.cos_sin, k_cache, v_cache, meta.slot_mapping,
+                                   a.num_heads, a.num_kv_heads, a.head_dim)
+                out = backend.attend(q, k_cache, v_cache, meta)
+        else:
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = q.view(-1, a.num_heads, a.head_dim)
             k = k.view(-1, a.num_kv_heads, a.head_dim)
