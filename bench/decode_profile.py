@@ -34,8 +34,7 @@ from baton.engine.config import EngineArgs  # noqa: E402
 from baton.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from baton.engine.llm_engine import LLMEngine  # noqa: E402
 from baton.engine.models import pdl, skinny_gemm  # noqa: E402
-from baton.sampling_params import SamplingParams  # noqa: E402
-from engine import GREEDY, bench_batch1, gpu_time, machine, release, synthetic_seqs  # noqa: E402
+from engine import bench_batch1, decoding, gpu_time, machine, release, synthetic_seqs  # noqa: E402
 
 
 def graph_times(engine: LLMEngine, batches: list[int], context: int, rng) -> dict:
@@ -101,25 +100,16 @@ def step_breakdown(engine: LLMEngine, batch: int, context: int, rng, steps: int 
     gaps between kernels, by the kernels on either side, and the kernels outside the graph."""
     from torch.profiler import ProfilerActivity, profile
 
-    ids = [f"prof{batch}-{i}" for i in range(batch)]
-    for rid in ids:
-        engine.add_request(rid, {"prompt_token_ids": rng.integers(0, LLAMA31_8B["vocab_size"], context - 1).tolist()},
-                           SamplingParams(max_tokens=context, **GREEDY))
-    while any(not s.output_token_ids for r in engine.requests.values() for s in r.seqs):
-        engine.step()
-    for _ in range(4):
-        engine.step()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
+    with decoding(engine, batch, context, rng, f"prof{batch}"):
+        for _ in range(4):
             engine.step()
         torch.cuda.synchronize()
-    wall_us = (time.perf_counter() - t) * 1e6 / steps
-    for rid in ids:
-        engine.abort_request(rid)
-    while engine.has_unfinished_requests():
-        engine.step()
+        t = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                engine.step()
+            torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t) * 1e6 / steps
     kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
     gaps: dict[tuple[str, str], list[float]] = defaultdict(list)
     for a, b in zip(kernels, kernels[1:]):

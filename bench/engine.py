@@ -15,6 +15,7 @@ input preparation and sampling on the host.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -135,29 +136,39 @@ def bench_decode(engine: LLMEngine, batches: list[int], context: int, rng) -> di
     return results
 
 
+@contextlib.contextmanager
+def decoding(engine: LLMEngine, batch: int, context: int, rng, tag: str):
+    """`batch` requests with random `context - 1`-token prompts and unbounded greedy outputs,
+    all prefilled and decoding together inside the block; aborted and drained after it."""
+    params = SamplingParams(max_tokens=context, **GREEDY)
+    ids = [f"{tag}-{i}" for i in range(batch)]
+    for rid in ids:
+        engine.add_request(rid, {"prompt_token_ids": rng.integers(0, engine.config.vocab_size, context - 1).tolist()},
+                           params)
+    while any(not s.output_token_ids for r in engine.requests.values() for s in r.seqs):  # prefill (chunked)
+        engine.step()
+    try:
+        yield
+    finally:
+        for rid in ids:
+            engine.abort_request(rid)
+        while engine.has_unfinished_requests():
+            engine.step()
+
+
 def bench_decode_engine(engine: LLMEngine, batches: list[int], context: int, rng, steps: int = 24) -> dict:
     """Decode step time through `LLMEngine.step` (the engine's own configuration: on CUDA,
     asynchronous scheduling), `b` requests with `context - 1`-token prompts decoding
     together: the median interval between step() returns once every prompt is prefilled.
     Outputs are unbounded (prompts prefilled first would otherwise finish while the last
     are prefilled, shrinking the batch); the requests are aborted after `steps` steps."""
-    params = SamplingParams(max_tokens=context, **GREEDY)
     results = {}
     for b in batches:
-        ids = [f"dec{b}-{i}" for i in range(b)]
-        for rid in ids:
-            engine.add_request(rid, {"prompt_token_ids": rng.integers(0, LLAMA31_8B["vocab_size"], context - 1).tolist()},
-                               params)
-        while any(not s.output_token_ids for r in engine.requests.values() for s in r.seqs):  # prefill (chunked)
-            engine.step()
-        stamps = [time.perf_counter()]
-        for _ in range(steps):
-            engine.step()
-            stamps.append(time.perf_counter())
-        for rid in ids:
-            engine.abort_request(rid)
-        while engine.has_unfinished_requests():
-            engine.step()
+        with decoding(engine, b, context, rng, f"dec{b}"):
+            stamps = [time.perf_counter()]
+            for _ in range(steps):
+                engine.step()
+                stamps.append(time.perf_counter())
         step = float(np.median(np.diff(stamps[1:])))  # from the second step: the first may start the chain
         results[b] = {"step_ms": 1e3 * step, "floor_ms": 1e3 * decode_floor_s(LLAMA31_8B, b, context)}
         results[b]["ratio"] = results[b]["floor_ms"] / results[b]["step_ms"]
