@@ -7,9 +7,10 @@ each); Hugging Face checkpoint names are mapped onto the fused weights in `load_
 
 On CUDA (with Triton) three fused kernels replace chains of small ones: residual add +
 RMSNorm, rotary + KV store, SiLU * up (`triton_ops`); in decode steps (few rows) SiLU * up
-runs inside the gate/up product's kernel (`skinny_gemm`), and in small decode-only steps
-the rotary and KV store run inside the attention kernel (a backend's `rope_attend`). They
-compute what the torch code below computes; the CPU path runs the torch code.
+runs inside the gate/up product's kernel and the residual add + RMSNorm inside the
+epilogues of the products before and after it (`skinny_gemm`), and in small decode-only
+steps the rotary and KV store run inside the attention kernel (a backend's `rope_attend`).
+They compute what the torch code below computes; the CPU path runs the torch code.
 `set_fused_kernels(False)` turns them off (for measuring what they buy).
 """
 
@@ -47,6 +48,18 @@ def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`layer(x)`; on CUDA with few rows, through the measured-fastest kernel (skinny_gemm)."""
     few = _few_rows(x)
     return layer(x) if few is None else few.linear(layer, x)
+
+
+def _add_norm_fused(layer: nn.Linear, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm,
+                    consumer: nn.Linear, consumer_silu: bool, sums: torch.Tensor | None):
+    """norm(layer(x) + residual), the sum written into `residual`, with the add and the norm
+    in the epilogues of `layer`'s product and of `consumer`'s after it (a pending norm, see
+    skinny_gemm.NormPending); None where that does not apply (CPU, many rows, no fast
+    configuration): the caller runs the product and the norm."""
+    few = _few_rows(x)
+    if few is None:
+        return None
+    return few.linear_add_norm(layer, x, residual, norm.weight, norm.eps, consumer, consumer_silu, sums)
 
 
 def _fused_ops(x: torch.Tensor):
@@ -210,7 +223,7 @@ class Attention(nn.Module):
             v = v.view(-1, a.num_kv_heads, a.head_dim)
             q, k = rotary(positions, q, k)
             out = backend.forward(q, k, v, k_cache, v_cache, meta)
-        return _linear(self.o_proj, out.reshape(-1, self.q_size))
+        return out.reshape(-1, self.q_size)  # the layer applies o_proj (with the add and norm after it)
 
 
 class MLP(nn.Module):
@@ -221,17 +234,21 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear(self.down_proj, self.act(x))
+
+    def act(self, x) -> torch.Tensor:
+        """SiLU(gate) * up: the down projection's input."""
         few = _few_rows(x)
         if few is not None:  # SiLU * up in the product's kernel
             act = few.silu_linear(self.gate_up_proj, x)
             if act is not None:
-                return _linear(self.down_proj, act)
+                return act
         gate_up = _linear(self.gate_up_proj, x)
         ops = _fused_ops(gate_up)
         if ops is not None:
-            return _linear(self.down_proj, ops.silu_mul(gate_up))
+            return ops.silu_mul(gate_up)
         gate, up = gate_up.split(self.inter, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return F.silu(gate) * up
 
 
 class DecoderLayer(nn.Module):
@@ -242,19 +259,36 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, residual, positions, rotary, kv, meta, backend):
+    def forward(self, x, residual, positions, rotary, kv, meta, backend, next_layer: DecoderLayer | None = None,
+                norm_sums: torch.Tensor | None = None):
         """(layer input, residual stream or None) -> (MLP output, residual stream).
 
         The residual add of each sub-block happens inside the next RMSNorm, so that on CUDA
-        it fuses with it: the stream after this layer is `mlp_out + residual`.
+        it fuses with it: the stream after this layer is `mlp_out + residual`. In CUDA
+        decode steps the add and the norm move into the products around them: the input
+        may then be this layer's input norm already (a pending norm, see `_add_norm_fused`),
+        and the output `next_layer`'s, with the stream already added. norm_sums: two zeroed
+        sums-of-squares vectors for those two norms (skinny_gemm.norm_sums), or None.
         """
-        if residual is None:
+        sums = (None, None) if norm_sums is None else norm_sums
+        if hasattr(x, "sums"):  # skinny_gemm.NormPending: the previous layer did this norm
+            h = x
+        elif residual is None:
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, rotary, kv, meta, backend)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        a = self.self_attn(h, positions, rotary, kv, meta, backend)
+        o_proj = self.self_attn.o_proj
+        h = _add_norm_fused(o_proj, a, residual, self.post_attention_layernorm, self.mlp.gate_up_proj, True, sums[0])
+        if h is None:
+            h, residual = self.post_attention_layernorm(_linear(o_proj, a), residual)
+        act = self.mlp.act(h)
+        if next_layer is not None:
+            out = _add_norm_fused(self.mlp.down_proj, act, residual, next_layer.input_layernorm,
+                                  next_layer.self_attn.qkv_proj, False, sums[1])
+            if out is not None:
+                return out, residual
+        return _linear(self.mlp.down_proj, act), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -288,9 +322,13 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
+        few = _few_rows(x)
+        sums = few.norm_sums(2 * len(self.layers), x.device) if few is not None else None
         residual = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, positions, self.rotary, kv, meta, backend)
+        for i, layer in enumerate(self.layers):
+            following = self.layers[i + 1] if i + 1 < len(self.layers) else None
+            x, residual = layer(x, residual, positions, self.rotary, kv, meta, backend, following,
+                                None if sums is None else sums[2 * i : 2 * i + 2])
         if residual is None:  # a model with no layers
             return self.norm(x)
         return self.norm(x, residual)[0]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,9 @@ _times: dict[tuple[int, int, int, torch.dtype], dict] = {}
 # The SiLU-fused variant replaces a separate ~2-3 us kernel: it is used when its
 # configuration is at most this much slower than cuBLAS without the fusion.
 FUSED_CREDIT_US = 2.0
+# Residual add + RMSNorm in the epilogues of the products around it (`linear_add_norm`);
+# BATON_FUSE_NORMS=0 runs the norm kernel instead (benchmarks flip it and recapture).
+FUSE_NORMS = os.environ.get("BATON_FUSE_NORMS", "1") != "0"
 REPORT: dict[str, dict] = {}  # "NxK/M_PAD" -> {"best": ..., "us": {candidate: microseconds}}, for benchmarks
 
 
@@ -56,14 +60,22 @@ def _prefetch_l2(ptr, nbytes):
 
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, prefetch_bytes,
+                   sums_in_ptr, inv_dim, eps, res_ptr, stride_rm, norm_w_ptr, sums_out_ptr,
                    HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, SILU: tl.constexpr, USE_PDL: tl.constexpr):
+                   EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, SILU: tl.constexpr, ROW_SCALE: tl.constexpr,
+                   ADD_NORM: tl.constexpr, USE_PDL: tl.constexpr):
     """out = x @ W.T (+ bias), each program `BLOCK_N` output columns over the whole K.
 
     SILU: W is the fused [gate; up] (N = 2 I); a program takes BLOCK_N / 2 gate rows and the
     matching up rows and writes SiLU(gate) * up [M, I]: the activation costs no kernel of
     its own. (Work on x inside the loop does not pay: a residual add there costs 1.5-6 us
     per product, an RMSNorm's sum of squares 12-80 us, docs/architecture.md.)
+
+    ADD_NORM (the epilogue of the product before an RMSNorm, see `NormPending`): h = out +
+    residual is written into the residual, the program's sums of h^2 over its columns added
+    atomically to `sums_out` [MAX_ROWS] (float64, zeroed beforehand), and out = h * norm
+    weight. ROW_SCALE (the product after it): x is such rows; the accumulator's row m is
+    scaled by rsqrt(sums_in[m] * inv_dim + eps) before the bias.
     """
     pid = tl.program_id(0)
     COLS: tl.constexpr = BLOCK_N // 2 if SILU else BLOCK_N
@@ -86,6 +98,14 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, 
     m_mask = m < M
     x_ptrs = x_ptr + m[:, None] * stride_xm + k[None, :]
     w_ptrs = w_ptr + n[:, None].to(tl.int64) * stride_wn + k[None, :]
+    # The epilogue's operands are loaded before the loop: their latency hides behind it.
+    if ROW_SCALE:
+        ss = tl.load(sums_in_ptr + m, mask=m_mask, other=0.0).to(tl.float32)
+    if ADD_NORM:
+        mn_mask = m_mask[:, None] & n_mask[None, :]
+        res_ptrs = res_ptr + m[:, None] * stride_rm + n[None, :]
+        res = tl.load(res_ptrs, mask=mn_mask, other=0.0)
+        norm_w = tl.load(norm_w_ptr + n, mask=n_mask, other=0.0)
     acc = tl.zeros([M_PAD, COLS], tl.float32)
     if SILU:
         up_ptrs = w_ptrs + N_OUT.to(tl.int64) * stride_wn
@@ -105,6 +125,11 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, 
             up_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if ROW_SCALE:  # the pending RMSNorm's 1/rms
+        scale = 1.0 / tl.sqrt(ss * inv_dim + eps)
+        acc = acc * scale[:, None]
+        if SILU:
+            acc_up = acc_up * scale[:, None]
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if SILU:
@@ -113,6 +138,12 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, 
         g = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
         act = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
         acc = act * acc_up.to(out_ptr.dtype.element_ty).to(tl.float32)
+    if ADD_NORM:  # as the torch code: h = residual + out rounded, its squares in float32
+        h = (acc.to(out_ptr.dtype.element_ty).to(tl.float32) + res.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        tl.store(res_ptrs, h, mask=mn_mask)
+        hf = h.to(tl.float32)
+        tl.atomic_add(sums_out_ptr + m, tl.sum(hf * hf, axis=1).to(tl.float64), mask=m_mask, sem="relaxed")
+        acc = hf * norm_w.to(tl.float32)[None, :]
     tl.store(out_ptr + m[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
 
@@ -127,12 +158,51 @@ def m_pad(rows: int) -> int:
     return next(b for b in BUCKETS if b >= rows)
 
 
-def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: tuple, *,
-              silu: bool = False) -> torch.Tensor:
+@dataclass(frozen=True)
+class NormPending:
+    """The output of an RMSNorm whose 1/rms is not applied yet: `rows` = h * norm weight, and
+    `sums` [MAX_ROWS] the sums of h^2 of each row, added up by the programs of the product
+    before the norm (`linear_add_norm`) in its epilogue. The product after it scales its rows
+    by rsqrt(mean(h^2) + eps) in its own epilogue (`ROW_SCALE`), so the norm costs no kernel.
+
+    Rounding: h * weight is rounded once before the product, where the torch code rounds
+    h / rms and then its product with the weight (a few bf16 units in the last place). The
+    programs add their float32 sums in float64 in whatever order they finish, and the total
+    is rounded to float32 before use: a different order changes it only when the float64
+    sum lies within a few of its units in the last place of a float32 rounding boundary."""
+
+    rows: torch.Tensor
+    sums: torch.Tensor
+    eps: float
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.rows.shape
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.rows.is_cuda
+
+    def normalized(self) -> torch.Tensor:
+        """The norm's output, for a product that cannot take the pending form."""
+        ss = self.sums[: self.rows.shape[0]].float()
+        scale = torch.rsqrt(ss / self.rows.shape[1] + self.eps)
+        return (self.rows.float() * scale[:, None]).to(self.rows.dtype)
+
+
+def skinny_mm(x: torch.Tensor | NormPending, weight: torch.Tensor, bias: torch.Tensor | None, config: tuple, *,
+              silu: bool = False, add_norm: tuple | None = None):
     """x [M, K] (M <= MAX_ROWS, contiguous rows) @ weight[N, K].T (+ bias) with one configuration.
 
     silu: weight is the fused [gate; up] and the result SiLU(gate) * up [M, N / 2].
+    x a `NormPending`: the product of its normalised rows.
+    add_norm (residual, norm weight, eps, sums): RMSNorm(result + residual) as a
+    `NormPending`, the sum written into the residual; sums: a zeroed float64 [MAX_ROWS]
+    (`norm_sums`) the programs add their sums of squares into.
     """
+    pending = x if isinstance(x, NormPending) else None
+    if pending is not None:
+        x = pending.rows
     rows, k = x.shape
     n = weight.shape[0]
     block_n, block_k, warps, stages = config
@@ -142,18 +212,29 @@ def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     launch = launch_kwargs()
     aligned = weight.data_ptr() % 16 == 0 and weight.stride(0) * weight.element_size() % 16 == 0  # bulk copies
     per_program = PREFETCH_BYTES // grid // 16 * 16 if launch["USE_PDL"] and aligned else 0
+    if add_norm is not None:
+        assert not silu, "the SiLU product is never followed by a norm"
+        residual, norm_weight, eps, sums_out = add_norm
+    else:
+        residual, norm_weight, eps, sums_out = out, weight, 0.0, out
+    sums_in = pending.sums if pending is not None else out
     _skinny_kernel[(grid,)](
         x, weight, bias if bias is not None else weight, out, rows, n, k, x.stride(0), weight.stride(0),
-        out.stride(0), per_program, HAS_BIAS=bias is not None, M_PAD=m_pad(rows), BLOCK_N=block_n,
-        BLOCK_K=block_k, EVEN_K=k % block_k == 0, PREFETCH=per_program > 0, SILU=silu, num_warps=warps,
-        num_stages=stages, **launch,
+        out.stride(0), per_program, sums_in, 1.0 / k, pending.eps if pending is not None else eps, residual,
+        residual.stride(0), norm_weight, sums_out,
+        HAS_BIAS=bias is not None, M_PAD=m_pad(rows), BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
+        PREFETCH=per_program > 0, SILU=silu, ROW_SCALE=pending is not None, ADD_NORM=add_norm is not None,
+        num_warps=warps, num_stages=stages, **launch,
     )
-    return out
+    return out if add_norm is None else NormPending(out, sums_out, eps)
 
 
-def _config(layer: nn.Linear, x: torch.Tensor, credit_us: float = 0.0, min_block_n: int = 0) -> tuple | None:
+def _config(layer: nn.Linear, x: torch.Tensor | NormPending, credit_us: float = 0.0,
+            min_block_n: int = 0) -> tuple | None:
     """The fastest measured configuration for this product, or None where cuBLAS is faster
     by more than `credit_us` (what a fused variant saves: the kernel it replaces)."""
+    if isinstance(x, NormPending):
+        x = x.rows
     rows = x.shape[0]
     w = layer.weight
     if rows == 0 or rows > MAX_ROWS or x.stride(-1) != 1:
@@ -168,17 +249,43 @@ def _config(layer: nn.Linear, x: torch.Tensor, credit_us: float = 0.0, min_block
     return best if times[best] <= times["cublas"] + credit_us else None
 
 
-def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def linear(layer: nn.Linear, x: torch.Tensor | NormPending) -> torch.Tensor:
     """`layer(x)`, through the measured-fastest kernel for this shape and row count."""
+    if isinstance(x, NormPending):  # the pending norm in this product's epilogue
+        config = _config(layer, x, FUSED_CREDIT_US)
+        return layer(x.normalized()) if config is None else skinny_mm(x, layer.weight, layer.bias, config)
     config = _config(layer, x)
     return layer(x) if config is None else skinny_mm(x, layer.weight, layer.bias, config)
 
 
-def silu_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
+def silu_linear(layer: nn.Linear, x: torch.Tensor | NormPending) -> torch.Tensor | None:
     """SiLU(gate) * up of the fused gate/up projection `layer(x)` in one kernel, or None where
     this shape has no fast configuration (the caller runs the product and the activation)."""
     config = _config(layer, x, FUSED_CREDIT_US, min_block_n=32)
     return None if config is None else skinny_mm(x, layer.weight, layer.bias, config, silu=True)
+
+
+def norm_sums(count: int, device: torch.device) -> torch.Tensor | None:
+    """Zeroed sums of squares for `count` fused norms of one forward pass ([count, MAX_ROWS]
+    float64, one memset), or None where norms are not fused."""
+    return torch.zeros((count, MAX_ROWS), dtype=torch.float64, device=device) if FUSE_NORMS else None
+
+
+def linear_add_norm(layer: nn.Linear, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                    eps: float, consumer: nn.Linear, consumer_silu: bool,
+                    sums: torch.Tensor | None) -> NormPending | None:
+    """RMSNorm(layer(x) + residual) as a `NormPending` for the product `consumer` after it (its
+    fused SiLU form with `consumer_silu`), the sum written into `residual`; None where either
+    product has no fast configuration (the caller runs the product and the norm kernel).
+    sums: a zeroed row of `norm_sums`."""
+    if not FUSE_NORMS or sums is None:
+        return None
+    config = _config(layer, x, FUSED_CREDIT_US)
+    if config is None or layer.bias is not None or residual.stride(-1) != 1:
+        return None
+    if _config(consumer, x, FUSED_CREDIT_US, min_block_n=32 if consumer_silu else 0) is None:
+        return None
+    return skinny_mm(x, layer.weight, None, config, add_norm=(residual, norm_weight, eps, sums))
 
 
 def graph_time(fn, repeats: int = 5) -> float:

@@ -93,6 +93,34 @@ def test_few_row_matmul_with_silu(dtype, rows, k, bias):
         assert rel_err(act, F.silu(gate) * up) < 3 * TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,hidden,config", [(1, 96, (16, 32, 4, 1)), (5, 96, (32, 64, 4, 2)),
+                                                (33, 1056, (16, 32, 4, 1))])
+def test_residual_add_and_rms_norm_in_the_products_epilogues(dtype, rows, hidden, config):
+    """o_proj's epilogue adds the residual and sums squares, the next product scales its rows."""
+    import torch.nn.functional as F
+
+    attn, inter, eps = 64, 40, 1e-5
+    x, w_o = torch.randn(rows, attn).to(dtype), (torch.randn(hidden, attn) / attn**0.5).to(dtype)
+    residual = torch.randn(rows, hidden).to(dtype)
+    norm_w = (1 + 0.1 * torch.randn(hidden)).to(dtype)
+    w_up, w_qkv = (torch.randn(2 * inter, hidden) / hidden**0.5).to(dtype), torch.randn(48, hidden).to(dtype)
+    b_qkv = torch.randn(48).to(dtype)
+    h = residual.double() + F.linear(x.double(), w_o.double())
+    normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm_w.double()
+    res = residual.clone()
+    sums = skinny_gemm.norm_sums(1, x.device)[0]
+    pending = skinny_gemm.skinny_mm(x, w_o, None, config, add_norm=(res, norm_w, eps, sums))
+    assert rel_err(sums[:rows], res.double().pow(2).sum(-1)) < 1e-6 and not sums[rows:].any()  # of rounded h
+    assert rel_err(res, h) < TOLERANCE[dtype]
+    assert rel_err(pending.normalized(), normed) < 2 * TOLERANCE[dtype]
+    got = skinny_gemm.skinny_mm(pending, w_qkv, b_qkv, (16, 32, 4, 1))
+    assert rel_err(got, F.linear(normed, w_qkv.double(), b_qkv.double())) < 2 * TOLERANCE[dtype]
+    gate, up = F.linear(normed, w_up.double()).chunk(2, dim=-1)
+    act = skinny_gemm.skinny_mm(pending, w_up, None, (32, 32, 4, 1), silu=True)
+    assert rel_err(act, F.silu(gate) * up) < 3 * TOLERANCE[dtype]
+
+
 def test_fused_ops_equal_the_torch_code():
     import torch.nn.functional as F
 

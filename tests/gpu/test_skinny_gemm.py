@@ -59,3 +59,36 @@ def test_silu_fused_into_every_config(rows):
         act = skinny_mm(x, w, None, config, silu=True)
         assert act.shape == (rows, inter) and act.dtype == torch.bfloat16
         assert ((act.float() - want).norm() / want.norm()) < 1e-2, config
+
+
+@pytest.mark.parametrize("rows", [1, 7, 33, 64])
+def test_residual_add_and_norm_in_the_epilogues_of_every_config(rows):
+    """RMSNorm(x @ Wo.T + residual) through the producer's epilogue (sum into the residual,
+    partial sums of squares) and the consumer's row scale equals the torch code's norm then
+    product, for every configuration on either side."""
+    from baton.engine.models.skinny_gemm import CONFIGS, MAX_ROWS, fits, m_pad, skinny_mm
+
+    hidden, attn, inter = 4096, 2048, 1024
+    x = torch.randn(rows, attn, device="cuda", dtype=torch.bfloat16)
+    w_o = torch.randn(hidden, attn, device="cuda", dtype=torch.bfloat16) / attn**0.5
+    w_up = torch.randn(2 * inter, hidden, device="cuda", dtype=torch.bfloat16) / hidden**0.5
+    residual = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
+    norm_weight = (1 + 0.1 * torch.randn(hidden, device="cuda")).to(torch.bfloat16)
+    want_res = F.linear(x, w_o) + residual
+    h = want_res.float()
+    normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_weight.float()
+    gate, up = F.linear(normed, w_up.float()).chunk(2, dim=-1)
+    want_act = F.silu(gate) * up
+    configs = [c for c in CONFIGS if fits(c, m_pad(rows))]
+    for config in configs:
+        res = residual.clone()
+        sums = torch.zeros(MAX_ROWS, dtype=torch.float64, device="cuda")
+        pending = skinny_mm(x, w_o, None, config, add_norm=(res, norm_weight, 1e-5, sums))
+        assert ((res.float() - h).norm() / h.norm()) < 1e-2, config
+        assert ((pending.normalized().float() - normed).norm() / normed.norm()) < 1e-2, config
+        consumer = next(c for c in configs if c[0] >= 32 and c != config) if config[0] < 32 else config
+        act = skinny_mm(pending, w_up, None, consumer, silu=True)
+        assert ((act.float() - want_act).norm() / want_act.norm()) < 2e-2, (config, consumer)
+        got = skinny_mm(pending, w_up, None, config)
+        want = F.linear(normed, w_up.float())
+        assert ((got.float() - want).norm() / want.norm()) < 1e-2, config
