@@ -133,6 +133,54 @@ def step_breakdown(engine: LLMEngine, batch: int, context: int, rng, steps: int 
     }
 
 
+def step_events(engine: LLMEngine, batch: int, context: int, rng, steps: int = 24) -> dict:
+    """Engine steps at one batch size timed with CUDA events instead of the profiler (which
+    slows the host): per step, the GPU time from the step's first input copy to the end of
+    the graph, the sampling kernels after it, and the rest of the step period (the copy of
+    the ids to the host and the GPU waiting for the host); and the host's time per step()."""
+    graphs, sampler = engine.runner.graphs, engine.runner.sampler
+    marks: list[tuple] = []
+    run, sample_ids = graphs.run, sampler.sample_ids
+
+    def timed_run(seqs, input_ids=None):
+        start, graph_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = run(seqs, input_ids)
+        graph_end.record()
+        marks.append([start, graph_end, time.perf_counter()])
+        return out
+
+    def timed_sample(logits, seqs):
+        ids = sample_ids(logits, seqs)
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        if marks and len(marks[-1]) == 3:
+            marks[-1].append(end)
+        return ids
+
+    with decoding(engine, batch, context, rng, f"ev{batch}", lead=steps // 2):
+        for _ in range(4):
+            engine.step()
+        graphs.run, sampler.sample_ids = timed_run, timed_sample
+        try:
+            stamps = [time.perf_counter()]
+            for _ in range(steps):
+                engine.step()
+                stamps.append(time.perf_counter())
+            torch.cuda.synchronize()
+        finally:
+            graphs.run, sampler.sample_ids = run, sample_ids
+    marks = [m for m in marks if len(m) == 4]
+    inputs_graph = [a.elapsed_time(b) * 1e3 for a, b, _, _ in marks]
+    sampling = [b.elapsed_time(d) * 1e3 for _, b, _, d in marks]
+    period = [m0[0].elapsed_time(m1[0]) * 1e3 for m0, m1 in zip(marks, marks[1:])]
+    med = lambda xs: float(np.median(xs))  # noqa: E731
+    return {"batch": batch, "steps": len(marks), "gpu_period_us": med(period),
+            "inputs_and_graph_us": med(inputs_graph), "sampling_us": med(sampling),
+            "rest_of_period_us": med([p - g - s for p, g, s in zip(period, inputs_graph, sampling)]),
+            "host_step_us": 1e6 * med(np.diff(stamps[1:]))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="decode-profile.json")
@@ -141,8 +189,12 @@ def main() -> None:
     ap.add_argument("--prefetch-mb", type=float, nargs="+", default=[0, 4, 8, 16],
                     help="weight bytes per product prefetched into L2 before the PDL wait (PDL on)")
     ap.add_argument("--no-pdl-off", action="store_true", help="skip the variant without PDL (and its kernel profile)")
+    ap.add_argument("--norm-fusion-off", action="store_true",
+                    help="add a variant (PDL on, default prefetch) with the residual add + RMSNorm as its own kernel")
     ap.add_argument("--step-profile-batches", type=int, nargs="*", default=[8, 64],
                     help="batch sizes whose LLMEngine.step timeline is profiled")
+    ap.add_argument("--step-events-batches", type=int, nargs="*", default=[8, 32, 64],
+                    help="batch sizes whose engine steps are timed with CUDA events")
     args = ap.parse_args()
     from baton.engine.tiny_model import ensure_tiny_model
 
@@ -161,11 +213,14 @@ def main() -> None:
     result["batch1_tpot_ms"] = {}
     result["graph"] = {}
     default_prefetch = skinny_gemm.PREFETCH_BYTES
-    variants = [] if args.no_pdl_off else [("no_pdl", False, 0)]
-    variants += [(f"pdl_prefetch_{mb:g}mb", True, int(mb * 2**20)) for mb in args.prefetch_mb]
-    for key, on, prefetch in variants:
+    variants = [] if args.no_pdl_off else [("no_pdl", False, 0, True)]
+    if args.norm_fusion_off:
+        variants.append(("no_norm_fusion", True, default_prefetch, False))
+    variants += [(f"pdl_prefetch_{mb:g}mb", True, int(mb * 2**20), True) for mb in args.prefetch_mb]
+    for key, on, prefetch, fuse_norms in variants:
         pdl.ENABLED = on
         skinny_gemm.PREFETCH_BYTES = prefetch
+        skinny_gemm.FUSE_NORMS = fuse_norms
         recapture(engine)
         result["graph"][key] = graph_times(engine, args.batches, 1024, rng)
         result["batch1_tpot_ms"][key] = bench_batch1(engine, rng, new_tokens=128)["tpot_ms"]
@@ -175,7 +230,11 @@ def main() -> None:
             result["profile_b64"] = kernel_breakdown(engine, max(args.batches), 1024, rng)
     pdl.ENABLED = True
     skinny_gemm.PREFETCH_BYTES = default_prefetch
+    skinny_gemm.FUSE_NORMS = True
     recapture(engine)
+    result["step_events"] = {b: step_events(engine, b, 1024, rng) for b in args.step_events_batches}
+    for b, e in result["step_events"].items():
+        print("step events", b, e, flush=True)
     result["engine_steps"] = {b: step_breakdown(engine, b, 1024, rng) for b in args.step_profile_batches}
     for b, p in result["engine_steps"].items():
         print("engine steps", b, {k: v for k, v in p.items() if k not in ("top_gaps", "kernels")})

@@ -137,13 +137,15 @@ def bench_decode(engine: LLMEngine, batches: list[int], context: int, rng) -> di
 
 
 @contextlib.contextmanager
-def decoding(engine: LLMEngine, batch: int, context: int, rng, tag: str):
-    """`batch` requests with random `context - 1`-token prompts and unbounded greedy outputs,
-    all prefilled and decoding together inside the block; aborted and drained after it."""
+def decoding(engine: LLMEngine, batch: int, context: int, rng, tag: str, lead: int = 0):
+    """`batch` requests with random `context - 1 - lead`-token prompts and unbounded greedy
+    outputs, all prefilled and decoding together inside the block (the first decode step
+    reads `context - lead` tokens of each); aborted and drained after it."""
     params = SamplingParams(max_tokens=context, **GREEDY)
     ids = [f"{tag}-{i}" for i in range(batch)]
+    prompt_len = context - 1 - lead
     for rid in ids:
-        engine.add_request(rid, {"prompt_token_ids": rng.integers(0, engine.config.vocab_size, context - 1).tolist()},
+        engine.add_request(rid, {"prompt_token_ids": rng.integers(0, engine.config.vocab_size, prompt_len).tolist()},
                            params)
     while any(not s.output_token_ids for r in engine.requests.values() for s in r.seqs):  # prefill (chunked)
         engine.step()
@@ -158,13 +160,15 @@ def decoding(engine: LLMEngine, batch: int, context: int, rng, tag: str):
 
 def bench_decode_engine(engine: LLMEngine, batches: list[int], context: int, rng, steps: int = 24) -> dict:
     """Decode step time through `LLMEngine.step` (the engine's own configuration: on CUDA,
-    asynchronous scheduling), `b` requests with `context - 1`-token prompts decoding
-    together: the median interval between step() returns once every prompt is prefilled.
-    Outputs are unbounded (prompts prefilled first would otherwise finish while the last
-    are prefilled, shrinking the batch); the requests are aborted after `steps` steps."""
+    asynchronous scheduling), `b` requests decoding together: the median interval between
+    step() returns once every prompt is prefilled. The prompts are `steps / 2` tokens short
+    of `context`, so that the median step reads `context` tokens of each sequence, as the
+    floor counts. Outputs are unbounded (prompts prefilled first would otherwise finish
+    while the last are prefilled, shrinking the batch); the requests are aborted after
+    `steps` steps."""
     results = {}
     for b in batches:
-        with decoding(engine, b, context, rng, f"dec{b}"):
+        with decoding(engine, b, context, rng, f"dec{b}", lead=steps // 2):
             stamps = [time.perf_counter()]
             for _ in range(steps):
                 engine.step()
