@@ -8,7 +8,10 @@ with PDL on and off (graphs recaptured), batch-1 time per output token through
 the GPU timeline of engine steps (`--step-profile-batches`): the kernels outside the graph
 and the largest gaps between kernels. With PDL a kernel's profiled time includes its wait
 for the previous one, so its sums overlap; the profiler also slows the host, so the gaps
-around a step's copies show the host, not the engine's own pace.
+around a step's copies show the host, not the engine's own pace: `--step-events-batches`
+times engine steps with CUDA events instead (input copies, graph, sampling, the rest of
+the step period, against replays of the same graph alone). `--norm-fusion-off` adds a
+variant with the residual add + RMSNorm as its own kernel.
 
     python3 bench/decode_profile.py --out decode-profile.json
 """
@@ -133,21 +136,36 @@ def step_breakdown(engine: LLMEngine, batch: int, context: int, rng, steps: int 
     }
 
 
+class _MarkedReplay:
+    """A captured graph whose replay first records a CUDA event (into `marks`)."""
+
+    def __init__(self, graph, marks: list):
+        self.graph, self.marks = graph, marks
+
+    def replay(self) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.marks.append(event)
+        self.graph.replay()
+
+
 def step_events(engine: LLMEngine, batch: int, context: int, rng, steps: int = 24) -> dict:
     """Engine steps at one batch size timed with CUDA events instead of the profiler (which
-    slows the host): per step, the GPU time from the step's first input copy to the end of
-    the graph, the sampling kernels after it, and the rest of the step period (the copy of
-    the ids to the host and the GPU waiting for the host); and the host's time per step()."""
+    slows the host): per step, the GPU time of the input copies before the graph, of the
+    graph, of the sampling kernels after it, and the rest of the step period (the copy of
+    the ids to the host and the GPU waiting for the host); the host's time per step(); and,
+    for comparison, back-to-back replays of the last step's graph on the same sequences."""
     graphs, sampler = engine.runner.graphs, engine.runner.sampler
-    marks: list[tuple] = []
-    run, sample_ids = graphs.run, sampler.sample_ids
+    marks: list[list] = []
+    replays: list = []
+    run, sample_ids, captured = graphs.run, sampler.sample_ids, dict(graphs.graphs)
 
     def timed_run(seqs, input_ids=None):
         start, graph_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         out = run(seqs, input_ids)
         graph_end.record()
-        marks.append([start, graph_end, time.perf_counter()])
+        marks.append([start, replays[-1], graph_end])
         return out
 
     def timed_sample(logits, seqs):
@@ -162,6 +180,7 @@ def step_events(engine: LLMEngine, batch: int, context: int, rng, steps: int = 2
         for _ in range(4):
             engine.step()
         graphs.run, sampler.sample_ids = timed_run, timed_sample
+        graphs.graphs = {size: (_MarkedReplay(g, replays), logits) for size, (g, logits) in captured.items()}
         try:
             stamps = [time.perf_counter()]
             for _ in range(steps):
@@ -169,15 +188,19 @@ def step_events(engine: LLMEngine, batch: int, context: int, rng, steps: int = 2
                 stamps.append(time.perf_counter())
             torch.cuda.synchronize()
         finally:
-            graphs.run, sampler.sample_ids = run, sample_ids
+            graphs.run, sampler.sample_ids, graphs.graphs = run, sample_ids, captured
+        size = next(s for s in graphs.sizes if s >= batch)
+        alone_us = 1e6 * gpu_time(graphs.graphs[size][0].replay, repeats=20)
     marks = [m for m in marks if len(m) == 4]
-    inputs_graph = [a.elapsed_time(b) * 1e3 for a, b, _, _ in marks]
-    sampling = [b.elapsed_time(d) * 1e3 for _, b, _, d in marks]
-    period = [m0[0].elapsed_time(m1[0]) * 1e3 for m0, m1 in zip(marks, marks[1:])]
+    us = lambda a, b: a.elapsed_time(b) * 1e3  # noqa: E731
     med = lambda xs: float(np.median(xs))  # noqa: E731
-    return {"batch": batch, "steps": len(marks), "gpu_period_us": med(period),
-            "inputs_and_graph_us": med(inputs_graph), "sampling_us": med(sampling),
-            "rest_of_period_us": med([p - g - s for p, g, s in zip(period, inputs_graph, sampling)]),
+    inputs = [us(a, b) for a, b, _, _ in marks]
+    graph = [us(b, c) for _, b, c, _ in marks]
+    sampling = [us(c, d) for _, _, c, d in marks]
+    period = [us(m0[0], m1[0]) for m0, m1 in zip(marks, marks[1:])]
+    return {"batch": batch, "steps": len(marks), "gpu_period_us": med(period), "inputs_us": med(inputs),
+            "graph_us": med(graph), "graph_alone_us": alone_us, "sampling_us": med(sampling),
+            "rest_of_period_us": med([p - i - g - s for p, i, g, s in zip(period, inputs, graph, sampling)]),
             "host_step_us": 1e6 * med(np.diff(stamps[1:]))}
 
 
