@@ -170,6 +170,43 @@ def test_argmax_rows_takes_the_first_maximum(dtype):
     assert got.tolist() == x.argmax(dim=-1).tolist() == [got[0].item(), 300, 10, 0, 255]
 
 
+def test_engine_with_norms_in_the_products_epilogues_matches_the_torch_path(tiny_dir, monkeypatch):
+    """The wiring of the fused norms on the CPU (llama.DecoderLayer handing `NormPending`
+    rows from product to product, the residual updated in place, one sums row per norm):
+    the engine with every product of <= 64 rows through skinny_gemm generates the tokens of
+    the torch path."""
+    from baton.engine import LLM, SamplingParams
+    from baton.engine.models import llama
+
+    prompts = [list(range(5, 30)), [0, 400, 7]]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+    def generate():
+        llm = LLM(model=str(tiny_dir), device="cpu", num_gpu_blocks_override=32, block_size=4,
+                  max_num_batched_tokens=16)
+        return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+
+    want = generate()
+    # Every product shape of the tiny model (hidden 64, 4 + 2 + 2 heads of 16, MLP 176,
+    # vocab 512) "measured" with one fast Triton configuration.
+    for n, k in [(128, 64), (64, 64), (352, 64), (64, 176), (512, 64)]:
+        for bucket in skinny_gemm.BUCKETS:
+            monkeypatch.setitem(skinny_gemm._times, (n, k, bucket, torch.float32),
+                                {"cublas": 1e9, (16, 32, 4, 1): 1.0, (32, 32, 4, 1): 1.0})
+    monkeypatch.setattr(llama, "_few_rows", lambda x: skinny_gemm if x.shape[0] <= 64 else None)
+    fused = []
+    add_norm = skinny_gemm.linear_add_norm
+
+    def counted(*args):
+        out = add_norm(*args)
+        fused.append(out is not None)
+        return out
+
+    monkeypatch.setattr(skinny_gemm, "linear_add_norm", counted)
+    assert generate() == want
+    assert fused and all(fused)  # 3 of the 4 norms a step of this 2-layer model
+
+
 def test_engine_with_triton_backend_matches_torch_backend(tiny_dir):
     """Whole engine on the CPU through the Triton backend: chunked prefill makes mixed steps."""
     from baton.engine import LLM, SamplingParams
