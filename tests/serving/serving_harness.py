@@ -94,13 +94,20 @@ def scrape(url: str, name: str) -> float:
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+    """Poll `predicate` until it is true. One that raises OSError (a metrics scrape or a
+    connection that timed out while a loaded machine starved the process) counts as not yet;
+    the last such error is chained to the timeout."""
     deadline = time.monotonic() + timeout
+    error = None
     while True:
-        value = predicate()
+        try:
+            value = predicate()
+        except OSError as exc:
+            value, error = None, exc
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}") from error
         time.sleep(interval)
 
 

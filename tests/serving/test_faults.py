@@ -122,6 +122,10 @@ def dep_model_dir():
 
 
 def test_killed_prefill_worker_is_retried_elsewhere(dep):
+    """Requests whose prefix prefers a killed prefill worker are served by the other one. A
+    request that reaches the router before its next poll (every 0.5 s) sees the dead worker
+    and is retried; once a poll has seen it, the worker is out and nothing needs a retry.
+    Which happens first depends on the machine's load: either way the router must say so."""
     prompts = _prompts_preferring(dep, "prefill-0", 3)
     client = dep.client()
     os.kill(dep.processes["prefill-0"].pid, signal.SIGKILL)
@@ -129,7 +133,10 @@ def test_killed_prefill_worker_is_retried_elsewhere(dep):
     outputs = [client.completions.create(model=M, prompt=p, max_tokens=8, temperature=0, extra_body=LONG)
                for p in prompts]
     assert all(o.usage.completion_tokens == 8 for o in outputs)
-    assert any("retrying" in line and "prefill" in line for line in dep.output), "no prefill was retried"
+    address = dep.processes["prefill-0"].grpc
+    retried = any("retrying" in line and "prefill" in line for line in dep.output)
+    polled_out = any(f"prefill worker {address} failed" in line for line in dep.output)
+    assert retried or polled_out, "the router neither retried a prefill nor took prefill-0 out"
     wait_until(lambda: all_kv_free(dep), what="KV freed")
 
 
