@@ -233,11 +233,9 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(self.down_proj, self.act(x))
-
     def act(self, x) -> torch.Tensor:
-        """SiLU(gate) * up: the down projection's input."""
+        """SiLU(gate) * up: the down projection's input (the layer applies down_proj, with the
+        add and norm after it)."""
         few = _few_rows(x)
         if few is not None:  # SiLU * up in the product's kernel
             act = few.silu_linear(self.gate_up_proj, x)
