@@ -251,11 +251,11 @@ def _config(layer: nn.Linear, x: torch.Tensor | NormPending, credit_us: float = 
 
 def linear(layer: nn.Linear, x: torch.Tensor | NormPending) -> torch.Tensor:
     """`layer(x)`, through the measured-fastest kernel for this shape and row count."""
-    if isinstance(x, NormPending):  # the pending norm in this product's epilogue
-        config = _config(layer, x, FUSED_CREDIT_US)
-        return layer(x.normalized()) if config is None else skinny_mm(x, layer.weight, layer.bias, config)
-    config = _config(layer, x)
-    return layer(x) if config is None else skinny_mm(x, layer.weight, layer.bias, config)
+    pending = isinstance(x, NormPending)  # then the norm goes in this product's epilogue
+    config = _config(layer, x, FUSED_CREDIT_US if pending else 0.0)
+    if config is None:
+        return layer(x.normalized() if pending else x)
+    return skinny_mm(x, layer.weight, layer.bias, config)
 
 
 def silu_linear(layer: nn.Linear, x: torch.Tensor | NormPending) -> torch.Tensor | None:
