@@ -204,6 +204,9 @@ class Attention(nn.Module):
         self.kv_size = args.num_kv_heads * args.head_dim
         self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
+        # The form decode steps run these products in, which skinny_gemm.tune times.
+        self.qkv_proj.skinny_form = "row_scale"
+        self.o_proj.skinny_form = "add_norm"
 
     def forward(self, x, positions, rotary: Rotary, kv: torch.Tensor, meta, backend: AttentionBackend):
         a = self.args
@@ -232,6 +235,8 @@ class MLP(nn.Module):
         self.inter = args.intermediate_size
         self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.gate_up_proj.skinny_form = "silu_row_scale"
+        self.down_proj.skinny_form = "add_norm"
 
     def act(self, x) -> torch.Tensor:
         """SiLU(gate) * up: the down projection's input (the layer applies down_proj, with the
