@@ -6,9 +6,10 @@ whole forward pass and the LM head with one launch. A step of `n` sequences repl
 graph of the smallest captured size `>= n`; the padding rows have length 0 and slot -1, so
 they read and write no KV and their logits are ignored.
 
-Inputs live in static device buffers that the graphs read; each step fills pinned host
-mirrors with numpy and copies them over with two non-blocking transfers (int64: token ids,
-positions, slots; int32: lengths and block tables). The copy of step n+1 can never overwrite
+Inputs live in one static device buffer that the graphs read (int64 rows: token ids,
+positions, slots; then int32: lengths and block tables); each step fills a pinned host
+mirror with numpy and copies the part the step's graph reads over in one non-blocking
+transfer. The copy of step n+1 can never overwrite
 inputs step n still reads (the copies and replays are ordered on one stream), and the host
 never rewrites a mirror whose copy may still be queued: steps alternate between two sets
 of mirrors, and the host has waited for step n-1's tokens before it fills step n+1's.
@@ -47,29 +48,33 @@ class DecodeGraphs:
         self.max_size = self.sizes[-1]
         self.width = -(-max_model_len // block_size)  # block-table columns
         b, w = self.max_size, self.width
-        # int64 rows: ids, positions, slots. int32: lengths [b], then tables [b, w].
-        self._longs = torch.zeros((3, b), dtype=torch.long, device=device)
-        self._ints = torch.zeros(b + b * w, dtype=torch.int32, device=device)
-        # Two sets of pinned host mirrors, used in turn: with asynchronous scheduling the next
-        # step's inputs are written while the previous step's copy may still be queued.
-        self._host_sets = [self._host_set(b, w) for _ in range(2)]
+        # int64 rows: ids, positions, slots [3, b]. int32: lengths [b], then tables [b, w].
+        self._inputs = torch.zeros(self._nbytes(b), dtype=torch.uint8, device=device)
+        self._longs, self._ints = self._views(self._inputs, b)
+        # Two pinned host mirrors, used in turn: with asynchronous scheduling the next step's
+        # inputs are written while the previous step's copy may still be queued.
+        self._host_sets = [torch.zeros(self._nbytes(b), dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        for host in self._host_sets:
+            self._views(host, b)[0][2] = -1
         self._use_host_set(0)
         self._tables = self._ints[b:].view(b, w)
         self._query_start = torch.arange(b + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.num_replays = 0
 
-    @staticmethod
-    def _host_set(b: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-        longs = torch.zeros((3, b), dtype=torch.long, pin_memory=True)
-        longs[2] = -1
-        return longs, torch.zeros(b + b * w, dtype=torch.int32, pin_memory=True)
+    def _nbytes(self, size: int) -> int:
+        """Bytes of the inputs a graph of `size` rows reads (all int64 rows and lengths)."""
+        return 8 * 3 * self.max_size + 4 * (self.max_size + size * self.width)
+
+    def _views(self, buf: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return buf[: 24 * b].view(torch.long).view(3, b), buf[24 * b :].view(torch.int32)
 
     def _use_host_set(self, i: int) -> None:
         self._host_index = i
-        self._host_longs, self._host_ints = self._host_sets[i]
-        self._np_longs = self._host_longs.numpy()
-        self._np_ints = self._host_ints.numpy()
+        self._host = self._host_sets[i]
+        longs, ints = self._views(self._host, self.max_size)
+        self._np_longs = longs.numpy()
+        self._np_ints = ints.numpy()
         self._host_tables = self._np_ints[self.max_size :].reshape(self.max_size, self.width)
 
     def _meta(self, size: int) -> AttentionMetadata:
@@ -148,6 +153,5 @@ class DecodeGraphs:
         return size
 
     def _upload(self, size: int) -> None:
-        self._longs.copy_(self._host_longs, non_blocking=True)
-        end = self.max_size + size * self.width  # all lengths, then the first `size` table rows
-        self._ints[:end].copy_(self._host_ints[:end], non_blocking=True)
+        end = self._nbytes(size)  # the first `size` table rows
+        self._inputs[:end].copy_(self._host[:end], non_blocking=True)
