@@ -10,8 +10,8 @@ partial output and its log-sum-exp (base 2), and a second kernel merges them.
 With `rope` (a decode-only step of a Llama-family model), the kernel also does the rotary
 embedding and the KV store that `triton_ops.rope_store` would do in a kernel of its own:
 each program rotates its query heads as it loads them; the new token's key and value never
-go through the cache in this kernel (the walk covers the `seq_len - 1` cached tokens), split
-0 adds their contribution from registers and stores them in the cache for later steps.
+go through the cache in this kernel (the walk covers the `seq_len - 1` cached tokens): split
+0 starts its softmax with them, from registers, and stores them in the cache for later steps.
 
 The grid depends only on the number of sequences (never on their lengths), so a decode
 step can be captured in a CUDA graph once per batch size and replayed for any lengths.
@@ -77,6 +77,7 @@ def _decode_split_kernel(
     per_split = tl.cdiv(tl.cdiv(cached, num_splits), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, cached)
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, D_PAD)
@@ -85,37 +86,26 @@ def _decode_split_kernel(
     d_mask = d < HEAD_DIM
     q_ptrs = q_ptr + q_row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh
     q = tl.load(q_ptrs + d[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0)
-    if ROPE:
-        cos, sin, partner = _rope_factors(cs_ptr, seq_len, stride_cs, d, d_mask, HEAD_DIM)
-        q_partner = tl.load(q_ptrs + partner[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0)
-        q = (q.to(tl.float32) * cos[None, :] + q_partner.to(tl.float32) * sin[None, :]).to(q.dtype)
     qk_scale = scale * 1.4426950408889634  # softmax in base 2
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
-    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
-    for n0 in range(start, end, BLOCK_N):
-        m_i, l_i, acc = attend_tile(q, k_ptr, v_ptr, bt_row, kvh, n0, m_i, end, d, d_mask, m_i, l_i, acc, qk_scale,
-                                    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                                    BLOCK_SIZE, BLOCK_N, False, True, PRECISION)
     if ROPE:
+        cos, sin, partner = _rope_factors(cs_ptr, seq_len, stride_cs, d, d_mask, HEAD_DIM)
+        q_partner = tl.load(q_ptrs + partner[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+        q = (q.to(tl.float32) * cos[None, :] + q_partner.to(tl.float32) * sin[None, :]).to(q.dtype)
         if (split == 0) & (seq_len > 0):
-            # The new token: rotate its key, add it and its value to split 0's softmax, and
-            # store both where the next steps read them. (The factors are loaded again rather
-            # than kept in registers through the loop.)
-            cos, sin, partner = _rope_factors(cs_ptr, seq_len, stride_cs, d, d_mask, HEAD_DIM)
+            # The new token first, before the walk (its loads overlap the walk's first ones
+            # instead of adding a chain of them at the end): rotate its key, start split
+            # 0's softmax with it and its value, and store both where later steps read them.
             kn_row = kn_ptr + q_row.to(tl.int64) * stride_nt + kvh * HEAD_DIM
             k_new = tl.load(kn_row + d, mask=d_mask, other=0.0)
             k_partner = tl.load(kn_row + partner, mask=d_mask, other=0.0)
             k_rot = (k_new.to(tl.float32) * cos + k_partner.to(tl.float32) * sin).to(k_ptr.dtype.element_ty)
             v_new = tl.load(vn_ptr + q_row.to(tl.int64) * stride_nt + kvh * HEAD_DIM + d, mask=d_mask, other=0.0)
-            s_new = tl.sum(q.to(tl.float32) * k_rot.to(tl.float32)[None, :], 1) * qk_scale
-            m_new = tl.maximum(m_i, s_new)
-            alpha = tl.exp2(m_i - m_new)
-            p_new = tl.exp2(s_new - m_new)
-            l_i = l_i * alpha + p_new
-            acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
-            m_i = m_new
+            m_i = tl.sum(q.to(tl.float32) * k_rot.to(tl.float32)[None, :], 1) * qk_scale
+            l_i = tl.full([GROUP_PAD], 1.0, tl.float32)
+            acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32) + v_new.to(tl.float32)[None, :]
             slot = tl.load(slot_ptr + seq)
             if slot >= 0:  # a negative slot: a padding row of a captured batch
                 page = slot // BLOCK_SIZE
@@ -123,6 +113,10 @@ def _decode_split_kernel(
                 tl.store(k_ptr + page * stride_kb + off * stride_kt + kvh * stride_kh + d, k_rot, mask=d_mask)
                 tl.store(v_ptr + page * stride_vb + off * stride_vt + kvh * stride_vh + d,
                          v_new.to(v_ptr.dtype.element_ty), mask=d_mask)
+    for n0 in range(start, end, BLOCK_N):
+        m_i, l_i, acc = attend_tile(q, k_ptr, v_ptr, bt_row, kvh, n0, m_i, end, d, d_mask, m_i, l_i, acc, qk_scale,
+                                    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                                    BLOCK_SIZE, BLOCK_N, False, True, PRECISION)
 
     out_mask = g_mask[:, None] & d_mask[None, :]
     safe_l = tl.where(l_i > 0, l_i, 1.0)  # an empty split (or length 0) writes zeros
