@@ -24,7 +24,7 @@ from triton.testing import do_bench
 
 from baton.engine.attention.base import AttentionMetadata
 from baton.engine.attention.torch_ref import TorchAttention
-from baton.engine.attention.triton_decode import num_splits_for, paged_decode
+from baton.engine.attention.triton_decode import decode_config, num_splits_for, paged_decode
 from baton.engine.attention.triton_prefill import paged_prefill
 from baton.engine.models.skinny_gemm import graph_time
 
@@ -127,6 +127,55 @@ def bench_decode_rope(batches, context) -> list[dict]:
     return rows
 
 
+def bench_decode_cold(batches, context) -> list[dict]:
+    """The fused-rotary decode kernel as a decode step runs it, per launch configuration, with
+    cold KV: each call of the timed graph reads other sequences (disjoint pages), ~256 MB of
+    KV per graph (more than the 50 MB L2), unlike the repeated calls of `bench_decode`, which
+    at small batches read the same ~34 MB from L2 again."""
+    rows = []
+    nb = context // BS + 1
+    for b in batches:
+        kv_bytes = b * context * HKV * D * 2 * 2
+        copies = max(4, -(-256 * 2**20 // kv_bytes))
+        k_cache, v_cache = pool(copies * b * nb + 1)
+        perm = torch.randperm(copies * b * nb, device="cuda", dtype=torch.int32).view(copies, b, nb)
+        lens = torch.full((b,), context, dtype=torch.int32, device="cuda")
+        cos_sin = torch.randn((context + 1, D), dtype=torch.float32, device="cuda")
+        calls = []
+        for c in range(copies):
+            qkv = torch.randn((b, (H + 2 * HKV) * D), dtype=DT, device="cuda")
+            slots = (perm[c, :, (context - 1) // BS].long() * BS + (context - 1) % BS).contiguous()
+            calls.append((qkv[:, : H * D].view(b, H, D), perm[c], torch.empty((b, H, D), dtype=DT, device="cuda"),
+                          (cos_sin, qkv[:, H * D : (H + HKV) * D], qkv[:, (H + HKV) * D :], slots)))
+        split_options = {1: [1, 2, 4, 8, 16], 8: [1, 2, 3, 4, 5, 6, 8, 12], 32: [1, 2, 3], 64: [1, 2]}.get(b, [1, 2])
+        auto = num_splits_for(b, HKV)
+        for block_n in (32, 64, 128):
+            for stages in (2, 3):
+                for warps in (4, 8):
+                    for splits in sorted({auto, *split_options}):
+                        kw = dict(num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)
+
+                        def run(kw=kw, calls=calls, caches=(k_cache, v_cache), lens=lens):
+                            for q, tables, out, rope in calls:
+                                paged_decode(q, *caches, tables, lens, D**-0.5, out, rope=rope, **kw)
+
+                        try:
+                            run()
+                        except Exception as exc:  # a configuration that does not compile
+                            rows.append({"batch": b, **kw, "error": str(exc)[:200]})
+                            continue
+                        t = graph_time(run, repeats=20) * 1e3 / copies
+                        rows.append({"batch": b, **kw, "auto": splits == auto and (block_n, stages) == decode_config(
+                            D, b, HKV) and warps == 4, "ms": t, "kv_GBs": kv_bytes / t / 1e6})
+        best = sorted((r for r in rows if r["batch"] == b and "ms" in r), key=lambda r: r["ms"])
+        print(f"cold decode b={b}: default", [r for r in best if r["auto"]], flush=True)
+        for r in best[:8]:
+            print("   ", r, flush=True)
+        calls = k_cache = v_cache = None  # free the pool before the next batch's
+        torch.cuda.empty_cache()
+    return rows
+
+
 def bench_prefill(lengths) -> list[dict]:
     rows = []
     for n in lengths:
@@ -202,12 +251,15 @@ def main() -> None:
     ap.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8, 64, 256])
     ap.add_argument("--decode-only", action="store_true", help="skip the ceilings and prefill")
     ap.add_argument("--rope-only", action="store_true", help="of the decode cases, only the fused-rotary ones")
+    ap.add_argument("--cold-only", action="store_true", help="of the decode cases, only the cold-KV sweep")
     args = ap.parse_args()
     result = {"machine": torch.cuda.get_device_name(0), "command": " ".join(["python3", *sys.argv]),
               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     result["ceilings"] = {} if args.decode_only else ceilings()
-    result["decode"] = [] if args.rope_only else bench_decode(args.decode_batches, 1024)
-    result["decode_rope"] = bench_decode_rope(args.decode_batches, 1024)
+    only = args.rope_only or args.cold_only
+    result["decode"] = [] if only else bench_decode(args.decode_batches, 1024)
+    result["decode_rope"] = [] if args.cold_only else bench_decode_rope(args.decode_batches, 1024)
+    result["decode_cold"] = [] if args.rope_only else bench_decode_cold(args.decode_batches, 1024)
     result["prefill"] = [] if args.decode_only else bench_prefill([2048, 8192])
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -3,7 +3,7 @@
 For a Llama-3.1-8B-shaped model with random weights (as `bench/engine.py`), 1k-token
 contexts: the GPU time of one replay of the captured decode graph at several batch sizes,
 with PDL on and off (graphs recaptured), batch-1 time per output token through
-`LLMEngine.step`, a kernel-by-kernel breakdown of one batch-1 replay from the profiler
+`LLMEngine.step`, a kernel-by-kernel breakdown of one replay at each batch size from the profiler
 (sum of kernel times against the replay's time: the rest is the GPU between kernels), and
 the GPU timeline of engine steps (`--step-profile-batches`): the kernels outside the graph
 and the largest gaps between kernels. With PDL a kernel's profiled time includes its wait
@@ -11,7 +11,7 @@ for the previous one, so its sums overlap; the profiler also slows the host, so 
 around a step's copies show the host, not the engine's own pace: `--step-events-batches`
 times engine steps with CUDA events instead (input copies, graph, sampling, the rest of
 the step period, against replays of the same graph alone). `--norm-fusion-off` adds a
-variant with the residual add + RMSNorm as its own kernel.
+variant with the residual add + RMSNorm as its own kernel; `--variant` any other setting.
 
     python3 bench/decode_profile.py --out decode-profile.json
 """
@@ -19,6 +19,7 @@ variant with the residual add + RMSNorm as its own kernel.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import datetime
 import json
@@ -33,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_workload import LLAMA31_8B, decode_floor_s, write_random_checkpoint  # noqa: E402
 
+from baton.engine.attention import triton_backend, triton_decode  # noqa: E402
 from baton.engine.config import EngineArgs  # noqa: E402
 from baton.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from baton.engine.llm_engine import LLMEngine  # noqa: E402
@@ -214,6 +216,11 @@ def main() -> None:
     ap.add_argument("--no-pdl-off", action="store_true", help="skip the variant without PDL (and its kernel profile)")
     ap.add_argument("--norm-fusion-off", action="store_true",
                     help="add a variant (PDL on, default prefetch) with the residual add + RMSNorm as its own kernel")
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--max-num-seqs", type=int, default=0, help="default: the largest of --batches")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="a variant to time, 'name:module.NAME=value,...' (modules: pdl, skinny_gemm, "
+                         "triton_decode, triton_backend; values are Python literals)")
     ap.add_argument("--step-profile-batches", type=int, nargs="*", default=[8, 64],
                     help="batch sizes whose LLMEngine.step timeline is profiled")
     ap.add_argument("--step-events-batches", type=int, nargs="*", default=[8, 32, 64],
@@ -227,7 +234,8 @@ def main() -> None:
     model_dir = write_random_checkpoint(Path(args.model_dir), LLAMA31_8B, ensure_tiny_model())
     t = time.perf_counter()
     engine = LLMEngine.from_engine_args(EngineArgs(
-        model=str(model_dir), dtype="bfloat16", device="cuda", max_model_len=2048, max_num_seqs=max(args.batches),
+        model=str(model_dir), dtype="bfloat16", device="cuda", max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs or max(args.batches),
         gpu_memory_utilization=0.9))
     result["engine_start_s"] = time.perf_counter() - t
     result["pdl_enabled_at_start"] = pdl.enabled()
@@ -235,25 +243,34 @@ def main() -> None:
     engine.runner.kv.normal_()
     result["batch1_tpot_ms"] = {}
     result["graph"] = {}
-    default_prefetch = skinny_gemm.PREFETCH_BYTES
-    variants = [] if args.no_pdl_off else [("no_pdl", False, 0, True)]
+    modules = {"pdl": pdl, "skinny_gemm": skinny_gemm, "triton_decode": triton_decode,
+               "triton_backend": triton_backend}
+    variants = [] if args.no_pdl_off else [("no_pdl", {"pdl.ENABLED": False, "skinny_gemm.PREFETCH_BYTES": 0})]
     if args.norm_fusion_off:
-        variants.append(("no_norm_fusion", True, default_prefetch, False))
-    variants += [(f"pdl_prefetch_{mb:g}mb", True, int(mb * 2**20), True) for mb in args.prefetch_mb]
-    for key, on, prefetch, fuse_norms in variants:
-        pdl.ENABLED = on
-        skinny_gemm.PREFETCH_BYTES = prefetch
-        skinny_gemm.FUSE_NORMS = fuse_norms
+        variants.append(("no_norm_fusion", {"skinny_gemm.FUSE_NORMS": False}))
+    variants += [(f"pdl_prefetch_{mb:g}mb", {"skinny_gemm.PREFETCH_BYTES": int(mb * 2**20)}) for mb in args.prefetch_mb]
+    for spec in args.variant:  # "name:module.NAME=value,..."
+        key, _, sets = spec.partition(":")
+        variants.append((key, {k: ast.literal_eval(v) for k, v in (a.split("=") for a in sets.split(","))}))
+    defaults = {"pdl.ENABLED": True}
+    for _, settings in variants:
+        for name in settings:
+            mod, attr = name.split(".")
+            defaults.setdefault(name, getattr(modules[mod], attr))
+    for key, settings in variants:
+        for name, value in {**defaults, **settings}.items():
+            mod, attr = name.split(".")
+            setattr(modules[mod], attr, value)
         recapture(engine)
         result["graph"][key] = graph_times(engine, args.batches, 1024, rng)
         result["batch1_tpot_ms"][key] = bench_batch1(engine, rng, new_tokens=128)["tpot_ms"]
         print(key, result["batch1_tpot_ms"][key], result["graph"][key], flush=True)
         if key == "no_pdl":  # kernel times without PDL's overlap: each kernel's own duration
-            result["profile_b1"] = kernel_breakdown(engine, 1, 1024, rng)
-            result["profile_b64"] = kernel_breakdown(engine, max(args.batches), 1024, rng)
-    pdl.ENABLED = True
-    skinny_gemm.PREFETCH_BYTES = default_prefetch
-    skinny_gemm.FUSE_NORMS = True
+            for b in args.batches:
+                result[f"profile_b{b}"] = kernel_breakdown(engine, b, 1024, rng)
+    for name, value in defaults.items():
+        mod, attr = name.split(".")
+        setattr(modules[mod], attr, value)
     recapture(engine)
     result["step_events"] = {b: step_events(engine, b, 1024, rng) for b in args.step_events_batches}
     for b, e in result["step_events"].items():
@@ -273,9 +290,7 @@ def main() -> None:
     print(result["batch1_tpot_ms"], flush=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if not k.startswith("profile")}, indent=1))
-    for k in ("profile_b1", "profile_b64"):
-        if k not in result:
-            continue
+    for k in [k for k in result if k.startswith("profile_b")]:
         p = result[k]
         print(k, {x: p[x] for x in p if x != "top"})
         for row in p["top"][:14]:
