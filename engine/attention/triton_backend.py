@@ -63,7 +63,9 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 # Measured on an H100 at 1k-token contexts, 8 KV heads (bench/attention_kernels.py, decode_rope):
 # fused against plain + rope_store (3.2 us), per layer: batch 1 5.7 against 5.3 + 3.2 us,
-# batch 8 15.3 against 14.2 + 3.2, batch 32 55.0 against 49.9 + 3.2.
+# batch 8 15.3 against 14.2 + 3.2, batch 32 55.0 against 49.9 + 3.2. With the new token
+# handled before the walk, whole decode graphs at batch 32 / 64 took 7.283 / 8.718 ms fused
+# against 7.298 / 8.704 with rope_store (decode-profile-attention-variants-h100.json): no gain.
 ROPE_MAX_PAIRS = 128
 
 
@@ -90,8 +92,8 @@ class TritonAttention(AttentionBackend):
 
     def rope_attend(self, qkv, cos_sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor | None:
         """Decode-only steps of at most `ROPE_MAX_PAIRS` (sequence, KV head) pairs: the decode
-        kernel rotates and stores too, saving the rope_store kernel (~3 us). With more, its
-        programs walk longer and the extra work at their end costs more than that."""
+        kernel rotates and stores too, saving the rope_store kernel (~3 us). With more, the
+        decode kernel gets slower by about what the saved kernel took."""
         if not meta.is_decode_only or meta.num_seqs * self.num_kv_heads > ROPE_MAX_PAIRS:
             return None
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
