@@ -97,6 +97,16 @@ def _decode_case(b: int, context: int, k_cache, v_cache) -> list[dict]:
     return rows
 
 
+def _rope_step(tables: torch.Tensor, context: int, cos_sin: torch.Tensor):
+    """(q [b, H, D] not rotated, out, rope args) of a fused-rotary decode step whose sequences
+    hold `context` tokens, the last one new (its key and value still in the Q/K/V output)."""
+    b = tables.shape[0]
+    qkv = torch.randn((b, (H + 2 * HKV) * D), dtype=DT, device="cuda")
+    q = qkv[:, : H * D].view(b, H, D)
+    slots = (tables[:, (context - 1) // BS].long() * BS + (context - 1) % BS).contiguous()
+    return q, torch.empty_like(q), (cos_sin, qkv[:, H * D : (H + HKV) * D], qkv[:, (H + HKV) * D :], slots)
+
+
 def bench_decode_rope(batches, context) -> list[dict]:
     """The decode kernel with the rotary and KV store fused in (`rope`, as a decode-only
     step runs it) against the plain kernel, per tile configuration, at the default splits."""
@@ -106,12 +116,8 @@ def bench_decode_rope(batches, context) -> list[dict]:
         nb = context // BS + 1
         tables = torch.randperm(b * nb, device="cuda", dtype=torch.int32).view(b, nb)
         lens = torch.full((b,), context, dtype=torch.int32, device="cuda")
-        qkv = torch.randn((b, (H + 2 * HKV) * D), dtype=DT, device="cuda")
-        q = qkv[:, : H * D].view(b, H, D)
         cos_sin = torch.randn((context + 1, D), dtype=torch.float32, device="cuda")
-        slots = (tables[:, (context - 1) // BS].long() * BS + (context - 1) % BS).contiguous()
-        rope = (cos_sin, qkv[:, H * D : (H + HKV) * D], qkv[:, (H + HKV) * D :], slots)
-        out = torch.empty_like(q)
+        q, out, rope = _rope_step(tables, context, cos_sin)
         for block_n, stages in ((None, None), (32, 2), (64, 2), (64, 3), (128, 2)):
             for fused in (False, True):
                 kw = dict(block_n=block_n, num_stages=stages, rope=rope if fused else None)
@@ -141,12 +147,7 @@ def bench_decode_cold(batches, context) -> list[dict]:
         perm = torch.randperm(copies * b * nb, device="cuda", dtype=torch.int32).view(copies, b, nb)
         lens = torch.full((b,), context, dtype=torch.int32, device="cuda")
         cos_sin = torch.randn((context + 1, D), dtype=torch.float32, device="cuda")
-        calls = []
-        for c in range(copies):
-            qkv = torch.randn((b, (H + 2 * HKV) * D), dtype=DT, device="cuda")
-            slots = (perm[c, :, (context - 1) // BS].long() * BS + (context - 1) % BS).contiguous()
-            calls.append((qkv[:, : H * D].view(b, H, D), perm[c], torch.empty((b, H, D), dtype=DT, device="cuda"),
-                          (cos_sin, qkv[:, H * D : (H + HKV) * D], qkv[:, (H + HKV) * D :], slots)))
+        calls = [(perm[c], *_rope_step(perm[c], context, cos_sin)) for c in range(copies)]
         split_options = {1: [1, 2, 4, 8, 16], 8: [1, 2, 3, 4, 5, 6, 8, 12], 32: [1, 2, 3], 64: [1, 2]}.get(b, [1, 2])
         auto = num_splits_for(b, HKV)
         for block_n in (32, 64, 128):
@@ -156,7 +157,7 @@ def bench_decode_cold(batches, context) -> list[dict]:
                         kw = dict(num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)
 
                         def run(kw=kw, calls=calls, caches=(k_cache, v_cache), lens=lens):
-                            for q, tables, out, rope in calls:
+                            for tables, q, out, rope in calls:
                                 paged_decode(q, *caches, tables, lens, D**-0.5, out, rope=rope, **kw)
 
                         try:
