@@ -31,11 +31,22 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 64
 # Bytes of each product's weights (all programs together) prefetched into L2 before waiting
 # on the previous kernel, when PDL is on. 0 turns it off.
-PREFETCH_BYTES = int(float(os.environ.get("BATON_PREFETCH_MB", "4")) * 2**20)
+PREFETCH_BYTES = int(float(os.environ.get("BATON_PREFETCH_MB", "8")) * 2**20)
+# 2: each program prefetches the start of each of its rows (what its K loop reads first);
+# 1: its first rows, whole. 2 with 8 MiB beat 1 with 4 MiB in decode graphs on an H100 (by
+# 36 / 22 us a step at batch 8 / 32, bench/results/decode-profile-swap-prefetch-h100.json).
+PREFETCH_MODE = int(os.environ.get("BATON_PREFETCH_MODE", "2"))
 BUCKETS = (16, 32, 64)
 # (BLOCK_N, BLOCK_K, num_warps, num_stages)
 CONFIGS = [(16, 256, 4, 4), (16, 256, 4, 6), (16, 512, 4, 3), (16, 128, 4, 8), (32, 256, 4, 4), (32, 128, 4, 6),
            (32, 128, 4, 8), (64, 128, 4, 4), (64, 128, 4, 6), (64, 256, 4, 3), (64, 256, 8, 3), (128, 128, 8, 3)]
+# A fifth entry 1: the transposed product (`SWAP`): on an H100 it wins Q/K/V at 16-32 rows,
+# gate/up at 32-64 and lm_head (bench/results/skinny-tuning-h100.json); decode graphs took
+# 80-110 us less a step at batch 1-32 with it (decode-profile-swap-prefetch-h100.json).
+# USE_SWAP = False leaves these out of the choice (benchmarks flip it and recapture).
+USE_SWAP = True
+CONFIGS += [(64, 128, 4, 4, 1), (64, 128, 4, 6, 1), (64, 256, 4, 3, 1), (128, 128, 4, 3, 1), (128, 128, 8, 3, 1),
+            (128, 64, 4, 6, 1), (128, 256, 8, 2, 1)]
 
 # (N, K, M_PAD, dtype) -> {configuration or "cublas": microseconds per product}. Kept for the
 # process: later engines with the same shapes reuse it.
@@ -60,11 +71,21 @@ def _prefetch_l2(ptr, nbytes):
 
 
 @triton.jit
+def _prefetch_rows_l2(ptr, nbytes, rows, stride_bytes):
+    """Threads 0..rows-1 each ask for the first `nbytes` (a multiple of 16) of one row,
+    `stride_bytes` apart from `ptr`, in L2 (as `_prefetch_l2`)."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .b32 t; .reg .b64 a; mov.u32 t, %tid.x; setp.lt.u32 p, t, $3; "
+        "mul.wide.u32 a, t, $4; add.s64 a, a, $1; @p cp.async.bulk.prefetch.L2.global [a], $2; mov.u32 $0, 0; }",
+        "=r,l,r,r,r", [ptr, nbytes, rows, stride_bytes.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, prefetch_bytes,
                    sums_in_ptr, inv_dim, eps, res_ptr, stride_rm, norm_w_ptr, sums_out_ptr,
                    HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, SILU: tl.constexpr, ROW_SCALE: tl.constexpr,
-                   ADD_NORM: tl.constexpr, USE_PDL: tl.constexpr):
+                   ADD_NORM: tl.constexpr, SWAP: tl.constexpr, USE_PDL: tl.constexpr):
     """out = x @ W.T (+ bias), each program `BLOCK_N` output columns over the whole K.
 
     SILU: W is the fused [gate; up] (N = 2 I); a program takes BLOCK_N / 2 gate rows and the
@@ -82,7 +103,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, 
     COLS: tl.constexpr = BLOCK_N // 2 if SILU else BLOCK_N
     N_OUT = N // 2 if SILU else N
     n0 = pid * COLS
-    if PREFETCH:
+    if PREFETCH == 1:
         # The weights do not depend on the previous kernel: start streaming this program's
         # first rows into L2 before waiting for it (with PDL this runs while it finishes).
         rows = tl.minimum(N_OUT - n0, COLS)
@@ -91,6 +112,14 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, 
             nbytes = nbytes // 2
             _prefetch_l2(w_ptr + (n0 + N_OUT).to(tl.int64) * stride_wn, (nbytes // 16 * 16).to(tl.int32))
         _prefetch_l2(w_ptr + n0.to(tl.int64) * stride_wn, (nbytes // 16 * 16).to(tl.int32))
+    if PREFETCH == 2:  # the same bytes spread over the starts of all the program's rows
+        row_bytes = stride_wn * (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
+        rows = tl.minimum(N_OUT - n0, COLS)
+        per_row = (tl.minimum(prefetch_bytes // BLOCK_N, row_bytes) // 16 * 16).to(tl.int32)
+        rows = tl.where(per_row > 0, rows, 0)
+        if SILU:
+            _prefetch_rows_l2(w_ptr + (n0 + N_OUT).to(tl.int64) * stride_wn, per_row, rows, row_bytes)
+        _prefetch_rows_l2(w_ptr + n0.to(tl.int64) * stride_wn, per_row, rows, row_bytes)
     enter(USE_PDL)
     n = n0 + tl.arange(0, COLS)
     m = tl.arange(0, M_PAD)
@@ -107,10 +136,13 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, 
         res_ptrs = res_ptr + m[:, None] * stride_rm + n[None, :]
         res = tl.load(res_ptrs, mask=mn_mask, other=0.0)
         norm_w = tl.load(norm_w_ptr + n, mask=n_mask, other=0.0)
-    acc = tl.zeros([M_PAD, COLS], tl.float32)
+    # SWAP: the transposed product, acc.T = W x.T, whose M side is BLOCK_N (>= 64 lets
+    # Hopper's warpgroup MMA read both operands from shared memory).
+    ACC_SHAPE: tl.constexpr = [COLS, M_PAD] if SWAP else [M_PAD, COLS]
+    acc = tl.zeros(ACC_SHAPE, tl.float32)
     if SILU:
         up_ptrs = w_ptrs + N_OUT.to(tl.int64) * stride_wn
-        acc_up = tl.zeros([M_PAD, COLS], tl.float32)
+        acc_up = tl.zeros(ACC_SHAPE, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             x_mask = m_mask[:, None]
@@ -120,12 +152,22 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, 
             x_mask = m_mask[:, None] & k_mask[None, :]
             w_mask = n_mask[:, None] & k_mask[None, :]
         xk = tl.load(x_ptrs, mask=x_mask, other=0.0)
-        acc += tl.dot(xk, tl.trans(tl.load(w_ptrs, mask=w_mask, other=0.0)))
+        if SWAP:
+            acc = tl.dot(tl.load(w_ptrs, mask=w_mask, other=0.0), tl.trans(xk), acc)
+            if SILU:
+                acc_up = tl.dot(tl.load(up_ptrs, mask=w_mask, other=0.0), tl.trans(xk), acc_up)
+        else:
+            acc += tl.dot(xk, tl.trans(tl.load(w_ptrs, mask=w_mask, other=0.0)))
+            if SILU:
+                acc_up += tl.dot(xk, tl.trans(tl.load(up_ptrs, mask=w_mask, other=0.0)))
         if SILU:
-            acc_up += tl.dot(xk, tl.trans(tl.load(up_ptrs, mask=w_mask, other=0.0)))
             up_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if SWAP:
+        acc = tl.trans(acc)
+        if SILU:
+            acc_up = tl.trans(acc_up)
     if ROW_SCALE:  # the pending RMSNorm's 1/rms
         scale = 1.0 / tl.sqrt(ss * inv_dim + eps)
         acc = acc * scale[:, None]
@@ -151,7 +193,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, 
 
 def fits(config: tuple, rows_pad: int, element_bytes: int = 2, shared_bytes: int = 227 * 1024) -> bool:
     """Whether a configuration's pipelined tiles fit in shared memory (227 KiB on an H100)."""
-    block_n, block_k, _, stages = config
+    block_n, block_k, _, stages, *_ = config
     return stages * (block_n + rows_pad) * block_k * element_bytes <= shared_bytes
 
 
@@ -206,7 +248,7 @@ def skinny_mm(x: torch.Tensor | NormPending, weight: torch.Tensor, bias: torch.T
         x = pending.rows
     rows, k = x.shape
     n = weight.shape[0]
-    block_n, block_k, warps, stages = config
+    block_n, block_k, warps, stages, *swap = config
     cols = block_n // 2 if silu else block_n
     out = torch.empty((rows, n // 2 if silu else n), dtype=x.dtype, device=x.device)
     grid = triton.cdiv(out.shape[1], cols)
@@ -224,7 +266,7 @@ def skinny_mm(x: torch.Tensor | NormPending, weight: torch.Tensor, bias: torch.T
         out.stride(0), per_program, sums_in, 1.0 / k, pending.eps if pending is not None else eps, residual,
         residual.stride(0), norm_weight, sums_out,
         HAS_BIAS=bias is not None, M_PAD=m_pad(rows), BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        PREFETCH=per_program > 0, SILU=silu, ROW_SCALE=pending is not None, ADD_NORM=add_norm is not None,
+        PREFETCH=PREFETCH_MODE if per_program > 0 else 0, SWAP=bool(swap), SILU=silu, ROW_SCALE=pending is not None, ADD_NORM=add_norm is not None,
         num_warps=warps, num_stages=stages, **launch,
     )
     return out if add_norm is None else NormPending(out, sums_out, eps)
@@ -243,7 +285,7 @@ def _config(layer: nn.Linear, x: torch.Tensor | NormPending, credit_us: float = 
     times = _times.get((w.shape[0], w.shape[1], m_pad(rows), w.dtype))
     if times is None:
         return None
-    ours = [c for c in times if c != "cublas" and c[0] >= min_block_n]
+    ours = [c for c in times if c != "cublas" and c[0] >= min_block_n and (USE_SWAP or len(c) == 4)]
     if not ours:
         return None
     best = min(ours, key=times.get)

@@ -73,7 +73,7 @@ def test_few_row_matmul(dtype, rows, n, k, bias):
     x, w = torch.randn(rows, k).to(dtype), torch.randn(n, k).to(dtype)
     b = torch.randn(n).to(dtype) if bias else None
     want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
-    for config in [(16, 32, 4, 1), (32, 128, 4, 2)]:
+    for config in [(16, 32, 4, 1), (32, 128, 4, 2), (16, 32, 4, 1, 1)]:  # the last: the transposed product
         assert rel_err(skinny_gemm.skinny_mm(x, w, b, config), want) < TOLERANCE[dtype]
 
 
@@ -87,7 +87,7 @@ def test_few_row_matmul_with_silu(dtype, rows, k, bias):
     x, w = torch.randn(rows, k).to(dtype), torch.randn(2 * inter, k).to(dtype)
     b = torch.randn(2 * inter).to(dtype) if bias else None
     gate, up = F.linear(x.double(), w.double(), None if b is None else b.double()).chunk(2, dim=-1)
-    for config in [(32, 32, 4, 1), (64, 128, 4, 2)]:
+    for config in [(32, 32, 4, 1), (64, 128, 4, 2), (32, 32, 4, 1, 1)]:
         act = skinny_gemm.skinny_mm(x, w, b, config, silu=True)
         assert act.shape == (rows, inter)
         assert rel_err(act, F.silu(gate) * up) < 3 * TOLERANCE[dtype]
@@ -95,7 +95,7 @@ def test_few_row_matmul_with_silu(dtype, rows, k, bias):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows,hidden,config", [(1, 96, (16, 32, 4, 1)), (5, 96, (32, 64, 4, 2)),
-                                                (33, 1056, (16, 32, 4, 1))])
+                                                (33, 1056, (16, 32, 4, 1)), (5, 96, (32, 64, 4, 2, 1))])
 def test_residual_add_and_rms_norm_in_the_products_epilogues(dtype, rows, hidden, config):
     """o_proj's epilogue adds the residual and sums squares, the next product scales its rows."""
     import torch.nn.functional as F
@@ -114,10 +114,10 @@ def test_residual_add_and_rms_norm_in_the_products_epilogues(dtype, rows, hidden
     assert rel_err(sums[:rows], res.double().pow(2).sum(-1)) < 1e-6 and not sums[rows:].any()  # of rounded h
     assert rel_err(res, h) < TOLERANCE[dtype]
     assert rel_err(pending.normalized(), normed) < 2 * TOLERANCE[dtype]
-    got = skinny_gemm.skinny_mm(pending, w_qkv, b_qkv, (16, 32, 4, 1))
+    got = skinny_gemm.skinny_mm(pending, w_qkv, b_qkv, config)
     assert rel_err(got, F.linear(normed, w_qkv.double(), b_qkv.double())) < 2 * TOLERANCE[dtype]
     gate, up = F.linear(normed, w_up.double()).chunk(2, dim=-1)
-    act = skinny_gemm.skinny_mm(pending, w_up, None, (32, 32, 4, 1), silu=True)
+    act = skinny_gemm.skinny_mm(pending, w_up, None, (32, *config[1:]), silu=True)
     assert rel_err(act, F.silu(gate) * up) < 3 * TOLERANCE[dtype]
 
 
