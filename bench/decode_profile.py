@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_workload import LLAMA31_8B, decode_floor_s, write_random_checkpoint  # noqa: E402
 
+from baton.engine import cuda_graphs  # noqa: E402
 from baton.engine.attention import triton_backend, triton_decode  # noqa: E402
 from baton.engine.config import EngineArgs  # noqa: E402
 from baton.engine.cuda_graphs import DecodeGraphs  # noqa: E402
@@ -220,7 +221,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=0, help="default: the largest of --batches")
     ap.add_argument("--variant", action="append", default=[],
                     help="a variant to time, 'name:module.NAME=value,...' (modules: pdl, skinny_gemm, "
-                         "triton_decode, triton_backend; values are Python literals)")
+                         "triton_decode, triton_backend, cuda_graphs; values are Python literals)")
     ap.add_argument("--step-profile-batches", type=int, nargs="*", default=[8, 64],
                     help="batch sizes whose LLMEngine.step timeline is profiled")
     ap.add_argument("--step-events-batches", type=int, nargs="*", default=[8, 32, 64],
@@ -244,7 +245,7 @@ def main() -> None:
     result["batch1_tpot_ms"] = {}
     result["graph"] = {}
     modules = {"pdl": pdl, "skinny_gemm": skinny_gemm, "triton_decode": triton_decode,
-               "triton_backend": triton_backend}
+               "triton_backend": triton_backend, "cuda_graphs": cuda_graphs}
     variants = [] if args.no_pdl_off else [("no_pdl", {"pdl.ENABLED": False, "skinny_gemm.PREFETCH_BYTES": 0})]
     if args.norm_fusion_off:
         variants.append(("no_norm_fusion", {"skinny_gemm.FUSE_NORMS": False}))

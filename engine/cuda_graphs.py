@@ -13,11 +13,19 @@ transfer. The copy of step n+1 can never overwrite
 inputs step n still reads (the copies and replays are ordered on one stream), and the host
 never rewrites a mirror whose copy may still be queued: steps alternate between two sets
 of mirrors, and the host has waited for step n-1's tokens before it fills step n+1's.
+
+With `SIDE_STREAM_INPUTS` the copy runs on a stream of its own instead: it waits for the
+previous replay to end (an event), so it overlaps that step's sampling and token copy rather
+than following them, and the replay waits for it (another event). Off by default until it is
+measured on a GPU; the ordering above holds either way (step n+1's copy starts after step
+n's replay, step n+1's replay after its copy, and step n's replay after step n's copy, which
+the host's wait for step n-1's tokens does not precede).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -27,6 +35,10 @@ from baton.engine.scheduler import ScheduledBatch
 from baton.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
+
+# The input copy on a side stream, overlapping the previous step's sampling (see above);
+# BATON_SIDE_STREAM_INPUTS=1 turns it on, benchmarks flip it.
+SIDE_STREAM_INPUTS = os.environ.get("BATON_SIDE_STREAM_INPUTS", "0") == "1"
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -61,6 +73,8 @@ class DecodeGraphs:
         self._query_start = torch.arange(b + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.num_replays = 0
+        self._copy_stream: torch.cuda.Stream | None = None  # SIDE_STREAM_INPUTS, made on first use
+        self._replayed: torch.cuda.Event | None = None  # recorded after each replay, with it
 
     def _nbytes(self, size: int) -> int:
         """Bytes of the inputs a graph of `size` rows reads (all int64 rows and lengths)."""
@@ -118,12 +132,20 @@ class DecodeGraphs:
         `input_ids` (on the device): the step's tokens, when the host does not know them yet
         (asynchronous scheduling: the previous step's samples)."""
         size = self.fill(seqs)
-        self._upload(size)
+        aside = SIDE_STREAM_INPUTS
+        if aside:
+            self._upload_aside(size)
+        else:
+            self._upload(size)
         self._use_host_set(1 - self._host_index)  # the next step fills the other set
         if input_ids is not None:
             self._longs[0, : len(seqs)].copy_(input_ids)
         graph, logits = self.graphs[size]
         graph.replay()
+        if aside:
+            self._replayed.record()
+        else:
+            self._replayed = None  # an ordinary copy follows every replay on the stream
         self.num_replays += 1
         return logits[: len(seqs)]
 
@@ -155,3 +177,21 @@ class DecodeGraphs:
     def _upload(self, size: int) -> None:
         end = self._nbytes(size)  # the first `size` table rows
         self._inputs[:end].copy_(self._host[:end], non_blocking=True)
+
+    def _upload_aside(self, size: int) -> None:
+        """`_upload` on the side stream, after the previous replay; the current stream waits
+        for it."""
+        main = torch.cuda.current_stream(self.device)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        previous, self._replayed = self._replayed, torch.cuda.Event()
+        copy = self._copy_stream
+        if previous is None:  # no replay recorded since the last ordinary copy: all queued work
+            copy.wait_stream(main)
+        else:
+            copy.wait_event(previous)
+        with torch.cuda.stream(copy):
+            self._upload(size)
+            done = torch.cuda.Event()
+            done.record(copy)
+        main.wait_event(done)

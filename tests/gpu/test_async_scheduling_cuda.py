@@ -33,8 +33,11 @@ def _run(engine: LLMEngine) -> dict:
     return finals
 
 
-@pytest.mark.parametrize("enforce_eager", [False, True])
-def test_async_scheduling_equals_synchronous_on_cuda(tmp_path, enforce_eager):
+@pytest.mark.parametrize("enforce_eager,side_stream_inputs", [(False, False), (False, True), (True, False)])
+def test_async_scheduling_equals_synchronous_on_cuda(tmp_path, monkeypatch, enforce_eager, side_stream_inputs):
+    from baton.engine import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "SIDE_STREAM_INPUTS", side_stream_inputs)
     model = write_tiny_model(tmp_path)
     outs = {}
     for async_scheduling in (False, True):
