@@ -29,13 +29,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="skinny-tuning.json")
     ap.add_argument("--max-rows", type=int, default=64)
+    ap.add_argument("--rope-epilogue", action="store_true",
+                    help="also time Q/K/V with the rotary + KV store in its epilogue (skinny_gemm.ROPE_EPILOGUE)")
     args = ap.parse_args()
+    skinny_gemm.ROPE_EPILOGUE = args.rope_epilogue
     model = torch.nn.Module()
     for i, (n, k, form) in enumerate(SHAPES):
         layers = torch.nn.ModuleList(torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
                                      for _ in range(8))
         for layer in layers:
             layer.skinny_form = form
+            if i == 0:
+                layer.skinny_rope = (32, 8, 128)  # Llama-3.1-8B's heads, KV heads, head dim
         model.add_module(f"shape{i}", layers)
     skinny_gemm.tune(model, max_rows=args.max_rows)
     result = {"machine": machine(), "command": " ".join(["python3", *sys.argv]),

@@ -99,10 +99,15 @@ class AttentionBackend(ABC):
         """Write the step's keys and values into their slots."""
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping, meta.block_size)
 
+    def fuses_rope(self, meta: AttentionMetadata) -> bool:
+        """Whether `rope_attend` takes this step (then the model leaves the rotary to it)."""
+        return False
+
     def rope_attend(self, qkv, cos_sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor | None:
         """The step's rotary, KV store and attention in one kernel, from the fused Q/K/V
         projection [T, (H + 2 Hkv) D] not yet rotated (cos_sin [max_position, D], cos then
-        sin); None where this backend has no such kernel or it does not pay for this step."""
+        sin); None where this backend has no such kernel or it does not pay for this step
+        (`fuses_rope` is False)."""
         return None
 
     @abstractmethod

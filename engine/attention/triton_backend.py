@@ -90,11 +90,14 @@ class TritonAttention(AttentionBackend):
                       meta.query_lens, meta.seq_lens, self.scale, out, config=plan["config"], work=plan["work"])
         return out
 
+    def fuses_rope(self, meta: AttentionMetadata) -> bool:
+        return meta.is_decode_only and meta.num_seqs * self.num_kv_heads <= ROPE_MAX_PAIRS
+
     def rope_attend(self, qkv, cos_sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor | None:
         """Decode-only steps of at most `ROPE_MAX_PAIRS` (sequence, KV head) pairs: the decode
         kernel rotates and stores too, saving the rope_store kernel (~3 us). With more, the
         decode kernel gets slower by about what the saved kernel took."""
-        if not meta.is_decode_only or meta.num_seqs * self.num_kv_heads > ROPE_MAX_PAIRS:
+        if not self.fuses_rope(meta):
             return None
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q = qkv[:, :q_size].view(-1, self.num_heads, self.head_dim)

@@ -8,8 +8,10 @@ each); Hugging Face checkpoint names are mapped onto the fused weights in `load_
 On CUDA (with Triton) three fused kernels replace chains of small ones: residual add +
 RMSNorm, rotary + KV store, SiLU * up (`triton_ops`); in decode steps (few rows) SiLU * up
 runs inside the gate/up product's kernel and the residual add + RMSNorm inside the
-epilogues of the products before and after it (`skinny_gemm`), and in small decode-only
-steps the rotary and KV store run inside the attention kernel (a backend's `rope_attend`).
+epilogues of the products before and after it (`skinny_gemm`); in small decode-only steps
+the rotary and KV store run inside the attention kernel (a backend's `rope_attend`), and,
+with `skinny_gemm.ROPE_EPILOGUE` (off by default, not yet measured), in the Q/K/V
+product's epilogue in other steps of <= 64 rows.
 They compute what the torch code below computes; the CPU path runs the torch code.
 `set_fused_kernels(False)` turns them off (for measuring what they buy).
 """
@@ -206,12 +208,20 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
         # The form decode steps run these products in, which skinny_gemm.tune times.
         self.qkv_proj.skinny_form = "row_scale"
+        self.qkv_proj.skinny_rope = (args.num_heads, args.num_kv_heads, args.head_dim)  # and with the rotary
         self.o_proj.skinny_form = "add_norm"
 
     def forward(self, x, positions, rotary: Rotary, kv: torch.Tensor, meta, backend: AttentionBackend):
         a = self.args
-        qkv = _linear(self.qkv_proj, x)
         k_cache, v_cache = layer_view(kv, self.layer_idx)
+        few = _few_rows(x)
+        if few is not None and not backend.fuses_rope(meta):  # the rotary and KV store in the product
+            q = few.qkv_rope(self.qkv_proj, x, few.RopeStore(positions, rotary.cos_sin, k_cache, v_cache,
+                                                             meta.slot_mapping, a.num_heads, a.num_kv_heads,
+                                                             a.head_dim))
+            if q is not None:
+                return backend.attend(q, k_cache, v_cache, meta).reshape(-1, self.q_size)
+        qkv = _linear(self.qkv_proj, x)
         ops = _fused_ops(qkv)
         if ops is not None:
             out = backend.rope_attend(qkv, rotary.cos_sin, k_cache, v_cache, meta)

@@ -57,6 +57,11 @@ FUSED_CREDIT_US = 2.0
 # Residual add + RMSNorm in the epilogues of the products around it (`linear_add_norm`);
 # BATON_FUSE_NORMS=0 runs the norm kernel instead (benchmarks flip it and recapture).
 FUSE_NORMS = os.environ.get("BATON_FUSE_NORMS", "1") != "0"
+# The rotary + KV store in the Q/K/V product's epilogue (`qkv_rope`), for steps whose
+# attention does not do them itself; off (rope_store runs), BATON_ROPE_EPILOGUE=1 turns it on:
+# not yet measured in this form (see docs/architecture.md). With it on at engine start the
+# Q/K/V shape is tuned in both forms, and benchmarks may flip it off and recapture.
+ROPE_EPILOGUE = os.environ.get("BATON_ROPE_EPILOGUE", "0") == "1"
 REPORT: dict[str, dict] = {}  # "NxK/M_PAD" -> {"best": ..., "us": {candidate: microseconds}}, for benchmarks
 
 
@@ -83,9 +88,12 @@ def _prefetch_rows_l2(ptr, nbytes, rows, stride_bytes):
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, prefetch_bytes,
                    sums_in_ptr, inv_dim, eps, res_ptr, stride_rm, norm_w_ptr, sums_out_ptr,
+                   pos_ptr, cs_ptr, stride_cs, slot_ptr, k_ptr, v_ptr, stride_kb, stride_kt, stride_kh,
+                   stride_vb, stride_vt, stride_vh, num_heads, num_kv_heads,
                    HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, SILU: tl.constexpr, ROW_SCALE: tl.constexpr,
-                   ADD_NORM: tl.constexpr, SWAP: tl.constexpr, USE_PDL: tl.constexpr):
+                   ADD_NORM: tl.constexpr, ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                   SWAP: tl.constexpr, USE_PDL: tl.constexpr):
     """out = x @ W.T (+ bias), each program `BLOCK_N` output columns over the whole K.
 
     SILU: W is the fused [gate; up] (N = 2 I); a program takes BLOCK_N / 2 gate rows and the
@@ -98,27 +106,44 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, 
     atomically to `sums_out` [MAX_ROWS] (float64, zeroed beforehand), and out = h * norm
     weight. ROW_SCALE (the product after it): x is such rows; the accumulator's row m is
     scaled by rsqrt(sums_in[m] * inv_dim + eps) before the bias.
+
+    ROPE: W is the fused Q/K/V projection (heads of HEAD_DIM rows: `num_heads` query heads,
+    then `num_kv_heads` key heads, then as many value heads); a program takes BLOCK_N / 2
+    rows of one head's first half and the matching rows of its second half, rotates query
+    and key rows at each row's position (`pos`, rotate-half with the float32 table `cs`:
+    cos, then sin), writes queries to out [M, num_heads * HEAD_DIM] and stores keys and
+    values in the paged cache at `slot` (none for a negative slot): rope_store's work, with
+    its rounding, in the product's epilogue.
     """
     pid = tl.program_id(0)
-    COLS: tl.constexpr = BLOCK_N // 2 if SILU else BLOCK_N
-    N_OUT = N // 2 if SILU else N
-    n0 = pid * COLS
+    PAIRED: tl.constexpr = SILU or ROPE  # two streams of weight rows, `pair` rows apart
+    COLS: tl.constexpr = BLOCK_N // 2 if PAIRED else BLOCK_N
+    if ROPE:
+        HALF: tl.constexpr = HEAD_DIM // 2
+        PER_HALF: tl.constexpr = HALF // COLS
+        head = pid // PER_HALF
+        dim0 = (pid % PER_HALF) * COLS  # the program's first dimension in the head's first half
+        n0 = head * HEAD_DIM + dim0
+        N_OUT = N
+        pair = HALF
+    else:
+        N_OUT = N // 2 if SILU else N
+        n0 = pid * COLS
+        pair = N_OUT
+    row_bytes = stride_wn * (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
     if PREFETCH == 1:
         # The weights do not depend on the previous kernel: start streaming this program's
         # first rows into L2 before waiting for it (with PDL this runs while it finishes).
-        rows = tl.minimum(N_OUT - n0, COLS)
-        nbytes = tl.minimum(rows * stride_wn * (w_ptr.dtype.element_ty.primitive_bitwidth // 8), prefetch_bytes)
-        if SILU:
+        nbytes = tl.minimum(tl.minimum(N_OUT - n0, COLS) * row_bytes, prefetch_bytes)
+        if PAIRED:
             nbytes = nbytes // 2
-            _prefetch_l2(w_ptr + (n0 + N_OUT).to(tl.int64) * stride_wn, (nbytes // 16 * 16).to(tl.int32))
+            _prefetch_l2(w_ptr + (n0 + pair).to(tl.int64) * stride_wn, (nbytes // 16 * 16).to(tl.int32))
         _prefetch_l2(w_ptr + n0.to(tl.int64) * stride_wn, (nbytes // 16 * 16).to(tl.int32))
     if PREFETCH == 2:  # the same bytes spread over the starts of all the program's rows
-        row_bytes = stride_wn * (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
-        rows = tl.minimum(N_OUT - n0, COLS)
         per_row = (tl.minimum(prefetch_bytes // BLOCK_N, row_bytes) // 16 * 16).to(tl.int32)
-        rows = tl.where(per_row > 0, rows, 0)
-        if SILU:
-            _prefetch_rows_l2(w_ptr + (n0 + N_OUT).to(tl.int64) * stride_wn, per_row, rows, row_bytes)
+        rows = tl.where(per_row > 0, tl.minimum(N_OUT - n0, COLS), 0)
+        if PAIRED:
+            _prefetch_rows_l2(w_ptr + (n0 + pair).to(tl.int64) * stride_wn, per_row, rows, row_bytes)
         _prefetch_rows_l2(w_ptr + n0.to(tl.int64) * stride_wn, per_row, rows, row_bytes)
     enter(USE_PDL)
     n = n0 + tl.arange(0, COLS)
@@ -136,12 +161,15 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, 
         res_ptrs = res_ptr + m[:, None] * stride_rm + n[None, :]
         res = tl.load(res_ptrs, mask=mn_mask, other=0.0)
         norm_w = tl.load(norm_w_ptr + n, mask=n_mask, other=0.0)
+    if ROPE:  # (the cos/sin rows are loaded after the loop: a load that waits on these would stall it)
+        pos = tl.load(pos_ptr + m, mask=m_mask, other=0)
+        slot = tl.load(slot_ptr + m, mask=m_mask, other=-1).to(tl.int64)
     # SWAP: the transposed product, acc.T = W x.T, whose M side is BLOCK_N (>= 64 lets
     # Hopper's warpgroup MMA read both operands from shared memory).
     ACC_SHAPE: tl.constexpr = [COLS, M_PAD] if SWAP else [M_PAD, COLS]
     acc = tl.zeros(ACC_SHAPE, tl.float32)
-    if SILU:
-        up_ptrs = w_ptrs + N_OUT.to(tl.int64) * stride_wn
+    if PAIRED:
+        up_ptrs = w_ptrs + stride_wn.to(tl.int64) * pair
         acc_up = tl.zeros(ACC_SHAPE, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
@@ -154,29 +182,29 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, 
         xk = tl.load(x_ptrs, mask=x_mask, other=0.0)
         if SWAP:
             acc = tl.dot(tl.load(w_ptrs, mask=w_mask, other=0.0), tl.trans(xk), acc)
-            if SILU:
+            if PAIRED:
                 acc_up = tl.dot(tl.load(up_ptrs, mask=w_mask, other=0.0), tl.trans(xk), acc_up)
         else:
             acc += tl.dot(xk, tl.trans(tl.load(w_ptrs, mask=w_mask, other=0.0)))
-            if SILU:
+            if PAIRED:
                 acc_up += tl.dot(xk, tl.trans(tl.load(up_ptrs, mask=w_mask, other=0.0)))
-        if SILU:
+        if PAIRED:
             up_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if SWAP:
         acc = tl.trans(acc)
-        if SILU:
+        if PAIRED:
             acc_up = tl.trans(acc_up)
     if ROW_SCALE:  # the pending RMSNorm's 1/rms
         scale = 1.0 / tl.sqrt(ss * inv_dim + eps)
         acc = acc * scale[:, None]
-        if SILU:
+        if PAIRED:
             acc_up = acc_up * scale[:, None]
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if SILU:
-            acc_up += tl.load(b_ptr + N_OUT + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if PAIRED:
+            acc_up += tl.load(b_ptr + pair + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if SILU:  # as F.silu(gate) * up on the rounded products
         g = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
         act = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -187,8 +215,38 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, 
         hf = h.to(tl.float32)
         tl.atomic_add(sums_out_ptr + m, tl.sum(hf * hf, axis=1).to(tl.float64), mask=m_mask, sem="relaxed")
         acc = hf * norm_w.to(tl.float32)[None, :]
-    tl.store(out_ptr + m[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    if ROPE:  # as rope_store on the rounded product: x * cos + rotate_half(x) * sin
+        d = dim0 + tl.arange(0, COLS)
+        cs_ptrs = cs_ptr + pos[:, None].to(tl.int64) * stride_cs + d[None, :]
+        cos = tl.load(cs_ptrs, mask=m_mask[:, None], other=0.0)
+        sin = tl.load(cs_ptrs + HALF, mask=m_mask[:, None], other=0.0)
+        x1 = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+        x2 = acc_up.to(out_ptr.dtype.element_ty).to(tl.float32)
+        if head < num_heads + num_kv_heads:  # queries and keys rotate, values do not
+            lo = x1 * cos - x2 * sin
+            hi = x2 * cos + x1 * sin
+        else:
+            lo = x1
+            hi = x2
+        if head < num_heads:
+            q_ptrs = out_ptr + m[:, None] * stride_om + (head * HEAD_DIM + d)[None, :]
+            tl.store(q_ptrs, lo.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
+            tl.store(q_ptrs + HALF, hi.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
+        else:
+            page = slot // BLOCK_SIZE
+            off = slot % BLOCK_SIZE
+            if head < num_heads + num_kv_heads:
+                c_ptrs = (k_ptr + page[:, None] * stride_kb + off[:, None] * stride_kt
+                          + (head - num_heads) * stride_kh + d[None, :])
+            else:
+                c_ptrs = (v_ptr + page[:, None] * stride_vb + off[:, None] * stride_vt
+                          + (head - num_heads - num_kv_heads) * stride_vh + d[None, :])
+            keep = (m_mask & (slot >= 0))[:, None]
+            tl.store(c_ptrs, lo.to(k_ptr.dtype.element_ty), mask=keep)
+            tl.store(c_ptrs + HALF, hi.to(k_ptr.dtype.element_ty), mask=keep)
+    else:
+        tl.store(out_ptr + m[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
 
 
 def fits(config: tuple, rows_pad: int, element_bytes: int = 2, shared_bytes: int = 227 * 1024) -> bool:
@@ -233,8 +291,29 @@ class NormPending:
         return (self.rows.float() * scale[:, None]).to(self.rows.dtype)
 
 
+@dataclass(frozen=True)
+class RopeStore:
+    """What the Q/K/V product needs to rotate queries and keys and store keys and values in
+    its epilogue (see `_skinny_kernel`'s ROPE): rope_store's arguments."""
+
+    positions: torch.Tensor  # [M] int64
+    cos_sin: torch.Tensor  # [max_position, head_dim] float32: cos, then sin
+    k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim] strided views
+    v_cache: torch.Tensor
+    slots: torch.Tensor  # [M] int64, negative: store nothing (a padding row)
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    def fits(self, config: tuple) -> bool:
+        """Whether a configuration's tiles pair up inside a head: BLOCK_N / 2 rows (16 or
+        more, for the tensor cores) dividing half a head."""
+        cols = config[0] // 2
+        return cols >= 16 and (self.head_dim // 2) % cols == 0
+
+
 def skinny_mm(x: torch.Tensor | NormPending, weight: torch.Tensor, bias: torch.Tensor | None, config: tuple, *,
-              silu: bool = False, add_norm: tuple | None = None):
+              silu: bool = False, add_norm: tuple | None = None, rope: RopeStore | None = None):
     """x [M, K] (M <= MAX_ROWS, contiguous rows) @ weight[N, K].T (+ bias) with one configuration.
 
     silu: weight is the fused [gate; up] and the result SiLU(gate) * up [M, N / 2].
@@ -242,6 +321,8 @@ def skinny_mm(x: torch.Tensor | NormPending, weight: torch.Tensor, bias: torch.T
     add_norm (residual, norm weight, eps, sums): RMSNorm(result + residual) as a
     `NormPending`, the sum written into the residual; sums: a zeroed float64 [MAX_ROWS]
     (`norm_sums`) the programs add their sums of squares into.
+    rope: weight is the fused Q/K/V projection; keys and values go into the cache and the
+    result is the rotated queries [M, num_heads, head_dim] (`config` must fit `rope`).
     """
     pending = x if isinstance(x, NormPending) else None
     if pending is not None:
@@ -249,9 +330,18 @@ def skinny_mm(x: torch.Tensor | NormPending, weight: torch.Tensor, bias: torch.T
     rows, k = x.shape
     n = weight.shape[0]
     block_n, block_k, warps, stages, *swap = config
-    cols = block_n // 2 if silu else block_n
-    out = torch.empty((rows, n // 2 if silu else n), dtype=x.dtype, device=x.device)
-    grid = triton.cdiv(out.shape[1], cols)
+    if rope is not None:
+        assert not silu and add_norm is None and rope.fits(config)
+        assert n == (rope.num_heads + 2 * rope.num_kv_heads) * rope.head_dim
+        out = torch.empty((rows, rope.num_heads * rope.head_dim), dtype=x.dtype, device=x.device)
+        grid = n // block_n
+        r = rope
+        rope_args = (r.positions, r.cos_sin, r.cos_sin.stride(0), r.slots, r.k_cache, r.v_cache,
+                     *r.k_cache.stride()[:3], *r.v_cache.stride()[:3], r.num_heads, r.num_kv_heads)
+    else:
+        out = torch.empty((rows, n // 2 if silu else n), dtype=x.dtype, device=x.device)
+        grid = triton.cdiv(out.shape[1], block_n // 2 if silu else block_n)
+        rope_args = (out, out, 0, out, out, out, 0, 0, 0, 0, 0, 0, 0, 0)
     launch = launch_kwargs()
     aligned = weight.data_ptr() % 16 == 0 and weight.stride(0) * weight.element_size() % 16 == 0  # bulk copies
     per_program = PREFETCH_BYTES // grid // 16 * 16 if launch["USE_PDL"] and aligned else 0
@@ -264,28 +354,42 @@ def skinny_mm(x: torch.Tensor | NormPending, weight: torch.Tensor, bias: torch.T
     _skinny_kernel[(grid,)](
         x, weight, bias if bias is not None else weight, out, rows, n, k, x.stride(0), weight.stride(0),
         out.stride(0), per_program, sums_in, 1.0 / k, pending.eps if pending is not None else eps, residual,
-        residual.stride(0), norm_weight, sums_out,
+        residual.stride(0), norm_weight, sums_out, *rope_args,
         HAS_BIAS=bias is not None, M_PAD=m_pad(rows), BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        PREFETCH=PREFETCH_MODE if per_program > 0 else 0, SWAP=bool(swap), SILU=silu, ROW_SCALE=pending is not None, ADD_NORM=add_norm is not None,
-        num_warps=warps, num_stages=stages, **launch,
+        PREFETCH=PREFETCH_MODE if per_program > 0 else 0, SILU=silu, ROW_SCALE=pending is not None,
+        ADD_NORM=add_norm is not None, ROPE=rope is not None, HEAD_DIM=rope.head_dim if rope else 0,
+        BLOCK_SIZE=rope.k_cache.shape[1] if rope else 0, SWAP=bool(swap), num_warps=warps, num_stages=stages,
+        **launch,
     )
+    if rope is not None:
+        return out.view(rows, rope.num_heads, rope.head_dim)
     return out if add_norm is None else NormPending(out, sums_out, eps)
 
 
+def _silu_fits(config: tuple) -> bool:
+    return config[0] >= 32  # BLOCK_N / 2 >= 16 gate rows, for the tensor cores
+
+
+def _key(n: int, k: int, bucket: int, dtype: torch.dtype, form: str = "") -> tuple:
+    """`_times`' key: the rotary-epilogue form of Q/K/V has its own, the others the shape's."""
+    return (n, k, bucket, dtype, "rope") if form == "rope_row_scale" else (n, k, bucket, dtype)
+
+
 def _config(layer: nn.Linear, x: torch.Tensor | NormPending, credit_us: float = 0.0,
-            min_block_n: int = 0) -> tuple | None:
-    """The fastest measured configuration for this product, or None where cuBLAS is faster
-    by more than `credit_us` (what a fused variant saves: the kernel it replaces)."""
+            fits_form: Callable[[tuple], bool] | None = None, form: str = "") -> tuple | None:
+    """The fastest configuration measured for this product (in `form`, the layer's own by
+    default; of those `fits_form` accepts), or None where cuBLAS is faster by more than
+    `credit_us` (what a fused variant saves: the kernel it replaces)."""
     if isinstance(x, NormPending):
         x = x.rows
     rows = x.shape[0]
     w = layer.weight
     if rows == 0 or rows > MAX_ROWS or x.stride(-1) != 1:
         return None
-    times = _times.get((w.shape[0], w.shape[1], m_pad(rows), w.dtype))
+    times = _times.get(_key(w.shape[0], w.shape[1], m_pad(rows), w.dtype, form))
     if times is None:
         return None
-    ours = [c for c in times if c != "cublas" and c[0] >= min_block_n and (USE_SWAP or len(c) == 4)]
+    ours = [c for c in times if c != "cublas" and (fits_form is None or fits_form(c)) and (USE_SWAP or len(c) == 4)]
     if not ours:
         return None
     best = min(ours, key=times.get)
@@ -304,8 +408,17 @@ def linear(layer: nn.Linear, x: torch.Tensor | NormPending) -> torch.Tensor:
 def silu_linear(layer: nn.Linear, x: torch.Tensor | NormPending) -> torch.Tensor | None:
     """SiLU(gate) * up of the fused gate/up projection `layer(x)` in one kernel, or None where
     this shape has no fast configuration (the caller runs the product and the activation)."""
-    config = _config(layer, x, FUSED_CREDIT_US, min_block_n=32)
+    config = _config(layer, x, FUSED_CREDIT_US, _silu_fits)
     return None if config is None else skinny_mm(x, layer.weight, layer.bias, config, silu=True)
+
+
+def qkv_rope(layer: nn.Linear, x: torch.Tensor | NormPending, rope: RopeStore) -> torch.Tensor | None:
+    """The fused Q/K/V projection `layer(x)` with rope_store's work in its epilogue: keys and
+    values stored in the cache, the rotated queries [M, heads, head_dim] returned; None
+    with `ROPE_EPILOGUE` off or where this shape has no fast configuration that fits (the
+    caller runs the product and rope_store)."""
+    config = _config(layer, x, FUSED_CREDIT_US, rope.fits, "rope_row_scale") if ROPE_EPILOGUE else None
+    return None if config is None else skinny_mm(x, layer.weight, layer.bias, config, rope=rope)
 
 
 def norm_sums(count: int, device: torch.device) -> torch.Tensor | None:
@@ -326,7 +439,7 @@ def linear_add_norm(layer: nn.Linear, x: torch.Tensor, residual: torch.Tensor, n
     config = _config(layer, x, FUSED_CREDIT_US)
     if config is None or layer.bias is not None or residual.stride(-1) != 1:
         return None
-    if _config(consumer, x, FUSED_CREDIT_US, min_block_n=32 if consumer_silu else 0) is None:
+    if _config(consumer, x, FUSED_CREDIT_US, _silu_fits if consumer_silu else None) is None:
         return None
     return skinny_mm(x, layer.weight, None, config, add_norm=(residual, norm_weight, eps, sums))
 
@@ -348,23 +461,33 @@ def graph_time(fn, repeats: int = 5) -> float:
     return start.elapsed_time(end) / 1e3 / repeats
 
 
-def _form_runner(form: str, x: torch.Tensor, n: int) -> Callable:
-    """fn(layer, config) running one product in `form`, the way decode steps run it:
-    "plain"; "row_scale" (x a pending norm); "silu_row_scale" (the fused gate/up product of
-    a pending norm); "add_norm" (a residual add + norm in the epilogue)."""
+def _form_runner(form: str, x: torch.Tensor, layer: nn.Linear) -> tuple[Callable, Callable | None]:
+    """(fn(layer, config) running one product in `form` the way decode steps run it, which
+    configurations fit the form or None for all): "plain"; "row_scale" (x a pending norm);
+    "silu_row_scale" (the fused gate/up product of a pending norm); "rope_row_scale" (the
+    fused Q/K/V product of a pending norm with the rotary and KV store, `layer.skinny_rope`
+    = (heads, KV heads, head dim)); "add_norm" (a residual add + norm in the epilogue)."""
     rows, k = x.shape
+    n = layer.weight.shape[0]
     pending = NormPending(x, torch.full((MAX_ROWS,), float(k), dtype=torch.float64, device=x.device), 1e-5)
     if form == "plain":
-        return lambda layer, c: skinny_mm(x, layer.weight, layer.bias, c)
+        return (lambda layer, c: skinny_mm(x, layer.weight, layer.bias, c)), None
     if form == "row_scale":
-        return lambda layer, c: skinny_mm(pending, layer.weight, layer.bias, c)
+        return (lambda layer, c: skinny_mm(pending, layer.weight, layer.bias, c)), None
     if form == "silu_row_scale":
-        return lambda layer, c: skinny_mm(pending, layer.weight, layer.bias, c, silu=True)
+        return (lambda layer, c: skinny_mm(pending, layer.weight, layer.bias, c, silu=True)), _silu_fits
+    if form == "rope_row_scale":
+        heads, kv_heads, head_dim = layer.skinny_rope
+        cache = torch.zeros((triton.cdiv(rows, 16), 16, kv_heads, head_dim), dtype=x.dtype, device=x.device)
+        slots = torch.arange(rows, device=x.device)
+        rope = RopeStore(slots, torch.randn((rows, head_dim), device=x.device), cache, cache.clone(), slots,
+                         heads, kv_heads, head_dim)
+        return (lambda layer, c: skinny_mm(pending, layer.weight, layer.bias, c, rope=rope)), rope.fits
     if form == "add_norm":
         residual = torch.zeros((rows, n), dtype=x.dtype, device=x.device)
         norm = (residual, torch.ones(n, dtype=x.dtype, device=x.device), 1e-5,
                 torch.zeros(MAX_ROWS, dtype=torch.float64, device=x.device))
-        return lambda layer, c: skinny_mm(x, layer.weight, None, c, add_norm=norm)
+        return (lambda layer, c: skinny_mm(x, layer.weight, None, c, add_norm=norm)), None
     raise ValueError(f"unknown few-row product form {form!r}")
 
 
@@ -378,7 +501,7 @@ def tune(model: nn.Module, max_rows: int = MAX_ROWS) -> dict:
     best timed plain, 82.7 us at 16 rows, but took 90.8 in its SiLU form against 83.2; a
     batch-8 graph that used it took 6.45 ms instead of ~6.12.) cuBLAS runs the plain product.
 
-    Returns {(N, K, M_PAD): (best name, {name: microseconds per product})} for the log.
+    Returns {(N, K, M_PAD) (+ ("rope",)): (best name, {name: microseconds per product})} for the log.
     """
     by_shape: dict[tuple, list[nn.Linear]] = defaultdict(list)
     for module in model.modules():
@@ -390,8 +513,12 @@ def tune(model: nn.Module, max_rows: int = MAX_ROWS) -> dict:
         form = getattr(layers[0], "skinny_form", "plain")
         if form == "add_norm" and layers[0].bias is not None:
             form = "plain"
-        for bucket in (b for b in BUCKETS if b <= max(16, max_rows)):
-            if (n, k, bucket, dtype) in _times:
+        forms = [form]
+        if ROPE_EPILOGUE and form == "row_scale" and hasattr(layers[0], "skinny_rope"):
+            forms.append("rope_row_scale")  # timed apart: `qkv_rope` looks it up by its own key
+        for form, bucket in ((f, b) for f in forms for b in BUCKETS if b <= max(16, max_rows)):
+            key = _key(n, k, bucket, dtype, form)
+            if key in _times:
                 continue
             x = torch.randn((bucket, k), dtype=dtype, device=layers[0].weight.device)
 
@@ -403,9 +530,8 @@ def tune(model: nn.Module, max_rows: int = MAX_ROWS) -> dict:
 
             times = {"cublas": run(lambda layer, x: F.linear(x, layer.weight, layer.bias))}
             want = F.linear(x, layers[0].weight, layers[0].bias).float()
-            in_form = _form_runner(form, x, n)
-            min_block_n = 32 if form.startswith("silu") else 0
-            for config in (c for c in CONFIGS if fits(c, bucket, x.element_size()) and c[0] >= min_block_n):
+            in_form, fits_form = _form_runner(form, x, layers[0])
+            for config in (c for c in CONFIGS if fits(c, bucket, x.element_size()) and (fits_form or bool)(c)):
                 try:
                     got = skinny_mm(x, layers[0].weight, layers[0].bias, config).float()
                     if not (got - want).norm() <= 1e-2 * want.norm():
@@ -414,8 +540,10 @@ def tune(model: nn.Module, max_rows: int = MAX_ROWS) -> dict:
                 except Exception as exc:  # a configuration this GPU cannot compile or run right
                     log.warning("few-row product config %s skipped for %s: %s", config, (n, k), exc)
             best = min(times, key=times.get)
-            _times[(n, k, bucket, dtype)] = {c: t * 1e6 for c, t in times.items()}
-            report[(n, k, bucket)] = (best, {str(c): round(t * 1e6, 1) for c, t in times.items()})
-            REPORT[f"{n}x{k}/{bucket}"] = {"best": str(best), "form": form, "us": report[(n, k, bucket)][1]}
+            _times[key] = {c: t * 1e6 for c, t in times.items()}
+            rope = form == "rope_row_scale"
+            report[(n, k, bucket, *(("rope",) if rope else ()))] = row = (
+                best, {str(c): round(t * 1e6, 1) for c, t in times.items()})
+            REPORT[f"{n}x{k}/{bucket}" + (" rope" if rope else "")] = {"best": str(best), "form": form, "us": row[1]}
     log.info("few-row matrix products: %s", {key: value[0] for key, value in report.items()})
     return report

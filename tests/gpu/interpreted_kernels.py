@@ -121,6 +121,43 @@ def test_residual_add_and_rms_norm_in_the_products_epilogues(dtype, rows, hidden
     assert rel_err(act, F.silu(gate) * up) < 3 * TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", [(32, 32, 4, 1), (64, 64, 4, 2), (32, 64, 4, 2, 1)], ids=str)
+@pytest.mark.parametrize("bias,pending", [(False, False), (True, True)])
+def test_qkv_product_with_rotary_and_kv_store(dtype, config, bias, pending):
+    """The Q/K/V product's epilogue does rope_store's work: the same queries, and the same
+    keys and values in the cache (nothing for a negative slot)."""
+    import torch.nn.functional as F
+
+    heads, kv_heads, head_dim, block_size, hidden = 4, 2, 64, 16, 96
+    n = (heads + 2 * kv_heads) * head_dim
+    x = torch.randn(5, hidden).to(dtype)
+    w = (torch.randn(n, hidden) / hidden**0.5).to(dtype)
+    b = torch.randn(n).to(dtype) if bias else None
+    positions, slots = torch.tensor([3, 0, 17, 9, 30]), torch.tensor([5, 40, -1, 12, 33])
+    cos_sin = torch.randn(32, head_dim)
+    arg = x
+    if pending:  # the Q/K/V product after a fused norm: x = h * weight, scaled by 1/rms here
+        arg = skinny_gemm.NormPending(x, x.double().pow(2).sum(-1).repeat(13)[:skinny_gemm.MAX_ROWS], 1e-5)
+        x = arg.normalized()
+
+    def pools():
+        pool = torch.zeros(4, 2, block_size, kv_heads, head_dim, dtype=dtype)
+        return pool, pool[:, 0], pool[:, 1]
+
+    want_pool, k_ref, v_ref = pools()
+    q_ref = triton_ops.rope_store(F.linear(x, w, b), positions, cos_sin, k_ref, v_ref, slots, heads, kv_heads,
+                                  head_dim)
+    pool, k_cache, v_cache = pools()
+    rope = skinny_gemm.RopeStore(positions, cos_sin, k_cache, v_cache, slots, heads, kv_heads, head_dim)
+    q = skinny_gemm.skinny_mm(arg, w, b, config, rope=rope)
+    assert q.shape == (5, heads, head_dim)
+    assert rel_err(q, q_ref) < 2 * TOLERANCE[dtype]
+    assert rel_err(pool, want_pool) < 2 * TOLERANCE[dtype]
+    stored = pool.abs().sum(dim=(1, 3, 4)).nonzero().tolist()  # [block, offset] of every stored slot
+    assert stored == [[0, 5], [0, 12], [2, 1], [2, 8]]  # slots 5, 12, 33, 40; nothing for -1
+
+
 def test_fused_ops_equal_the_torch_code():
     import torch.nn.functional as F
 
@@ -170,41 +207,65 @@ def test_argmax_rows_takes_the_first_maximum(dtype):
     assert got.tolist() == x.argmax(dim=-1).tolist() == [got[0].item(), 300, 10, 0, 255]
 
 
-def test_engine_with_norms_in_the_products_epilogues_matches_the_torch_path(tiny_dir, monkeypatch):
+@pytest.mark.parametrize("head_dim", [16, 32])
+def test_engine_with_norms_in_the_products_epilogues_matches_the_torch_path(tiny_dir, tmp_path, monkeypatch,
+                                                                            head_dim):
     """The wiring of the fused norms on the CPU (llama.DecoderLayer handing `NormPending`
-    rows from product to product, the residual updated in place, one sums row per norm):
+    rows from product to product, the residual updated in place, one sums row per norm),
+    and with 32-dimension heads of the rotary + KV store in the Q/K/V product's epilogue:
     the engine with every product of <= 64 rows through skinny_gemm generates the tokens of
     the torch path."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
     from baton.engine import LLM, SamplingParams
     from baton.engine.models import llama
+    from baton.engine.tiny_model import random_llama_weights
 
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["head_dim"] = head_dim
+    (model_dir / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in random_llama_weights(config).items()}, str(model_dir / "model.safetensors"))
     prompts = [list(range(5, 30)), [0, 400, 7]]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
     def generate():
-        llm = LLM(model=str(tiny_dir), device="cpu", num_gpu_blocks_override=32, block_size=4,
+        llm = LLM(model=str(model_dir), device="cpu", num_gpu_blocks_override=32, block_size=4,
                   max_num_batched_tokens=16)
         return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
 
     want = generate()
-    # Every product shape of the tiny model (hidden 64, 4 + 2 + 2 heads of 16, MLP 176,
-    # vocab 512) "measured" with one fast Triton configuration.
-    for n, k in [(128, 64), (64, 64), (352, 64), (64, 176), (512, 64)]:
+    # Every product shape of the model (hidden 64, 4 + 2 + 2 heads, MLP 176, vocab 512)
+    # "measured" with one fast Triton configuration.
+    attn = 4 * head_dim
+    for n, k, *form in [(2 * attn, 64), (2 * attn, 64, "rope"), (64, attn), (352, 64), (64, 176), (512, 64)]:
         for bucket in skinny_gemm.BUCKETS:
-            monkeypatch.setitem(skinny_gemm._times, (n, k, bucket, torch.float32),
+            monkeypatch.setitem(skinny_gemm._times, (n, k, bucket, torch.float32, *form),
                                 {"cublas": 1e9, (16, 32, 4, 1): 1.0, (32, 32, 4, 1): 1.0})
     monkeypatch.setattr(llama, "_few_rows", lambda x: skinny_gemm if x.shape[0] <= 64 else None)
-    fused = []
-    add_norm = skinny_gemm.linear_add_norm
+    monkeypatch.setattr(skinny_gemm, "ROPE_EPILOGUE", True)  # (the CPU's torch backend never fuses the rotary)
+    fused, rotated = [], []
+    add_norm, qkv_rope = skinny_gemm.linear_add_norm, skinny_gemm.qkv_rope
 
     def counted(*args):
         out = add_norm(*args)
         fused.append(out is not None)
         return out
 
+    def counted_rope(*args):
+        out = qkv_rope(*args)
+        rotated.append(out is not None)
+        return out
+
     monkeypatch.setattr(skinny_gemm, "linear_add_norm", counted)
+    monkeypatch.setattr(skinny_gemm, "qkv_rope", counted_rope)
     assert generate() == want
     assert fused and all(fused)  # 3 of the 4 norms a step of this 2-layer model
+    assert rotated and all(rotated) == (head_dim == 32)  # 16-dimension heads have no fitting tile
 
 
 def test_engine_with_triton_backend_matches_torch_backend(tiny_dir):

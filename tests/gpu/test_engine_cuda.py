@@ -71,3 +71,43 @@ def test_bf16_fast_path_matches_the_reference_path(hf_models):
         set_fused_kernels(True)
     assert ref.engine.runner.graphs is None
     assert fast_tokens == ref_tokens
+
+
+def test_rotary_epilogue_matches_the_reference_path(tmp_path, monkeypatch):
+    """With `skinny_gemm.ROPE_EPILOGUE` (set before the engine starts, so that the tuning
+    times the Q/K/V form with it) the steps the attention does not rotate for (here the
+    prompts' chunks of 32 tokens) rotate and store keys and values in the Q/K/V product's
+    epilogue; greedy bf16 tokens equal the reference path's. 32-dimension heads: the
+    smallest the epilogue's tiles fit."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from baton.engine.models import skinny_gemm
+    from baton.engine.models.llama import set_fused_kernels
+    from baton.engine.tiny_model import random_llama_weights, write_tiny_model
+
+    model_dir = write_tiny_model(tmp_path / "model")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["head_dim"] = 32
+    (model_dir / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in random_llama_weights(config).items()}, str(model_dir / "model.safetensors"))
+    monkeypatch.setattr(skinny_gemm, "ROPE_EPILOGUE", True)
+    rotated = []
+    qkv_rope = skinny_gemm.qkv_rope
+
+    def counted(*args):
+        out = qkv_rope(*args)
+        rotated.append(out is not None)
+        return out
+
+    monkeypatch.setattr(skinny_gemm, "qkv_rope", counted)
+    _, fast_tokens = generate(model_dir, dtype="bfloat16", max_num_seqs=8, max_num_batched_tokens=32)
+    assert any(rotated)  # the prompts' chunks of 32 tokens
+    set_fused_kernels(False)
+    try:
+        _, ref_tokens = generate(model_dir, dtype="bfloat16", attention_backend="torch", enforce_eager=True,
+                                 max_num_batched_tokens=32)
+    finally:
+        set_fused_kernels(True)
+    assert fast_tokens == ref_tokens

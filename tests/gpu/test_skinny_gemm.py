@@ -92,3 +92,39 @@ def test_residual_add_and_norm_in_the_epilogues_of_every_config(rows):
         got = skinny_mm(pending, w_up, None, config)
         want = F.linear(normed, w_up.float())
         assert ((got.float() - want).norm() / want.norm()) < 1e-2, config
+
+
+@pytest.mark.parametrize("rows", [1, 7, 33, 64])
+def test_rotary_and_kv_store_in_the_qkv_epilogue_of_every_fitting_config(rows):
+    """Llama-3.1-8B's Q/K/V product with rope_store's work in its epilogue equals the product
+    then rope_store: the same queries, and the same keys and values at the same slots."""
+    from baton.engine.models import triton_ops
+    from baton.engine.models.skinny_gemm import CONFIGS, RopeStore, fits, m_pad, skinny_mm
+
+    heads, kv_heads, head_dim, hidden, block_size = 32, 8, 128, 4096, 16
+    n = (heads + 2 * kv_heads) * head_dim
+    x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, hidden, device="cuda", dtype=torch.bfloat16) / hidden**0.5
+    positions = torch.randint(0, 8192, (rows,), device="cuda")
+    slots = torch.randperm(16 * block_size, device="cuda")[:rows]
+    if rows > 1:
+        slots[0] = -1  # a padding row: stores nothing
+    freqs = torch.outer(torch.arange(8192, device="cuda").float(), 1e-4 ** torch.linspace(0, 1, head_dim // 2,
+                                                                                          device="cuda"))
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+    def pools():
+        pool = torch.zeros(16, 2, block_size, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+        return pool, pool[:, 0], pool[:, 1]
+
+    want_pool, k_ref, v_ref = pools()
+    want = triton_ops.rope_store(F.linear(x, w), positions, cos_sin, k_ref, v_ref, slots, heads, kv_heads, head_dim)
+    configs = [c for c in CONFIGS if fits(c, m_pad(rows)) and RopeStore(*[None] * 5, heads, kv_heads, head_dim).fits(c)]
+    assert len(configs) >= 4
+    for config in configs:
+        pool, k_cache, v_cache = pools()
+        q = skinny_mm(x, w, None, config, rope=RopeStore(positions, cos_sin, k_cache, v_cache, slots, heads, kv_heads,
+                                                         head_dim))
+        assert ((q.float() - want.float()).norm() / want.float().norm()) < 1e-2, config
+        assert ((pool.float() - want_pool.float()).norm() / want_pool.float().norm()) < 1e-2, config
+        assert torch.equal(pool != 0, want_pool != 0), config  # the same slots written
