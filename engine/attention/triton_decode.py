@@ -5,7 +5,8 @@ Split-K ("flash decoding"): the grid is (sequence, KV head, split). Each program
 the tensor cores), walks its split of the context in tiles of `BLOCK_N` tokens, gathering
 each token's key and value rows through the block table, and keeps an online softmax. With
 one split the program writes the final output; with several, each writes a normalised
-partial output and its log-sum-exp (base 2), and a second kernel merges them.
+partial output and its log-sum-exp (base 2), and a second kernel merges them (or, with
+`MERGE_IN_SPLITS`, the split that finishes last for its sequence and KV head).
 
 With `rope` (a decode-only step of a Llama-family model), the kernel also does the rotary
 embedding and the KV store that `triton_ops.rope_store` would do in a kernel of its own:
@@ -21,12 +22,20 @@ KV views are strided (the block stride of the block-major pool is not
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from baton.engine.attention.triton_tile import attend_tile
 from baton.engine.models.pdl import enter, launch_kwargs
+
+# The last split of each (sequence, KV head) merges the splits itself instead of a second
+# kernel doing it (`_merge_group`); BATON_MERGE_IN_SPLITS=1 turns it on, benchmarks flip it.
+# Off by default: not yet measured or tested on a GPU.
+MERGE_IN_SPLITS = os.environ.get("BATON_MERGE_IN_SPLITS", "0") == "1"
+_COUNTS: dict[torch.device, torch.Tensor] = {}  # per device, see `_split_counts`
 
 
 @triton.jit
@@ -44,7 +53,7 @@ def _rope_factors(cs_ptr, seq_len, stride_cs, d, d_mask, HEAD_DIM: tl.constexpr)
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, seq_ids_ptr, q_rows_ptr,
-    out_ptr, part_o_ptr, part_lse_ptr,
+    out_ptr, part_o_ptr, part_lse_ptr, count_ptr,
     cs_ptr, kn_ptr, vn_ptr, slot_ptr,
     scale,
     stride_qt, stride_qh,
@@ -58,7 +67,7 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SINGLE: tl.constexpr, INDIRECT: tl.constexpr, ROPE: tl.constexpr, PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    MERGE: tl.constexpr, GROUP_P2: tl.constexpr, SPLITS_PAD: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     enter(USE_PDL)
     pid = tl.program_id(0)
@@ -130,6 +139,38 @@ def _decode_split_kernel(
         row = (pid * num_heads + heads) * num_splits + split
         tl.store(part_o_ptr + row[:, None] * D_PAD + d[None, :], o, mask=out_mask)
         tl.store(part_lse_ptr + row, lse, mask=g_mask)
+        if MERGE:
+            # The split that finishes last for this (sequence, KV head) merges all of them
+            # (the merge kernel's work, for its GROUP heads): the others' partial results are
+            # visible to it after its acquiring count (theirs released after a barrier).
+            tl.debug_barrier()
+            count = count_ptr + pid * tl.num_programs(1) + kvh
+            if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+                _merge_group(out_ptr, part_o_ptr, part_lse_ptr, q_row, pid, kvh, d, d_mask, stride_ot, stride_oh,
+                             num_heads, num_splits, GROUP, GROUP_P2, D_PAD, SPLITS_PAD)
+                tl.store(count, 0)  # every split has counted: zero for the next launch
+
+
+@triton.jit
+def _merge_group(out_ptr, part_o_ptr, part_lse_ptr, q_row, pid, kvh, d, d_mask, stride_ot, stride_oh,
+                 num_heads, num_splits, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, D_PAD: tl.constexpr,
+                 SPLITS_PAD: tl.constexpr):
+    """`_decode_merge_kernel`'s combination for the GROUP query heads of one KV head."""
+    g = tl.arange(0, GROUP_P2)
+    s = tl.arange(0, SPLITS_PAD)
+    g_mask = g < GROUP
+    heads = kvh * GROUP + g
+    base = (pid * num_heads + heads) * num_splits  # [GROUP_P2]
+    gs_mask = g_mask[:, None] & (s < num_splits)[None, :]
+    lse = tl.load(part_lse_ptr + base[:, None] + s[None, :], mask=gs_mask, other=float("-inf"), cache_modifier=".cg")
+    m = tl.max(lse, 1)
+    w = tl.where(lse > float("-inf"), tl.exp2(lse - m[:, None]), 0.0)
+    total = tl.sum(w, 1)
+    o = tl.load(part_o_ptr + (base[:, None, None] + s[None, :, None]) * D_PAD + d[None, None, :],
+                mask=gs_mask[:, :, None], other=0.0, cache_modifier=".cg")
+    res = tl.sum(o * w[:, :, None], 1) / tl.where(total > 0, total, 1.0)[:, None]
+    tl.store(out_ptr + q_row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :],
+             res.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
@@ -155,6 +196,19 @@ def _decode_merge_kernel(
     res = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + q_row.to(tl.int64) * stride_ot + h * stride_oh + d, res.to(out_ptr.dtype.element_ty),
              mask=d < HEAD_DIM)
+
+
+def _split_counts(n: int, device: torch.device) -> torch.Tensor | None:
+    """Zeroed int32 counters, at least `n`, for `MERGE_IN_SPLITS` (kept per device: each
+    launch leaves them zero). None while a CUDA graph is being captured and they are too few
+    (an allocation there would be replayed as a memset): that step merges in its own kernel.
+    Warm-up steps before each capture size them."""
+    counts = _COUNTS.get(device)
+    if counts is None or counts.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _COUNTS[device] = counts = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
+    return counts
 
 
 def num_splits_for(num_seqs: int, num_kv_heads: int, max_splits: int = 32) -> int:
@@ -241,10 +295,11 @@ def paged_decode(
         part_lse = torch.empty((num_programs, num_heads, num_splits), dtype=torch.float32, device=q.device)
     else:
         part_o = part_lse = out
+    counts = _split_counts(num_programs * num_kv_heads, q.device) if num_splits > 1 and MERGE_IN_SPLITS else None
     _decode_split_kernel[(num_programs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens,
         seq_ids if indirect else dummy, q_rows if indirect else dummy,
-        out, part_o, part_lse,
+        out, part_o, part_lse, counts if counts is not None else dummy,
         *rope_args,
         scale,
         q.stride(0), q.stride(1),
@@ -259,9 +314,11 @@ def paged_decode(
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
         SINGLE=num_splits == 1, INDIRECT=indirect, ROPE=rope is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        MERGE=counts is not None, GROUP_P2=triton.next_power_of_2(group),
+        SPLITS_PAD=triton.next_power_of_2(num_splits),
         num_warps=num_warps, num_stages=num_stages, **launch_kwargs(),
     )
-    if num_splits > 1:
+    if num_splits > 1 and counts is None:
         _decode_merge_kernel[(num_programs, num_heads)](
             out, part_o, part_lse, q_rows if indirect else dummy,
             out.stride(0), out.stride(1), num_heads, num_splits,

@@ -29,15 +29,20 @@ DTYPES = [torch.float32, torch.float16]
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_decode_with_and_without_splits(shape, dtype):
+@pytest.mark.parametrize("merge_in_splits", [False, True])
+def test_decode_with_and_without_splits(shape, dtype, merge_in_splits, monkeypatch):
+    """With `MERGE_IN_SPLITS` the last split merges (twice: the counters are left at zero)."""
+    monkeypatch.setattr(triton_decode, "MERGE_IN_SPLITS", merge_in_splits)
     heads, kv_heads, head_dim, block_size = shape
     case = make_case([1, 9, 70, 33], [1] * 4, heads, kv_heads, head_dim, block_size, dtype, "cpu")
     want = reference(case)
-    for splits in (1, 3):
+    for splits in (1, 3, 3):
         out = torch.full_like(case.q, float("nan"))
         triton_decode.paged_decode(case.q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens_t,
                                    case.scale, out, num_splits=splits, block_n=16)
         assert rel_err(out, want) < TOLERANCE[dtype]
+    if merge_in_splits:  # the split kernel counted (and merged), and left the counters at zero
+        assert not triton_decode._COUNTS[torch.device("cpu")].any()
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

@@ -130,3 +130,36 @@ def test_backend_mixed_step_equals_torch_reference():
     got = TritonAttention(16, 4, 128, case.scale).forward(case.q, k, v, case.k_cache, case.v_cache, meta())
     assert torch.equal(case.k_cache, kc) and torch.equal(case.v_cache, vc)  # same stores
     assert rel_err(got, want.double()) < 1e-2
+
+
+@pytest.mark.parametrize("shape", [(32, 8, 128, 16), (28, 4, 128, 16), (12, 4, 80, 4)], ids=str)
+@pytest.mark.parametrize("num_splits", [None, 5, 13])
+def test_decode_with_the_merge_in_the_last_split(monkeypatch, shape, num_splits):
+    """`MERGE_IN_SPLITS`: the split that finishes last merges, eagerly and in a replayed
+    graph (the same result every time), and the counters are left at zero."""
+    from baton.engine.attention import triton_decode
+
+    heads, kv_heads, head_dim, block_size = shape
+    seq_lens = [1, 17, 300, 1000, 64, 129, 0, 2000]
+    case = make_case(seq_lens, [1] * len(seq_lens), heads, kv_heads, head_dim, block_size, torch.bfloat16, "cuda")
+
+    def run(out):
+        triton_decode.paged_decode(case.q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens_t,
+                                   case.scale, out, num_splits=num_splits)
+        return out
+
+    monkeypatch.setattr(triton_decode, "MERGE_IN_SPLITS", True)
+    want = run(torch.full_like(case.q, float("nan")))
+    assert rel_err(want, reference(case)) < TOLERANCE[torch.bfloat16]
+    for _ in range(2):
+        assert torch.equal(run(torch.full_like(case.q, float("nan"))), want)
+    out = torch.full_like(case.q, float("nan"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(out)
+    for _ in range(3):
+        out.fill_(float("nan"))
+        graph.replay()
+        assert torch.equal(out, want)
+    torch.cuda.synchronize()
+    assert not triton_decode._COUNTS[case.q.device].any()
