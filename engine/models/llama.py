@@ -215,7 +215,7 @@ class Attention(nn.Module):
         a = self.args
         k_cache, v_cache = layer_view(kv, self.layer_idx)
         few = _few_rows(x)
-        if few is not None and not backend.fuses_rope(meta):  # the rotary and KV store in the product
+        if few is not None and few.ROPE_EPILOGUE and not backend.fuses_rope(meta):  # rotary + KV store in it
             q = few.qkv_rope(self.qkv_proj, x, few.RopeStore(positions, rotary.cos_sin, k_cache, v_cache,
                                                              meta.slot_mapping, a.num_heads, a.num_kv_heads,
                                                              a.head_dim))
