@@ -54,10 +54,10 @@ def measure(name: str, copies: int, rows: int) -> dict:
     n, k, form, config = SHAPES[name]
     big = torch.randn((copies * n, k), dtype=torch.bfloat16, device="cuda") / k**0.5
     x = torch.randn((rows, k), dtype=torch.bfloat16, device="cuda")
-    chain_run = skinny_gemm._form_runner(form, x, n)
-    one_run = skinny_gemm._form_runner(form, x, copies * n)
     parts = [_Weight(big[i * n:(i + 1) * n]) for i in range(copies)]
     whole = _Weight(big)
+    chain_run, _ = skinny_gemm._form_runner(form, x, parts[0])
+    one_run, _ = skinny_gemm._form_runner(form, x, whole)
     result = {"n": n, "k": k, "form": form, "config": str(config), "rows": rows, "copies": copies}
     for key, settings in SETTINGS.items():
         for attr, value in settings.items():
