@@ -415,9 +415,9 @@ def silu_linear(layer: nn.Linear, x: torch.Tensor | NormPending) -> torch.Tensor
 def qkv_rope(layer: nn.Linear, x: torch.Tensor | NormPending, rope: RopeStore) -> torch.Tensor | None:
     """The fused Q/K/V projection `layer(x)` with rope_store's work in its epilogue: keys and
     values stored in the cache, the rotated queries [M, heads, head_dim] returned; None
-    with `ROPE_EPILOGUE` off or where this shape has no fast configuration that fits (the
-    caller runs the product and rope_store)."""
-    config = _config(layer, x, FUSED_CREDIT_US, rope.fits, "rope_row_scale") if ROPE_EPILOGUE else None
+    where this shape has no fast configuration that fits (the caller runs the product and
+    rope_store). Callers use it with `ROPE_EPILOGUE` on (the tuning times the form then)."""
+    config = _config(layer, x, FUSED_CREDIT_US, rope.fits, "rope_row_scale")
     return None if config is None else skinny_mm(x, layer.weight, layer.bias, config, rope=rope)
 
 
