@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import datetime
 import json
 import sys
 import time
@@ -40,7 +39,7 @@ from baton.engine.config import EngineArgs  # noqa: E402
 from baton.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from baton.engine.llm_engine import LLMEngine  # noqa: E402
 from baton.engine.models import pdl, skinny_gemm  # noqa: E402
-from engine import bench_batch1, decoding, gpu_time, machine, release, synthetic_seqs  # noqa: E402
+from engine import bench_batch1, decoding, gpu_time, release, run_record, synthetic_seqs  # noqa: E402
 
 
 def graph_times(engine: LLMEngine, batches: list[int], context: int, rng) -> dict:
@@ -230,8 +229,7 @@ def main() -> None:
     from baton.engine.tiny_model import ensure_tiny_model
 
     rng = np.random.default_rng(0)
-    result = {"machine": machine(), "command": " ".join(["python3", *sys.argv]),
-              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    result = run_record()
     model_dir = write_random_checkpoint(Path(args.model_dir), LLAMA31_8B, ensure_tiny_model())
     t = time.perf_counter()
     engine = LLMEngine.from_engine_args(EngineArgs(

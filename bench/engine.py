@@ -58,6 +58,12 @@ def machine() -> dict:
             "cuda": torch.version.cuda, "triton": triton.__version__, "cpus": os.cpu_count()}
 
 
+def run_record() -> dict:
+    """The machine, command and date the GPU benches' results start with."""
+    return {"machine": machine(), "command": " ".join(["python3", *sys.argv]),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+
+
 def timed(fn, repeats: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()

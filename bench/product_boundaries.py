@@ -12,7 +12,6 @@ boundary). (chain - one) / 31 is the cost of a boundary; bytes / time the bandwi
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from baton.engine.models import pdl, skinny_gemm  # noqa: E402
-from engine import machine  # noqa: E402
+from engine import run_record  # noqa: E402
 
 # (N, K, form, configuration tuning picked at 16 rows on an H100, 2026-11-28 05:40 UTC)
 SHAPES = {
@@ -88,9 +87,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     args = ap.parse_args()
-    result = {"machine": machine(), "command": " ".join(["python3", *sys.argv]),
-              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-              "shapes": {name: measure(name, args.copies, args.rows) for name in args.shapes}}
+    result = {**run_record(), "shapes": {name: measure(name, args.copies, args.rows) for name in args.shapes}}
     Path(args.out).write_text(json.dumps(result, indent=2))
 
 

@@ -13,7 +13,6 @@ and the share of the product's span that the weight stream was below 90% of its 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).parent))
 from baton.engine.models import pdl, skinny_gemm  # noqa: E402
 from baton.engine.models.pdl import enter  # noqa: E402
-from engine import machine  # noqa: E402
+from engine import run_record  # noqa: E402
 
 
 @triton.jit
@@ -154,8 +153,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     args = ap.parse_args()
     pdl.enabled()
-    result = {"machine": machine(), "command": " ".join(["python3", *sys.argv]),
-              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "runs": []}
+    result = {**run_record(), "runs": []}
     for name in args.shapes:
         for prefetch, use_pdl, mode in ((0, True, 1), (4 << 20, True, 1), (16 << 20, True, 1), (2 << 20, True, 2),
                                         (4 << 20, True, 2), (8 << 20, True, 2), (16 << 20, True, 2)):

@@ -9,7 +9,6 @@ writes skinny_gemm.REPORT (microseconds per product for cuBLAS and every configu
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from baton.engine.models import skinny_gemm  # noqa: E402
-from engine import machine  # noqa: E402
+from engine import run_record  # noqa: E402
 
 # (N, K, form) of Llama-3.1-8B's products: Q/K/V, o_proj, gate/up, down_proj, lm_head
 SHAPES = [(6144, 4096, "row_scale"), (4096, 4096, "add_norm"), (28672, 4096, "silu_row_scale"),
@@ -43,9 +42,7 @@ def main() -> None:
                 layer.skinny_rope = (32, 8, 128)  # Llama-3.1-8B's heads, KV heads, head dim
         model.add_module(f"shape{i}", layers)
     skinny_gemm.tune(model, max_rows=args.max_rows)
-    result = {"machine": machine(), "command": " ".join(["python3", *sys.argv]),
-              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-              "prefetch_bytes": skinny_gemm.PREFETCH_BYTES, "prefetch_mode": skinny_gemm.PREFETCH_MODE,
+    result = {**run_record(), "prefetch_bytes": skinny_gemm.PREFETCH_BYTES, "prefetch_mode": skinny_gemm.PREFETCH_MODE,
               "tuning": skinny_gemm.REPORT}
     Path(args.out).write_text(json.dumps(result, indent=2))
     for shape, row in skinny_gemm.REPORT.items():
