@@ -59,8 +59,10 @@ def machine() -> dict:
 
 
 def run_record() -> dict:
-    """The machine, command and date the GPU benches' results start with."""
-    return {"machine": machine(), "command": " ".join(["python3", *sys.argv]),
+    """The machine, command (with the BATON_ switches it ran under) and date the GPU benches'
+    results start with."""
+    switches = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("BATON_")]
+    return {"machine": machine(), "command": " ".join([*switches, "python3", *sys.argv]),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
 
@@ -328,8 +330,7 @@ def main() -> None:
     from baton.engine.tiny_model import ensure_tiny_model
 
     rng = np.random.default_rng(0)
-    result = {"machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
-              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    result = run_record()
     t = time.perf_counter()
     model_dir = write_random_checkpoint(Path(args.model_dir), LLAMA31_8B, ensure_tiny_model())
     result["checkpoint_write_s"] = time.perf_counter() - t
