@@ -5,8 +5,8 @@ Split-K ("flash decoding"): the grid is (sequence, KV head, split). Each program
 the tensor cores), walks its split of the context in tiles of `BLOCK_N` tokens, gathering
 each token's key and value rows through the block table, and keeps an online softmax. With
 one split the program writes the final output; with several, each writes a normalised
-partial output and its log-sum-exp (base 2), and a second kernel merges them (or, with
-`MERGE_IN_SPLITS`, the split that finishes last for its sequence and KV head).
+partial output and its log-sum-exp (base 2), and the split that finishes last for its
+sequence and KV head merges them (`MERGE_IN_SPLITS`, the default; else a second kernel).
 
 With `rope` (a decode-only step of a Llama-family model), the kernel also does the rotary
 embedding and the KV store that `triton_ops.rope_store` would do in a kernel of its own:
@@ -32,9 +32,14 @@ from baton.engine.attention.triton_tile import attend_tile
 from baton.engine.models.pdl import enter, launch_kwargs
 
 # The last split of each (sequence, KV head) merges the splits itself instead of a second
-# kernel doing it (`_merge_group`); BATON_MERGE_IN_SPLITS=1 turns it on, benchmarks flip it.
-# Off by default: not yet measured or tested on a GPU.
-MERGE_IN_SPLITS = os.environ.get("BATON_MERGE_IN_SPLITS", "0") == "1"
+# kernel doing it (`_merge_group`); BATON_MERGE_IN_SPLITS=0 runs the merge kernel instead. On
+# an H100 the batch-8 decode graph took 5.876 ms with it against 5.920 (44 us a step, the
+# merge kernel and its boundary in each of 32 layers; bench/results/decode-profile-switches-h100.json).
+MERGE_IN_SPLITS = os.environ.get("BATON_MERGE_IN_SPLITS", "1") != "0"
+# `num_splits_for`: splits for about SPLIT_PROGRAMS programs in all, none from
+# SPLIT_UNTIL_PAIRS (sequence, KV head) pairs on (benchmarks vary both).
+SPLIT_PROGRAMS = 320
+SPLIT_UNTIL_PAIRS = 256
 _COUNTS: dict[torch.device, torch.Tensor] = {}  # per device, see `_split_counts`
 
 
@@ -216,7 +221,7 @@ def num_splits_for(num_seqs: int, num_kv_heads: int, max_splits: int = 32) -> in
     KV head) pairs on: at 1k-token contexts on an H100, 32 sequences of 8 KV heads took
     50 us in one split and 52 us in two plus the merge (bench/attention_kernels.py)."""
     pairs = max(1, num_seqs * num_kv_heads)
-    return 1 if pairs >= 256 else max(1, min(max_splits, -(-320 // pairs)))
+    return 1 if pairs >= SPLIT_UNTIL_PAIRS else max(1, min(max_splits, -(-SPLIT_PROGRAMS // pairs)))
 
 
 def decode_config(head_dim: int, num_seqs: int, num_kv_heads: int) -> tuple[int, int]:

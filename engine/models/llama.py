@@ -10,8 +10,8 @@ RMSNorm, rotary + KV store, SiLU * up (`triton_ops`); in decode steps (few rows)
 runs inside the gate/up product's kernel and the residual add + RMSNorm inside the
 epilogues of the products before and after it (`skinny_gemm`); in small decode-only steps
 the rotary and KV store run inside the attention kernel (a backend's `rope_attend`), and,
-with `skinny_gemm.ROPE_EPILOGUE` (off by default, not yet measured), in the Q/K/V
-product's epilogue in other steps of <= 64 rows.
+with `skinny_gemm.ROPE_EPILOGUE` (on by default), in the Q/K/V product's epilogue in other
+steps of <= 64 rows.
 They compute what the torch code below computes; the CPU path runs the torch code.
 `set_fused_kernels(False)` turns them off (for measuring what they buy).
 """
