@@ -17,9 +17,10 @@ of mirrors, and the host has waited for step n-1's tokens before it fills step n
 With `SIDE_STREAM_INPUTS` the copy runs on a stream of its own instead: it waits for the
 previous replay to end (an event), so it overlaps that step's sampling and token copy rather
 than following them, and the replay waits for it (another event). Off by default: on an H100
-it did not change batch-1 time per token beyond noise (docs/architecture.md); the ordering above holds either way (step n+1's copy starts after step
-n's replay, step n+1's replay after its copy, and step n's replay after step n's copy, which
-the host's wait for step n-1's tokens does not precede).
+it did not change batch-1 time per token beyond noise (docs/architecture.md). The ordering
+above holds either way (step n+1's copy starts after step n's replay, step n+1's replay
+after its copy, and step n's replay after step n's copy, which the host's wait for step
+n-1's tokens does not precede).
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ FUSED_CREDIT_US = 2.0
 FUSE_NORMS = os.environ.get("BATON_FUSE_NORMS", "1") != "0"
 # The rotary + KV store in the Q/K/V product's epilogue (`qkv_rope`), for steps whose
 # attention does not do them itself (decode steps of more than triton_backend.ROPE_MAX_PAIRS
-# pairs, prefill chunks of at most MAX_ROWS tokens); BATON_ROPE_EPILOGUE=0 runs rope_store
+# pairs, other steps of a row count the tuning timed); BATON_ROPE_EPILOGUE=0 runs rope_store
 # instead. On an H100 the batch-32 / 64 decode graphs took 7.064 / 8.643 ms with it against
 # 7.134 / 8.685 (bench/results/decode-profile-switches-h100.json). With it on at engine start
 # the Q/K/V shape is tuned in both forms, and benchmarks may flip it off and recapture.
