@@ -251,15 +251,18 @@ def main() -> None:
     for spec in args.variant:  # "name:module.NAME=value,..."
         key, _, sets = spec.partition(":")
         variants.append((key, {k: ast.literal_eval(v) for k, v in (a.split("=") for a in sets.split(","))}))
+    def apply(settings: dict) -> None:
+        for name, value in settings.items():
+            mod, attr = name.split(".")
+            setattr(modules[mod], attr, value)
+
     defaults = {"pdl.ENABLED": True}
     for _, settings in variants:
         for name in settings:
             mod, attr = name.split(".")
             defaults.setdefault(name, getattr(modules[mod], attr))
     for key, settings in variants:
-        for name, value in {**defaults, **settings}.items():
-            mod, attr = name.split(".")
-            setattr(modules[mod], attr, value)
+        apply({**defaults, **settings})
         recapture(engine)
         result["graph"][key] = graph_times(engine, args.batches, 1024, rng)
         result["batch1_tpot_ms"][key] = bench_batch1(engine, rng, new_tokens=128)["tpot_ms"]
@@ -267,9 +270,7 @@ def main() -> None:
         if key == "no_pdl":  # kernel times without PDL's overlap: each kernel's own duration
             for b in args.batches:
                 result[f"profile_b{b}"] = kernel_breakdown(engine, b, 1024, rng)
-    for name, value in defaults.items():
-        mod, attr = name.split(".")
-        setattr(modules[mod], attr, value)
+    apply(defaults)
     recapture(engine)
     result["step_events"] = {b: step_events(engine, b, 1024, rng) for b in args.step_events_batches}
     for b, e in result["step_events"].items():
