@@ -1,4 +1,4 @@
-"""Prometheus metrics of the workers and the router (DESIGN.md "Metrics"); no torch here.
+"""Prometheus metrics of the workers and the router (listed in docs/metrics.md); no torch here.
 
 Names follow vLLM's with the `baton:` prefix; every series carries `model_name` and `role`
 (prefill, decode, colocated or router). Request latencies are histograms observed where a

@@ -8,7 +8,7 @@ Layout (`KV_LAYOUT = "block_major_v1"`):
 A prompt's KV is therefore the blocks in its block table and nothing else: a handoff of
 blocks `[7, 8, 9, 10]` is one contiguous region of `4 * block_bytes` bytes, and contiguous
 block runs reserved on the decode side keep a handoff to a handful of large copies
-(DESIGN.md: message count decides transfer speed). Within a layer, `kv[:, l, 0]` is a
+(a transfer's cost is set by its number of messages more than by its bytes). Within a layer, `kv[:, l, 0]` is a
 `[num_blocks, block_size, num_kv_heads, head_dim]` view with a block stride of
 `num_layers * 2 * block_size * num_kv_heads * head_dim` elements, the per-layer paged layout
 attention kernels read (token-major inside a block, so one token's heads are contiguous).

@@ -2,8 +2,8 @@
 
 A pool `kv[num_blocks, ...]` is seen as `rows[num_blocks, block_bytes]` of uint8 (a view).
 Block-major means a run of consecutive block ids is one contiguous region, so a handoff is
-as many copies as there are runs, not one per layer per block (DESIGN.md: message count
-decides transfer speed). A handoff's byte stream is its blocks' bytes in prompt order:
+as many copies as there are runs, not one per layer per block (a transfer's cost is set
+by its number of messages more than by its bytes). A handoff's byte stream is its blocks' bytes in prompt order:
 byte `i * block_bytes + j` is byte `j` of the prompt's block `i`.
 """
 

@@ -20,7 +20,8 @@ With CUDA pools both ends hand UCX device memory, which it moves with CUDA IPC (
 node or RDMA across nodes; host pools go over TCP or shared memory. When the source and
 destination blocks form more than `max_direct_messages` regions that are contiguous at both
 ends, the sender gathers them into one staging buffer and the receiver scatters from one
-(one device copy each): one large message beats many small ones (DESIGN.md "Hardware facts").
+(one device copy each): one large message beats many small ones (each message has a fixed
+cost; docs/performance.md, "KV transfer").
 """
 
 from __future__ import annotations

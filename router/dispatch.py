@@ -1,4 +1,4 @@
-"""Serving one output stream (one prompt, n=1) on the workers: DESIGN.md "Request flow".
+"""Serving one output stream (one prompt, n=1) on the workers (docs/architecture.md, "A request's walk").
 
 Disaggregated: reserve KV on a decode worker (the ticket), open its Decode stream, send
 the prompt and the ticket to a prefill worker, and merge what comes back: the first token
