@@ -5,7 +5,7 @@ no PDL) of x [rows, K] @ W.T with, inside the K loop: nothing (mode 0); the resi
 its store by program 0, RMSNorm's sum of squares and the norm weight (mode 1); the same
 without the store (2); the sum of squares only (3); the residual add only (4); and with
 SiLU(gate) * up in the epilogue (silu). Decided which fusions skinny_gemm has
-(docs/architecture.md).
+(docs/performance.md, "Tried and not kept").
 
     python3 bench/fused_gemv_probe.py   # writes $OUT/fused_variants.json (default /tmp)
 """

@@ -40,10 +40,10 @@ from baton.sampling_params import GuidedDecodingParams
 
 _XGR_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
 MATCHER_KEY = "grammar_matcher"  # seq.extra key of a guided sequence's GrammarMatcher
-# Threads xgrammar fills a batch's bitmasks with. One: on an H100 host with a BPE vocabulary
-# a JSON-schema fill takes 0.05 ms for one sequence and 0.3 ms for 32, hidden behind the GPU's
-# forward pass (nothing syncs before it), while xgrammar's pool ("auto") took 0.5-0.6 ms. The
-# pool helps only when fills are slow (random-piece vocabularies), docs/limits.md.
+# Threads xgrammar fills a batch's bitmasks with. One: with a real (BPE) vocabulary a fill on
+# one thread is faster than on xgrammar's pool ("auto") and hides behind the GPU's forward
+# pass (nothing syncs before it). The pool helps only when fills are slow (random-piece
+# vocabularies). Figures: docs/performance.md, "Guided decoding".
 FILL_THREADS = 1
 
 

@@ -1,0 +1,122 @@
+"""The docs stay true to the tree: what they cite exists, their links resolve, and nothing in
+the repository points outside it."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
+# Backticked repository paths, optionally with a symbol: `router/api.py:OpenAIServing.serve`.
+CITED = re.compile(r"`((?:[\w.-]+/)+[\w.-]*?)(?::([\w.]+))?`")
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+TEXT_SUFFIXES = {".py", ".pyi", ".md", ".proto", ".yaml", ".yml", ".toml", ".json", ".txt",
+                 ".tpl", ".cfg", ".ini", ".sh", ""}
+SKIP_DIRS = {".git", ".venv", "venv", "build", "dist", "__pycache__", ".pytest_cache",
+             ".ruff_cache", "node_modules"}
+
+
+def _cited(doc: Path) -> list[tuple[str, str | None]]:
+    return [(m.group(1), m.group(2)) for m in CITED.finditer(doc.read_text())]
+
+
+def _defines(path: Path, symbol: str) -> bool:
+    """Whether `symbol` ("name" or "Class.member") is defined at the top of `path`."""
+    body = ast.parse(path.read_text()).body
+    for part in symbol.split("."):
+        found = None
+        for node in body:
+            names = []
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names = [node.name]
+            elif isinstance(node, ast.Assign):
+                names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                names = [node.target.id]
+            if part in names:
+                found = node
+                break
+        if found is None:
+            return False
+        body = getattr(found, "body", [])
+    return True
+
+
+def _is_repo_path(text: str) -> bool:
+    # `baton.dev/last-applied`, `app.kubernetes.io/*`, `kubernetes.io/service-name` are not
+    # files; repository paths start with a folder of the tree.
+    head = text.split("/")[0]
+    return head not in ("", ".", "..", "~") and (ROOT / head).exists()
+
+
+@pytest.mark.parametrize("doc", [ROOT / "docs" / "architecture.md", ROOT / "docs" / "performance.md"],
+                         ids=lambda p: p.name)
+def test_every_file_and_function_the_map_names_exists(doc):
+    missing = []
+    for path, symbol in _cited(doc):
+        if not _is_repo_path(path):
+            continue
+        target = ROOT / path
+        if not target.exists():
+            missing.append(path)
+        elif symbol and target.suffix == ".py" and not _defines(target, symbol):
+            missing.append(f"{path}:{symbol}")
+    assert not missing, f"{doc.name} names what is not in the tree: {missing}"
+
+
+def test_result_files_cited_in_the_performance_history_exist():
+    # A bare `name.json` there is a file under bench/results/, unless its line says where in
+    # git history it is now (a removed file is cited as "... (removed; in git at <commit>)").
+    missing = []
+    for line in (ROOT / "docs" / "performance.md").read_text().splitlines():
+        for name in re.findall(r"`([\w.-]+\.(?:json|png))`", line):
+            if not (ROOT / "bench" / "results" / name).exists() and "in git at" not in line:
+                missing.append(name)
+    assert not missing, f"docs/performance.md cites result files that are gone: {missing}"
+
+
+def _anchors(doc: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    anchors = set()
+    for line in doc.read_text().splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_links_between_the_docs_resolve(doc):
+    broken = []
+    for target in LINK.findall(doc.read_text()):
+        if re.match(r"[a-z]+:", target):  # http(s), mailto
+            continue
+        path, _, anchor = target.partition("#")
+        dest = (doc.parent / path).resolve() if path else doc
+        if not dest.exists():
+            broken.append(target)
+        elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+            broken.append(target)
+    assert not broken, f"{doc.name} links to what does not exist: {broken}"
+
+
+def test_nothing_in_the_repository_points_outside_it():
+    # Built from parts so that this file does not match itself.
+    outside = re.compile("|".join(re.escape(s) for s in ("DESIGN" + ".md", "../" + "shared")))
+    hits = []
+    for path in ROOT.rglob("*"):
+        rel = path.relative_to(ROOT)
+        if any(part in SKIP_DIRS or part.endswith(".egg-info") for part in rel.parts):
+            continue
+        if not path.is_file() or path.is_symlink() or path.suffix not in TEXT_SUFFIXES:
+            continue
+        try:
+            text = path.read_text()
+        except (UnicodeDecodeError, OSError):
+            continue
+        hits += [f"{rel}:{n}" for n, line in enumerate(text.splitlines(), 1) if outside.search(line)]
+    assert not hits, f"these lines point outside the repository: {hits}"
