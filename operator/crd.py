@@ -25,9 +25,17 @@ KIND = "InferenceService"
 PLURAL = "inferenceservices"
 API_VERSION = f"{GROUP}/{VERSION}"
 
-# Child objects append a role suffix of at most 8 characters ("-prefill") to the name, and
-# Service names are DNS-1035 labels of at most 63 characters.
-MAX_NAME_LENGTH = 55
+# Child objects append a suffix to the name, the longest of each mode below, and Service
+# names are DNS-1035 labels of at most 63 characters.
+SUFFIX_BY_MODE = {"disaggregated": "-prefill", "colocated": "-colocated"}
+
+
+def max_name_length(mode: str) -> int:
+    """Longest metadata.name whose children's names still fit in 63 characters."""
+    return 63 - len(SUFFIX_BY_MODE.get(mode, "-prefill"))
+
+
+MAX_NAME_LENGTH = max_name_length("disaggregated")
 METRICS = ("num_requests_waiting", "num_requests_running", "kv_cache_usage_perc")
 QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 
@@ -258,7 +266,8 @@ def _has_min_zero(role: str) -> str:
 
 
 def _spec() -> dict:
-    min_zero = " && ".join(_has_min_zero(role) for role in ("prefill", "decode", "worker"))
+    min_zero = " && ".join(_has_min_zero(role)
+                           for role in ("prefill", "decode", "colocated", "worker"))
     return _obj(
         {
             "model": _model(),
@@ -276,7 +285,10 @@ def _spec() -> dict:
                             enum=["disaggregated", "colocated"], default="disaggregated"),
             "prefill": _role("Prefill workers (disaggregated mode)."),
             "decode": _role("Decode workers (disaggregated mode)."),
-            "worker": _role("Colocated workers (colocated mode)."),
+            "colocated": _role("Colocated workers (colocated mode): each pod runs prefill "
+                               "and decode in one engine."),
+            "worker": _role("The old spelling of colocated, still accepted (set one of the "
+                            "two, not both)."),
             "router": _router(),
             "kvTransfer": _obj(
                 {"transport": _scalar("string", "Data plane for KV blocks.",
@@ -297,10 +309,12 @@ def _spec() -> dict:
         rules=(
             ("self.mode == 'disaggregated' || (!has(self.prefill) && !has(self.decode))",
              "prefill and decode apply only to mode disaggregated; describe colocated workers "
-             "under worker"),
-            ("self.mode == 'colocated' || !has(self.worker)",
-             "worker applies only to mode colocated; describe disaggregated fleets under "
-             "prefill and decode"),
+             "under colocated"),
+            ("self.mode == 'colocated' || (!has(self.colocated) && !has(self.worker))",
+             "colocated (or its old spelling worker) applies only to mode colocated; describe "
+             "disaggregated fleets under prefill and decode"),
+            ("!has(self.colocated) || !has(self.worker)",
+             "set colocated or its old spelling worker, not both"),
             (f"self.autoscaling.engine == 'keda' || ({min_zero})",
              "autoscaling.minReplicas 0 needs autoscaling.engine keda: a "
              "HorizontalPodAutoscaler cannot scale to zero"),
@@ -319,8 +333,8 @@ def _replica_status() -> dict:
 def _status() -> dict:
     condition = _obj(
         {
-            "type": _scalar("string", "Ready, PrefillReady, DecodeReady, WorkerReady or "
-                            "RouterReady."),
+            "type": _scalar("string", "Ready, PrefillReady, DecodeReady, ColocatedReady, "
+                            "RouterReady or KVTransferReady."),
             "status": _scalar("string", "True, False or Unknown.",
                               enum=["True", "False", "Unknown"]),
             "reason": _scalar("string", "CamelCase reason; docs/operator.md lists each."),
@@ -339,7 +353,7 @@ def _status() -> dict:
             "url": _scalar("string", "In-cluster URL of the router (OpenAI API base)."),
             "prefill": _replica_status(),
             "decode": _replica_status(),
-            "worker": _replica_status(),
+            "colocated": _replica_status(),
             "router": _replica_status(),
             "conditions": {"type": "array", "items": condition,
                            "x-kubernetes-list-type": "map",
@@ -357,7 +371,7 @@ def _printer_columns() -> list[dict]:
          "description": "ready/desired prefill workers"},
         {"name": "Decode", "type": "string", "jsonPath": ".status.decode.ready",
          "description": "ready/desired decode workers"},
-        {"name": "Worker", "type": "string", "jsonPath": ".status.worker.ready",
+        {"name": "Colocated", "type": "string", "jsonPath": ".status.colocated.ready",
          "description": "ready/desired colocated workers", "priority": 1},
         {"name": "Router", "type": "string", "jsonPath": ".status.router.ready", "priority": 1},
         {"name": "Ready", "type": "string", "jsonPath": f"{ready}.status"},
@@ -369,8 +383,10 @@ def _printer_columns() -> list[dict]:
 
 def build() -> dict:
     """The CustomResourceDefinition as a plain dict (a fresh copy on every call)."""
+    colocated = max_name_length("colocated")
     name_rule = (f"self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && "
-                 f"self.metadata.name.size() <= {MAX_NAME_LENGTH}")
+                 f"self.metadata.name.size() <= {MAX_NAME_LENGTH} && "
+                 f"(self.spec.mode != 'colocated' || self.metadata.name.size() <= {colocated})")
     root = _obj(
         {
             "apiVersion": {"type": "string"},
@@ -383,8 +399,8 @@ def build() -> dict:
                     "behind an OpenAI-compatible router.",
         required=("spec",),
         rules=((name_rule, f"metadata.name must be a DNS label (a-z, 0-9, '-', starting with "
-                           f"a letter) of at most {MAX_NAME_LENGTH} characters: child objects "
-                           f"add a role suffix"),),
+                           f"a letter) of at most {MAX_NAME_LENGTH} characters ({colocated} in "
+                           f"mode colocated): child objects add a role suffix"),),
     )
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

@@ -20,8 +20,10 @@ from typing import Any
 
 from baton.operator import crd, quantity
 
-WORKER_ROLES = ("prefill", "decode", "worker")
-ROLES_BY_MODE = {"disaggregated": ("prefill", "decode"), "colocated": ("worker",)}
+WORKER_ROLES = ("prefill", "decode", "colocated")
+ROLES_BY_MODE = {"disaggregated": ("prefill", "decode"), "colocated": ("colocated",)}
+# Old spellings of a role's spec field, still accepted: `spec.worker` is `spec.colocated`.
+ALIASES = {"worker": "colocated"}
 # Per-pod targets when autoscaling.target is left out: a few queued requests per worker,
 # a busy batch, or 80% of the KV pool.
 DEFAULT_TARGETS = {"num_requests_waiting": 4.0, "num_requests_running": 32.0,
@@ -92,7 +94,7 @@ class Placement:
 
 @dataclass(frozen=True)
 class Role:
-    name: str  # "prefill" | "decode" | "worker"
+    name: str  # "prefill" | "decode" | "colocated"
     replicas: int
     engine: Engine
     autoscaling: Autoscaling | None
@@ -238,8 +240,9 @@ def _placement(data: Mapping[str, Any], path: str) -> Placement:
     )
 
 
-def _role(name: str, data: Mapping[str, Any]) -> Role:
-    path = f"spec.{name}"
+def _role(name: str, key: str, data: Mapping[str, Any]) -> Role:
+    """Role `name`, read from `spec.<key>` (`key` is the name or its old spelling)."""
+    path = f"spec.{key}"
     return Role(
         name=name,
         replicas=_field(data, "replicas", path, int),
@@ -280,17 +283,34 @@ def parse(body: Mapping[str, Any]) -> InferenceService:
                         "is the CRD in the cluster up to date?") from error
 
 
+def _role_key(spec: Mapping[str, Any], name: str) -> str:
+    """The spec field that describes role `name`: its name, or an old spelling in use."""
+    given = [key for key, role in ALIASES.items() if role == name and key in spec]
+    if given and name in spec:
+        raise SpecError(f"set spec.{name} or its old spelling spec.{given[0]}, not both")
+    return given[0] if given else name
+
+
 def _parse_spec(meta: Mapping[str, Any], spec: dict) -> InferenceService:
     mode = spec["mode"]
     if mode not in ROLES_BY_MODE:
         raise SpecError(f"spec.mode {mode!r} is not one of {', '.join(ROLES_BY_MODE)}")
+    longest = crd.max_name_length(mode)
+    if len(meta["name"]) > longest:
+        raise SpecError(f"metadata.name {meta['name']!r} is longer than {longest} characters, "
+                        f"the most mode {mode} allows (child objects add "
+                        f"{crd.SUFFIX_BY_MODE[mode]!r}): choose a shorter name")
     active = ROLES_BY_MODE[mode]
-    stray = [name for name in WORKER_ROLES if name in spec and name not in active]
+    stray = [key for key in (*WORKER_ROLES, *ALIASES)
+             if key in spec and ALIASES.get(key, key) not in active]
     if stray:
         raise SpecError(f"spec.{stray[0]} does not apply to mode {mode} (it uses "
                         f"{' and '.join(active)})")
-    roles = tuple(_role(name, crd.apply_defaults(spec.get(name, {}), crd.node("spec", name)))
-                  for name in active)
+    roles = []
+    for name in active:
+        key = _role_key(spec, name)
+        roles.append(_role(name, key, crd.apply_defaults(spec.get(key, {}),
+                                                         crd.node("spec", key))))
     engine = spec["autoscaling"]["engine"]
     for role in roles:
         if role.autoscaling and role.autoscaling.min_replicas == 0 and engine != "keda":
@@ -313,7 +333,7 @@ def _parse_spec(meta: Mapping[str, Any], spec: dict) -> InferenceService:
         image_pull_policy=spec.get("imagePullPolicy"),
         image_pull_secrets=tuple(ref["name"] for ref in spec.get("imagePullSecrets", ())),
         mode=mode,
-        roles=roles,
+        roles=tuple(roles),
         router=_router(spec["router"]),
         transport=spec["kvTransfer"]["transport"],
         autoscaling_engine=engine,

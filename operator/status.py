@@ -1,7 +1,7 @@
 """The InferenceService status, computed from the child Deployments: pure functions.
 
-Each fleet (prefill, decode or worker, and router) gets a condition (`PrefillReady`,
-`DecodeReady`, `WorkerReady`, `RouterReady`) and `Ready` sums them up. A problem the
+Each fleet (prefill and decode, or colocated, and router) gets a condition
+(`PrefillReady`, `DecodeReady`, `ColocatedReady`, `RouterReady`) and `Ready` sums them up. A problem the
 operator found while reconciling (a spec it cannot serve, a missing dependency) makes
 `Ready` False with that problem's reason; only the next reconcile clears it. Reasons are
 CamelCase and docs/operator.md says what to do about each.
@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-CONDITION_TYPES = {"prefill": "PrefillReady", "decode": "DecodeReady", "worker": "WorkerReady",
-                   "router": "RouterReady"}
+CONDITION_TYPES = {"prefill": "PrefillReady", "decode": "DecodeReady",
+                   "colocated": "ColocatedReady", "router": "RouterReady"}
 # Reasons of problems found while reconciling, kept in status until a reconcile clears them.
 PROBLEM_REASONS = frozenset({"InvalidSpec", "KedaNotInstalled", "ModelClaimNotFound",
                              "NameConflict", "ApplyFailed"})

@@ -11,7 +11,7 @@ from baton.operator.builders import common
 from baton.operator.config import OperatorConfig
 from baton.operator.spec import InferenceService, Role
 
-COMMANDS = {"prefill": "serve-prefill", "decode": "serve-decode", "worker": "serve-worker"}
+COMMANDS = {"prefill": "serve-prefill", "decode": "serve-decode", "colocated": "serve-worker"}
 # A big model can take many minutes to load; the startup probe allows 30 before the
 # liveness probe may restart the pod.
 STARTUP_SECONDS = 1800
@@ -38,7 +38,7 @@ def worker_args(svc: InferenceService, role: Role) -> list[str]:
         "--metrics-port", str(common.METRICS_PORT),
         "--shutdown-grace-seconds", str(common.SHUTDOWN_GRACE_SECONDS),
     ]
-    if role.name != "worker":
+    if role.name != "colocated":
         args += ["--kv-transfer", svc.transport]
     if uses_kv_port(svc, role):
         args += ["--kv-port", str(common.KV_PORT)]

@@ -277,8 +277,12 @@ def wait():
     return wait_for
 
 
-async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> Any:
-    """Poll `predicate` (sync) until it returns something truthy; fail after `timeout`."""
+async def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05) -> Any:
+    """Poll `predicate` (sync) until it returns something truthy; fail after `timeout`.
+
+    The timeout is generous because the suite runs on a loaded machine; a passing wait
+    returns as soon as the predicate holds, so it costs nothing.
+    """
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         result = predicate()

@@ -53,7 +53,7 @@ SPECS = {
     "disaggregated": body(prefill={"replicas": 2, "resources": GPU},
                           decode={"replicas": 3, "resources": GPU}, kvTransfer={"transport": "ucx"}),
     "colocated": body(mode="colocated", model={"source": {"hostPath": "/data/m"}},
-                      worker={"replicas": 2, "engine": {"enablePrefixCaching": False}}),
+                      colocated={"replicas": 2, "engine": {"enablePrefixCaching": False}}),
     "hpa": body(prefill={"autoscaling": {"maxReplicas": 8}},
                 decode={"autoscaling": {"minReplicas": 2, "maxReplicas": 9,
                                         "metric": "kv_cache_usage_perc", "target": 0.75}}),
@@ -166,8 +166,15 @@ def test_worker_pods_probe_grpc_and_run_hardened():
 
 def test_worker_services_are_headless():
     objects = build("colocated")
-    assert find(objects, "Service", "llama-worker")["spec"]["clusterIP"] == "None"
+    assert find(objects, "Service", "llama-colocated")["spec"]["clusterIP"] == "None"
     assert find(objects, "Service", "llama-router")["spec"].get("clusterIP") is None
+
+
+def test_the_old_spelling_worker_builds_the_same_colocated_fleet():
+    """A CR written with `spec.worker` (before the role was named colocated) keeps working."""
+    old = copy.deepcopy(SPECS["colocated"])
+    old["spec"]["worker"] = old["spec"].pop("colocated")
+    assert builders.build_all(spec.parse(old), CONFIG) == build("colocated")
 
 
 def test_router_discovers_workers_through_endpointslices():
@@ -189,7 +196,7 @@ def test_router_discovers_workers_through_endpointslices():
     pod = find(objects, "Deployment", "llama-router")["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "llama-router"
     colocated = container(find(build("colocated"), "Deployment", "llama-router"))["args"]
-    assert colocated[colocated.index("--worker-service") + 1] == "llama-worker"
+    assert colocated[colocated.index("--worker-service") + 1] == "llama-colocated"
     assert "--prefill-service" not in colocated
 
 

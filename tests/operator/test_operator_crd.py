@@ -11,7 +11,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from baton.operator import crd, spec
+from baton.operator import builders, crd, spec
+from baton.operator.config import OperatorConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -131,7 +132,10 @@ def test_every_example_is_valid(path):
     ({"prefill": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}},
      "must not exceed autoscaling.maxReplicas"),
     ({"mode": "colocated", "prefill": {}}, "prefill and decode apply only"),
-    ({"worker": {}}, "worker applies only to mode colocated"),
+    ({"worker": {}}, "colocated (or its old spelling worker) applies only to mode colocated"),
+    ({"colocated": {}}, "colocated (or its old spelling worker) applies only to mode colocated"),
+    ({"mode": "colocated", "colocated": {}, "worker": {}},
+     "set colocated or its old spelling worker, not both"),
     ({"prefill": {"autoscaling": {"minReplicas": 0, "maxReplicas": 2}}},
      "needs autoscaling.engine keda"),
     ({"decode": {"autoscaling": {"maxReplicas": 2, "metric": "kv_cache_usage_perc",
@@ -150,15 +154,27 @@ def test_cel_rules_reject_what_types_cannot(fields, message):
 def test_cel_rules_accept_their_valid_counterparts():
     assert violations(service(autoscaling={"engine": "keda"}, prefill={
         "autoscaling": {"minReplicas": 0, "maxReplicas": 2}})) == []
+    assert violations(service(mode="colocated", colocated={"replicas": 2})) == []
     assert violations(service(mode="colocated", worker={"replicas": 2})) == []
 
 
-@pytest.mark.parametrize("name, ok", [("llama", True), ("a" * 55, True), ("a" * 56, False),
-                                      ("9lives", False), ("has.dot", False)])
-def test_names_must_leave_room_for_child_suffixes(name, ok):
-    body = service()
-    body["metadata"]["name"] = name
+@pytest.mark.parametrize("mode, name, ok", [
+    ("disaggregated", "llama", True), ("disaggregated", "a" * 55, True),
+    ("disaggregated", "a" * 56, False), ("disaggregated", "9lives", False),
+    ("disaggregated", "has.dot", False), ("colocated", "a" * 53, True),
+    ("colocated", "a" * 54, False)])
+def test_names_must_leave_room_for_child_suffixes(mode, name, ok):
+    """The longest child name (NAME-prefill, NAME-colocated) is a 63-character DNS label."""
+    body = service(mode=mode)
+    body["metadata"].update(name=name, namespace="default")
     assert (violations(body) == []) is ok
+    if ok:
+        longest = max(obj["metadata"]["name"] for obj in builders.build_all(
+            spec.parse(body), OperatorConfig()))
+        assert len(longest) <= 63
+    elif len(name) > crd.max_name_length(mode):  # the operator refuses it too
+        with pytest.raises(spec.SpecError, match="choose a shorter name"):
+            spec.parse(body)
 
 
 @pytest.mark.parametrize("fields", [
@@ -182,6 +198,7 @@ def test_parsing_the_defaulted_spec_changes_nothing():
     bodies = [yaml.safe_load(path.read_text()) for path in EXAMPLES] + [
         service(prefill={"engine": {}, "autoscaling": {"maxReplicas": 3}}, decode={}),
         service(mode="colocated", worker={"engine": {}}),
+        service(mode="colocated", colocated={"engine": {}}),
     ]
     for body in bodies:
         body["metadata"].update(namespace="default", uid="u", generation=1)

@@ -95,6 +95,12 @@ def test_spec_errors_name_the_field_and_the_fix():
         parse(decode={"autoscaling": {"minReplicas": 0, "maxReplicas": 2}})
     with pytest.raises(spec.SpecError, match="spec.worker does not apply to mode disaggregated"):
         parse(worker={})
+    with pytest.raises(spec.SpecError, match="spec.colocated does not apply to mode disaggregated"):
+        parse(colocated={})
+    with pytest.raises(spec.SpecError, match="set spec.colocated or its old spelling spec.worker"):
+        parse(mode="colocated", colocated={}, worker={})
+    with pytest.raises(spec.SpecError, match="spec.worker.replicas has the wrong type"):
+        parse(mode="colocated", worker={"replicas": "two"})
     with pytest.raises(spec.SpecError, match="spec is required"):
         spec.parse({"metadata": {"name": "x"}})
     with pytest.raises(spec.SpecError, match="wrong type"):
@@ -132,14 +138,15 @@ def test_fleet_conditions(dep, state, reason):
 
 
 def test_status_keeps_transition_times_and_problems():
-    common = dict(components=["worker", "router"], names={"worker": "x-worker", "router": "x-router"},
+    common = dict(components=["colocated", "router"],
+                  names={"colocated": "x-colocated", "router": "x-router"},
                   url="http://x", generation=4)
-    ready = {"worker": deployment(), "router": deployment(1, 1, 1)}
+    ready = {"colocated": deployment(), "router": deployment(1, 1, 1)}
     first = status.compute(deployments=ready, problems=[], previous=None, now="T1", **common)
     assert first["conditions"][0] == {"type": "Ready", "status": "True", "reason": "Serving",
                                       "message": first["conditions"][0]["message"],
                                       "lastTransitionTime": "T1", "observedGeneration": 4}
-    assert first["worker"] == {"replicas": 2, "readyReplicas": 2, "ready": "2/2"}
+    assert first["colocated"] == {"replicas": 2, "readyReplicas": 2, "ready": "2/2"}
     again = status.compute(deployments=ready, problems=[], previous=first, now="T2", **common)
     assert again == first  # nothing changed: nothing to write
     blocked = status.compute(deployments=ready, previous=first, now="T3",

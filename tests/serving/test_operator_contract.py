@@ -15,7 +15,7 @@ from baton.router.config import build_parser as router_parser
 from baton.worker_args import build_parser as worker_parser
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
-ROLES = {"prefill": "prefill", "decode": "decode", "worker": "colocated"}
+ROLES = {"prefill": "prefill", "decode": "decode", "colocated": "colocated"}
 
 
 def _services(path: Path):
@@ -34,7 +34,7 @@ def test_operator_command_lines_parse(path):
             args = worker_builder.worker_args(svc, role)
             ns = worker_parser(f"baton {worker_builder.COMMANDS[role.name]}", ROLES[role.name]).parse_args(args)
             assert ns.port == 50051 and ns.metrics_port == 9090 and ns.host == "0.0.0.0"
-            if role.name != "worker":
+            if role.name != "colocated":
                 assert ns.kv_transfer == svc.transport
         ns = router_parser().parse_args(router_builder.router_args(svc))
         assert ns.discovery == "kubernetes" and ns.port == 8000
