@@ -1,4 +1,4 @@
-# Worker image: prefill, decode and colocated workers (`baton serve-prefill|serve-decode|serve-worker`).
+# Worker image: prefill, decode and colocated workers (`baton serve-prefill|serve-decode|serve-colocated`).
 #
 # Installed the way CI installs Baton: a pinned PyTorch first, then the project, whose
 # torch range the pinned wheel already satisfies (so pip installs no other torch), here

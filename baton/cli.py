@@ -17,16 +17,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tiny-model": ("baton.engine.tiny_model:main", "write the embedded tiny random model"),
     "serve-prefill": ("baton.prefill.server:main", "run a prefill worker"),
     "serve-decode": ("baton.decode.server:main", "run a decode worker"),
-    "serve-worker": ("baton.decode.server:main_colocated", "run a colocated worker"),
+    "serve-colocated": ("baton.colocated.server:main", "run a colocated worker (prefill and decode in one)"),
     "serve-router": ("baton.router.server:main", "run the OpenAI-compatible router"),
     "operator": ("baton.operator.main:main", "run the Kubernetes operator"),
 }
+
+# Old spellings still accepted where users and manifests already type them.
+ALIASES = {"serve-worker": "serve-colocated"}
 
 
 def _usage() -> str:
     width = max(len(name) for name in COMMANDS)
     lines = ["usage: baton <command> [options]", "", "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [f"  {old:<{width}}  alias of {new}" for old, new in ALIASES.items()]
     lines += ["", "Run `baton <command> --help` for a command's options."]
     return "\n".join(lines)
 
@@ -41,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"baton {__version__}")
         return 0
-    name, rest = argv[0], argv[1:]
+    name, rest = ALIASES.get(argv[0], argv[0]), argv[1:]
     if name not in COMMANDS:
         print(f"baton: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2

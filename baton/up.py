@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="disaggregated", choices=["disaggregated", "colocated"])
     p.add_argument("--prefill", type=int, default=1, help="prefill workers (disaggregated)")
     p.add_argument("--decode", type=int, default=1, help="decode workers (disaggregated)")
-    p.add_argument("--workers", type=int, default=1, help="colocated workers")
+    p.add_argument("--colocated", "--workers", dest="colocated", type=int, default=1,
+                   help="colocated workers (--workers is an older spelling)")
     p.add_argument("--transport", default="grpc", choices=["grpc", "ucx"], help="KV data plane")
     p.add_argument("--api-key", default=None)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (workers spread over the GPUs)")
@@ -94,7 +95,7 @@ def plan(args: argparse.Namespace, model_dir: Path) -> list[Child]:
             engine_flags += [f"--{flag.replace('_', '-')}", str(value)]
     gpus = _gpu_count(args.device)
     roles = ([("prefill", args.prefill), ("decode", args.decode)] if args.mode == "disaggregated"
-             else [("worker", args.workers)])
+             else [("colocated", args.colocated)])
     # CPU workers share the cores instead of each starting one thread per core (which
     # oversubscribes them several times over); an explicit OMP_NUM_THREADS wins.
     env = {}
@@ -110,7 +111,7 @@ def plan(args: argparse.Namespace, model_dir: Path) -> list[Child]:
             argv = ["serve-" + role, *engine_flags, "--device", device, "--host", "127.0.0.1",
                     "--port", str(port), "--metrics-port", str(metrics),
                     "--shutdown-grace-seconds", str(args.shutdown_grace_seconds)]
-            if role != "worker":
+            if role != "colocated":
                 argv += ["--kv-transfer", args.transport, "--kv-port", str(free_port())]
             children.append(Child(f"{role}-{i}", argv, f"grpc 127.0.0.1:{port}  metrics http://127.0.0.1:{metrics}/metrics",
                                   env))
@@ -191,8 +192,8 @@ def main(argv: list[str]) -> int:
     if args.mode == "disaggregated" and (args.prefill < 1 or args.decode < 1):
         print("baton up: --prefill and --decode must be >= 1", file=sys.stderr)
         return 2
-    if args.mode == "colocated" and args.workers < 1:
-        print("baton up: --workers must be >= 1", file=sys.stderr)
+    if args.mode == "colocated" and args.colocated < 1:
+        print("baton up: --colocated must be >= 1", file=sys.stderr)
         return 2
     if args.model:
         model_dir = Path(args.model).resolve()
@@ -220,7 +221,7 @@ def main(argv: list[str]) -> int:
             print(f"baton up: failed to start: {problem}", file=sys.stderr)
             return 1
         layout = (f"{args.prefill} prefill + {args.decode} decode, transport {args.transport}"
-                  if args.mode == "disaggregated" else f"{args.workers} colocated worker(s)")
+                  if args.mode == "disaggregated" else f"{args.colocated} colocated worker(s)")
         lines = [
             "",
             f"Baton is ready: {url}/v1  (model {model_name!r}, {args.mode}: {layout})",

@@ -1,8 +1,8 @@
-"""`baton serve-decode` and `baton serve-worker` (colocated): process entry points."""
+"""`baton serve-decode`: the decode worker process."""
 
 from __future__ import annotations
 
-from baton.worker_runtime import run_worker
+from baton.worker.runtime import run_worker
 
 
 def main(argv: list[str]) -> int:
@@ -14,14 +14,3 @@ def main(argv: list[str]) -> int:
         return DecodeServicer(engine, runtime)
 
     return run_worker(argv, "baton serve-decode", "decode", make)
-
-
-def main_colocated(argv: list[str]) -> int:
-    """A colocated worker: prefill and decode in one engine."""
-
-    def make(engine, runtime):
-        from baton.decode.colocated import ColocatedServicer
-
-        return ColocatedServicer(engine, runtime)
-
-    return run_worker(argv, "baton serve-worker", "colocated", make)

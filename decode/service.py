@@ -19,7 +19,7 @@ import grpc
 from baton import settings
 from baton.kvtransfer import HandoffError, KVReceiver, TransferConfig
 from baton.protos import worker_pb2, worker_pb2_grpc
-from baton.worker_service import EngineServicer
+from baton.worker.servicer import EngineServicer
 
 log = logging.getLogger(__name__)
 

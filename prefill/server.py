@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from baton.worker_runtime import run_worker
+from baton.worker.runtime import run_worker
 
 
 def main(argv: list[str]) -> int:

@@ -20,8 +20,8 @@ import grpc
 from baton.kvtransfer import HandoffError, KVSender, Ticket, TransferConfig
 from baton.protos import worker_pb2, worker_pb2_grpc
 from baton.tokenizer import IncrementalDetokenizer
-from baton.worker_messages import first_token_params, hold_back, logprobs_to_proto
-from baton.worker_service import EngineServicer
+from baton.worker.messages import first_token_params, hold_back, logprobs_to_proto
+from baton.worker.servicer import EngineServicer
 
 log = logging.getLogger(__name__)
 

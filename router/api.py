@@ -34,7 +34,7 @@ from baton.router.protocol import ChatCompletionRequest, CompletionRequest
 from baton.router.responses import ResponseBuilder, sse
 from baton.router.workers import WorkerPool
 from baton.tokenizer import Tokenizer
-from baton.worker_messages import OutputState
+from baton.worker.messages import OutputState
 
 log = logging.getLogger(__name__)
 

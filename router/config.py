@@ -1,8 +1,9 @@
 """The router's command line (`baton serve-router`) and its typed, frozen configuration.
 
 The flags are the contract with the operator (docs/architecture.md, "Process command
-lines"). The mode follows from the workers given: colocated workers (`--worker`,
-`--worker-service`) or prefill and decode workers, never both.
+lines"). The mode follows from the workers given: colocated workers (`--colocated`,
+`--colocated-service`; the older `--worker`, `--worker-service` are accepted too) or prefill
+and decode workers, never both.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class RouterConfig:
     port: int = 8000
     prefill: tuple[str, ...] = ()
     decode: tuple[str, ...] = ()
-    worker: tuple[str, ...] = ()
+    colocated: tuple[str, ...] = ()
     discovery: str = "static"
     namespace: str = "default"
     services: dict[str, str] = field(default_factory=dict)  # role -> Service name
@@ -48,7 +49,7 @@ class RouterConfig:
             given = set(self.services)
         if given != roles:
             raise ValueError(
-                "give colocated workers (--worker / --worker-service) or both prefill and decode "
+                "give colocated workers (--colocated / --colocated-service) or both prefill and decode "
                 "workers (--prefill and --decode / --prefill-service and --decode-service), not both")
         for role in ("prefill", "decode", "colocated"):
             for address in self.addresses[role]:
@@ -60,7 +61,7 @@ class RouterConfig:
     def disaggregated(self) -> bool:
         if self.discovery == "kubernetes":
             return "colocated" not in self.services
-        return not self.worker
+        return not self.colocated
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -68,7 +69,7 @@ class RouterConfig:
 
     @property
     def addresses(self) -> dict[str, tuple[str, ...]]:
-        return {"prefill": self.prefill, "decode": self.decode, "colocated": self.worker}
+        return {"prefill": self.prefill, "decode": self.decode, "colocated": self.colocated}
 
 
 def _split(values: list[str] | None) -> tuple[str, ...]:
@@ -87,12 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="NAME[,ALIAS...] accepted in 'model' (default: directory name)")
     p.add_argument("--prefill", action="append", metavar="ADDR[,ADDR...]", help="static prefill workers, host:port")
     p.add_argument("--decode", action="append", metavar="ADDR[,ADDR...]", help="static decode workers")
-    p.add_argument("--worker", action="append", metavar="ADDR[,ADDR...]", help="static colocated workers")
+    p.add_argument("--colocated", "--worker", dest="colocated", action="append", metavar="ADDR[,ADDR...]",
+                   help="static colocated workers (--worker is an older spelling)")
     p.add_argument("--discovery", default="static", choices=["static", "kubernetes"])
     p.add_argument("--namespace", default=None, help="namespace of the EndpointSlices (default: the pod's)")
     p.add_argument("--prefill-service", default=None)
     p.add_argument("--decode-service", default=None)
-    p.add_argument("--worker-service", default=None)
+    p.add_argument("--colocated-service", "--worker-service", dest="colocated_service", default=None,
+                   help="Service of the colocated workers (--worker-service is an older spelling)")
     p.add_argument("--routing-policy", default="load", choices=sorted(POLICIES))
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests per decode worker before 429")
     p.add_argument("--api-key", default=None, help="bearer token required on /v1/* (default: $BATON_API_KEY)")
@@ -114,7 +117,7 @@ def parse(argv: list[str]) -> RouterConfig:
         model_dir = ensure_tiny_model()
     names = _split([ns.served_model_name]) if ns.served_model_name else (model_dir.name,)
     services = {role: name for role, name in (("prefill", ns.prefill_service), ("decode", ns.decode_service),
-                                              ("colocated", ns.worker_service)) if name}
+                                              ("colocated", ns.colocated_service)) if name}
     try:
         return RouterConfig(
             model_dir=model_dir,
@@ -123,7 +126,7 @@ def parse(argv: list[str]) -> RouterConfig:
             port=ns.port,
             prefill=_split(ns.prefill),
             decode=_split(ns.decode),
-            worker=_split(ns.worker),
+            colocated=_split(ns.colocated),
             discovery=ns.discovery,
             namespace=ns.namespace or settings.pod_namespace() or "default",
             services=services,

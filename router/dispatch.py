@@ -24,7 +24,7 @@ from baton.router.errors import APIError, bad_request, no_worker, overloaded, wo
 from baton.router.routing import RoutingPolicy
 from baton.router.workers import Worker, WorkerPool
 from baton.sampling_params import SamplingParams
-from baton.worker_messages import OutputState, params_to_proto
+from baton.worker.messages import OutputState, params_to_proto
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 from baton.router.dispatch import Delta
 from baton.tokenizer import Tokenizer
-from baton.worker_messages import OutputState
+from baton.worker.messages import OutputState
 
 
 @dataclass

@@ -8,8 +8,8 @@ import sys
 
 
 def main(argv: list[str]) -> int:
+    from baton.logs import configure_logging
     from baton.router.config import parse
-    from baton.worker_runtime import configure_logging
 
     config = parse(argv)
     configure_logging()

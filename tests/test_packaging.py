@@ -58,8 +58,16 @@ def test_cli_lists_commands():
     out = subprocess.run(
         [sys.executable, "-m", "baton.cli", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for name in ("up", "serve-prefill", "serve-decode", "serve-router", "operator"):
+    for name in ("up", "serve-prefill", "serve-decode", "serve-colocated", "serve-router", "operator"):
         assert name in out
+
+
+def test_serve_worker_is_an_alias_of_serve_colocated():
+    """`serve-worker` was the colocated command's first name; manifests may still use it."""
+    out = subprocess.run([sys.executable, "-m", "baton.cli", "serve-worker", "--help"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "usage: baton serve-colocated" in out.stdout and "Run a Baton colocated worker" in out.stdout
 
 
 def test_a_built_wheel_installs_and_imports_every_subpackage(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from baton.kvtransfer import TransferConfig
-from baton.worker_args import UCX_PROGRESS_MODES, parse
+from baton.worker.flags import UCX_PROGRESS_MODES, parse
 
 
 @pytest.mark.parametrize("role", ["prefill", "decode"])

@@ -14,7 +14,7 @@ from serving_harness import baton_up, free_port, wait_until
 
 def test_printed_curl_works_and_ctrl_c_leaves_nothing_behind(_tiny_model_cache):
     dep = baton_up("--mode", "colocated", "--served-model-name", "tiny,alias")
-    assert set(dep.processes) == {"worker-0", "router"}
+    assert set(dep.processes) == {"colocated-0", "router"}
     assert any("its text is random" in line for line in dep.output)
     curl = next(line.strip() for line in dep.output if line.strip().startswith("curl "))
     result = subprocess.run(shlex.split(curl), capture_output=True, text=True, timeout=60)
@@ -46,7 +46,7 @@ def test_killing_baton_up_outright_takes_its_children_along(_tiny_model_cache):
 def test_router_drains_and_exits_0_on_sigterm(tiny_model_dir):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "baton.cli", "serve-router", "--model", str(tiny_model_dir),
-                             "--worker", "127.0.0.1:1", "--host", "127.0.0.1", "--port", str(port)],
+                             "--colocated", "127.0.0.1:1", "--host", "127.0.0.1", "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def healthy() -> bool:

@@ -156,7 +156,7 @@ def test_workers_expose_prometheus_metrics(deployment):
              "baton:prefix_cache_queries_total", "baton:prefix_cache_hits_total",
              "baton:prompt_tokens_total", "baton:generation_tokens_total"]
     for worker in deployment.workers():
-        role = {"worker": "colocated"}.get(worker.name.split("-")[0], worker.name.split("-")[0])
+        role = worker.name.split("-")[0]
         text = httpx.get(worker.metrics_url).text
         for name in names:
             assert f'{name}{{model_name="tiny-llama-v1",role="{role}"}}' in text, (worker.name, name)

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from baton import cli
 from baton.operator import spec
 from baton.operator.builders import router as router_builder
 from baton.operator.builders import workers as worker_builder
 from baton.router.config import build_parser as router_parser
-from baton.worker_args import build_parser as worker_parser
+from baton.worker.flags import build_parser as worker_parser
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
 ROLES = {"prefill": "prefill", "decode": "decode", "colocated": "colocated"}
@@ -32,9 +33,11 @@ def test_operator_command_lines_parse(path):
         svc = _with_extra_args(svc)
         for role in svc.roles:
             args = worker_builder.worker_args(svc, role)
-            ns = worker_parser(f"baton {worker_builder.COMMANDS[role.name]}", ROLES[role.name]).parse_args(args)
+            command = worker_builder.COMMANDS[role.name]
+            assert cli.ALIASES.get(command, command) == f"serve-{ROLES[role.name]}"
+            ns = worker_parser(f"baton {command}", ROLES[role.name]).parse_args(args)
             assert ns.port == 50051 and ns.metrics_port == 9090 and ns.host == "0.0.0.0"
-            if role.name != "colocated":
+            if ROLES[role.name] != "colocated":
                 assert ns.kv_transfer == svc.transport
         ns = router_parser().parse_args(router_builder.router_args(svc))
         assert ns.discovery == "kubernetes" and ns.port == 8000

@@ -13,7 +13,7 @@ from baton.router.protocol import ChatCompletionRequest, CompletionRequest
 from baton.router.routing import LoadPolicy, RoundRobinPolicy, prefix_key, rendezvous_score
 from baton.router.workers import Worker
 from baton.sampling_params import GuidedDecodingParams, SamplingParams
-from baton.worker_messages import (
+from baton.worker.messages import (
     ChunkWriter,
     OutputState,
     first_token_params,
@@ -196,18 +196,29 @@ def test_router_flags(tiny_model_dir):
                     "--served-model-name", "x,y", "--max-queue", "5", "--routing-policy", "round-robin"])
     assert config.disaggregated and config.prefill == ("a:1", "b:2") and config.decode == ("c:3",)
     assert config.served_model_names == ("x", "y") and config.max_queue == 5
-    colocated = parse(["--model", str(tiny_model_dir), "--worker", "w:1"])
+    colocated = parse(["--model", str(tiny_model_dir), "--colocated", "w:1"])
     assert not colocated.disaggregated and colocated.roles == ("colocated",)
+    assert colocated.colocated == ("w:1",)
     k8s = parse(["--model", str(tiny_model_dir), "--discovery", "kubernetes", "--namespace", "ns",
                  "--prefill-service", "p", "--decode-service", "d"])
     assert k8s.services == {"prefill": "p", "decode": "d"} and k8s.namespace == "ns"
 
 
+def test_router_accepts_the_older_colocated_spellings(tiny_model_dir):
+    """`--worker` and `--worker-service` were the colocated flags' first names."""
+    model = ["--model", str(tiny_model_dir)]
+    assert parse([*model, "--worker", "w:1,v:2"]) == parse([*model, "--colocated", "w:1,v:2"])
+    k8s = ["--discovery", "kubernetes", "--namespace", "ns"]
+    old = parse([*model, *k8s, "--worker-service", "s"])
+    assert old == parse([*model, *k8s, "--colocated-service", "s"]) and old.services == {"colocated": "s"}
+
+
 @pytest.mark.parametrize("argv", [
     ["--prefill", "a:1"],  # no decode workers
-    ["--worker", "a:1", "--decode", "b:2"],  # both modes
-    ["--worker", "nohost"],  # not host:port
-    ["--worker", "a:1", "--max-queue", "0"],
+    ["--colocated", "a:1", "--decode", "b:2"],  # both modes
+    ["--worker", "a:1", "--decode", "b:2"],  # both modes, older spelling
+    ["--colocated", "nohost"],  # not host:port
+    ["--colocated", "a:1", "--max-queue", "0"],
 ])
 def test_bad_router_flags_exit_2(tiny_model_dir, argv):
     with pytest.raises(SystemExit) as info:
@@ -217,7 +228,7 @@ def test_bad_router_flags_exit_2(tiny_model_dir, argv):
 
 def test_router_help_lists_the_contract_flags():
     text = build_parser().format_help()
-    for flag in ("--prefill", "--decode", "--worker", "--discovery", "--namespace", "--prefill-service",
-                 "--decode-service", "--worker-service", "--routing-policy", "--max-queue", "--api-key",
+    for flag in ("--prefill", "--decode", "--colocated", "--discovery", "--namespace", "--prefill-service",
+                 "--decode-service", "--colocated-service", "--routing-policy", "--max-queue", "--api-key",
                  "--served-model-name", "--host", "--port", "--model"):
         assert flag in text

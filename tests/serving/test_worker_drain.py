@@ -15,13 +15,13 @@ from serving_harness import ENGINE_FLAGS, free_port, wait_until
 
 from baton.protos import worker_pb2, worker_pb2_grpc
 from baton.sampling_params import SamplingParams
-from baton.worker_messages import OutputState, params_to_proto
+from baton.worker.messages import OutputState, params_to_proto
 
 
 def _start_worker(*extra: str) -> tuple[subprocess.Popen, str]:
     port, metrics = free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "baton.cli", "serve-worker", "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "baton.cli", "serve-colocated", "--host", "127.0.0.1", "--port", str(port),
          "--metrics-port", str(metrics), *ENGINE_FLAGS, *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     address = f"127.0.0.1:{port}"

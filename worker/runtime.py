@@ -22,7 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client import REGISTRY, start_http_server
 
-from baton.worker_args import WorkerOptions
+from baton.logs import configure_logging
+from baton.worker.flags import WorkerOptions
 
 log = logging.getLogger(__name__)
 
@@ -131,19 +132,13 @@ def _grpc_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def configure_logging() -> None:
-    from baton.settings import log_level
-
-    logging.basicConfig(level=log_level(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 def run_worker(argv: list[str], prog: str, role: str, make_servicer) -> int:
     """Entry point of every `baton serve-*` worker command.
 
     `make_servicer(engine, runtime)` returns an object with `register(server)` (adds its
     gRPC services), `collector()`, and optional async `start()`/`stop()` hooks.
     """
-    from baton.worker_args import parse
+    from baton.worker.flags import parse
 
     engine_args, options = parse(argv, prog, role)
     configure_logging()

@@ -18,8 +18,8 @@ from baton import __version__
 from baton.metrics import EngineCollector, RequestMetrics
 from baton.protos import worker_pb2, worker_pb2_grpc
 from baton.sampling_params import SamplingParams
-from baton.worker_messages import ChunkWriter, params_from_proto
-from baton.worker_runtime import WorkerRuntime
+from baton.worker.messages import ChunkWriter, params_from_proto
+from baton.worker.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
-"""The colocated worker (`baton serve-worker`): one engine runs both phases of a request,
-classic continuous batching. The router sends `Generate` calls straight to it."""
+"""The colocated worker's servicer: `Generate` runs a whole request in this worker's engine
+and streams it as `GenerateChunk`s (Info, Stats and Abort come from `EngineServicer`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import grpc
 
 from baton.protos import worker_pb2_grpc
-from baton.worker_service import EngineServicer
+from baton.worker.servicer import EngineServicer
 
 
 class ColocatedServicer(EngineServicer):

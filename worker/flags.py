@@ -1,4 +1,4 @@
-"""Worker command lines (`baton serve-prefill|serve-decode|serve-worker`) -> typed options.
+"""Worker command lines (`baton serve-prefill|serve-decode|serve-colocated`) -> typed options.
 
 The flags are the contract with the operator (docs/architecture.md, "Process command
 lines"): engine flags map one to one onto `EngineArgs` fields (every field has a flag:
