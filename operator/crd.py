@@ -37,6 +37,10 @@ def max_name_length(mode: str) -> int:
 
 MAX_NAME_LENGTH = max_name_length("disaggregated")
 METRICS = ("num_requests_waiting", "num_requests_running", "kv_cache_usage_perc")
+# Worker flags the operator writes from typed fields; `extraArgs` may not set them.
+TYPED_FLAGS = ("model", "tokenizer", "served-model-name", "dtype", "block-size",
+               "kv-transfer", "host", "port", "metrics-port", "kv-port")
+DEFAULT_BLOCK_SIZE = 16
 QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 
 HEADER = (
@@ -128,8 +132,9 @@ def _placement() -> dict:
 def _engine() -> dict:
     return _obj(
         {
-            "blockSize": _scalar("integer", "Tokens per KV block (--block-size).",
-                                 enum=[8, 16, 32, 64, 128], default=16),
+            "blockSize": _scalar("integer", "Tokens per KV block (--block-size); prefill and "
+                                 "decode must agree.",
+                                 enum=[8, 16, 32, 64, 128], default=DEFAULT_BLOCK_SIZE),
             "maxNumSeqs": _scalar("integer", "Running sequences per step (--max-num-seqs).",
                                   minimum=1, maximum=65536, default=256),
             "maxNumBatchedTokens": _scalar(
@@ -145,10 +150,16 @@ def _engine() -> dict:
                 minimum=1, maximum=16777216),
             "kvCacheMemoryGB": _scalar("number", "KV pool size on CPU (--kv-cache-memory-gb).",
                                        exclusiveMinimum=True, minimum=0, maximum=4096),
-            "extraArgs": {"type": "array", "items": {"type": "string"}, "maxItems": 64,
-                          "description": "Flags appended to the worker's command line."},
+            "extraArgs": {"type": "array", "items": {"type": "string", "maxLength": 4096},
+                          "maxItems": 64,
+                          "description": "Flags appended to the worker's command line (not "
+                                         "those the operator sets from typed fields)."},
         },
         description="Engine settings, passed to the worker as flags.", default={},
+        rules=((f"!has(self.extraArgs) || self.extraArgs.all(a, "
+                f"!a.matches('^--({'|'.join(TYPED_FLAGS)})(=|$)'))",
+                "engine.extraArgs must not set a flag the operator sets from the spec (--"
+                + ", --".join(TYPED_FLAGS) + "): use the typed field"),),
     )
 
 
@@ -265,6 +276,12 @@ def _has_min_zero(role: str) -> str:
             f"self.{role}.autoscaling.minReplicas >= 1)")
 
 
+def _block_size(role: str) -> str:
+    return (f"(has(self.{role}) && has(self.{role}.engine) && "
+            f"has(self.{role}.engine.blockSize) ? self.{role}.engine.blockSize : "
+            f"{DEFAULT_BLOCK_SIZE})")
+
+
 def _spec() -> dict:
     min_zero = " && ".join(_has_min_zero(role)
                            for role in ("prefill", "decode", "colocated", "worker"))
@@ -315,6 +332,10 @@ def _spec() -> dict:
              "disaggregated fleets under prefill and decode"),
             ("!has(self.colocated) || !has(self.worker)",
              "set colocated or its old spelling worker, not both"),
+            (f"self.mode != 'disaggregated' || {_block_size('prefill')} == "
+             f"{_block_size('decode')}",
+             "prefill.engine.blockSize and decode.engine.blockSize must be equal: KV blocks "
+             "are copied from prefill to decode as they are"),
             (f"self.autoscaling.engine == 'keda' || ({min_zero})",
              "autoscaling.minReplicas 0 needs autoscaling.engine keda: a "
              "HorizontalPodAutoscaler cannot scale to zero"),
@@ -355,6 +376,16 @@ def _status() -> dict:
             "decode": _replica_status(),
             "colocated": _replica_status(),
             "router": _replica_status(),
+            "kvTransfer": _obj({
+                "transport": _scalar("string", "Transport the workers report using (the "
+                                     "spec's when they report none)."),
+                "handoffs": _scalar("integer", "Handoffs started since the previous read."),
+                "failures": _scalar("integer", "Of those, failed (clients going away and "
+                                    "draining workers not counted)."),
+                "layoutMismatches": _scalar("integer", "Of those, failed because the prefill "
+                                            "and decode KV layouts differ."),
+            }, description="KV handoff health read from the workers' metrics (disaggregated "
+                           "mode); the KVTransferReady condition sums it up."),
             "conditions": {"type": "array", "items": condition,
                            "x-kubernetes-list-type": "map",
                            "x-kubernetes-list-map-keys": ["type"]},
@@ -376,6 +407,9 @@ def _printer_columns() -> list[dict]:
         {"name": "Router", "type": "string", "jsonPath": ".status.router.ready", "priority": 1},
         {"name": "Ready", "type": "string", "jsonPath": f"{ready}.status"},
         {"name": "Reason", "type": "string", "jsonPath": f"{ready}.reason", "priority": 1},
+        {"name": "KV", "type": "string", "priority": 1,
+         "jsonPath": '.status.conditions[?(@.type=="KVTransferReady")].reason',
+         "description": "KV handoff health (KVTransferReady reason)"},
         {"name": "URL", "type": "string", "jsonPath": ".status.url"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]

@@ -1,9 +1,11 @@
 """Bring an InferenceService's children in line with its spec, and report in its status.
 
 `Reconciler.reconcile` is the one routine behind create, update, resume and the periodic
-resync: parse the spec, check what the cluster must provide, create or patch each child
-(only changed fields), delete children the spec no longer asks for, then write status.
-`Reconciler.refresh_status` recomputes status alone when a child Deployment changes.
+resync: parse the spec, check that prefill and decode can exchange KV (`compat`) and what
+the cluster must provide, create or patch each child (only changed fields), delete
+children the spec no longer asks for, read the workers' handoff health (`kvhealth`), then
+write status. `Reconciler.refresh_status` recomputes status alone when a child Deployment
+changes (keeping the last handoff health read).
 
 Both read the object fresh and run under a per-object lock, so status is always written
 from the latest state. A spec the operator cannot serve ends as `Ready=False` with a
@@ -14,12 +16,14 @@ exception; only transient API failures (5xx, timeouts) raise, for kopf to retry.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from baton.operator import builders, crd, diff, spec, status
+from baton.operator import builders, compat, crd, diff, kvhealth, spec, status
 from baton.operator.builders import common
 from baton.operator.config import OperatorConfig
 from baton.operator.kube import ApiError, KindNotServed, Kube
@@ -66,6 +70,8 @@ class Reconciler:
         self.kube, self.config, self._now = kube, config, now
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._guard = threading.Lock()
+        # (namespace, name) -> (monotonic time, per-pod handoff counts) of the last read.
+        self._kv_reads: dict[tuple[str, str], tuple[float, dict[str, kvhealth.Counts]]] = {}
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         with self._guard:
@@ -75,6 +81,7 @@ class Reconciler:
         """Drop the lock of a deleted object."""
         with self._guard:
             self._locks.pop((namespace, name), None)
+            self._kv_reads.pop((namespace, name), None)
 
     def services(self) -> list[tuple[str, str]]:
         """(namespace, name) of every InferenceService the operator watches."""
@@ -99,13 +106,15 @@ class Reconciler:
                 svc = spec.parse(body)
             except spec.SpecError as error:
                 return self._write(body, None, [Problem("InvalidSpec", str(error))], True)
-            problems = self._preflight(svc)
+            problems = compat.problems(svc) or self._preflight(svc)
             if not problems:
                 desired = builders.build_all(svc, self.config)
                 problems = self._apply(svc, desired)
                 if not problems:
                     self._prune(svc, desired)
-            return self._write(body, svc, problems, True)
+            recorded = status.recorded_kv(body.get("status"))
+            kv = recorded if problems else self._kv_health(svc, recorded)
+            return self._write(body, svc, problems, True, kv)
 
     def refresh_status(self, namespace: str, name: str) -> Outcome:
         """Recompute status after a child changed; keeps the last reconcile's problems.
@@ -118,7 +127,7 @@ class Reconciler:
             if svc is None:
                 return Outcome()
             problems = status.recorded_problems(body.get("status"))
-            return self._write(body, svc, problems, False)
+            return self._write(body, svc, problems, False, status.recorded_kv(body.get("status")))
 
     def _preflight(self, svc: spec.InferenceService) -> list[Problem]:
         """What the cluster must provide before children are worth creating."""
@@ -190,8 +199,42 @@ class Reconciler:
                 if (api_version, kind, name) not in wanted and _owned(item, svc.uid):
                     self.kube.delete(api_version, kind, svc.namespace, name)
 
+    def _kv_health(self, svc: spec.InferenceService,
+                   recorded: tuple[status.Condition, dict] | None
+                   ) -> tuple[status.Condition, dict] | None:
+        """`KVTransferReady` and the `kvTransfer` report from the prefill and decode pods'
+        /metrics, over the time since the last read (None for colocated services);
+        `recorded` is what the status holds now."""
+        if svc.mode != "disaggregated":
+            return None
+        pods = []
+        for role in svc.roles:
+            try:
+                pods += self.kube.list("v1", "Pod", svc.namespace,
+                                       common.selector(svc, role.name))
+            except (ApiError, KindNotServed) as error:
+                if isinstance(error, ApiError) and error.status >= 500:
+                    raise
+                return (status.Condition(status.KV_CONDITION, None, "NoMetrics",
+                                         f"cannot list the worker pods: {error}"),
+                        {"transport": svc.transport})
+        urls = kvhealth.metrics_urls(pods)
+        with ThreadPoolExecutor(max_workers=min(16, len(urls) or 1)) as pool:
+            read = dict(zip(urls, pool.map(kvhealth.scrape, urls.values()), strict=True))
+        counts = {pod: c for pod, c in read.items() if c is not None}
+        key, now = (svc.namespace, svc.name), time.monotonic()
+        with self._guard:
+            before = self._kv_reads.get(key)
+            self._kv_reads[key] = (now, counts)
+        ever = kvhealth.window(counts, None)
+        recent = kvhealth.window(counts, before[1] if before else None)
+        return kvhealth.condition(recent, ever, svc.transport, len(counts),
+                                  now - before[0] if before else None,
+                                  recorded[0] if recorded else None)
+
     def _write(self, body: dict, svc: spec.InferenceService | None,
-               problems: list[Problem], reconciled: bool) -> Outcome:
+               problems: list[Problem], reconciled: bool,
+               kv: tuple[status.Condition, dict] | None = None) -> Outcome:
         meta = body["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         components = self._components(body, svc)
@@ -204,7 +247,7 @@ class Reconciler:
         new = status.compute(
             components=components, names=names, deployments=deployments, problems=problems,
             url=url, previous=previous, now=self._now(),
-            generation=meta.get("generation") if reconciled else None)
+            generation=meta.get("generation") if reconciled else None, kv=kv)
         patch = diff.merge_patch(new, previous, previous)
         if patch:
             try:

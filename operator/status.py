@@ -1,7 +1,9 @@
 """The InferenceService status, computed from the child Deployments: pure functions.
 
 Each fleet (prefill and decode, or colocated, and router) gets a condition
-(`PrefillReady`, `DecodeReady`, `ColocatedReady`, `RouterReady`) and `Ready` sums them up. A problem the
+(`PrefillReady`, `DecodeReady`, `ColocatedReady`, `RouterReady`) and `Ready` sums them up.
+A disaggregated service also gets `KVTransferReady`, the live handoff health the
+reconciler reads from the workers (`operator/kvhealth.py`); when it is False, so is Ready. A problem the
 operator found while reconciling (a spec it cannot serve, a missing dependency) makes
 `Ready` False with that problem's reason; only the next reconcile clears it. Reasons are
 CamelCase and docs/operator.md says what to do about each.
@@ -16,8 +18,9 @@ from typing import Any
 CONDITION_TYPES = {"prefill": "PrefillReady", "decode": "DecodeReady",
                    "colocated": "ColocatedReady", "router": "RouterReady"}
 # Reasons of problems found while reconciling, kept in status until a reconcile clears them.
-PROBLEM_REASONS = frozenset({"InvalidSpec", "KedaNotInstalled", "ModelClaimNotFound",
-                             "NameConflict", "ApplyFailed"})
+PROBLEM_REASONS = frozenset({"InvalidSpec", "IncompatibleRoles", "KedaNotInstalled",
+                             "ModelClaimNotFound", "NameConflict", "ApplyFailed"})
+KV_CONDITION = "KVTransferReady"
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,7 @@ class Problem:
 @dataclass(frozen=True)
 class Condition:
     type: str
-    status: bool
+    status: bool | None  # None: Unknown
     reason: str
     message: str
 
@@ -80,16 +83,30 @@ def _desired(deployment: Mapping[str, Any]) -> int:
     return 1 if replicas is None else int(replicas)
 
 
-def ready_condition(fleets: Sequence[Condition], problems: Sequence[Problem], url: str) -> Condition:
+def ready_condition(fleets: Sequence[Condition], problems: Sequence[Problem], url: str,
+                    kv: Condition | None = None) -> Condition:
     if problems:
         return Condition("Ready", False, problems[0].reason,
                          "; ".join(problem.message for problem in problems))
     down = [c for c in fleets if not c.status]
+    if not down and kv is not None and kv.status is False:
+        return Condition("Ready", False, "KVTransferNotReady", f"{kv.reason}: {kv.message}")
     if down:
         first = down[0]
         return Condition("Ready", False, first.type.removesuffix("Ready") + "NotReady",
                          f"{first.reason}: {first.message}")
     return Condition("Ready", True, "Serving", f"every fleet has ready pods; OpenAI API at {url}/v1")
+
+
+def recorded_kv(status: Mapping[str, Any] | None) -> tuple[Condition, dict] | None:
+    """The `KVTransferReady` condition and `kvTransfer` report the status holds, if any."""
+    status = status or {}
+    for c in status.get("conditions") or []:
+        if c.get("type") == KV_CONDITION:
+            state = {"True": True, "False": False}.get(c.get("status"))
+            return (Condition(KV_CONDITION, state, c.get("reason", ""), c.get("message", "")),
+                    dict(status.get("kvTransfer") or {}))
+    return None
 
 
 def recorded_problems(status: Mapping[str, Any] | None) -> list[Problem]:
@@ -103,17 +120,18 @@ def recorded_problems(status: Mapping[str, Any] | None) -> list[Problem]:
 def compute(*, components: Sequence[str], names: Mapping[str, str],
             deployments: Mapping[str, Mapping[str, Any] | None], problems: Sequence[Problem],
             url: str, previous: Mapping[str, Any] | None, generation: int | None,
-            now: str) -> dict:
+            now: str, kv: tuple[Condition, dict] | None = None) -> dict:
     """The whole status object.
 
     `components` are the fleets this spec runs (e.g. prefill, decode, router), `names`
     their Deployment names, `previous` the current status (its conditions keep their
     lastTransitionTime while their status holds), `generation` the metadata.generation
-    just reconciled (None keeps the previous observedGeneration).
+    just reconciled (None keeps the previous observedGeneration), `kv` the
+    `KVTransferReady` condition and the `kvTransfer` report (None: no KV moves).
     """
     previous = previous or {}
     fleets = [fleet_condition(c, names[c], deployments.get(c)) for c in components]
-    ready = ready_condition(fleets, problems, url)
+    ready = ready_condition(fleets, problems, url, kv[0] if kv else None)
     observed = generation if generation is not None else previous.get("observedGeneration")
     before = {c.get("type"): c for c in previous.get("conditions") or []}
     status: dict[str, Any] = {"url": url}
@@ -125,14 +143,18 @@ def compute(*, components: Sequence[str], names: Mapping[str, str],
         ready_pods = int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0)
         status[component] = {"replicas": desired, "readyReplicas": ready_pods,
                              "ready": f"{ready_pods}/{desired}"}
+    extra = []
+    if kv is not None:
+        extra = [kv[0]]
+        status["kvTransfer"] = dict(kv[1])
     status["conditions"] = [_as_dict(c, before.get(c.type), observed, now)
-                            for c in [ready, *fleets]]
+                            for c in [ready, *fleets, *extra]]
     return status
 
 
 def _as_dict(condition: Condition, before: Mapping[str, Any] | None, generation: int | None,
              now: str) -> dict:
-    text = "True" if condition.status else "False"
+    text = {True: "True", False: "False", None: "Unknown"}[condition.status]
     since = before.get("lastTransitionTime") if before and before.get("status") == text else None
     result = {"type": condition.type, "status": text, "reason": condition.reason,
               "message": condition.message, "lastTransitionTime": since or now}

@@ -14,6 +14,7 @@ import copy
 import datetime
 import itertools
 import pathlib
+import sys
 import threading
 import uuid
 from typing import Any
@@ -26,6 +27,8 @@ from kmock._internal import apps, dicts, enums
 
 from baton.operator import crd
 
+# Test modules here share helpers (`from test_operator_kopf import service`).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "baton.dev_inferenceservices.yaml"
 VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
@@ -39,6 +42,7 @@ RESOURCES = {
     "v1/configmaps": ("ConfigMap", set()),
     "v1/serviceaccounts": ("ServiceAccount", set()),
     "v1/persistentvolumeclaims": ("PersistentVolumeClaim", {"status"}),
+    "v1/pods": ("Pod", {"status"}),
     "v1/events": ("Event", set()),
     "policy/v1/poddisruptionbudgets": ("PodDisruptionBudget", {"status"}),
     "autoscaling/v2/horizontalpodautoscalers": ("HorizontalPodAutoscaler", {"status"}),

@@ -128,6 +128,7 @@ def test_operator_rbac_covers_every_kind_it_writes(chart):
             assert allowed(group, plurals[kind], verb), (kind, verb)
     assert allowed("baton.dev", "inferenceservices/status", "patch")
     assert allowed("discovery.k8s.io", "endpointslices", "watch")  # granted on to routers
+    assert allowed("", "pods", "list")  # worker /metrics for KVTransferReady
     assert not allowed("", "secrets", "get")  # the operator never reads secrets
 
 

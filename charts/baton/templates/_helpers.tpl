@@ -62,6 +62,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
   verbs: [get]
+# Only read: worker pods' IPs, whose /metrics give the KVTransferReady condition.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list]
 - apiGroups: ["", events.k8s.io]
   resources: [events]
   verbs: [create, patch]

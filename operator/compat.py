@@ -1,0 +1,74 @@
+"""Prefill/decode compatibility: checked before any pod starts.
+
+A prefill worker writes KV blocks byte for byte into a decode worker's pool, so both must
+build the same KV layout (`baton.kvtransfer.layout.KVLayout`: model, layers, KV heads,
+head size, block size, dtype). In an InferenceService the model, its dtype and so the
+head layout are shared by both roles by construction (`spec.model`); what can still
+differ per role is the block size and engine flags passed through `extraArgs`.
+
+The CRD refuses most of it at apply time (CEL): unequal `engine.blockSize`, and
+`extraArgs` that set a flag the operator writes from a typed field (`crd.TYPED_FLAGS`:
+they define the layout or the pod's ports). `problems` checks
+the same and what CEL cannot read (a layout flag such as `--kv-cache-dtype`, in either
+`--flag value` or `--flag=value` form, whose values must agree), so that a spec that
+reached the operator without CEL (an old cluster, an edit before the CRD was upgraded)
+still creates no worker and says what to change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from baton.operator.crd import TYPED_FLAGS
+from baton.operator.spec import InferenceService, Role
+from baton.operator.status import Problem
+
+REASON = "IncompatibleRoles"
+# Engine flags without a typed field whose values change the KV layout: prefill and decode
+# must give the same value (or both leave it out). Flag -> what it sets, for messages.
+LAYOUT_FLAGS = {"kv-cache-dtype": "the KV cache dtype"}
+
+
+def flag_value(args: Sequence[str], flag: str) -> str | None:
+    """The value of `--flag` in `args` (last one wins, as argparse does), or None."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == f"--{flag}":
+            value = args[i + 1] if i + 1 < len(args) else ""
+        elif arg.startswith(f"--{flag}="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _typed_flags(role: Role) -> list[Problem]:
+    given = [flag for flag in TYPED_FLAGS if flag_value(role.engine.extra_args, flag) is not None]
+    if not given:
+        return []
+    return [Problem(REASON, f"spec.{role.name}.engine.extraArgs sets --{given[0]}, which the "
+                    "operator sets from the spec: remove it from extraArgs and use the typed "
+                    "field (model, model.dtype, engine.blockSize, kvTransfer)")]
+
+
+def problems(svc: InferenceService) -> list[Problem]:
+    """Why prefill and decode of `svc` could not exchange KV, each saying what to change.
+
+    Empty for a compatible spec and for colocated services (which move no KV).
+    """
+    found = [problem for role in svc.roles for problem in _typed_flags(role)]
+    if svc.mode != "disaggregated":
+        return found
+    prefill, decode = svc.role("prefill"), svc.role("decode")
+    if prefill.engine.block_size != decode.engine.block_size:
+        found.append(Problem(REASON, (
+            f"spec.prefill.engine.blockSize ({prefill.engine.block_size}) differs from "
+            f"spec.decode.engine.blockSize ({decode.engine.block_size}): KV blocks are copied "
+            "as they are, so set both to the same value")))
+    for flag, meaning in LAYOUT_FLAGS.items():
+        ours = flag_value(prefill.engine.extra_args, flag)
+        theirs = flag_value(decode.engine.extra_args, flag)
+        if ours != theirs:
+            found.append(Problem(REASON, (
+                f"--{flag} ({meaning}) is {ours or 'unset'} in spec.prefill.engine.extraArgs "
+                f"but {theirs or 'unset'} in spec.decode.engine.extraArgs: give both the same "
+                "value")))
+    return found
