@@ -26,7 +26,7 @@ def router_args(svc: InferenceService) -> list[str]:
         "--namespace", svc.namespace,
     ]
     if svc.mode == "colocated":
-        args += ["--worker-service", common.child_name(svc, "colocated")]
+        args += ["--colocated-service", common.child_name(svc, "colocated")]
     else:
         args += ["--prefill-service", common.child_name(svc, "prefill"),
                  "--decode-service", common.child_name(svc, "decode")]

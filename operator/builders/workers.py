@@ -11,7 +11,7 @@ from baton.operator.builders import common
 from baton.operator.config import OperatorConfig
 from baton.operator.spec import InferenceService, Role
 
-COMMANDS = {"prefill": "serve-prefill", "decode": "serve-decode", "colocated": "serve-worker"}
+COMMANDS = {"prefill": "serve-prefill", "decode": "serve-decode", "colocated": "serve-colocated"}
 # A big model can take many minutes to load; the startup probe allows 30 before the
 # liveness probe may restart the pod.
 STARTUP_SECONDS = 1800

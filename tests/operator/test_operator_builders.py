@@ -196,7 +196,7 @@ def test_router_discovers_workers_through_endpointslices():
     pod = find(objects, "Deployment", "llama-router")["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "llama-router"
     colocated = container(find(build("colocated"), "Deployment", "llama-router"))["args"]
-    assert colocated[colocated.index("--worker-service") + 1] == "llama-colocated"
+    assert colocated[colocated.index("--colocated-service") + 1] == "llama-colocated"
     assert "--prefill-service" not in colocated
 
 
