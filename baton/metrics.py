@@ -10,11 +10,15 @@ numbers. `kv_transfer_*` metrics are defined by `baton.kvtransfer` on the same r
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 from collections.abc import Callable
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -140,3 +144,35 @@ class RouterGauges(Collector):
             family = GaugeMetricFamily(name, doc, labels=LABELS)
             family.add_metric(self._lv, fn())
             yield family
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # one line per scrape would drown the worker's log
+
+
+def start_metrics_server(port: int, host: str = "0.0.0.0",
+                         registry: CollectorRegistry = REGISTRY) -> tuple[WSGIServer, threading.Thread]:
+    """Serve `registry` on http://host:port/metrics from a daemon thread, always in the
+    Prometheus text format 0.0.4; returns (server, thread) as `start_http_server` does.
+
+    Not OpenMetrics, which a Prometheus asks for first: prometheus_client writes OpenMetrics
+    sample names with `:` replaced by `_` (their HELP and TYPE lines keep it), so Prometheus
+    would store `baton_num_requests_running` where every query, adapter rule and dashboard
+    panel selects `baton:num_requests_running`. The router serves text 0.0.4 as well.
+    """
+    app = make_wsgi_app(registry)
+
+    def text_format(environ: dict, start_response: Callable) -> Any:
+        return app({**environ, "HTTP_ACCEPT": "text/plain; version=0.0.4"}, start_response)
+
+    family, *_, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                              flags=socket.AI_PASSIVE)[0]
+
+    class Server(ThreadingWSGIServer):
+        address_family = family
+
+    server = make_server(sockaddr[0], port, text_format, Server, handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+    thread.start()
+    return server, thread

@@ -20,9 +20,10 @@ from collections.abc import Awaitable, Callable, Iterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from prometheus_client import REGISTRY, start_http_server
+from prometheus_client import REGISTRY
 
 from baton.logs import configure_logging
+from baton.metrics import start_metrics_server
 from baton.worker.flags import WorkerOptions
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class WorkerRuntime:
             raise OSError(f"cannot listen on {address} (is the port in use?)") from exc
         if collector is not None:
             REGISTRY.register(collector)
-        http_server, http_thread = start_http_server(opts.metrics_port, addr=opts.host)
+        http_server, http_thread = start_metrics_server(opts.metrics_port, opts.host)
         await server.start()
         if on_started is not None:
             await on_started()
