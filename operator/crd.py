@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from baton.kvtransfer.config import UCX_PROGRESS_MODES
+
 GROUP = "baton.dev"
 VERSION = "v1alpha1"
 KIND = "InferenceService"
@@ -41,6 +43,10 @@ METRICS = ("num_requests_waiting", "num_requests_running", "kv_cache_usage_perc"
 TYPED_FLAGS = ("model", "tokenizer", "served-model-name", "dtype", "block-size",
                "kv-transfer", "host", "port", "metrics-port", "kv-port")
 DEFAULT_BLOCK_SIZE = 16
+# The values of kvTransfer.transport; the workers' --kv-transfer accepts each (a test says so).
+TRANSPORTS = ("grpc", "ucx")
+# The resource the RDMA shared device plugin's example configuration advertises.
+DEFAULT_RDMA_RESOURCE = "rdma/hca_shared_devices_a"
 QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 
 HEADER = (
@@ -276,6 +282,53 @@ def _has_min_zero(role: str) -> str:
             f"self.{role}.autoscaling.minReplicas >= 1)")
 
 
+def _kv_transfer() -> dict:
+    ucx = _obj(
+        {
+            "tls": _string_list("UCX transports (UCX_TLS), e.g. [rc, cuda_copy]; default: "
+                                "UCX's choice, or with rdma the RDMA set without tcp.",
+                                r"^\^?[a-z0-9_]+$"),
+            "netDevices": _string_list("Devices UCX may use (UCX_NET_DEVICES), e.g. "
+                                       "[mlx5_0:1]; default: all.", r"^[A-Za-z0-9_.:-]+$"),
+            "progressMode": _scalar("string", "UCXX progress mode (--ucx-progress-mode).",
+                                    enum=list(UCX_PROGRESS_MODES)),
+        },
+        description="UCX settings of prefill and decode workers (transport ucx or auto).",
+    )
+    rdma = _obj(
+        {
+            "resourceName": _scalar(
+                "string", "Extended resource of the RDMA device plugin each prefill and "
+                "decode pod requests.", default=DEFAULT_RDMA_RESOURCE,
+                pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*"
+                        r"[A-Za-z0-9])?$", maxLength=253),
+            "count": _scalar("integer", "How many of that resource each pod requests.",
+                             minimum=1, maximum=64, default=1),
+            "networks": _string_list(
+                "Secondary networks (Multus NetworkAttachmentDefinitions, [NAMESPACE/]NAME) "
+                "for the RDMA interfaces: the k8s.v1.cni.cncf.io/networks annotation.",
+                r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"),
+        },
+        description="UCX over RDMA between nodes: the RDMA device each prefill and decode pod "
+                    "requests, IPC_LOCK to pin memory, and UCX kept off TCP.",
+    )
+    return _obj(
+        {"transport": _scalar("string", "Data plane for KV blocks.", enum=list(TRANSPORTS),
+                              default="grpc"),
+         "ucx": ucx, "rdma": rdma},
+        description="How prefill workers hand KV blocks to decode workers.", default={},
+        rules=(("!has(self.ucx) || self.transport in ['ucx', 'auto']",
+                "kvTransfer.ucx applies to transport ucx or auto"),
+               ("!has(self.rdma) || self.transport in ['ucx', 'auto']",
+                "kvTransfer.rdma needs transport ucx or auto: RDMA is reached through UCX")),
+    )
+
+
+def _string_list(description: str, pattern: str) -> dict:
+    return {"type": "array", "description": description, "maxItems": 32,
+            "items": {"type": "string", "pattern": pattern, "maxLength": 64}}
+
+
 def _block_size(role: str) -> str:
     return (f"(has(self.{role}) && has(self.{role}.engine) && "
             f"has(self.{role}.engine.blockSize) ? self.{role}.engine.blockSize : "
@@ -307,10 +360,7 @@ def _spec() -> dict:
             "worker": _role("The old spelling of colocated, still accepted (set one of the "
                             "two, not both)."),
             "router": _router(),
-            "kvTransfer": _obj(
-                {"transport": _scalar("string", "Data plane for KV blocks.",
-                                      enum=["grpc", "ucx"], default="grpc")},
-                description="How prefill workers hand KV blocks to decode workers.", default={}),
+            "kvTransfer": _kv_transfer(),
             "autoscaling": _obj(
                 {"engine": _scalar("string", "hpa: HorizontalPodAutoscaler on Pods metrics from "
                                    "the metrics adapter; keda: KEDA ScaledObject on Prometheus.",

@@ -7,7 +7,8 @@ counts every handoff it starts exactly once, completed or failed, so the number 
 is read from prefill pods. Both ends count a failed handoff, so failures count by reason,
 the larger of the two sides (a reservation that expired unfilled only the decode side
 sees). The transport in use is the `transport` label of any
-`baton:kv_transfer_*` sample, where workers report one; otherwise the spec's.
+`baton:kv_transfer_*` sample, where workers report one (what an `auto` pair chose);
+otherwise the spec's.
 
 The reading tolerates what a worker does not export: a pod that does not answer, or
 answers without these families, adds nothing. Pure functions, except `scrape` (HTTP).
@@ -27,6 +28,9 @@ PREFIX = "baton:kv_transfer"
 SECONDS = f"{PREFIX}_seconds_count"
 FAILURES = f"{PREFIX}_failures_total"
 SIDES = ("prefill", "decode")
+# The `transport` label of a failure before any data plane was chosen (an expired
+# reservation): not a transport in use.
+NO_TRANSPORT = "none"
 # Failures that say nothing about the data path: a client went away, a worker drains; and
 # "aborted", the decode side's echo of a failure whose cause the prefill side counts.
 NOT_COUNTED = frozenset({"cancelled", "shutdown", "aborted"})
@@ -110,7 +114,7 @@ def parse(text: str) -> Counts:
         for sample in family.samples:
             if not sample.name.startswith(PREFIX):
                 continue
-            if sample.labels.get("transport") and sample.value > 0:
+            if sample.labels.get("transport") not in (None, "", NO_TRANSPORT) and sample.value > 0:
                 transports.add(sample.labels["transport"])
             side = sample.labels.get("role")
             if side not in SIDES:

@@ -120,6 +120,28 @@ class Router:
 
 
 @dataclass(frozen=True)
+class Rdma:
+    resource_name: str
+    count: int
+    networks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class KVTransfer:
+    """`spec.kvTransfer`: the data plane, and UCX/RDMA settings where it uses UCX."""
+
+    transport: str  # one of crd.TRANSPORTS
+    ucx_tls: tuple[str, ...] = ()  # empty: UCX's own choice (or RDMA_TLS with rdma)
+    ucx_net_devices: tuple[str, ...] = ()
+    ucx_progress_mode: str | None = None
+    rdma: Rdma | None = None
+
+    @property
+    def uses_ucx(self) -> bool:
+        return self.transport in ("ucx", "auto")
+
+
+@dataclass(frozen=True)
 class InferenceService:
     """One InferenceService: identity (for owner references) plus its parsed spec."""
 
@@ -134,9 +156,13 @@ class InferenceService:
     mode: str
     roles: tuple[Role, ...]  # the worker fleets this mode runs, in a fixed order
     router: Router
-    transport: str
+    kv_transfer: KVTransfer
     autoscaling_engine: str
     network_policy: bool
+
+    @property
+    def transport(self) -> str:
+        return self.kv_transfer.transport
 
     def role(self, name: str) -> Role:
         for role in self.roles:
@@ -283,6 +309,24 @@ def parse(body: Mapping[str, Any]) -> InferenceService:
                         "is the CRD in the cluster up to date?") from error
 
 
+def _kv_transfer(data: Mapping[str, Any]) -> KVTransfer:
+    transport = data["transport"]
+    ucx, rdma = data.get("ucx"), data.get("rdma")
+    if (ucx is not None or rdma is not None) and transport not in ("ucx", "auto"):
+        raise SpecError(f"spec.kvTransfer.{'rdma' if rdma is not None else 'ucx'} needs "
+                        f"kvTransfer.transport ucx or auto (it is {transport})")
+    ucx = ucx or {}
+    return KVTransfer(
+        transport=transport,
+        ucx_tls=tuple(ucx.get("tls") or ()),
+        ucx_net_devices=tuple(ucx.get("netDevices") or ()),
+        ucx_progress_mode=ucx.get("progressMode"),
+        rdma=None if rdma is None else Rdma(
+            resource_name=rdma["resourceName"], count=int(rdma["count"]),
+            networks=tuple(rdma.get("networks") or ())),
+    )
+
+
 def _role_key(spec: Mapping[str, Any], name: str) -> str:
     """The spec field that describes role `name`: its name, or an old spelling in use."""
     given = [key for key, role in ALIASES.items() if role == name and key in spec]
@@ -335,7 +379,7 @@ def _parse_spec(meta: Mapping[str, Any], spec: dict) -> InferenceService:
         mode=mode,
         roles=tuple(roles),
         router=_router(spec["router"]),
-        transport=spec["kvTransfer"]["transport"],
+        kv_transfer=_kv_transfer(spec["kvTransfer"]),
         autoscaling_engine=engine,
         network_policy=bool(spec["networkPolicy"]["enabled"]),
     )

@@ -5,9 +5,7 @@ Flags follow the worker command-line contract in docs/architecture.md.
 
 from __future__ import annotations
 
-import copy
-
-from baton.operator.builders import common
+from baton.operator.builders import common, kvtransfer
 from baton.operator.config import OperatorConfig
 from baton.operator.spec import InferenceService, Role
 
@@ -50,7 +48,7 @@ def worker_args(svc: InferenceService, role: Role) -> list[str]:
         args += ["--num-gpu-blocks-override", str(engine.num_gpu_blocks_override)]
     if engine.kv_cache_memory_gb:
         args += ["--kv-cache-memory-gb", f"{engine.kv_cache_memory_gb:g}"]
-    return args + list(engine.extra_args)
+    return args + kvtransfer.args(svc, role) + list(engine.extra_args)
 
 
 def _ports(svc: InferenceService, role: Role) -> list[dict]:
@@ -75,6 +73,10 @@ def _probes() -> dict:
 
 
 def worker_container(svc: InferenceService, role: Role, config: OperatorConfig) -> dict:
+    security = common.container_security()
+    added = kvtransfer.capabilities(svc, role)
+    if added:
+        security["capabilities"]["add"] = added
     container = {
         "name": role.name,
         "image": common.worker_image(svc, config),
@@ -82,17 +84,19 @@ def worker_container(svc: InferenceService, role: Role, config: OperatorConfig) 
         "command": ["baton", COMMANDS[role.name]],
         "args": worker_args(svc, role),
         "ports": _ports(svc, role),
-        "env": common.merge_env(common.base_env(), role.placement.env),
+        "env": common.merge_env(common.base_env() + kvtransfer.env(svc, role),
+                                role.placement.env),
         **_probes(),
-        "securityContext": common.container_security(),
+        "securityContext": security,
         "volumeMounts": [
             {"name": "model", "mountPath": common.MODEL_DIR, "readOnly": True},
             {"name": "shm", "mountPath": "/dev/shm"},
             {"name": "tmp", "mountPath": "/tmp"},
         ],
     }
-    if role.placement.resources:
-        container["resources"] = copy.deepcopy(role.placement.resources)
+    resources = kvtransfer.resources(svc, role)
+    if resources:
+        container["resources"] = resources
     return container
 
 
@@ -130,6 +134,7 @@ def worker_deployment(svc: InferenceService, role_name: str, config: OperatorCon
                     "prometheus.io/port": str(common.METRICS_PORT),
                     "prometheus.io/path": "/metrics",
                     "kubectl.kubernetes.io/default-container": role.name,
+                    **kvtransfer.annotations(svc, role),
                 },
             },
             "spec": pod_spec,

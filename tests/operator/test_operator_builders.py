@@ -66,6 +66,14 @@ SPECS = {
                 "replicas": 2, "image": "registry.example/router:2"},
         networkPolicy={"enabled": True}, imagePullSecrets=[{"name": "pull"}],
         imagePullPolicy="Always", kvTransfer={"transport": "ucx"}),
+    "rdma": body(
+        prefill={"resources": GPU},
+        decode={"resources": GPU, "env": [{"name": "UCX_NET_DEVICES", "value": "mlx5_1:1"}]},
+        kvTransfer={"transport": "ucx",
+                    "ucx": {"netDevices": ["mlx5_0:1"], "progressMode": "thread-polling"},
+                    "rdma": {"resourceName": "rdma/ib", "count": 2,
+                             "networks": ["net-ops/rdma-a", "rdma-b"]}},
+        networkPolicy={"enabled": True}),
     "placement": body(prefill={
         "nodeSelector": {"gpu": "h100"},
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
@@ -127,6 +135,41 @@ def test_builders_do_not_change_the_spec():
             pod.get("tolerations", [{}])[0]["key"] = "changed"
             container(obj)["env"].append({"name": "Y"})
     assert svc == snapshot
+
+
+def test_rdma_requests_the_device_pins_memory_and_keeps_ucx_off_tcp():
+    objects = build("rdma")
+    for role in ("prefill", "decode"):
+        deployment = find(objects, "Deployment", f"llama-{role}")
+        main = container(deployment)
+        assert main["resources"]["limits"]["rdma/ib"] == "2"
+        assert main["resources"]["requests"] == {"cpu": "4", "rdma/ib": "2"}
+        assert main["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+        env = {e["name"]: e.get("value") for e in main["env"]}
+        assert env["UCX_TLS"] == "rc,cuda_copy,sm,self"  # no tcp: no silent fallback
+        assert main["args"][main["args"].index("--ucx-progress-mode") + 1] == "thread-polling"
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["k8s.v1.cni.cncf.io/networks"] == "net-ops/rdma-a,rdma-b"
+    decode_env = {e["name"]: e.get("value") for e in container(
+        find(objects, "Deployment", "llama-decode"))["env"]}
+    assert decode_env["UCX_NET_DEVICES"] == "mlx5_1:1"  # the role's own env wins
+    prefill_env = {e["name"]: e.get("value") for e in container(
+        find(objects, "Deployment", "llama-prefill"))["env"]}
+    assert prefill_env["UCX_NET_DEVICES"] == "mlx5_0:1"
+    router = container(find(objects, "Deployment", "llama-router"))
+    assert "add" not in router["securityContext"]["capabilities"]
+    assert not any(e["name"].startswith("UCX_") for e in router["env"])
+
+
+def test_ucx_settings_without_rdma_leave_the_pod_alone():
+    svc = spec.parse(body(kvTransfer={"transport": "ucx", "ucx": {"tls": ["tcp", "cuda_copy"]}}))
+    main = container(find(builders.build_all(svc, CONFIG), "Deployment", "llama-decode"))
+    assert {"name": "UCX_TLS", "value": "tcp,cuda_copy"} in main["env"]
+    assert "add" not in main["securityContext"]["capabilities"] and "resources" not in main
+    assert not any(e["name"].startswith("UCX_") for e in container(find(
+        build("disaggregated"), "Deployment", "llama-decode"))["env"])
+    with pytest.raises(spec.SpecError, match="kvTransfer.rdma needs kvTransfer.transport ucx"):
+        spec.parse(body(kvTransfer={"rdma": {}}))
 
 
 def test_disaggregated_worker_command_lines_follow_the_contract():

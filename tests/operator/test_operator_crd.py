@@ -142,6 +142,9 @@ def test_every_example_is_valid(path):
                                  "target": 80}}}, "kv_cache_usage_perc is a fraction"),
     ({"model": {"source": {"pvc": {"claimName": "m"}, "hostPath": "/m"}}}, "exactly one of"),
     ({"model": {"source": {}}}, "exactly one of"),
+    ({"kvTransfer": {"rdma": {}}}, "kvTransfer.rdma needs transport ucx or auto"),
+    ({"kvTransfer": {"transport": "grpc", "ucx": {"tls": ["rc"]}}},
+     "kvTransfer.ucx applies to transport ucx or auto"),
     ({"model": {"source": {"pvc": {"claimName": "m", "path": "../etc"}}}}, "no '..'"),
     ({"model": {"source": {"hostPath": "/m", "credentialsSecretRef": {"name": "s"}}}},
      "applies only to uri sources"),
@@ -155,6 +158,8 @@ def test_cel_rules_accept_their_valid_counterparts():
     assert violations(service(autoscaling={"engine": "keda"}, prefill={
         "autoscaling": {"minReplicas": 0, "maxReplicas": 2}})) == []
     assert violations(service(mode="colocated", colocated={"replicas": 2})) == []
+    assert violations(service(kvTransfer={"transport": "ucx", "rdma": {},
+                                          "ucx": {"tls": ["rc"], "netDevices": ["mlx5_0:1"]}})) == []
     assert violations(service(mode="colocated", worker={"replicas": 2})) == []
 
 
@@ -183,6 +188,10 @@ def test_names_must_leave_room_for_child_suffixes(mode, name, ok):
     {"prefill": {"engine": {"blockSize": 12}}},
     {"decode": {"engine": {"gpuMemoryUtilization": 1.5}}},
     {"kvTransfer": {"transport": "rdma"}},
+    {"kvTransfer": {"transport": "ucx", "rdma": {"count": 0}}},
+    {"kvTransfer": {"transport": "ucx", "rdma": {"resourceName": "has space/x"}}},
+    {"kvTransfer": {"transport": "ucx", "ucx": {"tls": ["rc,tcp"]}}},  # a list, not a string
+    {"kvTransfer": {"transport": "ucx", "ucx": {"progressMode": "fast"}}},
     {"router": {"routingPolicy": "random"}},
     {"model": {"source": {"uri": "s3://bucket/model"}}},
     {"prefill": {"resources": {"limits": {"memory": "lots"}}}},

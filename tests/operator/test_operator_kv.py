@@ -190,9 +190,13 @@ def test_a_worker_without_these_metrics_or_not_answering_adds_nothing():
 def test_transport_label_reported_by_workers_wins():
     text = ('# TYPE baton:kv_transfer_seconds histogram\n'
             'baton:kv_transfer_seconds_count{model_name="m",role="prefill",transport="tcp"} 4\n'
-            'baton:kv_transfer_seconds_sum{model_name="m",role="prefill",transport="tcp"} 0.1\n')
+            'baton:kv_transfer_seconds_sum{model_name="m",role="prefill",transport="tcp"} 0.1\n'
+            '# TYPE baton:kv_transfer_failures counter\n'
+            'baton:kv_transfer_failures_total{model_name="m",role="decode",transport="none",'
+            'reason="expired"} 1\n')
     counts = kvhealth.parse(text)
-    assert counts.transports == {"tcp"} and counts.handoffs == 4
+    assert counts.transports == {"tcp"} and counts.handoffs == 4  # "none": no transport
+    assert counts.failures == {"expired": 1}
     _, report = kvhealth.condition(counts, counts, "auto", 1, None)
     assert report["transport"] == "tcp"
 

@@ -51,3 +51,12 @@ def _with_extra_args(svc):
         r.engine, extra_args=("--enforce-eager", "--attention-backend", "torch")))
         for r in svc.roles)
     return dataclasses.replace(svc, roles=roles)
+
+
+def test_every_crd_transport_is_a_worker_transport():
+    from baton.operator import crd
+
+    for transport in crd.TRANSPORTS:
+        for role in ("prefill", "decode"):
+            ns = worker_parser(f"baton serve-{role}", role).parse_args(["--kv-transfer", transport])
+            assert ns.kv_transfer == transport
