@@ -17,16 +17,14 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from baton.engine.config import EngineArgs
+from baton.engine.errors import DuplicateRequestError, EngineDeadError
 from baton.engine.llm_engine import LLMEngine, PromptType
 from baton.engine.outputs import RequestOutput
 from baton.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class EngineDeadError(RuntimeError):
-    """The engine thread stopped; no request can be served."""
+__all__ = ["AsyncLLMEngine", "EngineDeadError"]
 
 
 class AsyncLLMEngine:
@@ -49,6 +47,12 @@ class AsyncLLMEngine:
     @property
     def config(self):
         return self.engine.config
+
+    @property
+    def kv_cache(self):
+        """The engine's KV pool tensor (`LLMEngine.kv_cache`: its contract says which
+        blocks another thread may copy into or out of)."""
+        return self.engine.kv_cache
 
     # -- the engine thread ---------------------------------------------------------------
 
@@ -118,7 +122,7 @@ class AsyncLLMEngine:
 
     async def _stream(self, request_id: str, add: Callable[[LLMEngine], None]) -> AsyncIterator[RequestOutput]:
         if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise DuplicateRequestError(request_id)
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)
         finished = False
@@ -156,8 +160,10 @@ class AsyncLLMEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Stream cumulative `RequestOutput`s until the request finishes.
 
-        Raises ValueError (before the first output) for a bad prompt or parameters. Closing
-        the iterator early aborts the request and frees its blocks.
+        Raises (before the first output) DuplicateRequestError for a request id in use,
+        ValueError for a bad prompt or parameters (see `LLMEngine.add_request`, also for
+        `hold_kv`), EngineDeadError once the engine stopped. Closing the iterator early
+        aborts the request and frees its blocks.
         """
         return self._stream(
             request_id,

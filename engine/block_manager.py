@@ -64,7 +64,7 @@ class BlockManager:
     # -- prefix cache --------------------------------------------------------------------
 
     def _seq_hashes(self, seq: Sequence, num_full_blocks: int) -> list[BlockHash]:
-        hashes: list[BlockHash] = seq.extra.setdefault("block_hashes", [])
+        hashes: list[BlockHash] = seq.block_hashes
         bs = self.block_size
         while len(hashes) < num_full_blocks:
             i = len(hashes)
@@ -96,7 +96,7 @@ class BlockManager:
         # Under asynchronous scheduling the count runs ahead of the tokens the host has read.
         computed = min(seq.num_computed_tokens, seq.num_tokens)
         num_full = min(computed // self.block_size, len(seq.block_table))
-        done = seq.extra.get("num_registered_blocks", 0)
+        done = seq.num_registered_blocks
         if num_full <= done:
             return
         hashes = self._seq_hashes(seq, num_full)
@@ -105,7 +105,7 @@ class BlockManager:
             if self.block_hashes[block] is None and hashes[i] not in self.cached:
                 self.cached[hashes[i]] = block
                 self.block_hashes[block] = hashes[i]
-        seq.extra["num_registered_blocks"] = num_full
+        seq.num_registered_blocks = num_full
 
     # -- allocation ----------------------------------------------------------------------
 
@@ -135,7 +135,7 @@ class BlockManager:
         if cached:
             seq.num_computed_tokens = len(cached) * self.block_size
             seq.num_cached_tokens = seq.num_computed_tokens
-            seq.extra["num_registered_blocks"] = len(cached)
+            seq.num_registered_blocks = len(cached)
         seq.block_table.extend(self._pop_free() for _ in range(num_new))
 
     def _take_ref(self, block: int) -> None:
@@ -160,7 +160,7 @@ class BlockManager:
         """Drop the sequence's references; its blocks stay cached until evicted."""
         self.release(reversed(seq.block_table))
         seq.block_table = []
-        seq.extra.pop("num_registered_blocks", None)
+        seq.num_registered_blocks = 0
 
     def release(self, blocks) -> None:
         """Drop one reference on each block, in the given order."""

@@ -27,11 +27,11 @@ def table_array(seq: Sequence) -> np.ndarray:
     list when it frees a sequence), so the cache is keyed on the list itself and its length.
     """
     table = seq.block_table
-    cached = seq.extra.get("_table_array")
+    cached = seq.table_array_cache
     if cached is not None and cached[0] is table and len(cached[1]) == len(table):
         return cached[1]
     arr = np.array(table, dtype=np.int32)
-    seq.extra["_table_array"] = (table, arr)
+    seq.table_array_cache = (table, arr)
     return arr
 
 

@@ -4,10 +4,8 @@ One `step()` schedules a batch, runs it, appends the sampled tokens, applies sto
 returns a `RequestOutput` for every request that changed. Not thread-safe: one thread
 drives an engine (`AsyncLLMEngine` runs it on its own thread).
 
-Disaggregation hooks: a prefill engine takes requests with `hold_kv=True` (their blocks stay
-referenced after they finish, until `release_held`), and a decode engine reserves blocks
-(`reserve_blocks`) for a prompt whose KV arrives from elsewhere, then admits it with
-`add_prefilled_request`.
+Elsewhere: asynchronous scheduling (`async_scheduling.py`), the KV handoff hooks of
+disaggregated serving (`handoff.py`, mixed in), the errors it raises (`errors.py`).
 """
 
 from __future__ import annotations
@@ -19,11 +17,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
+from baton.engine.async_scheduling import AsyncSteps
 from baton.engine.block_manager import BlockManager
 from baton.engine.config import EngineArgs, EngineConfig
+from baton.engine.errors import DuplicateRequestError, InvalidRequestError, NoCapacityError
 from baton.engine.guided import GuidedDecoder
+from baton.engine.handoff import HandoffHooks
 from baton.engine.model_runner import ModelRunner, StepOutput
 from baton.engine.output_processor import SequenceOutput
 from baton.engine.outputs import RequestOutput
@@ -56,26 +55,6 @@ class _Request:
         return all(s.is_finished for s in self.seqs)
 
 
-@dataclass
-class _Inflight:
-    """A launched decode step whose tokens the host has not read (asynchronous scheduling)."""
-
-    batch: ScheduledBatch
-    ids: torch.Tensor  # [N] sampled token ids on the device
-    host: torch.Tensor  # their copy in host memory (pinned on CUDA), valid once `event` passed
-    event: Any  # torch.cuda.Event, or None on the CPU (nothing to wait for)
-
-
-# Asynchronous scheduling: a token the device has sampled and the host has not read yet
-# holds its place in `Sequence.token_ids` while the next step is launched, within one
-# step() call. Never a valid id, so a step that fed it to the model would fail loudly.
-PLACEHOLDER = -1
-
-
-def _drop_placeholder(seq: Sequence) -> None:
-    if seq.token_ids and seq.token_ids[-1] == PLACEHOLDER:
-        seq.token_ids.pop()
-
 
 @dataclass
 class EngineStats:
@@ -91,7 +70,10 @@ class EngineStats:
     num_preemptions: int
 
 
-class LLMEngine:
+__all__ = ["EngineStats", "LLMEngine", "NoCapacityError", "PromptType"]
+
+
+class LLMEngine(HandoffHooks):
     def __init__(self, config: EngineConfig):
         self.config = config
         self.tokenizer = Tokenizer(config.tokenizer_dir)
@@ -118,7 +100,7 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._ids = itertools.count()
-        self._inflight: _Inflight | None = None  # asynchronous scheduling: a launched step
+        self.async_steps = AsyncSteps(self.runner, self.scheduler, self.block_manager)
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> LLMEngine:
@@ -134,16 +116,16 @@ class LLMEngine:
             ids = prompt["prompt_token_ids"]
             vocab = self.config.vocab_size
             if not isinstance(ids, list) or not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
-                raise ValueError(f"prompt_token_ids must be a list of integers in [0, {vocab})")
+                raise InvalidRequestError(f"prompt_token_ids must be a list of integers in [0, {vocab})")
             return prompt.get("prompt"), list(ids)
-        raise ValueError('a prompt is a string or {"prompt_token_ids": [...]}')
+        raise InvalidRequestError('a prompt is a string or {"prompt_token_ids": [...]}')
 
     def check_prompt_length(self, num_tokens: int) -> None:
         max_len = self.max_model_len
         if num_tokens == 0:
-            raise ValueError("the prompt is empty")
+            raise InvalidRequestError("the prompt is empty")
         if num_tokens >= max_len:
-            raise ValueError(
+            raise InvalidRequestError(
                 f"the prompt has {num_tokens} tokens; this model's maximum context length is "
                 f"{max_len} tokens, which must also leave room for the output"
             )
@@ -157,37 +139,46 @@ class LLMEngine:
         priority: int = 0,
         hold_kv: bool = False,
     ) -> None:
-        """Queue a request. Raises ValueError for a bad prompt or parameters (nothing queued)."""
+        """Queue a request. Nothing is queued when it raises: DuplicateRequestError for a
+        request id in use, ValueError (InvalidRequestError, or a parameter or grammar check)
+        for a bad prompt or parameters.
+
+        `hold_kv`: prefill for a KV handoff (n must be 1). The request ends after its first
+        token, with finish_reason "handoff" unless the output really ends on that token
+        (then "stop" or "length", as any request), and its text is what a running request
+        shows (held back where a stop string may begin: exactly what the decode engine will
+        show for that token). Its blocks stay referenced until `release_held`.
+        """
         params = params or SamplingParams()
         if request_id in self.requests or request_id in self.held:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise DuplicateRequestError(request_id)
         text, ids = self.tokenize_prompt(prompt)
         self.check_prompt_length(len(ids))
         if hold_kv and params.n != 1:
-            raise ValueError("a request whose KV is handed off must have n=1")
+            raise InvalidRequestError("a request whose KV is handed off must have n=1")
         arrival = time.time() if arrival_time is None else arrival_time
-        outputs = []
+        seqs = []
         for i in range(params.n):
             child = params if params.n == 1 else params.clone(
                 n=1, seed=None if params.seed is None else params.seed + i
             )
-            seq = Sequence(request_id, i, ids, child, arrival, priority)
-            outputs.append(self._sequence_output(seq))
-        request = _Request(request_id, text, ids, outputs, RequestMetrics(arrival), hold_kv=hold_kv)
+            seqs.append(Sequence(request_id, i, ids, child, arrival, priority))
+        request = self._new_request(request_id, text, ids, seqs, arrival, hold_kv=hold_kv)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
-        self._prepare(request)
         self.requests[request_id] = request
         for seq in request.seqs:
             self.scheduler.add(seq)
         self.prompt_tokens_total += len(ids)
 
-    def _sequence_output(self, seq: Sequence) -> SequenceOutput:
-        return SequenceOutput(seq, self.tokenizer, self.eos_token_ids, self.max_model_len)
-
-    def _prepare(self, request: _Request) -> None:
-        """Hook for per-request features that must fail at add time (see guided decoding)."""
+    def _new_request(self, request_id: str, prompt: str | None, ids: list[int], seqs: list[Sequence],
+                     arrival: float, hold_kv: bool = False) -> _Request:
+        """A request over `seqs` with its per-request features prepared (guided decoding
+        compiles its grammar here); raises ValueError, keeping nothing, if one refuses it."""
+        outputs = [SequenceOutput(seq, self.tokenizer, self.eos_token_ids, self.max_model_len) for seq in seqs]
+        request = _Request(request_id, prompt, ids, outputs, RequestMetrics(arrival), hold_kv=hold_kv)
         self.guided.prepare(request.seqs)
+        return request
 
     def abort_request(self, request_id: str | Iterable[str]) -> list[RequestOutput]:
         """Stop requests at any stage and free every block they hold.
@@ -212,7 +203,7 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         # A request that finished at admission (a prefilled request whose first token ends
         # it) is no longer scheduled but still has an output for step() to deliver.
-        return self.scheduler.has_unfinished() or bool(self.requests) or self._inflight is not None
+        return self.scheduler.has_unfinished() or bool(self.requests) or self.async_steps.inflight is not None
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
@@ -220,15 +211,14 @@ class LLMEngine:
     # -- the step ------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        if self._inflight is not None:  # asynchronous scheduling: launch the next, then finish
-            done, self._inflight = self._inflight, None
-            self._inflight = self._launch_next(done)
-            return self._finish_launched(done)
+        if self.async_steps.inflight is not None:  # launch the next step, then finish this one
+            batch, step_outputs = self.async_steps.advance()
+            return self._process(batch, step_outputs, computed=True)
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return self._collect_outputs()
-        if self.config.async_scheduling and self._overlappable(batch):
-            self._inflight = self._launch(batch, None)
+        if self.config.async_scheduling and self.async_steps.overlappable(batch, self._holds_kv):
+            self.async_steps.launch(batch)
             return self._collect_outputs()
         step_outputs = self.runner.execute(batch)
         return self._process(batch, step_outputs, computed=False)
@@ -258,69 +248,8 @@ class LLMEngine:
             self._append(request, seq, out.token_id, out.logprob, out.top_logprobs, now)
         return self._collect_outputs()
 
-    # -- asynchronous scheduling ------------------------------------------------------------
-    #
-    # With `async_scheduling`, a decode step whose sequences need nothing from the host at
-    # sampling time is launched without waiting for its tokens; the next step() launches the
-    # following step with those tokens still on the device (each sequence holds a
-    # placeholder for its unknown token until the call reads it), then reads the first
-    # step's tokens and processes them while the device computes. Between calls a launched
-    # step's sequences count its token as computed (`num_computed_tokens` runs one ahead of
-    # what the host has read). Sequences that finished in the first step
-    # ride along in the second for nothing: their rows are dropped, and the blocks they free
-    # are reused only by work queued after it. Anything else (a waiting request that could be
-    # admitted, prefill, guided decoding, penalties, logprobs, logits processors, a held KV
-    # handoff, a full pool) ends the chain: the launched step is finished and the next step()
-    # schedules normally.
-
-    def _overlappable(self, batch: ScheduledBatch) -> bool:
-        if not batch.decode_only:
-            return False
-        for seq in batch.seqs:
-            p = seq.params
-            if (p.guided_decoding is not None or p.logits_processors or p.logprobs is not None
-                    or p.prompt_logprobs is not None or p.has_penalties or self.requests[seq.request_id].hold_kv):
-                return False
-        return True
-
-    def _launch(self, batch: ScheduledBatch, input_ids) -> _Inflight:
-        ids = self.runner.launch_decode(batch, input_ids)
-        for seq in batch.seqs:
-            seq.num_computed_tokens += 1  # the device computes it in stream order
-        host = ids
-        event = None
-        if ids.is_cuda:
-            host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
-            host.copy_(ids, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        return _Inflight(batch, ids, host, event)
-
-    def _launch_next(self, done: _Inflight) -> _Inflight | None:
-        """The step after `done`, launched before `done`'s tokens are read; None if it can't."""
-        sched = self.scheduler
-        keep = [i for i, seq in enumerate(done.batch.seqs) if not seq.is_finished]
-        seqs = [done.batch.seqs[i] for i in keep]
-        if not seqs or len(seqs) != len(sched.running) or (sched.waiting and len(sched.running) < sched.max_num_seqs):
-            return None
-        for seq in seqs:
-            seq.token_ids.append(PLACEHOLDER)
-        if not self.block_manager.can_allocate_all(seqs, 1):
-            for seq in seqs:
-                seq.token_ids.pop()
-            return None
-        for seq in seqs:
-            self.block_manager.allocate(seq, 1)
-        index = done.ids if len(keep) == len(done.batch.seqs) else done.ids[torch.tensor(keep, device=done.ids.device)]
-        return self._launch(ScheduledBatch(seqs, [1] * len(seqs)), index)
-
-    def _finish_launched(self, done: _Inflight) -> list[RequestOutput]:
-        if done.event is not None:
-            done.event.synchronize()
-        token_ids = done.host.tolist()
-        for seq in done.batch.seqs:
-            _drop_placeholder(seq)  # the token it stood for is appended below
-        return self._process(done.batch, [StepOutput(token_id=t) for t in token_ids], computed=True)
+    def _holds_kv(self, request_id: str) -> bool:
+        return self.requests[request_id].hold_kv
 
     def _append(self, request: _Request, seq: Sequence, token_id: int, logprob, top_logprobs, now: float) -> None:
         try:
@@ -337,6 +266,8 @@ class LLMEngine:
             metrics.first_token_time = now
         metrics.last_token_time = now
         status = request.outputs[seq.index].on_token(token_id, grammar_done)
+        if status is None and request.hold_kv:
+            status = SequenceStatus.FINISHED_HANDOFF  # the decode engine takes it from here
         if status is not None:
             self._finish(request, seq, status)
 
@@ -383,78 +314,6 @@ class LLMEngine:
             error=request.error,
         )
 
-    # -- disaggregation hooks ------------------------------------------------------------
-
-    def held_blocks(self, request_id: str) -> list[int] | None:
-        """Blocks of a finished `hold_kv` request, in prompt order (None if not held)."""
-        return self.held.get(request_id)
-
-    def release_held(self, request_id: str) -> None:
-        blocks = self.held.pop(request_id, None)
-        if blocks is not None:
-            self.block_manager.release(reversed(blocks))
-            log.debug("%s released its %d held blocks", request_id, len(blocks))
-
-    def reserve_blocks(self, num_tokens: int) -> list[int]:
-        """Reserve the blocks a prompt of `num_tokens` needs; raises ValueError if they don't fit."""
-        self.check_prompt_length(num_tokens)
-        needed = self.block_manager.blocks_for(num_tokens)
-        if not self.block_manager.can_reserve(needed):
-            raise NoCapacityError(f"{needed} KV blocks needed, {self.block_manager.num_free_blocks} free")
-        return self.block_manager.reserve(needed)
-
-    def release_blocks(self, blocks: list[int]) -> None:
-        """Give back reserved blocks that were never admitted (failed or expired handoff)."""
-        self.block_manager.release(reversed(blocks))
-
-    def add_prefilled_request(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        block_ids: list[int],
-        first_token_id: int,
-        first_logprob: float | None = None,
-        first_top_logprobs: dict[int, float] | None = None,
-        prompt: str | None = None,
-        arrival_time: float | None = None,
-        priority: int = 0,
-    ) -> None:
-        """Admit a request whose prompt KV is already in `block_ids` (from `reserve_blocks`).
-
-        The engine takes over the blocks' references, also when this raises (it releases
-        them then), so a caller never has to guess who owns them after a bad request. The
-        request continues from its first token exactly as if this engine had computed the
-        prompt.
-        """
-        try:
-            if request_id in self.requests:
-                raise ValueError(f"request id {request_id!r} is already in use")
-            if params.n != 1:
-                raise ValueError("a prefilled request must have n=1")
-            if len(block_ids) != self.block_manager.blocks_for(len(prompt_token_ids)):
-                raise ValueError(
-                    f"{len(block_ids)} blocks do not match a prompt of {len(prompt_token_ids)} tokens"
-                )
-            arrival = time.time() if arrival_time is None else arrival_time
-            seq = Sequence(request_id, 0, list(prompt_token_ids), params, arrival, priority)
-            request = _Request(request_id, prompt, list(prompt_token_ids), [self._sequence_output(seq)], RequestMetrics(arrival))
-            self._prepare(request)
-        except BaseException:
-            self.release_blocks(list(block_ids))
-            raise
-        seq.block_table = list(block_ids)
-        seq.num_computed_tokens = len(prompt_token_ids)
-        self.block_manager.cache_computed_blocks(seq)
-        self.requests[request_id] = request
-        now = time.time()
-        request.metrics.first_scheduled_time = now
-        request.metrics.time_in_queue = now - arrival
-        self._changed[request_id] = request
-        self._append(request, seq, first_token_id, first_logprob, first_top_logprobs, now)
-        if not seq.is_finished:
-            self.scheduler.add(seq)
-
     # -- observability -------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
@@ -472,6 +331,3 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
         )
 
-
-class NoCapacityError(ValueError):
-    """The KV pool has no room for a reservation right now (retry later or elsewhere)."""

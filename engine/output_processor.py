@@ -83,7 +83,10 @@ class SequenceOutput:
         return True
 
     def visible_text(self) -> str:
-        if self.seq.is_finished or not self.hold_back:
+        """The text so far; while the output may still grow (running, or handed off to
+        another engine), without the last `hold_back` characters."""
+        final = self.seq.is_finished and self.seq.status is not SequenceStatus.FINISHED_HANDOFF
+        if final or not self.hold_back:
             return self.text
         return self.text[: max(0, len(self.text) - self.hold_back)]
 

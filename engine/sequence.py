@@ -21,6 +21,9 @@ class SequenceStatus(enum.Enum):
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
     FINISHED_ERROR = "error"
+    # Prefilled for a KV handoff: its first token is sampled and the request goes on in
+    # another engine (`LLMEngine.add_request(..., hold_kv=True)`); not an end of the output.
+    FINISHED_HANDOFF = "handoff"
 
     @property
     def finished(self) -> bool:
@@ -70,8 +73,15 @@ class Sequence:
     stop_reason: int | str | None = None
     error: str | None = None
     num_preemptions: int = 0
-    # Per-request state of optional features (seeded generator, grammar matcher, ...).
-    extra: dict[str, Any] = field(default_factory=dict)
+    # Owned by the block manager: chained hashes of the full blocks of `token_ids` (kept
+    # across preemption, the tokens do not change), and how many of the blocks in
+    # `block_table` are registered in the prefix cache.
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_blocks: int = 0
+    # Owned by the guided decoder: the request's xgrammar GrammarMatcher (None: unguided).
+    grammar_matcher: Any = None
+    # Owned by input preparation: (block_table list, its int32 array), see `table_array`.
+    table_array_cache: tuple[list[int], Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -115,8 +125,8 @@ class Sequence:
     def reset_for_recompute(self) -> None:
         """Preempted: drop the KV; prompt and generated tokens are recomputed later.
 
-        `extra` is kept: its state (a grammar matcher, a seeded generator) already reflects
-        the generated tokens, which recompute does not sample again.
+        The grammar matcher and block hashes are kept: they already reflect the generated
+        tokens, which recompute does not sample again.
         """
         self.num_computed_tokens = 0
         self.block_table = []

@@ -51,12 +51,11 @@ class EnginePool(KVPool):
 
     def __init__(self, engine):
         self.engine = engine
-        llm = engine.engine
-        self.kv = llm.runner.kv
-        self.layout = KVLayout.from_engine_config(llm.config)
+        self.kv = engine.kv_cache
+        self.layout = KVLayout.from_engine_config(engine.config)
 
     async def reserve(self, num_tokens: int) -> list[int]:
-        from baton.engine.llm_engine import NoCapacityError
+        from baton.engine.errors import NoCapacityError
 
         # Shielded: a caller cancelled once the reservation is queued must not leave blocks
         # that nobody owns; they go back as soon as the reservation is made.

@@ -30,7 +30,8 @@ class PushResult:
 class KVSender:
     """The prefill worker's end of KV handoffs.
 
-    Usage (prefill worker), for a request prefilled with `hold_kv=True` and `max_tokens=1`:
+    Usage (prefill worker), for a request prefilled with `hold_kv=True` (it ends after its
+    first token and keeps its blocks):
 
         sender = KVSender(engine)
         ticket = Ticket.from_bytes(request.ticket)         # from the router

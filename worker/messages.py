@@ -93,20 +93,6 @@ def params_from_proto(msg: worker_pb2.SamplingParams) -> SamplingParams:
     )
 
 
-def first_token_params(p: SamplingParams) -> SamplingParams:
-    """What a prefill worker runs: the request's params, stopped after one token.
-
-    min_tokens is capped at 1 so that a request with min_tokens >= 1 still cannot stop on
-    its first token (the sampler masks stop tokens while fewer than min_tokens exist).
-    """
-    return p.clone(max_tokens=1, min_tokens=min(p.min_tokens, 1))
-
-
-def hold_back(p: SamplingParams) -> int:
-    """Characters of a running output's text kept back because a stop string may start there."""
-    return max((len(s) for s in p.stop), default=1) - 1
-
-
 # -- outputs -----------------------------------------------------------------------------
 
 

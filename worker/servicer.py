@@ -1,6 +1,10 @@
 """The gRPC servicer calls every worker role shares: Info, Stats, Abort, and streaming an
 engine request out as `GenerateChunk`s (used by Generate and Decode).
 
+Engine errors become gRPC status codes by type (`engine_status`), which the router acts on:
+INVALID_ARGUMENT (a 400), ALREADY_EXISTS, RESOURCE_EXHAUSTED (try elsewhere or later),
+UNAVAILABLE (the engine failed or stopped: take this worker out).
+
 Duck-typed on `baton.engine.AsyncLLMEngine` so that this module imports no torch.
 """
 
@@ -15,6 +19,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from baton import __version__
+from baton.engine.errors import DuplicateRequestError, NoCapacityError
 from baton.metrics import EngineCollector, RequestMetrics
 from baton.protos import worker_pb2, worker_pb2_grpc
 from baton.sampling_params import SamplingParams
@@ -24,6 +29,12 @@ from baton.worker.runtime import WorkerRuntime
 log = logging.getLogger(__name__)
 
 ROLES = {"prefill": worker_pb2.PREFILL, "decode": worker_pb2.DECODE, "colocated": worker_pb2.COLOCATED}
+# First match wins; any other exception (EngineDeadError, a failed step) is UNAVAILABLE.
+_ENGINE_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (NoCapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DuplicateRequestError, grpc.StatusCode.ALREADY_EXISTS),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),  # InvalidRequestError, parameter checks
+)
 # How long Stats waits for the engine thread before answering with the last snapshot: a long
 # step or a grammar compile must not make a healthy worker look dead to the router.
 STATS_WAIT_S = 0.25
@@ -121,8 +132,7 @@ class EngineServicer(worker_pb2_grpc.WorkerServicer):
         """Turn an engine stream of cumulative RequestOutputs into delta chunks.
 
         Closing the engine stream (also on cancellation) aborts the request in the engine.
-        Errors before the first output are INVALID_ARGUMENT (bad prompt or parameters);
-        a dead engine is UNAVAILABLE.
+        An engine error aborts the call with its `engine_status`.
         """
         writer = ChunkWriter(num_prompt_tokens)
         first_token_at: float | None = None
@@ -136,19 +146,26 @@ class EngineServicer(worker_pb2_grpc.WorkerServicer):
                     chunk = writer.chunk(completion, out.num_cached_tokens, out.error)
                     if chunk is not None:
                         yield chunk
-            except ValueError as exc:
-                await context.abort(_value_error_code(exc), str(exc))
-            except Exception as exc:  # EngineDeadError or a failed step
-                log.error("request failed in the engine: %s", exc)
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine failed: {exc}")
+            except Exception as exc:
+                await abort_for_engine_error(context, exc)
         if completion is not None:
             self.metrics.observe(arrival, first_token_at, time.time(), len(completion.token_ids),
                                  completion.finish_reason)
 
 
-def _value_error_code(exc: ValueError) -> grpc.StatusCode:
-    if type(exc).__name__ == "NoCapacityError":
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if "already in use" in str(exc):
-        return grpc.StatusCode.ALREADY_EXISTS
-    return grpc.StatusCode.INVALID_ARGUMENT
+def engine_status(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status code for an exception raised by the engine, by its type."""
+    for kind, code in _ENGINE_CODES:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.UNAVAILABLE
+
+
+async def abort_for_engine_error(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    """End the call with the engine error's status (raises, as `context.abort` does)."""
+    code = engine_status(exc)
+    message = str(exc)
+    if code is grpc.StatusCode.UNAVAILABLE:
+        log.error("request failed in the engine: %s", exc)
+        message = f"engine failed: {exc}"
+    await context.abort(code, message)

@@ -2,7 +2,7 @@
 
 A request with `SamplingParams(guided_decoding=GuidedDecodingParams(...))` gets a compiled
 grammar (JSON Schema, regular expression, choice, EBNF, or any JSON object) and, per
-sequence, an xgrammar `GrammarMatcher` kept in `seq.extra`. Three engine hooks drive it:
+sequence, an xgrammar `GrammarMatcher` kept in `seq.grammar_matcher`. Three engine hooks drive it:
 
 - `prepare(seqs)` at `add_request` / `add_prefilled_request`: compile (cached by key) and
   attach a fresh matcher; a grammar that cannot compile raises `ValueError` there, so nothing
@@ -39,7 +39,6 @@ from baton.engine.sequence import Sequence
 from baton.sampling_params import GuidedDecodingParams
 
 _XGR_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
-MATCHER_KEY = "grammar_matcher"  # seq.extra key of a guided sequence's GrammarMatcher
 # Threads xgrammar fills a batch's bitmasks with. One: with a real (BPE) vocabulary a fill on
 # one thread is faster than on xgrammar's pool ("auto") and hides behind the GPU's forward
 # pass (nothing syncs before it). The pool helps only when fills are slow (random-piece
@@ -119,16 +118,16 @@ class GuidedDecoder:
         # Compile every grammar before touching any sequence (n > 1 shares one cached grammar).
         matchers = [self._xgr().GrammarMatcher(self.compile(s.params.guided_decoding)) for s in guided]
         for seq, matcher in zip(guided, matchers):
-            seq.extra[MATCHER_KEY] = matcher
+            seq.grammar_matcher = matcher
 
     def apply(self, logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, str]:
         """Sampler transform: mask every guided row of `logits` [N, V] in place."""
-        rows = [i for i, s in enumerate(seqs) if MATCHER_KEY in s.extra]
+        rows = [i for i, s in enumerate(seqs) if s.grammar_matcher is not None]
         if not rows:
             return {}
         xgr = self._xgr()
         bitmask = self._bitmask_rows(len(seqs), logits.device)
-        matchers = [seqs[i].extra[MATCHER_KEY] for i in rows]
+        matchers = [seqs[i].grammar_matcher for i in rows]
         errors: dict[int, str] = {}
         try:
             self._batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)
@@ -156,7 +155,7 @@ class GuidedDecoder:
         Raises ValueError if the grammar does not allow the token (the request must fail).
         A sequence without a grammar is never terminated by one.
         """
-        matcher = seq.extra.get(MATCHER_KEY)
+        matcher = seq.grammar_matcher
         if matcher is None:
             return False
         if not matcher.accept_token(token_id):

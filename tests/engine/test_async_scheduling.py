@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from baton.engine import EngineArgs, GuidedDecodingParams, LLMEngine, SamplingParams
-from baton.engine.llm_engine import PLACEHOLDER
+from baton.engine.async_scheduling import PLACEHOLDER
 
 
 def make(tiny_dir, async_scheduling: bool, **kw) -> LLMEngine:
@@ -40,14 +40,15 @@ def run(engine: LLMEngine, requests: list[tuple[object, SamplingParams]], prefix
 def count_overlapped(engine: LLMEngine) -> list[int]:
     """Counts the steps launched before the previous step's tokens were read."""
     launched = [0]
-    inner = engine._launch_next
+    steps = engine.async_steps
+    inner = steps._launch_next
 
     def counting(done):
         nxt = inner(done)
         launched[0] += nxt is not None
         return nxt
 
-    engine._launch_next = counting
+    steps._launch_next = counting
     return launched
 
 
@@ -102,7 +103,7 @@ def test_abort_while_a_step_is_in_flight(tiny_dir):
         engine.add_request(f"x{i}", f"Story {i}:", params)
     for _ in range(8):
         engine.step()
-    assert engine._inflight is not None
+    assert engine.async_steps.inflight is not None
     (final,) = engine.abort_request("x1")
     assert final.outputs[0].finish_reason == "abort"
     assert PLACEHOLDER not in final.outputs[0].token_ids
@@ -190,7 +191,7 @@ def test_prefilled_requests_continue_under_async_scheduling(tiny_dir):
         out = firsts[f"p{i}"]
         src = prefill.held_blocks(f"p{i}")
         dst = decode.reserve_blocks(len(out.prompt_token_ids))
-        decode.runner.kv[dst] = prefill.runner.kv[src]
+        decode.kv_cache[dst] = prefill.kv_cache[src]
         prefill.release_held(f"p{i}")
         decode.add_prefilled_request(f"r{i}", out.prompt_token_ids, greedy, dst, out.outputs[0].token_ids[0])
     got = {}

@@ -67,13 +67,14 @@ def test_state_survives_chunked_prefill_and_preemption(tiny_model, make_engine, 
 
 
 def _handoff(prefill, decode, rid: str, prompt: str, params: SamplingParams, drain):
-    """Prefill on one engine (first token under the grammar), continue on the other."""
-    prefill.add_request(rid, prompt, params.clone(max_tokens=1), hold_kv=True)
+    """Prefill on one engine (first token under the grammar), continue on the other, as the
+    prefill and decode workers do."""
+    prefill.add_request(rid, prompt, params, hold_kv=True)
     first = drain(prefill)[rid]
     held = prefill.held_blocks(rid)
     prompt_ids = first.prompt_token_ids
     reserved = decode.reserve_blocks(len(prompt_ids))
-    decode.runner.kv[torch.tensor(reserved)] = prefill.runner.kv[torch.tensor(held)]
+    decode.kv_cache[torch.tensor(reserved)] = prefill.kv_cache[torch.tensor(held)]
     prefill.release_held(rid)
     decode.add_prefilled_request(rid, prompt_ids, params, reserved, first.outputs[0].token_ids[0])
     return first, drain(decode)[rid]

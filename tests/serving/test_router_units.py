@@ -16,7 +16,6 @@ from baton.sampling_params import GuidedDecodingParams, SamplingParams
 from baton.worker.messages import (
     ChunkWriter,
     OutputState,
-    first_token_params,
     guided_from_json,
     guided_to_json,
     params_from_proto,
@@ -113,11 +112,6 @@ def test_guided_json_rejects_garbage():
     for bad in ("[1]", '{"nope": 1}', "not json", '{"regex": "a", "choice": ["b"]}'):
         with pytest.raises(ValueError):
             guided_from_json(bad)
-
-
-def test_first_token_params_stop_after_one_token():
-    p = first_token_params(SamplingParams(max_tokens=50, min_tokens=10, stop=["x"]))
-    assert p.max_tokens == 1 and p.min_tokens == 1 and p.stop == ["x"]
 
 
 class _Completion:
