@@ -127,7 +127,7 @@ class EngineCollector(Collector):
 
 
 class RouterGauges(Collector):
-    """The router's own queue state: requests in flight and waiting for decode capacity."""
+    """The router's own queue state: requests in flight and streams admitted but not yet started."""
 
     def __init__(self, running: Callable[[], int], waiting: Callable[[], int], model_name: str):
         self._running, self._waiting = running, waiting
@@ -139,7 +139,7 @@ class RouterGauges(Collector):
     def collect(self):
         for name, doc, fn in (
             ("baton:num_requests_running", "Requests the router is serving.", self._running),
-            ("baton:num_requests_waiting", "Requests waiting for decode capacity.", self._waiting),
+            ("baton:num_requests_waiting", "Output streams admitted whose first token has not arrived yet.", self._waiting),
         ):
             family = GaugeMetricFamily(name, doc, labels=LABELS)
             family.add_metric(self._lv, fn())

@@ -7,6 +7,7 @@ Reads a Hugging Face model directory: `tokenizer.json` (the `tokenizers` library
 
 from __future__ import annotations
 
+import array
 import json
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +23,15 @@ _CONTEXT = 5  # prompt tokens of left context for detokenisation
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+class TooManyTokens(ValueError):
+    """The text has more than `limit` tokens: at least `at_least` (a bound, not a count)."""
+
+    def __init__(self, at_least: int, limit: int):
+        super().__init__(f"the text has at least {at_least} tokens, more than the limit of {limit}")
+        self.at_least = at_least
+        self.limit = limit
 
 
 def _token_content(value: Any) -> str | None:
@@ -41,7 +51,9 @@ class Tokenizer:
             raise FileNotFoundError(
                 f"{model_dir} has no tokenizer.json; Baton reads fast (tokenizers) tokenizers only"
             )
+        self.path = path
         self._tok = _HFTokenizer.from_file(str(path))
+        self._max_token_bytes = _max_token_bytes(json.loads(path.read_text()))
         config = _read_json(model_dir / "tokenizer_config.json")
         self.chat_template: str | None = config.get("chat_template")
         if isinstance(self.chat_template, list):  # named templates: take the default one
@@ -74,8 +86,30 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool = True, max_tokens: int | None = None) -> list[int]:
+        """Token ids of `text`. Raises ValueError for text that is not valid Unicode (a lone
+        surrogate), and TooManyTokens when it has more than `max_tokens` tokens (see
+        `check_length`: a text whose length alone proves that is not tokenised)."""
+        self.check_length(text, max_tokens)
+        encoding = self._tok.encode(text, add_special_tokens=add_special_tokens)
+        if max_tokens is not None and len(encoding) > max_tokens:
+            raise TooManyTokens(len(encoding), max_tokens)
+        return encoding.ids
+
+    def check_length(self, text: str, max_tokens: int | None) -> None:
+        """Cheap checks before tokenising: ValueError for text UTF-8 cannot encode; TooManyTokens
+        when its UTF-8 length proves more than `max_tokens` tokens (no token covers more bytes
+        of text than the longest one in the vocabulary spells)."""
+        size = len(text)
+        if not text.isascii():
+            try:
+                size = len(text.encode("utf-8"))
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"the text is not valid Unicode ({exc.reason} at {exc.start})") from None
+        if max_tokens is not None and self._max_token_bytes:
+            at_least = -(-size // self._max_token_bytes)
+            if at_least > max_tokens:
+                raise TooManyTokens(at_least, max_tokens)
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
@@ -107,6 +141,72 @@ class Tokenizer:
             )
         except jinja2.TemplateError as exc:
             raise ValueError(f"chat template failed: {exc}") from exc
+
+
+class ChildEncoder:
+    """Tokenises long texts in a child process, for a caller whose event loop must not stall.
+
+    Tokenising runs without the GIL in Rust, but building and freeing the result's Python
+    objects (an `Encoding` of millions of tokens) holds it for a long time; in a child
+    process none of that touches the caller. The child starts on first use (spawned: the
+    caller may have threads) and tokenises one text at a time; only ids come back (as
+    bytes), or just the count when it passes `max_tokens`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._pool = None
+
+    async def encode(self, text: str, add_special_tokens: bool, max_tokens: int | None) -> list[int]:
+        """As `Tokenizer.encode`, awaited."""
+        import asyncio
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self._tokenizer.check_length(text, max_tokens)
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        kind, value = await asyncio.wrap_future(self._pool.submit(
+            _encode_in_child, str(self._tokenizer.path), text, add_special_tokens, max_tokens))
+        if kind == "too_many":
+            raise TooManyTokens(value, max_tokens)
+        return array.array("I", value).tolist()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+_CHILD_TOKENIZERS: dict[str, _HFTokenizer] = {}
+
+
+def _encode_in_child(path: str, text: str, add_special_tokens: bool,
+                     max_tokens: int | None) -> tuple[str, int | bytes]:
+    tok = _CHILD_TOKENIZERS.get(path)
+    if tok is None:
+        tok = _CHILD_TOKENIZERS[path] = _HFTokenizer.from_file(path)
+    encoding = tok.encode(text, add_special_tokens=add_special_tokens)
+    if max_tokens is not None and len(encoding) > max_tokens:
+        return "too_many", len(encoding)
+    return "ids", array.array("I", encoding.ids).tobytes()
+
+
+def _max_token_bytes(spec: dict) -> int | None:
+    """UTF-8 bytes of the longest token string in a tokenizer.json (at least the bytes of
+    text any one token covers), or None when the normalizer may shrink the text, where no
+    such bound holds. Byte-level and SentencePiece-style spellings (`Ġ`, `▁`, `<0x0A>`)
+    are never shorter than the text they stand for."""
+    normalizer = spec.get("normalizer")
+    parts = normalizer.get("normalizers", []) if normalizer and normalizer.get("type") == "Sequence" else [normalizer]
+    if any(part and part.get("type") not in ("Prepend", "Replace") for part in parts):
+        return None
+    if (spec.get("model") or {}).get("fuse_unk"):  # a run of unknown text may be one token
+        return None
+    vocab = (spec.get("model") or {}).get("vocab") or {}
+    names = list(vocab) if isinstance(vocab, dict) else [entry[0] for entry in vocab]  # BPE / Unigram
+    names += [t.get("content", "") for t in spec.get("added_tokens", [])]
+    return max((len(name.encode("utf-8")) for name in names), default=0) or None
 
 
 def _raise_exception(message: str) -> None:

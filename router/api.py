@@ -15,6 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -25,20 +26,25 @@ from baton.router.errors import APIError, bad_request, model_not_found, no_worke
 from baton.router.fanout import ClientGone, FanOut, Job
 from baton.router.params import (
     DEFAULT_COMPLETION_MAX_TOKENS,
-    chat_prompt,
+    Prompt,
+    chat_text,
     check_length,
-    completion_prompts,
+    completion_inputs,
+    guided_error,
+    prompt_error,
     sampling_params,
 )
 from baton.router.protocol import ChatCompletionRequest, CompletionRequest
 from baton.router.responses import ResponseBuilder, sse
 from baton.router.workers import WorkerPool
-from baton.tokenizer import Tokenizer
+from baton.tokenizer import ChildEncoder, Tokenizer
 from baton.worker.messages import OutputState
 
 log = logging.getLogger(__name__)
 
 MAX_STREAMS = 256  # outputs (prompts x n) one request may ask for
+PREPARE_THREADS = 2  # prompts templated or tokenised at once, off the event loop
+LARGE_TEXT_CHARS = 1 << 16  # longer prompts are tokenised in a child process
 
 
 class _Timing:
@@ -67,6 +73,29 @@ class OpenAIServing:
         self.dispatcher = dispatcher
         self.served = served_model_names
         self.metrics = metrics
+        self._prepare = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="prepare")
+        self._child = ChildEncoder(tokenizer)
+
+    def close(self) -> None:
+        self._prepare.shutdown(wait=False, cancel_futures=True)
+        self._child.close()
+
+    async def _off_loop(self, fn, *args):
+        """Run blocking prompt preparation on the preparation threads: a megabyte-sized prompt
+        must not stall the event loop, /health included."""
+        return await asyncio.get_running_loop().run_in_executor(self._prepare, fn, *args)
+
+    async def _encode(self, text: str, param: str, max_model_len: int,
+                      add_special_tokens: bool = True) -> list[int]:
+        """Tokenise one prompt off the event loop: on a thread, or in the tokenizer's child
+        process when it is long (there the result's Python objects cannot hold the GIL, and
+        small requests never queue behind it). Raises the 400 for a bad or too long prompt."""
+        try:
+            if len(text) > LARGE_TEXT_CHARS:
+                return await self._child.encode(text, add_special_tokens, max_model_len)
+            return await self._off_loop(self.tokenizer.encode, text, add_special_tokens, max_model_len)
+        except ValueError as exc:
+            raise prompt_error(exc, param, max_model_len) from None
 
     def _limits(self) -> tuple[int, int]:
         limits = self.pool.model_limits(self.dispatcher.roles)
@@ -80,12 +109,15 @@ class OpenAIServing:
             raise model_not_found(body.model, list(self.served))
         max_model_len, vocab_size = self._limits()
         if chat:
-            prompts = [chat_prompt(body, self.tokenizer)]
+            text = await self._off_loop(chat_text, body, self.tokenizer)
+            prompts = [Prompt(await self._encode(text, "messages", max_model_len, False), text)]
             max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
             param = "messages"
         else:
-            prompts = completion_prompts(body, self.tokenizer, vocab_size)
+            inputs = completion_inputs(body, vocab_size)
+            prompts = [Prompt(await self._encode(x, "prompt" if len(inputs) == 1 else f"prompt.{i}", max_model_len), x)
+                       if isinstance(x, str) else Prompt(x) for i, x in enumerate(inputs)]
             max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
             logprobs = body.logprobs
             param = "prompt"
@@ -96,13 +128,13 @@ class OpenAIServing:
         prompt_tokens: dict[int, int] = {}
         for p_index, prompt in enumerate(prompts):
             limit = check_length(len(prompt.token_ids), max_tokens, max_model_len, param)
-            params = sampling_params(body, limit, logprobs)
+            params = sampling_params(body, limit, logprobs, vocab_size)
             for i in range(body.n):
                 index = p_index * body.n + i
                 seeded = params if params.seed is None or i == 0 else params.clone(seed=(params.seed + i) % 2**63)
                 jobs.append(Job(index, f"{response_id}-{index}", prompt.token_ids, seeded))
                 prompt_tokens[index] = len(prompt.token_ids) if i == 0 else 0
-        self.dispatcher.check_admission()
+        ticket = self.dispatcher.admit([len(p.token_ids) for p in prompts], len(jobs))
         log.debug("%s: %d prompt(s), %d stream(s)", response_id, len(prompts), len(jobs))
         builder = ResponseBuilder(
             chat=chat, response_id=response_id, model=body.model, tokenizer=self.tokenizer,
@@ -110,7 +142,7 @@ class OpenAIServing:
             logprobs=logprobs is not None, top_logprobs=logprobs or 0,
             include_usage=bool(body.stream and body.stream_options and body.stream_options.include_usage))
         timing = _Timing(self.metrics, prompt_tokens)
-        fan = FanOut(self.dispatcher, jobs)
+        fan = FanOut(self.dispatcher, jobs, ticket)
         fan.start()
         watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, fan))
         try:
@@ -118,6 +150,10 @@ class OpenAIServing:
         except ClientGone:
             await fan.close()
             return Response(status_code=499)  # nobody is listening any more
+        except APIError as exc:
+            watcher.cancel()
+            await fan.close()
+            raise guided_error(exc, body) from None
         except BaseException:
             watcher.cancel()
             await fan.close()
@@ -132,6 +168,7 @@ class OpenAIServing:
             return Response(status_code=499)
         finally:
             watcher.cancel()
+            await fan.close()
         return JSONResponse(builder.response(states))
 
     async def _collect(self, fan: FanOut, timing: _Timing) -> dict[int, OutputState]:

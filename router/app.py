@@ -23,6 +23,7 @@ from baton.router.api import OpenAIServing
 from baton.router.config import RouterConfig
 from baton.router.discovery import Discovery, KubernetesDiscovery, StaticDiscovery
 from baton.router.dispatch import Dispatcher
+from baton.router.edge import BodyLimit, ErrorBoundary, JSONRoute
 from baton.router.protocol import ChatCompletionRequest, CompletionRequest
 from baton.router.routing import make_policy
 from baton.router.workers import WorkerPool
@@ -32,12 +33,13 @@ log = logging.getLogger(__name__)
 
 
 class BearerAuth:
-    """ASGI middleware: `/v1/*` needs `Authorization: Bearer <key>` (compared in constant
-    time). Runs before the body is parsed, so a bad key is a 401 whatever the body is."""
+    """ASGI middleware: `/v1/*` needs `Authorization: Bearer <key>` (the scheme in any case,
+    as RFC 9110 says; the key compared in constant time). Runs before the body is read, so a
+    bad key is a 401 whatever the body is."""
 
     def __init__(self, app, api_key: str):
         self.app = app
-        self._expected = f"Bearer {api_key}".encode()
+        self._expected = api_key.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"].startswith("/v1"):
@@ -46,7 +48,8 @@ class BearerAuth:
                 if name == b"authorization":
                     given = value
                     break
-            if not hmac.compare_digest(given, self._expected):
+            scheme, _, token = given.strip().partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._expected):
                 response = errors.unauthorized().response()
                 await response(scope, receive, send)
                 return
@@ -66,7 +69,7 @@ def create_app(config: RouterConfig, registry: CollectorRegistry | None = None) 
     pool = WorkerPool(config.roles, config.poll_interval)
     dispatcher = Dispatcher(pool, make_policy(config.routing_policy), config.disaggregated, config.max_queue)
     metrics = RequestMetrics(model_name, "router", registry, count_tokens=True)
-    registry.register(RouterGauges(lambda: dispatcher.running, lambda: dispatcher.waiting, model_name))
+    registry.register(RouterGauges(lambda: dispatcher.running, lambda: dispatcher.admission.queued, model_name))
     serving = OpenAIServing(tokenizer, pool, dispatcher, config.served_model_names, metrics)
     discovery = _discovery(config)
 
@@ -79,10 +82,12 @@ def create_app(config: RouterConfig, registry: CollectorRegistry | None = None) 
         yield
         await discovery.stop()
         await pool.stop()
+        serving.close()
 
     app = FastAPI(title="Baton router", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible API in front of Baton's prefill and decode workers.")
     errors.install(app)
+    app.router.route_class = JSONRoute
     app.state.pool = pool
     app.state.dispatcher = dispatcher
 
@@ -117,6 +122,9 @@ def create_app(config: RouterConfig, registry: CollectorRegistry | None = None) 
     async def prometheus() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    # The last added runs first: the key is checked, then the size, before any body is read.
+    app.add_middleware(ErrorBoundary)
+    app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
     if config.api_key:
         app.add_middleware(BearerAuth, api_key=config.api_key)
     return app

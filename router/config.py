@@ -28,17 +28,20 @@ class RouterConfig:
     namespace: str = "default"
     services: dict[str, str] = field(default_factory=dict)  # role -> Service name
     routing_policy: str = "load"
-    max_queue: int = 64
+    max_queue: int | None = None  # streams waiting per worker; None: one batch (admission.py)
     api_key: str | None = field(default=None, repr=False)
     poll_interval: float = 0.5
     shutdown_grace_seconds: float = 30.0
+    max_request_mb: float = 32.0  # request bodies above this are a 413
 
     def __post_init__(self) -> None:
         if self.discovery not in ("static", "kubernetes"):
             raise ValueError(f"--discovery must be static or kubernetes, got {self.discovery!r}")
         if self.routing_policy not in POLICIES:
             raise ValueError(f"--routing-policy must be one of {sorted(POLICIES)}")
-        if self.max_queue < 1:
+        if not self.max_request_mb > 0:
+            raise ValueError("--max-request-mb must be > 0")
+        if self.max_queue is not None and self.max_queue < 1:
             raise ValueError("--max-queue must be >= 1")
         if not self.served_model_names:
             raise ValueError("--served-model-name needs at least one name")
@@ -56,6 +59,10 @@ class RouterConfig:
                 host, _, port = address.rpartition(":")
                 if not host or not port.isdigit():
                     raise ValueError(f"worker address must be host:port, got {address!r}")
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * (1 << 20))
 
     @property
     def disaggregated(self) -> bool:
@@ -97,10 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--colocated-service", "--worker-service", dest="colocated_service", default=None,
                    help="Service of the colocated workers (--worker-service is an older spelling)")
     p.add_argument("--routing-policy", default="load", choices=sorted(POLICIES))
-    p.add_argument("--max-queue", type=int, default=64, help="waiting requests per decode worker before 429")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="output streams that may wait per decode (or colocated) worker before a 429 "
+                        "(default: one batch, what the worker can run at once by its max_num_seqs and KV)")
     p.add_argument("--api-key", default=None, help="bearer token required on /v1/* (default: $BATON_API_KEY)")
     p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between worker load polls")
     p.add_argument("--shutdown-grace-seconds", type=float, default=30.0)
+    p.add_argument("--max-request-mb", type=float, default=32.0,
+                   help="largest request body in MiB; a larger one is a 413 before it is read")
     return p
 
 
@@ -135,6 +146,7 @@ def parse(argv: list[str]) -> RouterConfig:
             api_key=ns.api_key or settings.api_key(),
             poll_interval=ns.poll_interval,
             shutdown_grace_seconds=ns.shutdown_grace_seconds,
+            max_request_mb=ns.max_request_mb,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import grpc
 
 from baton.protos import worker_pb2
+from baton.router.admission import Admission, AdmissionTicket
 from baton.router.errors import APIError, bad_request, no_worker, overloaded, worker_failed
 from baton.router.routing import RoutingPolicy
 from baton.router.workers import Worker, WorkerPool
@@ -28,7 +29,9 @@ from baton.worker.messages import OutputState, params_to_proto
 
 log = logging.getLogger(__name__)
 
-RESERVE_TIMEOUT_S = 10.0
+# A guard against a reply that never comes; a slow worker is waited for while the polls say
+# it is healthy (`_while_available`).
+RESERVE_TIMEOUT_S = 60.0
 ABORT_TIMEOUT_S = 5.0
 
 
@@ -54,28 +57,26 @@ def _delta(state: OutputState, new_tokens: int, new_chars: int) -> Delta:
 
 
 class Dispatcher:
-    def __init__(self, pool: WorkerPool, policy: RoutingPolicy, disaggregated: bool, max_queue: int):
+    def __init__(self, pool: WorkerPool, policy: RoutingPolicy, disaggregated: bool,
+                 max_queue: int | None = None):
         self.pool = pool
         self.policy = policy
         self.disaggregated = disaggregated
-        self.max_queue = max_queue
+        self.admission = Admission(pool, self.roles[-1], max_queue)
         self.running = 0  # output streams in flight
-        self.waiting = 0  # output streams waiting for decode KV capacity
         self._background: set[asyncio.Task] = set()
 
     @property
     def roles(self) -> tuple[str, ...]:
         return ("prefill", "decode") if self.disaggregated else ("colocated",)
 
-    def check_admission(self) -> None:
-        """503 when a role has no healthy worker; 429 when every decode worker's queue is full."""
+    def admit(self, prompt_lengths: list[int], streams: int) -> AdmissionTicket:
+        """503 when a role has no healthy worker; 429 when the fleet cannot take `streams`
+        more outputs (router/admission.py)."""
         for role in self.roles:
             if not self.pool.available(role):
                 raise no_worker(role)
-        front = self.pool.available(self.roles[-1])
-        queued = self.waiting + sum(w.waiting() for w in front)
-        if queued >= self.max_queue * len(front):
-            raise overloaded()
+        return self.admission.admit(prompt_lengths, streams)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[Delta]:
@@ -105,6 +106,7 @@ class Dispatcher:
             state, got_any = OutputState(), False
             worker.outstanding += 1
             worker.sent_since_poll += 1
+            worker.add_blocks_since_poll(len(ids))
             call = worker.stub.Generate(request)
             try:
                 async for chunk in call:
@@ -115,11 +117,12 @@ class Dispatcher:
                 _check_finished(state, worker)
                 return
             except grpc.aio.AioRpcError as exc:
-                # Nothing was streamed yet from an unreachable worker: another one may serve it.
+                # Nothing was streamed yet from an unreachable worker: another one may serve it
+                # (whether it is out of rotation is for the poll that this starts to decide).
                 if exc.code() == grpc.StatusCode.UNAVAILABLE and not got_any and len(tried) < 2:
-                    worker.mark_failed(exc.details() or "unavailable")
+                    self.pool.check(worker)
                     continue
-                raise _rpc_error(exc, worker) from None
+                raise self._rpc_error(exc, worker) from None
             finally:
                 call.cancel()
                 worker.outstanding -= 1
@@ -144,7 +147,7 @@ class Dispatcher:
                 log.warning("KV handoff of %s failed (%s); reserving again", rid, exc.error.message)
 
     async def _disaggregated_once(self, rid: str, ids: list[int], params: worker_pb2.SamplingParams):
-        decode, reservation = await self._reserve(rid, len(ids))
+        decode, reservation, rid = await self._reserve(rid, len(ids))
         touched = {decode}
         events: asyncio.Queue = asyncio.Queue()
         decode.outstanding += 1
@@ -165,7 +168,7 @@ class Dispatcher:
                     _check_finished(state, decode)
                     return
                 elif kind == "decode_error":
-                    error = _rpc_error(payload, decode)
+                    error = self._rpc_error(payload, decode)
                     if payload.code() == grpc.StatusCode.ABORTED:
                         raise _HandoffFailed(error)
                     raise error
@@ -181,40 +184,69 @@ class Dispatcher:
                 for worker in touched:
                     self._abort(worker, rid)
 
-    async def _reserve(self, rid: str, num_tokens: int) -> tuple[Worker, worker_pb2.ReserveReply]:
+    async def _reserve(self, rid: str, num_tokens: int) -> tuple[Worker, worker_pb2.ReserveReply, str]:
         """Reserve KV for the prompt on the best decode worker that has room; wait for room
-        while every one is full (the 429 bound is checked on entry)."""
-        request = worker_pb2.ReserveRequest(request_id=rid, num_prompt_tokens=num_tokens)
-        waiting = False
+        while every one is full or busy (admission bounded how many wait). Returns the
+        worker, its reply and the request id the reservation holds: a call abandoned after
+        its deadline may still reserve later, so the next try uses a fresh id that the
+        abandoned one's Abort cannot touch."""
+        attempt = 0
+        while True:
+            candidates = self.pool.available("decode")
+            if not candidates:
+                raise no_worker("decode")
+            for worker in self.policy.order_decode(candidates):
+                attempt_id = rid if attempt == 0 else f"{rid}.r{attempt}"
+                request = worker_pb2.ReserveRequest(request_id=attempt_id, num_prompt_tokens=num_tokens)
+                outcome = await self._try_reserve(worker, request)
+                if isinstance(outcome, worker_pb2.ReserveReply):
+                    worker.sent_since_poll += 1
+                    worker.add_blocks_since_poll(num_tokens)
+                    return worker, outcome, attempt_id
+                if outcome == "abandoned":
+                    attempt += 1
+            await self.pool.wait_changed(0.05)
+
+    async def _try_reserve(self, worker: Worker, request: worker_pb2.ReserveRequest):
+        """The reply; "full" when the worker has no room now or cannot be reached (the
+        polls decide whether it leaves rotation); "abandoned" when it stayed silent past
+        the deadline or left rotation meanwhile (its reservation, if any, is aborted).
+        Raises 400 for a prompt the worker can never hold."""
+        call = worker.stub.Reserve(request, timeout=RESERVE_TIMEOUT_S)
+        try:
+            return await self._while_available(worker, call)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise bad_request(exc.details() or "invalid request", "prompt") from None
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                return "full"
+            if code == grpc.StatusCode.UNAVAILABLE:
+                self.pool.check(worker)
+                return "full"
+            log.warning("Reserve on %s: %s (%s); trying again", worker.address, code.name, exc.details())
+        except _LeftRotation:
+            pass
+        except asyncio.CancelledError:
+            self._abort(worker, request.request_id)  # the reservation may have been made
+            raise
+        self._abort(worker, request.request_id)
+        return "abandoned"
+
+    async def _while_available(self, worker: Worker, call):
+        """Await a unary call while its worker stays in rotation: a worker that is merely
+        slow is waited for; one the polls take out is given up (the call is cancelled)."""
+        task = asyncio.ensure_future(call)
         try:
             while True:
-                candidates = self.pool.available("decode")
-                if not candidates:
-                    raise no_worker("decode")
-                for worker in self.policy.order_decode(candidates):
-                    try:
-                        reply = await worker.stub.Reserve(request, timeout=RESERVE_TIMEOUT_S)
-                    except grpc.aio.AioRpcError as exc:
-                        code = exc.code()
-                        if code == grpc.StatusCode.INVALID_ARGUMENT:
-                            raise bad_request(exc.details() or "invalid request", "prompt") from None
-                        if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                            worker.mark_failed(f"Reserve: {code.name}: {exc.details()}")
-                        continue
-                    except asyncio.CancelledError:
-                        self._abort(worker, rid)  # the reservation may have been made
-                        raise
-                    worker.sent_since_poll += 1
-                    if worker.info is not None and worker.info.block_size:
-                        worker.reserved_blocks_since_poll += -(-num_tokens // worker.info.block_size)
-                    return worker, reply
-                if not waiting:
-                    waiting = True
-                    self.waiting += 1
-                await self.pool.wait_changed(0.05)
+                done, _ = await asyncio.wait({task}, timeout=self.pool.poll_interval)
+                if done:
+                    return task.result()
+                if not worker.available:
+                    raise _LeftRotation
         finally:
-            if waiting:
-                self.waiting -= 1
+            if not task.done():
+                task.cancel()
 
     async def _prefill(self, rid: str, ids: list[int], params: worker_pb2.SamplingParams,
                        ticket: bytes, events: asyncio.Queue, touched: set[Worker]) -> None:
@@ -235,7 +267,7 @@ class Dispatcher:
             try:
                 reply = await worker.stub.Prefill(request)
             except grpc.aio.AioRpcError as exc:
-                error = _rpc_error(exc, worker)
+                error = self._rpc_error(exc, worker)
                 code = exc.code()
                 # ABORTED: the push failed and ended the reservation; retrying it is futile.
                 handoff_failed = code == grpc.StatusCode.ABORTED
@@ -249,6 +281,18 @@ class Dispatcher:
             events.put_nowait(("chunk", reply.first))
             return
         events.put_nowait(("prefill_error", (error, handoff_failed)))
+
+    def _rpc_error(self, exc: grpc.aio.AioRpcError, worker: Worker) -> APIError:
+        """The client's error for a failed call. A busy worker (RESOURCE_EXHAUSTED) is a 429;
+        an unreachable one is checked by a poll now, which decides whether it leaves rotation."""
+        code, details = exc.code(), exc.details() or ""
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return bad_request(details)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return overloaded()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            self.pool.check(worker)
+        return worker_failed(f"{worker.role} worker {worker.address}: {code.name}: {details}")
 
     # -- cleanup -------------------------------------------------------------------------
 
@@ -273,6 +317,10 @@ async def _read_decode(call, events: asyncio.Queue) -> None:
     events.put_nowait(("end", None))
 
 
+class _LeftRotation(Exception):
+    """The worker a call waited on was taken out of rotation meanwhile."""
+
+
 class _HandoffFailed(Exception):
     """The KV handoff failed and took the reservation with it: reserve again."""
 
@@ -288,14 +336,3 @@ def _check_finished(state: OutputState, worker: Worker) -> None:
         raise worker_failed(f"the {worker.role} worker {worker.address} ended the stream early")
     if state.finish_reason == "error":
         raise worker_failed(state.error or "the engine failed the request")
-
-
-def _rpc_error(exc: grpc.aio.AioRpcError, worker: Worker) -> APIError:
-    code, details = exc.code(), exc.details() or ""
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return bad_request(details)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return overloaded()
-    if code == grpc.StatusCode.UNAVAILABLE:
-        worker.mark_failed(details or "unavailable")
-    return worker_failed(f"{worker.role} worker {worker.address}: {code.name}: {details}")

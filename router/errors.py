@@ -1,18 +1,22 @@
 """OpenAI-style errors: `{"error": {"message", "type", "param", "code"}}` for every failure.
 
 A malformed body, a wrong type or an out-of-range value is a 400 (FastAPI's 422 is turned
-into OpenAI's 400); an unknown route 404; anything unexpected a 500 whose message names no
-internals. Nothing a client sends may produce a 500.
+into OpenAI's 400); an unknown route 404; a body over the limit 413; anything unexpected a
+500 whose message names no internals (router/edge.py). Nothing a client sends may produce
+a 500.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from baton.router.protocol import UnencodableText
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +39,11 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def response(self) -> Response:
+        # ASCII JSON: a message may quote the client's text, lone surrogates included, which
+        # UTF-8 (JSONResponse's encoding) cannot carry.
+        return Response(json.dumps(self.body()), status_code=self.status, headers=self.headers,
+                        media_type="application/json")
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -75,6 +82,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "Invalid request body.", None
     first = errors[0]
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, UnencodableText):
+        return str(cause), cause.param
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
@@ -101,8 +111,4 @@ def install(app: FastAPI) -> None:
         error = APIError(exc.status_code, str(exc.detail), kind, None, None,
                          headers=dict(exc.headers or {}))
         return error.response()
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error serving %s", request.url.path)
-        return APIError(500, "Internal error while serving the request.", "internal_error").response()
+    # Anything else is a 500 from router/edge.py's ErrorBoundary, which keeps the connection.

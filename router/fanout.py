@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from baton.router.admission import AdmissionTicket
 from baton.router.dispatch import Delta, Dispatcher
 from baton.router.errors import APIError
 from baton.sampling_params import SamplingParams
@@ -33,9 +34,10 @@ class Job:
 
 
 class FanOut:
-    def __init__(self, dispatcher: Dispatcher, jobs: list[Job]):
+    def __init__(self, dispatcher: Dispatcher, jobs: list[Job], ticket: AdmissionTicket):
         self.jobs = jobs
         self._dispatcher = dispatcher
+        self._ticket = ticket  # each stream leaves the admission queue at its first output
         self._queue: asyncio.Queue = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self._pending: list[tuple[int, Delta | BaseException | None]] = []
@@ -47,12 +49,15 @@ class FanOut:
     async def _run(self, job: Job) -> None:
         try:
             async for delta in self._dispatcher.generate(job.request_id, job.prompt_token_ids, job.params):
+                self._ticket.started(job.index)
                 self._queue.put_nowait((job.index, delta))
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # delivered to the consumer, which raises it
             self._queue.put_nowait((job.index, exc))
             return
+        finally:
+            self._ticket.started(job.index)
         self._queue.put_nowait((job.index, None))
 
     async def first(self) -> None:
@@ -91,3 +96,4 @@ class FanOut:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        self._ticket.close()

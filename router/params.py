@@ -17,7 +17,7 @@ from baton.router.protocol import (
     SamplingFields,
 )
 from baton.sampling_params import GuidedDecodingParams, SamplingParams
-from baton.tokenizer import Tokenizer
+from baton.tokenizer import Tokenizer, TooManyTokens
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -52,6 +52,28 @@ def _reject_unsupported(req: SamplingFields) -> None:
             raise bad_request("tool_choice is not supported", "tool_choice")
 
 
+GUIDED_FIELDS = (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                 ("guided_grammar", "grammar"))
+
+
+def guided_field(req: SamplingFields) -> str | None:
+    """The request field that carries its structured-output constraint, for errors."""
+    fmt = req.response_format
+    if fmt is not None and fmt.type != "text":
+        return "response_format"
+    return next((f for f, _ in GUIDED_FIELDS if getattr(req, f) is not None), None)
+
+
+def guided_error(error: APIError, req: SamplingFields) -> APIError:
+    """A worker's 400 about the guided-decoding constraint (it failed to compile) names the
+    request field that carries it, in `param` and in the message."""
+    field = guided_field(req)
+    if field is None or error.status != 400 or not error.message.startswith("guided_decoding"):
+        return error
+    head, _, rest = error.message.partition(" ")
+    return bad_request(f"{field} ({head}) {rest}", field)
+
+
 def guided_decoding(req: SamplingFields) -> GuidedDecodingParams | None:
     """response_format or vLLM's guided_* fields -> GuidedDecodingParams (at most one)."""
     given: dict[str, Any] = {}
@@ -64,8 +86,7 @@ def guided_decoding(req: SamplingFields) -> GuidedDecodingParams | None:
             raise bad_request("response_format.json_schema.schema must be a JSON object",
                               "response_format")
         given["json"] = schema
-    for field, key in (("guided_json", "json"), ("guided_regex", "regex"),
-                       ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+    for field, key in GUIDED_FIELDS:
         value = getattr(req, field)
         if value is not None:
             if key in given:
@@ -82,9 +103,17 @@ def guided_decoding(req: SamplingFields) -> GuidedDecodingParams | None:
         raise bad_request(str(exc), "response_format") from exc
 
 
-def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                    vocab_size: int | None = None) -> SamplingParams:
     """One output's params (n=1: the router fans n out). Raises APIError(400)."""
     _reject_unsupported(req)
+    if isinstance(req, ChatCompletionRequest) and req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
+    if vocab_size is not None and req.stop_token_ids:
+        bad = next((t for t in req.stop_token_ids if t >= vocab_size), None)
+        if bad is not None:
+            raise bad_request(f"stop_token_ids: token id {bad} is out of range: the vocabulary has "
+                              f"{vocab_size} tokens", "stop_token_ids")
     fields: dict[str, Any] = dict(
         n=1,
         max_tokens=max_tokens,
@@ -127,6 +156,16 @@ def check_length(num_prompt_tokens: int, max_tokens: int | None, max_model_len: 
     return room if max_tokens is None else max_tokens
 
 
+def prompt_error(exc: ValueError, param: str, max_model_len: int) -> APIError:
+    """The 400 for a prompt that could not be tokenised (`Tokenizer.encode`'s errors)."""
+    if isinstance(exc, TooManyTokens):
+        return bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"prompt has at least {exc.at_least} tokens. Reduce the prompt.",
+            param, "context_length_exceeded")
+    return bad_request(f"{param}: {exc}", param)
+
+
 def _check_ids(ids: list[int], vocab_size: int) -> list[int]:
     bad = next((t for t in ids if t >= vocab_size), None)
     if bad is not None:
@@ -135,20 +174,21 @@ def _check_ids(ids: list[int], vocab_size: int) -> list[int]:
     return list(ids)
 
 
-def completion_prompts(req: CompletionRequest, tokenizer: Tokenizer, vocab_size: int) -> list[Prompt]:
+def completion_inputs(req: CompletionRequest, vocab_size: int) -> list[str | list[int]]:
+    """The request's prompts: texts (to tokenise) or checked token-id lists."""
     p = req.prompt
     if isinstance(p, str):
-        return [Prompt(tokenizer.encode(p), p)]
+        return [p]
     if not p:
         raise bad_request("prompt is an empty list", "prompt")
     if all(isinstance(x, int) for x in p):
-        return [Prompt(_check_ids(p, vocab_size))]
+        return [_check_ids(p, vocab_size)]
     if len(p) > MAX_PROMPTS:
         raise bad_request(f"at most {MAX_PROMPTS} prompts per request", "prompt")
     if all(isinstance(x, str) for x in p):
-        return [Prompt(tokenizer.encode(x), x) for x in p]
+        return list(p)
     if all(isinstance(x, list) for x in p):
-        return [Prompt(_check_ids(x, vocab_size)) for x in p]
+        return [_check_ids(x, vocab_size) for x in p]
     raise bad_request("prompt must be a string, a list of strings, a list of token ids or a "
                       "list of token-id lists", "prompt")
 
@@ -168,13 +208,13 @@ def _message_dict(index: int, message) -> dict[str, Any]:
     return data
 
 
-def chat_prompt(req: ChatCompletionRequest, tokenizer: Tokenizer) -> Prompt:
+def chat_text(req: ChatCompletionRequest, tokenizer: Tokenizer) -> str:
+    """The conversation rendered by the chat template (the template writes BOS itself, so
+    the text is tokenised without special tokens). Blocking: may render megabytes."""
     messages = [_message_dict(i, m) for i, m in enumerate(req.messages)]
     kwargs = dict(req.chat_template_kwargs or {})
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
                                              **kwargs)
     except Exception as exc:  # a template fails on what the messages hold: the client's input
         raise bad_request(f"cannot apply the chat template: {exc}", "messages") from exc
-    # The template writes BOS itself; encoding must not add another.
-    return Prompt(tokenizer.encode(text, add_special_tokens=False), text)

@@ -1,16 +1,20 @@
 """Request bodies of the OpenAI API the router serves (pydantic; OpenAPI comes from these).
 
-Types and coarse bounds are checked here (a wrong type is a 400 before anything runs);
-the sampling rules themselves live in `baton.sampling_params.SamplingParams`, which
-`router/params.py` builds from these. Unknown fields are ignored, as OpenAI does; known
-features Baton does not implement are rejected with a 400 when set (see params.py).
+Types and coarse bounds are checked here (a wrong type is a 400 before anything runs), as
+strictly as OpenAI does: no coercion (`"stream": "yes"` or `"n": "2"` is a 400), roles from
+OpenAI's list only, and no text that cannot be encoded as UTF-8 anywhere in the body (a
+JSON escape of a lone UTF-16 surrogate such as `"\\ud800"` parses into such text; the
+400 names the field). The sampling rules themselves live in
+`baton.sampling_params.SamplingParams`, which `router/params.py` builds from these. Unknown
+fields are ignored, as OpenAI does; known features Baton does not implement are rejected
+with a 400 when set (see params.py).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_N = 128  # outputs per prompt
 MAX_PROMPTS = 256  # prompts in one completions request
@@ -22,8 +26,49 @@ Int32 = Annotated[int, Field(ge=-INT32, le=INT32)]
 TokenId = Annotated[int, Field(ge=0, le=INT32)]
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+class UnencodableText(ValueError):
+    """Text in the body that is not valid Unicode; `param` is its path (`messages.0.content`),
+    with anything UTF-8 cannot hold in it (a key) escaped as `\\udXXX`."""
+
+    def __init__(self, param: str):
+        param = param.encode("utf-8", "backslashreplace").decode("utf-8")
+        super().__init__(f"'{param}' contains text that cannot be encoded as UTF-8 (a lone UTF-16 "
+                         "surrogate such as \\ud800); send valid Unicode text")
+        self.param = param
+
+
+def find_unencodable(value: Any, path: tuple[str, ...] = ()) -> str | None:
+    """The dotted path of the first string (or key) in a parsed JSON value that UTF-8 cannot
+    encode, or None. ASCII strings, nearly all of them, cost one flag check."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return ".".join(path) or "body"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = path + (str(key),)
+            if isinstance(key, str) and find_unencodable(key) is not None:
+                return ".".join(where)
+            found = find_unencodable(item, where)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = find_unencodable(item, path + (str(i),))
+            if found is not None:
+                return found
+    return None
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(_Body):
@@ -44,6 +89,14 @@ class ResponseFormat(_Body):
 
 class SamplingFields(_Body):
     """Fields completions and chat share (OpenAI's plus vLLM's extras)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _encodable(cls, data: Any) -> Any:
+        bad = find_unencodable(data)
+        if bad is not None:
+            raise UnencodableText(bad)
+        return data
 
     model: str = Field(max_length=512)
     max_tokens: Int32 | None = None
@@ -91,9 +144,9 @@ class ContentPart(_Body):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # tool_calls, name, ... reach the template
+    model_config = ConfigDict(extra="allow", strict=True)  # tool_calls, name, ... reach the template
 
-    role: str = Field(max_length=64)
+    role: Literal[ROLES]
     content: str | list[ContentPart] | None = None
     name: str | None = None
 

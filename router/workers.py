@@ -75,12 +75,20 @@ class Worker:
         batch = self.info.max_num_seqs if self.info is not None and self.info.max_num_seqs else None
         return max(polled, self.outstanding - batch) if batch else polled
 
+    def add_blocks_since_poll(self, num_prompt_tokens: int) -> None:
+        """Count the KV a prompt sent to this worker takes until the next poll shows it."""
+        if self.info is not None and self.info.block_size:
+            self.reserved_blocks_since_poll += -(-num_prompt_tokens // self.info.block_size)
+
     def kv_usage(self) -> float:
         if self.stats is None or not self.stats.num_blocks:
             return 0.0
         return self.stats.kv_cache_usage + self.reserved_blocks_since_poll / self.stats.num_blocks
 
     def mark_failed(self, error: str) -> None:
+        """Out of rotation until a poll succeeds. Only polls call this: a call that fails
+        asks for a poll (`WorkerPool.check`), so one slow or refused call is never taken
+        for a dead worker on its own."""
         if self.healthy:
             log.warning("%s worker %s failed: %s", self.role, self.address, error)
         self.healthy = False
@@ -131,6 +139,7 @@ class WorkerPool:
         self._retired: list[Worker] = []
         self._task: asyncio.Task | None = None
         self._changed = asyncio.Event()
+        self._checks: dict[Worker, asyncio.Task] = {}
 
     # -- membership ----------------------------------------------------------------------
 
@@ -182,6 +191,21 @@ class WorkerPool:
                 self._retired.remove(worker)
                 await worker.close()
         self.notify()
+
+    def check(self, worker: Worker) -> None:
+        """Poll `worker` now (a call to it failed as if it were unreachable); the poll
+        decides whether it leaves rotation. One check per worker at a time."""
+        if worker in self._checks or self._task is None:
+            return
+
+        async def run() -> None:
+            try:
+                await worker.poll(max(1.0, 4 * self.poll_interval))
+            finally:
+                self._checks.pop(worker, None)
+                self.notify()
+
+        self._checks[worker] = asyncio.get_running_loop().create_task(run())
 
     async def _poll_loop(self) -> None:
         while True:

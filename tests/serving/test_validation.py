@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import urllib.request
 
 import httpx
@@ -55,6 +56,8 @@ COMPLETION_CASES = [
     ("two guided constraints", {"model": M, "prompt": "hi", "guided_regex": "a+", "guided_choice": ["a"]}, 400),
     ("empty guided_choice", {"model": M, "prompt": "hi", "guided_choice": []}, 400),
     ("regex that does not compile", {"model": M, "prompt": "hi", "guided_regex": "(unclosed"}, 400),
+    ("stream is a string", {"model": M, "prompt": "hi", "stream": "true"}, 400),
+    ("n is a string", {"model": M, "prompt": "hi", "n": "2"}, 400),
 ]
 
 CHAT_CASES = [
@@ -70,6 +73,30 @@ CHAT_CASES = [
     ("unknown model", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404),
     ("max_completion_tokens 0", {"model": M, "messages": [{"role": "user", "content": "hi"}],
                                  "max_completion_tokens": 0}, 400),
+]
+
+HI = [{"role": "user", "content": "hi"}]
+# (name, path, body, the param the 400 must name)
+NAMED_CASES = [
+    ("unknown role", "chat", {"model": M, "messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+    ("stream is a number", "chat", {"model": M, "messages": HI, "stream": 1}, "stream"),
+    ("top_logprobs without logprobs", "chat", {"model": M, "messages": HI, "top_logprobs": 2}, "top_logprobs"),
+    ("stop_token_ids past the vocabulary", "completions", {"model": M, "prompt": "hi", "stop_token_ids": [5, 99999]},
+     "stop_token_ids"),
+    ("lone surrogate in content", "chat", {"model": M, "messages": [{"role": "user", "content": "\ud800 x"}]},
+     "messages.0.content"),
+    ("lone surrogate in a content part", "chat", {"model": M, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "a\udfff"}]}]}, "messages.0.content.0.text"),
+    ("lone surrogate in prompt", "completions", {"model": M, "prompt": "\ud800 x"}, "prompt"),
+    ("lone surrogate in a prompt list", "completions", {"model": M, "prompt": ["ok", "\udc00"]}, "prompt.1"),
+    ("lone surrogate in stop", "completions", {"model": M, "prompt": "hi", "stop": ["\ud800"]}, "stop.0"),
+    ("lone surrogate in a template kwarg key", "chat", {"model": M, "messages": HI,
+                                                       "chat_template_kwargs": {"\ud800": 1}},
+     r"chat_template_kwargs.\ud800"),  # the key, escaped
+    ("regex that does not compile", "completions", {"model": M, "prompt": "hi", "guided_regex": "(unclosed"},
+     "guided_regex"),
+    ("grammar that does not compile", "chat", {"model": M, "messages": HI, "guided_grammar": "root ::= ("},
+     "guided_grammar"),
 ]
 
 
@@ -90,6 +117,46 @@ def test_bad_completion_requests(disaggregated, name, body, status):
 def test_bad_chat_requests(disaggregated, name, body, status):
     response = httpx.post(f"{disaggregated.url}/v1/chat/completions", json=body, timeout=30)
     _check_error_body(response, status)
+
+
+@pytest.mark.parametrize("name,path,body,param", NAMED_CASES, ids=[c[0] for c in NAMED_CASES])
+def test_bad_fields_are_400s_that_name_them(disaggregated, name, path, body, param):
+    # json.dumps escapes a lone surrogate as \\uXXXX: valid JSON that no UTF-8 text can hold.
+    response = httpx.post(f"{disaggregated.url}/v1/{'chat/completions' if path == 'chat' else path}",
+                          content=json.dumps(body), headers={"Content-Type": "application/json"}, timeout=30)
+    _check_error_body(response, 400)
+    assert response.json()["error"]["param"] == param, response.text
+
+
+def test_errors_keep_the_connection_open(disaggregated):
+    """A 4xx answer leaves a keep-alive connection usable: the next request on it is served."""
+    import http.client
+
+    host, port = disaggregated.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    first_socket = None
+    for body, status in (({"model": M, "prompt": "\ud800"}, 400), ({"model": M, "prompt": "hi", "max_tokens": 2}, 200),
+                         ({"model": M, "prompt": "hi", "n": "x"}, 400), ({"model": M, "prompt": "hi", "max_tokens": 2}, 200)):
+        conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == status, response.read()
+        response.read()
+        first_socket = first_socket or conn.sock
+        assert conn.sock is first_socket  # http.client drops a socket the server closed
+    conn.close()
+
+
+def test_content_length_over_the_limit_is_413_before_the_body(disaggregated):
+    """The default limit is 32 MiB; a Content-Length above it is refused without reading on."""
+    import socket
+
+    host, port = disaggregated.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 40000000\r\n\r\n{")
+        head = sock.recv(65536).decode()
+    assert head.startswith("HTTP/1.1 413"), head
+    assert '"request_too_large"' in head
 
 
 @pytest.mark.parametrize("content,content_type", [
@@ -139,8 +206,9 @@ def test_api_key_is_required_on_v1(colocated):
     # The key is checked before the body is read: a bad body without a key is still a 401.
     _check_error_body(httpx.post(url, content=b"{", headers={"Content-Type": "application/json"}), 401)
     _check_error_body(httpx.get(f"{colocated.url}/v1/models"), 401)
-    ok = httpx.post(url, json=body, headers={"Authorization": f"Bearer {colocated.api_key}"})
-    assert ok.status_code == 200, ok.text
+    for scheme in ("Bearer", "bearer", "BEARER"):  # the scheme is case-insensitive (RFC 9110)
+        ok = httpx.post(url, json=body, headers={"Authorization": f"{scheme} {colocated.api_key}"})
+        assert ok.status_code == 200, ok.text
     # Probes and Prometheus need no key.
     assert httpx.get(f"{colocated.url}/health").status_code == 200
     assert httpx.get(f"{colocated.url}/metrics").status_code == 200
