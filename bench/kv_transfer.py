@@ -3,8 +3,15 @@
 Two processes, a sender (prefill side) and a receiver (decode side), each with a synthetic
 block-major KV pool of the right shape (32 layers x 8 KV heads x 128 x bf16, 16-token
 blocks) and the real `KVSender` / `KVReceiver` / transports; no model. On GPUs the sender's
-pool is on GPU0 and the receiver's on GPU1, and a plain torch peer copy of the same bytes is
+pool is on GPU0 and the receiver's on GPU1 (with `--same-gpu` both on GPU0: two engine
+processes of one cell sharing a GPU), and a plain torch peer copy of the same bytes is
 measured in the same run.
+
+The transports of the main table (`by_transport`) are measured side by side: each rep runs
+one handoff of every transport in turn, so a load change on a shared host hits all alike.
+`socket` is no transport but the reference for `tcp`: the same bytes from a preallocated
+host buffer through one plain Python socket between the same two processes (`sendall` /
+`recv_into`), timed the same way. `ratios` compares `tcp` with it and with `grpc`.
 
 A handoff's latency (`handoff_ms`, `decode_ready_ms`) runs from the sender's
 `KVSender.push` call to the end of the receiver's `complete()`: the bytes are verified and
@@ -16,6 +23,8 @@ these processes only): sends posted, header received, receives posted, data rece
 device synced, completed, reply sent, reply received.
 
     python bench/kv_transfer.py --device cpu                  # bench/results/kv_transfer-cpu.json
+    python bench/kv_transfer.py --device cuda --same-gpu --transports ipc,tcp --tokens 2048 \
+        --out bench/results/kv_transfer-cell-1gpu.json       # one GPU, two processes, CUDA IPC
     python bench/kv_transfer.py --device cuda --transports ucx,grpc   # -> kv_transfer-cuda.json
     python bench/kv_transfer.py --device cuda --transports ucx --max-message-mib 0,64,32 \
         --ucx-progress-modes thread-polling,thread-polling+UCXPY_ENABLE_DELAYED_SUBMISSION=0
@@ -35,6 +44,9 @@ import time
 from pathlib import Path
 
 TARGET = {"tokens": 2048, "handoff_ms": 1.5, "effective_gbps": 180.0}
+# Issue 18's targets for the portable path, at 512 tokens (64 MiB): tcp at least this share
+# of a plain socket, and at least this multiple of grpc, in the same run.
+TCP_TARGET = {"tokens": 512, "of_socket": 0.7, "times_grpc": 5.0}
 LAYOUT_ARGS = dict(model="llama-3-8b", num_layers=32, num_kv_heads=8, head_dim=128, block_size=16,
                    dtype="bfloat16")
 
@@ -51,20 +63,23 @@ def parse_variant(variant: str | None) -> tuple[str | None, dict[str, str]]:
     return mode or None, env
 
 
-def _worker(conn, role: str, device: str, num_blocks: int, gpu_order: str | None, variant: str | None) -> None:
+def _worker(conn, role: str, device: str, num_blocks: int, gpu_order: str | None, variant: str | None,
+            ucx: bool) -> None:
     if gpu_order is not None:  # own GPU first; both visible, as UCX CUDA IPC wants
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu_order
     mode, env = parse_variant(variant)
     os.environ.update(env)  # before UCX loads
     import asyncio
 
-    asyncio.run(_serve(conn, role, device, num_blocks, mode))
+    asyncio.run(_serve(conn, role, device, num_blocks, mode, ucx))
 
 
-async def _serve(conn, role: str, device: str, num_blocks: int, mode: str | None) -> None:
+async def _serve(conn, role: str, device: str, num_blocks: int, mode: str | None, ucx: bool) -> None:
     import asyncio
     import dataclasses
     import hashlib
+    import socket
+    import threading
 
     import grpc
     import torch
@@ -79,6 +94,7 @@ async def _serve(conn, role: str, device: str, num_blocks: int, mode: str | None
         TransferConfig,
         ucx_transport,
     )
+    from baton.kvtransfer import receiver as receiver_module
 
     ucx_transport.stamps = stamps = []  # this process's stage stamps (one handoff at a time)
 
@@ -92,7 +108,11 @@ async def _serve(conn, role: str, device: str, num_blocks: int, mode: str | None
         end = KVSender(pool, config=config, registry=registry)
     else:
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20)])
-        end = KVReceiver(pool, "ucx", default_ttl_s=120, config=config, registry=registry)
+        # `auto` serves tcp and ipc; its UCX listener is forced on so that ucx is measured too
+        # (a worker opens it only where UCX has an RDMA device).
+        if ucx:
+            receiver_module.ucx_for_auto = lambda: True
+        end = KVReceiver(pool, "auto", default_ttl_s=120, config=config, registry=registry)
         end.add_to_server(server)
         complete = end.complete
 
@@ -113,7 +133,40 @@ async def _serve(conn, role: str, device: str, num_blocks: int, mode: str | None
         rows = pool.kv[list(ids)]
         return hashlib.sha256(rows.view(torch.uint8).cpu().numpy().tobytes()).hexdigest()
 
+    sink: dict = {}  # the plain-socket reference: receiver's listener and stamps, sender's socket
+
+    def sink_serve(listener, nbytes: int) -> None:
+        conn, _ = listener.accept()
+        buf = memoryview(bytearray(nbytes))
+        while True:
+            head = conn.recv(8, socket.MSG_WAITALL)
+            if len(head) < 8:
+                return
+            n, got = int.from_bytes(head, "little"), 0
+            while got < n:
+                got += conn.recv_into(buf[got:n], n - got)
+            sink["stamp"] = time.perf_counter()
+            conn.sendall(b"k")
+
     async def handle(cmd: str, kw: dict):
+        if cmd == "sink_open":
+            listener = socket.create_server(("127.0.0.1", 0))
+            threading.Thread(target=sink_serve, args=(listener, kw["nbytes"]), daemon=True).start()
+            return listener.getsockname()[1]
+        if cmd == "sink_stamp":
+            return sink.pop("stamp")
+        if cmd == "source_send":
+            sock = sink.get("sock")
+            if sock is None:
+                sock = sink["sock"] = socket.create_connection(("127.0.0.1", kw["port"]))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sink["data"] = memoryview(bytearray(os.urandom(1 << 20)) * (kw["max_bytes"] >> 20))
+            n = kw["nbytes"]
+            t0 = time.perf_counter()
+            sock.sendall(n.to_bytes(8, "little"))
+            sock.sendall(sink["data"][:n])
+            sock.recv(1)
+            return t0, time.perf_counter()
         if cmd == "push":
             ticket = Ticket.from_bytes(kw["ticket"])
             if kw["transport"] != ticket.transport:
@@ -161,10 +214,11 @@ async def _serve(conn, role: str, device: str, num_blocks: int, mode: str | None
 
 
 class Worker:
-    def __init__(self, role: str, device: str, num_blocks: int, gpu_order: str | None, mode: str | None):
+    def __init__(self, role: str, device: str, num_blocks: int, gpu_order: str | None, mode: str | None,
+                 ucx: bool = True):
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child, role, device, num_blocks, gpu_order, mode),
+        self.proc = ctx.Process(target=_worker, args=(child, role, device, num_blocks, gpu_order, mode, ucx),
                                 daemon=True)
         self.proc.start()
 
@@ -190,59 +244,103 @@ STAGES = ("push_called", "sends_posted", "header_received", "receives_posted", "
           "data_synced", "complete_returned", "completed", "reply_sent", "reply_received", "push_returned")
 
 
+class Samples:
+    """The timed handoffs of one transport at one size."""
+
+    def __init__(self):
+        self.ready, self.roundtrip, self.stages = [], [], {}
+
+    def add(self, at: dict) -> None:
+        self.ready.append(at.get("completed", at.get("complete_returned")) - at["push_called"])
+        self.roundtrip.append(at["push_returned"] - at["push_called"])
+        names = [n for n in STAGES if n in at]
+        for a, b in zip(names, names[1:]):
+            self.stages.setdefault(f"{a}->{b}", []).append(at[b] - at[a])
+
+    def row(self, nbytes: int) -> dict:
+        med, med_rt, reps = statistics.median(self.ready), statistics.median(self.roundtrip), len(self.ready)
+        return {
+            "bytes": nbytes,
+            "reps": reps,
+            "median_ms": med * 1e3,
+            "decode_ready_ms": med * 1e3,
+            "min_ms": min(self.ready) * 1e3,
+            "max_ms": max(self.ready) * 1e3,
+            "effective_gbps": nbytes / med / 1e9,
+            "push_roundtrip_ms": med_rt * 1e3,
+            "push_roundtrip_gbps": nbytes / med_rt / 1e9,
+            "stages_ms": {k: statistics.median(v) * 1e3 for k, v in self.stages.items() if len(v) == reps},
+            "samples_ms": [t * 1e3 for t in self.ready],
+            "verified": True,
+        }
+
+
+def _source_blocks(tokens: int, scattered: bool) -> list[int]:
+    blocks = -(-tokens // LAYOUT_ARGS["block_size"])
+    return list(range(0, 2 * blocks, 2)) if scattered else list(range(blocks))
+
+
+def _nbytes(tokens: int) -> int:
+    return len(_source_blocks(tokens, False)) * LAYOUT_ARGS["block_size"] * 128 * 1024
+
+
+def one_handoff(sender: Worker, receiver: Worker, transport: str, tokens: int, scattered: bool = False,
+                max_message_bytes: int = 0, check: bool = False) -> dict:
+    """One timed handoff (or, for `socket`, one plain-socket send of the same bytes); its
+    stamps. With `check`, the received blocks are compared with the sent ones."""
+    from baton.kvtransfer import Ticket
+
+    if transport == "socket":
+        t0, t1 = sender.call("source_send", port=receiver.sink_port, nbytes=_nbytes(tokens),
+                             max_bytes=receiver.sink_bytes)
+        return {"push_called": t0, "complete_returned": receiver.call("sink_stamp"), "push_returned": t1}
+    ticket = receiver.call("reserve", tokens=tokens, scattered=scattered)
+    sent = sender.call("push", ticket=ticket, transport=transport, scattered=scattered,
+                       max_message_bytes=max_message_bytes)
+    got, received = receiver.call("wait_release", ticket_id=Ticket.from_bytes(ticket).ticket_id, digest=check)
+    if check and got != sender.call("digest", block_ids=_source_blocks(tokens, scattered)):
+        raise RuntimeError(f"{transport} {tokens} tokens: the received bytes differ from the sent ones")
+    return dict(sent) | dict(received)
+
+
 def measure_handoffs(sender: Worker, receiver: Worker, transport: str, tokens: int, reps: int,
                      warmup: int, scattered: bool = False, max_message_bytes: int = 0) -> dict:
     """Medians of `reps` handoffs after `warmup`; the last one's bytes are compared.
 
     `median_ms` is the decode-ready latency (push called -> receiver's complete() done)."""
-    from baton.kvtransfer import Ticket
-
-    ready, roundtrip, stages = [], [], {}
+    samples = Samples()
     for i in range(warmup + reps):
-        ticket = receiver.call("reserve", tokens=tokens, scattered=scattered)
-        sent = sender.call("push", ticket=ticket, transport=transport, scattered=scattered,
-                           max_message_bytes=max_message_bytes)
-        last = i == warmup + reps - 1
-        got, received = receiver.call("wait_release", ticket_id=Ticket.from_bytes(ticket).ticket_id, digest=last)
-        if i < warmup:
-            continue
-        at = dict(sent) | dict(received)
-        ready.append(at.get("completed", at["complete_returned"]) - at["push_called"])
-        roundtrip.append(at["push_returned"] - at["push_called"])
-        names = [n for n in STAGES if n in at]
-        for a, b in zip(names, names[1:]):
-            stages.setdefault(f"{a}->{b}", []).append(at[b] - at[a])
-    blocks = -(-tokens // LAYOUT_ARGS["block_size"])
-    src = list(range(0, 2 * blocks, 2)) if scattered else list(range(blocks))
-    if got != sender.call("digest", block_ids=src):
-        raise RuntimeError(f"{transport} {tokens} tokens: the received bytes differ from the sent ones")
-    nbytes = blocks * LAYOUT_ARGS["block_size"] * 128 * 1024
-    med, med_rt = statistics.median(ready), statistics.median(roundtrip)
-    return {
-        "bytes": nbytes,
-        "reps": reps,
-        "median_ms": med * 1e3,
-        "decode_ready_ms": med * 1e3,
-        "min_ms": min(ready) * 1e3,
-        "max_ms": max(ready) * 1e3,
-        "effective_gbps": nbytes / med / 1e9,
-        "push_roundtrip_ms": med_rt * 1e3,
-        "push_roundtrip_gbps": nbytes / med_rt / 1e9,
-        "stages_ms": {k: statistics.median(v) * 1e3 for k, v in stages.items() if len(v) == reps},
-        "verified": True,
-    }
+        at = one_handoff(sender, receiver, transport, tokens, scattered, max_message_bytes,
+                         check=i == warmup + reps - 1)
+        if i >= warmup:
+            samples.add(at)
+    return samples.row(_nbytes(tokens) if not scattered else len(_source_blocks(tokens, True)) * 16 * 128 * 1024)
 
 
-def peer_copy(nbytes: int, reps: int) -> dict:
-    """A plain torch copy GPU0 -> GPU1 of `nbytes` (the reference)."""
+def measure_side_by_side(sender: Worker, receiver: Worker, transports: list[str], tokens: int, reps: int,
+                         warmup: int, max_message_bytes: int = 0) -> dict:
+    """`measure_handoffs` for several transports, interleaved: each rep runs one handoff
+    of every transport in turn. Returns {transport: row}."""
+    samples = {t: Samples() for t in transports}
+    for i in range(warmup + reps):
+        for transport in transports:
+            at = one_handoff(sender, receiver, transport, tokens, max_message_bytes=max_message_bytes,
+                             check=i == warmup + reps - 1 and transport != "socket")
+            if i >= warmup:
+                samples[transport].add(at)
+    return {t: samples[t].row(_nbytes(tokens)) for t in transports}
+
+
+def peer_copy(nbytes: int, reps: int, target: str = "cuda:1") -> dict:
+    """A plain torch copy GPU0 -> `target` of `nbytes` (the reference)."""
     import torch
 
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda:0").random_(0, 255)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda:1")
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=target)
     for _ in range(3):
         dst.copy_(src)
     torch.cuda.synchronize("cuda:0")
-    torch.cuda.synchronize("cuda:1")
+    torch.cuda.synchronize(target)
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -309,55 +407,94 @@ def plot(result: dict, path: Path) -> None:
 
 def run_pair(args, tokens: list[int], transports: list[str], mode: str | None) -> dict:
     """Start a sender and a receiver (UCX variant `mode`: progress mode and environment), time
-    every transport and size; UCX under each `--max-message-mib` too."""
+    every transport side by side at every size (with the plain-socket reference when `tcp`
+    is among them); then UCX under each further `--max-message-mib`, and the scattered case."""
     num_blocks = max(max(tokens), 2 * args.scattered_tokens) // LAYOUT_ARGS["block_size"] + 8
     device = "cpu" if args.device == "cpu" else "cuda:0"  # each process sees its own GPU first
-    gpus = ("0,1", "1,0") if args.device == "cuda" else (None, None)
-    sender = Worker("sender", device, num_blocks, gpus[0], mode)
-    receiver = Worker("receiver", device, num_blocks, gpus[1], mode)
-    out: dict = {"by_transport": {}, "scattered": {}, "errors": {}, "ucx_by_max_message_mib": {}}
+    if args.device == "cuda" and not args.same_gpu:
+        gpus = ("0,1", "1,0")
+    else:
+        gpus = ("0", "0") if args.device == "cuda" else (None, None)
+    sender = Worker("sender", device, num_blocks, gpus[0], mode, "ucx" in transports)
+    receiver = Worker("receiver", device, num_blocks, gpus[1], mode, "ucx" in transports)
+    main_set = (["socket"] if "tcp" in transports else []) + transports
+    out: dict = {"by_transport": {t: {} for t in main_set}, "scattered": {}, "errors": {},
+                 "ucx_by_max_message_mib": {}}
+    tag = f"[{mode or 'default'}]"
     try:
         sender.call("ping")
         receiver.call("ping")
-        for transport in transports:
-            variants = args.mibs if transport == "ucx" else args.mibs[:1]
-            for mib in variants:
-                tag = f"{transport}{'' if mib == args.mibs[0] else f' <={mib}MiB'}"
-                rows = {}
-                if mib == args.mibs[0]:
-                    out["by_transport"][transport] = rows
-                if transport == "ucx":
-                    out["ucx_by_max_message_mib"][str(mib)] = rows
-                try:
-                    for n in tokens:
-                        reps = args.reps or (min(200, max(5, 40960 // n)) if transport == "ucx" else max(3, 8192 // n))
-                        t0 = time.perf_counter()
-                        rows[str(n)] = row = measure_handoffs(sender, receiver, transport, n, reps, args.warmup,
-                                                              max_message_bytes=mib << 20)
-                        print(f"{tag} [{mode or 'default'}] {n:5d} tokens: ready {row['median_ms']:8.3f} ms "
-                              f"{row['effective_gbps']:7.2f} GB/s, round trip {row['push_roundtrip_ms']:8.3f} ms "
-                              f"({reps} reps, {time.perf_counter() - t0:.1f}s)", flush=True)
-                        print("    " + ", ".join(f"{k} {v:.3f}" for k, v in row["stages_ms"].items()), flush=True)
-                    if args.scattered_tokens and mib == args.mibs[0]:
-                        n = args.scattered_tokens
-                        row = measure_handoffs(sender, receiver, transport, n, 5, args.warmup, scattered=True,
-                                               max_message_bytes=mib << 20)
-                        out["scattered"].setdefault(transport, {})[str(n)] = row
-                        print(f"{tag} [{mode or 'default'}] {n:5d} tokens, every other block: ready "
-                              f"{row['median_ms']:8.3f} ms {row['effective_gbps']:7.2f} GB/s", flush=True)
-                except Exception as exc:  # record it and go on with the next transport
-                    out["errors"][tag] = f"{type(exc).__name__}: {exc}"
-                    print(f"{tag} [{mode}] failed: {exc}", flush=True)
+        if "socket" in main_set:
+            receiver.sink_bytes = -(-_nbytes(max(tokens)) // (1 << 20)) << 20
+            receiver.sink_port = receiver.call("sink_open", nbytes=receiver.sink_bytes)
+        for n in tokens:
+            reps = args.reps or max(3, 8192 // n)
+            t0 = time.perf_counter()
+            try:
+                rows = measure_side_by_side(sender, receiver, main_set, n, reps, args.warmup, args.mibs[0] << 20)
+            except Exception as exc:  # record it and go on with the next size
+                out["errors"][f"{n} tokens"] = f"{type(exc).__name__}: {exc}"
+                print(f"{tag} {n} tokens failed: {exc}", flush=True)
+                continue
+            print(f"{tag} {n:5d} tokens, {reps} reps side by side, {time.perf_counter() - t0:.1f}s:", flush=True)
+            for transport, row in rows.items():
+                out["by_transport"][transport][str(n)] = row
+                print(f"    {transport:6s} ready {row['median_ms']:9.3f} ms {row['effective_gbps']:7.2f} GB/s, "
+                      f"round trip {row['push_roundtrip_ms']:9.3f} ms", flush=True)
+                if row["stages_ms"] and transport == "ucx":
+                    print("        " + ", ".join(f"{k} {v:.3f}" for k, v in row["stages_ms"].items()), flush=True)
+        if "ucx" in transports:
+            out["ucx_by_max_message_mib"][str(args.mibs[0])] = out["by_transport"]["ucx"]
+            for mib in args.mibs[1:]:
+                rows = out["ucx_by_max_message_mib"][str(mib)] = {}
+                for n in tokens:
+                    reps = args.reps or min(200, max(5, 40960 // n))
+                    rows[str(n)] = row = measure_handoffs(sender, receiver, "ucx", n, reps, args.warmup,
+                                                          max_message_bytes=mib << 20)
+                    print(f"ucx <={mib}MiB {tag} {n:5d} tokens: ready {row['median_ms']:8.3f} ms", flush=True)
+        for transport in transports if args.scattered_tokens else []:
+            n = args.scattered_tokens
+            try:
+                row = measure_handoffs(sender, receiver, transport, n, 5, args.warmup, scattered=True,
+                                       max_message_bytes=args.mibs[0] << 20)
+            except Exception as exc:
+                out["errors"][f"{transport} scattered"] = f"{type(exc).__name__}: {exc}"
+                continue
+            out["scattered"].setdefault(transport, {})[str(n)] = row
+            print(f"{transport} {tag} {n:5d} tokens, every other block: ready "
+                  f"{row['median_ms']:8.3f} ms {row['effective_gbps']:7.2f} GB/s", flush=True)
     finally:
         sender.close()
         receiver.close()
     return out
 
 
+def tcp_ratios(by_transport: dict) -> dict:
+    """Per size: tcp's effective bandwidth over the plain socket's and over grpc's, as the
+    ratio of the medians and (`_paired`) as the median of the per-rep ratios (the
+    transports of one rep ran back to back, so a load change on the host cancels out)."""
+    out = {}
+    tcp = by_transport.get("tcp", {})
+    for n, row in tcp.items():
+        entry = {}
+        for ref in ("socket", "grpc"):
+            other = by_transport.get(ref, {}).get(n)
+            if other:
+                entry[f"tcp_over_{ref}"] = row["effective_gbps"] / other["effective_gbps"]
+                pairs = zip(other["samples_ms"], row["samples_ms"])
+                entry[f"tcp_over_{ref}_paired"] = statistics.median(a / b for a, b in pairs)
+        out[n] = entry
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--transports", default="ucx,grpc")
+    parser.add_argument("--transports", default="tcp,grpc,ucx,ipc",
+                        help="comma list; the first is the main result; with tcp the plain-socket "
+                             "reference is measured beside it")
+    parser.add_argument("--same-gpu", action="store_true",
+                        help="with --device cuda: both processes on GPU0 (a cell sharing one GPU)")
     parser.add_argument("--tokens", default="512,2048,8192")
     parser.add_argument("--reps", type=int, default=0, help="timed handoffs per size (default: by size)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -380,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or Path(__file__).parent / "results" / f"kv_transfer-{args.device}.json")
     result = {
         "benchmark": "kv_transfer",
-        "device": "2 GPUs, GPU0 -> GPU1, two processes" if args.device == "cuda" else "CPU, loopback, two processes",
+        "device": ("CPU, loopback, two processes" if args.device == "cpu" else
+                   "1 GPU, GPU0 -> GPU0, two processes" if args.same_gpu else "2 GPUs, GPU0 -> GPU1, two processes"),
         "machine": args.machine or machine(args.device),
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -393,7 +531,9 @@ def main(argv: list[str] | None = None) -> int:
                 "perf_counter stamps of both processes on one host; push_roundtrip_ms = until push "
                 "returned (the decode side's confirmation arrived); stages_ms = medians between "
                 "stamps; contiguous blocks on both ends unless under 'scattered' (every other "
-                "block: UCX gathers into one message and scatters it)",
+                "block: UCX gathers into one message and scatters it); 'socket' = the same bytes "
+                "through one plain Python socket between the same processes (sendall from a "
+                "preallocated host buffer, recv_into one), interleaved rep by rep with the transports",
         "max_message_mib": args.mibs[0],
     }
     runs = {}
@@ -427,12 +567,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda":
         result["peer_copy_gbps"], result["peer_copy_ms"] = {}, {}
         for n in tokens:
-            ref = peer_copy(n * 128 * 1024, 20)
+            ref = peer_copy(n * 128 * 1024, 20, "cuda:0" if args.same_gpu else "cuda:1")
             result["peer_copy_gbps"][str(n)] = ref["gbps"]
             result["peer_copy_ms"][str(n)] = ref["median_ms"]
             print(f"torch peer copy {n:5d} tokens: {ref['median_ms']:9.3f} ms {ref['gbps']:8.2f} GB/s", flush=True)
         hit = result["handoff_ms"].get(str(TARGET["tokens"]))
         result["meets_target"] = hit is not None and hit <= TARGET["handoff_ms"]
+    if "tcp" in transports:
+        result["tcp_target"] = TCP_TARGET
+        result["ratios"] = tcp_ratios(result["by_transport"])
+        at = result["ratios"].get(str(TCP_TARGET["tokens"]), {})
+        if "tcp_over_socket" in at and "tcp_over_grpc" in at:
+            result["meets_tcp_target"] = (at["tcp_over_socket"] >= TCP_TARGET["of_socket"]
+                                          and at["tcp_over_grpc"] >= TCP_TARGET["times_grpc"])
+        for n, entry in result["ratios"].items():
+            print(f"tcp at {n} tokens: " + ", ".join(f"{k} {v:.2f}" for k, v in entry.items()), flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

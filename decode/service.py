@@ -49,6 +49,7 @@ class DecodeServicer(EngineServicer):
             engine, opts.kv_transfer,
             advertise_host=advertise_host(opts.host, opts.advertise_host),
             ucx_port=opts.kv_port,
+            tcp_port=opts.kv_tcp_port,
             default_ttl_s=opts.reservation_ttl_seconds,
             config=TransferConfig(ucx_progress_mode=opts.ucx_progress_mode),
             model_name=self.model_name,

@@ -22,11 +22,16 @@ class TransferConfig:
     max_direct_messages: int = 8
     # Split UCX messages larger than this (0: never). Large messages are fastest.
     max_message_bytes: int = 0
-    # UCX endpoints a sender keeps open to one decode worker (handoffs beyond wait).
+    # UCX endpoints (or TCP connections) a sender keeps open to one decode worker (handoffs
+    # beyond wait).
     max_endpoints_per_peer: int = 16
     # UCXX progress mode of this process ("thread", "thread-polling", "polling", "blocking");
     # None: UCXX's default or $UCXPY_PROGRESS_MODE. Fixed by the first UCX user in a process.
     ucx_progress_mode: str | None = None
+    # TCP data plane: bytes go out in chunks of this size; device pools are staged through
+    # two pinned host buffers of this size per connection (copy of one chunk overlaps the
+    # socket work of the other).
+    tcp_chunk_bytes: int = 8 << 20
     # Sender: the whole handoff (connect, data, verification) must finish within this.
     push_timeout_s: float = 30.0
     # Sender: how long telling the decode worker that a push failed may take.
@@ -35,8 +40,9 @@ class TransferConfig:
     copy_threads: int = 4
 
     def __post_init__(self):
-        if not 4096 <= self.chunk_bytes <= 256 << 20:
-            raise ValueError(f"chunk_bytes must be in [4 KiB, 256 MiB], got {self.chunk_bytes}")
+        for name in ("chunk_bytes", "tcp_chunk_bytes"):
+            if not 4096 <= getattr(self, name) <= 256 << 20:
+                raise ValueError(f"{name} must be in [4 KiB, 256 MiB], got {getattr(self, name)}")
         for name in ("window_chunks", "max_direct_messages", "max_endpoints_per_peer", "copy_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -188,7 +188,7 @@ class GrpcReceiver(ReceiverTransport):
                 return
             if msg.WhichOneof("kind") != "header":
                 raise HandoffError("bad_request", "a push must start with a header")
-            slot = recv.begin(msg.header)
+            slot = recv.begin(msg.header, self.name)
             stream = BlockStream(recv.rows, slot.ticket.block_ids)
             acker = asyncio.ensure_future(self._ack(context, slot, copies))
             expected = 0

@@ -45,6 +45,10 @@ class KVPool(ABC):
     async def held_blocks(self, request_id: str) -> list[int] | None:
         raise NotImplementedError
 
+    async def exclusive(self, fn):
+        """`fn()` while nothing else reads or writes `kv` (the engine between steps)."""
+        return fn()
+
 
 class EnginePool(KVPool):
     """The KV pool of an `AsyncLLMEngine`."""
@@ -88,6 +92,9 @@ class EnginePool(KVPool):
 
     async def release_held(self, request_id: str) -> None:
         await self.engine.run(lambda e: e.release_held(request_id), always=True)
+
+    async def exclusive(self, fn):
+        return await self.engine.run(lambda e: fn())
 
 
 class TensorPool(KVPool):

@@ -28,8 +28,11 @@ from baton.kvtransfer.errors import HandoffError
 from baton.kvtransfer.layout import KVLayout
 from baton.kvtransfer.metrics import TransferMetrics
 from baton.kvtransfer.pool import KVPool, as_pool
-from baton.kvtransfer.ticket import TRANSPORTS, FirstToken, Handoff, Ticket
-from baton.kvtransfer.transport import create_receiver
+from baton.kvtransfer.ticket import FirstToken, Handoff, Ticket
+from baton.kvtransfer.transport import create_receiver, ucx_for_auto
+
+# What a decode worker's tickets may ask for ("ipc" is offered by "auto").
+RECEIVER_TRANSPORTS = ("grpc", "ucx", "tcp", "auto")
 
 log = logging.getLogger(__name__)
 _ENDED_MEMORY = 4096  # failed ticket ids remembered, so late callers get the real reason
@@ -59,6 +62,7 @@ class Slot:
         self.timer: asyncio.TimerHandle | None = None
         self.started = 0.0
         self.waiting = False
+        self.transport: str | None = None  # the data plane filling it, from `begin`
 
 
 class KVReceiver:
@@ -77,8 +81,11 @@ class KVReceiver:
         await receiver.stop()
 
     `engine` is an `AsyncLLMEngine` (or any `KVPool`). Every decode worker accepts `grpc`
-    pushes; `transport` is the data plane its tickets ask for ("grpc" or "ucx"). All methods
-    are called from the event loop that runs the gRPC server.
+    pushes; `transport` is the data plane its tickets ask for ("grpc", "ucx", "tcp", or
+    "auto": the sender picks among what this worker offers). "tcp" and "auto" open the KV
+    TCP listener on `tcp_port` (0: any free port); "auto" also exports the pool for `ipc`
+    senders on this node, and opens a UCX listener where UCX has an RDMA device. All
+    methods are called from the event loop that runs the gRPC server.
     """
 
     def __init__(
@@ -88,13 +95,14 @@ class KVReceiver:
         *,
         advertise_host: str = "127.0.0.1",
         ucx_port: int = 0,
+        tcp_port: int = 0,
         default_ttl_s: float = 30.0,
         config: TransferConfig | None = None,
         registry=None,
         model_name: str | None = None,
     ):
-        if transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        if transport not in RECEIVER_TRANSPORTS:
+            raise ValueError(f"transport must be one of {RECEIVER_TRANSPORTS}, got {transport!r}")
         if default_ttl_s <= 0:
             raise ValueError(f"default_ttl_s must be > 0, got {default_ttl_s}")
         self.pool: KVPool = as_pool(engine)
@@ -103,19 +111,24 @@ class KVReceiver:
         self.transport = transport
         self.advertise_host = advertise_host
         self.ucx_port = ucx_port
+        self.tcp_port = tcp_port
         self.default_ttl_s = default_ttl_s
         self.config = config or TransferConfig()
         self.metrics = TransferMetrics(model_name or self.layout.model, "decode", registry)
         self.copy_pool = ThreadPoolExecutor(self.config.copy_threads, thread_name_prefix="kv-recv")
         self.control_address = ""
         self.ucx_address = ""
+        self.tcp_address = ""
+        self.ipc_domain = ""
         self._slots: dict[str, Slot] = {}
         self._ended: OrderedDict[str, HandoffError] = OrderedDict()
         self._releases: set[asyncio.Task] = set()
         self._unfilled_blocks = 0
         self.metrics.set_reserved_blocks(0)
         self._grpc = create_receiver("grpc", self)
-        self._ucx = create_receiver("ucx", self) if transport == "ucx" else None
+        self._ucx = create_receiver("ucx", self) if transport == "ucx" or (
+            transport == "auto" and ucx_for_auto()) else None
+        self._socket = create_receiver("tcp", self) if transport in ("tcp", "auto") else None
         self._started = False
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -131,6 +144,10 @@ class KVReceiver:
         self.control_address = f"{self.advertise_host}:{grpc_port}"
         if self._ucx is not None:
             self.ucx_address = await self._ucx.start(self.advertise_host, self.ucx_port)
+        if self._socket is not None:
+            self.tcp_address = await self._socket.start(self.advertise_host, self.tcp_port)
+        if self.transport == "auto":
+            await self._export_pool()
         self._started = True
 
     async def stop(self) -> None:
@@ -140,6 +157,8 @@ class KVReceiver:
             self.fail(slot, HandoffError("shutdown", "the decode worker is shutting down"))
         if self._ucx is not None:
             await self._ucx.stop()
+        if self._socket is not None:
+            await self._socket.stop()
         while self._releases:
             await asyncio.gather(*list(self._releases), return_exceptions=True)
         self.copy_pool.shutdown(wait=True)
@@ -168,6 +187,8 @@ class KVReceiver:
             control_address=self.control_address,
             transport=self.transport,
             ucx_address=self.ucx_address,
+            tcp_address=self.tcp_address,
+            ipc_domain=self.ipc_domain,
             block_ids=tuple(block_ids),
             layout=self.layout,
             num_tokens=num_prompt_tokens,
@@ -224,8 +245,9 @@ class KVReceiver:
 
     # -- the transports' API -------------------------------------------------------------
 
-    def begin(self, header) -> Slot:
-        """A sender opens a handoff (`KVHandoffHeader`); returns the slot it may now fill.
+    def begin(self, header, transport: str = "grpc") -> Slot:
+        """A sender opens a handoff (`KVHandoffHeader`) over `transport`; returns the slot it
+        may now fill.
 
         Raises HandoffError; a header that does not fit its reservation also fails it."""
         tid = header.ticket_id
@@ -234,6 +256,7 @@ class KVReceiver:
             raise self._ended.get(tid) or HandoffError("unknown_ticket", f"no reservation {tid!r}")
         if slot.state is not State.RESERVED:
             raise HandoffError("busy", f"reservation {tid!r} is already {slot.state.value}")
+        slot.transport = transport
         try:
             try:
                 theirs = KVLayout.from_proto(header.layout)
@@ -279,7 +302,7 @@ class KVReceiver:
                                t.num_bytes, seconds)
         slot.state = State.DONE
         self._count_unfilled(-len(t.block_ids))
-        self.metrics.completed(t.num_bytes, seconds)
+        self.metrics.completed(slot.transport, t.num_bytes, seconds)
         # A filled ticket waits for its claim (the router may call Decode after Prefill).
         slot.timer.cancel()
         slot.timer = asyncio.get_running_loop().call_later(self.default_ttl_s, self._expire, slot)
@@ -295,7 +318,7 @@ class KVReceiver:
             self._count_unfilled(-len(slot.ticket.block_ids))
         slot.state = State.FAILED
         slot.error = error
-        self.metrics.failed(error.reason)
+        self.metrics.failed(error.reason, slot.transport)
         if slot.timer is not None:
             slot.timer.cancel()
         tid = slot.ticket.ticket_id
@@ -327,6 +350,21 @@ class KVReceiver:
         return True
 
     # -- internals -----------------------------------------------------------------------
+
+    async def _export_pool(self) -> None:
+        """Make the pool mappable by `ipc` senders on this node; without it `auto` tickets
+        simply offer no `ipc`."""
+        try:
+            from baton.kvtransfer.ipc_transport import IpcExport, local_domain
+
+            domain = local_domain()
+            if not domain:
+                return
+            self._socket.ipc = await self.pool.exclusive(lambda: IpcExport(self.pool.kv, self.rows))
+            self.ipc_domain = domain
+        except Exception as exc:
+            log.warning("the KV pool cannot be shared with prefill workers on this node (%s); "
+                        "auto handoffs will not use ipc", exc)
 
     def _expire(self, slot: Slot) -> None:
         what = "claimed" if slot.state is State.DONE else "filled"

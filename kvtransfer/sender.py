@@ -14,7 +14,7 @@ from baton.kvtransfer.layout import KVLayout
 from baton.kvtransfer.metrics import TransferMetrics
 from baton.kvtransfer.pool import KVPool, as_pool
 from baton.kvtransfer.ticket import FirstToken, Ticket
-from baton.kvtransfer.transport import SenderTransport, create_sender
+from baton.kvtransfer.transport import SenderTransport, candidates, create_sender
 from baton.protos import common_pb2
 from baton.protos import kvtransfer_pb2 as pb
 
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 class PushResult:
     num_bytes: int
     seconds: float  # from the start of `push` to the decode worker's confirmation
+    transport: str = ""  # the data plane that moved the bytes
 
 
 class KVSender:
@@ -38,13 +39,15 @@ class KVSender:
         result = await sender.push_held(ticket, request_id, first_token_id, logprob, top)
         await sender.close()                               # at shutdown
 
-    The transport is the one the ticket names (`grpc` or `ucx`); `transports` limits which
-    this sender may use. Many pushes may run at once; none blocks the engine: blocks are
-    read on copy threads while the engine keeps stepping (held blocks are never rewritten).
+    The transport is the one the ticket names (`grpc`, `ucx`, `tcp`, `ipc`), or for an
+    `auto` ticket the fastest the pair can use (`transport.candidates`); `transports` limits
+    which this sender may use. Many pushes may run at once; none blocks the engine: blocks
+    are read on copy threads while the engine keeps stepping (held blocks are never
+    rewritten).
     """
 
     def __init__(self, engine, *, config: TransferConfig | None = None, registry=None,
-                 model_name: str | None = None, transports: tuple[str, ...] = ("grpc", "ucx")):
+                 model_name: str | None = None, transports: tuple[str, ...] = ("grpc", "tcp", "ipc", "ucx")):
         self.pool: KVPool = as_pool(engine)
         self.layout: KVLayout = self.pool.layout
         self.rows = block_rows(self.pool.kv)
@@ -81,6 +84,7 @@ class KVSender:
         except HandoffError as exc:
             self.metrics.failed(exc.reason)
             raise
+        used: list[str] = []  # the transports tried, the last one in use
         try:
             self.layout.check_compatible(ticket.layout)
             if len(src_block_ids) != len(ticket.block_ids):
@@ -90,25 +94,43 @@ class KVSender:
                 raise HandoffError("bad_request", "a source block id is outside this engine's KV pool")
             first = FirstToken(first_token_id, first_logprob, first_top_logprobs)
             header = self._header(ticket, list(src_block_ids), first)
-            transport = self._transport(ticket.transport)
             async with asyncio.timeout(timeout):
-                await transport.send(ticket, self.rows, list(src_block_ids), header)
+                await self._send(ticket, list(src_block_ids), header, used)
         except TimeoutError:
             err = HandoffError("timeout", f"the decode worker at {ticket.control_address} did not finish "
                                           f"the handoff within {timeout:g}s")
-            self._fail(ticket, err)
+            self._fail(ticket, err, used)
             raise err from None
         except HandoffError as err:
-            self._fail(ticket, err)
+            self._fail(ticket, err, used)
             raise
         except Exception as exc:  # a bug or an unexpected library error: still a clean failure
             log.exception("KV push of ticket %s failed", ticket.ticket_id)
             err = HandoffError("transport", f"the push failed here: {exc!r}")
-            self._fail(ticket, err)
+            self._fail(ticket, err, used)
             raise err from exc
         seconds = time.perf_counter() - t0
-        self.metrics.completed(ticket.num_bytes, seconds)
-        return PushResult(ticket.num_bytes, seconds)
+        self.metrics.completed(used[-1], ticket.num_bytes, seconds)
+        return PushResult(ticket.num_bytes, seconds, used[-1])
+
+    async def _send(self, ticket: Ticket, src: list[int], header, used: list[str]) -> None:
+        """Send over the first candidate transport that is available here (appended to
+        `used` when tried); a transport that is unavailable before any byte moved gives way
+        to the next one."""
+        names = candidates(ticket, self.allowed)
+        if not names:
+            raise HandoffError("transport_unavailable",
+                               f"this prefill worker may use none of the transports ticket {ticket.ticket_id} offers")
+        for i, name in enumerate(names):
+            used.append(name)
+            try:
+                await self._transport(name).send(ticket, self.rows, src, header)
+                return
+            except HandoffError as exc:
+                if exc.reason != "transport_unavailable" or exc.from_peer or i == len(names) - 1:
+                    raise
+                log.info("KV transport %s unavailable for %s (%s); trying %s", name,
+                         ticket.control_address, exc.message, names[i + 1])
 
     async def push_held(
         self,
@@ -171,8 +193,8 @@ class KVSender:
         self._transports[name] = transport
         return transport
 
-    def _fail(self, ticket: Ticket, err: HandoffError) -> None:
-        self.metrics.failed(err.reason)
+    def _fail(self, ticket: Ticket, err: HandoffError, used: list[str]) -> None:
+        self.metrics.failed(err.reason, used[-1] if used else None)
         if err.from_peer:
             return  # the decode worker failed its end already
         task = asyncio.get_running_loop().create_task(self._abort(ticket, err))

@@ -14,15 +14,17 @@ from baton.kvtransfer.errors import HandoffError
 from baton.kvtransfer.layout import KVLayout
 from baton.protos import kvtransfer_pb2 as pb
 
-TRANSPORTS = ("grpc", "ucx")
+TRANSPORTS = ("grpc", "ucx", "tcp", "ipc", "auto")
 
 
 @dataclass(frozen=True)
 class Ticket:
     """A reservation of `block_ids` on a decode worker, valid until `expires_at` (unix s).
 
-    `transport` is the data plane the decode worker asks for; every decode worker also
-    accepts `grpc` pushes on `control_address`. `ucx_address` is empty without UCX.
+    `transport` is the data plane the decode worker asks for ("auto": the sender picks, see
+    `baton.kvtransfer.transport.candidates`); every decode worker also accepts `grpc` pushes
+    on `control_address`. `ucx_address` is empty without a UCX listener, `tcp_address`
+    without a KV TCP listener, `ipc_domain` when the decode worker exports no pool.
     """
 
     ticket_id: str
@@ -34,6 +36,8 @@ class Ticket:
     num_tokens: int
     expires_at: float
     ucx_address: str = ""
+    tcp_address: str = ""
+    ipc_domain: str = ""
 
     @property
     def layout_fingerprint(self) -> str:
@@ -53,6 +57,8 @@ class Ticket:
             control_address=self.control_address,
             transport=self.transport,
             ucx_address=self.ucx_address,
+            tcp_address=self.tcp_address,
+            ipc_domain=self.ipc_domain,
             block_ids=list(self.block_ids),
             layout=self.layout.to_proto(),
             layout_fingerprint=self.layout_fingerprint,
@@ -86,6 +92,8 @@ class Ticket:
             control_address=msg.control_address,
             transport=msg.transport,
             ucx_address=msg.ucx_address,
+            tcp_address=msg.tcp_address,
+            ipc_domain=msg.ipc_domain,
             block_ids=tuple(msg.block_ids),
             layout=layout,
             num_tokens=msg.num_tokens,

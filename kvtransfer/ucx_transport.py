@@ -294,7 +294,7 @@ class UcxReceiver(ReceiverTransport):
         try:
             _stamp("header_received")
             header = pb.KVHandoffHeader.FromString(frame)
-            slot = recv.begin(header)
+            slot = recv.begin(header, self.name)
         except HandoffError as exc:
             await send_frame(ep, _reply(pb.KVPushReply(error=exc.to_proto())))
             return True

@@ -18,6 +18,7 @@ import time
 import grpc
 
 from baton.kvtransfer import HandoffError, KVSender, Ticket, TransferConfig
+from baton.kvtransfer.transport import sender_transports
 from baton.protos import worker_pb2, worker_pb2_grpc
 from baton.worker.messages import ChunkWriter
 from baton.worker.servicer import EngineServicer, abort_for_engine_error
@@ -33,7 +34,7 @@ _PUSH_CODES = {
 class PrefillServicer(EngineServicer):
     def __init__(self, engine, runtime):
         super().__init__(engine, runtime)
-        transports = ("grpc", "ucx") if runtime.options.kv_transfer == "ucx" else ("grpc",)
+        transports = sender_transports(runtime.options.kv_transfer)
         config = TransferConfig(ucx_progress_mode=runtime.options.ucx_progress_mode)
         self.sender = KVSender(engine, config=config, model_name=self.model_name, transports=transports)
 

@@ -23,7 +23,8 @@ WORKER_AND_ENGINE = {"baton.engine", "baton.worker", "baton.prefill", "baton.dec
 # The kvtransfer modules that hold or copy KV tensors; `baton.kvtransfer` itself and its
 # ticket, layout, config and errors stay torch-free (the router forwards tickets).
 KV_DATA_PLANE = {f"baton.kvtransfer.{m}" for m in
-                 ("blocks", "pool", "sender", "receiver", "grpc_transport", "ucx_transport")}
+                 ("blocks", "pool", "sender", "receiver", "grpc_transport", "ucx_transport", "tcp_transport",
+                  "ipc_transport")}
 FORBIDDEN = ("torch", "baton.engine")
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from baton.kvtransfer.config import UCX_PROGRESS_MODES
 
-TRANSPORTS = ("grpc", "ucx")
+TRANSPORTS = ("grpc", "ucx", "tcp", "auto")
 
 # flag dest -> EngineArgs field (same name unless noted)
 _ENGINE_FIELDS = (
@@ -35,6 +35,7 @@ class WorkerOptions:
     metrics_port: int = 9090
     kv_transfer: str = "grpc"
     kv_port: int = 50052
+    kv_tcp_port: int = 50053
     advertise_host: str | None = None  # address peers use to reach this worker's KV port
     shutdown_grace_seconds: float = 30.0
     reservation_ttl_seconds: float = 30.0
@@ -45,7 +46,7 @@ class WorkerOptions:
             raise ValueError(f"role must be prefill, decode or colocated, got {self.role!r}")
         if self.kv_transfer not in TRANSPORTS:
             raise ValueError(f"--kv-transfer must be one of {TRANSPORTS}, got {self.kv_transfer!r}")
-        for name in ("port", "metrics_port", "kv_port"):
+        for name in ("port", "metrics_port", "kv_port", "kv_tcp_port"):
             value = getattr(self, name)
             if not 0 <= value < 65536:
                 raise ValueError(f"--{name.replace('_', '-')} must be a TCP port, got {value}")
@@ -105,8 +106,12 @@ def build_parser(prog: str, role: str) -> argparse.ArgumentParser:
                         help="on SIGTERM, finish in-flight work for at most this long")
     # Colocated workers accept the KV flags too (one flag set for every role); they move no KV.
     kv = parser.add_argument_group("KV transfer" if role != "colocated" else "KV transfer (ignored here)")
-    kv.add_argument("--kv-transfer", default="grpc", choices=list(TRANSPORTS), help="KV data plane")
+    kv.add_argument("--kv-transfer", default="grpc", choices=list(TRANSPORTS),
+                    help="KV data plane; auto: the fastest each prefill/decode pair can use "
+                         "(ipc on one node, ucx with RDMA, else tcp)")
     kv.add_argument("--kv-port", type=int, default=50052, help="UCX listener port (decode workers)")
+    kv.add_argument("--kv-tcp-port", type=int, default=50053,
+                    help="KV TCP listener port with --kv-transfer tcp or auto (decode workers)")
     kv.add_argument("--ucx-progress-mode", default=None, choices=list(UCX_PROGRESS_MODES),
                     help="UCXX progress mode with --kv-transfer ucx (default: $UCXPY_PROGRESS_MODE or thread; "
                          "polling and thread-polling are fastest on GPU hosts, thread-polling spins a core)")
@@ -130,6 +135,7 @@ def parse(argv: list[str], prog: str, role: str) -> tuple[Any, WorkerOptions]:
             metrics_port=ns.metrics_port,
             kv_transfer=ns.kv_transfer,
             kv_port=ns.kv_port,
+            kv_tcp_port=ns.kv_tcp_port,
             advertise_host=ns.advertise_host,
             shutdown_grace_seconds=ns.shutdown_grace_seconds,
             reservation_ttl_seconds=getattr(ns, "reservation_ttl_seconds", 30.0),

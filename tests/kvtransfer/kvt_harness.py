@@ -2,8 +2,12 @@
 
 Each `Peer` is a real process with a real engine (the tiny model, a small KV pool), a
 `grpc.aio` server with a `KVReceiver` (UCX listener on) and a `KVSender`: the KV bytes
-travel between peers over real gRPC or UCX on loopback. The pipe carries only the tests'
-commands and small answers (digests, ids, errors).
+travel between peers over real gRPC, UCX, TCP or shared memory on loopback. The pipe
+carries only the tests' commands and small answers (digests, ids, errors).
+
+Peers are `auto` receivers by default, with the UCX listener forced on (an `auto` worker
+opens one only where UCX has an RDMA device): one decode process then serves every data
+plane, and a test picks one by rewriting the ticket's transport.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ class PeerDied(RuntimeError):
 
 
 class Peer:
-    def __init__(self, model_dir, block_size: int, num_blocks: int, transport: str = "ucx",
+    def __init__(self, model_dir, block_size: int, num_blocks: int, transport: str = "auto",
                  ttl_s: float = 10.0, chunk_bytes: int = 4096, max_message_bytes: int = 16384,
                  device: str = "cpu", gpu_order: str | None = None):
         """A worker with an engine on the tiny model at `model_dir`, or, with
@@ -151,9 +155,11 @@ class _Child:
         import grpc
 
         from baton.kvtransfer import KVLayout, KVReceiver, KVSender, TensorPool, TransferConfig
+        from baton.kvtransfer import receiver as receiver_module
         from baton.kvtransfer.blocks import block_rows
         from baton.kvtransfer.pool import EnginePool
 
+        receiver_module.ucx_for_auto = lambda: True  # see the module docstring
         s = self.spec
         if s["model_dir"] is None:  # a bare pool: no model, any device
             self.engine = None
@@ -166,7 +172,7 @@ class _Child:
                 model=s["model_dir"], block_size=s["block_size"], num_gpu_blocks_override=s["num_blocks"],
                 device="cpu", max_num_seqs=128))
             self.pool = EnginePool(self.engine)
-        config = TransferConfig(chunk_bytes=s["chunk_bytes"], window_chunks=4,
+        config = TransferConfig(chunk_bytes=s["chunk_bytes"], tcp_chunk_bytes=s["chunk_bytes"], window_chunks=4,
                                 max_message_bytes=s["max_message_bytes"], push_timeout_s=20)
         self.server = grpc.aio.server()
         self.receiver = KVReceiver(self.pool, s["transport"], default_ttl_s=s["ttl_s"], config=config)
@@ -203,7 +209,11 @@ class _Child:
 
     async def cmd_ready(self):
         return {"control": self.receiver.control_address, "ucx": self.receiver.ucx_address,
+                "tcp": self.receiver.tcp_address, "ipc": self.receiver.ipc_domain,
                 "free": await self.cmd_free(), "pid": os.getpid()}
+
+    async def cmd_model_name(self):
+        return self.pool.layout.model
 
     async def cmd_free(self):
         return await self.pool.num_free_blocks()
@@ -275,7 +285,7 @@ class _Child:
             r = await self.sender.push_held(t, request_id, first_token, logprob, top, timeout_s)
         else:
             r = await self.sender.push(t, src_block_ids, first_token, logprob, top, timeout_s)
-        return {"num_bytes": r.num_bytes, "seconds": r.seconds}
+        return {"num_bytes": r.num_bytes, "seconds": r.seconds, "transport": r.transport}
 
     async def cmd_push_many(self, pushes, transport=None):
         results = await asyncio.gather(*(self.cmd_push(transport=transport, **p) for p in pushes),
@@ -309,7 +319,7 @@ class _Child:
             lines.extend(f"  {f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in task.get_stack())
         return "\n".join(lines)
 
-    async def cmd_metric(self, name, labels):
+    async def cmd_metric(self, metric, labels):
         from prometheus_client import REGISTRY
 
-        return REGISTRY.get_sample_value(name, labels)
+        return REGISTRY.get_sample_value(metric, labels)

@@ -1,4 +1,5 @@
-"""Handoffs between two real processes on loopback, into a real engine KV cache, both transports."""
+"""Handoffs between two real processes on loopback, into a real engine KV cache, every transport
+(`ipc`: the decode engine's pool in shared memory, mapped by the prefill process)."""
 
 import random
 
@@ -6,7 +7,7 @@ import pytest
 
 from baton.kvtransfer import Ticket
 
-TRANSPORTS = ["grpc", "ucx"]
+TRANSPORTS = ["grpc", "ucx", "tcp", "ipc"]
 
 
 def handoff(decode, prefill, prompt, transport, request_id):

@@ -1,7 +1,9 @@
-"""Handoffs between bare KV pools in two processes: on CPU, and GPU0 -> GPU1 (`gpu` marker).
+"""Handoffs between bare KV pools in two processes: on CPU, GPU0 -> GPU1, and two processes
+sharing GPU0 (a cell on one GPU); the GPU cases carry the `gpu` marker.
 
 The same sender, receiver and transports as the engine tests, with pools of a larger,
-Llama-like block (bf16); on GPUs UCX moves device memory directly (CUDA IPC).
+Llama-like block (bf16); on GPUs UCX and `ipc` move device memory directly (CUDA IPC), `tcp`
+stages it through pinned host buffers.
 """
 
 import pytest
@@ -18,21 +20,24 @@ def _gpus() -> int:
     return torch.cuda.device_count()
 
 
+# (device, receiver's CUDA_VISIBLE_DEVICES, sender's)
 DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=[pytest.mark.gpu,
-                                pytest.mark.skipif(_gpus() < 2, reason="needs two CUDA devices")]),
+    ("cpu", None, None),
+    pytest.param(("cuda", "1,0", "0,1"), id="cuda-two-gpus",
+                 marks=[pytest.mark.gpu, pytest.mark.skipif(_gpus() < 2, reason="needs two CUDA devices")]),
+    pytest.param(("cuda", "0", "0"), id="cuda-one-gpu",
+                 marks=[pytest.mark.gpu, pytest.mark.skipif(_gpus() < 1, reason="needs a CUDA device")]),
 ]
 
 
 @pytest.fixture(scope="module", params=DEVICES)
 def pools(request):
-    device = request.param
+    device, receiver_gpus, sender_gpus = request.param
     cuda = device == "cuda"
     kw = dict(block_size=BLOCK, num_blocks=256, device="cuda:0" if cuda else "cpu",
               chunk_bytes=1 << 20, max_message_bytes=0)
-    receiver = Peer(None, gpu_order="1,0" if cuda else None, **kw)
-    sender = Peer(None, gpu_order="0,1" if cuda else None, **kw)
+    receiver = Peer(None, gpu_order=receiver_gpus, **kw)
+    sender = Peer(None, gpu_order=sender_gpus, **kw)
     yield receiver.ready(), sender.ready()
     receiver.close()
     sender.close()
@@ -40,13 +45,14 @@ def pools(request):
 
 def push_and_check(receiver, sender, ticket: Ticket, src, transport):
     waiter = receiver.submit("wait", ticket_id=ticket.ticket_id)
-    sender.call("push", ticket=ticket.to_bytes(), src_block_ids=src, first_token=3, transport=transport)
+    sent = sender.call("push", ticket=ticket.to_bytes(), src_block_ids=src, first_token=3, transport=transport)
+    assert sent["transport"] == transport
     got = waiter.result(60)
     assert receiver.call("digest", block_ids=got["block_ids"]) == sender.call("digest", block_ids=src)
     receiver.call("release", block_ids=got["block_ids"])
 
 
-@pytest.mark.parametrize("transport", ["ucx", "grpc"])
+@pytest.mark.parametrize("transport", ["ucx", "grpc", "tcp", "ipc"])
 def test_contiguous_and_fragmented_handoffs_are_byte_exact(pools, transport):
     receiver, sender = pools
     for n in (1, BLOCK, BLOCK + 1, 1000):  # contiguous at both ends: one message per handoff

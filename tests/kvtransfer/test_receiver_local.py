@@ -63,8 +63,13 @@ async def test_handoff_copies_bytes_and_hands_over_the_blocks(ends):
     assert await dst.num_free_blocks() == 24  # the caller owns them now
     await receiver.release(handoff)
     assert await dst.num_free_blocks() == 32
-    assert registry.get_sample_value("baton:kv_transfer_bytes_total", {"model_name": "tiny", "role": "decode"}) == 8 * LAYOUT.block_bytes
-    assert registry.get_sample_value("baton:kv_transfer_seconds_count", {"model_name": "tiny", "role": "prefill"}) == 1
+    assert result.transport == "grpc"
+    for role in ("decode", "prefill"):  # each handoff is counted by transport, with its size
+        labels = {"model_name": "tiny", "role": role, "transport": "grpc"}
+        assert registry.get_sample_value("baton:kv_transfer_bytes_total", labels) == 8 * LAYOUT.block_bytes
+        assert registry.get_sample_value("baton:kv_transfer_seconds_count", labels) == 1
+        assert registry.get_sample_value("baton:kv_transfer_handoff_bytes_sum", labels) == 8 * LAYOUT.block_bytes
+        assert registry.get_sample_value("baton:kv_transfer_handoff_bytes_bucket", {**labels, "le": "65536.0"}) == 1
 
 
 async def test_wait_after_completion_still_gets_the_handoff(ends):
@@ -91,8 +96,13 @@ async def test_expiry_frees_the_blocks_and_both_sides_hear_why(ends):
         await receiver.wait(ticket.ticket_id)
     assert sent.value.reason == waited.value.reason == "expired"
     assert receiver.reserved_blocks == 0
+    # The reservation expired before any data plane began filling it: transport "none".
     assert registry.get_sample_value("baton:kv_transfer_failures_total",
-                                     {"model_name": "tiny", "role": "decode", "reason": "expired"}) == 1
+                                     {"model_name": "tiny", "role": "decode", "reason": "expired",
+                                      "transport": "none"}) == 1
+    assert registry.get_sample_value("baton:kv_transfer_failures_total",
+                                     {"model_name": "tiny", "role": "prefill", "reason": "expired",
+                                      "transport": "grpc"}) == 1
 
 
 async def test_an_unclaimed_filled_ticket_expires_too(ends):
