@@ -240,6 +240,10 @@ def _compressed_tensors(qc: dict) -> QuantConfig:
         else:
             raise QuantizationConfigError(f"compressed-tensors FP8: weight strategy {strategy!r} is not supported")
         acts = _ct_activations(a) if a else None
+        if acts is not None and (acts.strategy == "group") != (weights.strategy == "block"):
+            raise QuantizationConfigError(
+                "compressed-tensors FP8: per-group activation scales go with block weight scales only"
+            )
     elif fmt == "pack-quantized":
         if w.get("type") != "int" or w.get("num_bits") != 4:
             raise QuantizationConfigError("compressed-tensors pack-quantized: only 4-bit int weights are supported")

@@ -1,0 +1,92 @@
+"""The quantized products' Triton kernels on the CPU, through Triton's interpreter.
+
+Run by test_kernels_interpreted.py (with interpreted_kernels.py) in a child process with `TRITON_INTERPRET=1` (read when
+triton is first imported). The interpreter's bf16 products are wrong, so activations here
+are float32 and float16; bf16 runs in the `gpu` tests (test_quant_kernels.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("run through test_kernels_interpreted.py (needs TRITON_INTERPRET=1)", allow_module_level=True)
+
+from quant_layers import fp8_layer, int4_layer, rel_err  # noqa: E402
+
+from baton.engine.quantization import fp8, kernels  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16]
+
+
+def quantized_input(layer, x):
+    """x rounded to e4m3 by the torch reference (see test_fp8_row_quantizer)."""
+    if layer.act.strategy in ("static", "tensor"):
+        return kernels.quantize_fp8(x, layer.act.strategy, layer.input_scale)  # torch on every device
+    q, s = fp8.quantize_dynamic(x, layer.act.strategy, 128)
+    return q, s.reshape(x.shape[0], -1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("act", ["token", "static", "tensor"])
+def test_fp8_product_matches_the_reference(dtype, rows, act):
+    layer = fp8_layer(48, 160, act, bias=rows == 5)
+    x = torch.randn(rows, 160).to(dtype)
+    want = layer.reference(x)
+    got = kernels.fp8_matmul(layer, *quantized_input(layer, x), dtype)
+    assert got.dtype == dtype and got.shape == (rows, 48)
+    assert rel_err(got, want) < 1e-3
+    if act != "token":  # the whole layer: its quantizer is torch code, exact here
+        assert rel_err(kernels.fp8_linear(layer, x), want) < 1e-3
+
+
+@pytest.mark.parametrize("rows", [1, 17])
+def test_fp8_block_scaled_product_matches_the_reference(rows):
+    layer = fp8_layer(256, 256, "group", block=(128, 128), seed=1)
+    x = torch.randn(rows, 256) * torch.linspace(0.1, 10, 256)  # groups with different ranges
+    got = kernels.fp8_matmul(layer, *quantized_input(layer, x), torch.float32)
+    assert rel_err(got, layer.reference(x)) < 1e-3
+
+
+def test_fp8_row_quantizer():
+    """Scales exactly; codes within one e4m3 step: the interpreter's own float-to-e4m3 cast
+    rounds some values near a power of two down a binade (-31.3 -> -16), which a GPU does
+    not; the `gpu` tests compare the codes exactly."""
+    x = torch.randn(7, 256) * torch.logspace(-3, 1, 7)[:, None]
+    for strategy in ("token", "group"):
+        q, scale = kernels.quantize_fp8(x, strategy, group_size=128)
+        want_q, want_scale = fp8.quantize_dynamic(x, strategy, 128)
+        torch.testing.assert_close(scale.reshape(want_scale.shape), want_scale)
+        same = q.float() == want_q.float()
+        assert same.float().mean() > 0.9
+        assert ((q.float() - want_q.float()).abs() <= want_q.float().abs() / 2 + 2**-9)[~same].all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 6, 70])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_product_matches_the_reference(dtype, rows, group):
+    layer = int4_layer(40, 256, group, bias=rows == 6)
+    x = torch.randn(rows, 256).to(dtype)
+    want = torch.nn.functional.linear(x.double(), layer.dequantize().double(),
+                                      None if layer.bias is None else layer.bias.double())
+    got = kernels.int4_linear(layer, x)
+    assert got.dtype == dtype
+    assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 3e-3)
+
+
+def test_int4_product_with_activation_order():
+    layer = int4_layer(32, 128, 32, act_order=True, seed=3)
+    x = torch.randn(3, 128)
+    want = x.double() @ layer.dequantize().double().t()
+    assert rel_err(kernels.int4_linear(layer, x), want) < 1e-5
+
+
+def test_use_kernels_sets_every_quantized_layer():
+    model = torch.nn.Sequential(fp8_layer(16, 32, "token"), int4_layer(32, 64, 32), torch.nn.Linear(4, 4))
+    assert kernels.use_kernels(model) == 2
+    assert model[0].kernel is kernels.fp8_linear and model[1].kernel is kernels.int4_linear
