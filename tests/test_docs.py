@@ -120,3 +120,44 @@ def test_nothing_in_the_repository_points_outside_it():
             continue
         hits += [f"{rel}:{n}" for n, line in enumerate(text.splitlines(), 1) if outside.search(line)]
     assert not hits, f"these lines point outside the repository: {hits}"
+
+
+def _table_flags(section: str) -> list[set[str]]:
+    """The flags named in the first column of each table of a section of the map."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    tables, current = [], None
+    for line in body.splitlines():
+        if line.startswith("|"):
+            if current is None:
+                current = set()
+                tables.append(current)
+            current |= set(re.findall(r"--[a-z][a-z0-9-]*", line.split("|")[1]))
+        else:
+            current = None
+    return tables
+
+
+def _documented(option_strings: list[str], table: set[str]) -> bool:
+    # `--no-x` documents the BooleanOptionalAction `--x` and the other way round.
+    names = {o for o in option_strings if o.startswith("--")}
+    names |= {o.replace("--no-", "--", 1) for o in names} | {"--no-" + o[2:] for o in names}
+    return bool(names & table)
+
+
+def test_the_command_line_tables_match_the_parsers():
+    from baton.router.config import build_parser as router_parser
+    from baton.worker import flags
+
+    worker_table, router_table = _table_flags("Process command lines")
+    worker = flags.build_parser("baton serve-decode", "decode")
+    derived = set(worker.get_default("_engine_fields")) - set(flags._ENGINE_FIELDS)
+    for parser, table, derived_dests in ((worker, worker_table, derived), (router_parser(), router_table, set())):
+        actions = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+        undocumented = [a.option_strings[0] for a in actions
+                        if a.dest not in derived_dests and not _documented(a.option_strings, table)]
+        known = {o for a in actions for o in a.option_strings}
+        known |= {o.replace("--no-", "--", 1) for o in known}
+        gone = sorted(f for f in table if f not in known)
+        assert not undocumented, f"{parser.prog}: flags missing from docs/architecture.md: {undocumented}"
+        assert not gone, f"{parser.prog}: docs/architecture.md names flags it does not accept: {gone}"
