@@ -161,3 +161,12 @@ def test_the_command_line_tables_match_the_parsers():
         gone = sorted(f for f in table if f not in known)
         assert not undocumented, f"{parser.prog}: flags missing from docs/architecture.md: {undocumented}"
         assert not gone, f"{parser.prog}: docs/architecture.md names flags it does not accept: {gone}"
+
+
+def test_the_map_lists_every_handoff_failure_reason():
+    from baton.kvtransfer.errors import REASONS
+
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    listed = text.split("**Failure reasons**", 1)[1].split("\n- ", 1)[0]
+    missing = [r for r in REASONS if f"`{r}`" not in listed]
+    assert not missing, f"docs/architecture.md, KV transfer, lacks failure reasons {missing}"
