@@ -3,8 +3,10 @@
 import importlib
 import pathlib
 import shutil
+import site
 import subprocess
 import sys
+import sysconfig
 import tomllib
 import zipfile
 
@@ -51,6 +53,8 @@ def test_readme_test_command_is_what_ci_runs():
     readme = (ROOT / "README.md").read_text().splitlines()
     i = readme.index("<!-- test-command -->")
     assert readme[i + 1].startswith("```") and "pytest" in readme[i + 2]
+    # In a fresh venv the project's torch range alone would pull the newest (CUDA) build.
+    assert readme[i + 2].startswith("pip install torch==2.13.0 && ")
     assert "<!-- test-command -->" in (ROOT / ".ci" / "run").read_text()
 
 
@@ -71,7 +75,13 @@ def test_serve_worker_is_an_alias_of_serve_colocated():
 
 
 def test_a_built_wheel_installs_and_imports_every_subpackage(tmp_path):
-    """A normal (non-editable) install works too: the mapped folders land inside baton/."""
+    """A normal (non-editable) install works too: the mapped folders land inside baton/.
+
+    The wheel goes into a new virtual environment without its dependencies; those (torch,
+    grpc, ...) are taken from the environment running this test, wherever pip put them (a
+    fresh venv, or the system interpreter). Its directories are appended as plain path
+    entries, so their .pth files (an editable install of baton) do not run and the wheel's
+    baton is the one imported."""
     # Build from a clean copy: setuptools reuses an in-tree build/ left by earlier builds.
     src = tmp_path / "src"
     shutil.copytree(
@@ -84,9 +94,13 @@ def test_a_built_wheel_installs_and_imports_every_subpackage(tmp_path):
     )
     wheel = next(tmp_path.glob("baton-*.whl"))
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, capture_output=True)
+    venv_site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip()
+    deps = dict.fromkeys([*site.getsitepackages(), *(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))])
+    (pathlib.Path(venv_site) / "_test_dependencies.pth").write_text("".join(f"{d}\n" for d in deps))
     names = _pyproject()["tool"]["setuptools"]["packages"]
     code = (
         "import importlib, baton, pathlib\n"
