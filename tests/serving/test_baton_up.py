@@ -35,6 +35,19 @@ def test_bad_arguments_fail_fast():
     assert bad.returncode == 2
 
 
+def test_colocated_workers_are_planned_under_one_name(tiny_model_dir):
+    """`--colocated N` (older spelling `--workers N`) starts N `serve-colocated` processes
+    and hands them to the router with `--colocated`."""
+    from baton.up import build_parser, plan
+
+    for flag in ("--colocated", "--workers"):
+        children = plan(build_parser().parse_args(["--mode", "colocated", flag, "2"]), tiny_model_dir)
+        workers, router = children[:-1], children[-1]
+        assert [c.name for c in workers] == ["colocated-0", "colocated-1"]
+        assert all(c.argv[0] == "serve-colocated" and "--kv-transfer" not in c.argv for c in workers)
+        assert router.argv[router.argv.index("--colocated") + 1].count(",") == 1
+
+
 def test_killing_baton_up_outright_takes_its_children_along(_tiny_model_cache):
     dep = baton_up("--mode", "colocated")
     dep.proc.kill()  # SIGKILL: no chance to clean up; the children get the parent-death signal
