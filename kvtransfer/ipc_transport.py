@@ -75,6 +75,12 @@ class IpcExport:
         self.kv, self.rows = kv, rows
         self.pool_id = uuid.uuid4().hex
         if kv.device.type == "cpu":
+            # tmpfs grants pages lazily: a pool larger than /dev/shm's free space would die
+            # of SIGBUS while being moved, so refuse up front (no ipc then).
+            fs = os.statvfs("/dev/shm")
+            need = kv.untyped_storage().nbytes()
+            if fs.f_bavail * fs.f_frsize < need:
+                raise RuntimeError(f"/dev/shm has {fs.f_bavail * fs.f_frsize} bytes free, the KV pool needs {need}")
             # Moves the pool into a shared-memory file in place (every view follows): call
             # it only while nothing reads or writes the pool (`KVPool.exclusive`).
             manager, filename, size = kv.untyped_storage()._share_filename_cpu_()
