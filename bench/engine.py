@@ -189,23 +189,24 @@ def bench_decode_engine(engine: LLMEngine, batches: list[int], context: int, rng
 
 
 def bench_unfused_and_eager(engine: LLMEngine, rng, context: int) -> dict:
-    """What the fused kernels and the CUDA graphs buy: the same steps without them."""
+    """What the fast path and the CUDA graphs buy: the same steps without them (the torch
+    reference model, the same attention backend)."""
     from baton.engine.cuda_graphs import DecodeGraphs
-    from baton.engine.models.llama import set_fused_kernels
 
     runner, out = engine.runner, {}
+    fast = runner.model
     for b in (1, 64):
         seqs = synthetic_seqs(engine, b, context, rng)
         batch = ScheduledBatch(seqs, [1] * b)
         graphs = runner.graphs
         runner.graphs = None
         out[f"eager_fused_step_ms_b{b}"] = 1e3 * timed(lambda batch=batch: runner.execute(batch), repeats=10)
-        set_fused_kernels(False)
+        runner.model = runner.reference
         out[f"eager_unfused_step_ms_b{b}"] = 1e3 * timed(lambda batch=batch: runner.execute(batch), repeats=10)
-        unfused = DecodeGraphs(runner.model, runner.backend, runner.kv, engine.config.block_size,
+        unfused = DecodeGraphs(runner.reference, runner.backend, runner.kv, engine.config.block_size,
                                engine.config.max_model_len, b, runner.device, sizes=[b])
         unfused.capture()
-        set_fused_kernels(True)
+        runner.model = fast
         unfused.fill(seqs)
         unfused._upload(b)
         out[f"graph_unfused_gpu_ms_b{b}"] = 1e3 * gpu_time(unfused.graphs[b][0].replay)
@@ -339,9 +340,9 @@ def main() -> None:
         model=str(model_dir), dtype="bfloat16", device="cuda", max_model_len=8320, max_num_seqs=256,
         max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=0.9))
     result["engine_start_s"] = time.perf_counter() - t
-    from baton.engine.models import skinny_gemm
-
-    result["few_row_matmul_tuning"] = dict(skinny_gemm.REPORT)
+    result["kernel_config"] = dataclasses.asdict(engine.runner.kernels)
+    result["kernels"] = engine.runner.explain()
+    result["few_row_matmul_tuning"] = dict(engine.runner.model.tuning.report)
     result["attention_backend"] = engine.runner.backend_name
     result["kv_blocks"] = engine.runner.num_blocks
     engine.runner.kv.normal_()  # never time on zeros

@@ -19,6 +19,86 @@ _DTYPES = {
 }
 
 
+@dataclass(frozen=True)
+class KernelConfig:
+    """The fast path's kernel and performance switches (CUDA only: the CPU runs the torch
+    reference model). Defaults are the measured-best settings; benchmarks vary them by
+    building engines (or `ModelRunner.set_kernel_config`) with other values. The environment
+    overrides the defaults of engines that are given none (`baton.settings.kernel_switches`,
+    the BATON_* spellings); `--kernel-config NAME=VALUE,...` overrides them per worker."""
+
+    # The fast path at all (engine/fastpath): off runs the torch reference model on CUDA too
+    # (the attention backend's kernels still run).
+    fused_kernels: bool = True
+    # Programmatic dependent launch for the Triton kernels (engine/fastpath/pdl.py); only on
+    # GPUs of compute capability 9.0 or more (`for_device`).
+    pdl: bool = True
+    # Weight bytes of each few-row product prefetched into L2 before its PDL wait (all
+    # programs together; 0: none), and how (2: the start of each of a program's rows, what
+    # its K loop reads first; 1: its first rows whole).
+    prefetch_mb: float = 8.0
+    prefetch_mode: int = 2
+    # The transposed few-row product configurations take part in the choice.
+    use_swap: bool = True
+    # A fused few-row form (SiLU, residual add + norm, rotary) replaces a kernel of its own:
+    # it is used while its configuration is at most this much slower than cuBLAS unfused.
+    fused_credit_us: float = 2.0
+    # Residual add + RMSNorm of decode steps in the epilogues of the products around it.
+    fuse_norms: bool = True
+    # Rotary + KV store in the Q/K/V product's epilogue for steps whose attention kernel
+    # does not do them (with it on at engine start the Q/K/V shape is tuned in both forms).
+    rope_epilogue: bool = True
+    # Decode-only steps of at most this many (sequence, KV head) pairs do the rotary and KV
+    # store inside the decode attention kernel (larger ones: the kernel slows by about
+    # what the saved kernel took).
+    rope_attention_max_pairs: int = 128
+    # The decode attention's last split merges the splits (else a merge kernel of its own).
+    merge_in_splits: bool = True
+    # Decode attention splits: about `split_programs` programs in all, none from
+    # `split_until_pairs` (sequence, KV head) pairs on.
+    split_programs: int = 320
+    split_until_pairs: int = 256
+    # The decode graphs' input copy on a side stream, overlapping the previous step's
+    # sampling (engine/cuda_graphs.py); off: no gain measured.
+    side_stream_inputs: bool = False
+
+    @property
+    def prefetch_bytes(self) -> int:
+        return int(self.prefetch_mb * 2**20)
+
+    def for_device(self, device: torch.device) -> KernelConfig:
+        """This configuration with `pdl` resolved for `device` (off where it cannot run)."""
+        on = self.pdl and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+        return dataclasses.replace(self, pdl=on)
+
+    @classmethod
+    def from_env(cls, overrides: str | None = None) -> KernelConfig:
+        """The defaults, with the environment's BATON_* switches over them, and `overrides`
+        ("NAME=VALUE,...", field names; true/false/1/0 for switches) over those."""
+        from baton.settings import kernel_switches
+
+        values: dict[str, Any] = kernel_switches()
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for item in filter(None, (overrides or "").split(",")):
+            name, sep, raw = item.partition("=")
+            name = name.strip().replace("-", "_")
+            if not sep or name not in fields:
+                raise ValueError(f"kernel_config: {item!r} is not NAME=VALUE with NAME one of {sorted(fields)}")
+            values[name] = _parse_switch(name, raw.strip(), type(getattr(cls(), name)))
+        return cls(**values)
+
+
+def _parse_switch(name: str, raw: str, kind: type) -> Any:
+    if kind is bool:
+        if raw.lower() not in ("1", "0", "true", "false", "on", "off"):
+            raise ValueError(f"kernel_config: {name}={raw!r} is not a switch (true/false, on/off, 1/0)")
+        return raw.lower() in ("1", "true", "on")
+    try:
+        return kind(raw)
+    except ValueError as exc:
+        raise ValueError(f"kernel_config: {name}={raw!r} is not a {kind.__name__}") from exc
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -68,6 +148,9 @@ class EngineArgs:
     # None: on for CUDA, where the host's work then overlaps the GPU's, off on the CPU
     async_scheduling: bool | None = None
     disable_log_stats: bool = True
+    # Kernel switches (`KernelConfig`); None: the defaults with the environment's BATON_*
+    # switches over them; a string "NAME=VALUE,..." overrides those (the workers' flag).
+    kernel_config: KernelConfig | str | None = None
 
     def create_engine_config(self) -> EngineConfig:
         model_dir = Path(self.model) if self.model else _default_model_dir()
@@ -126,6 +209,8 @@ class EngineArgs:
             attention_backend=self.attention_backend,
             enforce_eager=self.enforce_eager,
             async_scheduling=device.type == "cuda" if self.async_scheduling is None else self.async_scheduling,
+            kernels=(self.kernel_config if isinstance(self.kernel_config, KernelConfig)
+                     else KernelConfig.from_env(self.kernel_config)),
         )
 
     @classmethod
@@ -163,6 +248,7 @@ class EngineConfig:
     attention_backend: str
     enforce_eager: bool = False
     async_scheduling: bool = False
+    kernels: KernelConfig = KernelConfig()
 
     @property
     def num_layers(self) -> int:

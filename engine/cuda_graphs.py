@@ -14,10 +14,10 @@ inputs step n still reads (the copies and replays are ordered on one stream), an
 never rewrites a mirror whose copy may still be queued: steps alternate between two sets
 of mirrors, and the host has waited for step n-1's tokens before it fills step n+1's.
 
-With `SIDE_STREAM_INPUTS` the copy runs on a stream of its own instead: it waits for the
-previous replay to end (an event), so it overlaps that step's sampling and token copy rather
-than following them, and the replay waits for it (another event). Off by default: on an H100
-it did not change batch-1 time per token beyond noise (docs/architecture.md). The ordering
+With `side_stream_inputs` (`KernelConfig`) the copy runs on a stream of its own instead: it
+waits for the previous replay to end (an event), so it overlaps that step's sampling and
+token copy rather than following them, and the replay waits for it (another event). Off by
+default: it did not change batch-1 time per token beyond noise. The ordering
 above holds either way (step n+1's copy starts after step n's replay, step n+1's replay
 after its copy, and step n's replay after step n's copy, which the host's wait for step
 n-1's tokens does not precede).
@@ -26,7 +26,6 @@ n-1's tokens does not precede).
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
@@ -36,10 +35,6 @@ from baton.engine.scheduler import ScheduledBatch
 from baton.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
-
-# The input copy on a side stream, overlapping the previous step's sampling (see above);
-# BATON_SIDE_STREAM_INPUTS=1 turns it on (no gain measured on an H100), benchmarks flip it.
-SIDE_STREAM_INPUTS = os.environ.get("BATON_SIDE_STREAM_INPUTS", "0") == "1"
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -51,8 +46,9 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 class DecodeGraphs:
     def __init__(self, model, backend: AttentionBackend, kv: torch.Tensor, block_size: int,
                  max_model_len: int, max_num_seqs: int, device: torch.device,
-                 sizes: list[int] | None = None):
+                 sizes: list[int] | None = None, side_stream_inputs: bool = False):
         self.model = model
+        self.side_stream_inputs = side_stream_inputs
         self.backend = backend
         self.kv = kv
         self.block_size = block_size
@@ -74,7 +70,7 @@ class DecodeGraphs:
         self._query_start = torch.arange(b + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.num_replays = 0
-        self._copy_stream: torch.cuda.Stream | None = None  # SIDE_STREAM_INPUTS, made on first use
+        self._copy_stream: torch.cuda.Stream | None = None  # side_stream_inputs, made on first use
         self._replayed: torch.cuda.Event | None = None  # recorded after each replay, with it
 
     def _nbytes(self, size: int) -> int:
@@ -133,7 +129,7 @@ class DecodeGraphs:
         `input_ids` (on the device): the step's tokens, when the host does not know them yet
         (asynchronous scheduling: the previous step's samples)."""
         size = self.fill(seqs)
-        aside = SIDE_STREAM_INPUTS
+        aside = self.side_stream_inputs
         if aside:
             self._upload_aside(size)
         else:

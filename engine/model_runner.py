@@ -4,6 +4,9 @@
 its tokens, and samples the next token for every sequence whose step reaches the end of its
 known tokens. Everything else in the engine is CPU bookkeeping.
 
+The model is built as the torch reference (`engine/models`); on CUDA the runner runs it
+through the fast path (`engine/fastpath.apply_fast_path`, under the engine's
+`KernelConfig`), tunes its few-row kernels and logs which kernel computes each op.
 On CUDA, decode-only steps replay CUDA graphs captured at start-up (`cuda_graphs.py`) unless
 `enforce_eager` is set or the attention backend cannot be captured; other steps run eagerly.
 Inputs go to the device with non-blocking copies and sampling stays on the device, so the
@@ -18,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from baton.engine.attention.base import create_backend, pick_backend_name
-from baton.engine.config import EngineConfig
+from baton.engine.config import EngineConfig, KernelConfig
+from baton.engine.fastpath import apply_fast_path, explain
 from baton.engine.input_prep import prepare
 from baton.engine.kv_cache import KVCacheSpec
 from baton.engine.loader import load_model
@@ -45,8 +49,10 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, eos_token_ids: list[int]):
         self.config = config
         self.device = config.device
+        self.kernels = config.kernels.for_device(self.device)  # PDL resolved for this GPU
         torch.manual_seed(config.seed)
-        self.model = load_model(config)
+        self.reference = load_model(config)  # the torch model, as engine/models writes it
+        self.model = apply_fast_path(self.reference, self.kernels, self.device)  # what runs
         self.kv_spec = KVCacheSpec(
             num_layers=config.num_layers,
             num_kv_heads=config.num_kv_heads,
@@ -55,35 +61,61 @@ class ModelRunner:
             dtype=config.dtype,
         )
         self.backend_name = pick_backend_name(config.attention_backend, self.device)
-        self.backend = create_backend(
-            self.backend_name,
-            self.device,
-            num_heads=config.num_heads,
-            num_kv_heads=config.num_kv_heads,
-            head_dim=config.head_dim,
-            scale=config.head_dim**-0.5,
-        )
+        self.backend = self._create_backend()
         self.graphs = None  # decode CUDA graphs, captured once the KV pool exists
         self.num_blocks = self._decide_num_blocks()
         self.kv = self.kv_spec.allocate(self.num_blocks, self.device)
-        self.sampler = Sampler(self.device, config.seed, eos_token_ids)
-        if self.device.type == "cuda" and config.dtype != torch.float32:
-            from baton.engine.models import skinny_gemm
-
-            skinny_gemm.tune(self.model, max_rows=min(skinny_gemm.MAX_ROWS, config.max_num_seqs))
-        if self.device.type == "cuda" and self.backend.supports_cuda_graphs and not config.enforce_eager:
-            from baton.engine.cuda_graphs import DecodeGraphs
-
-            self.graphs = DecodeGraphs(
-                self.model, self.backend, self.kv, config.block_size, config.max_model_len,
-                config.max_num_seqs, self.device,
-            )
-            self.graphs.capture()
+        self.sampler = Sampler(self.device, config.seed, eos_token_ids, pdl=self.kernels.pdl)
+        self._tune()
+        log.info("kernels of each step:\n%s", self.explain())
+        self._capture_graphs()
         log.info(
             "KV pool: %d blocks of %d tokens (%.1f MiB) on %s, attention backend %s",
             self.num_blocks, config.block_size,
             self.num_blocks * self.kv_spec.block_bytes / 2**20, self.device, self.backend_name,
         )
+
+    def _create_backend(self):
+        c = self.config
+        return create_backend(self.backend_name, self.device, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+                              head_dim=c.head_dim, scale=c.head_dim**-0.5, kernels=self.kernels)
+
+    def _tune(self) -> None:
+        """Time the fast path's few-row kernels for this model (not in float32, where cuBLAS runs)."""
+        if self.model is not self.reference and self.config.dtype != torch.float32:
+            from baton.engine.fastpath.few_row import MAX_ROWS
+
+            self.model.tune(max_rows=min(MAX_ROWS, self.config.max_num_seqs))
+
+    def _capture_graphs(self) -> None:
+        c = self.config
+        if self.device.type == "cuda" and self.backend.supports_cuda_graphs and not c.enforce_eager:
+            from baton.engine.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(
+                self.model, self.backend, self.kv, c.block_size, c.max_model_len, c.max_num_seqs, self.device,
+                side_stream_inputs=self.kernels.side_stream_inputs,
+            )
+            self.graphs.capture()
+
+    def explain(self) -> str:
+        """Which kernel computes each op of a step, per decode batch size (a text table)."""
+        sizes = [b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64) if b <= self.config.max_num_seqs]
+        return explain(self.model, self.backend, sizes)
+
+    def set_kernel_config(self, kernels: KernelConfig) -> None:
+        """Run with other kernel switches from now on (benchmarks compare them in one process):
+        the fast path applied anew to the reference (its tuning kept; a form it did not time
+        before is timed now), a new attention backend, the decode graphs captured again."""
+        self.kernels = kernels.for_device(self.device)
+        self.model = apply_fast_path(self.reference, self.kernels, self.device, getattr(self.model, "tuning", None))
+        self._tune()
+        self.backend = self._create_backend()
+        self.sampler.pdl = self.kernels.pdl
+        if self.graphs is not None:
+            self.graphs = None
+            torch.cuda.empty_cache()
+            self._capture_graphs()
 
     def _decide_num_blocks(self) -> int:
         c = self.config

@@ -19,22 +19,29 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    parser.add_argument("--kernel-config", default=None, metavar="NAME=VALUE,...",
+                        help="kernel switches over the defaults (KernelConfig fields, e.g. fuse_norms=false)")
+    parser.add_argument("--explain", action="store_true",
+                        help="print which kernel computes each op per decode batch size (then generate any prompts)")
     args = parser.parse_args(argv)
 
     from baton.engine.llm import LLM
     from baton.sampling_params import SamplingParams
 
-    prompts = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not prompts:
+    prompts = args.prompts or ([] if args.explain else [line.rstrip("\n") for line in sys.stdin if line.strip()])
+    if not prompts and not args.explain:
         parser.error("give at least one prompt")
     try:
         params = SamplingParams(
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
         )
         llm = LLM(
-            model=args.model, dtype=args.dtype, device=args.device, num_gpu_blocks_override=args.num_gpu_blocks_override
+            model=args.model, dtype=args.dtype, device=args.device, num_gpu_blocks_override=args.num_gpu_blocks_override,
+            kernel_config=args.kernel_config,
         )
-        outputs = llm.generate(prompts, params)
+        if args.explain:
+            print(llm.engine.runner.explain())
+        outputs = llm.generate(prompts, params) if prompts else []
     except (ValueError, FileNotFoundError) as exc:
         print(f"baton generate: {exc}", file=sys.stderr)
         return 2

@@ -31,8 +31,9 @@ class SampleResult:
 
 
 class Sampler:
-    def __init__(self, device: torch.device, seed: int, eos_token_ids: list[int]):
+    def __init__(self, device: torch.device, seed: int, eos_token_ids: list[int], pdl: bool = False):
         self.device = device
+        self.pdl = pdl  # the engine's PDL setting, for the Triton argmax
         self.eos_token_ids = list(eos_token_ids)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
@@ -67,9 +68,9 @@ class Sampler:
             # Nothing edits the logits: the argmax of the model's dtype is the argmax of its
             # exact float32 copy, without writing and reading that copy (33 MB at batch 64).
             if logits.is_cuda and logits.stride(-1) == 1:
-                from baton.engine.models.triton_ops import argmax_rows
+                from baton.engine.fastpath.triton_ops import argmax_rows
 
-                return argmax_rows(logits)
+                return argmax_rows(logits, pdl=self.pdl)
             return logits.argmax(dim=-1)
         return self._choose(logits, seqs, False)[0]
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from baton.engine.config import KernelConfig
+
 
 @dataclass
 class AttentionMetadata:
@@ -71,11 +73,13 @@ class AttentionBackend(ABC):
     name: str
     supports_cuda_graphs = False
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 kernels: KernelConfig | None = None):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.kernels = kernels or KernelConfig(pdl=False)  # the engine's kernel switches, PDL resolved
 
     def forward(
         self,
@@ -109,6 +113,10 @@ class AttentionBackend(ABC):
         sin); None where this backend has no such kernel or it does not pay for this step
         (`fuses_rope` is False)."""
         return None
+
+    def decode_kernel(self, num_seqs: int) -> str:
+        """What computes a decode-only step of `num_seqs` sequences (for the engine's log)."""
+        return f"{self.name} attention"
 
     @abstractmethod
     def attend(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from baton.engine.attention.base import AttentionBackend, AttentionMetadata
-from baton.engine.attention.triton_decode import paged_decode
+from baton.engine.attention.triton_decode import SplitCounts, num_splits_for, paged_decode
 from baton.engine.attention.triton_prefill import paged_prefill, prefill_config, prefill_work
 
 
@@ -61,17 +61,27 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     )
 
 
-# Measured on an H100 at 1k-token contexts, 8 KV heads (bench/attention_kernels.py, decode_rope):
-# fused against plain + rope_store (3.2 us), per layer: batch 1 5.7 against 5.3 + 3.2 us,
-# batch 8 15.3 against 14.2 + 3.2, batch 32 55.0 against 49.9 + 3.2. With the new token
-# handled before the walk, whole decode graphs at batch 32 / 64 took 7.283 / 8.718 ms fused
-# against 7.298 / 8.704 with rope_store (decode-profile-attention-variants-h100.json): no gain.
-ROPE_MAX_PAIRS = 128
-
-
 class TritonAttention(AttentionBackend):
+    """The Triton kernels, under the engine's `KernelConfig`: the decode kernel's split rule,
+    the merge in the last split (its counters are this backend's), the rotary + KV store in
+    the decode kernel for decode-only steps of at most `rope_attention_max_pairs` (sequence,
+    KV head) pairs (beyond, the kernel slows by about what the saved kernel took), PDL."""
+
     name = "triton"
     supports_cuda_graphs = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._split_counts = SplitCounts() if self.kernels.merge_in_splits else None
+
+    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, out: torch.Tensor, num_programs: int,
+                **kwargs) -> torch.Tensor:
+        """`paged_decode` for `num_programs` sequences under this backend's settings."""
+        k = self.kernels
+        splits = num_splits_for(num_programs, self.num_kv_heads, programs=k.split_programs,
+                                until_pairs=k.split_until_pairs)
+        return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_t, self.scale, out,
+                            num_splits=splits, split_counts=self._split_counts, pdl=k.pdl, **kwargs)
 
     def store(self, k, v, k_cache, v_cache, meta: AttentionMetadata) -> None:
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -79,31 +89,40 @@ class TritonAttention(AttentionBackend):
     def attend(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if meta.is_decode_only:
-            return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_t, self.scale, out)
+            return self._decode(q, k_cache, v_cache, meta, out, meta.block_tables.shape[0])
         plan = meta.plan.get("triton")
         if plan is None:
             plan = meta.plan["triton"] = self._plan(meta, q)
         if plan["decode_seqs"] is not None:
-            paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_t, self.scale, out,
+            self._decode(q, k_cache, v_cache, meta, out, plan["decode_seqs"].shape[0],
                          seq_ids=plan["decode_seqs"], q_rows=plan["decode_rows"])
         paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_t, meta.query_start_loc,
                       meta.query_lens, meta.seq_lens, self.scale, out, config=plan["config"], work=plan["work"])
         return out
 
     def fuses_rope(self, meta: AttentionMetadata) -> bool:
-        return meta.is_decode_only and meta.num_seqs * self.num_kv_heads <= ROPE_MAX_PAIRS
+        return meta.is_decode_only and meta.num_seqs * self.num_kv_heads <= self.kernels.rope_attention_max_pairs
 
     def rope_attend(self, qkv, cos_sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor | None:
-        """Decode-only steps of at most `ROPE_MAX_PAIRS` (sequence, KV head) pairs: the decode
-        kernel rotates and stores too, saving the rope_store kernel (~3 us). With more, the
-        decode kernel gets slower by about what the saved kernel took."""
+        """Decode-only steps of at most `rope_attention_max_pairs` (sequence, KV head) pairs:
+        the decode kernel rotates and stores too, saving the rope_store kernel."""
         if not self.fuses_rope(meta):
             return None
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q = qkv[:, :q_size].view(-1, self.num_heads, self.head_dim)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         rope = (cos_sin, qkv[:, q_size : q_size + kv_size], qkv[:, q_size + kv_size :], meta.slot_mapping)
-        return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_t, self.scale, out, rope=rope)
+        return self._decode(q, k_cache, v_cache, meta, out, meta.block_tables.shape[0], rope=rope)
+
+    def decode_kernel(self, num_seqs: int) -> str:
+        k = self.kernels
+        splits = num_splits_for(num_seqs, self.num_kv_heads, programs=k.split_programs, until_pairs=k.split_until_pairs)
+        text = f"Triton paged decode, {splits} split{'s' if splits > 1 else ''}"
+        if splits > 1:
+            text += ", merged in the last" if self._split_counts is not None else " + merge kernel"
+        if num_seqs * self.num_kv_heads <= k.rope_attention_max_pairs:
+            text += ", with rotary + KV store"
+        return text
 
     def _plan(self, meta: AttentionMetadata, q: torch.Tensor) -> dict:
         """Split a mixed step: one-token sequences go to the decode kernel."""

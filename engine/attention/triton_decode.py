@@ -6,7 +6,8 @@ the tensor cores), walks its split of the context in tiles of `BLOCK_N` tokens, 
 each token's key and value rows through the block table, and keeps an online softmax. With
 one split the program writes the final output; with several, each writes a normalised
 partial output and its log-sum-exp (base 2), and the split that finishes last for its
-sequence and KV head merges them (`MERGE_IN_SPLITS`, the default; else a second kernel).
+sequence and KV head merges them (with `split_counts`, the default of the Triton backend;
+else a second kernel).
 
 With `rope` (a decode-only step of a Llama-family model), the kernel also does the rotary
 embedding and the KV store that `triton_ops.rope_store` would do in a kernel of its own:
@@ -22,25 +23,16 @@ KV views are strided (the block stride of the block-major pool is not
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from baton.engine.attention.triton_tile import attend_tile
-from baton.engine.models.pdl import enter, launch_kwargs
+from baton.engine.fastpath.pdl import enter, launch_kwargs
 
-# The last split of each (sequence, KV head) merges the splits itself instead of a second
-# kernel doing it (`_merge_group`); BATON_MERGE_IN_SPLITS=0 runs the merge kernel instead. On
-# an H100 the batch-8 decode graph took 5.876 ms with it against 5.920 (44 us a step, the
-# merge kernel and its boundary in each of 32 layers; bench/results/decode-profile-switches-h100.json).
-MERGE_IN_SPLITS = os.environ.get("BATON_MERGE_IN_SPLITS", "1") != "0"
-# `num_splits_for`: splits for about SPLIT_PROGRAMS programs in all, none from
-# SPLIT_UNTIL_PAIRS (sequence, KV head) pairs on (benchmarks vary both).
+# `num_splits_for`'s defaults (`KernelConfig.split_programs`, `split_until_pairs`).
 SPLIT_PROGRAMS = 320
 SPLIT_UNTIL_PAIRS = 256
-_COUNTS: dict[torch.device, torch.Tensor] = {}  # per device, see `_split_counts`
 
 
 @triton.jit
@@ -203,31 +195,39 @@ def _decode_merge_kernel(
              mask=d < HEAD_DIM)
 
 
-def _split_counts(n: int, device: torch.device) -> torch.Tensor | None:
-    """Zeroed int32 counters, at least `n`, for `MERGE_IN_SPLITS` (kept per device: each
-    launch leaves them zero). None while a CUDA graph is being captured and they are too few
-    (an allocation there would be replayed as a memset): that step merges in its own kernel.
-    Warm-up steps before each capture size them."""
-    counts = _COUNTS.get(device)
-    if counts is None or counts.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        _COUNTS[device] = counts = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
-    return counts
+class SplitCounts:
+    """The counters with which the last split of each (sequence, KV head) merges the splits
+    itself instead of a second kernel doing it (`_merge_group`): zeroed int32, kept by one
+    attention backend (each launch leaves them zero), sized on first use per device."""
+
+    def __init__(self):
+        self._counts: dict[torch.device, torch.Tensor] = {}
+
+    def get(self, n: int, device: torch.device) -> torch.Tensor | None:
+        """At least `n` zeroed counters; None while a CUDA graph is being captured and they are
+        too few (an allocation there would be replayed as a memset): that step merges in its
+        own kernel. Warm-up steps before each capture size them."""
+        counts = self._counts.get(device)
+        if counts is None or counts.numel() < n:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return None
+            self._counts[device] = counts = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
+        return counts
 
 
-def num_splits_for(num_seqs: int, num_kv_heads: int, max_splits: int = 32) -> int:
-    """Splits for about 2.5 programs per SM (132 SMs on an H100); none from 256 (sequence,
-    KV head) pairs on: at 1k-token contexts on an H100, 32 sequences of 8 KV heads took
-    50 us in one split and 52 us in two plus the merge (bench/attention_kernels.py)."""
+def num_splits_for(num_seqs: int, num_kv_heads: int, max_splits: int = 32, programs: int = SPLIT_PROGRAMS,
+                   until_pairs: int = SPLIT_UNTIL_PAIRS) -> int:
+    """Splits for about `programs` programs in all (2.5 per SM of an H100); none from
+    `until_pairs` (sequence, KV head) pairs on, where one split beat two plus the merge
+    (bench/attention_kernels.py)."""
     pairs = max(1, num_seqs * num_kv_heads)
-    return 1 if pairs >= SPLIT_UNTIL_PAIRS else max(1, min(max_splits, -(-SPLIT_PROGRAMS // pairs)))
+    return 1 if pairs >= until_pairs else max(1, min(max_splits, -(-programs // pairs)))
 
 
 def decode_config(head_dim: int, num_seqs: int, num_kv_heads: int) -> tuple[int, int]:
     """(BLOCK_N, num_stages) by the number of (sequence, KV head) pairs, from the same
     measurements: short splits (few pairs) want small tiles, 64-256 pairs (batch 8-32 of an
-    8-KV-head model) 128-token tiles (b8: 14.1 against 16.1 us with 64), more want 64."""
+    8-KV-head model) 128-token tiles, more want 64."""
     if head_dim > 128:
         return 32, 2
     pairs = num_seqs * num_kv_heads
@@ -251,6 +251,8 @@ def paged_decode(
     num_warps: int = 4,
     num_stages: int | None = None,
     rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    split_counts: SplitCounts | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over its paged context.
 
@@ -265,6 +267,9 @@ def paged_decode(
     slot_mapping [S]): q is not rotated yet and the new token's key and value are not in the
     cache (see the module docstring); k_new/v_new rows share one stride (views of the fused
     Q/K/V projection). Not with `seq_ids`.
+
+    split_counts: the last split merges (else a merge kernel); pdl: launch with
+    programmatic dependent launch.
     """
     num_programs = (seq_ids.shape[0] if seq_ids is not None else block_tables.shape[0])
     if num_programs == 0:
@@ -300,7 +305,9 @@ def paged_decode(
         part_lse = torch.empty((num_programs, num_heads, num_splits), dtype=torch.float32, device=q.device)
     else:
         part_o = part_lse = out
-    counts = _split_counts(num_programs * num_kv_heads, q.device) if num_splits > 1 and MERGE_IN_SPLITS else None
+    counts = None
+    if num_splits > 1 and split_counts is not None:
+        counts = split_counts.get(num_programs * num_kv_heads, q.device)
     _decode_split_kernel[(num_programs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens,
         seq_ids if indirect else dummy, q_rows if indirect else dummy,
@@ -321,7 +328,7 @@ def paged_decode(
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         MERGE=counts is not None, GROUP_P2=triton.next_power_of_2(group),
         SPLITS_PAD=triton.next_power_of_2(num_splits),
-        num_warps=num_warps, num_stages=num_stages, **launch_kwargs(),
+        num_warps=num_warps, num_stages=num_stages, **launch_kwargs(pdl),
     )
     if num_splits > 1 and counts is None:
         _decode_merge_kernel[(num_programs, num_heads)](
@@ -329,6 +336,6 @@ def paged_decode(
             out.stride(0), out.stride(1), num_heads, num_splits,
             HEAD_DIM=head_dim, D_PAD=d_pad,
             SPLITS_PAD=triton.next_power_of_2(num_splits), INDIRECT=indirect,
-            num_warps=1 if d_pad <= 128 else 2, **launch_kwargs(),
+            num_warps=1 if d_pad <= 128 else 2, **launch_kwargs(pdl),
         )
     return out

@@ -1,19 +1,13 @@
-"""Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2) over a paged KV cache.
+"""Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2) over a paged KV cache, in plain torch.
 
 The forward pass works on a flat batch: `input_ids` and `positions` are `[T]` for all the
 step's tokens of all sequences; attention finds each sequence's rows through
 `AttentionMetadata`. Q/K/V and gate/up projections are fused at load time (one matmul
 each); Hugging Face checkpoint names are mapped onto the fused weights in `load_weights`.
 
-On CUDA (with Triton) three fused kernels replace chains of small ones: residual add +
-RMSNorm, rotary + KV store, SiLU * up (`triton_ops`); in decode steps (few rows) SiLU * up
-runs inside the gate/up product's kernel and the residual add + RMSNorm inside the
-epilogues of the products before and after it (`skinny_gemm`); in small decode-only steps
-the rotary and KV store run inside the attention kernel (a backend's `rope_attend`), and,
-with `skinny_gemm.ROPE_EPILOGUE` (on by default), in the Q/K/V product's epilogue in other
-steps of <= 64 rows.
-They compute what the torch code below computes; the CPU path runs the torch code.
-`set_fused_kernels(False)` turns them off (for measuring what they buy).
+This is the reference: the CPU runs it as written. On CUDA the engine runs it through the
+fast path (`engine/fastpath`, applied to the built model by `apply_fast_path`), whose
+kernels compute what this code computes.
 """
 
 from __future__ import annotations
@@ -28,51 +22,6 @@ from torch import nn
 
 from baton.engine.attention.base import AttentionBackend, AttentionMetadata
 from baton.engine.kv_cache import layer_view
-
-_fused = {"enabled": True, "ops": None}
-
-
-def set_fused_kernels(enabled: bool) -> None:
-    """Use the fused Triton kernels on CUDA tensors (default) or the plain torch code."""
-    _fused["enabled"] = enabled
-
-
-def _few_rows(x: torch.Tensor):
-    """The few-row product module (skinny_gemm) for a CUDA step of <= 64 rows, else None."""
-    if x.is_cuda and _fused["enabled"] and x.shape[0] <= 64:
-        from baton.engine.models import skinny_gemm
-
-        return skinny_gemm
-    return None
-
-
-def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)`; on CUDA with few rows, through the measured-fastest kernel (skinny_gemm)."""
-    few = _few_rows(x)
-    return layer(x) if few is None else few.linear(layer, x)
-
-
-def _add_norm_fused(layer: nn.Linear, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm,
-                    consumer: nn.Linear, consumer_silu: bool, sums: torch.Tensor | None):
-    """norm(layer(x) + residual), the sum written into `residual`, with the add and the norm
-    in the epilogues of `layer`'s product and of `consumer`'s after it (a pending norm, see
-    skinny_gemm.NormPending); None where that does not apply (CPU, many rows, no fast
-    configuration): the caller runs the product and the norm."""
-    few = _few_rows(x)
-    if few is None:
-        return None
-    return few.linear_add_norm(layer, x, residual, norm.weight, norm.eps, consumer, consumer_silu, sums)
-
-
-def _fused_ops(x: torch.Tensor):
-    """The fused-kernel module when `x` is on CUDA and they are on, else None."""
-    if not (x.is_cuda and _fused["enabled"]):
-        return None
-    if _fused["ops"] is None:
-        from baton.engine.models import triton_ops
-
-        _fused["ops"] = triton_ops
-    return _fused["ops"]
 
 
 @dataclass(frozen=True)
@@ -124,14 +73,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """RMSNorm(x), or with a residual: (RMSNorm(x + residual), x + residual).
-
-        On the fused path the sum is written into `residual` in place.
-        """
-        ops = _fused_ops(x)
-        if ops is not None:
-            out = ops.add_rms_norm(x, residual, self.weight, self.eps)
-            return out if residual is None else (out, residual)
+        """RMSNorm(x), or with a residual: (RMSNorm(x + residual), x + residual). x, residual [T, dim]."""
         if residual is not None:
             x = x + residual
             residual = x
@@ -206,37 +148,20 @@ class Attention(nn.Module):
         self.kv_size = args.num_kv_heads * args.head_dim
         self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
-        # The form decode steps run these products in, which skinny_gemm.tune times.
-        self.qkv_proj.skinny_form = "row_scale"
-        self.qkv_proj.skinny_rope = (args.num_heads, args.num_kv_heads, args.head_dim)  # and with the rotary
-        self.o_proj.skinny_form = "add_norm"
 
-    def forward(self, x, positions, rotary: Rotary, kv: torch.Tensor, meta, backend: AttentionBackend):
+    def forward(self, x, positions, rotary: Rotary, kv: torch.Tensor, meta: AttentionMetadata,
+                backend: AttentionBackend) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]. The step's keys and values go into this layer's cache."""
         a = self.args
-        k_cache, v_cache = layer_view(kv, self.layer_idx)
-        few = _few_rows(x)
-        if few is not None and few.ROPE_EPILOGUE and not backend.fuses_rope(meta):  # rotary + KV store in it
-            q = few.qkv_rope(self.qkv_proj, x, few.RopeStore(positions, rotary.cos_sin, k_cache, v_cache,
-                                                             meta.slot_mapping, a.num_heads, a.num_kv_heads,
-                                                             a.head_dim))
-            if q is not None:
-                return backend.attend(q, k_cache, v_cache, meta).reshape(-1, self.q_size)
-        qkv = _linear(self.qkv_proj, x)
-        ops = _fused_ops(qkv)
-        if ops is not None:
-            out = backend.rope_attend(qkv, rotary.cos_sin, k_cache, v_cache, meta)
-            if out is None:
-                q = ops.rope_store(qkv, positions, rotary.cos_sin, k_cache, v_cache, meta.slot_mapping,
-                                   a.num_heads, a.num_kv_heads, a.head_dim)
-                out = backend.attend(q, k_cache, v_cache, meta)
-        else:
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = q.view(-1, a.num_heads, a.head_dim)
-            k = k.view(-1, a.num_kv_heads, a.head_dim)
-            v = v.view(-1, a.num_kv_heads, a.head_dim)
-            q, k = rotary(positions, q, k)
-            out = backend.forward(q, k, v, k_cache, v_cache, meta)
-        return out.reshape(-1, self.q_size)  # the layer applies o_proj (with the add and norm after it)
+        k_cache, v_cache = layer_view(kv, self.layer_idx)  # [num_blocks, block_size, Hkv, D] each
+        qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) D]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, a.num_heads, a.head_dim)  # [T, H, D]
+        k = k.view(-1, a.num_kv_heads, a.head_dim)  # [T, Hkv, D]
+        v = v.view(-1, a.num_kv_heads, a.head_dim)  # [T, Hkv, D]
+        q, k = rotary(positions, q, k)
+        out = backend.forward(q, k, v, k_cache, v_cache, meta)  # [T, H, D]
+        return self.o_proj(out.reshape(-1, self.q_size))
 
 
 class MLP(nn.Module):
@@ -245,23 +170,12 @@ class MLP(nn.Module):
         self.inter = args.intermediate_size
         self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
-        self.gate_up_proj.skinny_form = "silu_row_scale"
-        self.down_proj.skinny_form = "add_norm"
 
-    def act(self, x) -> torch.Tensor:
-        """SiLU(gate) * up: the down projection's input (the layer applies down_proj, with the
-        add and norm after it)."""
-        few = _few_rows(x)
-        if few is not None:  # SiLU * up in the product's kernel
-            act = few.silu_linear(self.gate_up_proj, x)
-            if act is not None:
-                return act
-        gate_up = _linear(self.gate_up_proj, x)
-        ops = _fused_ops(gate_up)
-        if ops is not None:
-            return ops.silu_mul(gate_up)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden] -> down(SiLU(gate) * up) [T, hidden]."""
+        gate_up = self.gate_up_proj(x)  # [T, 2 I]
         gate, up = gate_up.split(self.inter, dim=-1)
-        return F.silu(gate) * up
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -272,36 +186,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, residual, positions, rotary, kv, meta, backend, next_layer: DecoderLayer | None = None,
-                norm_sums: torch.Tensor | None = None):
-        """(layer input, residual stream or None) -> (MLP output, residual stream).
+    def forward(self, x, residual, positions, rotary, kv, meta, backend):
+        """(layer input, residual stream or None) -> (MLP output, residual stream), [T, hidden] each.
 
-        The residual add of each sub-block happens inside the next RMSNorm, so that on CUDA
-        it fuses with it: the stream after this layer is `mlp_out + residual`. In CUDA
-        decode steps the add and the norm move into the products around them: the input
-        may then be this layer's input norm already (a pending norm, see `_add_norm_fused`),
-        and the output `next_layer`'s, with the stream already added. norm_sums: two zeroed
-        sums-of-squares vectors for those two norms (skinny_gemm.norm_sums), or None.
+        The residual add of each sub-block happens inside the next RMSNorm (the stream after
+        this layer is `mlp_out + residual`), so a fused kernel can do both.
         """
-        sums = (None, None) if norm_sums is None else norm_sums
-        if hasattr(x, "sums"):  # skinny_gemm.NormPending: the previous layer did this norm
-            h = x
-        elif residual is None:
+        if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm(x, residual)
-        a = self.self_attn(h, positions, rotary, kv, meta, backend)
-        o_proj = self.self_attn.o_proj
-        h = _add_norm_fused(o_proj, a, residual, self.post_attention_layernorm, self.mlp.gate_up_proj, True, sums[0])
-        if h is None:
-            h, residual = self.post_attention_layernorm(_linear(o_proj, a), residual)
-        act = self.mlp.act(h)
-        if next_layer is not None:
-            out = _add_norm_fused(self.mlp.down_proj, act, residual, next_layer.input_layernorm,
-                                  next_layer.self_attn.qkv_proj, False, sums[1])
-            if out is not None:
-                return out, residual
-        return _linear(self.mlp.down_proj, act), residual
+        h = self.self_attn(h, positions, rotary, kv, meta, backend)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -334,20 +231,17 @@ class LlamaForCausalLM(nn.Module):
         backend: AttentionBackend,
     ) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden]."""
-        x = self.embed_tokens(input_ids)
-        few = _few_rows(x)
-        sums = few.norm_sums(2 * len(self.layers), x.device) if few is not None else None
+        x = self.embed_tokens(input_ids)  # [T, hidden]
         residual = None
-        for i, layer in enumerate(self.layers):
-            following = self.layers[i + 1] if i + 1 < len(self.layers) else None
-            x, residual = layer(x, residual, positions, self.rotary, kv, meta, backend, following,
-                                None if sums is None else sums[2 * i : 2 * i + 2])
+        for layer in self.layers:
+            x, residual = layer(x, residual, positions, self.rotary, kv, meta, backend)
         if residual is None:  # a model with no layers
             return self.norm(x)
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return _linear(self.lm_head, hidden)
+        """hidden [N, hidden] -> logits [N, vocab]."""
+        return self.lm_head(hidden)
 
     # Hugging Face name -> (our parameter name, slice index in the fused tensor or None).
     _FUSED = {

@@ -87,8 +87,8 @@ def fused_rope_decode(lens, num_heads, num_kv_heads, head_dim, block_size, dtype
     through `rope_store` then the plain decode kernel. A length-0 row is a padding row (slot
     -1). Returns (fused out, reference out, fused (K, V) caches, reference (K, V) caches)."""
     from baton.engine.attention.triton_decode import paged_decode
+    from baton.engine.fastpath.triton_ops import rope_store
     from baton.engine.models.llama import LlamaArgs, Rotary
-    from baton.engine.models.triton_ops import rope_store
 
     case = make_case(lens, [1] * len(lens), num_heads, num_kv_heads, head_dim, block_size, dtype, device, seed=seed)
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)

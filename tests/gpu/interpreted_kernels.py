@@ -21,7 +21,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 triton = pytest.importorskip("triton")
 
 from baton.engine.attention import triton_decode, triton_prefill  # noqa: E402
-from baton.engine.models import skinny_gemm, triton_ops  # noqa: E402
+from baton.engine.fastpath import few_row, triton_ops  # noqa: E402
 
 SHAPES = [(4, 2, 16, 4), (6, 6, 32, 8), (8, 1, 80, 16)]  # heads, KV heads, head dim, block size
 DTYPES = [torch.float32, torch.float16]
@@ -30,19 +30,19 @@ DTYPES = [torch.float32, torch.float16]
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("merge_in_splits", [False, True])
-def test_decode_with_and_without_splits(shape, dtype, merge_in_splits, monkeypatch):
-    """With `MERGE_IN_SPLITS` the last split merges (twice: the counters are left at zero)."""
-    monkeypatch.setattr(triton_decode, "MERGE_IN_SPLITS", merge_in_splits)
+def test_decode_with_and_without_splits(shape, dtype, merge_in_splits):
+    """With split counters the last split merges (twice: the counters are left at zero)."""
+    counts = triton_decode.SplitCounts() if merge_in_splits else None
     heads, kv_heads, head_dim, block_size = shape
     case = make_case([1, 9, 70, 33], [1] * 4, heads, kv_heads, head_dim, block_size, dtype, "cpu")
     want = reference(case)
     for splits in (1, 3, 3):
         out = torch.full_like(case.q, float("nan"))
         triton_decode.paged_decode(case.q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens_t,
-                                   case.scale, out, num_splits=splits, block_n=16)
+                                   case.scale, out, num_splits=splits, block_n=16, split_counts=counts)
         assert rel_err(out, want) < TOLERANCE[dtype]
     if merge_in_splits:  # the split kernel counted (and merged), and left the counters at zero
-        assert not triton_decode._COUNTS[torch.device("cpu")].any()
+        assert not counts.get(1, torch.device("cpu")).any()
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -79,7 +79,7 @@ def test_few_row_matmul(dtype, rows, n, k, bias):
     b = torch.randn(n).to(dtype) if bias else None
     want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
     for config in [(16, 32, 4, 1), (32, 128, 4, 2), (16, 32, 4, 1, 1)]:  # the last: the transposed product
-        assert rel_err(skinny_gemm.skinny_mm(x, w, b, config), want) < TOLERANCE[dtype]
+        assert rel_err(few_row.skinny_mm(x, w, b, config), want) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -93,7 +93,7 @@ def test_few_row_matmul_with_silu(dtype, rows, k, bias):
     b = torch.randn(2 * inter).to(dtype) if bias else None
     gate, up = F.linear(x.double(), w.double(), None if b is None else b.double()).chunk(2, dim=-1)
     for config in [(32, 32, 4, 1), (64, 128, 4, 2), (32, 32, 4, 1, 1)]:
-        act = skinny_gemm.skinny_mm(x, w, b, config, silu=True)
+        act = few_row.skinny_mm(x, w, b, config, silu=True)
         assert act.shape == (rows, inter)
         assert rel_err(act, F.silu(gate) * up) < 3 * TOLERANCE[dtype]
 
@@ -114,15 +114,15 @@ def test_residual_add_and_rms_norm_in_the_products_epilogues(dtype, rows, hidden
     h = residual.double() + F.linear(x.double(), w_o.double())
     normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm_w.double()
     res = residual.clone()
-    sums = skinny_gemm.norm_sums(1, x.device)[0]
-    pending = skinny_gemm.skinny_mm(x, w_o, None, config, add_norm=(res, norm_w, eps, sums))
+    sums = few_row.norm_sums(1, x.device)[0]
+    pending = few_row.skinny_mm(x, w_o, None, config, add_norm=(res, norm_w, eps, sums))
     assert rel_err(sums[:rows], res.double().pow(2).sum(-1)) < 1e-6 and not sums[rows:].any()  # of rounded h
     assert rel_err(res, h) < TOLERANCE[dtype]
     assert rel_err(pending.normalized(), normed) < 2 * TOLERANCE[dtype]
-    got = skinny_gemm.skinny_mm(pending, w_qkv, b_qkv, config)
+    got = few_row.skinny_mm(pending, w_qkv, b_qkv, config)
     assert rel_err(got, F.linear(normed, w_qkv.double(), b_qkv.double())) < 2 * TOLERANCE[dtype]
     gate, up = F.linear(normed, w_up.double()).chunk(2, dim=-1)
-    act = skinny_gemm.skinny_mm(pending, w_up, None, (32, *config[1:]), silu=True)
+    act = few_row.skinny_mm(pending, w_up, None, (32, *config[1:]), silu=True)
     assert rel_err(act, F.silu(gate) * up) < 3 * TOLERANCE[dtype]
 
 
@@ -143,7 +143,7 @@ def test_qkv_product_with_rotary_and_kv_store(dtype, config, bias, pending):
     cos_sin = torch.randn(32, head_dim)
     arg = x
     if pending:  # the Q/K/V product after a fused norm: x = h * weight, scaled by 1/rms here
-        arg = skinny_gemm.NormPending(x, x.double().pow(2).sum(-1).repeat(13)[:skinny_gemm.MAX_ROWS], 1e-5)
+        arg = few_row.NormPending(x, x.double().pow(2).sum(-1).repeat(13)[:few_row.MAX_ROWS], 1e-5)
         x = arg.normalized()
 
     def pools():
@@ -154,8 +154,8 @@ def test_qkv_product_with_rotary_and_kv_store(dtype, config, bias, pending):
     q_ref = triton_ops.rope_store(F.linear(x, w, b), positions, cos_sin, k_ref, v_ref, slots, heads, kv_heads,
                                   head_dim)
     pool, k_cache, v_cache = pools()
-    rope = skinny_gemm.RopeStore(positions, cos_sin, k_cache, v_cache, slots, heads, kv_heads, head_dim)
-    q = skinny_gemm.skinny_mm(arg, w, b, config, rope=rope)
+    rope = few_row.RopeStore(positions, cos_sin, k_cache, v_cache, slots, heads, kv_heads, head_dim)
+    q = few_row.skinny_mm(arg, w, b, config, rope=rope)
     assert q.shape == (5, heads, head_dim)
     assert rel_err(q, q_ref) < 2 * TOLERANCE[dtype]
     assert rel_err(pool, want_pool) < 2 * TOLERANCE[dtype]
@@ -213,20 +213,23 @@ def test_argmax_rows_takes_the_first_maximum(dtype):
 
 
 @pytest.mark.parametrize("head_dim", [16, 32])
-def test_engine_with_norms_in_the_products_epilogues_matches_the_torch_path(tiny_dir, tmp_path, monkeypatch,
-                                                                            head_dim):
-    """The wiring of the fused norms on the CPU (llama.DecoderLayer handing `NormPending`
-    rows from product to product, the residual updated in place, one sums row per norm),
-    and with 32-dimension heads of the rotary + KV store in the Q/K/V product's epilogue:
-    the engine with every product of <= 64 rows through skinny_gemm generates the tokens of
-    the torch path."""
+def test_fast_path_with_norms_in_the_products_epilogues_matches_the_torch_path(tiny_dir, tmp_path, monkeypatch,
+                                                                               head_dim):
+    """The fast path on the CPU (`FastLlama` over the engine's reference model: `NormPending`
+    rows handed from product to product, the residual updated in place, one sums row per
+    norm), and with 32-dimension heads the rotary + KV store in the Q/K/V product's epilogue:
+    with every product of <= 64 rows through the few-row kernel, the engine generates the
+    tokens of the torch path."""
     import json
     import shutil
 
     from safetensors.torch import save_file
 
     from baton.engine import LLM, SamplingParams
-    from baton.engine.models import llama
+    from baton.engine.config import KernelConfig
+    from baton.engine.fastpath.few_row_tuning import FewRowTuning
+    from baton.engine.fastpath.llama import FastLlama
+    from baton.engine.fastpath.projection import FewRowLinear
     from baton.engine.tiny_model import random_llama_weights
 
     model_dir = tmp_path / "model"
@@ -238,37 +241,39 @@ def test_engine_with_norms_in_the_products_epilogues_matches_the_torch_path(tiny
     prompts = [list(range(5, 30)), [0, 400, 7]]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
-    def generate():
+    def generate(fast: bool):
         llm = LLM(model=str(model_dir), device="cpu", num_gpu_blocks_override=32, block_size=4,
                   max_num_batched_tokens=16)
+        runner = llm.engine.runner
+        if fast:  # (the CPU's torch backend never fuses the rotary: the Q/K/V epilogue does)
+            runner.model = FastLlama(runner.reference, KernelConfig(pdl=False), tuning)
         return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
 
-    want = generate()
+    want = generate(fast=False)
     # Every product shape of the model (hidden 64, 4 + 2 + 2 heads, MLP 176, vocab 512)
     # "measured" with one fast Triton configuration.
+    tuning = FewRowTuning()
     attn = 4 * head_dim
     for n, k, *form in [(2 * attn, 64), (2 * attn, 64, "rope"), (64, attn), (352, 64), (64, 176), (512, 64)]:
-        for bucket in skinny_gemm.BUCKETS:
-            monkeypatch.setitem(skinny_gemm._times, (n, k, bucket, torch.float32, *form),
-                                {"cublas": 1e9, (16, 32, 4, 1): 1.0, (32, 32, 4, 1): 1.0})
-    monkeypatch.setattr(llama, "_few_rows", lambda x: skinny_gemm if x.shape[0] <= 64 else None)
-    monkeypatch.setattr(skinny_gemm, "ROPE_EPILOGUE", True)  # (the CPU's torch backend never fuses the rotary)
+        for bucket in few_row.BUCKETS:
+            tuning.times[(n, k, bucket, torch.float32, *form)] = {"cublas": 1e9, (16, 32, 4, 1): 1.0,
+                                                                  (32, 32, 4, 1): 1.0}
     fused, rotated = [], []
-    add_norm, qkv_rope = skinny_gemm.linear_add_norm, skinny_gemm.qkv_rope
+    add_norm, qkv_rope = FewRowLinear.add_norm, FewRowLinear.qkv_rope
 
-    def counted(*args):
-        out = add_norm(*args)
+    def counted(self, *args):
+        out = add_norm(self, *args)
         fused.append(out is not None)
         return out
 
-    def counted_rope(*args):
-        out = qkv_rope(*args)
+    def counted_rope(self, *args):
+        out = qkv_rope(self, *args)
         rotated.append(out is not None)
         return out
 
-    monkeypatch.setattr(skinny_gemm, "linear_add_norm", counted)
-    monkeypatch.setattr(skinny_gemm, "qkv_rope", counted_rope)
-    assert generate() == want
+    monkeypatch.setattr(FewRowLinear, "add_norm", counted)
+    monkeypatch.setattr(FewRowLinear, "qkv_rope", counted_rope)
+    assert generate(fast=True) == want
     assert fused and all(fused)  # 3 of the 4 norms a step of this 2-layer model
     assert rotated and all(rotated) == (head_dim == 32)  # 16-dimension heads have no fitting tile
 

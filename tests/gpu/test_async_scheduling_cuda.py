@@ -34,15 +34,15 @@ def _run(engine: LLMEngine) -> dict:
 
 
 @pytest.mark.parametrize("enforce_eager,side_stream_inputs", [(False, False), (False, True), (True, False)])
-def test_async_scheduling_equals_synchronous_on_cuda(tmp_path, monkeypatch, enforce_eager, side_stream_inputs):
-    from baton.engine import cuda_graphs
+def test_async_scheduling_equals_synchronous_on_cuda(tmp_path, enforce_eager, side_stream_inputs):
+    from baton.engine.config import KernelConfig
 
-    monkeypatch.setattr(cuda_graphs, "SIDE_STREAM_INPUTS", side_stream_inputs)
     model = write_tiny_model(tmp_path)
     outs = {}
     for async_scheduling in (False, True):
         engine = LLMEngine.from_engine_args(EngineArgs(
             model=str(model), device="cuda", dtype="float32", max_num_seqs=8, max_model_len=512,
-            num_gpu_blocks_override=256, enforce_eager=enforce_eager, async_scheduling=async_scheduling))
+            num_gpu_blocks_override=256, enforce_eager=enforce_eager, async_scheduling=async_scheduling,
+            kernel_config=KernelConfig(side_stream_inputs=side_stream_inputs)))
         outs[async_scheduling] = _run(engine)
     assert outs[True] == outs[False]

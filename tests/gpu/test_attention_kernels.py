@@ -134,21 +134,21 @@ def test_backend_mixed_step_equals_torch_reference():
 
 @pytest.mark.parametrize("shape", [(32, 8, 128, 16), (28, 4, 128, 16), (12, 4, 80, 4)], ids=str)
 @pytest.mark.parametrize("num_splits", [None, 5, 13])
-def test_decode_with_the_merge_in_the_last_split(monkeypatch, shape, num_splits):
-    """`MERGE_IN_SPLITS`: the split that finishes last merges, eagerly and in a replayed
+def test_decode_with_the_merge_in_the_last_split(shape, num_splits):
+    """With split counters the split that finishes last merges, eagerly and in a replayed
     graph (the same result every time), and the counters are left at zero."""
     from baton.engine.attention import triton_decode
 
     heads, kv_heads, head_dim, block_size = shape
     seq_lens = [1, 17, 300, 1000, 64, 129, 0, 2000]
     case = make_case(seq_lens, [1] * len(seq_lens), heads, kv_heads, head_dim, block_size, torch.bfloat16, "cuda")
+    counts = triton_decode.SplitCounts()
 
     def run(out):
         triton_decode.paged_decode(case.q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens_t,
-                                   case.scale, out, num_splits=num_splits)
+                                   case.scale, out, num_splits=num_splits, split_counts=counts)
         return out
 
-    monkeypatch.setattr(triton_decode, "MERGE_IN_SPLITS", True)
     want = run(torch.full_like(case.q, float("nan")))
     assert rel_err(want, reference(case)) < TOLERANCE[torch.bfloat16]
     for _ in range(2):
@@ -162,4 +162,4 @@ def test_decode_with_the_merge_in_the_last_split(monkeypatch, shape, num_splits)
         graph.replay()
         assert torch.equal(out, want)
     torch.cuda.synchronize()
-    assert not triton_decode._COUNTS[case.q.device].any()
+    assert not counts.get(1, case.q.device).any()

@@ -58,18 +58,14 @@ def test_chunked_prefill_prefix_cache_and_eager_mode_match_transformers(hf_model
 
 
 def test_bf16_fast_path_matches_the_reference_path(hf_models):
-    from baton.engine.models.llama import set_fused_kernels
+    from baton.engine.config import KernelConfig
 
     model = hf_models["llama31"]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
     fast, fast_tokens = generate(model, params=params, dtype="bfloat16")
-    set_fused_kernels(False)
-    try:
-        ref, ref_tokens = generate(model, params=params, dtype="bfloat16", attention_backend="torch",
-                                   enforce_eager=True)
-    finally:
-        set_fused_kernels(True)
-    assert ref.engine.runner.graphs is None
+    ref, ref_tokens = generate(model, params=params, dtype="bfloat16", attention_backend="torch",
+                               enforce_eager=True, kernel_config=KernelConfig(fused_kernels=False))
+    assert ref.engine.runner.graphs is None and ref.engine.runner.model is ref.engine.runner.reference
     assert fast_tokens == ref_tokens
 
 
@@ -87,9 +83,9 @@ def assert_greedy_close(got, want, tol=0.1):
 
 
 def test_rotary_epilogue_matches_the_reference_path(tmp_path, monkeypatch):
-    """With `skinny_gemm.ROPE_EPILOGUE` the steps the attention does not rotate for (here
-    every step: the prompts' chunks of 16 tokens, and decode steps with ROPE_MAX_PAIRS 0, as
-    batch 32 of Llama-3.1-8B) rotate and store keys and values in the Q/K/V product's
+    """With `KernelConfig.rope_epilogue` the steps the attention does not rotate for (here
+    every step: the prompts' chunks of 16 tokens, and decode steps with
+    `rope_attention_max_pairs` 0, as batch 32 of Llama-3.1-8B) rotate and store keys and values in the Q/K/V product's
     epilogue; greedy bf16 outputs agree with the reference path's. The credit makes the tiny
     model's products take the few-row kernels, which cuBLAS beats at these shapes; 32-dimension
     heads: the smallest the epilogue's tiles fit."""
@@ -97,9 +93,8 @@ def test_rotary_epilogue_matches_the_reference_path(tmp_path, monkeypatch):
 
     from safetensors.torch import save_file
 
-    from baton.engine.attention import triton_backend
-    from baton.engine.models import skinny_gemm
-    from baton.engine.models.llama import set_fused_kernels
+    from baton.engine.config import KernelConfig
+    from baton.engine.fastpath.projection import FewRowLinear
     from baton.engine.tiny_model import random_llama_weights, write_tiny_model
 
     model_dir = write_tiny_model(tmp_path / "model")
@@ -107,31 +102,26 @@ def test_rotary_epilogue_matches_the_reference_path(tmp_path, monkeypatch):
     config["head_dim"] = 32
     (model_dir / "config.json").write_text(json.dumps(config))
     save_file({k: v.contiguous() for k, v in random_llama_weights(config).items()}, str(model_dir / "model.safetensors"))
-    monkeypatch.setattr(skinny_gemm, "ROPE_EPILOGUE", True)
-    monkeypatch.setattr(skinny_gemm, "FUSED_CREDIT_US", 1e9)
-    monkeypatch.setattr(triton_backend, "ROPE_MAX_PAIRS", 0)
+    kernels = KernelConfig(rope_epilogue=True, fused_credit_us=1e9, rope_attention_max_pairs=0)
     rotated = []
-    qkv_rope = skinny_gemm.qkv_rope
+    qkv_rope = FewRowLinear.qkv_rope
 
-    def counted(layer, x, rope):
-        out = qkv_rope(layer, x, rope)
+    def counted(self, x, rope):
+        out = qkv_rope(self, x, rope)
         rotated.append((out is not None, len(rope.slots)))
         return out
 
-    monkeypatch.setattr(skinny_gemm, "qkv_rope", counted)
+    monkeypatch.setattr(FewRowLinear, "qkv_rope", counted)
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=2)
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     fast = LLM(model=str(model_dir), device="cuda", dtype="bfloat16", num_gpu_blocks_override=256, max_num_seqs=8,
-               max_num_batched_tokens=16)  # tuned row counts: up to max(16, max_num_seqs)
+               max_num_batched_tokens=16, kernel_config=kernels)  # tuned row counts: up to max(16, max_num_seqs)
     got = fast.generate(prompts, params)
     assert fast.engine.runner.graphs.num_replays > 0
     used = {rows for done, rows in rotated if done}
     assert 16 in used and 8 in used, rotated  # a prompt chunk, and the batch-8 decode graph's capture
-    set_fused_kernels(False)
-    try:
-        ref = LLM(model=str(model_dir), device="cuda", dtype="bfloat16", num_gpu_blocks_override=256,
-                  attention_backend="torch", enforce_eager=True, max_num_batched_tokens=16)
-        want = ref.generate(prompts, params)
-    finally:
-        set_fused_kernels(True)
+    ref = LLM(model=str(model_dir), device="cuda", dtype="bfloat16", num_gpu_blocks_override=256,
+              attention_backend="torch", enforce_eager=True, max_num_batched_tokens=16,
+              kernel_config=KernelConfig(fused_kernels=False))
+    want = ref.generate(prompts, params)
     assert_greedy_close([o.outputs[0] for o in got], [o.outputs[0] for o in want])

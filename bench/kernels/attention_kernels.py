@@ -1,6 +1,6 @@
 """Microbenchmark of the Triton attention kernels on Llama-3.1-8B shapes, with the ceilings.
 
-    python bench/attention_kernels.py --out bench/results/attention-kernels-h100.json
+    python bench/kernels/attention_kernels.py --out bench/results/attention-kernels-h100.json
 
 Decode: each launch configuration of the paged decode kernel at several batch sizes with
 1k-token contexts, timed as CUDA-graph replays (as the engine runs it), in bytes of KV read
@@ -24,12 +24,20 @@ from triton.testing import do_bench
 
 from baton.engine.attention.base import AttentionMetadata
 from baton.engine.attention.torch_ref import TorchAttention
-from baton.engine.attention.triton_decode import decode_config, num_splits_for, paged_decode
+from baton.engine.attention.triton_decode import (
+    SplitCounts,
+    decode_config,
+    num_splits_for,
+    paged_decode,
+)
 from baton.engine.attention.triton_prefill import paged_prefill
-from baton.engine.models.skinny_gemm import graph_time
+from baton.engine.config import KernelConfig
+from baton.engine.fastpath.timing import graph_time
 
 H, HKV, D, BS, LAYERS = 32, 8, 128, 16, 32
 DT = torch.bfloat16
+# The decode kernel's engine settings (merge in the last split, PDL as the GPU allows), set in main().
+AS_ENGINE: dict = {}
 
 
 def pool(num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +91,7 @@ def _decode_case(b: int, context: int, k_cache, v_cache) -> list[dict]:
                     out = torch.full_like(q, float("nan"))
 
                     def run(kw=kw, out=out):
-                        return paged_decode(q, k_cache, v_cache, tables, lens, D**-0.5, out, **kw)
+                        return paged_decode(q, k_cache, v_cache, tables, lens, D**-0.5, out, **kw, **AS_ENGINE)
 
                     try:
                         run()
@@ -123,7 +131,7 @@ def bench_decode_rope(batches, context) -> list[dict]:
                 kw = dict(block_n=block_n, num_stages=stages, rope=rope if fused else None)
 
                 def run(kw=kw, args=(q, k_cache, v_cache, tables, lens, D**-0.5, out)):
-                    return paged_decode(*args, **kw)
+                    return paged_decode(*args, **kw, **AS_ENGINE)
 
                 run()
                 t = graph_ms(run)
@@ -158,7 +166,7 @@ def bench_decode_cold(batches, context) -> list[dict]:
 
                         def run(kw=kw, calls=calls, caches=(k_cache, v_cache), lens=lens):
                             for tables, q, out, rope in calls:
-                                paged_decode(q, *caches, tables, lens, D**-0.5, out, rope=rope, **kw)
+                                paged_decode(q, *caches, tables, lens, D**-0.5, out, rope=rope, **kw, **AS_ENGINE)
 
                         try:
                             run()
@@ -249,6 +257,7 @@ def ceilings() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    AS_ENGINE.update(split_counts=SplitCounts(), pdl=KernelConfig().for_device(torch.device("cuda")).pdl)
     ap.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8, 64, 256])
     ap.add_argument("--decode-only", action="store_true", help="skip the ceilings and prefill")
     ap.add_argument("--rope-only", action="store_true", help="of the decode cases, only the fused-rotary ones")

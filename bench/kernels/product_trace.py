@@ -1,13 +1,13 @@
 """When each program of a chain of few-row products starts and ends (%globaltimer, %smid).
 
-A copy of skinny_gemm's plain product loop (same PDL wait, same L2 prefetch) that also
+A copy of the few-row product's plain loop (engine/fastpath/few_row.py) (same PDL wait, same L2 prefetch) that also
 writes each program's SM and its start (after the PDL wait) and end times. For a chain of
 products over different weights (as in a decode step) it reports, per product, the gap from
 the previous product's last program to its first start, the spread of its programs' ends,
 and the share of the product's span that the weight stream was below 90% of its median rate
 (from spreading each program's bytes over its own interval).
 
-    python3 bench/product_trace.py --out bench/results/product-trace-h100.json
+    python3 bench/kernels/product_trace.py --out bench/results/product-trace-h100.json
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).parent))
-from baton.engine.models import pdl, skinny_gemm  # noqa: E402
-from baton.engine.models.pdl import enter  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from baton.engine.fastpath import few_row  # noqa: E402
+from baton.engine.fastpath.pdl import enter  # noqa: E402
+from baton.engine.fastpath.timing import graph_time  # noqa: E402
 from engine import run_record  # noqa: E402
 
 
@@ -53,9 +54,9 @@ def _traced_kernel(x_ptr, w_ptr, out_ptr, trace_ptr, M, N, K, prefetch_bytes, M_
     pid = tl.program_id(0)
     arrive = _now()
     n0 = pid * BLOCK_N
-    if PREFETCH == 1:  # the first rows, whole (skinny_gemm)
+    if PREFETCH == 1:  # the first rows, whole (few_row)
         nbytes = tl.minimum(tl.minimum(N - n0, BLOCK_N) * K * 2, prefetch_bytes)
-        skinny_gemm._prefetch_l2(w_ptr + n0.to(tl.int64) * K, (nbytes // 16 * 16).to(tl.int32))
+        few_row._prefetch_l2(w_ptr + n0.to(tl.int64) * K, (nbytes // 16 * 16).to(tl.int32))
     if PREFETCH == 2:  # the start of every row: what the K loop reads first
         per_row = tl.minimum(prefetch_bytes // BLOCK_N, K * 2) // 16 * 16
         _prefetch_rows_l2(w_ptr + n0.to(tl.int64) * K, per_row.to(tl.int32), tl.minimum(N - n0, BLOCK_N), K * 2)
@@ -136,7 +137,7 @@ def trace(name: str, copies: int, rows: int, prefetch: int, use_pdl: bool, mode:
                                     BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=mode if per_program > 0 else 0, USE_PDL=use_pdl,
                                     num_warps=warps, num_stages=stages, launch_pdl=use_pdl)
 
-    per_product = skinny_gemm.graph_time(chain, repeats=10) / copies * 1e6  # also leaves the last replay's trace
+    per_product = graph_time(chain, repeats=10) / copies * 1e6  # also leaves the last replay's trace
     result = analyse(list(buf.cpu().numpy()), block_n * k * 2)
     result.update(name=name, programs=grid, us_per_product=per_product, prefetch_bytes=prefetch, pdl=use_pdl,
                   prefetch="row starts" if mode == 2 else "first rows",
@@ -152,7 +153,6 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     args = ap.parse_args()
-    pdl.enabled()
     result = {**run_record(), "runs": []}
     for name in args.shapes:
         for prefetch, use_pdl, mode in ((0, True, 1), (4 << 20, True, 1), (16 << 20, True, 1), (2 << 20, True, 2),

@@ -9,8 +9,8 @@
 - `argmax_rows`: the greedy token of each logits row, the vocabulary in chunks across SMs.
 
 Each saves several small kernels and round trips through memory per layer, which is what
-bounds a batch-1 decode step once the matrix products are at the bandwidth floor
-(docs/architecture.md, "GPU fast path"). The CPU path never imports this module.
+bounds a batch-1 decode step once the matrix products are at the bandwidth floor. The fast
+path (`engine/fastpath`) calls them; the CPU path never imports this module.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from baton.engine.models.pdl import enter, launch_kwargs
+from baton.engine.fastpath.pdl import enter, launch_kwargs
 
 
 @triton.jit
@@ -42,10 +42,12 @@ def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, str
     tl.store(out_ptr + row * stride_o + cols, y, mask=mask)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 pdl: bool = False) -> torch.Tensor:
     """RMSNorm of `x + residual` (or of `x`); with a residual, the sum is written into it.
 
     x, residual [T, hidden] with a contiguous last dimension. Returns the normalised [T, hidden].
+    pdl: launch with programmatic dependent launch (`pdl.py`), as every wrapper here.
     """
     num_rows, n_cols = x.shape
     out = torch.empty((num_rows, n_cols), dtype=x.dtype, device=x.device)
@@ -56,7 +58,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     _add_rms_norm_kernel[(num_rows,)](
         x, res, weight, out, x.stride(0), res.stride(0), out.stride(0), n_cols, eps,
         HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 512)),
-        **launch_kwargs(),
+        **launch_kwargs(pdl),
     )
     return out
 
@@ -119,6 +121,7 @@ def rope_store(
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Rotate q and k of the fused projection, store k and v in the cache; return q.
 
@@ -140,7 +143,7 @@ def rope_store(
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
             H_PAD=triton.next_power_of_2(num_heads), KV_PAD=triton.next_power_of_2(num_kv_heads),
             HEAD_DIM=head_dim, HALF=half, HALF_PAD=triton.next_power_of_2(half),
-            BLOCK_SIZE=k_cache.shape[1], num_warps=4, **launch_kwargs(),
+            BLOCK_SIZE=k_cache.shape[1], num_warps=4, **launch_kwargs(pdl),
         )
     return qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)
 
@@ -158,7 +161,7 @@ def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.const
     tl.store(out_ptr + row * stride_o + cols, (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=mask)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """[T, 2 * I] (gate then up) -> SiLU(gate) * up [T, I]."""
     num_rows, width = gate_up.shape
     inter = width // 2
@@ -166,7 +169,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if num_rows:
         block = min(2048, triton.next_power_of_2(inter))
         _silu_mul_kernel[(num_rows, triton.cdiv(inter, block))](
-            gate_up, out, gate_up.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4, **launch_kwargs(),
+            gate_up, out, gate_up.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4, **launch_kwargs(pdl),
         )
     return out
 
@@ -195,11 +198,11 @@ def _argmax_merge_kernel(val_ptr, idx_ptr, out_ptr, num_chunks, CHUNKS_PAD: tl.c
     tl.store(out_ptr + row, tl.load(idx_ptr + row * num_chunks + best).to(tl.int64))
 
 
-def argmax_rows(x: torch.Tensor, block: int = 4096) -> torch.Tensor:
+def argmax_rows(x: torch.Tensor, block: int = 4096, pdl: bool = False) -> torch.Tensor:
     """`x.argmax(dim=-1)` [N] int64 of x [N, V] (rows contiguous), the first index of the
     maximum as torch gives it (NaN excepted): every row in V / block chunks at once, then the
-    chunks merged. torch's reduction runs a row per block: 38 us for 8-64 rows of a
-    128k vocabulary on an H100, which this does in two short kernels."""
+    chunks merged (torch's reduction runs a row per block, slow for a large vocabulary at
+    few rows)."""
     rows, cols = x.shape
     out = torch.empty(rows, dtype=torch.long, device=x.device)
     if rows == 0:
@@ -210,7 +213,7 @@ def argmax_rows(x: torch.Tensor, block: int = 4096) -> torch.Tensor:
     values = torch.empty((rows, chunks), dtype=torch.float32, device=x.device)
     indices = torch.empty((rows, chunks), dtype=torch.int32, device=x.device)
     _argmax_chunks_kernel[(rows, chunks)](x, values, indices, x.stride(0), cols, chunks, BLOCK=block, num_warps=8,
-                                          **launch_kwargs())
+                                          **launch_kwargs(pdl))
     _argmax_merge_kernel[(rows,)](values, indices, out, chunks, CHUNKS_PAD=triton.next_power_of_2(chunks),
-                                  num_warps=1, **launch_kwargs())
+                                  num_warps=1, **launch_kwargs(pdl))
     return out

@@ -11,9 +11,11 @@ for the previous one, so its sums overlap; the profiler also slows the host, so 
 around a step's copies show the host, not the engine's own pace: `--step-events-batches`
 times engine steps with CUDA events instead (input copies, graph, sampling, the rest of
 the step period, against replays of the same graph alone). `--norm-fusion-off` adds a
-variant with the residual add + RMSNorm as its own kernel; `--variant` any other setting.
+variant with the residual add + RMSNorm as its own kernel; `--variant` any other
+`KernelConfig` setting (each variant is the engine's kernel configuration with those fields
+replaced, applied with `ModelRunner.set_kernel_config`, which captures the graphs again).
 
-    python3 bench/decode_profile.py --out decode-profile.json
+    python3 bench/kernels/decode_profile.py --out decode-profile.json
 """
 
 from __future__ import annotations
@@ -30,15 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine_workload import LLAMA31_8B, decode_floor_s, write_random_checkpoint  # noqa: E402
 
-from baton.engine import cuda_graphs  # noqa: E402
-from baton.engine.attention import triton_backend, triton_decode  # noqa: E402
 from baton.engine.config import EngineArgs  # noqa: E402
-from baton.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from baton.engine.llm_engine import LLMEngine  # noqa: E402
-from baton.engine.models import pdl, skinny_gemm  # noqa: E402
 from engine import bench_batch1, decoding, gpu_time, release, run_record, synthetic_seqs  # noqa: E402
 
 
@@ -54,15 +52,6 @@ def graph_times(engine: LLMEngine, batches: list[int], context: int, rng) -> dic
         out[b]["gpu_ratio"] = out[b]["floor_ms"] / ms
         release(engine, seqs)
     return out
-
-
-def recapture(engine: LLMEngine) -> None:
-    runner, c = engine.runner, engine.config
-    runner.graphs = None
-    torch.cuda.empty_cache()
-    runner.graphs = DecodeGraphs(runner.model, runner.backend, runner.kv, c.block_size, c.max_model_len,
-                                 c.max_num_seqs, runner.device)
-    runner.graphs.capture()
 
 
 def kernel_breakdown(engine: LLMEngine, batch: int, context: int, rng) -> dict:
@@ -219,8 +208,8 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--max-num-seqs", type=int, default=0, help="default: the largest of --batches")
     ap.add_argument("--variant", action="append", default=[],
-                    help="a variant to time, 'name:module.NAME=value,...' (modules: pdl, skinny_gemm, "
-                         "triton_decode, triton_backend, cuda_graphs; values are Python literals)")
+                    help="a variant to time, 'name:FIELD=value,...' (KernelConfig fields, e.g. use_swap, "
+                         "rope_epilogue, merge_in_splits, split_programs; values are Python literals)")
     ap.add_argument("--step-profile-batches", type=int, nargs="*", default=[8, 64],
                     help="batch sizes whose LLMEngine.step timeline is profiled")
     ap.add_argument("--step-events-batches", type=int, nargs="*", default=[8, 32, 64],
@@ -237,41 +226,29 @@ def main() -> None:
         max_num_seqs=args.max_num_seqs or max(args.batches),
         gpu_memory_utilization=0.9))
     result["engine_start_s"] = time.perf_counter() - t
-    result["pdl_enabled_at_start"] = pdl.enabled()
-    result["few_row_matmul_tuning"] = dict(skinny_gemm.REPORT)
+    result["pdl_enabled_at_start"] = engine.runner.kernels.pdl
+    result["few_row_matmul_tuning"] = dict(engine.runner.model.tuning.report)
+    result["kernels_at_start"] = engine.runner.explain()
     engine.runner.kv.normal_()
     result["batch1_tpot_ms"] = {}
     result["graph"] = {}
-    modules = {"pdl": pdl, "skinny_gemm": skinny_gemm, "triton_decode": triton_decode,
-               "triton_backend": triton_backend, "cuda_graphs": cuda_graphs}
-    variants = [] if args.no_pdl_off else [("no_pdl", {"pdl.ENABLED": False, "skinny_gemm.PREFETCH_BYTES": 0})]
+    variants = [] if args.no_pdl_off else [("no_pdl", {"pdl": False, "prefetch_mb": 0})]
     if args.norm_fusion_off:
-        variants.append(("no_norm_fusion", {"skinny_gemm.FUSE_NORMS": False}))
-    variants += [(f"pdl_prefetch_{mb:g}mb", {"skinny_gemm.PREFETCH_BYTES": int(mb * 2**20)}) for mb in args.prefetch_mb]
-    for spec in args.variant:  # "name:module.NAME=value,..."
+        variants.append(("no_norm_fusion", {"fuse_norms": False}))
+    variants += [(f"pdl_prefetch_{mb:g}mb", {"prefetch_mb": mb}) for mb in args.prefetch_mb]
+    for spec in args.variant:  # "name:FIELD=value,..."
         key, _, sets = spec.partition(":")
         variants.append((key, {k: ast.literal_eval(v) for k, v in (a.split("=") for a in sets.split(","))}))
-    def apply(settings: dict) -> None:
-        for name, value in settings.items():
-            mod, attr = name.split(".")
-            setattr(modules[mod], attr, value)
-
-    defaults = {"pdl.ENABLED": True}
-    for _, settings in variants:
-        for name in settings:
-            mod, attr = name.split(".")
-            defaults.setdefault(name, getattr(modules[mod], attr))
+    defaults = engine.config.kernels  # the engine's own (PDL as configured, resolved per GPU by the runner)
     for key, settings in variants:
-        apply({**defaults, **settings})
-        recapture(engine)
+        engine.runner.set_kernel_config(dataclasses.replace(defaults, **settings))
         result["graph"][key] = graph_times(engine, args.batches, 1024, rng)
         result["batch1_tpot_ms"][key] = bench_batch1(engine, rng, new_tokens=128)["tpot_ms"]
         print(key, result["batch1_tpot_ms"][key], result["graph"][key], flush=True)
         if key == "no_pdl":  # kernel times without PDL's overlap: each kernel's own duration
             for b in args.batches:
                 result[f"profile_b{b}"] = kernel_breakdown(engine, b, 1024, rng)
-    apply(defaults)
-    recapture(engine)
+    engine.runner.set_kernel_config(defaults)
     result["step_events"] = {b: step_events(engine, b, 1024, rng) for b in args.step_events_batches}
     for b, e in result["step_events"].items():
         print("step events", b, e, flush=True)

@@ -15,8 +15,11 @@ pytestmark = [
 @pytest.mark.parametrize("rows", [1, 7, 16, 33, 64])
 @pytest.mark.parametrize("shape,bias", [((6144, 4096), False), ((1000, 896), True), ((512, 300), False)])
 def test_every_config_matches_cublas(rows, shape, bias):
-    from baton.engine.models.skinny_gemm import CONFIGS, fits, m_pad, skinny_mm
+    from baton.engine.config import KernelConfig
+    from baton.engine.fastpath.few_row import CONFIGS, fits, m_pad, skinny_mm
+    from baton.engine.fastpath.few_row_tuning import launch_options
 
+    launch = launch_options(KernelConfig().for_device(torch.device("cuda")))  # as the engine: PDL, L2 prefetch
     n, k = shape
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
@@ -25,28 +28,33 @@ def test_every_config_matches_cublas(rows, shape, bias):
     configs = [c for c in CONFIGS if fits(c, m_pad(rows))]
     assert len(configs) >= 4
     for config in configs:
-        got = skinny_mm(x, w, b, config)
+        got = skinny_mm(x, w, b, config, **launch)
         assert got.shape == (rows, n) and got.dtype == torch.bfloat16
         assert ((got.float() - want).norm() / want.norm()) < 1e-2, config
 
 
 def test_tuned_linear_equals_the_layer():
-    from baton.engine.models import skinny_gemm
+    from baton.engine.config import KernelConfig
+    from baton.engine.fastpath.few_row_tuning import FewRowTuning
+    from baton.engine.fastpath.projection import FewRowLinear
 
     model = torch.nn.Sequential(*(torch.nn.Linear(512, 1536, bias=False) for _ in range(3))).to("cuda", torch.bfloat16)
-    report = skinny_gemm.tune(model, max_rows=32)
+    kernels = KernelConfig().for_device(torch.device("cuda"))
+    tuning = FewRowTuning()
+    projections = [FewRowLinear(layer, "plain", tuning, kernels) for layer in model]
+    report = tuning.tune(projections, kernels, max_rows=32)
     assert {key[2] for key in report} == {16, 32}
     layer = model[0]
     for rows in (1, 20, 64, 65):
         x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)
-        got, want = skinny_gemm.linear(layer, x), layer(x)
+        got, want = projections[0](x), layer(x)
         assert ((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
 
 
 @pytest.mark.parametrize("rows", [1, 7, 33, 64])
 def test_silu_fused_into_every_config(rows):
     """SiLU(gate) * up in the product's kernel equals the product then F.silu(gate) * up."""
-    from baton.engine.models.skinny_gemm import CONFIGS, fits, m_pad, skinny_mm
+    from baton.engine.fastpath.few_row import CONFIGS, fits, m_pad, skinny_mm
 
     k, inter = 4096, 1024
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
@@ -66,7 +74,7 @@ def test_residual_add_and_norm_in_the_epilogues_of_every_config(rows):
     """RMSNorm(x @ Wo.T + residual) through the producer's epilogue (sum into the residual,
     partial sums of squares) and the consumer's row scale equals the torch code's norm then
     product, for every configuration on either side."""
-    from baton.engine.models.skinny_gemm import CONFIGS, MAX_ROWS, fits, m_pad, skinny_mm
+    from baton.engine.fastpath.few_row import CONFIGS, MAX_ROWS, fits, m_pad, skinny_mm
 
     hidden, attn, inter = 4096, 2048, 1024
     x = torch.randn(rows, attn, device="cuda", dtype=torch.bfloat16)
@@ -98,8 +106,8 @@ def test_residual_add_and_norm_in_the_epilogues_of_every_config(rows):
 def test_rotary_and_kv_store_in_the_qkv_epilogue_of_every_fitting_config(rows):
     """Llama-3.1-8B's Q/K/V product with rope_store's work in its epilogue equals the product
     then rope_store: the same queries, and the same keys and values at the same slots."""
-    from baton.engine.models import triton_ops
-    from baton.engine.models.skinny_gemm import CONFIGS, RopeStore, fits, m_pad, skinny_mm
+    from baton.engine.fastpath import triton_ops
+    from baton.engine.fastpath.few_row import CONFIGS, RopeStore, fits, m_pad, skinny_mm
 
     heads, kv_heads, head_dim, hidden, block_size = 32, 8, 128, 4096, 16
     n = (heads + 2 * kv_heads) * head_dim

@@ -1,13 +1,13 @@
-"""Which extra work a few-row product (skinny_gemm) can carry without slowing down.
+"""Which extra work a few-row product (engine/fastpath/few_row.py) can carry without slowing down.
 
 Microseconds per product (best of a few configurations, graph replays over 6 weight copies,
 no PDL) of x [rows, K] @ W.T with, inside the K loop: nothing (mode 0); the residual add,
 its store by program 0, RMSNorm's sum of squares and the norm weight (mode 1); the same
 without the store (2); the sum of squares only (3); the residual add only (4); and with
-SiLU(gate) * up in the epilogue (silu). Decided which fusions skinny_gemm has
+SiLU(gate) * up in the epilogue (silu). Decided which fusions the few-row kernel has
 (docs/performance.md, "Tried and not kept").
 
-    python3 bench/fused_gemv_probe.py   # writes $OUT/fused_variants.json (default /tmp)
+    python3 bench/kernels/fused_gemv_probe.py   # writes $OUT/fused_variants.json (default /tmp)
 """
 
 import datetime
@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from baton.engine.models.skinny_gemm import fits, graph_time
+from baton.engine.fastpath.few_row import fits
+from baton.engine.fastpath.timing import graph_time
 
 
 @triton.jit
@@ -69,7 +70,7 @@ def kern(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, ro_ptr, M, N, K, eps,
         acc = g / (1.0 + tl.exp(-g)) * acc2
     tl.store(out_ptr + m[:, None] * N_OUT + n[None, :], acc.to(tl.bfloat16), mask=m_mask[:, None])
 
-CONFIGS = [(16, 256, 4, 4), (32, 128, 4, 6), (64, 256, 4, 3), (128, 128, 8, 3)]  # from skinny_gemm.CONFIGS
+CONFIGS = [(16, 256, 4, 4), (32, 128, 4, 6), (64, 256, 4, 3), (128, 128, 8, 3)]  # from few_row.CONFIGS
 MODES = [(0, False), (1, False), (2, False), (3, False), (4, False), (0, True), (3, True)]
 
 
@@ -105,7 +106,7 @@ def main() -> None:
         results[key] = best
         print(key, best, flush=True)
     out = {"machine": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-           "command": "python3 bench/fused_gemv_probe.py", "us_per_product_and_best_config": results}
+           "command": "python3 bench/kernels/fused_gemv_probe.py", "us_per_product_and_best_config": results}
     Path(os.environ.get("OUT", "/tmp"), "fused_variants.json").write_text(json.dumps(out, indent=1))
 
 

@@ -6,7 +6,7 @@ picks on an H100: a graph of 32 products over 32 different [N, K] weights (`chai
 one product over the same weights as one [32 N, K] matrix (`one`, same bytes, one
 boundary). (chain - one) / 31 is the cost of a boundary; bytes / time the bandwidth.
 
-    python3 bench/product_boundaries.py --out bench/results/product-boundaries-h100.json
+    python3 bench/kernels/product_boundaries.py --out bench/results/product-boundaries-h100.json
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from baton.engine.models import pdl, skinny_gemm  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from baton.engine.config import KernelConfig  # noqa: E402
+from baton.engine.fastpath.few_row_tuning import form_runner, launch_options  # noqa: E402
+from baton.engine.fastpath.timing import graph_time  # noqa: E402
 from engine import run_record  # noqa: E402
 
 # (N, K, form, configuration tuning picked at 16 rows on an H100, 2026-11-28 05:40 UTC)
@@ -29,13 +31,13 @@ SHAPES = {
     "gate_up": (28672, 4096, "silu_row_scale", (64, 256, 4, 3)),
     "down": (4096, 14336, "add_norm", (16, 256, 4, 6)),
 }
+# KernelConfig fields of each variant
 SETTINGS = {
-    "no_pdl": {"pdl.ENABLED": False, "skinny_gemm.PREFETCH_BYTES": 0},
-    "pdl": {"pdl.ENABLED": True, "skinny_gemm.PREFETCH_BYTES": 0},
-    "pdl_first_rows_4mb": {"pdl.ENABLED": True, "skinny_gemm.PREFETCH_BYTES": 4 << 20, "skinny_gemm.PREFETCH_MODE": 1},
-    "pdl_row_starts_8mb": {"pdl.ENABLED": True, "skinny_gemm.PREFETCH_BYTES": 8 << 20, "skinny_gemm.PREFETCH_MODE": 2},
+    "no_pdl": {"pdl": False, "prefetch_mb": 0},
+    "pdl": {"pdl": True, "prefetch_mb": 0},
+    "pdl_first_rows_4mb": {"pdl": True, "prefetch_mb": 4, "prefetch_mode": 1},
+    "pdl_row_starts_8mb": {"pdl": True, "prefetch_mb": 8, "prefetch_mode": 2},
 }
-MODULES = {"pdl": pdl, "skinny_gemm": skinny_gemm}
 
 
 class _Weight(torch.nn.Module):
@@ -45,7 +47,7 @@ class _Weight(torch.nn.Module):
 
 
 def best_of(fn, tries: int = 3) -> float:
-    return min(skinny_gemm.graph_time(fn, repeats=10) for _ in range(tries))
+    return min(graph_time(fn, repeats=10) for _ in range(tries))
 
 
 @torch.inference_mode()
@@ -55,19 +57,17 @@ def measure(name: str, copies: int, rows: int) -> dict:
     x = torch.randn((rows, k), dtype=torch.bfloat16, device="cuda")
     parts = [_Weight(big[i * n:(i + 1) * n]) for i in range(copies)]
     whole = _Weight(big)
-    chain_run, _ = skinny_gemm._form_runner(form, x, parts[0])
-    one_run, _ = skinny_gemm._form_runner(form, x, whole)
     result = {"n": n, "k": k, "form": form, "config": str(config), "rows": rows, "copies": copies}
     for key, settings in SETTINGS.items():
-        for attr, value in settings.items():
-            mod, field = attr.split(".")
-            setattr(MODULES[mod], field, value)
+        launch = launch_options(KernelConfig(**settings).for_device(torch.device("cuda")))
+        chain_run, _ = form_runner(form, x, parts[0], launch)
+        one_run, _ = form_runner(form, x, whole, launch)
 
-        def chain():
+        def chain(chain_run=chain_run):
             for part in parts:
                 chain_run(part, config)
 
-        chain_s, one_s = best_of(chain), best_of(lambda: one_run(whole, config))
+        chain_s, one_s = best_of(chain), best_of(lambda one_run=one_run: one_run(whole, config))
         boundary_us = (chain_s - one_s) / (copies - 1) * 1e6
         result[key] = {"chain_us_per_product": round(chain_s / copies * 1e6, 2),
                        "one_us_per_product": round(one_s / copies * 1e6, 2),

@@ -11,36 +11,19 @@ exactly as ordered as without PDL; a kernel launched without the attribute, or a
 kernel that never triggers (cuBLAS, torch), just waits for it to finish. CUDA graphs keep
 the dependency as a programmatic edge.
 
-`launch_kwargs()` gives a launch's `USE_PDL` and `launch_pdl` arguments. PDL is on when the
-GPU has compute capability 9.0 or more, unless `BATON_PDL=0`; benchmarks flip `ENABLED` and
-recapture to measure what it buys.
+`launch_kwargs(pdl)` gives a launch's `USE_PDL` and `launch_pdl` arguments. Whether PDL is
+on is the engine's (`KernelConfig.pdl`, resolved per device by `KernelConfig.for_device`:
+compute capability 9.0 or more); every kernel wrapper takes it as its `pdl` argument.
 """
 
 from __future__ import annotations
 
-import os
-
-import torch
 import triton
 import triton.language as tl
 
-ENABLED: bool | None = None  # None: decided on first use
 
-
-def enabled() -> bool:
-    global ENABLED
-    if ENABLED is None:
-        ENABLED = (
-            os.environ.get("BATON_PDL", "1") != "0"
-            and torch.cuda.is_available()
-            and torch.cuda.get_device_capability()[0] >= 9
-        )
-    return ENABLED
-
-
-def launch_kwargs() -> dict:
-    on = enabled()
-    return {"USE_PDL": on, "launch_pdl": on}
+def launch_kwargs(pdl: bool) -> dict:
+    return {"USE_PDL": pdl, "launch_pdl": pdl}
 
 
 @triton.jit
