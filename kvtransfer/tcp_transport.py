@@ -227,7 +227,12 @@ class SocketReceiver(ReceiverTransport):
     async def _accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            sock, addr = await loop.sock_accept(listener)
+            try:
+                sock, addr = await loop.sock_accept(listener)
+            except OSError as exc:  # out of file descriptors, a reset before accept: keep serving
+                log.warning("KV listener: accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
             conn = wire.Connection(sock, f"{addr[0]}:{addr[1]}")
             self._conns[conn] = asyncio.ensure_future(self._serve(conn))
 

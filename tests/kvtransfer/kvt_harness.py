@@ -23,7 +23,7 @@ import threading
 import time
 from concurrent.futures import Future
 
-STARTUP_TIMEOUT_S = 90
+STARTUP_TIMEOUT_S = 180  # four engine processes start at once on a loaded machine
 
 
 class PeerDied(RuntimeError):

@@ -149,3 +149,30 @@ def test_a_sender_that_never_answers(peers, transport):
     assert info.value.reason in ("expired", "peer_lost", "timeout"), info.value
     assert prefill.wait_free(prefill.num_blocks) == prefill.num_blocks
     assert decode.wait_free(decode.num_blocks) == decode.num_blocks
+
+
+def test_garbage_on_the_kv_tcp_port_is_dropped_and_serving_goes_on(peers):
+    """A client that sends junk to the decode worker's KV TCP listener loses its connection;
+    a header for a ticket that does not exist gets a clear error; handoffs go on."""
+    import socket
+
+    from baton.kvtransfer import wire
+    from baton.protos import kvtransfer_pb2 as pb
+
+    decode, prefill = peers["d16"], peers["p16"]
+    host, port = decode.info["tcp"].rsplit(":", 1)
+    for junk in (b"GET / HTTP/1.1\r\n\r\n", wire.frame(wire.HEADER, b"\xff\xff\xff"), wire.frame(99)):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(junk)
+            assert sock.recv(1) == b""  # closed by the listener
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(wire.frame(wire.HEADER, pb.KVHandoffHeader(ticket_id="nope").SerializeToString()))
+        head = sock.recv(9, socket.MSG_WAITALL)
+        assert head[0] == wire.REPLY
+        reply = pb.KVPushReply.FromString(sock.recv(int.from_bytes(head[1:], "little"), socket.MSG_WAITALL))
+        assert reply.error.reason == "unknown_ticket"
+    first, ticket, tid = prefill_and_reserve(decode, prefill, "after-junk", tokens=PROMPT[:40])
+    waiter = decode.submit("wait", ticket_id=tid)
+    prefill.call("push", ticket=ticket, request_id="after-junk", first_token=first["token"], transport="tcp")
+    decode.call("release", block_ids=waiter.result(30)["block_ids"])
+    assert decode.wait_free(decode.num_blocks) == decode.num_blocks
