@@ -152,7 +152,7 @@ def _importable(module: str) -> bool:
 
 
 def pick_backend_name(requested: str, device: torch.device) -> str:
-    """"auto": the Triton kernels on CUDA (measured fastest: docs/architecture.md), else torch.
+    """"auto": the Triton kernels on CUDA (measured fastest: docs/performance.md), else torch.
 
     `flash_attn` is chosen by name only: its paged kernels need blocks of 256 tokens.
     """

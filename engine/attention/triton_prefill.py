@@ -77,7 +77,7 @@ def _prefill_kernel(
 
 
 def prefill_config(head_dim: int, dtype: torch.dtype, max_query_len: int = 0) -> dict:
-    """Tile shapes and launch settings (measured on an H100: docs/architecture.md)."""
+    """Tile shapes and launch settings (measured on an H100: docs/performance.md)."""
     if dtype == torch.float32:
         return {"block_m": 32, "block_n": 32, "num_warps": 4, "num_stages": 2}
     if head_dim > 128:

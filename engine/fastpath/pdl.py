@@ -1,8 +1,8 @@
 """Programmatic dependent launch (PDL) for the Triton kernels of a step, on Hopper and later.
 
-A decode step of an 8B model at batch 1 is ~300 kernels, most of them a few microseconds
-long; between two kernels of one stream the GPU normally drains the first completely and
-only then starts the second, which costs a microsecond or two per boundary. With PDL the
+A decode step of an 8B model is a few hundred short kernels; between two kernels of one
+stream the GPU normally drains the first completely and only then starts the second, and
+at these kernel lengths that boundary is a noticeable share of the step. With PDL the
 next kernel is launched while the previous one is still finishing: every kernel here calls
 `enter(USE_PDL)` first, which waits until the previous kernel's writes are visible
 (`griddepcontrol.wait`) and then lets the kernel after it launch early
