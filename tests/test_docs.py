@@ -171,3 +171,21 @@ def test_the_map_lists_every_handoff_failure_reason():
     listed = text.split("**Failure reasons**", 1)[1].split("\n- ", 1)[0]
     missing = [r for r in REASONS if f"`{r}`" not in listed]
     assert not missing, f"docs/architecture.md, KV transfer, lacks failure reasons {missing}"
+
+
+def test_sections_the_code_cites_exist():
+    # Comments and docstrings point to docs as `docs/<file>.md, "<section>"`; the section
+    # must be (the start of) a heading of that file.
+    cited = re.compile(r"docs/([\w-]+\.md)\"?,? \"([^\"]+)\"")
+    missing = []
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT)
+        if any(part in SKIP_DIRS or part.endswith(".egg-info") for part in rel.parts):
+            continue
+        text = " ".join(line.strip().lstrip("#").strip() for line in path.read_text().splitlines())
+        for doc, section in cited.findall(text):
+            headings = [h.lstrip("#").strip() for h in (ROOT / "docs" / doc).read_text().splitlines()
+                        if h.startswith("#")] if (ROOT / "docs" / doc).exists() else []
+            if not any(h.startswith(section) for h in headings):
+                missing.append(f"{rel}: docs/{doc}, {section!r}")
+    assert not missing, f"code cites doc sections that do not exist: {missing}"
