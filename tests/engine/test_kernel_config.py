@@ -108,3 +108,29 @@ def test_baton_generate_explain_prints_the_table_on_the_cpu(tiny_dir):
                            "--model", str(tiny_dir)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "the torch reference (LlamaForCausalLM), no fast path" in proc.stdout
+
+
+def test_two_engines_keep_their_own_tuning_and_attention_counters(tiny_dir):
+    """Nothing the fast path measures or keeps is the process's: each application of it has
+    its own tuning results, each Triton backend its own merge counters and switches."""
+    pytest.importorskip("triton")
+    from baton.engine.attention.triton_backend import TritonAttention
+    from baton.engine.fastpath import apply_fast_path
+    from baton.engine.llm import LLM
+
+    reference = LLM(model=str(tiny_dir), device="cpu", num_gpu_blocks_override=8).engine.runner.reference
+    cuda = torch.device("cuda")  # building the fast model touches no device
+    one = apply_fast_path(reference, KernelConfig(pdl=False), cuda)
+    two = apply_fast_path(reference, KernelConfig(pdl=False, use_swap=False), cuda)
+    assert one.tuning is not two.tuning
+    weight = one.layers[0].qkv_proj.weight
+    one.tuning.times[(*weight.shape, 16, weight.dtype)] = {"cublas": 9.0, (16, 32, 4, 1): 1.0}
+    assert one.layers[0].qkv_proj.kernel(8) == "few-row (16, 32, 4, 1)"
+    assert two.layers[0].qkv_proj.kernel(8) == "cuBLAS"  # not tuned: its own results are empty
+    assert one.layers[0].qkv_proj.weight is reference.layers[0].self_attn.qkv_proj.weight  # shared, not copied
+    assert apply_fast_path(reference, KernelConfig(fused_kernels=False), cuda) is reference
+    assert apply_fast_path(reference, KernelConfig(), torch.device("cpu")) is reference
+    a = TritonAttention(4, 2, 16, 0.25, kernels=KernelConfig(pdl=False))
+    b = TritonAttention(4, 2, 16, 0.25, kernels=KernelConfig(pdl=False, merge_in_splits=False))
+    assert a._split_counts is not None and b._split_counts is None
+    assert "merged in the last" in a.decode_kernel(1) and "merge kernel" in b.decode_kernel(1)
