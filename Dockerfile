@@ -29,6 +29,8 @@ COPY engine engine
 COPY kvtransfer kvtransfer
 COPY prefill prefill
 COPY decode decode
+COPY colocated colocated
+COPY worker worker
 COPY router router
 COPY operator operator
 RUN pip install ".[ucx]" && rm -rf /src
