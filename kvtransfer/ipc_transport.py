@@ -85,6 +85,8 @@ class IpcExport:
             # it only while nothing reads or writes the pool (`KVPool.exclusive`).
             manager, filename, size = kv.untyped_storage()._share_filename_cpu_()
             self._cpu = {"manager": manager.decode(), "filename": filename.decode(), "size": size}
+        else:
+            self.describe()  # fails here, not at a sender's first handoff, if CUDA IPC cannot share it
 
     def describe(self) -> dict:
         """What a sender needs to map the pool (JSON-safe)."""
@@ -221,8 +223,12 @@ class IpcSender(SenderTransport):
         async with self.connections.connection(address) as conn:
             dst = conn.state.get("mapped")
             if dst is None:
-                await conn.send(wire.IPC_OPEN)
-                desc = json.loads(await expect(conn, wire.IPC_POOL, address))
+                try:
+                    await conn.send(wire.IPC_OPEN)
+                    desc = json.loads(await expect(conn, wire.IPC_POOL, address))
+                except (OSError, EOFError) as exc:  # nothing moved yet: let `auto` go on
+                    raise HandoffError("transport_unavailable",
+                                       f"the decode worker at {address} did not share its pool: {exc}") from None
                 conn.clean = True  # a refusal below leaves the connection usable
                 dst = self._mapped.get(desc["pool_id"])
                 if dst is None:

@@ -78,3 +78,29 @@ def test_auto_picks_the_fastest_path_and_the_metrics_say_which(pair, rewrite, ex
     assert handoffs(decode, "decode", expected) == before[0] + 1
     assert handoffs(prefill, "prefill", expected) == before[1] + 1
     assert decode.wait_free(decode.num_blocks) == decode.num_blocks
+
+
+def test_auto_falls_back_to_tcp_when_the_pool_is_not_shared():
+    """A decode worker on this node that exports no pool (here: a `tcp` worker; in life an
+    export that failed) answers the ipc request by closing the connection: nothing moved,
+    so the sender goes on to `tcp`."""
+    from kvt_harness import Peer
+
+    kw = dict(block_size=16, num_blocks=64, chunk_bytes=1 << 16)
+    decode, prefill = Peer(None, transport="tcp", **kw), Peer(None, **kw)
+    try:
+        decode.ready(), prefill.ready()
+        assert decode.info["tcp"] and not decode.info["ipc"]
+        ticket = Ticket.from_bytes(decode.call("reserve", request_id="fallback", num_tokens=100))
+        # What an auto worker on this node that could not export its pool would look like
+        # to the sender if it still advertised the domain: the sender's own.
+        claimed = dataclasses.replace(ticket, transport="auto", ipc_domain=prefill.info["ipc"])
+        src = prefill.call("reserve_local", num_tokens=100, seed=1)
+        waiter = decode.submit("wait", ticket_id=ticket.ticket_id)
+        sent = prefill.call("push", ticket=claimed.to_bytes(), src_block_ids=src, first_token=1)
+        got = waiter.result(30)
+        assert sent["transport"] == "tcp"
+        assert decode.call("digest", block_ids=got["block_ids"]) == prefill.call("digest", block_ids=src)
+    finally:
+        decode.close()
+        prefill.close()
