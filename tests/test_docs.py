@@ -189,3 +189,15 @@ def test_sections_the_code_cites_exist():
             if not any(h.startswith(section) for h in headings):
                 missing.append(f"{rel}: docs/{doc}, {section!r}")
     assert not missing, f"code cites doc sections that do not exist: {missing}"
+
+
+def test_the_components_table_lists_every_package_folder():
+    import tomllib
+
+    package_dir = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    table = text.split("## Components", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip() for line in table.splitlines() if line.startswith("|")}
+    missing = [f"{folder}/ ({package})" for package, folder in package_dir.items()
+               if f"`{folder}/`" not in rows or f"`{package}`" not in table]
+    assert not missing, f"docs/architecture.md, Components, lacks {missing}"
