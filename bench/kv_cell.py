@@ -24,13 +24,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import multiprocessing as mp
 import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pipe_worker import Worker, serve_commands  # noqa: E402 (bench/ is not a package)
 
 
 def _worker(conn, role: str, model_dir: str, device: str, num_blocks: int, max_len: int) -> None:
@@ -40,7 +42,6 @@ def _worker(conn, role: str, model_dir: str, device: str, num_blocks: int, max_l
 
 
 async def _serve(conn, role: str, model_dir: str, device: str, num_blocks: int, max_len: int) -> None:
-    import asyncio
 
     import grpc
 
@@ -69,7 +70,6 @@ async def _serve(conn, role: str, model_dir: str, device: str, num_blocks: int, 
         await end.start(port)
     else:
         end = KVSender(engine)
-    loop = asyncio.get_running_loop()
 
     def greedy(n: int) -> SamplingParams:
         return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
@@ -108,42 +108,7 @@ async def _serve(conn, role: str, model_dir: str, device: str, num_blocks: int, 
             return True
         raise ValueError(cmd)
 
-    while True:
-        msg = await loop.run_in_executor(None, conn.recv)
-        if msg is None:
-            return
-        cmd, kw = msg
-        try:
-            conn.send((True, await handle(cmd, kw)))
-        except Exception as exc:
-            conn.send((False, f"{type(exc).__name__}: {exc}"))
-
-
-class Worker:
-    def __init__(self, *args):
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child, *args), daemon=True)
-        self.proc.start()
-
-    def send(self, cmd: str, **kw) -> None:
-        self.conn.send((cmd, kw))
-
-    def recv(self):
-        ok, value = self.conn.recv()
-        if not ok:
-            raise RuntimeError(value)
-        return value
-
-    def call(self, cmd: str, **kw):
-        self.send(cmd, **kw)
-        return self.recv()
-
-    def close(self) -> None:
-        self.conn.send(None)
-        self.proc.join(30)
-        if self.proc.is_alive():
-            self.proc.kill()
+    await serve_commands(conn, handle)
 
 
 def machine(device: str) -> str:
@@ -170,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     from baton.engine.tiny_model import ensure_tiny_model
 
     if args.device == "cuda":
-        sys.path.insert(0, str(Path(__file__).parent))
         from engine_workload import LLAMA31_8B, write_random_checkpoint
 
         model_dir = write_random_checkpoint(Path(args.model_dir or tempfile.mkdtemp(prefix="kv-cell-")),
@@ -180,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         model_dir, model, device = ensure_tiny_model(), "embedded tiny model", "cpu"
     max_len = args.tokens + args.decode_tokens + 64
     num_blocks = 4 * (-(-max_len // 16)) + 16
-    decode = Worker("decode", str(model_dir), device, num_blocks, max_len)
-    prefill = Worker("prefill", str(model_dir), device, num_blocks, max_len)
+    decode = Worker(_worker, "decode", str(model_dir), device, num_blocks, max_len)
+    prefill = Worker(_worker, "prefill", str(model_dir), device, num_blocks, max_len)
     rows, transports = [], set()
     try:
         decode.call("ping")

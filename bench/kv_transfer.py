@@ -35,13 +35,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import multiprocessing as mp
 import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pipe_worker import Worker, serve_commands  # noqa: E402 (bench/ is not a package)
 
 TARGET = {"tokens": 2048, "handoff_ms": 1.5, "effective_gbps": 180.0}
 # Issue 18's targets for the portable path, at 512 tokens (64 MiB): tcp at least this share
@@ -75,7 +77,6 @@ def _worker(conn, role: str, device: str, num_blocks: int, gpu_order: str | None
 
 
 async def _serve(conn, role: str, device: str, num_blocks: int, mode: str | None, ucx: bool) -> None:
-    import asyncio
     import dataclasses
     import hashlib
     import socket
@@ -127,7 +128,6 @@ async def _serve(conn, role: str, device: str, num_blocks: int, mode: str | None
         await end.start(port)
     if device != "cpu":
         torch.cuda.synchronize()
-    loop = asyncio.get_running_loop()
 
     def digest(ids) -> str:
         rows = pool.kv[list(ids)]
@@ -202,38 +202,7 @@ async def _serve(conn, role: str, device: str, num_blocks: int, mode: str | None
             return True
         raise ValueError(cmd)
 
-    while True:
-        msg = await loop.run_in_executor(None, conn.recv)
-        if msg is None:
-            return
-        cmd, kw = msg
-        try:
-            conn.send((True, await handle(cmd, kw)))
-        except Exception as exc:  # report, keep serving
-            conn.send((False, f"{type(exc).__name__}: {exc}"))
-
-
-class Worker:
-    def __init__(self, role: str, device: str, num_blocks: int, gpu_order: str | None, mode: str | None,
-                 ucx: bool = True):
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child, role, device, num_blocks, gpu_order, mode, ucx),
-                                daemon=True)
-        self.proc.start()
-
-    def call(self, cmd: str, **kw):
-        self.conn.send((cmd, kw))
-        ok, value = self.conn.recv()
-        if not ok:
-            raise RuntimeError(value)
-        return value
-
-    def close(self) -> None:
-        self.conn.send(None)
-        self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.kill()
+    await serve_commands(conn, handle)
 
 
 # -- measurements --------------------------------------------------------------------------
@@ -415,8 +384,8 @@ def run_pair(args, tokens: list[int], transports: list[str], mode: str | None) -
         gpus = ("0,1", "1,0")
     else:
         gpus = ("0", "0") if args.device == "cuda" else (None, None)
-    sender = Worker("sender", device, num_blocks, gpus[0], mode, "ucx" in transports)
-    receiver = Worker("receiver", device, num_blocks, gpus[1], mode, "ucx" in transports)
+    sender = Worker(_worker, "sender", device, num_blocks, gpus[0], mode, "ucx" in transports)
+    receiver = Worker(_worker, "receiver", device, num_blocks, gpus[1], mode, "ucx" in transports)
     main_set = (["socket"] if "tcp" in transports else []) + transports
     out: dict = {"by_transport": {t: {} for t in main_set}, "scattered": {}, "errors": {},
                  "ucx_by_max_message_mib": {}}
