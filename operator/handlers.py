@@ -2,6 +2,10 @@
 
 `register` puts every handler on a registry (not kopf's global one), so an operator can be
 built, run, stopped and built again in one process, as the tests do.
+
+Events are created through the operator's own API client, not `kopf.event`: kopf can post
+only from inside its handlers, and the periodic resync, which sees most changes of a
+running service (a fleet going down, handoffs failing), runs outside them.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
@@ -16,24 +21,51 @@ import kopf
 from baton.operator import crd
 from baton.operator.builders.common import MANAGED_BY
 from baton.operator.config import OperatorConfig
-from baton.operator.kube import ApiError
+from baton.operator.kube import ApiError, Kube
 from baton.operator.reconcile import Outcome, Reconciler
 
 RETRY_SECONDS = 15
+# An Event's message is at most this long (the API server's limit).
+EVENT_MESSAGE_BYTES = 1024
 # Not kopf's per-object logger: that one would also post these lines as Events.
 log = logging.getLogger("baton.operator")
 
 
-def _post(body: Mapping[str, Any], outcome: Outcome) -> None:
-    """An Event when Ready changes: Warning for a problem, Normal otherwise."""
+def event(ref: Mapping[str, Any], kind: str, reason: str, message: str, now: str) -> dict:
+    """A core/v1 Event about the InferenceService `ref` (apiVersion, kind, metadata with
+    name, namespace and uid)."""
+    meta = ref["metadata"]
+    return {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {"apiVersion": crd.API_VERSION, "kind": crd.KIND,
+                           "name": meta["name"], "namespace": meta["namespace"],
+                           "uid": meta.get("uid") or ""},
+        "type": kind, "reason": reason,
+        "message": message.encode()[:EVENT_MESSAGE_BYTES].decode(errors="ignore"),
+        "source": {"component": MANAGED_BY},
+        "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+    }
+
+
+def _post(kube: Kube, ref: Mapping[str, Any], outcome: Outcome) -> None:
+    """An Event when Ready changes: Warning for a problem, Normal otherwise. Best effort:
+    an Event the API refuses is logged, never raised."""
     ready = outcome.ready
     if ready is None or not outcome.ready_changed:
         return
-    meta = body["metadata"]
-    kind = "Warning" if outcome.problems else "Normal"
-    log.log(logging.WARNING if outcome.problems else logging.INFO, "%s/%s Ready=%s %s: %s",
+    meta = ref["metadata"]
+    # Failing handoffs are a problem of the running service, not a fleet still starting.
+    warn = bool(outcome.problems) or ready["reason"] == "KVTransferNotReady"
+    log.log(logging.WARNING if warn else logging.INFO, "%s/%s Ready=%s %s: %s",
             meta["namespace"], meta["name"], ready["status"], ready["reason"], ready["message"])
-    kopf.event(dict(body), type=kind, reason=ready["reason"], message=ready["message"])
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        kube.create(event(ref, "Warning" if warn else "Normal", ready["reason"],
+                          ready["message"], now))
+    except ApiError as error:
+        log.warning("%s/%s: Event %s not posted: %s", meta["namespace"], meta["name"],
+                    ready["reason"], error)
 
 
 def _owner(body: Mapping[str, Any]) -> dict | None:
@@ -62,12 +94,13 @@ async def _resync(reconciler: Reconciler, interval: float, logger: logging.Logge
         for namespace, name in keys:
             try:
                 outcome = await asyncio.to_thread(reconciler.reconcile, namespace, name)
+                ref = {"apiVersion": crd.API_VERSION, "kind": crd.KIND,
+                       "metadata": {"namespace": namespace, "name": name, "uid": outcome.uid}}
+                await asyncio.to_thread(_post, reconciler.kube, ref, outcome)
             except ApiError as error:
                 logger.warning(f"resync of {namespace}/{name} failed, next round retries: {error}")
-                continue
-            ref = {"apiVersion": crd.API_VERSION, "kind": crd.KIND,
-                   "metadata": {"namespace": namespace, "name": name}}
-            _post(ref, outcome)
+            except Exception:  # a bug in one service's round must not end the resync
+                logger.exception(f"resync of {namespace}/{name} failed, next round retries")
 
 
 def connection_info(configuration: Any) -> kopf.ConnectionInfo:
@@ -121,7 +154,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler,
         except ApiError as error:
             raise kopf.TemporaryError(f"API call failed, retrying: {error}",
                                       delay=RETRY_SECONDS) from error
-        _post(body, outcome)
+        _post(reconciler.kube, body, outcome)
 
     kopf.on.create(*resource, id="reconcile-create", registry=registry)(reconcile)
     kopf.on.update(*resource, id="reconcile-update", registry=registry)(reconcile)
@@ -159,4 +192,4 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler,
             # The next event or resync writes the status; a lost update is not fatal.
             logger.warning(f"status of {meta['namespace']}/{meta['name']} not updated: {error}")
             return
-        _post(owner, outcome)
+        _post(reconciler.kube, owner, outcome)

@@ -45,6 +45,7 @@ class Outcome:
     problems: list[Problem] = field(default_factory=list)
     ready: dict | None = None  # the Ready condition written, None if the object is gone
     ready_changed: bool = False
+    uid: str = ""  # of the object reconciled: Events name it
 
 
 def _now() -> str:
@@ -261,7 +262,8 @@ class Reconciler:
         before = next((c for c in previous.get("conditions") or [] if c["type"] == "Ready"), {})
         changed = (before.get("status"), before.get("reason")) != (ready["status"],
                                                                     ready["reason"])
-        return Outcome(problems=list(problems), ready=ready, ready_changed=changed)
+        return Outcome(problems=list(problems), ready=ready, ready_changed=changed,
+                       uid=meta.get("uid", ""))
 
     @staticmethod
     def _components(body: Mapping[str, Any], svc: spec.InferenceService | None) -> list[str]:

@@ -327,14 +327,14 @@ class OperatorRunner:
 
         self.thread = threading.Thread(target=main, name="operator", daemon=True)
         self.thread.start()
-        await asyncio.to_thread(ready.wait, 10)
+        await asyncio.to_thread(ready.wait, 30)
         assert ready.is_set(), f"the operator did not start: {self.error!r}"
 
     async def stop(self) -> None:
         if self.thread is None:
             return
         self.stop_flag.set()
-        await asyncio.to_thread(self.thread.join, 15)
+        await asyncio.to_thread(self.thread.join, 60)  # a reconcile in flight finishes first
         assert not self.thread.is_alive(), "the operator did not stop"
         self.thread = None
         assert self.error is None, f"the operator failed: {self.error!r}"

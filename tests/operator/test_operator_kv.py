@@ -22,6 +22,7 @@ from test_operator_kopf import (
     IS,
     NS,
     condition,
+    events,
     make_ready,
     models_claim,
     service,
@@ -239,6 +240,9 @@ async def test_kv_transfer_ready_reflects_the_workers_handoffs(apiserver, operat
             assert "prefill and decode KV layouts differ" in kv["message"]
             ready = condition(apiserver)
             assert (ready["status"], ready["reason"]) == ("False", "KVTransferNotReady")
+            # Posted by the resync that saw it (a resync's Event names the object's uid).
+            warning = await wait(lambda: events(apiserver, "KVTransferNotReady"))
+            assert warning[0]["type"] == "Warning" and "LayoutMismatch" in warning[0]["message"]
             assert apiserver.get_object(IS, NS, "llama")["status"]["kvTransfer"]["transport"] \
                 == "grpc"
             await asyncio.sleep(1.0)  # resyncs that see no new handoff keep the verdict
@@ -247,3 +251,6 @@ async def test_kv_transfer_ready_reflects_the_workers_handoffs(apiserver, operat
             for server in servers:
                 server.shutdown()
                 server.server_close()
+    # The resync goes on after posting: workers no longer answering is seen, Ready recovers.
+    await wait(lambda: condition(apiserver, "KVTransferReady").get("reason") == "NoMetrics")
+    await wait(lambda: condition(apiserver).get("reason") == "Serving")
