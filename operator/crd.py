@@ -44,7 +44,7 @@ TYPED_FLAGS = ("model", "tokenizer", "served-model-name", "dtype", "block-size",
                "kv-transfer", "host", "port", "metrics-port", "kv-port")
 DEFAULT_BLOCK_SIZE = 16
 # The values of kvTransfer.transport; the workers' --kv-transfer accepts each (a test says so).
-TRANSPORTS = ("grpc", "ucx")
+TRANSPORTS = ("grpc", "ucx", "tcp", "auto")
 # The resource the RDMA shared device plugin's example configuration advertises.
 DEFAULT_RDMA_RESOURCE = "rdma/hca_shared_devices_a"
 QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
@@ -313,8 +313,10 @@ def _kv_transfer() -> dict:
                     "requests, IPC_LOCK to pin memory, and UCX kept off TCP.",
     )
     return _obj(
-        {"transport": _scalar("string", "Data plane for KV blocks.", enum=list(TRANSPORTS),
-                              default="grpc"),
+        {"transport": _scalar("string", "Data plane for KV blocks: auto picks the fastest "
+                              "each prefill/decode pair can use (ucx with RDMA, else tcp, else "
+                              "grpc); or one of them by name.", enum=list(TRANSPORTS),
+                              default="auto"),
          "ucx": ucx, "rdma": rdma},
         description="How prefill workers hand KV blocks to decode workers.", default={},
         rules=(("!has(self.ucx) || self.transport in ['ucx', 'auto']",

@@ -10,6 +10,7 @@ fails its handoffs visibly instead of moving KV over TCP unnoticed.
 
 from __future__ import annotations
 
+from baton.operator.builders import common
 from baton.operator.spec import InferenceService, Role
 
 # UCX transports with RDMA: reliable-connected verbs for the wire, cuda_copy to stage GPU
@@ -20,6 +21,21 @@ NETWORKS_ANNOTATION = "k8s.v1.cni.cncf.io/networks"
 
 def _moves_kv(role: Role) -> bool:
     return role.name in ("prefill", "decode")
+
+
+def listeners(svc: InferenceService, role: Role) -> list[tuple[str, int, str]]:
+    """(port name, port, worker flag) of the KV listeners a decode worker opens besides its
+    gRPC port: UCX's for ucx, the KV TCP listener for tcp, both for auto (whose UCX listener
+    opens only where the pod has an RDMA device). Prefill workers listen for none."""
+    if role.name != "decode":
+        return []
+    transport = svc.transport
+    found = []
+    if transport in ("ucx", "auto"):
+        found.append(("kv", common.KV_PORT, "--kv-port"))
+    if transport in ("tcp", "auto"):
+        found.append(("kv-tcp", common.KV_TCP_PORT, "--kv-tcp-port"))
+    return found
 
 
 def env(svc: InferenceService, role: Role) -> list[dict]:
@@ -37,10 +53,12 @@ def env(svc: InferenceService, role: Role) -> list[dict]:
 
 
 def args(svc: InferenceService, role: Role) -> list[str]:
+    """KV listener ports and the UCX progress mode, as worker flags."""
+    found = [arg for _, port, flag in listeners(svc, role) for arg in (flag, str(port))]
     kv = svc.kv_transfer
     if _moves_kv(role) and kv.uses_ucx and kv.ucx_progress_mode:
-        return ["--ucx-progress-mode", kv.ucx_progress_mode]
-    return []
+        found += ["--ucx-progress-mode", kv.ucx_progress_mode]
+    return found
 
 
 def resources(svc: InferenceService, role: Role) -> dict:

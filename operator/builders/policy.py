@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from baton.operator.builders import common
+from baton.operator.builders import common, kvtransfer
 from baton.operator.spec import InferenceService
 
 
@@ -26,8 +26,8 @@ def network_policy(svc: InferenceService, role_name: str) -> dict:
     and /metrics from anywhere (Prometheus may live in another namespace)."""
     rules = [_from(svc, "router", "grpc")]
     if role_name == "decode":
-        ports = ("grpc", "kv") if svc.transport == "ucx" else ("grpc",)
-        rules.append(_from(svc, "prefill", *ports))
+        listeners = kvtransfer.listeners(svc, svc.role("decode"))
+        rules.append(_from(svc, "prefill", "grpc", *(name for name, _, _ in listeners)))
     rules.append({"ports": [{"port": "metrics", "protocol": "TCP"}]})
     return {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",

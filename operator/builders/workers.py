@@ -15,11 +15,6 @@ COMMANDS = {"prefill": "serve-prefill", "decode": "serve-decode", "colocated": "
 STARTUP_SECONDS = 1800
 
 
-def uses_kv_port(svc: InferenceService, role: Role) -> bool:
-    """Decode workers listen for UCX transfers on their own port."""
-    return role.name == "decode" and svc.transport == "ucx"
-
-
 def worker_args(svc: InferenceService, role: Role) -> list[str]:
     """Command-line flags of one worker role (after `baton serve-<role>`)."""
     engine = role.engine
@@ -38,8 +33,6 @@ def worker_args(svc: InferenceService, role: Role) -> list[str]:
     ]
     if role.name != "colocated":
         args += ["--kv-transfer", svc.transport]
-    if uses_kv_port(svc, role):
-        args += ["--kv-port", str(common.KV_PORT)]
     if svc.model.max_model_len:
         args += ["--max-model-len", str(svc.model.max_model_len)]
     if not engine.enable_prefix_caching:
@@ -54,8 +47,8 @@ def worker_args(svc: InferenceService, role: Role) -> list[str]:
 def _ports(svc: InferenceService, role: Role) -> list[dict]:
     ports = [{"name": "grpc", "containerPort": common.GRPC_PORT, "protocol": "TCP"},
              {"name": "metrics", "containerPort": common.METRICS_PORT, "protocol": "TCP"}]
-    if uses_kv_port(svc, role):
-        ports.append({"name": "kv", "containerPort": common.KV_PORT, "protocol": "TCP"})
+    ports += [{"name": name, "containerPort": port, "protocol": "TCP"}
+              for name, port, _ in kvtransfer.listeners(svc, role)]
     return ports
 
 

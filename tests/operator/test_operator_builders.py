@@ -10,7 +10,7 @@ import kubernetes_validate
 import pytest
 
 from baton.operator import builders, spec
-from baton.operator.builders import autoscaling, common, router, workers
+from baton.operator.builders import autoscaling, common, router
 from baton.operator.config import OperatorConfig
 
 CONFIG = OperatorConfig(worker_image="registry.example/baton:1", control_image="registry.example/ctl:1")
@@ -168,8 +168,8 @@ def test_ucx_settings_without_rdma_leave_the_pod_alone():
     assert "add" not in main["securityContext"]["capabilities"] and "resources" not in main
     assert not any(e["name"].startswith("UCX_") for e in container(find(
         build("disaggregated"), "Deployment", "llama-decode"))["env"])
-    with pytest.raises(spec.SpecError, match="kvTransfer.rdma needs kvTransfer.transport ucx"):
-        spec.parse(body(kvTransfer={"rdma": {}}))
+    with pytest.raises(spec.SpecError, match="kvTransfer.rdma needs kvTransfer.transport ucx or auto"):
+        spec.parse(body(kvTransfer={"transport": "tcp", "rdma": {}}))
 
 
 def test_disaggregated_worker_command_lines_follow_the_contract():
@@ -315,6 +315,25 @@ def test_user_env_overrides_the_defaults_and_extra_args_come_last():
     assert "--num-gpu-blocks-override" in main["args"]
 
 
-def test_uses_kv_port_only_for_ucx_decode():
-    svc = spec.parse(copy.deepcopy(SPECS["hpa"]))
-    assert not any(workers.uses_kv_port(svc, role) for role in svc.roles)
+@pytest.mark.parametrize("transport, listeners", [
+    ("grpc", {}), ("ucx", {"kv": 50052}), ("tcp", {"kv-tcp": 50053}),
+    ("auto", {"kv": 50052, "kv-tcp": 50053})])
+def test_decode_workers_open_the_kv_listeners_of_their_transport(transport, listeners):
+    """Ports, flags, Service ports and the NetworkPolicy agree on each KV listener."""
+    objects = builders.build_all(spec.parse(body(kvTransfer={"transport": transport},
+                                                 networkPolicy={"enabled": True})), CONFIG)
+    decode = container(find(objects, "Deployment", "llama-decode"))
+    ports = {p["name"]: p["containerPort"] for p in decode["ports"]}
+    assert ports == {"grpc": 50051, "metrics": 9090, **listeners}
+    flags = {"kv": "--kv-port", "kv-tcp": "--kv-tcp-port"}
+    for name, port in listeners.items():
+        assert decode["args"][decode["args"].index(flags[name]) + 1] == str(port)
+    assert decode["args"][decode["args"].index("--kv-transfer") + 1] == transport
+    service = find(objects, "Service", "llama-decode")["spec"]["ports"]
+    assert {p["name"] for p in service} == set(ports)
+    policy = find(objects, "NetworkPolicy", "llama-decode")["spec"]["ingress"]
+    from_prefill = next(rule for rule in policy if "from" in rule and rule["from"][0][
+        "podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "prefill")
+    assert [p["port"] for p in from_prefill["ports"]] == ["grpc", *listeners]
+    prefill = container(find(objects, "Deployment", "llama-prefill"))
+    assert {p["name"] for p in prefill["ports"]} == {"grpc", "metrics"}

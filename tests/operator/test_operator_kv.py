@@ -221,7 +221,7 @@ async def test_kv_transfer_ready_reflects_the_workers_handoffs(apiserver, operat
     go False and say what to change."""
     await models_claim(apiserver)
     await operator.start(resync_seconds=0.3)
-    await apiserver.create(IS, service())
+    await apiserver.create(IS, service(kvTransfer={"transport": "grpc"}))
     await wait(lambda: apiserver.names(DEPLOY, NS) == CHILDREN[DEPLOY])
     for name in CHILDREN[DEPLOY]:
         await make_ready(apiserver, name, 1)
