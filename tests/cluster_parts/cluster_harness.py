@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import openai
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,7 +47,8 @@ class Load:
     """`concurrency` clients sending completions back to back until `stop()`.
 
     Prompts repeat (so the prefix cache hits) and are long enough to span several KV
-    blocks; every answer is `max_tokens` long (ignore_eos) so requests stay in flight.
+    blocks; every answer is `max_tokens` long (ignore_eos) so requests stay in flight. A
+    429 (the router's queue is full) is retried after a moment, as a client would.
     """
 
     PROMPTS = [("Baton serves large language models on Kubernetes. " * 12) + f"Question {i}:"
@@ -57,7 +59,7 @@ class Load:
         self.model = deployment.model
         self.max_tokens = max_tokens
         self.done = threading.Event()
-        self.completed = 0
+        self.completed = self.rejected = 0
         self.errors: list[BaseException] = []
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
                         for i in range(concurrency)]
@@ -81,6 +83,10 @@ class Load:
                     max_tokens=self.max_tokens, temperature=0,
                     extra_body={"ignore_eos": True})
                 self.completed += 1
+            except openai.RateLimitError:  # 429: the router's queue is full; back off, retry
+                self.rejected += 1
+                self.done.wait(0.2)
+                continue
             except Exception as error:  # reported by the test
                 self.errors.append(error)
                 return

@@ -1,5 +1,6 @@
 """The Grafana dashboard the chart ships: built by scripts/dashboard.py, shaped as Grafana's
-dashboard schema says, and every query answered by a real Prometheus scraping `baton up`."""
+dashboard schema says, and every query answered by a real Prometheus scraping `baton up`
+(under load, and after one abandoned KV reservation, so the failures panel has data)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import grpc
 import helm_python as helm
 import kubernetes_validate
 import yaml
@@ -16,11 +18,11 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.dashboard import Dashboard
 from serving_harness import wait_until
 
+from baton.protos import worker_pb2, worker_pb2_grpc
+
 DASHBOARD = ROOT / "charts" / "baton" / "dashboards" / "baton.json"
 # What Grafana puts in for the variables when the test's namespace and model are picked.
 VARIABLES = {"$namespace": NAMESPACE, "$model": "tiny-llama-v1", "$__rate_interval": "15s"}
-# Panels whose series exist only once something went wrong.
-ONLY_ON_FAILURE = {"KV transfer failures"}
 
 
 def dashboard() -> dict:
@@ -88,17 +90,24 @@ def substitute(expr: str) -> str:
     return expr
 
 
+def abandon_a_reservation(decode_grpc: str) -> None:
+    """Reserve KV on the decode worker and never fill it, as a router that died between its
+    Reserve and Prefill calls would: the handoff fails with reason `expired`."""
+    with grpc.insecure_channel(decode_grpc) as channel:
+        worker_pb2_grpc.WorkerStub(channel).Reserve(worker_pb2.ReserveRequest(
+            request_id="abandoned", num_prompt_tokens=16, ttl_seconds=1.0), timeout=30)
+
+
 def test_every_query_is_answered_by_a_real_prometheus_under_load(monitored):
     prometheus = monitored.prometheus
     queries = [(p["title"], substitute(t["expr"])) for p in panels() for t in p["targets"]]
 
     def answered() -> dict[str, list]:
         results = {expr: prometheus.query(expr) for _, expr in queries}  # raises on a bad query
-        if all(results[expr] for title, expr in queries if title not in ONLY_ON_FAILURE):
-            return results
-        return {}
+        return results if all(results.values()) else {}
 
     with Load(monitored.deployment, concurrency=4) as load:
+        abandon_a_reservation(monitored.deployment.processes["decode-0"].grpc)
         results = wait_until(answered, timeout=120, what="every panel's query to have series")
     assert not load.errors, load.errors[:3]
     for title, expr in queries:
@@ -107,9 +116,9 @@ def test_every_query_is_answered_by_a_real_prometheus_under_load(monitored):
     roles = {s["metric"]["role"] for title, expr in queries if title == "Running requests"
              for s in results[expr]}
     assert roles == {"prefill", "decode", "router"}
-    # No handoff failed, so the failures panel has no series; Prometheus knows the counter.
-    metadata = prometheus.api("metadata", metric="baton:kv_transfer_failures_total")
-    assert metadata["baton:kv_transfer_failures_total"][0]["type"] == "counter"
+    failures = next(expr for title, expr in queries if title == "KV transfer failures")
+    assert [(s["metric"]["role"], s["metric"]["reason"]) for s in results[failures]] == [
+        ("decode", "expired")]
 
     for variable in dashboard()["templating"]["list"]:
         if variable["type"] != "query":
