@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", type=int, default=1, help="decode workers (disaggregated)")
     p.add_argument("--colocated", "--workers", dest="colocated", type=int, default=1,
                    help="colocated workers (--workers is an older spelling)")
-    p.add_argument("--transport", default="grpc", choices=["grpc", "ucx"], help="KV data plane")
+    p.add_argument("--transport", default="grpc", choices=["grpc", "ucx", "tcp", "auto"],
+                   help="KV data plane (auto: each prefill/decode pair picks; on one host, ipc)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (workers spread over the GPUs)")
     p.add_argument("--dtype", default="auto")
@@ -112,7 +113,8 @@ def plan(args: argparse.Namespace, model_dir: Path) -> list[Child]:
                     "--port", str(port), "--metrics-port", str(metrics),
                     "--shutdown-grace-seconds", str(args.shutdown_grace_seconds)]
             if role != "colocated":
-                argv += ["--kv-transfer", args.transport, "--kv-port", str(free_port())]
+                argv += ["--kv-transfer", args.transport, "--kv-port", str(free_port()),
+                         "--kv-tcp-port", str(free_port())]
             children.append(Child(f"{role}-{i}", argv, f"grpc 127.0.0.1:{port}  metrics http://127.0.0.1:{metrics}/metrics",
                                   env))
             addresses.setdefault(role, []).append(f"127.0.0.1:{port}")

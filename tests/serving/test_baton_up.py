@@ -73,3 +73,23 @@ def test_router_drains_and_exits_0_on_sigterm(tiny_model_dir):
     assert httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 503
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
+
+
+def test_auto_transport_hands_kv_over_shared_memory_between_workers_on_one_host(_tiny_model_cache):
+    """`baton up --transport auto`: the prefill and decode workers share this host, so their
+    handoffs take `ipc`, and both workers' metrics say so."""
+    import openai
+
+    dep = baton_up("--mode", "disaggregated", "--transport", "auto")
+    try:
+        client = openai.OpenAI(base_url=f"{dep.url}/v1", api_key="unused")
+        out = client.completions.create(model="tiny-llama-v1", prompt="The cell", max_tokens=4,
+                                        temperature=0)
+        assert out.usage.completion_tokens == 4
+        for name in ("prefill-0", "decode-0"):
+            text = httpx.get(dep.processes[name].metrics_url, timeout=10).text
+            handoffs = [line for line in text.splitlines()
+                        if line.startswith("baton:kv_transfer_seconds_count{") and 'transport="ipc"' in line]
+            assert handoffs and float(handoffs[0].rsplit(" ", 1)[1]) >= 1, (name, text[-2000:])
+    finally:
+        assert dep.stop(signal.SIGINT) == 0
