@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
 
         model_dir = write_random_checkpoint(Path(args.model_dir or tempfile.mkdtemp(prefix="kv-cell-")),
                                             LLAMA31_8B, ensure_tiny_model())
+        import torch
+
+        torch.cuda.empty_cache()  # the draws' cached blocks: the GPU is for the two engines
         model, device = "Llama-3.1-8B shape, random bf16 weights", "cuda:0"
     else:
         model_dir, model, device = ensure_tiny_model(), "embedded tiny model", "cpu"
