@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from baton.engine.quantization import QuantConfig, parse_quantization, resolve_kv_cache_dtype
+
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -151,6 +153,12 @@ class EngineArgs:
     # Kernel switches (`KernelConfig`); None: the defaults with the environment's BATON_*
     # switches over them; a string "NAME=VALUE,..." overrides those (the workers' flag).
     kernel_config: KernelConfig | str | None = None
+    # None: as config.json's quantization_config says (unquantized without one); "fp8"
+    # quantizes an unquantized checkpoint at load; naming another method than the
+    # checkpoint's is refused (engine/quantization/schemes.py).
+    quantization: str | None = None
+    # "auto": the model dtype; "fp8" (or "fp8_e4m3"): e4m3 with the checkpoint's KV scales.
+    kv_cache_dtype: str = "auto"
 
     def create_engine_config(self) -> EngineConfig:
         model_dir = Path(self.model) if self.model else _default_model_dir()
@@ -189,6 +197,8 @@ class EngineArgs:
             )
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
             raise ValueError(f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}")
+        quantization = parse_quantization(hf_config, self.quantization)
+        kv_cache_dtype = torch.float8_e4m3fn if resolve_kv_cache_dtype(self.kv_cache_dtype) == "fp8" else dtype
         return EngineConfig(
             model_dir=model_dir,
             tokenizer_dir=Path(self.tokenizer) if self.tokenizer else model_dir,
@@ -211,6 +221,8 @@ class EngineArgs:
             async_scheduling=device.type == "cuda" if self.async_scheduling is None else self.async_scheduling,
             kernels=(self.kernel_config if isinstance(self.kernel_config, KernelConfig)
                      else KernelConfig.from_env(self.kernel_config)),
+            quantization=quantization,
+            kv_cache_dtype=kv_cache_dtype,
         )
 
     @classmethod
@@ -249,6 +261,12 @@ class EngineConfig:
     enforce_eager: bool = False
     async_scheduling: bool = False
     kernels: KernelConfig = KernelConfig()
+    quantization: QuantConfig | None = None  # None: unquantized
+    kv_cache_dtype: torch.dtype | None = None  # None: the model dtype
+
+    def __post_init__(self):
+        if self.kv_cache_dtype is None:
+            object.__setattr__(self, "kv_cache_dtype", self.dtype)
 
     @property
     def num_layers(self) -> int:

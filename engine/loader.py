@@ -2,7 +2,9 @@
 
 The module is created on the meta device (no memory), materialised empty on the target
 device in the target dtype, and each safetensors tensor is read directly onto that device
-and copied into place: the weights are never held twice in host memory.
+and copied into place: the weights are never held twice in host memory. A quantized model
+(`config.quantization`) gets its quantized linear layers before it is materialised, and
+the quantization package reads their tensors out of the stream (`engine/quantization`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 
 from baton.engine.config import EngineConfig
 from baton.engine.models.registry import model_class
+from baton.engine.quantization import kv_scales, loading
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -49,8 +52,11 @@ def load_model(config: EngineConfig) -> nn.Module:
             model = cls(config.hf_config)
     finally:
         torch.set_default_dtype(previous)
+    loading.prepare_model(model, config.quantization)
     model = model.to_empty(device=config.device)
     with torch.no_grad():
-        model.load_weights(iter_weights(config.model_dir, config.device))
+        scales = loading.load_weights(model, config.quantization, iter_weights(config.model_dir, config.device))
+    if config.kv_cache_dtype == torch.float8_e4m3fn:
+        kv_scales.attach(model, scales, config.num_heads, config.num_kv_heads, config.device)
     model.finish_loading(config.device, config.max_model_len)
     return model.eval()

@@ -58,7 +58,7 @@ class ModelRunner:
             num_kv_heads=config.num_kv_heads,
             head_dim=config.head_dim,
             block_size=config.block_size,
-            dtype=config.dtype,
+            dtype=config.kv_cache_dtype,
         )
         self.backend_name = pick_backend_name(config.attention_backend, self.device)
         self.backend = self._create_backend()

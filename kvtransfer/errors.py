@@ -61,7 +61,8 @@ class LayoutMismatchError(HandoffError):
             "layout_mismatch",
             message
             or f"KV layouts differ in {field}: {ours!r} here, {theirs!r} at the peer; "
-            "prefill and decode workers must serve the same model with the same block size and dtype",
+            "prefill and decode workers must serve the same model with the same block size, dtype and "
+            "KV-cache dtype (--kv-cache-dtype)",
         )
 
     def __reduce__(self):

@@ -78,5 +78,5 @@ class KVLayout:
             num_kv_heads=config.num_kv_heads,
             head_dim=config.head_dim,
             block_size=config.block_size,
-            dtype=str(config.dtype).removeprefix("torch."),
+            dtype=str(config.kv_cache_dtype).removeprefix("torch."),  # fp8 KV: float8_e4m3fn
         )

@@ -13,6 +13,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
+from baton.engine.quantization.schemes import KV_CACHE_DTYPES, METHOD_ALIASES
 from baton.kvtransfer.config import UCX_PROGRESS_MODES
 
 TRANSPORTS = ("grpc", "ucx", "tcp", "auto")
@@ -22,6 +23,7 @@ _ENGINE_FIELDS = (
     "model", "served_model_name", "dtype", "device", "block_size", "max_num_seqs",
     "max_num_batched_tokens", "max_model_len", "gpu_memory_utilization",
     "num_gpu_blocks_override", "kv_cache_memory_gb", "enable_prefix_caching", "seed",
+    "quantization", "kv_cache_dtype",
 )
 
 
@@ -97,6 +99,10 @@ def build_parser(prog: str, role: str) -> argparse.ArgumentParser:
     engine.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="KV pool size on CPU without an override")
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     engine.add_argument("--seed", type=int, default=0, help="engine random seed (unseeded sampling)")
+    engine.add_argument("--quantization", default=None, choices=sorted(METHOD_ALIASES),
+                        help="default: as the checkpoint's config.json says; fp8 quantizes an unquantized one")
+    engine.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                        help="fp8: an e4m3 KV cache (prefill and decode workers must agree)")
     parser.set_defaults(_engine_fields=list(_ENGINE_FIELDS) + _engine_field_flags(engine, set(_ENGINE_FIELDS)))
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="0.0.0.0", help="bind address")

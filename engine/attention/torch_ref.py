@@ -41,8 +41,9 @@ class TorchAttention(AttentionBackend):
         max_blocks = -(-meta.max_seq_len // bs)
         table = meta.block_tables[:, :max_blocks].long()
         n = meta.num_seqs
-        keys = k_cache[table].reshape(n, -1, self.num_kv_heads, self.head_dim)
-        values = v_cache[table].reshape(n, -1, self.num_kv_heads, self.head_dim)
+        # In q's dtype from here: an e4m3 cache (kv_cache_dtype="fp8") has no masked_fill.
+        keys = k_cache[table].reshape(n, -1, self.num_kv_heads, self.head_dim).to(q.dtype)
+        values = v_cache[table].reshape(n, -1, self.num_kv_heads, self.head_dim).to(q.dtype)
         mask = torch.arange(keys.shape[1], device=q.device)[None, :] < meta.seq_lens_t[:, None]
         # Slots past a sequence's end hold whatever the pool held (uninitialised memory, or
         # another request's KV): a NaN there would survive masking (0 * NaN), so zero them.

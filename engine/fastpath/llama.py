@@ -33,14 +33,20 @@ from baton.engine.fastpath.projection import FewRowLinear, Projection
 from baton.engine.fastpath.triton_ops import add_rms_norm, rope_store, silu_mul
 from baton.engine.kv_cache import layer_view
 from baton.engine.models.llama import DecoderLayer, LlamaForCausalLM, RMSNorm
+from baton.engine.quantization.linear import QuantLinear
 
 
 def project(linear: nn.Module, form: str, tuning: FewRowTuning, kernels: KernelConfig,
             rope_heads: tuple[int, int, int] | None = None) -> Projection:
-    """The projection for a reference layer: a `Projection` placed there already (a quantized,
-    tensor-parallel or LoRA layer) as it is, an `nn.Linear` as a `FewRowLinear` in `form`."""
+    """The projection for a reference layer: a `Projection` placed there already (a
+    tensor-parallel or LoRA layer) as it is, a quantized layer as a `QuantProjection` (its
+    Triton product), an `nn.Linear` as a `FewRowLinear` in `form`."""
     if isinstance(linear, Projection):
         return linear
+    if isinstance(linear, QuantLinear):
+        from baton.engine.quantization.projection import QuantProjection
+
+        return QuantProjection(linear)
     return FewRowLinear(linear, form, tuning, kernels, rope_heads)
 
 
@@ -61,6 +67,9 @@ class FastDecoderLayer(nn.Module):
         self.o_proj = project(attn.o_proj, "add_norm", tuning, kernels)
         self.gate_up_proj = project(mlp.gate_up_proj, "silu_row_scale", tuning, kernels)
         self.down_proj = project(mlp.down_proj, "add_norm", tuning, kernels)
+        # With an FP8 KV cache the reference layer's attention (it scales what it stores and
+        # reads); the fused rotary + KV store kernels store unscaled values.
+        self.fp8_kv_attention = attn if attn.kv_scales is not None else None
 
     def forward(self, x, residual, positions, rotary, kv, meta, backend, next_layer: FastDecoderLayer | None,
                 sums: torch.Tensor | None):
@@ -95,6 +104,8 @@ class FastDecoderLayer(nn.Module):
 
     def attention(self, h, positions, rotary, kv, meta: AttentionMetadata, backend: AttentionBackend):
         """h [T, hidden] or a `NormPending` -> attention output [T, H * D] (before o_proj)."""
+        if self.fp8_kv_attention is not None:
+            return self.fp8_kv_attention.attend(self.qkv_proj(h), positions, rotary, kv, meta, backend)
         a = self.args
         k_cache, v_cache = layer_view(kv, self.layer_idx)
         if self.kernels.rope_epilogue and not backend.fuses_rope(meta):
@@ -170,7 +181,10 @@ class FastLlama(nn.Module):
                               else "Triton add_rms_norm")}
         rope_in_attention = backend.fuses_rope(meta)
         rope = self.kernels.rope_epilogue and not rope_in_attention and qkv.kernel(rows, "rope")
-        if rope:
+        if layer.fp8_kv_attention is not None:
+            ops["Q/K/V"] = qkv.kernel(rows, "plain", input_pending)
+            ops["rotary + KV store"] = "torch: rotary, FP8 KV scales, the backend's store"
+        elif rope:
             ops["Q/K/V"] = f"{rope}, rotary + KV store in its epilogue"
         else:
             ops["Q/K/V"] = qkv.kernel(rows, "plain", input_pending)

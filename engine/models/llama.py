@@ -148,20 +148,32 @@ class Attention(nn.Module):
         self.kv_size = args.num_kv_heads * args.head_dim
         self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
+        # With an FP8 KV cache: this layer's `KVCacheScales` (engine/quantization/kv_scales.py).
+        self.kv_scales = None
 
     def forward(self, x, positions, rotary: Rotary, kv: torch.Tensor, meta: AttentionMetadata,
                 backend: AttentionBackend) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]. The step's keys and values go into this layer's cache."""
+        qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) D]
+        return self.o_proj(self.attend(qkv, positions, rotary, kv, meta, backend))
+
+    def attend(self, qkv: torch.Tensor, positions, rotary: Rotary, kv: torch.Tensor, meta: AttentionMetadata,
+               backend: AttentionBackend) -> torch.Tensor:
+        """The fused Q/K/V projection [T, (H + 2 Hkv) D] -> attention output [T, H D] (before o_proj)."""
         a = self.args
         k_cache, v_cache = layer_view(kv, self.layer_idx)  # [num_blocks, block_size, Hkv, D] each
-        qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) D]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, a.num_heads, a.head_dim)  # [T, H, D]
         k = k.view(-1, a.num_kv_heads, a.head_dim)  # [T, Hkv, D]
         v = v.view(-1, a.num_kv_heads, a.head_dim)  # [T, Hkv, D]
         q, k = rotary(positions, q, k)
+        scales = self.kv_scales
+        if scales is not None:  # the cache holds k / k_scale and v / v_scale in e4m3
+            q, k, v = scales.scale_inputs(q, k, v)
         out = backend.forward(q, k, v, k_cache, v_cache, meta)  # [T, H, D]
-        return self.o_proj(out.reshape(-1, self.q_size))
+        if scales is not None:
+            out = scales.scale_output(out)
+        return out.reshape(-1, self.q_size)
 
 
 class MLP(nn.Module):

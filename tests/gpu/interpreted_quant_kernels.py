@@ -90,3 +90,38 @@ def test_use_kernels_sets_every_quantized_layer():
     model = torch.nn.Sequential(fp8_layer(16, 32, "token"), int4_layer(32, 64, 32), torch.nn.Linear(4, 4))
     assert kernels.use_kernels(model) == 2
     assert model[0].kernel is kernels.fp8_linear and model[1].kernel is kernels.int4_linear
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_the_fast_path_runs_a_quantized_model_as_the_reference_does(tmp_path, kv_cache_dtype):
+    """FastLlama over a GPTQ (act-order) checkpoint: its quantized layers become
+    `QuantProjection`s running the int4 kernel, and with an FP8 KV cache its attention goes
+    through the reference's scaled store; greedy text equals the reference engine's."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "quantization"))
+    from quant_checkpoints import write_gptq
+
+    from baton.engine import LLM, SamplingParams
+    from baton.engine.config import KernelConfig
+    from baton.engine.fastpath.few_row_tuning import FewRowTuning
+    from baton.engine.fastpath.llama import FastLlama
+    from baton.engine.quantization.projection import QuantProjection
+
+    qdir = write_gptq(tmp_path, 64, desc_act=True)[0]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = ["The quick brown fox", "One, two, three,"]
+
+    def generate(fast: bool):
+        llm = LLM(model=str(qdir), device="cpu", num_gpu_blocks_override=64, block_size=8,
+                  kv_cache_dtype=kv_cache_dtype)
+        runner = llm.engine.runner
+        if fast:
+            runner.model = FastLlama(runner.reference, KernelConfig(pdl=False), FewRowTuning())
+            layer = runner.model.layers[0]
+            assert isinstance(layer.down_proj, QuantProjection)
+            assert (layer.fp8_kv_attention is not None) == (kv_cache_dtype == "fp8")
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    assert generate(True) == generate(False)
