@@ -41,7 +41,7 @@ MAX_NAME_LENGTH = max_name_length("disaggregated")
 METRICS = ("num_requests_waiting", "num_requests_running", "kv_cache_usage_perc")
 # Worker flags the operator writes from typed fields; `extraArgs` may not set them.
 TYPED_FLAGS = ("model", "tokenizer", "served-model-name", "dtype", "block-size",
-               "kv-transfer", "host", "port", "metrics-port", "kv-port")
+               "kv-transfer", "host", "port", "metrics-port", "kv-port", "kv-tcp-port")
 DEFAULT_BLOCK_SIZE = 16
 # The values of kvTransfer.transport; the workers' --kv-transfer accepts each (a test says so).
 TRANSPORTS = ("grpc", "ucx", "tcp", "auto")

@@ -53,6 +53,8 @@ def parsed(**fields) -> spec.InferenceService:
      "must not set a flag the operator sets"),
     ({"mode": "colocated", "colocated": {"engine": {"extraArgs": ["--model", "/x"]}}},
      "must not set a flag the operator sets"),
+    ({"decode": {"engine": {"extraArgs": ["--enforce-eager", "--kv-tcp-port", "1"]}}},
+     "must not set a flag the operator sets"),
 ])
 def test_cel_refuses_roles_that_cannot_exchange_kv(fields, message):
     assert any(message in text for text in violations(crd_service(**fields)))
