@@ -65,6 +65,15 @@ def _probes() -> dict:
     }
 
 
+# Compiled kernels (Triton, TorchInductor) on a volume of their own: a restarted container
+# loads them instead of compiling again before it is ready (the worker's warm-up compiles or
+# loads every shape its traffic can reach). An emptyDir lives as long as the pod; a volume
+# that outlives pods can replace it here.
+COMPILE_CACHE_DIR = "/var/cache/baton/compile"
+COMPILE_CACHE_ENV = [{"name": "TRITON_CACHE_DIR", "value": f"{COMPILE_CACHE_DIR}/triton"},
+                     {"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{COMPILE_CACHE_DIR}/inductor"}]
+
+
 def worker_container(svc: InferenceService, role: Role, config: OperatorConfig) -> dict:
     security = common.container_security()
     added = kvtransfer.capabilities(svc, role)
@@ -77,7 +86,7 @@ def worker_container(svc: InferenceService, role: Role, config: OperatorConfig) 
         "command": ["baton", COMMANDS[role.name]],
         "args": worker_args(svc, role),
         "ports": _ports(svc, role),
-        "env": common.merge_env(common.base_env() + kvtransfer.env(svc, role),
+        "env": common.merge_env(common.base_env() + kvtransfer.env(svc, role) + COMPILE_CACHE_ENV,
                                 role.placement.env),
         **_probes(),
         "securityContext": security,
@@ -85,6 +94,7 @@ def worker_container(svc: InferenceService, role: Role, config: OperatorConfig) 
             {"name": "model", "mountPath": common.MODEL_DIR, "readOnly": True},
             {"name": "shm", "mountPath": "/dev/shm"},
             {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "compile-cache", "mountPath": COMPILE_CACHE_DIR},
         ],
     }
     resources = kvtransfer.resources(svc, role)
@@ -109,7 +119,8 @@ def worker_deployment(svc: InferenceService, role_name: str, config: OperatorCon
         "topologySpreadConstraints": common.spread(svc, role.name),
         "containers": [worker_container(svc, role, config)],
         "volumes": common.model_volumes(svc) + [
-            {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": role.shm_size}}],
+            {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": role.shm_size}},
+            {"name": "compile-cache", "emptyDir": {}}],
     }
     if svc.model.source.kind == "uri":
         pod_spec["initContainers"] = [common.fetch_container(

@@ -197,6 +197,11 @@ def test_worker_pods_probe_grpc_and_run_hardened():
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert main["securityContext"]["allowPrivilegeEscalation"] is False
     assert main["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    cache = next(m for m in main["volumeMounts"] if m["name"] == "compile-cache")
+    assert {"name": "compile-cache", "emptyDir": {}} in pod["volumes"]
+    env = {e["name"]: e.get("value") for e in main["env"]}
+    assert env["TRITON_CACHE_DIR"].startswith(cache["mountPath"])
+    assert env["TORCHINDUCTOR_CACHE_DIR"].startswith(cache["mountPath"])
     shm = next(v for v in pod["volumes"] if v["name"] == "shm")
     assert shm["emptyDir"]["medium"] == "Memory"
     assert {"name": "shm", "mountPath": "/dev/shm"} in main["volumeMounts"]
