@@ -36,6 +36,7 @@ from engine_workload import (  # noqa: E402
     decode_floor_s,
     offline_requests,
     prefill_flops,
+    write_awq_checkpoint,
     write_random_checkpoint,
 )
 
@@ -325,6 +326,9 @@ def main() -> None:
     ap.add_argument("--hf-batch", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--warmup-requests", type=int, default=300, help="untimed offline requests run first")
+    ap.add_argument("--quantization", default=None, choices=["fp8", "awq"],
+                    help="fp8: the bf16 checkpoint quantized at load; awq: an int4 (group 128) AWQ copy of it")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     ap.add_argument("--offline-sync-scheduling", action="store_true",
                     help="run the offline workload a second time without asynchronous scheduling")
     args = ap.parse_args()
@@ -334,18 +338,23 @@ def main() -> None:
     result = run_record()
     t = time.perf_counter()
     model_dir = write_random_checkpoint(Path(args.model_dir), LLAMA31_8B, ensure_tiny_model())
+    if args.quantization == "awq":
+        model_dir = write_awq_checkpoint(model_dir, Path(args.model_dir + "-awq-g128"))
     result["checkpoint_write_s"] = time.perf_counter() - t
     t = time.perf_counter()
     engine = LLMEngine.from_engine_args(EngineArgs(
         model=str(model_dir), dtype="bfloat16", device="cuda", max_model_len=8320, max_num_seqs=256,
-        max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=0.9))
+        max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=0.9,
+        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype))
+    result["quantization"], result["kv_cache_dtype"] = args.quantization, args.kv_cache_dtype
     result["engine_start_s"] = time.perf_counter() - t
     result["kernel_config"] = dataclasses.asdict(engine.runner.kernels)
     result["kernels"] = engine.runner.explain()
     result["few_row_matmul_tuning"] = dict(engine.runner.model.tuning.report)
     result["attention_backend"] = engine.runner.backend_name
     result["kv_blocks"] = engine.runner.num_blocks
-    engine.runner.kv.normal_()  # never time on zeros
+    kv = engine.runner.kv  # never time on zeros (an e4m3 pool: small positive bytes, no NaN)
+    kv.normal_() if kv.dtype != torch.float8_e4m3fn else kv.view(torch.uint8).random_(0, 0x70)
 
     result["async_scheduling"] = engine.config.async_scheduling
     result["batch1"] = bench_batch1(engine, rng)

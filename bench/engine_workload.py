@@ -135,3 +135,46 @@ def offline_requests(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int],
     lens = rng.integers(128, 1025, n)
     outs = rng.integers(128, 513, n)
     return [(rng.integers(0, vocab, int(p)).tolist(), int(o)) for p, o in zip(lens, outs)]
+
+
+def write_awq_checkpoint(src: Path, out: Path, group_size: int = 128, device: str = "cuda") -> Path:
+    """`src`'s decoder projections as an AWQ ("gemm", min-max, zero points) int4 checkpoint of
+    `group_size`, everything else copied (the LM head and embeddings stay bf16, as in AWQ)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from baton.engine.quantization.int4 import AWQ_ORDER, pack_cols
+
+    if (out / "config.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    weight_map = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = {}
+        with safe_open(str(src / shard), "pt", device=device) as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                if not (name.startswith("model.layers.") and name.endswith("_proj.weight")):
+                    tensors[name] = t
+                    continue
+                n, k = t.shape
+                g = t.float().t().reshape(k // group_size, group_size, n)  # [G, g, N]
+                lo, hi = g.amin(1).clamp(max=0), g.amax(1).clamp(min=0)
+                scales = ((hi - lo) / 15).clamp(min=1e-8)
+                zeros = torch.round(-lo / scales).clamp(0, 15)
+                codes = torch.clamp(torch.round(g / scales[:, None]) + zeros[:, None], 0, 15).reshape(k, n)
+                prefix = name.removesuffix(".weight")
+                tensors[prefix + ".qweight"] = pack_cols(codes.to(torch.int32), AWQ_ORDER)
+                tensors[prefix + ".qzeros"] = pack_cols(zeros.to(torch.int32), AWQ_ORDER)
+                tensors[prefix + ".scales"] = scales.half()
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(out / shard), metadata={"format": "pt"})
+        weight_map.update({name: shard for name in tensors})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True,
+                                  "version": "gemm"}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, out / name)
+    return out
