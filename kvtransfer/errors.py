@@ -29,17 +29,20 @@ REASONS = {
 class HandoffError(Exception):
     """A KV handoff failed. `reason` is one of `REASONS`; the message says what to do."""
 
-    def __init__(self, reason: str, message: str = "", from_peer: bool = False):
+    def __init__(self, reason: str, message: str = "", from_peer: bool = False, nothing_sent: bool = False):
         if reason not in REASONS:
             raise ValueError(f"unknown handoff failure reason {reason!r}")
         self.reason = reason
         self.message = message or REASONS[reason]
         # True when the other side reported it (it has already failed its end).
         self.from_peer = from_peer
+        # True when it failed before this side sent anything (no connection to the data
+        # plane's listener): the reservation is untouched and another transport may fill it.
+        self.nothing_sent = nothing_sent
         super().__init__(f"{reason}: {self.message}")
 
     def __reduce__(self):
-        return (HandoffError, (self.reason, self.message, self.from_peer))
+        return (HandoffError, (self.reason, self.message, self.from_peer, self.nothing_sent))
 
     def to_proto(self):
         from baton.protos import common_pb2

@@ -115,8 +115,8 @@ class KVSender:
 
     async def _send(self, ticket: Ticket, src: list[int], header, used: list[str]) -> None:
         """Send over the first candidate transport that is available here (appended to
-        `used` when tried); a transport that is unavailable before any byte moved gives way
-        to the next one."""
+        `used` when tried); a transport that is unavailable, or whose listener cannot be
+        reached, gives way to the next one (nothing was sent: the reservation is untouched)."""
         names = candidates(ticket, self.allowed)
         if not names:
             raise HandoffError("transport_unavailable",
@@ -127,7 +127,8 @@ class KVSender:
                 await self._transport(name).send(ticket, self.rows, src, header)
                 return
             except HandoffError as exc:
-                if exc.reason != "transport_unavailable" or exc.from_peer or i == len(names) - 1:
+                usable_elsewhere = exc.reason == "transport_unavailable" or exc.nothing_sent
+                if not usable_elsewhere or exc.from_peer or i == len(names) - 1:
                     raise
                 log.info("KV transport %s unavailable for %s (%s); trying %s", name,
                          ticket.control_address, exc.message, names[i + 1])

@@ -233,9 +233,10 @@ class UcxSender(SenderTransport):
         try:
             ep = await asyncio.wait_for(self.ucxx.create_endpoint(host, int(port)), self.config.push_timeout_s)
         except TimeoutError:
-            raise HandoffError("timeout", f"no UCX connection to {address}") from None
+            raise HandoffError("timeout", f"no UCX connection to {address}", nothing_sent=True) from None
         except Exception as exc:
-            raise HandoffError("peer_lost", f"cannot reach the UCX listener at {address}: {exc!r}") from None
+            raise HandoffError("peer_lost", f"cannot reach the UCX listener at {address}: {exc!r}",
+                               nothing_sent=True) from None
         return ep, frame_buffer()
 
     async def close(self) -> None:

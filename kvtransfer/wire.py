@@ -58,9 +58,11 @@ class Connection:
         try:
             sock = await asyncio.wait_for(_connect(loop, host, int(port)), timeout_s)
         except TimeoutError:
-            raise HandoffError("timeout", f"no TCP connection to the KV listener at {address}") from None
+            raise HandoffError("timeout", f"no TCP connection to the KV listener at {address}",
+                               nothing_sent=True) from None
         except OSError as exc:
-            raise HandoffError("peer_lost", f"cannot reach the KV listener at {address}: {exc}") from None
+            raise HandoffError("peer_lost", f"cannot reach the KV listener at {address}: {exc}",
+                               nothing_sent=True) from None
         return cls(sock, address)
 
     async def send(self, kind: int, payload: bytes = b"") -> None:

@@ -70,6 +70,9 @@ def pair(peers):
     ({"ipc_domain": "another-node"}, "ucx"),                    # elsewhere, decode has UCX
     ({"ipc_domain": "another-node", "ucx_address": ""}, "tcp"),  # elsewhere, no UCX
     ({"ipc_domain": "", "ucx_address": "", "tcp_address": ""}, "grpc"),
+    # A TCP listener nobody can reach (a port a network policy closes): nothing was sent, so
+    # the handoff goes on over gRPC on the worker port.
+    ({"ipc_domain": "", "ucx_address": "", "tcp_address": "127.0.0.1:1"}, "grpc"),
 ])
 def test_auto_picks_the_fastest_path_and_the_metrics_say_which(pair, rewrite, expected):
     decode, prefill = pair
