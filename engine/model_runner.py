@@ -70,9 +70,10 @@ class ModelRunner:
         log.info("kernels of each step:\n%s", self.explain())
         self._capture_graphs()
         log.info(
-            "KV pool: %d blocks of %d tokens (%.1f MiB) on %s, attention backend %s",
-            self.num_blocks, config.block_size,
-            self.num_blocks * self.kv_spec.block_bytes / 2**20, self.device, self.backend_name,
+            "KV pool: %d blocks of %d tokens (%.1f MiB, %s) on %s, attention backend %s; weights: %s",
+            self.num_blocks, config.block_size, self.num_blocks * self.kv_spec.block_bytes / 2**20,
+            str(config.kv_cache_dtype).removeprefix("torch."), self.device, self.backend_name,
+            config.quantization.description if config.quantization else str(config.dtype).removeprefix("torch."),
         )
 
     def _create_backend(self):

@@ -19,6 +19,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    parser.add_argument("--quantization", default=None,
+                        help="default: as config.json says; fp8 quantizes an unquantized checkpoint at load")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) or fp8 (e4m3)")
     parser.add_argument("--kernel-config", default=None, metavar="NAME=VALUE,...",
                         help="kernel switches over the defaults (KernelConfig fields, e.g. fuse_norms=false)")
     parser.add_argument("--explain", action="store_true",
@@ -37,7 +40,7 @@ def main(argv: list[str]) -> int:
         )
         llm = LLM(
             model=args.model, dtype=args.dtype, device=args.device, num_gpu_blocks_override=args.num_gpu_blocks_override,
-            kernel_config=args.kernel_config,
+            kernel_config=args.kernel_config, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
         )
         if args.explain:
             print(llm.engine.runner.explain())

@@ -179,3 +179,13 @@ def test_bad_quantization_knobs_are_refused_with_their_name(tiny_dir):
         EngineArgs(model=str(tiny_dir), device="cpu", quantization="awq").create_engine_config()
     with pytest.raises(QuantizationConfigError, match="kv_cache_dtype must be one of"):
         EngineArgs(model=str(tiny_dir), device="cpu", kv_cache_dtype="int8").create_engine_config()
+
+
+def test_baton_generate_takes_the_quantization_flags(tiny_dir, capsys):
+    from baton.engine.offline import main
+
+    assert main(["--model", str(tiny_dir), "--device", "cpu", "--num-gpu-blocks-override", "32", "--max-tokens", "3",
+                 "--quantization", "fp8", "--kv-cache-dtype", "fp8", "--explain", "Hello"]) == 0
+    assert "torch reference" in capsys.readouterr().out
+    assert main(["--model", str(tiny_dir), "--device", "cpu", "--quantization", "awq", "Hello"]) == 2
+    assert "quantization='awq' needs a checkpoint quantized with awq" in capsys.readouterr().err
