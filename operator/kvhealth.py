@@ -164,45 +164,57 @@ def window(now: Mapping[str, Counts], before: Mapping[str, Counts] | None) -> Co
 
 
 def condition(recent: Counts, ever: Counts, spec_transport: str, pods_read: int,
-              seconds: float | None, previous: Condition | None = None
-              ) -> tuple[Condition, dict]:
+              seconds: float | None, previous: Condition | None = None,
+              pods: int | None = None) -> tuple[Condition, dict]:
     """`KVTransferReady` and `status.kvTransfer` from the counts of a window.
 
     `recent` are the counts of the last `seconds` (None: since the workers started),
-    `ever` the cumulative counts, `pods_read` how many worker pods answered. A window
-    without handoffs tells nothing new: the `previous` verdict on handoffs stands (failing
-    handoffs stay reported until handoffs succeed again).
+    `ever` the cumulative counts, `pods_read` how many of the `pods` running worker pods
+    answered (a verdict read from fewer says so). A window without handoffs tells nothing
+    new: the `previous` verdict on handoffs stands (failing handoffs stay reported until
+    handoffs succeed again).
     """
     transport = ",".join(sorted(recent.transports | ever.transports)) or spec_transport
-    since = f"in the last {seconds:.0f}s" if seconds else "since the workers started"
     failed = {r: n for r, n in recent.failures.items() if n > 0}
-    n_failed = sum(failed.values())
-    started = max(recent.handoffs, n_failed)
-    report = {"transport": transport, "handoffs": int(started), "failures": int(n_failed),
+    started = max(recent.handoffs, sum(failed.values()))
+    report = {"transport": transport, "handoffs": int(started),
+              "failures": int(sum(failed.values())),
               "layoutMismatches": int(failed.get("layout_mismatch", 0))}
     if pods_read == 0:
         return Condition("KVTransferReady", None, "NoMetrics",
                          "no prefill or decode pod answered on its metrics port yet"), report
+    since = f"in the last {seconds:.0f}s" if seconds else "since the workers started"
+    if started == 0 and previous is not None and previous.reason in VERDICTS:
+        return previous, report
+    state = _verdict(ever, transport, since, failed, started)
+    if pods is not None and pods_read < pods:
+        state = Condition(state.type, state.status, state.reason,
+                          f"{state.message} (read from {pods_read} of {pods} worker pods; "
+                          "the others did not answer on their metrics port)")
+    return state, report
+
+
+def _verdict(ever: Counts, transport: str, since: str, failed: Mapping[str, float],
+             started: float) -> Condition:
+    """The condition for a window with `started` handoffs, `failed` of them by reason."""
+    n_failed = sum(failed.values())
     if failed.get("layout_mismatch"):
         return Condition("KVTransferReady", False, "LayoutMismatch", (
             f"{failed['layout_mismatch']:.0f} handoffs {since} failed because the prefill and "
             "decode KV layouts differ (model, KV heads, head size, block size or dtype): give "
             "both roles the same model, model.dtype, engine.blockSize and KV flags in "
-            "engine.extraArgs, and run the same worker image on both")), report
+            "engine.extraArgs, and run the same worker image on both"))
     if started == 0:
-        if previous is not None and previous.reason in VERDICTS:
-            return previous, report
         if ever.handoffs:
             return Condition("KVTransferReady", True, "Idle",
-                             f"no handoffs {since}; transport {transport}"), report
+                             f"no handoffs {since}; transport {transport}")
         return Condition("KVTransferReady", None, "NoHandoffsYet",
-                         f"no KV handoff has run yet; transport {transport}"), report
+                         f"no KV handoff has run yet; transport {transport}")
     if n_failed / started > MAX_FAILURE_RATE:
         reasons = ", ".join(f"{r} {n:.0f}" for r, n in sorted(failed.items(), key=lambda x: -x[1]))
         return Condition("KVTransferReady", False, "HandoffFailures", (
             f"{n_failed:.0f} of {started:.0f} handoffs {since} failed ({reasons}) over "
             f"{transport}: see docs/operator.md for each reason; the worker logs name the "
-            "peer")), report
+            "peer"))
     return Condition("KVTransferReady", True, "Healthy",
-                     f"{started:.0f} handoffs {since}, {n_failed:.0f} failed, over "
-                     f"{transport}"), report
+                     f"{started:.0f} handoffs {since}, {n_failed:.0f} failed, over {transport}")

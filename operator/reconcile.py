@@ -231,7 +231,7 @@ class Reconciler:
         recent = kvhealth.window(counts, before[1] if before else None)
         return kvhealth.condition(recent, ever, svc.transport, len(counts),
                                   now - before[0] if before else None,
-                                  recorded[0] if recorded else None)
+                                  recorded[0] if recorded else None, len(urls))
 
     def _write(self, body: dict, svc: spec.InferenceService | None,
                problems: list[Problem], reconciled: bool,

@@ -183,6 +183,9 @@ def test_windows_count_only_new_handoffs_and_survive_restarts():
     assert (state.status, state.reason) == (True, "Healthy")
     state, _ = kvhealth.condition(kvhealth.Counts(), kvhealth.Counts(), "grpc", 0, None)
     assert (state.status, state.reason) == (None, "NoMetrics")
+    state, _ = kvhealth.condition(client_gone, client_gone, "grpc", 1, None, pods=3)
+    assert state.message.endswith("(read from 1 of 3 worker pods; the others did not answer "
+                                  "on their metrics port)")
 
 
 def test_a_worker_without_these_metrics_or_not_answering_adds_nothing():
