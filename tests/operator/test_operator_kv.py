@@ -110,20 +110,23 @@ async def test_an_incompatible_spec_starts_no_worker_and_says_what_to_change(
 
 
 @contextlib.asynccontextmanager
-async def handoffs(ok: int, mismatched: int):
-    """Run real handoffs into one receiver: `ok` from a sender with the same layout and
-    `mismatched` from one whose blocks are half as long. Yields the (prefill, decode)
-    registries the two sides recorded their metrics in."""
+async def handoffs(ok: int, mismatched: int, transport: str = "grpc",
+                   sender_transports: tuple[str, ...] = ("grpc", "ucx")):
+    """Run real handoffs into one receiver of `transport`: `ok` from a sender with the same
+    layout and `mismatched` from one whose blocks are half as long; the senders may use
+    `sender_transports`. Yields the (prefill, decode) registries the two sides recorded
+    their metrics in."""
     prefill, decode = CollectorRegistry(), CollectorRegistry()
     src, dst = TensorPool(LAYOUT, 16), TensorPool(LAYOUT, 16)
     other = TensorPool(dataclasses.replace(LAYOUT, block_size=2), 16)
     server = grpc.aio.server()
-    receiver = KVReceiver(dst, "grpc", default_ttl_s=5.0, registry=decode)
+    receiver = KVReceiver(dst, transport, default_ttl_s=5.0, registry=decode)
     receiver.add_to_server(server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     await receiver.start(port)
-    good, bad = KVSender(src, registry=prefill), KVSender(other, registry=prefill)
+    good, bad = (KVSender(pool, registry=prefill, transports=sender_transports)
+                 for pool in (src, other))
     try:
         for i in range(ok):
             ticket = await receiver.reserve(f"ok{i}", 4)
@@ -152,11 +155,11 @@ async def test_counts_read_from_real_handoff_metrics():
     both = kvhealth.window({"p": sent, "d": received}, None)
     assert both.handoffs == 5  # started by the prefill side, each counted once
     assert both.failures == {"layout_mismatch": 2}  # both ends saw them: counted once
-    state, report = kvhealth.condition(both, both, "grpc", 2, None)
+    state, report = kvhealth.condition(both, both, "auto", 2, None)
     assert (state.status, state.reason) == (False, "LayoutMismatch")
     assert "engine.blockSize" in state.message
     assert report == {"transport": "grpc", "handoffs": 5, "failures": 2,
-                      "layoutMismatches": 2}  # no transport label yet: the spec's
+                      "layoutMismatches": 2}  # the transport label of the completed ones
 
 
 def side(completed, **failures) -> kvhealth.Counts:
@@ -226,14 +229,17 @@ async def test_kv_transfer_ready_reflects_the_workers_handoffs(apiserver, operat
     go False and say what to change."""
     await models_claim(apiserver)
     await operator.start(resync_seconds=0.3)
-    await apiserver.create(IS, service(kvTransfer={"transport": "grpc"}))
+    await apiserver.create(IS, service())  # kvTransfer.transport: auto, the default
     await wait(lambda: apiserver.names(DEPLOY, NS) == CHILDREN[DEPLOY])
     for name in CHILDREN[DEPLOY]:
         await make_ready(apiserver, name, 1)
     await wait(lambda: condition(apiserver).get("reason") == "Serving")
     assert condition(apiserver, "KVTransferReady")["status"] == "Unknown"  # no pods to read
 
-    async with handoffs(ok=2, mismatched=3) as (prefill, decode):
+    # The pair's choice: a prefill worker that may use tcp or grpc, a decode worker
+    # offering both (auto): tcp.
+    async with handoffs(ok=2, mismatched=3, transport="auto",
+                        sender_transports=("grpc", "tcp")) as (prefill, decode):
         servers = [start_http_server(0, "127.0.0.1", registry)[0]
                    for registry in (prefill, decode)]
         try:
@@ -248,8 +254,9 @@ async def test_kv_transfer_ready_reflects_the_workers_handoffs(apiserver, operat
             # Posted by the resync that saw it (a resync's Event names the object's uid).
             warning = await wait(lambda: events(apiserver, "KVTransferNotReady"))
             assert warning[0]["type"] == "Warning" and "LayoutMismatch" in warning[0]["message"]
+            # What the pair chose, from the workers' metrics, not the spec's "auto".
             assert apiserver.get_object(IS, NS, "llama")["status"]["kvTransfer"]["transport"] \
-                == "grpc"
+                == "tcp"
             await asyncio.sleep(1.0)  # resyncs that see no new handoff keep the verdict
             assert condition(apiserver, "KVTransferReady")["reason"] == "LayoutMismatch"
         finally:
