@@ -14,7 +14,8 @@ also says which kernel computes what). The rest of the package is the kernels:
 - `pdl.py`: programmatic dependent launch (Hopper and later).
 
 Every switch comes from the engine's `KernelConfig`; the tuning results belong to the model
-built here (one engine's), never to the process. The CPU path imports none of this.
+built here (one engine's), never to the process. The CPU path imports this module only
+(`apply_fast_path` returns the reference model there), never the kernels.
 """
 
 from __future__ import annotations
