@@ -199,6 +199,9 @@ class EngineArgs:
             raise ValueError(f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}")
         quantization = parse_quantization(hf_config, self.quantization)
         kv_cache_dtype = torch.float8_e4m3fn if resolve_kv_cache_dtype(self.kv_cache_dtype) == "fp8" else dtype
+        if kv_cache_dtype == torch.float8_e4m3fn and self.attention_backend == "flash_attn":
+            raise ValueError("kv_cache_dtype='fp8' needs the triton or torch attention backend (flash_attn reads "
+                             "only a cache in the model dtype)")
         return EngineConfig(
             model_dir=model_dir,
             tokenizer_dir=Path(self.tokenizer) if self.tokenizer else model_dir,

@@ -10,6 +10,7 @@ the quantization package reads their tensors out of the stream (`engine/quantiza
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from torch import nn
 from baton.engine.config import EngineConfig
 from baton.engine.models.registry import model_class
 from baton.engine.quantization import kv_scales, loading
+
+log = logging.getLogger(__name__)
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -58,5 +61,7 @@ def load_model(config: EngineConfig) -> nn.Module:
         scales = loading.load_weights(model, config.quantization, iter_weights(config.model_dir, config.device))
     if config.kv_cache_dtype == torch.float8_e4m3fn:
         kv_scales.attach(model, scales, config.num_heads, config.num_kv_heads, config.device)
+    elif scales:
+        log.warning("the checkpoint has FP8 KV-cache scales; they apply with kv_cache_dtype='fp8' only")
     model.finish_loading(config.device, config.max_model_len)
     return model.eval()

@@ -121,6 +121,11 @@ class CheckpointReader:
                 target, shard = self._where[module]
                 self._tensors[target][shard][leaf] = tensor
                 continue
+            if module in self._where and leaf == "bias" and self.quantized[self._where[module][0]].bias is None:
+                # AutoGPTQ saves a bias for every layer, zeros where the model has none.
+                if tensor.any():
+                    raise ValueError(f"checkpoint tensor {name!r} is a nonzero bias for a layer without one")
+                continue
             kv = self._kv_scale(name)
             if kv is not None:
                 layer, which = kv

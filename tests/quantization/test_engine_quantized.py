@@ -179,6 +179,9 @@ def test_bad_quantization_knobs_are_refused_with_their_name(tiny_dir):
         EngineArgs(model=str(tiny_dir), device="cpu", quantization="awq").create_engine_config()
     with pytest.raises(QuantizationConfigError, match="kv_cache_dtype must be one of"):
         EngineArgs(model=str(tiny_dir), device="cpu", kv_cache_dtype="int8").create_engine_config()
+    with pytest.raises(ValueError, match="kv_cache_dtype='fp8' needs the triton or torch attention backend"):
+        EngineArgs(model=str(tiny_dir), device="cpu", kv_cache_dtype="fp8",
+                   attention_backend="flash_attn").create_engine_config()
 
 
 def test_baton_generate_takes_the_quantization_flags(tiny_dir, capsys):

@@ -280,3 +280,21 @@ def test_checkpoint_missing_a_scale_names_the_tensor(tmp_path):
 
 def test_linear_names_cover_every_projection():
     assert len(linear_names({"num_hidden_layers": 2})) == 14
+
+
+def test_gptq_zero_biases_are_skipped_and_a_nonzero_one_is_refused(tmp_path):
+    """AutoGPTQ saves a bias for every quantized layer, zeros where Llama has none."""
+    from safetensors.torch import save_file
+
+    path, config, dense = write_gptq(tmp_path, 128)
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for name in linear_names(config):
+        tensors[name + ".bias"] = torch.zeros(tensors[name + ".scales"].shape[1], dtype=torch.float16)
+    save_file(tensors, str(path / "model.safetensors"))
+    model, _, _ = read(path)
+    assert_layers_match(model, config, dense, Int4Linear)
+    tensors["model.layers.1.mlp.up_proj.bias"][3] = 1.0
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(ValueError, match="'model.layers.1.mlp.up_proj.bias' is a nonzero bias"):
+        read(path)
