@@ -16,7 +16,7 @@ def cache_dir() -> Path:
 
 
 def api_key() -> str | None:
-    """The router's bearer token when --api-key is not given: $BATON_API_KEY."""
+    """The router's bearer token unless --api-key-file names a file: $BATON_API_KEY."""
     return os.environ.get("BATON_API_KEY") or None
 
 

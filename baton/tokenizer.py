@@ -100,14 +100,13 @@ class Tokenizer:
         """Cheap checks before tokenising: ValueError for text UTF-8 cannot encode; TooManyTokens
         when its UTF-8 length proves more than `max_tokens` tokens (no token covers more bytes
         of text than the longest one in the vocabulary spells)."""
-        size = len(text)
-        if not text.isascii():
-            try:
-                size = len(text.encode("utf-8"))
-            except UnicodeEncodeError as exc:
-                raise ValueError(f"the text is not valid Unicode ({exc.reason} at {exc.start})") from None
+        self.check_size(utf8_length(text), max_tokens)
+
+    def check_size(self, num_bytes: int, max_tokens: int | None) -> None:
+        """TooManyTokens when a text of `num_bytes` UTF-8 bytes certainly has more than
+        `max_tokens` tokens."""
         if max_tokens is not None and self._max_token_bytes:
-            at_least = -(-size // self._max_token_bytes)
+            at_least = -(-num_bytes // self._max_token_bytes)
             if at_least > max_tokens:
                 raise TooManyTokens(at_least, max_tokens)
 
@@ -141,6 +140,17 @@ class Tokenizer:
             )
         except jinja2.TemplateError as exc:
             raise ValueError(f"chat template failed: {exc}") from exc
+
+
+def utf8_length(text: str) -> int:
+    """UTF-8 bytes of `text` (for ASCII text, its length, at no cost); ValueError for text
+    UTF-8 cannot encode."""
+    if text.isascii():
+        return len(text)
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the text is not valid Unicode ({exc.reason} at {exc.start})") from None
 
 
 class ChildEncoder:

@@ -1,22 +1,31 @@
 """`baton up`: the router and its workers as local processes, on one machine.
 
-Starts the workers (prefill and decode, or colocated) and the router, waits until the
-router sees every worker healthy (`GET /ready`), prints the URL and a ready-to-paste `curl`,
-and on Ctrl-C (or SIGTERM) stops the router first, then the workers, each with SIGTERM
+Starts the workers (prefill and decode, or colocated), each binding port 0 for gRPC,
+/metrics and KV and printing the ports it got (`baton <role> worker ready: ...`), so no
+two processes ever race for a port; then the router, given those addresses. It waits until
+the router sees every worker healthy (`GET /ready`), prints the URL and a ready-to-paste
+`curl`, and supervises: a child that exits is started again after a back-off (1 s,
+doubling to 30 s; reset once it ran for a minute), as a kubelet would, on the ports it had.
+A child that fails before it is ready fails the start, with its last lines of output.
+On Ctrl-C (or SIGTERM) it stops the router first, then the workers, each with SIGTERM
 (they finish what they serve) and SIGKILL after the grace period. Children die with
 `baton up` even if it is killed outright (Linux parent-death signal), so nothing is left
 behind. Each child's output is shown prefixed with its name.
+
+The API key never travels in a command line and is never printed: `baton up` reads it from
+$BATON_API_KEY (the router inherits it) or `--api-key-file` (the router reads the file).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import ctypes
 import json
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,22 +36,46 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 READY_TIMEOUT_S = 600.0
+BACKOFF_S = (1.0, 30.0)  # first and longest wait before a child is started again
+STABLE_S = 60.0  # a child that ran this long starts again after the shortest wait
+_WORKER_READY = re.compile(r"baton \S+ worker ready: grpc (\S+) metrics :(\d+)(?: kv (\S+))?")
 
 
 @dataclass
 class Child:
+    """One supervised process. Workers get `--port`, `--metrics-port`, `--kv-port` from
+    `ports` (0 until the first start reported what it bound; the same ports afterwards)."""
+
     name: str
     argv: list[str]
-    info: str = ""
     env: dict[str, str] = field(default_factory=dict)
+    ports: dict[str, int] | None = None  # None for the router (its port is the user's)
+    info: str = ""
     proc: subprocess.Popen | None = None
     pump: threading.Thread | None = field(default=None, repr=False)
+    reported: threading.Event = field(default_factory=threading.Event, repr=False)
+    tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20), repr=False)
+    started_at: float = 0.0
+    backoff: float = 0.0
+    restart_at: float | None = None
 
+    @property
+    def is_worker(self) -> bool:
+        return self.ports is not None
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.ports['port']}"
+
+    def command(self) -> list[str]:
+        if not self.is_worker:
+            return self.argv
+        return [*self.argv, "--port", str(self.ports["port"]), "--metrics-port", str(self.ports["metrics_port"]),
+                *(["--kv-port", str(self.ports["kv_port"])] if "kv_port" in self.ports else [])]
+
+    def why(self) -> str:
+        lines = "".join(f"\n  {line}" for line in self.tail)
+        return f"{self.name} exited with status {self.proc.returncode}" + (f"; its last output:{lines}" if lines else "")
 
 
 def _parent_death_signal() -> None:
@@ -52,28 +85,42 @@ def _parent_death_signal() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="baton up", description="Run Baton (router + workers) on this machine.")
+    p = argparse.ArgumentParser(prog="baton up", description="Run Baton (router + workers) on this machine.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="Hugging Face model directory (default: the embedded tiny model)")
-    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--served-model-name", default=None, help="NAME[,ALIAS...] clients put in 'model' "
+                   "(default: the model directory's name)")
     p.add_argument("--host", default="127.0.0.1", help="router bind address")
     p.add_argument("--port", type=int, default=8000, help="router port")
-    p.add_argument("--mode", default="disaggregated", choices=["disaggregated", "colocated"])
+    p.add_argument("--mode", default="disaggregated", choices=["disaggregated", "colocated"],
+                   help="separate prefill and decode workers, or workers that do both")
     p.add_argument("--prefill", type=int, default=1, help="prefill workers (disaggregated)")
     p.add_argument("--decode", type=int, default=1, help="decode workers (disaggregated)")
     p.add_argument("--colocated", "--workers", dest="colocated", type=int, default=1,
                    help="colocated workers (--workers is an older spelling)")
     p.add_argument("--transport", default="grpc", choices=["grpc", "ucx", "tcp", "auto"],
                    help="KV data plane (auto: each prefill/decode pair picks; on one host, ipc)")
-    p.add_argument("--api-key", default=None)
+    p.add_argument("--api-key-file", default=None, metavar="PATH",
+                   help="file holding the bearer token /v1/* requires (or set $BATON_API_KEY; default: none)")
+    p.add_argument("--api-key", default=None, help=argparse.SUPPRESS)  # refused: see main()
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (workers spread over the GPUs)")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=None)
-    p.add_argument("--num-gpu-blocks-override", type=int, default=None)
-    p.add_argument("--kv-cache-memory-gb", type=float, default=None)
-    p.add_argument("--routing-policy", default="load", choices=["load", "round-robin"])
-    p.add_argument("--max-queue", type=int, default=None)
-    p.add_argument("--shutdown-grace-seconds", type=float, default=10.0)
+    p.add_argument("--dtype", default="auto", help="weights and activations: auto (the checkpoint's; float32 "
+                   "on CPU), bfloat16, float16 or float32")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="sequences a worker runs at once "
+                   "(default: the engine's, 256)")
+    p.add_argument("--num-gpu-blocks-override", type=int, default=None,
+                   help="KV blocks per worker (default: sized from memory)")
+    p.add_argument("--kv-cache-memory-gb", type=float, default=None,
+                   help="KV pool per CPU worker in GB (default: the engine's, 1)")
+    p.add_argument("--routing-policy", default="load", choices=["load", "round-robin"],
+                   help="how the router picks workers")
+    p.add_argument("--max-queue", type=int, default=None, help="streams that may wait per decode worker "
+                   "before a 429 (default: one batch, from what the workers report)")
+    p.add_argument("--max-request-mb", type=float, default=None,
+                   help="largest request body in MiB (default: the router's, 32)")
+    p.add_argument("--shutdown-grace-seconds", type=float, default=10.0,
+                   help="how long each process may finish what it serves on Ctrl-C")
     p.add_argument("--quiet", action="store_true", help="hide the workers' and router's own output")
     return p
 
@@ -87,7 +134,7 @@ def _gpu_count(device: str) -> int:
 
 
 def plan(args: argparse.Namespace, model_dir: Path) -> list[Child]:
-    """The processes to start: workers first, the router last."""
+    """The workers to start (the router comes once they reported their ports)."""
     engine_flags = ["--model", str(model_dir), "--dtype", args.dtype]
     for flag in ("served_model_name", "max_model_len", "max_num_seqs", "num_gpu_blocks_override",
                  "kv_cache_memory_gb"):
@@ -102,49 +149,79 @@ def plan(args: argparse.Namespace, model_dir: Path) -> list[Child]:
     env = {}
     if not gpus and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // sum(n for _, n in roles)))
-    children, addresses = [], {}
+    children = []
     k = 0
     for role, count in roles:
         for i in range(count):
-            port, metrics = free_port(), free_port()
             device = f"cuda:{k % gpus}" if gpus else args.device
             k += 1
             argv = ["serve-" + role, *engine_flags, "--device", device, "--host", "127.0.0.1",
-                    "--port", str(port), "--metrics-port", str(metrics),
                     "--shutdown-grace-seconds", str(args.shutdown_grace_seconds)]
+            ports = {"port": 0, "metrics_port": 0}
             if role != "colocated":
-                argv += ["--kv-transfer", args.transport, "--kv-port", str(free_port()),
-                         "--kv-tcp-port", str(free_port())]
-            children.append(Child(f"{role}-{i}", argv, f"grpc 127.0.0.1:{port}  metrics http://127.0.0.1:{metrics}/metrics",
-                                  env))
-            addresses.setdefault(role, []).append(f"127.0.0.1:{port}")
+                argv += ["--kv-transfer", args.transport]
+                ports["kv_port"] = 0
+            children.append(Child(f"{role}-{i}", argv, env, ports))
+    return children
+
+
+def router_child(args: argparse.Namespace, model_dir: Path, workers: list[Child]) -> Child:
     router = ["serve-router", "--model", str(model_dir), "--host", args.host, "--port", str(args.port),
               "--routing-policy", args.routing_policy,
               "--shutdown-grace-seconds", str(args.shutdown_grace_seconds)]
+    addresses: dict[str, list[str]] = {}
+    for worker in workers:
+        addresses.setdefault(worker.name.rsplit("-", 1)[0], []).append(worker.address)
     for role, addrs in addresses.items():
         router += [f"--{role}", ",".join(addrs)]
-    for flag in ("served_model_name", "api_key", "max_queue"):
+    for flag in ("served_model_name", "api_key_file", "max_queue", "max_request_mb"):
         value = getattr(args, flag)
         if value is not None:
             router += [f"--{flag.replace('_', '-')}", str(value)]
-    children.append(Child("router", router, f"http://{args.host}:{args.port}"))
-    return children
+    return Child("router", router, info=f"http://{args.host}:{args.port}")
 
 
 def _pump(child: Child, quiet: bool) -> None:
     for line in child.proc.stdout:
+        child.tail.append(line.rstrip())
+        m = _WORKER_READY.search(line) if child.is_worker and not child.reported.is_set() else None
+        if m:
+            child.ports["port"] = int(m.group(1).rsplit(":", 1)[1])
+            child.ports["metrics_port"] = int(m.group(2))
+            if m.group(3) and "kv_port" in child.ports:
+                child.ports["kv_port"] = int(m.group(3).rsplit(":", 1)[1])
+            child.info = f"grpc {child.address}  metrics http://127.0.0.1:{child.ports['metrics_port']}/metrics"
+            child.reported.set()
         if not quiet:
             sys.stdout.write(f"[{child.name}] {line}")
             sys.stdout.flush()
 
 
 def start(child: Child, quiet: bool) -> None:
+    child.reported.clear()
+    child.tail.clear()
+    child.started_at = time.monotonic()
+    child.restart_at = None
     child.proc = subprocess.Popen(
-        [sys.executable, "-u", "-m", "baton.cli", *child.argv], env={**os.environ, **child.env},
+        [sys.executable, "-u", "-m", "baton.cli", *child.command()], env={**os.environ, **child.env},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
         errors="replace", start_new_session=True, preexec_fn=_parent_death_signal)
     child.pump = threading.Thread(target=_pump, args=(child, quiet), daemon=True)
     child.pump.start()
+
+
+def wait_reported(workers: list[Child], timeout: float) -> str | None:
+    """None once every worker printed the ports it bound; otherwise why not."""
+    deadline = time.monotonic() + timeout
+    while not all(w.reported.is_set() for w in workers):
+        for worker in workers:
+            if worker.proc.poll() is not None and not worker.reported.is_set():
+                worker.pump.join(timeout=2)
+                return worker.why()
+        if time.monotonic() > deadline:
+            return f"the workers did not report their ports after {timeout:.0f}s"
+        time.sleep(0.1)
+    return None
 
 
 def wait_ready(url: str, children: list[Child], timeout: float) -> str | None:
@@ -154,7 +231,8 @@ def wait_ready(url: str, children: list[Child], timeout: float) -> str | None:
     while time.monotonic() < deadline:
         for child in children:
             if child.proc.poll() is not None:
-                return f"{child.name} exited with status {child.proc.returncode}"
+                child.pump.join(timeout=2)
+                return child.why()
         with contextlib.suppress(urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
             with urllib.request.urlopen(f"{url}/ready", timeout=2) as response:
                 body = json.load(response)
@@ -162,6 +240,22 @@ def wait_ready(url: str, children: list[Child], timeout: float) -> str | None:
                     return None
         time.sleep(0.25)
     return f"not ready after {timeout:.0f}s"
+
+
+def supervise(children: list[Child], quiet: bool) -> None:
+    """One pass: a child that exited is started again after its back-off."""
+    now = time.monotonic()
+    for child in children:
+        if child.proc is None or child.proc.poll() is None:
+            continue
+        if child.restart_at is None:
+            ran = now - child.started_at
+            child.backoff = BACKOFF_S[0] if ran >= STABLE_S or not child.backoff else min(2 * child.backoff, BACKOFF_S[1])
+            child.restart_at = now + child.backoff
+            print(f"baton up: {child.why()}; starting it again in {child.backoff:.0f}s", file=sys.stderr, flush=True)
+        elif now >= child.restart_at:
+            start(child, quiet)
+            print(f"baton up: {child.name:<12} pid {child.proc.pid:<8} {child.info}  (restarted)", flush=True)
 
 
 def stop(children: list[Child], grace: float) -> None:
@@ -183,20 +277,36 @@ def stop(children: list[Child], grace: float) -> None:
             child.pump.join(timeout=2)
 
 
-def curl_example(url: str, model: str, api_key: str | None) -> str:
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32})
-    auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
+def curl_example(url: str, model: str, key_source: str | None, tiny: bool = False) -> str:
+    """A request to paste; the key appears as a shell expansion, never itself. The tiny
+    model's random weights often pick end-of-sequence first: its example ignores it."""
+    request = {"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}
+    body = json.dumps({**request, "ignore_eos": True} if tiny else request)
+    auth = f' -H "Authorization: Bearer {key_source}"' if key_source else ""
     return f"curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'"
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.api_key is not None:
+        print("baton up: --api-key would show the key to anyone who runs `ps`; put it in $BATON_API_KEY "
+              "or in a file given with --api-key-file", file=sys.stderr)
+        return 2
     if args.mode == "disaggregated" and (args.prefill < 1 or args.decode < 1):
         print("baton up: --prefill and --decode must be >= 1", file=sys.stderr)
         return 2
     if args.mode == "colocated" and args.colocated < 1:
         print("baton up: --colocated must be >= 1", file=sys.stderr)
         return 2
+    if args.api_key_file is not None:
+        if not Path(args.api_key_file).is_file():
+            print(f"baton up: --api-key-file {args.api_key_file} is not a readable file", file=sys.stderr)
+            return 2
+        args.api_key_file = str(Path(args.api_key_file).resolve())
+    from baton import settings
+
+    key_source = (f"$(cat {args.api_key_file})" if args.api_key_file
+                  else "$BATON_API_KEY" if settings.api_key() else None)
     if args.model:
         model_dir = Path(args.model).resolve()
         if not (model_dir / "config.json").exists():
@@ -208,6 +318,7 @@ def main(argv: list[str]) -> int:
         model_dir = ensure_tiny_model()  # once, before any worker starts
     model_name = (args.served_model_name or model_dir.name).split(",")[0]
     children = plan(args, model_dir)
+
     def on_signal(signum, frame):
         raise KeyboardInterrupt
 
@@ -217,7 +328,15 @@ def main(argv: list[str]) -> int:
     try:
         for child in children:
             start(child, args.quiet)
-            print(f"baton up: {child.name:<10} pid {child.proc.pid:<8} {child.info}", flush=True)
+        problem = wait_reported(children, READY_TIMEOUT_S)
+        if problem is not None:
+            print(f"baton up: failed to start: {problem}", file=sys.stderr)
+            return 1
+        for child in children:
+            print(f"baton up: {child.name:<12} pid {child.proc.pid:<8} {child.info}", flush=True)
+        children.append(router_child(args, model_dir, children))
+        start(children[-1], args.quiet)
+        print(f"baton up: {'router':<12} pid {children[-1].proc.pid:<8} {children[-1].info}", flush=True)
         problem = wait_ready(url, children, READY_TIMEOUT_S)
         if problem is not None:
             print(f"baton up: failed to start: {problem}", file=sys.stderr)
@@ -230,21 +349,11 @@ def main(argv: list[str]) -> int:
         ]
         if not args.model:
             lines.append("This is the embedded tiny model: its weights are random, so its text is random.")
-        lines += ["", "  " + curl_example(url, model_name, args.api_key), "", "Press Ctrl-C to stop.", ""]
+        lines += ["", "  " + curl_example(url, model_name, key_source, tiny=not args.model), "",
+                  "Press Ctrl-C to stop.", ""]
         print("\n".join(lines), flush=True)
-        reported: set[str] = set()
         while True:
-            for child in children:
-                if child.proc.poll() is None or child.name in reported:
-                    continue
-                if child.name == "router":
-                    print(f"baton up: the router exited with status {child.proc.returncode}; stopping",
-                          file=sys.stderr)
-                    return 1
-                # The router routes around a dead worker; keep serving with the others.
-                reported.add(child.name)
-                print(f"baton up: {child.name} exited with status {child.proc.returncode}",
-                      file=sys.stderr, flush=True)
+            supervise(children, args.quiet)
             time.sleep(0.5)
     except KeyboardInterrupt:
         print("\nbaton up: stopping", flush=True)

@@ -32,6 +32,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -128,17 +129,41 @@ def leftovers(dep: Deployment) -> dict[str, dict[str, float]]:
     return held
 
 
-async def health_probe(session: aiohttp.ClientSession, url: str, interval: float, stop_event: asyncio.Event,
-                       samples: list[float]) -> None:
-    while not stop_event.is_set():
-        t0 = time.perf_counter()
-        try:
-            async with session.get(f"{url}/health") as response:
-                await response.read()
-            samples.append(time.perf_counter() - t0)
-        except aiohttp.ClientError:
-            samples.append(float("inf"))
-        await asyncio.sleep(interval)
+_PROBE = """
+import sys, time, http.client
+host, port, interval = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+conn = None
+while True:
+    t0 = time.perf_counter()
+    try:
+        conn = conn or http.client.HTTPConnection(host, port, timeout=60)
+        conn.request("GET", "/health")
+        conn.getresponse().read()
+        print(time.perf_counter() - t0, flush=True)
+    except OSError:
+        conn = None
+        print("inf", flush=True)
+    time.sleep(interval)
+"""
+
+
+class HealthProbe:
+    """`GET /health` every `interval` seconds from a process of its own, so that neither the
+    load generator's event loop nor its GIL delays the probe; latencies in seconds."""
+
+    def __init__(self, url: str, interval: float):
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        self._proc = subprocess.Popen([sys.executable, "-c", _PROBE, host, port, str(interval)],
+                                      stdout=subprocess.PIPE, text=True)
+        self._lines: list[str] = []
+        self._reader = threading.Thread(target=lambda: self._lines.extend(self._proc.stdout), daemon=True)
+        self._reader.start()
+
+    def stop(self) -> list[float]:
+        self._proc.terminate()
+        self._proc.wait(timeout=10)
+        self._reader.join(timeout=10)
+        return [float(line) for line in self._lines if line.strip()]
 
 
 async def one_stream(session: aiohttp.ClientSession, url: str, model: str, max_tokens: int, t0: float,
@@ -191,14 +216,12 @@ async def one_stream(session: aiohttp.ClientSession, url: str, model: str, max_t
 async def burst(dep: Deployment, model: str, streams: int, max_tokens: int, timeout: float) -> dict:
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
-        stop_event, health = asyncio.Event(), []
-        probe = asyncio.create_task(health_probe(session, dep.url, 0.05, stop_event, health))
+        probe = HealthProbe(dep.url, 0.05)
         t0 = time.monotonic()
         results = await asyncio.gather(*(one_stream(session, dep.url, model, max_tokens, t0, timeout, i)
                                          for i in range(streams)))
         wall = time.monotonic() - t0
-        stop_event.set()
-        await probe
+        health = probe.stop()
     counts: dict[str, int] = {}
     for s in results:
         counts[s.outcome] = counts.get(s.outcome, 0) + 1
@@ -218,22 +241,31 @@ def latency_summary(samples: list[float]) -> dict:
 
 
 async def large_request(dep: Deployment, model: str, megabytes: float) -> dict:
+    """One chat of `megabytes` MB, sent by curl (a process of its own), while /health is timed."""
     words = "lorem ipsum dolor sit amet consectetur adipiscing elit "
     text = (words * int(megabytes * 1e6 / len(words) + 1))[: int(megabytes * 1e6)]
-    body = json.dumps({"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": text}]})
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
-        stop_event, health = asyncio.Event(), []
-        probe = asyncio.create_task(health_probe(session, dep.url, 0.02, stop_event, health))
-        await asyncio.sleep(0.2)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": text}]}, f)
+    try:
+        # The same probe with nothing else running first: on a shared machine the scheduler
+        # alone delays some answers, and this says by how much.
+        probe = HealthProbe(dep.url, 0.02)
+        await asyncio.sleep(5)
+        idle = probe.stop()
+        probe = HealthProbe(dep.url, 0.02)
+        await asyncio.sleep(0.5)
         t0 = time.monotonic()
-        async with session.post(f"{dep.url}/v1/chat/completions", data=body,
-                                headers={"Content-Type": "application/json"}) as response:
-            status, answer = response.status, (await response.text())[:300]
+        curl = await asyncio.create_subprocess_exec(
+            "curl", "-s", "-o", "-", "-w", "\\n%{http_code}", "-H", "Content-Type: application/json",
+            "--data-binary", f"@{f.name}", f"{dep.url}/v1/chat/completions", stdout=asyncio.subprocess.PIPE)
+        out, _ = await curl.communicate()
         elapsed = time.monotonic() - t0
-        stop_event.set()
-        await probe
-    return {"megabytes": megabytes, "status": status, "answer": answer, "seconds": round(elapsed, 2),
-            "health_ms": latency_summary(health)}
+        health = probe.stop()
+    finally:
+        os.unlink(f.name)
+    answer, _, status = out.decode().rpartition("\n")
+    return {"megabytes": megabytes, "status": int(status), "answer": answer[:300], "seconds": round(elapsed, 2),
+            "health_ms": latency_summary(health), "health_ms_idle_before": latency_summary(idle)}
 
 
 async def drained(dep: Deployment, timeout: float) -> tuple[bool, float, dict]:
@@ -254,6 +286,8 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     modes = [m for m in results["modes"] if "burst" in results["modes"][m]]
+    if not modes:
+        return
     fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4), squeeze=False)
     for ax, mode in zip(axes[0], modes):
         timeline = results["modes"][mode]["burst"]["timeline"]
@@ -313,7 +347,7 @@ def main() -> int:
     out = ROOT / "bench" / "results" / f"serving-burst-{args.tag}.json"
     out.write_text(json.dumps(results, indent=1) + "\n")
     plot(results, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png').name}")
+    print(f"wrote {out}")
     bad = [m for m, r in results["modes"].items()
            if "burst" in r and (set(r["burst"]["outcomes"]) - {"completed", "refused"} or not r["burst"]["drained"])]
     return 1 if bad else 0

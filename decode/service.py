@@ -60,7 +60,9 @@ class DecodeServicer(EngineServicer):
         self.receiver.add_to_server(server)
 
     async def start(self) -> None:
-        await self.receiver.start(self.runtime.options.port)
+        await self.receiver.start(self.runtime.port)
+        if self.receiver.ucx_address:
+            self.runtime.kv_address = self.receiver.ucx_address
 
     async def stop(self) -> None:
         await self.receiver.stop()

@@ -8,16 +8,20 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="baton generate", description="Generate text offline with the engine.")
+    parser = argparse.ArgumentParser(prog="baton generate", description="Generate text offline with the engine.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("prompts", nargs="*", help="prompts (default: read one per line from stdin)")
     parser.add_argument("--model", default=None, help="Hugging Face model directory (default: the tiny random model)")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per prompt at most")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed")
+    parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep generating past end-of-sequence tokens (default: on for the tiny "
+                             "model, whose random weights often end at once; off otherwise)")
+    parser.add_argument("--num-gpu-blocks-override", type=int, default=None, help="KV blocks (default: sized from memory)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     parser.add_argument("--quantization", default=None,
                         help="default: as config.json says; fp8 quantizes an unquantized checkpoint at load")
@@ -35,8 +39,10 @@ def main(argv: list[str]) -> int:
     if not prompts and not args.explain:
         parser.error("give at least one prompt")
     try:
+        ignore_eos = args.model is None if args.ignore_eos is None else args.ignore_eos
         params = SamplingParams(
-            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+            ignore_eos=ignore_eos,
         )
         llm = LLM(
             model=args.model, dtype=args.dtype, device=args.device, num_gpu_blocks_override=args.num_gpu_blocks_override,

@@ -28,8 +28,10 @@ from baton.router.params import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     Prompt,
     chat_text,
+    chat_text_bytes,
     check_length,
     completion_inputs,
+    content_length,
     guided_error,
     prompt_error,
     sampling_params,
@@ -37,7 +39,7 @@ from baton.router.params import (
 from baton.router.protocol import ChatCompletionRequest, CompletionRequest
 from baton.router.responses import ResponseBuilder, sse
 from baton.router.workers import WorkerPool
-from baton.tokenizer import ChildEncoder, Tokenizer
+from baton.tokenizer import ChildEncoder, Tokenizer, TooManyTokens
 from baton.worker.messages import OutputState
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,14 @@ class OpenAIServing:
             raise model_not_found(body.model, list(self.served))
         max_model_len, vocab_size = self._limits()
         if chat:
+            if content_length(body) > LARGE_TEXT_CHARS:
+                # A huge conversation that cannot fit is refused before rendering it whole.
+                size = await self._off_loop(chat_text_bytes, body, self.tokenizer)
+                if size is not None:
+                    try:
+                        self.tokenizer.check_size(size, max_model_len)
+                    except TooManyTokens as exc:
+                        raise prompt_error(exc, "messages", max_model_len) from None
             text = await self._off_loop(chat_text, body, self.tokenizer)
             prompts = [Prompt(await self._encode(text, "messages", max_model_len, False), text)]
             max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

@@ -107,12 +107,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=None,
                    help="output streams that may wait per decode (or colocated) worker before a 429 "
                         "(default: one batch, what the worker can run at once by its max_num_seqs and KV)")
-    p.add_argument("--api-key", default=None, help="bearer token required on /v1/* (default: $BATON_API_KEY)")
+    p.add_argument("--api-key-file", default=None, metavar="PATH",
+                   help="file holding the bearer token /v1/* requires (default: $BATON_API_KEY; none: open)")
+    p.add_argument("--api-key", default=None, help=argparse.SUPPRESS)  # refused: argv shows in `ps`
     p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between worker load polls")
     p.add_argument("--shutdown-grace-seconds", type=float, default=30.0)
     p.add_argument("--max-request-mb", type=float, default=32.0,
                    help="largest request body in MiB; a larger one is a 413 before it is read")
     return p
+
+
+def _api_key(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> str | None:
+    """The key from --api-key-file or $BATON_API_KEY; never from a flag's value, which any
+    user of the machine can read in the process list."""
+    from baton import settings
+
+    if ns.api_key is not None:
+        parser.error("--api-key would show the key to anyone who runs `ps`; set $BATON_API_KEY "
+                     "or give a file with --api-key-file")
+    if ns.api_key_file is None:
+        return settings.api_key()
+    try:
+        key = Path(ns.api_key_file).read_text().strip()
+    except OSError as exc:
+        parser.error(f"--api-key-file: {exc}")
+    if not key:
+        parser.error(f"--api-key-file {ns.api_key_file} is empty")
+    return key
 
 
 def parse(argv: list[str]) -> RouterConfig:
@@ -143,7 +164,7 @@ def parse(argv: list[str]) -> RouterConfig:
             services=services,
             routing_policy=ns.routing_policy,
             max_queue=ns.max_queue,
-            api_key=ns.api_key or settings.api_key(),
+            api_key=_api_key(parser, ns),
             poll_interval=ns.poll_interval,
             shutdown_grace_seconds=ns.shutdown_grace_seconds,
             max_request_mb=ns.max_request_mb,

@@ -17,7 +17,7 @@ from baton.router.protocol import (
     SamplingFields,
 )
 from baton.sampling_params import GuidedDecodingParams, SamplingParams
-from baton.tokenizer import Tokenizer, TooManyTokens
+from baton.tokenizer import Tokenizer, TooManyTokens, utf8_length
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -206,6 +206,38 @@ def _message_dict(index: int, message) -> dict[str, Any]:
         content = "".join(texts)
     data["content"] = content if content is not None else ""
     return data
+
+
+def content_length(req: ChatCompletionRequest) -> int:
+    """Characters of text the messages carry (what makes a chat prompt large)."""
+    total = 0
+    for message in req.messages:
+        parts = message.content if isinstance(message.content, list) else [message.content]
+        total += sum(len(p if isinstance(p, str) else p.text or "") for p in parts if p is not None)
+    return total
+
+
+def chat_text_bytes(req: ChatCompletionRequest, tokenizer: Tokenizer) -> int | None:
+    """UTF-8 bytes of the rendered conversation, found without rendering its contents: the
+    template renders placeholders, each must appear exactly once, and the contents' lengths
+    replace theirs. None when the template does not place every content once (then only
+    rendering it tells). Raises 400 as `chat_text` does."""
+    messages = [_message_dict(i, m) for i, m in enumerate(req.messages)]
+    marks = [f"\x00baton-content-{i}\x00" for i in range(len(messages))]
+    contents = [m["content"] for m in messages]
+    for message, mark in zip(messages, marks):
+        message["content"] = mark
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
+                                             **dict(req.chat_template_kwargs or {}))
+    except Exception as exc:  # a template fails on what the messages hold: the client's input
+        raise bad_request(f"cannot apply the chat template: {exc}", "messages") from exc
+    if any(text.count(mark) != 1 for mark in marks):
+        return None
+    try:
+        return utf8_length(text) - sum(len(mark) for mark in marks) + sum(utf8_length(c) for c in contents)
+    except ValueError as exc:
+        raise bad_request(f"messages: {exc}", "messages") from None
 
 
 def chat_text(req: ChatCompletionRequest, tokenizer: Tokenizer) -> str:

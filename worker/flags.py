@@ -42,6 +42,7 @@ class WorkerOptions:
     shutdown_grace_seconds: float = 30.0
     reservation_ttl_seconds: float = 30.0
     ucx_progress_mode: str | None = None  # None: UCXX's default ($UCXPY_PROGRESS_MODE or thread)
+    warmup: str = "auto"  # run every reachable kernel shape before SERVING: auto (on CUDA), on, off
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode", "colocated"):
@@ -52,6 +53,8 @@ class WorkerOptions:
             value = getattr(self, name)
             if not 0 <= value < 65536:
                 raise ValueError(f"--{name.replace('_', '-')} must be a TCP port, got {value}")
+        if self.warmup not in ("auto", "on", "off"):
+            raise ValueError(f"--warmup must be auto, on or off, got {self.warmup!r}")
         if self.shutdown_grace_seconds < 0:
             raise ValueError("--shutdown-grace-seconds must be >= 0")
         if self.reservation_ttl_seconds <= 0:
@@ -110,6 +113,9 @@ def build_parser(prog: str, role: str) -> argparse.ArgumentParser:
     server.add_argument("--metrics-port", type=int, default=9090, help="HTTP port of /metrics")
     server.add_argument("--shutdown-grace-seconds", type=float, default=30.0,
                         help="on SIGTERM, finish in-flight work for at most this long")
+    server.add_argument("--warmup", default="auto", choices=["auto", "on", "off"],
+                        help="before reporting ready, run every prefill size and decode batch size "
+                             "traffic can reach, so their kernels compile first (auto: on CUDA only)")
     # Colocated workers accept the KV flags too (one flag set for every role); they move no KV.
     kv = parser.add_argument_group("KV transfer" if role != "colocated" else "KV transfer (ignored here)")
     kv.add_argument("--kv-transfer", default="grpc", choices=list(TRANSPORTS),
@@ -146,6 +152,7 @@ def parse(argv: list[str], prog: str, role: str) -> tuple[Any, WorkerOptions]:
             shutdown_grace_seconds=ns.shutdown_grace_seconds,
             reservation_ttl_seconds=getattr(ns, "reservation_ttl_seconds", 30.0),
             ucx_progress_mode=ns.ucx_progress_mode,
+            warmup=ns.warmup,
         )
     except ValueError as exc:
         parser.error(str(exc))

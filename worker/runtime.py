@@ -42,6 +42,9 @@ class WorkerRuntime:
 
     def __init__(self, options: WorkerOptions):
         self.options = options
+        self.port = options.port  # the gRPC port bound (options.port may be 0)
+        self.metrics_port = options.metrics_port
+        self.kv_address: str | None = None  # host:port of the UCX listener, once a decode worker started it
         self.draining = False
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -86,12 +89,19 @@ class WorkerRuntime:
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         address = f"{_grpc_host(opts.host)}:{opts.port}"
         try:
-            server.add_insecure_port(address)
-        except RuntimeError as exc:  # grpc reports a failed bind as RuntimeError
+            self.port = server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc reports a failed bind as RuntimeError (or port 0)
             raise OSError(f"cannot listen on {address} (is the port in use?)") from exc
+        if not self.port:
+            raise OSError(f"cannot listen on {address} (is the port in use?)")
+        address = f"{_grpc_host(opts.host)}:{self.port}"
         if collector is not None:
             REGISTRY.register(collector)
-        http_server, http_thread = start_metrics_server(opts.metrics_port, opts.host)
+        try:
+            http_server, http_thread = start_metrics_server(opts.metrics_port, opts.host)
+        except OSError as exc:
+            raise OSError(f"cannot serve /metrics on {opts.host}:{opts.metrics_port}: {exc}") from exc
+        self.metrics_port = http_server.server_port
         await server.start()
         if on_started is not None:
             await on_started()
@@ -99,8 +109,11 @@ class WorkerRuntime:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        log.info("%s worker serving gRPC on %s, metrics on :%d", opts.role, address, opts.metrics_port)
-        print(f"baton {opts.role} worker ready: grpc {address} metrics :{opts.metrics_port}", flush=True)
+        log.info("%s worker serving gRPC on %s, metrics on :%d", opts.role, address, self.metrics_port)
+        # The ports actually bound (any given as 0 was picked by the kernel): `baton up` reads
+        # this line rather than choosing free ports itself, which raced.
+        kv = f" kv {self.kv_address}" if self.kv_address else ""
+        print(f"baton {opts.role} worker ready: grpc {address} metrics :{self.metrics_port}{kv}", flush=True)
         try:
             await self._stop.wait()
             await self._drain(health)
@@ -152,8 +165,13 @@ def run_worker(argv: list[str], prog: str, role: str, make_servicer) -> int:
         return 2
 
     async def main() -> int:
+        from baton.engine.warmup import should_warm_up, warm_up
+
         runtime = WorkerRuntime(options)
         log.info("starting %s worker for %s", role, engine.config.served_model_name)
+        if should_warm_up(options.warmup, engine.config.device.type):
+            # Before the server starts: the worker is ready only once its kernels are.
+            await warm_up(engine)
         servicer = make_servicer(engine, runtime)
         try:
             return await runtime.serve(

@@ -117,10 +117,12 @@ def baton_up(*args: str, api_key: str | None = None, env: dict | None = None,
     port = free_port()
     argv = [sys.executable, "-m", "baton.cli", "up", "--port", str(port),
             "--shutdown-grace-seconds", "5", *ENGINE_FLAGS, *args]
+    env = {**os.environ, **(env or {})}
+    env.pop("BATON_API_KEY", None)
     if api_key:
-        argv += ["--api-key", api_key]
+        env["BATON_API_KEY"] = api_key  # never a flag: argv shows in `ps`
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})}, start_new_session=True)
+                            env=env, start_new_session=True)
     dep = Deployment(proc, f"http://127.0.0.1:{port}", api_key)
     ready = threading.Event()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import signal
@@ -24,6 +25,42 @@ def test_printed_curl_works_and_ctrl_c_leaves_nothing_behind(_tiny_model_cache):
     assert dep.stop(signal.SIGINT) == 0
     for process in dep.processes.values():
         wait_until(lambda p=process: not p.alive(), timeout=10, what=f"{process.name} to exit")
+
+
+def test_help_shows_every_flag_with_its_default():
+    from baton.up import build_parser
+
+    parser = build_parser()
+    text = " ".join(parser.format_help().split())
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS or not action.option_strings or action.dest == "help":
+            continue
+        assert action.option_strings[0] in text
+        assert action.help, action.option_strings
+        if action.default is not None and not isinstance(action.default, bool):
+            assert f"(default: {action.default})" in text, action.option_strings
+
+
+def test_the_api_key_is_in_no_command_line_and_never_printed(colocated):
+    key = colocated.api_key.encode()
+    pids = [colocated.proc.pid, *(p.pid for p in colocated.processes.values())]
+    for pid in pids:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert key not in f.read(), pid
+    assert not any(colocated.api_key in line for line in colocated.output)
+    assert any("Bearer $BATON_API_KEY" in line for line in colocated.output)  # the curl names the variable
+    refused = subprocess.run([sys.executable, "-m", "baton.cli", "up", "--api-key", "k"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "BATON_API_KEY" in refused.stderr
+
+
+def test_a_worker_that_cannot_start_fails_the_start_and_says_why(_tiny_model_cache):
+    failed = subprocess.run([sys.executable, "-m", "baton.cli", "up", "--mode", "colocated", "--quiet",
+                             "--port", str(free_port()), "--device", "cpu", "--max-num-seqs", "0"],
+                            capture_output=True, text=True, timeout=180)
+    assert failed.returncode == 1
+    assert "failed to start: colocated-0 exited with status 2" in failed.stderr
+    assert "max_num_seqs must be >= 1" in failed.stderr  # the worker's own words
 
 
 def test_bad_arguments_fail_fast():

@@ -1,5 +1,6 @@
 """Failures on a real disaggregated deployment (two prefill workers, one decode worker):
-saturation, client disconnects, a prefill worker killed, the decode worker killed mid-stream.
+saturation, client disconnects, a prefill worker killed, the decode worker killed mid-stream
+(and started again by `baton up`).
 
 The tests run in file order; the last one kills the decode worker.
 """
@@ -160,3 +161,10 @@ def test_killed_decode_worker_fails_the_stream_promptly(dep):
                                            json={"model": M, "prompt": "hi"}).status_code == 503,
                         what="503 without a decode worker")
     assert status
+    # `baton up` supervises: the decode worker starts again on its port and serves again.
+    wait_until(lambda: any("decode-0" in line and "restarted" in line for line in dep.output), timeout=60,
+               what="decode-0 started again")
+    wait_until(lambda: httpx.post(f"{dep.url}/v1/completions", timeout=30,
+                                  json={"model": M, "prompt": "hi", "max_tokens": 2}).status_code == 200,
+               timeout=120, interval=0.5, what="served again after the restart")
+    assert any("decode-0 exited with status -9" in line for line in dep.output)

@@ -213,6 +213,9 @@ def test_router_accepts_the_older_colocated_spellings(tiny_model_dir):
     ["--worker", "a:1", "--decode", "b:2"],  # both modes, older spelling
     ["--colocated", "nohost"],  # not host:port
     ["--colocated", "a:1", "--max-queue", "0"],
+    ["--colocated", "a:1", "--api-key", "secret"],  # a key in argv is readable by anyone: refused
+    ["--colocated", "a:1", "--api-key-file", "/nonexistent"],
+    ["--colocated", "a:1", "--max-request-mb", "0"],
 ])
 def test_bad_router_flags_exit_2(tiny_model_dir, argv):
     with pytest.raises(SystemExit) as info:
@@ -220,9 +223,19 @@ def test_bad_router_flags_exit_2(tiny_model_dir, argv):
     assert info.value.code == 2
 
 
+def test_api_key_comes_from_a_file_or_the_environment(tiny_model_dir, tmp_path, monkeypatch):
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    monkeypatch.setenv("BATON_API_KEY", "from-env")
+    base = ["--model", str(tiny_model_dir), "--colocated", "a:1"]
+    assert parse(base).api_key == "from-env"
+    assert parse([*base, "--api-key-file", str(key_file)]).api_key == "from-file"
+    assert "from-file" not in repr(parse([*base, "--api-key-file", str(key_file)]))
+
+
 def test_router_help_lists_the_contract_flags():
     text = build_parser().format_help()
     for flag in ("--prefill", "--decode", "--colocated", "--discovery", "--namespace", "--prefill-service",
-                 "--decode-service", "--colocated-service", "--routing-policy", "--max-queue", "--api-key",
-                 "--served-model-name", "--host", "--port", "--model"):
+                 "--decode-service", "--colocated-service", "--routing-policy", "--max-queue", "--api-key-file",
+                 "--max-request-mb", "--served-model-name", "--host", "--port", "--model"):
         assert flag in text
