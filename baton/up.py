@@ -38,13 +38,14 @@ from pathlib import Path
 READY_TIMEOUT_S = 600.0
 BACKOFF_S = (1.0, 30.0)  # first and longest wait before a child is started again
 STABLE_S = 60.0  # a child that ran this long starts again after the shortest wait
-_WORKER_READY = re.compile(r"baton \S+ worker ready: grpc (\S+) metrics :(\d+)(?: kv (\S+))?")
+_WORKER_READY = re.compile(r"baton \S+ worker ready: grpc (\S+) metrics :(\d+)")
 
 
 @dataclass
 class Child:
-    """One supervised process. Workers get `--port`, `--metrics-port`, `--kv-port` from
-    `ports` (0 until the first start reported what it bound; the same ports afterwards)."""
+    """One supervised process. Workers get `--port` and `--metrics-port` from `ports` (0 until
+    the first start reported what it bound; the same ports afterwards, since the router and
+    Prometheus know them); KV listeners always bind port 0 (tickets carry their addresses)."""
 
     name: str
     argv: list[str]
@@ -70,8 +71,7 @@ class Child:
     def command(self) -> list[str]:
         if not self.is_worker:
             return self.argv
-        return [*self.argv, "--port", str(self.ports["port"]), "--metrics-port", str(self.ports["metrics_port"]),
-                *(["--kv-port", str(self.ports["kv_port"])] if "kv_port" in self.ports else [])]
+        return [*self.argv, "--port", str(self.ports["port"]), "--metrics-port", str(self.ports["metrics_port"])]
 
     def why(self) -> str:
         lines = "".join(f"\n  {line}" for line in self.tail)
@@ -157,11 +157,9 @@ def plan(args: argparse.Namespace, model_dir: Path) -> list[Child]:
             k += 1
             argv = ["serve-" + role, *engine_flags, "--device", device, "--host", "127.0.0.1",
                     "--shutdown-grace-seconds", str(args.shutdown_grace_seconds)]
-            ports = {"port": 0, "metrics_port": 0}
             if role != "colocated":
-                argv += ["--kv-transfer", args.transport]
-                ports["kv_port"] = 0
-            children.append(Child(f"{role}-{i}", argv, env, ports))
+                argv += ["--kv-transfer", args.transport, "--kv-port", "0", "--kv-tcp-port", "0"]
+            children.append(Child(f"{role}-{i}", argv, env, {"port": 0, "metrics_port": 0}))
     return children
 
 
@@ -188,8 +186,6 @@ def _pump(child: Child, quiet: bool) -> None:
         if m:
             child.ports["port"] = int(m.group(1).rsplit(":", 1)[1])
             child.ports["metrics_port"] = int(m.group(2))
-            if m.group(3) and "kv_port" in child.ports:
-                child.ports["kv_port"] = int(m.group(3).rsplit(":", 1)[1])
             child.info = f"grpc {child.address}  metrics http://127.0.0.1:{child.ports['metrics_port']}/metrics"
             child.reported.set()
         if not quiet:

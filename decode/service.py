@@ -61,8 +61,7 @@ class DecodeServicer(EngineServicer):
 
     async def start(self) -> None:
         await self.receiver.start(self.runtime.port)
-        if self.receiver.ucx_address:
-            self.runtime.kv_address = self.receiver.ucx_address
+        self.runtime.kv_address = self.receiver.ucx_address or self.receiver.tcp_address or None
 
     async def stop(self) -> None:
         await self.receiver.stop()
