@@ -75,11 +75,12 @@ def test_bad_arguments_fail_fast():
 def test_colocated_workers_are_planned_under_one_name(tiny_model_dir):
     """`--colocated N` (older spelling `--workers N`) starts N `serve-colocated` processes
     and hands them to the router with `--colocated`."""
-    from baton.up import build_parser, plan
+    from baton.up import build_parser, plan, router_child
 
     for flag in ("--colocated", "--workers"):
-        children = plan(build_parser().parse_args(["--mode", "colocated", flag, "2"]), tiny_model_dir)
-        workers, router = children[:-1], children[-1]
+        args = build_parser().parse_args(["--mode", "colocated", flag, "2"])
+        workers = plan(args, tiny_model_dir)
+        router = router_child(args, tiny_model_dir, workers)
         assert [c.name for c in workers] == ["colocated-0", "colocated-1"]
         assert all(c.argv[0] == "serve-colocated" and "--kv-transfer" not in c.argv for c in workers)
         assert router.argv[router.argv.index("--colocated") + 1].count(",") == 1
