@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request body in MiB (default: the router's, 32)")
     p.add_argument("--shutdown-grace-seconds", type=float, default=10.0,
                    help="how long each process may finish what it serves on Ctrl-C")
+    p.add_argument("--otlp-traces-endpoint", default=None, metavar="HOST:PORT",
+                   help="router and workers send OpenTelemetry traces to this OTLP/gRPC collector")
     p.add_argument("--quiet", action="store_true", help="hide the workers' and router's own output")
     return p
 
@@ -157,6 +159,8 @@ def plan(args: argparse.Namespace, model_dir: Path) -> list[Child]:
             k += 1
             argv = ["serve-" + role, *engine_flags, "--device", device, "--host", "127.0.0.1",
                     "--shutdown-grace-seconds", str(args.shutdown_grace_seconds)]
+            if args.otlp_traces_endpoint:
+                argv += ["--otlp-traces-endpoint", args.otlp_traces_endpoint]
             if role != "colocated":
                 argv += ["--kv-transfer", args.transport, "--kv-port", "0", "--kv-tcp-port", "0"]
             children.append(Child(f"{role}-{i}", argv, env, {"port": 0, "metrics_port": 0}))
@@ -172,7 +176,8 @@ def router_child(args: argparse.Namespace, model_dir: Path, workers: list[Child]
         addresses.setdefault(worker.name.rsplit("-", 1)[0], []).append(worker.address)
     for role, addrs in addresses.items():
         router += [f"--{role}", ",".join(addrs)]
-    for flag in ("served_model_name", "api_key_file", "max_queue", "max_request_mb"):
+    for flag in ("served_model_name", "api_key_file", "max_queue", "max_request_mb",
+                 "otlp_traces_endpoint"):
         value = getattr(args, flag)
         if value is not None:
             router += [f"--{flag.replace('_', '-')}", str(value)]

@@ -7,6 +7,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from baton import tracing
 from baton.kvtransfer.blocks import block_rows
 from baton.kvtransfer.config import TransferConfig
 from baton.kvtransfer.errors import HandoffError
@@ -148,7 +149,10 @@ class KVSender:
             blocks = await self.pool.held_blocks(request_id)
             if blocks is None:
                 raise HandoffError("bad_request", f"the engine holds no KV for request {request_id!r}")
-            return await self.push(ticket, blocks, first_token_id, first_logprob, first_top_logprobs, timeout_s)
+            with tracing.span("kv_transfer", **{"baton.request_id": request_id,
+                                                "baton.kv_blocks": len(blocks)}):
+                return await self.push(ticket, blocks, first_token_id, first_logprob,
+                                       first_top_logprobs, timeout_s)
         finally:
             await self.pool.release_held(request_id)
 

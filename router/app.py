@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from baton import __version__
+from baton import __version__, tracing
 from baton.metrics import RequestMetrics, RouterGauges
 from baton.router import errors
 from baton.router.api import OpenAIServing
@@ -63,6 +63,7 @@ def _discovery(config: RouterConfig) -> Discovery:
 
 
 def create_app(config: RouterConfig, registry: CollectorRegistry | None = None) -> FastAPI:
+    tracing.configure(config.otlp_traces_endpoint, "baton-router")
     tokenizer = Tokenizer(config.model_dir)
     registry = registry or CollectorRegistry()
     model_name = config.served_model_names[0]
@@ -83,6 +84,7 @@ def create_app(config: RouterConfig, registry: CollectorRegistry | None = None) 
         await discovery.stop()
         await pool.stop()
         serving.close()
+        tracing.shutdown()
 
     app = FastAPI(title="Baton router", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible API in front of Baton's prefill and decode workers.")
@@ -127,4 +129,7 @@ def create_app(config: RouterConfig, registry: CollectorRegistry | None = None) 
     app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
     if config.api_key:
         app.add_middleware(BearerAuth, api_key=config.api_key)
+    if config.otlp_traces_endpoint:
+        # Added last, so outermost: its span covers the checks and the whole streamed response.
+        app.add_middleware(tracing.TraceRequests)
     return app

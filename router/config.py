@@ -33,6 +33,7 @@ class RouterConfig:
     poll_interval: float = 0.5
     shutdown_grace_seconds: float = 30.0
     max_request_mb: float = 32.0  # request bodies above this are a 413
+    otlp_traces_endpoint: str | None = None  # None: no traces (baton/tracing.py)
 
     def __post_init__(self) -> None:
         if self.discovery not in ("static", "kubernetes"):
@@ -112,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help=argparse.SUPPRESS)  # refused: argv shows in `ps`
     p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between worker load polls")
     p.add_argument("--shutdown-grace-seconds", type=float, default=30.0)
+    p.add_argument("--otlp-traces-endpoint", default=None, metavar="HOST:PORT",
+                   help="send OpenTelemetry traces to this OTLP/gRPC collector (default: none)")
     p.add_argument("--max-request-mb", type=float, default=32.0,
                    help="largest request body in MiB; a larger one is a 413 before it is read")
     return p
@@ -168,6 +171,7 @@ def parse(argv: list[str]) -> RouterConfig:
             poll_interval=ns.poll_interval,
             shutdown_grace_seconds=ns.shutdown_grace_seconds,
             max_request_mb=ns.max_request_mb,
+            otlp_traces_endpoint=ns.otlp_traces_endpoint,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from baton import tracing
 from baton.protos import worker_pb2
 from baton.router.admission import Admission, AdmissionTicket
 from baton.router.errors import APIError, bad_request, no_worker, overloaded, worker_failed
@@ -147,7 +148,9 @@ class Dispatcher:
                 log.warning("KV handoff of %s failed (%s); reserving again", rid, exc.error.message)
 
     async def _disaggregated_once(self, rid: str, ids: list[int], params: worker_pb2.SamplingParams):
-        decode, reservation, rid = await self._reserve(rid, len(ids))
+        # Router queueing: until a decode worker has reserved KV for the prompt.
+        with tracing.span("queue", **{"baton.request_id": rid}):
+            decode, reservation, rid = await self._reserve(rid, len(ids))
         touched = {decode}
         events: asyncio.Queue = asyncio.Queue()
         decode.outstanding += 1

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 
 import grpc
 
+from baton import tracing
 from baton.protos import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ class Worker:
     def __init__(self, address: str, role: str):
         self.address = address
         self.role = role
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS,
+                                                 interceptors=tracing.client_interceptors())
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
         self.info: worker_pb2.WorkerInfo | None = None
         self.stats: worker_pb2.LoadStats | None = None

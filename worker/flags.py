@@ -43,6 +43,7 @@ class WorkerOptions:
     reservation_ttl_seconds: float = 30.0
     ucx_progress_mode: str | None = None  # None: UCXX's default ($UCXPY_PROGRESS_MODE or thread)
     warmup: str = "auto"  # run every reachable kernel shape before SERVING: auto (on CUDA), on, off
+    otlp_traces_endpoint: str | None = None  # None: no traces (baton/tracing.py)
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode", "colocated"):
@@ -116,6 +117,8 @@ def build_parser(prog: str, role: str) -> argparse.ArgumentParser:
     server.add_argument("--warmup", default="auto", choices=["auto", "on", "off"],
                         help="before reporting ready, run every prefill size and decode batch size "
                              "traffic can reach, so their kernels compile first (auto: on CUDA only)")
+    server.add_argument("--otlp-traces-endpoint", default=None, metavar="HOST:PORT",
+                        help="send OpenTelemetry traces to this OTLP/gRPC collector (default: none)")
     # Colocated workers accept the KV flags too (one flag set for every role); they move no KV.
     kv = parser.add_argument_group("KV transfer" if role != "colocated" else "KV transfer (ignored here)")
     kv.add_argument("--kv-transfer", default="grpc", choices=list(TRANSPORTS),
@@ -153,6 +156,7 @@ def parse(argv: list[str], prog: str, role: str) -> tuple[Any, WorkerOptions]:
             reservation_ttl_seconds=getattr(ns, "reservation_ttl_seconds", 30.0),
             ucx_progress_mode=ns.ucx_progress_mode,
             warmup=ns.warmup,
+            otlp_traces_endpoint=ns.otlp_traces_endpoint,
         )
     except ValueError as exc:
         parser.error(str(exc))

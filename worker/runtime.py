@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client import REGISTRY
 
+from baton import tracing
 from baton.logs import configure_logging
 from baton.metrics import start_metrics_server
 from baton.worker.flags import WorkerOptions
@@ -83,7 +84,8 @@ class WorkerRuntime:
     ) -> int:
         """Serve until a stop signal, drain, and return the exit status (0)."""
         opts = self.options
-        server = grpc.aio.server(options=GRPC_OPTIONS)
+        tracing.configure(opts.otlp_traces_endpoint, f"baton-{opts.role}")
+        server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[tracing.ServerSpans()])
         register(server)
         health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -123,6 +125,7 @@ class WorkerRuntime:
                 await on_stopped()
             http_server.shutdown()
             http_thread.join(timeout=2)
+            tracing.shutdown()
             if collector is not None:
                 REGISTRY.unregister(collector)
         log.info("%s worker stopped", opts.role)
