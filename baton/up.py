@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="Hugging Face model directory (default: the embedded tiny model)")
     p.add_argument("--served-model-name", default=None, help="NAME[,ALIAS...] clients put in 'model' "
                    "(default: the model directory's name)")
+    p.add_argument("--model-module", default=None, metavar="MODULE",
+                   help="module name or .py path each worker imports first (registers architectures)")
     p.add_argument("--host", default="127.0.0.1", help="router bind address")
     p.add_argument("--port", type=int, default=8000, help="router port")
     p.add_argument("--mode", default="disaggregated", choices=["disaggregated", "colocated"],
@@ -143,6 +145,9 @@ def plan(args: argparse.Namespace, model_dir: Path) -> list[Child]:
         value = getattr(args, flag)
         if value is not None:
             engine_flags += [f"--{flag.replace('_', '-')}", str(value)]
+    if args.model_module:  # workers may start elsewhere than here: a path is made absolute
+        module = args.model_module
+        engine_flags += ["--model-module", str(Path(module).resolve()) if module.endswith(".py") or "/" in module else module]
     gpus = _gpu_count(args.device)
     roles = ([("prefill", args.prefill), ("decode", args.decode)] if args.mode == "disaggregated"
              else [("colocated", args.colocated)])

@@ -16,6 +16,7 @@ __all__ = [
     "EngineArgs",
     "GuidedDecodingParams",
     "LLMEngine",
+    "ModelRegistry",
     "RequestOutput",
     "SamplingParams",
 ]
@@ -25,6 +26,7 @@ _LAZY = {
     "LLMEngine": "baton.engine.llm_engine",
     "AsyncLLMEngine": "baton.engine.async_engine",
     "EngineArgs": "baton.engine.config",
+    "ModelRegistry": "baton.engine.models.registry",
     "RequestOutput": "baton.engine.outputs",
     "CompletionOutput": "baton.engine.outputs",
 }
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from baton.engine.config import EngineArgs
     from baton.engine.llm import LLM
     from baton.engine.llm_engine import LLMEngine
+    from baton.engine.models.registry import ModelRegistry
     from baton.engine.outputs import CompletionOutput, RequestOutput
 
 

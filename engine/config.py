@@ -159,10 +159,17 @@ class EngineArgs:
     quantization: str | None = None
     # "auto": the model dtype; "fp8" (or "fp8_e4m3"): e4m3 with the checkpoint's KV scales.
     kv_cache_dtype: str = "auto"
+    # User code imported before the model is built, to register architectures with
+    # `ModelRegistry` (engine/models/registry.py): a module name or a .py path.
+    model_module: str | None = None
 
     def create_engine_config(self) -> EngineConfig:
         model_dir = Path(self.model) if self.model else _default_model_dir()
         hf_config = json.loads((model_dir / "config.json").read_text())
+        if self.model_module:
+            from baton.engine.models.registry import import_model_module
+
+            import_model_module(self.model_module)
         device = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype, hf_config.get("torch_dtype") or hf_config.get("dtype"), device)
         derived_max = int(hf_config.get("max_position_embeddings", 2048))

@@ -16,7 +16,19 @@ class LLM:
     """`LLM(model=..., dtype=..., device=..., **engine_args)`; `generate(prompts, params)`."""
 
     def __init__(self, model: str | None = None, **kwargs: Any):
-        self.engine = LLMEngine.from_engine_args(EngineArgs.from_kwargs(model=model, **kwargs))
+        self._start(EngineArgs.from_kwargs(model=model, **kwargs))
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs) -> LLM:
+        """An `LLM` over an engine built from `engine_args` (as `LLM(**fields)`)."""
+        if not isinstance(engine_args, EngineArgs):
+            raise TypeError(f"from_engine_args takes an EngineArgs, got {type(engine_args).__name__}")
+        llm = cls.__new__(cls)
+        llm._start(engine_args)
+        return llm
+
+    def _start(self, engine_args: EngineArgs) -> None:
+        self.engine = LLMEngine.from_engine_args(engine_args)
         self.engine.stream_outputs = False  # generate() only needs each request's final output
         self._counter = 0
 

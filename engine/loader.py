@@ -19,7 +19,7 @@ from safetensors import safe_open
 from torch import nn
 
 from baton.engine.config import EngineConfig
-from baton.engine.models.registry import model_class
+from baton.engine.models.registry import ModelRegistry
 from baton.engine.quantization import kv_scales, loading
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def iter_weights(model_dir: Path, device: torch.device) -> Iterator[tuple[str, t
 
 
 def load_model(config: EngineConfig) -> nn.Module:
-    cls = model_class(config.architecture)
+    cls = ModelRegistry.resolve(config.architecture)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(config.dtype)  # parameters are born in the target dtype
     try:

@@ -28,6 +28,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) or fp8 (e4m3)")
     parser.add_argument("--kernel-config", default=None, metavar="NAME=VALUE,...",
                         help="kernel switches over the defaults (KernelConfig fields, e.g. fuse_norms=false)")
+    parser.add_argument("--model-module", default=None, metavar="MODULE",
+                        help="module name or .py path imported first (registers architectures with ModelRegistry)")
     parser.add_argument("--explain", action="store_true",
                         help="print which kernel computes each op per decode batch size (then generate any prompts)")
     args = parser.parse_args(argv)
@@ -47,11 +49,12 @@ def main(argv: list[str]) -> int:
         llm = LLM(
             model=args.model, dtype=args.dtype, device=args.device, num_gpu_blocks_override=args.num_gpu_blocks_override,
             kernel_config=args.kernel_config, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+            model_module=args.model_module,
         )
         if args.explain:
             print(llm.engine.runner.explain())
         outputs = llm.generate(prompts, params) if prompts else []
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"baton generate: {exc}", file=sys.stderr)
         return 2
     for out in outputs:

@@ -20,26 +20,36 @@ built here (one engine's), never to the process. The CPU path imports this modul
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from baton.engine.config import KernelConfig
 
+log = logging.getLogger(__name__)
+
 
 def apply_fast_path(model: nn.Module, kernels: KernelConfig, device: torch.device, tuning=None) -> nn.Module:
     """The model to run on `device`: on CUDA with `kernels.fused_kernels`, `model` (left as it
-    is, weights shared) with the fast path's kernels, else `model` itself. The result is
+    is, weights shared) with the fast path's kernels, else `model` itself (also for an
+    architecture the fast path has no form of, with a warning in the log). The result is
     not tuned yet: its `tune(max_rows)` times the few-row kernels (until then every product
     runs on cuBLAS). `tuning`: a `FewRowTuning` to start from (a model applied again with
     other switches keeps its measurements)."""
     if device.type != "cuda" or not kernels.fused_kernels:
         return model
+    from baton.engine.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+
+    # By exact class: a subclass (a registered architecture, Qwen3's q/k norms) may compute
+    # something FastLlama does not, so it runs its own torch forward.
+    if type(model) not in (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM):
+        log.warning("the fast path has no form of %s: it runs its torch reference forward on %s",
+                    type(model).__name__, device)
+        return model
     from baton.engine.fastpath.few_row_tuning import FewRowTuning
     from baton.engine.fastpath.llama import FastLlama
-    from baton.engine.models.llama import LlamaForCausalLM
 
-    if not isinstance(model, LlamaForCausalLM):
-        raise ValueError(f"the fast path has no form of {type(model).__name__}; set fused_kernels=False")
     return FastLlama(model, kernels, tuning if tuning is not None else FewRowTuning())
 
 

@@ -23,7 +23,7 @@ from quant_checkpoints import (
 )
 from safetensors import safe_open
 
-from baton.engine.models.registry import model_class
+from baton.engine.models.registry import ModelRegistry
 from baton.engine.quantization import (
     QuantizationConfigError,
     int4,
@@ -40,7 +40,7 @@ def read(path):
     config = json.loads((path / "config.json").read_text())
     quant = parse_quantization(config, None)
     with torch.device("meta"):
-        model = model_class(config["architectures"][0])(config)
+        model = ModelRegistry.resolve(config["architectures"][0])(config)
     prepare_model(model, quant)
     model = model.to_empty(device="cpu")
     with safe_open(str(path / "model.safetensors"), "pt") as f:
@@ -189,7 +189,7 @@ def test_gptq_shards_with_different_activation_orders_are_refused(tmp_path):
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     config = json.loads((path / "config.json").read_text())
     with torch.device("meta"):
-        model = model_class("LlamaForCausalLM")(config)
+        model = ModelRegistry.resolve("LlamaForCausalLM")(config)
     quant = parse_quantization(config, None)
     prepare_model(model, quant)
     model = model.to_empty(device="cpu")
@@ -270,7 +270,7 @@ def test_checkpoint_missing_a_scale_names_the_tensor(tmp_path):
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         tensors = [(k, f.get_tensor(k)) for k in f.keys() if k != "model.layers.1.mlp.up_proj.weight_scale"]
     with torch.device("meta"):
-        model = model_class("LlamaForCausalLM")(config)
+        model = ModelRegistry.resolve("LlamaForCausalLM")(config)
     quant = parse_quantization(json.loads((path / "config.json").read_text()), None)
     prepare_model(model, quant)
     model = model.to_empty(device="cpu")
