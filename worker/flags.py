@@ -23,7 +23,7 @@ _ENGINE_FIELDS = (
     "model", "served_model_name", "dtype", "device", "block_size", "max_num_seqs",
     "max_num_batched_tokens", "max_model_len", "gpu_memory_utilization",
     "num_gpu_blocks_override", "kv_cache_memory_gb", "enable_prefix_caching", "seed",
-    "quantization", "kv_cache_dtype",
+    "quantization", "kv_cache_dtype", "model_module",
 )
 
 
@@ -107,6 +107,9 @@ def build_parser(prog: str, role: str) -> argparse.ArgumentParser:
                         help="default: as the checkpoint's config.json says; fp8 quantizes an unquantized one")
     engine.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
                         help="fp8: an e4m3 KV cache (prefill and decode workers must agree)")
+    engine.add_argument("--model-module", default=None, metavar="MODULE",
+                        help="module name or .py path imported before the engine is built "
+                             "(registers architectures with baton.engine.ModelRegistry)")
     parser.set_defaults(_engine_fields=list(_ENGINE_FIELDS) + _engine_field_flags(engine, set(_ENGINE_FIELDS)))
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="0.0.0.0", help="bind address")
