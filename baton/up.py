@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV blocks per worker (default: sized from memory)")
     p.add_argument("--kv-cache-memory-gb", type=float, default=None,
                    help="KV pool per CPU worker in GB (default: the engine's, 1)")
+    p.add_argument("--warmup", default="auto", choices=["auto", "on", "off"],
+                   help="workers run every prefill size and decode batch size before they report ready "
+                        "(auto: on CUDA only)")
     p.add_argument("--routing-policy", default="load", choices=["load", "round-robin"],
                    help="how the router picks workers")
     p.add_argument("--max-queue", type=int, default=None, help="streams that may wait per decode worker "
@@ -139,7 +142,7 @@ def _gpu_count(device: str) -> int:
 
 def plan(args: argparse.Namespace, model_dir: Path) -> list[Child]:
     """The workers to start (the router comes once they reported their ports)."""
-    engine_flags = ["--model", str(model_dir), "--dtype", args.dtype]
+    engine_flags = ["--model", str(model_dir), "--dtype", args.dtype, "--warmup", args.warmup]
     for flag in ("served_model_name", "max_model_len", "max_num_seqs", "num_gpu_blocks_override",
                  "kv_cache_memory_gb"):
         value = getattr(args, flag)
