@@ -2,17 +2,17 @@
 
 A prefill worker writes KV blocks byte for byte into a decode worker's pool, so both must
 build the same KV layout (`baton.kvtransfer.layout.KVLayout`: model, layers, KV heads,
-head size, block size, dtype). In an InferenceService the model, its dtype and so the
-head layout are shared by both roles by construction (`spec.model`); what can still
-differ per role is the block size and engine flags passed through `extraArgs`.
+head size, block size, dtype). In an InferenceService the model, its dtype, quantization
+and KV cache dtype (`spec.model`; the spec's "fp8" and "fp8_e4m3" are read as one value)
+are shared by both roles by construction; what can still differ per role is the block
+size and engine flags passed through `extraArgs`.
 
-The CRD refuses most of it at apply time (CEL): unequal `engine.blockSize`, and
-`extraArgs` that set a flag the operator writes from a typed field (`crd.TYPED_FLAGS`:
-they define the layout or the pod's ports). `problems` checks
-the same and what CEL cannot read (a layout flag such as `--kv-cache-dtype`, in either
-`--flag value` or `--flag=value` form, whose values must agree), so that a spec that
-reached the operator without CEL (an old cluster, an edit before the CRD was upgraded)
-still creates no worker and says what to change.
+The CRD refuses it at apply time (CEL): unequal `engine.blockSize`, and `extraArgs` that
+set a flag the operator writes from a typed field (`crd.TYPED_FLAGS`: they define the
+layout, the pod's ports or its tracing). `problems` checks the same, in either `--flag
+value` or `--flag=value` form, so that a spec that reached the operator without CEL (an
+old cluster, an edit before the CRD was upgraded) still creates no worker and says what
+to change.
 """
 
 from __future__ import annotations
@@ -24,9 +24,6 @@ from baton.operator.spec import InferenceService, Role
 from baton.operator.status import Problem
 
 REASON = "IncompatibleRoles"
-# Engine flags without a typed field whose values change the KV layout: prefill and decode
-# must give the same value (or both leave it out). Flag -> what it sets, for messages.
-LAYOUT_FLAGS = {"kv-cache-dtype": "the KV cache dtype"}
 
 
 def flag_value(args: Sequence[str], flag: str) -> str | None:
@@ -46,7 +43,8 @@ def _typed_flags(role: Role) -> list[Problem]:
         return []
     return [Problem(REASON, f"spec.{role.name}.engine.extraArgs sets --{given[0]}, which the "
                     "operator sets from the spec: remove it from extraArgs and use the typed "
-                    "field (model, model.dtype, engine.blockSize, kvTransfer)")]
+                    "field (model, model.dtype, model.quantization, model.kvCacheDtype, "
+                    "engine.blockSize, kvTransfer, tracing.otlpEndpoint)")]
 
 
 def problems(svc: InferenceService) -> list[Problem]:
@@ -63,12 +61,4 @@ def problems(svc: InferenceService) -> list[Problem]:
             f"spec.prefill.engine.blockSize ({prefill.engine.block_size}) differs from "
             f"spec.decode.engine.blockSize ({decode.engine.block_size}): KV blocks are copied "
             "as they are, so set both to the same value")))
-    for flag, meaning in LAYOUT_FLAGS.items():
-        ours = flag_value(prefill.engine.extra_args, flag)
-        theirs = flag_value(decode.engine.extra_args, flag)
-        if ours != theirs:
-            found.append(Problem(REASON, (
-                f"--{flag} ({meaning}) is {ours or 'unset'} in spec.prefill.engine.extraArgs "
-                f"but {theirs or 'unset'} in spec.decode.engine.extraArgs: give both the same "
-                "value")))
     return found

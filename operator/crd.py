@@ -41,8 +41,13 @@ MAX_NAME_LENGTH = max_name_length("disaggregated")
 METRICS = ("num_requests_waiting", "num_requests_running", "kv_cache_usage_perc")
 # Worker flags the operator writes from typed fields; `extraArgs` may not set them.
 TYPED_FLAGS = ("model", "tokenizer", "served-model-name", "dtype", "block-size",
-               "kv-transfer", "host", "port", "metrics-port", "kv-port", "kv-tcp-port")
+               "quantization", "kv-cache-dtype", "kv-transfer", "host", "port",
+               "metrics-port", "kv-port", "kv-tcp-port", "otlp-traces-endpoint")
 DEFAULT_BLOCK_SIZE = 16
+# model.quantization and model.kvCacheDtype: the workers' --quantization and --kv-cache-dtype
+# accept each (a test says so). fp8_e4m3 is the workers' other spelling of fp8.
+QUANTIZATIONS = ("fp8", "awq", "gptq", "compressed-tensors")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 # The values of kvTransfer.transport; the workers' --kv-transfer accepts each (a test says so).
 TRANSPORTS = ("grpc", "ucx", "tcp", "auto")
 # The resource the RDMA shared device plugin's example configuration advertises.
@@ -279,6 +284,14 @@ def _model() -> dict:
                              enum=["auto", "float32", "bfloat16", "float16"], default="auto"),
             "maxModelLen": _scalar("integer", "Longest prompt plus output, in tokens.",
                                    minimum=16, maximum=1048576),
+            "quantization": _scalar(
+                "string", "Quantized weights (--quantization) for every role; left out, as the "
+                "checkpoint's config.json says. fp8 also quantizes an unquantized checkpoint.",
+                enum=list(QUANTIZATIONS)),
+            "kvCacheDtype": _scalar(
+                "string", "KV cache dtype (--kv-cache-dtype) for every role: auto (the model "
+                "dtype) or fp8 (e4m3; fp8_e4m3 is the same). Part of the KV layout, so one "
+                "value for prefill and decode.", enum=list(KV_CACHE_DTYPES), default="auto"),
         },
         description="The model to serve.", required=("source",),
     )
@@ -375,6 +388,13 @@ def _spec() -> dict:
                                    "the metrics adapter; keda: KEDA ScaledObject on Prometheus.",
                                    enum=["hpa", "keda"], default="hpa")},
                 description="How roles with an autoscaling block are scaled.", default={}),
+            "tracing": _obj(
+                {"otlpEndpoint": _scalar(
+                    "string", "OTLP/gRPC collector (host:port, http:// or https:// URL) the "
+                    "router and every worker send OpenTelemetry traces to "
+                    "(--otlp-traces-endpoint).", minLength=1, maxLength=2048,
+                    pattern=r"^\S+$")},
+                description="OpenTelemetry traces; off while otlpEndpoint is unset."),
             "networkPolicy": _obj(
                 {"enabled": _scalar("boolean", "Admit only router→workers and prefill→decode "
                                     "traffic (metrics stay open).", default=False)},

@@ -59,6 +59,8 @@ class Model:
     served_name: str
     dtype: str
     max_model_len: int | None
+    quantization: str | None = None  # None: as the checkpoint's config.json says
+    kv_cache_dtype: str = "auto"  # "auto" or "fp8" (the spec's "fp8_e4m3" is read as "fp8")
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,7 @@ class InferenceService:
     kv_transfer: KVTransfer
     autoscaling_engine: str
     network_policy: bool
+    otlp_endpoint: str | None = None  # spec.tracing.otlpEndpoint; None: tracing off
 
     @property
     def transport(self) -> str:
@@ -335,6 +338,15 @@ def _role_key(spec: Mapping[str, Any], name: str) -> str:
     return given[0] if given else name
 
 
+def kv_cache_dtype(value: str) -> str:
+    """One spelling per KV cache dtype: the workers read "fp8" and "fp8_e4m3" alike (e4m3),
+    so both give the same flag, and changing one spelling for the other rolls no pod."""
+    if value not in crd.KV_CACHE_DTYPES:
+        raise SpecError(f"spec.model.kvCacheDtype {value!r} is not one of "
+                        f"{', '.join(crd.KV_CACHE_DTYPES)}")
+    return "fp8" if value == "fp8_e4m3" else value
+
+
 def _parse_spec(meta: Mapping[str, Any], spec: dict) -> InferenceService:
     mode = spec["mode"]
     if mode not in ROLES_BY_MODE:
@@ -372,6 +384,8 @@ def _parse_spec(meta: Mapping[str, Any], spec: dict) -> InferenceService:
             served_name=model.get("servedName") or meta["name"],
             dtype=model["dtype"],
             max_model_len=model.get("maxModelLen"),
+            quantization=model.get("quantization"),
+            kv_cache_dtype=kv_cache_dtype(model["kvCacheDtype"]),
         ),
         image=spec.get("image"),
         image_pull_policy=spec.get("imagePullPolicy"),
@@ -382,4 +396,5 @@ def _parse_spec(meta: Mapping[str, Any], spec: dict) -> InferenceService:
         kv_transfer=_kv_transfer(spec["kvTransfer"]),
         autoscaling_engine=engine,
         network_policy=bool(spec["networkPolicy"]["enabled"]),
+        otlp_endpoint=(spec.get("tracing") or {}).get("otlpEndpoint") or None,
     )

@@ -30,8 +30,11 @@ def router_args(svc: InferenceService) -> list[str]:
     else:
         args += ["--prefill-service", common.child_name(svc, "prefill"),
                  "--decode-service", common.child_name(svc, "decode")]
-    return args + ["--routing-policy", svc.router.routing_policy,
-                   "--max-queue", str(svc.router.max_queue)]
+    args += ["--routing-policy", svc.router.routing_policy,
+             "--max-queue", str(svc.router.max_queue)]
+    if svc.otlp_endpoint:
+        args += ["--otlp-traces-endpoint", svc.otlp_endpoint]
+    return args
 
 
 def _container(svc: InferenceService, config: OperatorConfig) -> dict:

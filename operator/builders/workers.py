@@ -33,6 +33,12 @@ def worker_args(svc: InferenceService, role: Role) -> list[str]:
     ]
     if role.name != "colocated":
         args += ["--kv-transfer", svc.transport]
+    if svc.model.quantization:
+        args += ["--quantization", svc.model.quantization]
+    if svc.model.kv_cache_dtype != "auto":
+        args += ["--kv-cache-dtype", svc.model.kv_cache_dtype]
+    if svc.otlp_endpoint:
+        args += ["--otlp-traces-endpoint", svc.otlp_endpoint]
     if svc.model.max_model_len:
         args += ["--max-model-len", str(svc.model.max_model_len)]
     if not engine.enable_prefix_caching:

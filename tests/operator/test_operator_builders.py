@@ -9,7 +9,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 
-from baton.operator import builders, spec
+from baton.operator import builders, crd, spec
 from baton.operator.builders import autoscaling, common, router
 from baton.operator.config import OperatorConfig
 
@@ -82,6 +82,13 @@ SPECS = {
                 {"key": "zone", "operator": "In", "values": ["a"]}]}]}}},
         "env": [{"name": "HOME", "value": "/scratch"}, {"name": "X", "value": "1"}],
         "engine": {"extraArgs": ["--enforce-eager"], "numGpuBlocksOverride": 512}}),
+    "quantized-traced": body(
+        model={"source": {"pvc": {"claimName": "models"}}, "quantization": "fp8",
+               "kvCacheDtype": "fp8_e4m3"},
+        tracing={"otlpEndpoint": "otel-collector.observability:4317"}),
+    "colocated-awq": body(mode="colocated", model={
+        "source": {"hostPath": "/data/m"}, "quantization": "awq", "kvCacheDtype": "fp8"},
+        tracing={"otlpEndpoint": "https://otlp.example:4317"}),
 }
 
 
@@ -342,3 +349,45 @@ def test_decode_workers_open_the_kv_listeners_of_their_transport(transport, list
     assert [p["port"] for p in from_prefill["ports"]] == ["grpc", *listeners]
     prefill = container(find(objects, "Deployment", "llama-prefill"))
     assert {p["name"] for p in prefill["ports"]} == {"grpc", "metrics"}
+
+
+@pytest.mark.parametrize("name", ["quantized-traced", "colocated-awq", "disaggregated"])
+def test_quantization_kv_dtype_and_tracing_reach_every_process(name):
+    """The flags the operator writes parse with the workers' and the router's own parsers,
+    and say what the spec says: one quantization and KV cache dtype for every worker role,
+    the traces endpoint on the router and every worker; nothing of it when left out."""
+    from baton.router.config import build_parser as router_parser
+    from baton.worker.flags import parse as parse_worker
+
+    fields = SPECS[name]["spec"]
+    model, endpoint = fields["model"], fields.get("tracing", {}).get("otlpEndpoint")
+    objects = build(name)
+    roles = ["colocated"] if fields.get("mode") == "colocated" else ["prefill", "decode"]
+    for role in roles:
+        main = container(find(objects, "Deployment", f"llama-{role}"))
+        engine, options = parse_worker(main["args"], f"baton {main['command'][1]}", role)
+        assert engine.quantization == model.get("quantization")
+        # fp8_e4m3 is written as fp8: the workers read both as e4m3.
+        assert engine.kv_cache_dtype == {"fp8_e4m3": "fp8"}.get(
+            model.get("kvCacheDtype", "auto"), model.get("kvCacheDtype", "auto"))
+        assert options.otlp_traces_endpoint == endpoint
+        assert ("--kv-cache-dtype" in main["args"]) is (engine.kv_cache_dtype != "auto")
+    router_args = container(find(objects, "Deployment", "llama-router"))["args"]
+    assert router_parser().parse_args(router_args).otlp_traces_endpoint == endpoint
+    assert ("--otlp-traces-endpoint" in router_args) is (endpoint is not None)
+
+
+def test_the_crd_offers_what_the_workers_accept():
+    from baton.engine.quantization.schemes import KV_CACHE_DTYPES, METHOD_ALIASES
+
+    assert set(crd.QUANTIZATIONS) == set(METHOD_ALIASES.values())
+    assert crd.KV_CACHE_DTYPES == KV_CACHE_DTYPES
+
+
+def test_spelling_fp8_either_way_rolls_no_pod():
+    def workers(kv: str) -> list[dict]:
+        fields = {"model": {"source": {"pvc": {"claimName": "models"}}, "kvCacheDtype": kv}}
+        return [o for o in builders.build_all(spec.parse(body(**fields)), CONFIG)
+                if o["kind"] == "Deployment"]
+
+    assert workers("fp8") == workers("fp8_e4m3") != workers("auto")

@@ -197,6 +197,11 @@ def test_names_must_leave_room_for_child_suffixes(mode, name, ok):
     {"model": {"source": {"uri": "s3://bucket/model"}}},
     {"prefill": {"resources": {"limits": {"memory": "lots"}}}},
     {"prefill": {"replica": 2}},  # a typo: strict validation names it
+    {"model": {"source": {"hostPath": "/m"}, "quantization": "int8"}},
+    {"model": {"source": {"hostPath": "/m"}, "kvCacheDtype": "fp8_e5m2"}},
+    {"tracing": {"otlpEndpoint": ""}},
+    {"tracing": {"otlpEndpoint": "collector:4317 --port 1"}},
+    {"tracing": {"endpoint": "collector:4317"}},
 ])
 def test_schema_rejects_bad_values(fields):
     assert schema_errors(service(**fields))

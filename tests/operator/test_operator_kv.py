@@ -55,6 +55,12 @@ def parsed(**fields) -> spec.InferenceService:
      "must not set a flag the operator sets"),
     ({"decode": {"engine": {"extraArgs": ["--enforce-eager", "--kv-tcp-port", "1"]}}},
      "must not set a flag the operator sets"),
+    ({"prefill": {"engine": {"extraArgs": ["--kv-cache-dtype", "fp8"]}}},
+     "must not set a flag the operator sets"),
+    ({"decode": {"engine": {"extraArgs": ["--quantization=fp8"]}}},
+     "must not set a flag the operator sets"),
+    ({"decode": {"engine": {"extraArgs": ["--otlp-traces-endpoint", "c:4317"]}}},
+     "must not set a flag the operator sets"),
 ])
 def test_cel_refuses_roles_that_cannot_exchange_kv(fields, message):
     assert any(message in text for text in violations(crd_service(**fields)))
@@ -68,14 +74,25 @@ def test_cel_accepts_matching_roles_and_other_flags():
 
 
 def test_the_operator_checks_what_cel_cannot_read():
-    """A layout flag in extraArgs must agree in both roles, in either spelling."""
-    assert compat.problems(parsed(prefill={"engine": {"extraArgs": ["--kv-cache-dtype", "fp8"]}},
-                                  decode={"engine": {"extraArgs": ["--kv-cache-dtype=fp8"]}})) == []
-    [problem] = compat.problems(parsed(
-        prefill={"engine": {"extraArgs": ["--kv-cache-dtype", "fp8"]}}))
-    assert problem.reason == "IncompatibleRoles"
-    assert "--kv-cache-dtype (the KV cache dtype) is fp8 in spec.prefill" in problem.message
-    assert "unset in spec.decode" in problem.message
+    """The KV cache dtype and quantization are typed fields shared by both roles: a role's
+    extraArgs may not set them (in either spelling), and fp8 and fp8_e4m3 are one dtype."""
+    assert compat.problems(parsed(model={"source": {"pvc": {"claimName": "m"}},
+                                         "kvCacheDtype": "fp8_e4m3", "quantization": "fp8"})) == []
+    assert parsed(model={"source": {"pvc": {"claimName": "m"}}, "kvCacheDtype": "fp8_e4m3"}
+                  ).model == parsed(model={"source": {"pvc": {"claimName": "m"}},
+                                           "kvCacheDtype": "fp8"}).model
+    for role, args in (("prefill", ["--kv-cache-dtype", "fp8"]),
+                       ("decode", ["--kv-cache-dtype=fp8_e4m3"]),
+                       ("decode", ["--quantization", "awq"]),
+                       ("prefill", ["--otlp-traces-endpoint=c:4317"])):
+        [problem] = compat.problems(parsed(**{role: {"engine": {"extraArgs": args}}}))
+        assert problem.reason == "IncompatibleRoles"
+        flag = args[0].split("=")[0]
+        assert f"spec.{role}.engine.extraArgs sets {flag}, which the operator sets" \
+            in problem.message
+    [problem] = compat.problems(parsed(mode="colocated", colocated={
+        "engine": {"extraArgs": ["--kv-cache-dtype", "fp8"]}}))
+    assert "model.kvCacheDtype" in problem.message
     # What CEL refuses, the operator refuses too (a cluster without CEL, an old CRD).
     [problem] = compat.problems(parsed(prefill={"engine": {"blockSize": 16}},
                                        decode={"engine": {"blockSize": 64}}))
