@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2) over a paged KV cache, in plain torch.
+"""Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2, Qwen3) over a paged KV cache, in plain torch.
 
 The forward pass works on a flat batch: `input_ids` and `positions` are `[T]` for all the
 step's tokens of all sequences; attention finds each sequence's rows through
@@ -39,9 +39,10 @@ class LlamaArgs:
     max_position: int
     qkv_bias: bool
     tie_word_embeddings: bool
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k before the rotary
 
     @classmethod
-    def from_hf(cls, cfg: dict, qkv_bias: bool = False) -> LlamaArgs:
+    def from_hf(cls, cfg: dict, qkv_bias: bool = False, qk_norm: bool = False) -> LlamaArgs:
         heads = cfg["num_attention_heads"]
         rope_scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
         rope_theta = cfg.get("rope_theta")
@@ -63,6 +64,7 @@ class LlamaArgs:
             max_position=cfg.get("max_position_embeddings", 2048),
             qkv_bias=qkv_bias or bool(cfg.get("attention_bias", False)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qk_norm=qk_norm,
         )
 
 
@@ -148,6 +150,9 @@ class Attention(nn.Module):
         self.kv_size = args.num_kv_heads * args.head_dim
         self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
         # With an FP8 KV cache: this layer's `KVCacheScales` (engine/quantization/kv_scales.py).
         self.kv_scales = None
 
@@ -166,6 +171,8 @@ class Attention(nn.Module):
         q = q.view(-1, a.num_heads, a.head_dim)  # [T, H, D]
         k = k.view(-1, a.num_kv_heads, a.head_dim)  # [T, Hkv, D]
         v = v.view(-1, a.num_kv_heads, a.head_dim)  # [T, Hkv, D]
+        if a.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(positions, q, k)
         scales = self.kv_scales
         if scales is not None:  # the cache holds k / k_scale and v / v_scale in e4m3
@@ -215,10 +222,11 @@ class DecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     qkv_bias = False
+    qk_norm = False
 
     def __init__(self, hf_config: dict):
         super().__init__()
-        self.args = args = LlamaArgs.from_hf(hf_config, qkv_bias=self.qkv_bias)
+        self.args = args = LlamaArgs.from_hf(hf_config, qkv_bias=self.qkv_bias, qk_norm=self.qk_norm)
         # An explicit (empty) weight skips the random init: under the loader's meta device
         # that init imports torch._dynamo, seconds of every worker's startup.
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size,
@@ -319,3 +327,11 @@ class MistralForCausalLM(LlamaForCausalLM):
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     qkv_bias = True
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    """Qwen3 dense: Llama with q/k RMSNorm per head (and `attention_bias` from the config).
+    The fast path has no form of it (its Q/K/V epilogues do not apply the norms), so CUDA
+    runs this forward as written."""
+
+    qk_norm = True

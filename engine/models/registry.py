@@ -61,6 +61,7 @@ _BUILTIN = {
     "LlamaForCausalLM": "baton.engine.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "baton.engine.models.llama:MistralForCausalLM",
     "Qwen2ForCausalLM": "baton.engine.models.llama:Qwen2ForCausalLM",
+    "Qwen3ForCausalLM": "baton.engine.models.llama:Qwen3ForCausalLM",
 }
 
 

@@ -42,8 +42,27 @@ ARCHS = {
             "rope_theta": 500000.0,
         },
     ),
+    # Llama 3.2 (1B/3B): tied embeddings and llama3 rope scaling with factor 32.
+    "llama32": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 32.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            "rope_theta": 500000.0,
+            "tie_word_embeddings": True,
+        },
+    ),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+    # Qwen3 dense: q/k RMSNorm per head; head_dim 32 while hidden / heads is 16 (as Qwen3's
+    # 128 against 1024 / 16), tied as the small Qwen3 models are.
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32, "tie_word_embeddings": True}),
 }
 
 
@@ -59,6 +78,11 @@ def make_hf_model(out: Path, arch: str) -> Path:
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
+    if arch == "qwen3":  # q/k norm weights away from 1, so a skipped norm changes the output
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                    norm.weight.normal_(1.0, 0.5)
     model.save_pretrained(out, safe_serialization=True)
     return out
 

@@ -7,7 +7,7 @@ import torch
 
 from baton.engine import LLM, SamplingParams
 
-ARCHS = ["llama", "llama31", "mistral", "qwen2"]  # built in conftest.py
+ARCHS = ["llama", "llama31", "llama32", "mistral", "qwen2", "qwen3"]  # built in conftest.py
 
 PROMPTS = [
     [0, 17, 250, 33],

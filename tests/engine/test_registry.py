@@ -98,3 +98,18 @@ def test_baton_generate_imports_the_model_module(toy, toy_dir):
         capture_output=True, text=True, timeout=300,
     )
     assert missing.returncode == 2 and "'ToyGPTForCausalLM' is not supported" in missing.stderr
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "toy"])
+def test_architectures_the_fast_path_does_not_know_keep_their_own_forward_on_cuda(arch, hf_models, toy, caplog):
+    # apply_fast_path decides by class before it touches the device or imports a kernel.
+    import torch
+
+    from baton.engine.config import KernelConfig
+    from baton.engine.fastpath import apply_fast_path
+
+    config = json.loads((hf_models["qwen3"] / "config.json").read_text()) if arch == "qwen3" else toy.CONFIG
+    model = ModelRegistry.resolve(config["architectures"][0])(config)
+    with caplog.at_level("WARNING", logger="baton.engine.fastpath"):
+        assert apply_fast_path(model, KernelConfig(), torch.device("cuda")) is model
+    assert f"no form of {type(model).__name__}" in caplog.text
