@@ -113,6 +113,34 @@ async def test_editing_replicas_and_image_patches_the_children(apiserver, operat
         "observedGeneration"] == 2)
 
 
+async def test_tracing_and_quantization_edits_reach_the_router_and_every_worker(
+        apiserver, operator, models, wait):
+    await operator.start()
+    await apiserver.create(IS, service())
+    await wait(lambda: apiserver.names(DEPLOY, NS) == CHILDREN[DEPLOY])
+    uid = apiserver.get_object(DEPLOY, NS, "llama-decode")["metadata"]["uid"]
+
+    await apiserver.merge(IS, NS, "llama", {"spec": {
+        "tracing": {"otlpEndpoint": "otel-collector.observability:4317"},
+        "model": {"quantization": "fp8", "kvCacheDtype": "fp8_e4m3"}}})
+
+    def args(name: str) -> list[str]:
+        return apiserver.get_object(DEPLOY, NS, name)["spec"]["template"]["spec"][
+            "containers"][0]["args"]
+
+    def flag(name: str, key: str) -> str | None:
+        given = args(name)
+        return given[given.index(key) + 1] if key in given else None
+
+    await wait(lambda: all(flag(name, "--otlp-traces-endpoint") for name in CHILDREN[DEPLOY]))
+    for name in CHILDREN[DEPLOY]:
+        assert flag(name, "--otlp-traces-endpoint") == "otel-collector.observability:4317"
+    for name in ("llama-prefill", "llama-decode"):
+        assert (flag(name, "--quantization"), flag(name, "--kv-cache-dtype")) == ("fp8", "fp8")
+    assert "--quantization" not in args("llama-router")
+    assert apiserver.get_object(DEPLOY, NS, "llama-decode")["metadata"]["uid"] == uid
+
+
 async def test_autoscaling_creates_an_hpa_and_leaves_replicas_to_it(apiserver, operator, models,
                                                                     wait):
     await operator.start()
