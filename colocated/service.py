@@ -3,8 +3,6 @@ and streams it as `GenerateChunk`s (Info, Stats and Abort come from `EngineServi
 
 from __future__ import annotations
 
-import time
-
 import grpc
 
 from baton.protos import worker_pb2_grpc
@@ -16,11 +14,5 @@ class ColocatedServicer(EngineServicer):
         worker_pb2_grpc.add_WorkerServicer_to_server(self, server)
 
     async def Generate(self, request, context):
-        await self.runtime.refuse_if_draining(context)
-        with self.runtime.work():
-            arrival = time.time()
-            params = await self.parse_params(request.params, context)
-            prompt = {"prompt_token_ids": list(request.prompt_token_ids)}
-            outputs = self.engine.generate(prompt, params, request.request_id)
-            async for chunk in self.stream_outputs(outputs, context, arrival, len(prompt["prompt_token_ids"])):
-                yield chunk
+        async for chunk in self.serve_generate(request, context):
+            yield chunk

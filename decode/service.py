@@ -1,6 +1,9 @@
 """The decode worker (`baton serve-decode`): reserves KV blocks for prompts computed
 elsewhere, receives their KV through `baton.kvtransfer`, and streams the rest of each output.
 
+It also serves `Generate` (a whole request, prefilled here) for the router's local prefill
+and decode failover (docs/architecture.md).
+
 Reserve -> (a prefill worker pushes the KV and the first token) -> Decode. A Decode call
 waits for its reservation's handoff, admits the request into the running batch with
 `generate_prefilled` and streams every token, the first one included. Cancelling Decode
@@ -105,6 +108,11 @@ class DecodeServicer(EngineServicer):
                 rid, prompt_token_ids=ids, params=params, **handoff.prefilled_kwargs())
             async for chunk in self.stream_outputs(outputs, context, arrival, len(ids)):
                 yield chunk
+
+    async def Generate(self, request, context):
+        # A whole request on this worker: the router's local prefill and decode failover.
+        async for chunk in self.serve_generate(request, context):
+            yield chunk
 
     async def Abort(self, request, context) -> worker_pb2.AbortReply:
         cancelled = await self.receiver.cancel_request(request.request_id, "aborted by the router")

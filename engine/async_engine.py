@@ -157,17 +157,19 @@ class AsyncLLMEngine:
         request_id: str,
         priority: int = 0,
         hold_kv: bool = False,
+        resume_token_ids: list[int] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream cumulative `RequestOutput`s until the request finishes.
 
         Raises (before the first output) DuplicateRequestError for a request id in use,
         ValueError for a bad prompt or parameters (see `LLMEngine.add_request`, also for
-        `hold_kv`), EngineDeadError once the engine stopped. Closing the iterator early
-        aborts the request and frees its blocks.
+        `hold_kv` and `resume_token_ids`), EngineDeadError once the engine stopped. Closing
+        the iterator early aborts the request and frees its blocks.
         """
         return self._stream(
             request_id,
-            lambda e: e.add_request(request_id, prompt, sampling_params, priority=priority, hold_kv=hold_kv),
+            lambda e: e.add_request(request_id, prompt, sampling_params, priority=priority, hold_kv=hold_kv,
+                                    resume_token_ids=resume_token_ids),
         )
 
     def generate_prefilled(self, request_id: str, **kwargs: Any) -> AsyncIterator[RequestOutput]:

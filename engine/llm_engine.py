@@ -138,6 +138,7 @@ class LLMEngine(HandoffHooks):
         arrival_time: float | None = None,
         priority: int = 0,
         hold_kv: bool = False,
+        resume_token_ids: list[int] | None = None,
     ) -> None:
         """Queue a request. Nothing is queued when it raises: DuplicateRequestError for a
         request id in use, ValueError (InvalidRequestError, or a parameter or grammar check)
@@ -148,21 +149,34 @@ class LLMEngine(HandoffHooks):
         (then "stop" or "length", as any request), and its text is what a running request
         shows (held back where a stop string may begin: exactly what the decode engine will
         show for that token). Its blocks stay referenced until `release_held`.
+
+        `resume_token_ids`: output tokens this request already produced in another engine
+        (the router's failover; n must be 1). They become the sequence's first outputs, as
+        after a preemption: their KV is recomputed, the next token is sampled at output
+        position `len(resume_token_ids)` (a seeded request draws what the original would
+        have; penalties, `min_tokens`, `max_tokens` and stop strings count them), and the
+        output's tokens and text include them.
         """
         params = params or SamplingParams()
+        resume = list(resume_token_ids or ())
         if request_id in self.requests or request_id in self.held:
             raise DuplicateRequestError(request_id)
         text, ids = self.tokenize_prompt(prompt)
-        self.check_prompt_length(len(ids))
+        self.check_prompt_length(len(ids) + len(resume))
         if hold_kv and params.n != 1:
             raise InvalidRequestError("a request whose KV is handed off must have n=1")
+        if resume and (params.n != 1 or hold_kv or params.guided_decoding is not None):
+            raise InvalidRequestError("a resumed request must have n=1, no guided decoding, and run here whole")
+        if resume and params.max_tokens is not None and len(resume) >= params.max_tokens:
+            raise InvalidRequestError(
+                f"{len(resume)} resumed tokens leave nothing of max_tokens={params.max_tokens}")
         arrival = time.time() if arrival_time is None else arrival_time
         seqs = []
         for i in range(params.n):
             child = params if params.n == 1 else params.clone(
                 n=1, seed=None if params.seed is None else params.seed + i
             )
-            seqs.append(Sequence(request_id, i, ids, child, arrival, priority))
+            seqs.append(Sequence(request_id, i, ids, child, arrival, priority, token_ids=ids + resume))
         request = self._new_request(request_id, text, ids, seqs, arrival, hold_kv=hold_kv)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]

@@ -30,6 +30,13 @@ class SequenceOutput:
         self.hold_back = max((len(s) for s in self.stop_strings), default=1) - 1
         self.max_model_len = max_model_len
         self.text = ""  # full text so far (after a stop string: cut there)
+        # A resumed sequence (LLMEngine.add_request's `resume_token_ids`) starts with outputs
+        # that were streamed already: their text is rebuilt, their logprobs are not known here
+        # (empty entries keep positions aligned; the router already has the real ones).
+        for token_id in seq.output_token_ids:
+            self._add_text(token_id)
+        if seq.logprobs is not None and seq.num_output_tokens:
+            seq.logprobs = [{} for _ in range(seq.num_output_tokens)]
 
     def on_token(self, token_id: int, grammar_done: bool = False) -> SequenceStatus | None:
         """Account for a token just appended to the sequence; return a finish status or None.

@@ -119,6 +119,20 @@ class EngineServicer(worker_pb2_grpc.WorkerServicer):
         future = asyncio.run_coroutine_threadsafe(self.engine_stats(), self._loop)
         return future.result(timeout=5)
 
+    async def serve_generate(self, request, context) -> AsyncIterator[worker_pb2.GenerateChunk]:
+        """Generate: run a whole request (resumed from `request.resume_token_ids`, if any)
+        in this worker's engine. Colocated workers serve it; decode workers too, for the
+        router's local prefill and failover."""
+        await self.runtime.refuse_if_draining(context)
+        with self.runtime.work():
+            arrival = time.time()
+            params = await self.parse_params(request.params, context)
+            ids = list(request.prompt_token_ids)
+            outputs = self.engine.generate({"prompt_token_ids": ids}, params, request.request_id,
+                                           resume_token_ids=list(request.resume_token_ids))
+            async for chunk in self.stream_outputs(outputs, context, arrival, len(ids)):
+                yield chunk
+
     async def parse_params(self, msg, context) -> SamplingParams:
         try:
             return params_from_proto(msg)

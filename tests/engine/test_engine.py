@@ -183,3 +183,36 @@ def test_garbage_in_unused_kv_slots_never_reaches_the_output(tiny_dir):
         return [o.outputs[0].token_ids for o in outs]
 
     assert run(poison=True) == run(poison=False)
+
+
+def _run(engine, rid, params, resume=None):
+    engine.add_request(rid, PROMPT, params, resume_token_ids=resume)
+    last = None
+    while engine.has_unfinished_requests():
+        last = next((o for o in engine.step() if o.request_id == rid), last)
+    return last.outputs[0]
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+    SamplingParams(temperature=0.9, seed=7, max_tokens=16, ignore_eos=True, presence_penalty=0.5, logprobs=1),
+], ids=["greedy", "seeded-penalised"])
+def test_a_resumed_request_continues_as_the_undisturbed_one(llm, params):
+    """The router's failover: a request resumed from its first k streamed tokens draws what
+    the original run drew after them (seed steps and penalties count the resumed tokens) and
+    reports the whole output, text included."""
+    engine = llm.engine
+    full = _run(engine, "whole", params)
+    free = engine.block_manager.num_free_blocks
+    for k in (1, 6):
+        resumed = _run(engine, f"resumed-{k}", params, full.token_ids[:k])
+        assert resumed.token_ids == full.token_ids
+        assert resumed.text == full.text
+        if params.logprobs is not None:
+            assert [set(e) for e in resumed.logprobs[k:]] == [set(e) for e in full.logprobs[k:]]
+    assert engine.block_manager.num_free_blocks == free
+
+
+def test_a_resumed_request_that_used_up_max_tokens_is_refused(llm):
+    with pytest.raises(ValueError, match="max_tokens=3"):
+        llm.engine.add_request("over", PROMPT, SamplingParams(max_tokens=3), resume_token_ids=[40, 41, 42])
