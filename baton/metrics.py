@@ -127,10 +127,14 @@ class EngineCollector(Collector):
 
 
 class RouterGauges(Collector):
-    """The router's own queue state: requests in flight and streams admitted but not yet started."""
+    """The router's own state: requests in flight, streams admitted but not yet started, and
+    its dispatch counters (failovers; where disaggregated prompts were prefilled)."""
 
-    def __init__(self, running: Callable[[], int], waiting: Callable[[], int], model_name: str):
+    def __init__(self, running: Callable[[], int], waiting: Callable[[], int], model_name: str,
+                 failovers: Callable[[], int] = lambda: 0,
+                 prefill_decisions: Callable[[], dict[str, int]] = dict):
         self._running, self._waiting = running, waiting
+        self._failovers, self._prefill_decisions = failovers, prefill_decisions
         self._lv = [model_name, "router"]
 
     def describe(self):
@@ -144,6 +148,17 @@ class RouterGauges(Collector):
             family = GaugeMetricFamily(name, doc, labels=LABELS)
             family.add_metric(self._lv, fn())
             yield family
+        failovers = CounterMetricFamily(
+            "baton:router_failovers", "Output streams resumed on another worker after theirs was lost.",
+            labels=LABELS)
+        failovers.add_metric(self._lv, self._failovers())
+        yield failovers
+        decisions = CounterMetricFamily(
+            "baton:router_prefill_decisions",
+            "Disaggregated output streams by where their prompt was prefilled.", labels=(*LABELS, "decision"))
+        for decision, count in self._prefill_decisions().items():
+            decisions.add_metric([*self._lv, decision], count)
+        yield decisions
 
 
 class _QuietHandler(WSGIRequestHandler):

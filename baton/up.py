@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the router picks workers")
     p.add_argument("--max-queue", type=int, default=None, help="streams that may wait per decode worker "
                    "before a 429 (default: one batch, from what the workers report)")
+    p.add_argument("--max-failovers", type=int, default=None,
+                   help="times a stream is resumed elsewhere after its decode worker is lost (default: the router's, 2)")
+    p.add_argument("--local-prefill-tokens", type=int, default=None,
+                   help="prompts shorter than this prefill on the decode worker (default: the router's, 0: off)")
     p.add_argument("--max-request-mb", type=float, default=None,
                    help="largest request body in MiB (default: the router's, 32)")
     p.add_argument("--shutdown-grace-seconds", type=float, default=10.0,
@@ -185,7 +189,7 @@ def router_child(args: argparse.Namespace, model_dir: Path, workers: list[Child]
     for role, addrs in addresses.items():
         router += [f"--{role}", ",".join(addrs)]
     for flag in ("served_model_name", "api_key_file", "max_queue", "max_request_mb",
-                 "otlp_traces_endpoint"):
+                 "otlp_traces_endpoint", "max_failovers", "local_prefill_tokens"):
         value = getattr(args, flag)
         if value is not None:
             router += [f"--{flag.replace('_', '-')}", str(value)]

@@ -68,9 +68,11 @@ def create_app(config: RouterConfig, registry: CollectorRegistry | None = None) 
     registry = registry or CollectorRegistry()
     model_name = config.served_model_names[0]
     pool = WorkerPool(config.roles, config.poll_interval)
-    dispatcher = Dispatcher(pool, make_policy(config.routing_policy), config.disaggregated, config.max_queue)
+    dispatcher = Dispatcher(pool, make_policy(config.routing_policy), config.disaggregated, config.max_queue,
+                            config.max_failovers, config.local_prefill_tokens)
     metrics = RequestMetrics(model_name, "router", registry, count_tokens=True)
-    registry.register(RouterGauges(lambda: dispatcher.running, lambda: dispatcher.admission.queued, model_name))
+    registry.register(RouterGauges(lambda: dispatcher.running, lambda: dispatcher.admission.queued, model_name,
+                                   lambda: dispatcher.failovers, lambda: dispatcher.prefill_decisions))
     serving = OpenAIServing(tokenizer, pool, dispatcher, config.served_model_names, metrics)
     discovery = _discovery(config)
 

@@ -34,6 +34,8 @@ class RouterConfig:
     shutdown_grace_seconds: float = 30.0
     max_request_mb: float = 32.0  # request bodies above this are a 413
     otlp_traces_endpoint: str | None = None  # None: no traces (baton/tracing.py)
+    max_failovers: int = 2  # resumptions of one output stream after losing its worker
+    local_prefill_tokens: int = 0  # disaggregated: prompts shorter than this prefill on decode; 0: off
 
     def __post_init__(self) -> None:
         if self.discovery not in ("static", "kubernetes"):
@@ -42,6 +44,10 @@ class RouterConfig:
             raise ValueError(f"--routing-policy must be one of {sorted(POLICIES)}")
         if not self.max_request_mb > 0:
             raise ValueError("--max-request-mb must be > 0")
+        if self.max_failovers < 0:
+            raise ValueError("--max-failovers must be >= 0")
+        if self.local_prefill_tokens < 0:
+            raise ValueError("--local-prefill-tokens must be >= 0")
         if self.max_queue is not None and self.max_queue < 1:
             raise ValueError("--max-queue must be >= 1")
         if not self.served_model_names:
@@ -117,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="send OpenTelemetry traces to this OTLP/gRPC collector (default: none)")
     p.add_argument("--max-request-mb", type=float, default=32.0,
                    help="largest request body in MiB; a larger one is a 413 before it is read")
+    p.add_argument("--max-failovers", type=int, default=2,
+                   help="times one output stream is resumed on another worker after its decode (or "
+                        "colocated) worker is lost mid-stream; 0: the stream ends with an error")
+    p.add_argument("--local-prefill-tokens", type=int, default=0,
+                   help="disaggregated: prompts shorter than this many tokens, and prompts whose leading "
+                        "blocks a decode worker prefilled itself before, are prefilled on the decode "
+                        "worker (no handoff); 0: every prompt goes to a prefill worker")
     return p
 
 
@@ -172,6 +185,8 @@ def parse(argv: list[str]) -> RouterConfig:
             shutdown_grace_seconds=ns.shutdown_grace_seconds,
             max_request_mb=ns.max_request_mb,
             otlp_traces_endpoint=ns.otlp_traces_endpoint,
+            max_failovers=ns.max_failovers,
+            local_prefill_tokens=ns.local_prefill_tokens,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from baton import tracing
 from baton.protos import worker_pb2
 from baton.router.admission import Admission, AdmissionTicket
 from baton.router.errors import APIError, bad_request, no_worker, overloaded, worker_failed
-from baton.router.routing import RoutingPolicy
+from baton.router.routing import RoutingPolicy, prefix_key
 from baton.router.workers import Worker, WorkerPool
 from baton.sampling_params import SamplingParams
 from baton.worker.messages import OutputState, params_to_proto
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 # it is healthy (`_while_available`).
 RESERVE_TIMEOUT_S = 60.0
 ABORT_TIMEOUT_S = 5.0
+PREFIX_MEMORY = 4096  # prompt prefixes remembered with the decode worker that prefilled them
 
 
 @dataclass
@@ -59,8 +61,14 @@ def _delta(state: OutputState, new_tokens: int, new_chars: int) -> Delta:
 
 class Dispatcher:
     def __init__(self, pool: WorkerPool, policy: RoutingPolicy, disaggregated: bool,
-                 max_queue: int | None = None):
+                 max_queue: int | None = None, max_failovers: int = 2, local_prefill_tokens: int = 0):
         self.pool = pool
+        self.max_failovers = max_failovers
+        self.local_prefill_tokens = local_prefill_tokens  # 0: every prompt is prefilled remotely
+        # Counters for /metrics: failovers, and where disaggregated prompts were prefilled.
+        self.failovers = 0
+        self.prefill_decisions = {"remote": 0, "short_prompt": 0, "cached_prefix": 0}
+        self._decode_by_prefix: dict[bytes, Worker] = {}  # insertion order: oldest first
         self.policy = policy
         self.disaggregated = disaggregated
         self.admission = Admission(pool, self.roles[-1], max_queue)
@@ -81,33 +89,104 @@ class Dispatcher:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[Delta]:
-        """Stream one output. Raises APIError (before or during the stream)."""
+        """Stream one output. Raises APIError (before or during the stream).
+
+        A worker lost mid-stream (its call UNAVAILABLE) is failed over: the prompt and the
+        tokens already streamed run whole on another decode (or colocated) worker, which
+        continues where the lost one stopped (`GenerateRequest.resume_token_ids`), at most
+        `max_failovers` times per stream. Guided requests are not resumed (the grammar's
+        state is not carried)."""
         self.running += 1
+        proto = params_to_proto(params)
         try:
-            inner = (self._disaggregated if self.disaggregated else self._colocated)(
-                request_id, prompt_token_ids, params_to_proto(params))
-            async with contextlib.aclosing(inner):
-                async for delta in inner:
-                    yield delta
+            inner = self._first_attempt(request_id, prompt_token_ids, proto)
+            failovers = 0
+            while True:
+                try:
+                    async with contextlib.aclosing(inner):
+                        async for delta in inner:
+                            yield delta
+                    return
+                except _StreamLost as lost:
+                    if failovers >= self.max_failovers or params.guided_decoding is not None:
+                        raise lost.error from None
+                    failovers += 1
+                    self.failovers += 1
+                    log.warning("%s worker %s lost %s after %d tokens; resuming elsewhere (failover %d of %d)",
+                                lost.worker.role, lost.worker.address, request_id, len(lost.state.token_ids),
+                                failovers, self.max_failovers)
+                    inner = self._whole(f"{request_id}.f{failovers}", prompt_token_ids, proto,
+                                        state=lost.state, exclude={lost.worker})
         finally:
             self.running -= 1
             self.pool.notify()
 
-    # -- colocated -----------------------------------------------------------------------
+    def _first_attempt(self, rid: str, ids: list[int], params: worker_pb2.SamplingParams):
+        """The stream's first run: whole on a colocated worker; disaggregated, or whole on a
+        decode worker when prefilling there is cheaper (`local_prefill_reason`)."""
+        if not self.disaggregated:
+            return self._whole(rid, ids, params)
+        reason, worker = self.local_prefill_reason(ids)
+        self.prefill_decisions[reason] += 1
+        if reason == "remote":
+            return self._disaggregated(rid, ids, params)
+        return self._whole(rid, ids, params, prefer=worker)
 
-    async def _colocated(self, rid: str, ids: list[int], params: worker_pb2.SamplingParams):
-        request = worker_pb2.GenerateRequest(request_id=rid, prompt_token_ids=ids, params=params)
+    def local_prefill_reason(self, ids: list[int]) -> tuple[str, Worker | None]:
+        """Where a disaggregated request's prompt is prefilled: "short_prompt" (fewer than
+        `local_prefill_tokens` tokens: the handoff would cost more than the prefill),
+        "cached_prefix" (a decode worker ran a prompt with the same leading blocks itself, so
+        its prefix cache holds them; that worker is returned), else "remote". Local prefill
+        is off while `local_prefill_tokens` is 0."""
+        if not self.local_prefill_tokens:
+            return "remote", None
+        if len(ids) < self.local_prefill_tokens:
+            return "short_prompt", None
+        worker = self._decode_by_prefix.get(self._prefix_key(ids))
+        if worker is not None and worker.available:
+            return "cached_prefix", worker
+        return "remote", None
+
+    def _prefix_key(self, ids: list[int]) -> bytes | None:
+        workers = self.pool.available(self.roles[-1])
+        block_size = next((w.info.block_size for w in workers if w.info is not None), 16)
+        return prefix_key(ids, block_size)
+
+    def _remember_prefix(self, ids: list[int], worker: Worker) -> None:
+        """Note that `worker` prefilled `ids` itself (so its prefix cache holds them)."""
+        key = self._prefix_key(ids)
+        if key is None:
+            return
+        self._decode_by_prefix.pop(key, None)
+        self._decode_by_prefix[key] = worker
+        while len(self._decode_by_prefix) > PREFIX_MEMORY:
+            self._decode_by_prefix.pop(next(iter(self._decode_by_prefix)))
+
+    # -- a whole request on one worker: colocated, local prefill, failover -----------------
+
+    async def _whole(self, rid: str, ids: list[int], params: worker_pb2.SamplingParams,
+                     state: OutputState | None = None, exclude: set[Worker] | frozenset = frozenset(),
+                     prefer: Worker | None = None):
+        """One Generate stream on a decode or colocated worker (`prefer` first, never one in
+        `exclude`). `state`: what the client already has (a failover): the worker resumes
+        after its tokens and re-sends them, which `OutputState.apply` drops by offset.
+        Raises _StreamLost when the worker becomes unreachable after it sent something."""
+        role = self.roles[-1]
+        resume = list(state.token_ids) if state is not None else []
+        state = _copy_state(state) if state is not None else OutputState()
+        request = worker_pb2.GenerateRequest(request_id=rid, prompt_token_ids=ids, params=params,
+                                             resume_token_ids=resume)
         tried: list[Worker] = []
         while True:
-            candidates = [w for w in self.pool.available("colocated") if w not in tried]
+            candidates = [w for w in self.pool.available(role) if w not in tried and w not in exclude]
             if not candidates:
-                raise no_worker("colocated")
-            worker = self.policy.order_decode(candidates)[0]
+                raise no_worker(role)
+            worker = prefer if prefer in candidates else self.policy.order_decode(candidates)[0]
             tried.append(worker)
-            state, got_any = OutputState(), False
+            got_any = False
             worker.outstanding += 1
             worker.sent_since_poll += 1
-            worker.add_blocks_since_poll(len(ids))
+            worker.add_blocks_since_poll(len(ids) + len(resume))
             call = worker.stub.Generate(request)
             try:
                 async for chunk in call:
@@ -116,14 +195,20 @@ class Dispatcher:
                     if new_tokens or new_chars or state.finish_reason:
                         yield _delta(state, new_tokens, new_chars)
                 _check_finished(state, worker)
+                if role == "decode":
+                    self._remember_prefix(ids, worker)
                 return
             except grpc.aio.AioRpcError as exc:
+                unavailable = exc.code() == grpc.StatusCode.UNAVAILABLE
                 # Nothing was streamed yet from an unreachable worker: another one may serve it
                 # (whether it is out of rotation is for the poll that this starts to decide).
-                if exc.code() == grpc.StatusCode.UNAVAILABLE and not got_any and len(tried) < 2:
+                if unavailable and not got_any and len(tried) < 2:
                     self.pool.check(worker)
                     continue
-                raise self._rpc_error(exc, worker) from None
+                error = self._rpc_error(exc, worker)
+                if unavailable:
+                    raise _StreamLost(error, state, worker) from None
+                raise error from None
             finally:
                 call.cancel()
                 worker.outstanding -= 1
@@ -174,6 +259,8 @@ class Dispatcher:
                     error = self._rpc_error(payload, decode)
                     if payload.code() == grpc.StatusCode.ABORTED:
                         raise _HandoffFailed(error)
+                    if payload.code() == grpc.StatusCode.UNAVAILABLE:
+                        raise _StreamLost(error, state, decode)
                     raise error
                 elif kind == "prefill_error":
                     error, handoff_failed = payload
@@ -322,6 +409,18 @@ async def _read_decode(call, events: asyncio.Queue) -> None:
 
 class _LeftRotation(Exception):
     """The worker a call waited on was taken out of rotation meanwhile."""
+
+
+class _StreamLost(Exception):
+    """A worker became unreachable mid-stream; `state` is what the client has so far."""
+
+    def __init__(self, error: APIError, state: OutputState, worker: Worker):
+        super().__init__(error.message)
+        self.error, self.state, self.worker = error, state, worker
+
+
+def _copy_state(state: OutputState) -> OutputState:
+    return dataclasses.replace(state, token_ids=list(state.token_ids), logprobs=list(state.logprobs))
 
 
 class _HandoffFailed(Exception):

@@ -7,11 +7,12 @@ import pytest
 
 from baton.protos import common_pb2, worker_pb2
 from baton.router.config import build_parser, parse
+from baton.router.dispatch import Dispatcher
 from baton.router.errors import APIError
 from baton.router.params import check_length, guided_decoding, sampling_params
 from baton.router.protocol import ChatCompletionRequest, CompletionRequest
 from baton.router.routing import LoadPolicy, RoundRobinPolicy, prefix_key, rendezvous_score
-from baton.router.workers import Worker
+from baton.router.workers import Worker, WorkerPool
 from baton.sampling_params import GuidedDecodingParams, SamplingParams
 from baton.worker.messages import (
     ChunkWriter,
@@ -175,6 +176,23 @@ def test_prefill_prefers_the_prefix_owner_unless_it_is_much_busier():
     assert policy.order_prefill(workers, [1, 2, 3])[0] is not owner
 
 
+def test_local_prefill_decisions():
+    """Off by default; with a threshold, short prompts and prompts whose first blocks a
+    healthy decode worker prefilled itself stay on decode (that worker), the rest go remote."""
+    pool = WorkerPool(("prefill", "decode"))
+    d1, d2 = _worker("d1"), _worker("d2")
+    pool.workers["decode"] = {"d1": d1, "d2": d2}
+    assert Dispatcher(pool, LoadPolicy(), True).local_prefill_reason([5] * 3) == ("remote", None)
+    dispatcher = Dispatcher(pool, LoadPolicy(), True, local_prefill_tokens=8)
+    assert dispatcher.local_prefill_reason([5] * 7) == ("short_prompt", None)
+    prompt = list(range(100))
+    assert dispatcher.local_prefill_reason(prompt) == ("remote", None)
+    dispatcher._remember_prefix(prompt, d2)
+    assert dispatcher.local_prefill_reason(prompt[:64] + [7] * 30) == ("cached_prefix", d2)
+    d2.healthy = False  # a worker out of rotation is no reason to stay local
+    assert dispatcher.local_prefill_reason(prompt) == ("remote", None)
+
+
 def test_round_robin_rotates():
     workers = [_worker(a) for a in "abc"]
     policy = RoundRobinPolicy()
@@ -187,8 +205,10 @@ def test_round_robin_rotates():
 
 def test_router_flags(tiny_model_dir):
     config = parse(["--model", str(tiny_model_dir), "--prefill", "a:1,b:2", "--decode", "c:3",
-                    "--served-model-name", "x,y", "--max-queue", "5", "--routing-policy", "round-robin"])
+                    "--served-model-name", "x,y", "--max-queue", "5", "--routing-policy", "round-robin",
+                    "--max-failovers", "0", "--local-prefill-tokens", "64"])
     assert config.disaggregated and config.prefill == ("a:1", "b:2") and config.decode == ("c:3",)
+    assert config.max_failovers == 0 and config.local_prefill_tokens == 64
     assert config.served_model_names == ("x", "y") and config.max_queue == 5
     colocated = parse(["--model", str(tiny_model_dir), "--colocated", "w:1"])
     assert not colocated.disaggregated and colocated.roles == ("colocated",)
@@ -216,6 +236,8 @@ def test_router_accepts_the_older_colocated_spellings(tiny_model_dir):
     ["--colocated", "a:1", "--api-key", "secret"],  # a key in argv is readable by anyone: refused
     ["--colocated", "a:1", "--api-key-file", "/nonexistent"],
     ["--colocated", "a:1", "--max-request-mb", "0"],
+    ["--colocated", "a:1", "--max-failovers", "-1"],
+    ["--prefill", "a:1", "--decode", "b:2", "--local-prefill-tokens", "-5"],
 ])
 def test_bad_router_flags_exit_2(tiny_model_dir, argv):
     with pytest.raises(SystemExit) as info:
