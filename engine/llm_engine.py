@@ -226,20 +226,39 @@ class LLMEngine(HandoffHooks):
 
     def step(self) -> list[RequestOutput]:
         if self.async_steps.inflight is not None:  # launch the next step, then finish this one
+            # The launched step's batch was chosen without the scheduler; the wait for its
+            # tokens (and the launch of the next) is its model time.
+            started = time.perf_counter()
             batch, step_outputs = self.async_steps.advance()
-            return self._process(batch, step_outputs, computed=True)
+            return self._process(batch, step_outputs, computed=True, forward_s=time.perf_counter() - started)
+        started = time.perf_counter()
         batch = self.scheduler.schedule()
+        scheduled = time.perf_counter()
         if not batch.seqs:
             return self._collect_outputs()
         if self.config.async_scheduling and self.async_steps.overlappable(batch, self._holds_kv):
             self.async_steps.launch(batch)
+            self._account_times(batch, scheduled - started, time.perf_counter() - scheduled)
             return self._collect_outputs()
         step_outputs = self.runner.execute(batch)
-        return self._process(batch, step_outputs, computed=False)
+        return self._process(batch, step_outputs, computed=False, schedule_s=scheduled - started,
+                             forward_s=time.perf_counter() - scheduled)
 
-    def _process(self, batch: ScheduledBatch, step_outputs: list[StepOutput], computed: bool) -> list[RequestOutput]:
+    def _account_times(self, batch: ScheduledBatch, schedule_s: float, forward_s: float) -> None:
+        """Add a step's scheduling and model time to each request it ran (once per request)."""
+        seen = set()
+        for seq in batch.seqs:
+            request = self.requests.get(seq.request_id)
+            if request is not None and seq.request_id not in seen:
+                seen.add(seq.request_id)
+                request.metrics.scheduler_time += schedule_s
+                request.metrics.model_forward_time += forward_s
+
+    def _process(self, batch: ScheduledBatch, step_outputs: list[StepOutput], computed: bool,
+                 schedule_s: float = 0.0, forward_s: float = 0.0) -> list[RequestOutput]:
         """Account a step's results; `computed`: num_computed_tokens was advanced at launch."""
         now = time.time()
+        self._account_times(batch, schedule_s, forward_s)
         for seq, num_new, out in zip(batch.seqs, batch.num_new_tokens, step_outputs):
             if seq.is_finished:  # its request failed earlier in this step (a sibling's error)
                 continue
@@ -278,6 +297,8 @@ class LLMEngine(HandoffHooks):
         metrics = request.metrics
         if metrics.first_token_time is None:
             metrics.first_token_time = now
+        if metrics.last_token_time != now:  # the first of this step's tokens for the request
+            metrics.num_token_steps += 1
         metrics.last_token_time = now
         status = request.outputs[seq.index].on_token(token_id, grammar_done)
         if status is None and request.hold_kv:

@@ -32,7 +32,14 @@ class SequenceStatus(enum.Enum):
 
 @dataclass
 class RequestMetrics:
-    """Timestamps of a request's life (seconds, `time.time()` clock)."""
+    """Timestamps of a request's life (seconds, `time.time()` clock) and where its time went.
+
+    `scheduler_time` and `model_forward_time` add up, over the steps that included the
+    request, the wall time of the scheduling decision and of running the model (forward and
+    sampling, the token ids read back on the host), in seconds; a step counts once for a
+    request however many of its n outputs it ran. `num_token_steps` counts the steps that
+    gave the request new tokens.
+    """
 
     arrival_time: float
     first_scheduled_time: float | None = None
@@ -40,6 +47,24 @@ class RequestMetrics:
     last_token_time: float | None = None
     finished_time: float | None = None
     time_in_queue: float | None = None
+    scheduler_time: float = 0.0
+    model_forward_time: float = 0.0
+    num_token_steps: int = 0
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        """Seconds from arrival to the first output token (None before it)."""
+        if self.first_token_time is None:
+            return None
+        return self.first_token_time - self.arrival_time
+
+    @property
+    def time_per_output_token(self) -> float | None:
+        """Mean seconds between the steps that produced tokens after the first one (None
+        until a second such step)."""
+        if self.num_token_steps < 2 or self.first_token_time is None or self.last_token_time is None:
+            return None
+        return (self.last_token_time - self.first_token_time) / (self.num_token_steps - 1)
 
 
 _seq_counter = itertools.count()

@@ -100,6 +100,20 @@ def test_request_metrics_are_ordered(llm):
     assert m.time_in_queue >= 0
 
 
+def test_request_metrics_account_scheduling_forward_and_token_times(llm):
+    out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, n=2))[0]
+    m = out.metrics
+    assert m.num_token_steps == 6  # a step gives both outputs their token: counted once
+    assert m.time_to_first_token == pytest.approx(m.first_token_time - m.arrival_time)
+    assert m.time_per_output_token == pytest.approx((m.last_token_time - m.first_token_time) / 5)
+    assert m.time_per_output_token > 0
+    assert 0 < m.scheduler_time and 0 < m.model_forward_time
+    # Both are parts of the request's life: they cannot exceed the time it took.
+    assert m.scheduler_time + m.model_forward_time <= m.finished_time - m.arrival_time
+    one = llm.generate([PROMPT], SamplingParams(max_tokens=1))[0].metrics
+    assert one.time_to_first_token > 0 and one.time_per_output_token is None
+
+
 def test_duplicate_request_id_is_rejected(llm):
     engine = llm.engine
     engine.add_request("dup", PROMPT, SamplingParams(max_tokens=2))
