@@ -1,5 +1,5 @@
 """KV transfer: push a prompt's KV blocks from a prefill engine into reserved blocks of a
-decode engine (decisions and failure reasons: docs/architecture.md, "KV transfer").
+decode engine (decisions and failure reasons: docs/decisions.md, "KV transfer").
 
 The contract, end to end:
 

@@ -7,7 +7,7 @@ Both ends of a failed handoff raise it, each with the reason as seen from its si
 
 from __future__ import annotations
 
-# Every reason a handoff can fail with. Keep in sync with docs/architecture.md "KV transfer".
+# Every reason a handoff can fail with. Keep in sync with docs/decisions.md, "KV transfer".
 REASONS = {
     "layout_mismatch": "the two engines' KV layouts differ (model, shape, block size or dtype)",
     "expired": "the reservation was not filled before its expiry",

@@ -22,7 +22,7 @@ _IMPLS = {
     "tcp": ("baton.kvtransfer.tcp_transport", "TcpSender", "SocketReceiver"),
     "ipc": ("baton.kvtransfer.ipc_transport", "IpcSender", None),
 }
-# What `auto` tries, fastest first (docs/architecture.md, "KV transfer").
+# What `auto` tries, fastest first (docs/decisions.md, "KV transfer").
 AUTO_ORDER = ("ipc", "ucx", "tcp", "grpc")
 
 

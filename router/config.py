@@ -1,6 +1,6 @@
 """The router's command line (`baton serve-router`) and its typed, frozen configuration.
 
-The flags are the contract with the operator (docs/architecture.md, "Process command
+The flags are the contract with the operator (docs/operations.md, "Process command
 lines"). The mode follows from the workers given: colocated workers (`--colocated`,
 `--colocated-service`; the older `--worker`, `--worker-service` are accepted too) or prefill
 and decode workers, never both.

@@ -53,7 +53,7 @@ def _is_repo_path(text: str) -> bool:
     return head not in ("", ".", "..", "~") and (ROOT / head).exists()
 
 
-@pytest.mark.parametrize("doc", [ROOT / "docs" / "architecture.md", ROOT / "docs" / "performance.md"],
+@pytest.mark.parametrize("doc", [ROOT / "docs" / name for name in ("architecture.md", "decisions.md", "performance.md")],
                          ids=lambda p: p.name)
 def test_every_file_and_function_the_map_names_exists(doc):
     missing = []
@@ -123,8 +123,8 @@ def test_nothing_in_the_repository_points_outside_it():
 
 
 def _table_flags(section: str) -> list[set[str]]:
-    """The flags named in the first column of each table of a section of the map."""
-    text = (ROOT / "docs" / "architecture.md").read_text()
+    """The flags named in the first column of each table of a section of operations.md."""
+    text = (ROOT / "docs" / "operations.md").read_text()
     body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
     tables, current = [], None
     for line in body.splitlines():
@@ -160,17 +160,17 @@ def test_the_command_line_tables_match_the_parsers(monkeypatch):
         known = {o for a in actions for o in a.option_strings}
         known |= {o.replace("--no-", "--", 1) for o in known}
         gone = sorted(f for f in table if f not in known)
-        assert not undocumented, f"{parser.prog}: flags missing from docs/architecture.md: {undocumented}"
-        assert not gone, f"{parser.prog}: docs/architecture.md names flags it does not accept: {gone}"
+        assert not undocumented, f"{parser.prog}: flags missing from docs/operations.md: {undocumented}"
+        assert not gone, f"{parser.prog}: docs/operations.md names flags it does not accept: {gone}"
 
 
-def test_the_map_lists_every_handoff_failure_reason():
+def test_the_decisions_list_every_handoff_failure_reason():
     from baton.kvtransfer.errors import REASONS
 
-    text = (ROOT / "docs" / "architecture.md").read_text()
-    listed = text.split("**Failure reasons**", 1)[1].split("\n- ", 1)[0]
+    text = (ROOT / "docs" / "decisions.md").read_text()
+    listed = text.split("### Failure reasons", 1)[1].split("\n### ", 1)[0]
     missing = [r for r in REASONS if f"`{r}`" not in listed]
-    assert not missing, f"docs/architecture.md, KV transfer, lacks failure reasons {missing}"
+    assert not missing, f"docs/decisions.md, KV transfer, lacks failure reasons {missing}"
 
 
 def test_sections_the_code_cites_exist():

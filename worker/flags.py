@@ -1,6 +1,6 @@
 """Worker command lines (`baton serve-prefill|serve-decode|serve-colocated`) -> typed options.
 
-The flags are the contract with the operator (docs/architecture.md, "Process command
+The flags are the contract with the operator (docs/operations.md, "Process command
 lines"): engine flags map one to one onto `EngineArgs` fields (every field has a flag:
 the common ones are written out here, the rest are derived from the dataclass), server
 flags onto `WorkerOptions`. Building the parser imports the engine's config module (torch):

@@ -1,6 +1,6 @@
 """The router: Deployment, Service, and the RBAC that lets it read worker EndpointSlices.
 
-Flags follow the router command-line contract in docs/architecture.md: it discovers
+Flags follow the router command-line contract in docs/operations.md: it discovers
 workers through the EndpointSlices of the worker Services (`--discovery kubernetes`).
 """
 

@@ -1,6 +1,6 @@
 """Prefill, decode and colocated worker fleets: one Deployment and one headless Service each.
 
-Flags follow the worker command-line contract in docs/architecture.md.
+Flags follow the worker command-line contract in docs/operations.md.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Builders: every child for several specs, checked against the Kubernetes schemas and
-against the worker/router command-line contract (docs/architecture.md)."""
+against the worker/router command-line contract (docs/operations.md)."""
 
 from __future__ import annotations
 

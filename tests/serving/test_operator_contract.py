@@ -1,5 +1,5 @@
 """The command lines the operator writes are the ones the workers and the router accept
-(docs/architecture.md, "Process command lines")."""
+(docs/operations.md, "Process command lines")."""
 
 from __future__ import annotations
 
