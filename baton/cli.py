@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve-prefill": ("baton.prefill.server:main", "run a prefill worker"),
     "serve-decode": ("baton.decode.server:main", "run a decode worker"),
     "serve-colocated": ("baton.colocated.server:main", "run a colocated worker (prefill and decode in one)"),
+    "serve-cell": ("baton.cell:main", "run a cell: prefill and decode engines of one pod, KV by ipc"),
     "serve-router": ("baton.router.server:main", "run the OpenAI-compatible router"),
     "operator": ("baton.operator.main:main", "run the Kubernetes operator"),
 }

@@ -128,13 +128,16 @@ class EngineCollector(Collector):
 
 class RouterGauges(Collector):
     """The router's own state: requests in flight, streams admitted but not yet started, and
-    its dispatch counters (failovers; where disaggregated prompts were prefilled)."""
+    its dispatch counters (failovers; where disaggregated prompts were prefilled; KV handoffs
+    inside a cell or across)."""
 
     def __init__(self, running: Callable[[], int], waiting: Callable[[], int], model_name: str,
                  failovers: Callable[[], int] = lambda: 0,
-                 prefill_decisions: Callable[[], dict[str, int]] = dict):
+                 prefill_decisions: Callable[[], dict[str, int]] = dict,
+                 handoff_pairings: Callable[[], dict[str, int]] = dict):
         self._running, self._waiting = running, waiting
         self._failovers, self._prefill_decisions = failovers, prefill_decisions
+        self._handoff_pairings = handoff_pairings
         self._lv = [model_name, "router"]
 
     def describe(self):
@@ -159,6 +162,13 @@ class RouterGauges(Collector):
         for decision, count in self._prefill_decisions().items():
             decisions.add_metric([*self._lv, decision], count)
         yield decisions
+        pairings = CounterMetricFamily(
+            "baton:router_kv_handoffs",
+            "Completed KV handoffs by pairing: same_cell (prefill and decode worker in one cell) or cross_cell.",
+            labels=(*LABELS, "pairing"))
+        for pairing, count in self._handoff_pairings().items():
+            pairings.add_metric([*self._lv, pairing], count)
+        yield pairings
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -144,6 +144,15 @@ def _gpu_count(device: str) -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def cpu_thread_env(num_workers: int) -> dict[str, str]:
+    """Environment for CPU workers sharing this machine: they split the cores instead of
+    each starting one thread per core (which oversubscribes them several times over); an
+    explicit OMP_NUM_THREADS wins."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // num_workers))}
+
+
 def plan(args: argparse.Namespace, model_dir: Path) -> list[Child]:
     """The workers to start (the router comes once they reported their ports)."""
     engine_flags = ["--model", str(model_dir), "--dtype", args.dtype, "--warmup", args.warmup]
@@ -158,11 +167,7 @@ def plan(args: argparse.Namespace, model_dir: Path) -> list[Child]:
     gpus = _gpu_count(args.device)
     roles = ([("prefill", args.prefill), ("decode", args.decode)] if args.mode == "disaggregated"
              else [("colocated", args.colocated)])
-    # CPU workers share the cores instead of each starting one thread per core (which
-    # oversubscribes them several times over); an explicit OMP_NUM_THREADS wins.
-    env = {}
-    if not gpus and "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // sum(n for _, n in roles)))
+    env = {} if gpus else cpu_thread_env(sum(n for _, n in roles))
     children = []
     k = 0
     for role, count in roles:

@@ -72,7 +72,8 @@ def create_app(config: RouterConfig, registry: CollectorRegistry | None = None) 
                             config.max_failovers, config.local_prefill_tokens)
     metrics = RequestMetrics(model_name, "router", registry, count_tokens=True)
     registry.register(RouterGauges(lambda: dispatcher.running, lambda: dispatcher.admission.queued, model_name,
-                                   lambda: dispatcher.failovers, lambda: dispatcher.prefill_decisions))
+                                   lambda: dispatcher.failovers, lambda: dispatcher.prefill_decisions,
+                                   lambda: dispatcher.handoff_pairings))
     serving = OpenAIServing(tokenizer, pool, dispatcher, config.served_model_names, metrics)
     discovery = _discovery(config)
 

@@ -3,7 +3,8 @@
 `kubernetes` discovery watches the EndpointSlices labelled
 `kubernetes.io/service-name=<service>` for each worker Service in the namespace and keeps
 the pool's address set equal to the ready endpoints on the port named `grpc` (the
-operator's worker Services name it so; a slice with one port is taken as is). The watch
+operator's worker Services name it so; a slice with one port is taken as is), or on every
+port named `grpc-<k>` (a cell's Service: one port per engine of the pod). The watch
 runs the synchronous `kubernetes` client on a thread and hands updates to the event loop.
 """
 
@@ -53,19 +54,18 @@ def _get(obj, name: str, default=None):
 
 
 def slice_addresses(endpoint_slice) -> set[str]:
-    """The `host:port` of every ready endpoint of one EndpointSlice (dict or client model).
+    """The `host:port` of every ready endpoint of one EndpointSlice (dict or client model),
+    on its `grpc` port, or on each `grpc-<k>` port (a cell's engines: several workers per
+    endpoint).
 
     Ready means `conditions.ready` is not false (Kubernetes: unset counts as ready);
     terminating endpoints are left out, so a draining worker gets no new work.
     """
     ports = _get(endpoint_slice, "ports") or []
-    port = None
-    for p in ports:
-        if _get(p, "name") == PORT_NAME:
-            port = _get(p, "port")
-    if port is None and len(ports) == 1:
-        port = _get(ports[0], "port")
-    if port is None:
+    named = [_get(p, "port") for p in ports if _is_grpc_port(_get(p, "name") or "")]
+    if not named and len(ports) == 1:
+        named = [_get(ports[0], "port")]
+    if not named:
         return set()
     family = _get(endpoint_slice, "addressType", "IPv4")
     found = set()
@@ -75,8 +75,12 @@ def slice_addresses(endpoint_slice) -> set[str]:
             continue
         for address in _get(endpoint, "addresses") or []:
             host = f"[{address}]" if family == "IPv6" else address
-            found.add(f"{host}:{port}")
+            found |= {f"{host}:{port}" for port in named}
     return found
+
+
+def _is_grpc_port(name: str) -> bool:
+    return name == PORT_NAME or (name.startswith(PORT_NAME + "-") and name[len(PORT_NAME) + 1:].isdigit())
 
 
 def service_addresses(slices: Iterable, service: str | None = None) -> set[str]:

@@ -24,7 +24,7 @@ from baton import tracing
 from baton.protos import worker_pb2
 from baton.router.admission import Admission, AdmissionTicket
 from baton.router.errors import APIError, bad_request, no_worker, overloaded, worker_failed
-from baton.router.routing import RoutingPolicy, prefix_key
+from baton.router.routing import RoutingPolicy, prefer_cell, prefix_key
 from baton.router.workers import Worker, WorkerPool
 from baton.sampling_params import SamplingParams
 from baton.worker.messages import OutputState, params_to_proto
@@ -68,6 +68,8 @@ class Dispatcher:
         # Counters for /metrics: failovers, and where disaggregated prompts were prefilled.
         self.failovers = 0
         self.prefill_decisions = {"remote": 0, "short_prompt": 0, "cached_prefix": 0}
+        # Completed KV handoffs by pairing: both workers in one cell (ipc) or not (the network).
+        self.handoff_pairings = {"same_cell": 0, "cross_cell": 0}
         self._decode_by_prefix: dict[bytes, Worker] = {}  # insertion order: oldest first
         self.policy = policy
         self.disaggregated = disaggregated
@@ -243,7 +245,7 @@ class Dispatcher:
             ticket_id=reservation.ticket_id, request_id=rid, prompt_token_ids=ids, params=params))
         loop = asyncio.get_running_loop()
         reader = loop.create_task(_read_decode(call, events))
-        prefill = loop.create_task(self._prefill(rid, ids, params, reservation.ticket, events, touched))
+        prefill = loop.create_task(self._prefill(rid, ids, params, reservation.ticket, events, touched, decode))
         state = OutputState()
         try:
             while True:
@@ -339,7 +341,9 @@ class Dispatcher:
                 task.cancel()
 
     async def _prefill(self, rid: str, ids: list[int], params: worker_pb2.SamplingParams,
-                       ticket: bytes, events: asyncio.Queue, touched: set[Worker]) -> None:
+                       ticket: bytes, events: asyncio.Queue, touched: set[Worker], decode: Worker) -> None:
+        """Prefill on the best prefill worker, one of the decode worker's cell first
+        (`prefer_cell`); a second worker once if the first failed before the handoff."""
         request = worker_pb2.PrefillRequest(request_id=rid, prompt_token_ids=ids, params=params,
                                             ticket=ticket)
         tried: list[Worker] = []
@@ -349,7 +353,7 @@ class Dispatcher:
             candidates = [w for w in self.pool.available("prefill") if w not in tried]
             if not candidates:
                 break
-            worker = self.policy.order_prefill(candidates, ids)[0]
+            worker = prefer_cell(self.policy.order_prefill(candidates, ids), decode.cell)[0]
             tried.append(worker)
             touched.add(worker)
             worker.outstanding += 1
@@ -368,6 +372,7 @@ class Dispatcher:
                 continue
             finally:
                 worker.outstanding -= 1
+            self.handoff_pairings["same_cell" if decode.cell and worker.cell == decode.cell else "cross_cell"] += 1
             events.put_nowait(("chunk", reply.first))
             return
         events.put_nowait(("prefill_error", (error, handoff_failed)))

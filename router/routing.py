@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from baton.router.workers import Worker
 
 AFFINITY_BLOCKS = 4  # how many leading blocks of a prompt decide its prefill worker
+CELL_SLACK = 4  # requests a same-cell prefill worker may be busier than the best one
 
 
 class RoutingPolicy(ABC):
@@ -70,6 +71,18 @@ class RoundRobinPolicy(RoutingPolicy):
 
     def order_prefill(self, workers: Sequence[Worker], prompt_token_ids: Sequence[int]) -> list[Worker]:
         return self._rotate(workers)
+
+
+def prefer_cell(ordered: Sequence[Worker], cell: str, slack: int = CELL_SLACK) -> list[Worker]:
+    """Prefill workers `ordered` best first, with the first one of `cell` (the decode
+    worker's) moved to the front, so the handoff stays inside the cell (`ipc`), unless it
+    is busier than the best by more than `slack` requests. A decode worker in no cell ("")
+    leaves the order as it is."""
+    ordered = list(ordered)
+    mate = next((w for w in ordered if cell and w.cell == cell), None)
+    if mate is None or mate is ordered[0] or mate.load() > ordered[0].load() + slack:
+        return ordered
+    return [mate] + [w for w in ordered if w is not mate]
 
 
 def prefix_key(token_ids: Sequence[int], block_size: int) -> bytes | None:

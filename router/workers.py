@@ -65,6 +65,11 @@ class Worker:
     def available(self) -> bool:
         return self.healthy and not self.retired
 
+    @property
+    def cell(self) -> str:
+        """The cell (one pod of prefill and decode engines) the worker reported; "" if none."""
+        return self.info.cell if self.info is not None else ""
+
     def load(self) -> int:
         """Requests running or queued on the worker, as best the router knows."""
         polled = (self.stats.num_running + self.stats.num_waiting) if self.stats else 0

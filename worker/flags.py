@@ -44,6 +44,7 @@ class WorkerOptions:
     ucx_progress_mode: str | None = None  # None: UCXX's default ($UCXPY_PROGRESS_MODE or thread)
     warmup: str = "auto"  # run every reachable kernel shape before SERVING: auto (on CUDA), on, off
     otlp_traces_endpoint: str | None = None  # None: no traces (baton/tracing.py)
+    cell: str = ""  # the cell this engine runs in (`baton serve-cell` sets it); reported by Info
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode", "colocated"):
@@ -122,6 +123,8 @@ def build_parser(prog: str, role: str) -> argparse.ArgumentParser:
                              "traffic can reach, so their kernels compile first (auto: on CUDA only)")
     server.add_argument("--otlp-traces-endpoint", default=None, metavar="HOST:PORT",
                         help="send OpenTelemetry traces to this OTLP/gRPC collector (default: none)")
+    server.add_argument("--cell", default="", help="the cell this worker runs in, reported to the router, which "
+                        "pairs prefill and decode workers of one cell first (set by `baton serve-cell`)")
     # Colocated workers accept the KV flags too (one flag set for every role); they move no KV.
     kv = parser.add_argument_group("KV transfer" if role != "colocated" else "KV transfer (ignored here)")
     kv.add_argument("--kv-transfer", default="grpc", choices=list(TRANSPORTS),
@@ -160,6 +163,7 @@ def parse(argv: list[str], prog: str, role: str) -> tuple[Any, WorkerOptions]:
             ucx_progress_mode=ns.ucx_progress_mode,
             warmup=ns.warmup,
             otlp_traces_endpoint=ns.otlp_traces_endpoint,
+            cell=ns.cell,
         )
     except ValueError as exc:
         parser.error(str(exc))

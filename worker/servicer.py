@@ -85,6 +85,7 @@ class EngineServicer(worker_pb2_grpc.WorkerServicer):
             num_blocks=stats.num_blocks,
             version=__version__,
             max_num_seqs=config.max_num_seqs,
+            cell=self.runtime.options.cell,
         )
 
     async def Stats(self, request, context) -> worker_pb2.LoadStats:

@@ -24,7 +24,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("role", "model_name", "max_model_len", "block_size", "vocab_size", "kv_transfer", "num_blocks", "version", "max_num_seqs")
+    __slots__ = ("role", "model_name", "max_model_len", "block_size", "vocab_size", "kv_transfer", "num_blocks", "version", "max_num_seqs", "cell")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class WorkerInfo(_message.Message):
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    CELL_FIELD_NUMBER: _ClassVar[int]
     role: Role
     model_name: str
     max_model_len: int
@@ -43,7 +44,8 @@ class WorkerInfo(_message.Message):
     num_blocks: int
     version: str
     max_num_seqs: int
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_transfer: _Optional[str] = ..., num_blocks: _Optional[int] = ..., version: _Optional[str] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
+    cell: str
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_transfer: _Optional[str] = ..., num_blocks: _Optional[int] = ..., version: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., cell: _Optional[str] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -74,13 +75,18 @@ class Deployment:
         return scrape(url, name)
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 40) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
+        return stop_process(self.proc, sig, timeout)
+
+
+def stop_process(proc: subprocess.Popen, sig: int, timeout: float) -> int:
+    """Send `sig` (if it still runs) and return its exit status; SIGKILL and raise after `timeout`."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
 
 
 def scrape(url: str, name: str) -> float:
@@ -124,19 +130,31 @@ def baton_up(*args: str, api_key: str | None = None, env: dict | None = None,
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True)
     dep = Deployment(proc, f"http://127.0.0.1:{port}", api_key)
+
+    def read(line: str) -> bool:
+        m = _LINE.match(line.strip())
+        if m:
+            name, pid, info = m.group(1), int(m.group(2)), m.group(3)
+            grpc = re.search(r"grpc (\S+)", info)
+            metrics = re.search(r"metrics (\S+)", info)
+            dep.processes[name] = Process(name, pid, grpc.group(1) if grpc else None,
+                                          metrics.group(1) if metrics else None)
+        return READY in line
+
+    follow(proc, dep.output, read, "baton up", timeout)
+    return dep
+
+
+def follow(proc: subprocess.Popen, output: list[str], read, what: str, timeout: float) -> None:
+    """Keep appending `proc`'s output lines to `output` (a thread); return once `read(line)`
+    said a line means ready. Kills `proc` and raises, with its last lines, if it exits first
+    or `timeout` passes."""
     ready = threading.Event()
 
     def pump() -> None:
         for line in proc.stdout:
-            dep.output.append(line)
-            m = _LINE.match(line.strip())
-            if m:
-                name, pid, info = m.group(1), int(m.group(2)), m.group(3)
-                grpc = re.search(r"grpc (\S+)", info)
-                metrics = re.search(r"metrics (\S+)", info)
-                dep.processes[name] = Process(name, pid, grpc.group(1) if grpc else None,
-                                              metrics.group(1) if metrics else None)
-            if READY in line:
+            output.append(line)
+            if read(line):
                 ready.set()
 
     threading.Thread(target=pump, daemon=True).start()
@@ -144,5 +162,96 @@ def baton_up(*args: str, api_key: str | None = None, env: dict | None = None,
     while not ready.wait(0.2):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError("baton up did not become ready:\n" + "".join(dep.output[-60:]))
-    return dep
+            raise RuntimeError(f"{what} did not become ready:\n" + "".join(output[-60:]))
+
+
+_ENGINE_READY = re.compile(r"^\[(\S+)\] baton \S+ worker ready: grpc \S+:(\d+) metrics :(\d+)")
+
+
+@dataclass
+class Cell:
+    """A running `baton serve-cell` (engines on free ports) and its engines by name."""
+
+    proc: subprocess.Popen
+    name: str
+    engines: dict[str, Process] = field(default_factory=dict)
+    output: list[str] = field(default_factory=list)
+    health_port: int | None = None
+
+    def addresses(self, role: str) -> list[str]:
+        return [p.grpc for n, p in self.engines.items() if n.startswith(role)]
+
+    def metric_lines(self, engine: str, prefix: str) -> list[str]:
+        with urllib.request.urlopen(self.engines[engine].metrics_url, timeout=5) as response:
+            return [line for line in response.read().decode().splitlines() if line.startswith(prefix)]
+
+    def stop(self, timeout: float = 40) -> int:
+        return stop_process(self.proc, signal.SIGTERM, timeout)
+
+
+def serve_cell(name: str, *args: str, prefill: int = 1, decode: int = 1, timeout: float = 120) -> Cell:
+    """Start `baton serve-cell` on free ports with the test engine flags; return once ready."""
+    argv = [sys.executable, "-m", "baton.cli", "serve-cell", "--cell", name, "--prefill", str(prefill),
+            "--decode", str(decode), "--host", "127.0.0.1", "--port", "0", "--engine-port", "0",
+            "--engine-metrics-port", "0", "--engine-kv-port", "0", "--engine-kv-tcp-port", "0",
+            "--shutdown-grace-seconds", "5", *ENGINE_FLAGS, *args]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    cell = Cell(proc, name)
+
+    def read(line: str) -> bool:
+        m = _ENGINE_READY.match(line.strip())
+        if m:
+            engine = m.group(1)
+            cell.engines[engine] = Process(engine, 0, f"127.0.0.1:{m.group(2)}",
+                                           f"http://127.0.0.1:{m.group(3)}/metrics")
+        m = re.search(r"baton cell ready: cell \S+ health :(\d+)", line)
+        if m:
+            cell.health_port = int(m.group(1))
+        return m is not None
+
+    follow(proc, cell.output, read, "baton serve-cell", timeout)
+    return cell
+
+
+@dataclass
+class Router:
+    proc: subprocess.Popen
+    url: str
+
+    def client(self, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0,
+                             timeout=kwargs.pop("timeout", 60), **kwargs)
+
+    def counter(self, name: str, label: str) -> float:
+        """A router counter's sample whose labels contain `label` (e.g. 'pairing="same_cell"')."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as response:
+            lines = response.read().decode().splitlines()
+        return next(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + "{") and label in line)
+
+    def stop(self, timeout: float = 30) -> int:
+        return stop_process(self.proc, signal.SIGTERM, timeout)
+
+
+def serve_router(model_dir: Path, *args: str, timeout: float = 60) -> Router:
+    """`baton serve-router` on a free port; returns once `/ready` says every worker is healthy."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "baton.cli", "serve-router", "--model", str(model_dir),
+                             "--host", "127.0.0.1", "--port", str(port), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    router = Router(proc, f"http://127.0.0.1:{port}")
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"{router.url}/ready", timeout=2) as response:
+                body = json.load(response)
+        except (OSError, ValueError):
+            return False
+        return body.get("ready") and all(w["healthy"] == w["total"] for w in body["workers"].values())
+
+    try:
+        wait_until(ready, timeout=timeout, interval=0.2, what="the router to see every worker")
+    except AssertionError:
+        proc.kill()
+        raise
+    return router

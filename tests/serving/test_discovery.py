@@ -48,6 +48,14 @@ def test_port_choice_and_address_families():
     assert slice_addresses(v6) == {"[fd00::5]:50051"}
 
 
+def test_a_cell_endpoint_is_one_worker_per_engine_port():
+    # A cell's Service names one port per engine (`grpc-<k>`); its metrics ports are no workers.
+    ports = [{"name": "grpc-0", "port": 50100}, {"name": "grpc-1", "port": 50101},
+             {"name": "metrics-0", "port": 9100}, {"name": "grpc-x", "port": 1}]
+    cell = endpoint_slice("a", "svc", [("10.0.0.1", {"ready": True}), ("10.0.0.2", {"ready": False})], ports=ports)
+    assert slice_addresses(cell) == {"10.0.0.1:50100", "10.0.0.1:50101"}
+
+
 def test_client_models_parse_like_dicts():
     api = k8s.ApiClient()
     raw = endpoint_slice("a", "svc", [("10.0.0.1", {"ready": True}), ("10.0.0.2", {"ready": False})])

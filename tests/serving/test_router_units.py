@@ -11,7 +11,13 @@ from baton.router.dispatch import Dispatcher
 from baton.router.errors import APIError
 from baton.router.params import check_length, guided_decoding, sampling_params
 from baton.router.protocol import ChatCompletionRequest, CompletionRequest
-from baton.router.routing import LoadPolicy, RoundRobinPolicy, prefix_key, rendezvous_score
+from baton.router.routing import (
+    LoadPolicy,
+    RoundRobinPolicy,
+    prefer_cell,
+    prefix_key,
+    rendezvous_score,
+)
 from baton.router.workers import Worker, WorkerPool
 from baton.sampling_params import GuidedDecodingParams, SamplingParams
 from baton.worker.messages import (
@@ -144,10 +150,10 @@ def test_chunks_join_and_overlaps_are_dropped():
 # -- routing --------------------------------------------------------------------------------
 
 
-def _worker(address: str, usage: float = 0.0, running: int = 0, waiting: int = 0) -> Worker:
+def _worker(address: str, usage: float = 0.0, running: int = 0, waiting: int = 0, cell: str = "") -> Worker:
     w = Worker.__new__(Worker)  # no channel: the policies read load only
     w.address, w.role, w.healthy, w.retired = address, "decode", True, False
-    w.info = worker_pb2.WorkerInfo(block_size=16, max_num_seqs=256)
+    w.info = worker_pb2.WorkerInfo(block_size=16, max_num_seqs=256, cell=cell)
     w.stats = worker_pb2.LoadStats(kv_cache_usage=usage, num_running=running, num_waiting=waiting,
                                    num_blocks=100)
     w.outstanding = w.sent_since_poll = w.reserved_blocks_since_poll = 0
@@ -174,6 +180,18 @@ def test_prefill_prefers_the_prefix_owner_unless_it_is_much_busier():
     assert policy.order_prefill(workers, prompt)[0] is not owner
     # Shorter than a block: no affinity, least loaded first.
     assert policy.order_prefill(workers, [1, 2, 3])[0] is not owner
+
+
+def test_prefill_pairs_inside_the_decode_workers_cell_unless_that_is_much_busier():
+    fleet, mate, other = _worker("p-fleet"), _worker("p-a", cell="a"), _worker("p-b", cell="b")
+    ordered = [fleet, other, mate]  # what the policy said, best first
+    assert prefer_cell(ordered, "a")[0] is mate
+    assert prefer_cell(ordered, "a")[1:] == [fleet, other]
+    assert prefer_cell(ordered, "") == ordered  # a fleet decode worker: no preference
+    assert prefer_cell([fleet, other], "a") == [fleet, other]  # no engine of the cell: across cells
+    mate.stats = worker_pb2.LoadStats(num_running=5)  # busier than the best by more than the slack
+    assert prefer_cell(ordered, "a", slack=4) == ordered
+    assert prefer_cell(ordered, "a", slack=5)[0] is mate
 
 
 def test_local_prefill_decisions():

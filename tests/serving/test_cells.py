@@ -1,0 +1,126 @@
+"""Cells (`baton serve-cell`): prefill and decode engines of one pod, KV between them by `ipc`,
+and a router that pairs a prefill engine with a decode engine of the same cell. Two cells
+of one prefill and one decode engine each on loopback, as real processes.
+
+The tests run in file order; the last one kills an engine (its cell exits).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from serving_harness import serve_cell, serve_router, wait_until
+
+M = "tiny-llama-v1"
+PAIRINGS = "baton:router_kv_handoffs_total"
+PROMPT = "A prompt long enough to be prefilled by a prefill engine"
+
+
+@pytest.fixture(scope="module")
+def cells(_tiny_model_cache):
+    started = []
+    try:
+        for name in ("cell-a", "cell-b"):
+            started.append(serve_cell(name))
+        yield {c.name: c for c in started}
+    finally:
+        for cell in started:
+            cell.stop()
+
+
+@pytest.fixture(scope="module")
+def router(cells, tiny_model_dir):
+    a, b = cells["cell-a"], cells["cell-b"]
+    r = serve_router(tiny_model_dir, "--prefill", ",".join(a.addresses("prefill") + b.addresses("prefill")),
+                     "--decode", ",".join(a.addresses("decode") + b.addresses("decode")))
+    yield r
+    r.stop()
+
+
+def ipc_handoffs(cell, engine: str) -> float:
+    """Completed handoffs this engine took part in that moved their bytes by `ipc`."""
+    lines = cell.metric_lines(engine, "baton:kv_transfer_seconds_count{")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if 'transport="ipc"' in line)
+
+
+def health(cell) -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{cell.health_port}") as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+def test_a_cell_serves_health_for_the_pod_and_its_engines_report_the_cell(cells):
+    from baton.protos import worker_pb2, worker_pb2_grpc
+
+    for cell in cells.values():
+        assert health(cell) == health_pb2.HealthCheckResponse.SERVING
+        assert sorted(cell.engines) == ["decode-0", "prefill-0"]
+        for engine in cell.engines.values():
+            with grpc.insecure_channel(engine.grpc) as channel:
+                info = worker_pb2_grpc.WorkerStub(channel).Info(worker_pb2.InfoRequest(), timeout=10)
+            assert info.cell == cell.name and info.kv_transfer == "auto"
+
+
+def test_handoffs_stay_inside_the_cell_and_move_by_ipc(cells, router):
+    """Every request's prefill engine is the one in its decode engine's cell: the router's
+    pairing counter says so, and so do the engines' own transport metrics (each cell's
+    prefill engine sent as many ipc handoffs as its decode engine received)."""
+    client = router.client()
+    same, cross = router.counter(PAIRINGS, 'pairing="same_cell"'), router.counter(PAIRINGS, 'pairing="cross_cell"')
+    before = {(c.name, e): ipc_handoffs(c, e) for c in cells.values() for e in c.engines}
+    n = 6
+    for i in range(n):
+        out = client.completions.create(model=M, prompt=f"{PROMPT} {i}", max_tokens=4, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 4
+    assert router.counter(PAIRINGS, 'pairing="same_cell"') == same + n
+    assert router.counter(PAIRINGS, 'pairing="cross_cell"') == cross
+    gained = {key: ipc_handoffs(cells[key[0]], key[1]) - value for key, value in before.items()}
+    for cell in cells.values():
+        assert gained[(cell.name, "prefill-0")] == gained[(cell.name, "decode-0")]
+    assert sum(gained[(c, "decode-0")] for c in cells) == n
+
+
+def test_a_pair_across_cells_is_counted_as_such(cells, tiny_model_dir):
+    """A router given only cell-a's prefill engine and cell-b's decode engine pairs across
+    cells (on one host `auto` still finds shared memory; between pods it takes the network)."""
+    a, b = cells["cell-a"], cells["cell-b"]
+    r = serve_router(tiny_model_dir, "--prefill", a.addresses("prefill")[0], "--decode", b.addresses("decode")[0])
+    try:
+        out = r.client().completions.create(model=M, prompt=PROMPT, max_tokens=3, temperature=0,
+                                            extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 3
+        assert r.counter(PAIRINGS, 'pairing="cross_cell"') == 1
+        assert r.counter(PAIRINGS, 'pairing="same_cell"') == 0
+    finally:
+        r.stop()
+
+
+def test_an_engine_that_dies_takes_its_cell_down_with_a_nonzero_status(cells, router):
+    """The cell is the unit of restart: when one engine dies, the cell stops the others and
+    exits 1 (the kubelet then restarts the pod); the router serves on the other cell."""
+    b = cells["cell-b"]
+    pids = [int(p) for p in open(f"/proc/{b.proc.pid}/task/{b.proc.pid}/children").read().split()]
+    prefill_pid = next(pid for pid in pids if "serve-prefill" in open(f"/proc/{pid}/cmdline").read())
+    os.kill(prefill_pid, signal.SIGKILL)
+    assert b.proc.wait(timeout=60) == 1
+    assert any("stopping the cell" in line for line in b.output)
+    for pid in pids:
+        wait_until(lambda p=pid: not os.path.exists(f"/proc/{p}") or open(f"/proc/{p}/stat").read().split()[2] == "Z",
+                   timeout=30, what=f"engine {pid} to exit")
+    client = router.client()
+    wait_until(lambda: router_sees_one_pair(router), timeout=30, what="the router to drop cell-b")
+    out = client.completions.create(model=M, prompt=PROMPT, max_tokens=3, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 3
+
+
+def router_sees_one_pair(router) -> bool:
+    with urllib.request.urlopen(f"{router.url}/ready", timeout=5) as response:
+        workers = json.load(response)["workers"]
+    return workers["prefill"]["healthy"] == 1 and workers["decode"]["healthy"] == 1
