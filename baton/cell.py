@@ -1,6 +1,6 @@
 """`baton serve-cell`: a cell, the prefill and decode engines of one pod, as one process tree.
 
-A cell is node-local P/D (docs/architecture.md, "Cells"): `--prefill N --decode M` engine
+A cell is node-local P/D (docs/decisions.md, "Cells"): `--prefill N --decode M` engine
 processes (`baton serve-prefill` / `serve-decode`), engine k on GPU k (`--device cuda`; on
 the CPU every engine is a CPU engine), all with `--kv-transfer auto` and `--cell NAME`.
 Every engine serves its own gRPC role, so the router addresses it like any worker; the

@@ -146,15 +146,16 @@ def _documented(option_strings: list[str], table: set[str]) -> bool:
 
 
 def test_the_command_line_tables_match_the_parsers(monkeypatch):
+    from baton.cell import build_parser as cell_parser
     from baton.router.config import build_parser as router_parser
     from baton.worker import flags
 
     # The flags derived from EngineArgs fields are documented as a group, not one by one;
     # leaving them out also keeps torch unimported here.
     monkeypatch.setattr(flags, "_engine_field_flags", lambda group, explicit: [])
-    worker_table, router_table = _table_flags("Process command lines")
+    worker_table, cell_table, router_table = _table_flags("Process command lines")
     worker = flags.build_parser("baton serve-decode", "decode")
-    for parser, table in ((worker, worker_table), (router_parser(), router_table)):
+    for parser, table in ((worker, worker_table), (cell_parser(), cell_table), (router_parser(), router_table)):
         actions = [a for a in parser._actions if a.option_strings and a.dest != "help"]
         undocumented = [a.option_strings[0] for a in actions if not _documented(a.option_strings, table)]
         known = {o for a in actions for o in a.option_strings}
