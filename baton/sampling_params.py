@@ -57,12 +57,16 @@ class GuidedDecodingParams:
 class SamplingParams:
     """How to sample one request's output (vLLM's names and semantics).
 
-    temperature 0 means greedy. `logprobs=N` returns the top N log-probabilities of each
+    temperature 0 means greedy. `best_of` (vLLM's, and OpenAI's completions): generate that
+    many outputs and return the `n` whose cumulative log-probability (the sum of each sampled
+    token's raw logprob) is highest, best first; such a request shows only its final output.
+    `logprobs=N` returns the top N log-probabilities of each
     generated position (always including the sampled token), computed from the model's raw
     distribution before temperature, penalties and filtering, as vLLM does.
     """
 
     n: int = 1
+    best_of: int | None = None  # candidates generated; the n with the highest cumulative logprob are returned
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -99,6 +103,13 @@ class SamplingParams:
 
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", "an integer >= 1")
+        if self.best_of is not None and (not isinstance(self.best_of, int) or self.best_of < self.n):
+            raise bad("best_of", f"an integer >= n ({self.n})")
+        if not isinstance(self.detokenize, bool):
+            raise bad("detokenize", "a boolean")
+        if not self.detokenize and self.stop:
+            raise ValueError("stop strings need detokenize=True (the text is what they are found in); "
+                             "use stop_token_ids with detokenize=False")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise bad(name, "in [-2, 2]")
@@ -134,6 +145,11 @@ class SamplingParams:
             self.guided_decoding, GuidedDecodingParams
         ):
             raise ValueError("guided_decoding must be a GuidedDecodingParams")
+
+    @property
+    def num_candidates(self) -> int:
+        """Sequences a request runs: `best_of` if given, else `n`."""
+        return self.best_of if self.best_of is not None else self.n
 
     @property
     def greedy(self) -> bool:

@@ -10,6 +10,7 @@ disaggregated serving (`handoff.py`, mixed in), the errors it raises (`errors.py
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -25,7 +26,7 @@ from baton.engine.guided import GuidedDecoder
 from baton.engine.handoff import HandoffHooks
 from baton.engine.model_runner import ModelRunner, StepOutput
 from baton.engine.output_processor import SequenceOutput
-from baton.engine.outputs import RequestOutput
+from baton.engine.outputs import CompletionOutput, RequestOutput
 from baton.engine.scheduler import ScheduledBatch, Scheduler
 from baton.engine.sequence import RequestMetrics, Sequence, SequenceStatus
 from baton.sampling_params import SamplingParams
@@ -45,6 +46,12 @@ class _Request:
     hold_kv: bool = False
     prompt_logprobs: list[dict[int, float] | None] | None = None
     error: str | None = None
+    params: SamplingParams | None = None  # the request's own (n and best_of), when added whole
+
+    @property
+    def ranked(self) -> bool:
+        """best_of > n: only the best n outputs are shown, once all have finished."""
+        return self.params is not None and self.params.num_candidates > self.params.n
 
     @property
     def seqs(self) -> list[Sequence]:
@@ -163,21 +170,25 @@ class LLMEngine(HandoffHooks):
             raise DuplicateRequestError(request_id)
         text, ids = self.tokenize_prompt(prompt)
         self.check_prompt_length(len(ids) + len(resume))
-        if hold_kv and params.n != 1:
-            raise InvalidRequestError("a request whose KV is handed off must have n=1")
-        if resume and (params.n != 1 or hold_kv or params.guided_decoding is not None):
+        if hold_kv and params.num_candidates != 1:
+            raise InvalidRequestError("a request whose KV is handed off must have n=1 and no best_of")
+        if resume and (params.num_candidates != 1 or hold_kv or params.guided_decoding is not None):
             raise InvalidRequestError("a resumed request must have n=1, no guided decoding, and run here whole")
         if resume and params.max_tokens is not None and len(resume) >= params.max_tokens:
             raise InvalidRequestError(
                 f"{len(resume)} resumed tokens leave nothing of max_tokens={params.max_tokens}")
         arrival = time.time() if arrival_time is None else arrival_time
         seqs = []
-        for i in range(params.n):
-            child = params if params.n == 1 else params.clone(
-                n=1, seed=None if params.seed is None else params.seed + i
+        count = params.num_candidates
+        for i in range(count):
+            child = params if count == 1 else params.clone(
+                n=1, best_of=None, seed=None if params.seed is None else params.seed + i,
+                # Candidates are ranked by cumulative logprob, which needs each token's.
+                logprobs=params.logprobs if params.logprobs is not None or count == params.n else 0,
             )
             seqs.append(Sequence(request_id, i, ids, child, arrival, priority, token_ids=ids + resume))
         request = self._new_request(request_id, text, ids, seqs, arrival, hold_kv=hold_kv)
+        request.params = params
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
         self.requests[request_id] = request
@@ -268,11 +279,14 @@ class LLMEngine(HandoffHooks):
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
                 metrics.time_in_queue = now - metrics.arrival_time
+            if out.prompt_logprobs is not None and request.prompt_logprobs is not None and seq.index == 0:
+                # The chunk's entries are for positions start+1...; a prefill recomputed after
+                # a preemption gives positions that are known already.
+                known = len(request.prompt_logprobs) - (seq.num_computed_tokens + 1)
+                request.prompt_logprobs.extend(out.prompt_logprobs[max(0, known):])
             if not computed:
                 seq.num_computed_tokens += num_new
             self.block_manager.cache_computed_blocks(seq)
-            if out.prompt_logprobs is not None and request.prompt_logprobs is not None and seq.index == 0:
-                request.prompt_logprobs.extend(out.prompt_logprobs)
             if out.error is not None:
                 self._fail(request, out.error)
                 continue
@@ -330,18 +344,21 @@ class LLMEngine(HandoffHooks):
         changed, self._changed = self._changed, {}
         for rid, request in changed.items():
             finished = request.finished
-            if finished or self.stream_outputs:
+            if finished or (self.stream_outputs and not request.ranked):
                 outputs.append(self._make_output(request))
             if finished:
                 self.requests.pop(rid, None)
         return outputs
 
     def _make_output(self, request: _Request) -> RequestOutput:
+        outputs = [o.completion() for o in request.outputs]
+        if request.ranked:
+            outputs = best_outputs(outputs, request.params)
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,
             prompt_token_ids=request.prompt_token_ids,
-            outputs=[o.completion() for o in request.outputs],
+            outputs=outputs,
             finished=request.finished,
             metrics=request.metrics,
             prompt_logprobs=request.prompt_logprobs,
@@ -366,3 +383,14 @@ class LLMEngine(HandoffHooks):
             num_preemptions=self.scheduler.num_preemptions,
         )
 
+
+def best_outputs(outputs: list[CompletionOutput], params: SamplingParams) -> list[CompletionOutput]:
+    """The `params.n` outputs with the highest cumulative logprob, best first, indexed 0..n-1;
+    logprobs are dropped when the request did not ask for them (they were kept to rank)."""
+    ranked = sorted(outputs, key=lambda o: o.cumulative_logprob or 0.0, reverse=True)[: params.n]
+    shown = []
+    for i, out in enumerate(ranked):
+        if params.logprobs is None:
+            out = dataclasses.replace(out, cumulative_logprob=None, logprobs=None)
+        shown.append(dataclasses.replace(out, index=i))
+    return shown

@@ -7,7 +7,8 @@ the first token and keeps the prompt's blocks referenced until the push has fini
 text the router may show for it at once; the engine produced that text as the decode engine
 will (held back where a stop string could begin), so the two streams join without a seam.
 Unless the output really ends on its first token (finish_reason "stop" or "length"), the
-engine's finish_reason is "handoff" and the reply's chunk has none.
+engine's finish_reason is "handoff" and the reply's chunk has none. Prompt logprobs, when
+asked for, are computed here and travel in the reply's chunk.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class PrefillServicer(EngineServicer):
             except HandoffError as exc:
                 code = _PUSH_CODES.get(exc.reason, grpc.StatusCode.ABORTED)
                 await context.abort(code, f"KV push failed: {exc}")
-            chunk = ChunkWriter(len(ids)).chunk(completion, final.num_cached_tokens)
+            chunk = ChunkWriter(len(ids)).chunk(completion, final.num_cached_tokens, prompt_logprobs=final.prompt_logprobs)
             if chunk.finish_reason == "handoff":  # the decode worker streams the rest
                 chunk.finish_reason = ""
             self.metrics.observe(arrival, first_at, time.time(), 1, chunk.finish_reason or "prefilled")

@@ -33,11 +33,12 @@ from baton.router.params import (
     completion_inputs,
     content_length,
     guided_error,
+    num_candidates,
     prompt_error,
     sampling_params,
 )
 from baton.router.protocol import ChatCompletionRequest, CompletionRequest
-from baton.router.responses import ResponseBuilder, sse
+from baton.router.responses import ResponseBuilder, best_of, sse
 from baton.router.workers import WorkerPool
 from baton.tokenizer import ChildEncoder, Tokenizer, TooManyTokens
 from baton.worker.messages import OutputState
@@ -131,16 +132,20 @@ class OpenAIServing:
             max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
             logprobs = body.logprobs
             param = "prompt"
-        if len(prompts) * body.n > MAX_STREAMS:
-            raise bad_request(f"{len(prompts)} prompt(s) x n={body.n} outputs exceed {MAX_STREAMS} per request", "n")
+        candidates = num_candidates(body)  # outputs run per prompt: best_of or n
+        if len(prompts) * candidates > MAX_STREAMS:
+            name = "best_of" if candidates > body.n else "n"
+            raise bad_request(f"{len(prompts)} prompt(s) x {name}={candidates} outputs exceed {MAX_STREAMS} "
+                              "per request", name)
         response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         jobs: list[Job] = []
         prompt_tokens: dict[int, int] = {}
+        params = None
         for p_index, prompt in enumerate(prompts):
             limit = check_length(len(prompt.token_ids), max_tokens, max_model_len, param)
             params = sampling_params(body, limit, logprobs, vocab_size)
-            for i in range(body.n):
-                index = p_index * body.n + i
+            for i in range(candidates):
+                index = p_index * candidates + i
                 seeded = params if params.seed is None or i == 0 else params.clone(seed=(params.seed + i) % 2**63)
                 jobs.append(Job(index, f"{response_id}-{index}", prompt.token_ids, seeded))
                 prompt_tokens[index] = len(prompt.token_ids) if i == 0 else 0
@@ -150,7 +155,9 @@ class OpenAIServing:
             chat=chat, response_id=response_id, model=body.model, tokenizer=self.tokenizer,
             prompt_token_counts=[len(p.token_ids) for p in prompts], n=body.n,
             logprobs=logprobs is not None, top_logprobs=logprobs or 0,
-            include_usage=bool(body.stream and body.stream_options and body.stream_options.include_usage))
+            include_usage=bool(body.stream and body.stream_options and body.stream_options.include_usage),
+            prompts=prompts, echo=bool(getattr(body, "echo", False)), prompt_logprobs=body.prompt_logprobs,
+            computed_prompt_logprobs=(params.prompt_logprobs or 0) if params is not None else 0)
         timing = _Timing(self.metrics, prompt_tokens)
         fan = FanOut(self.dispatcher, jobs, ticket)
         fan.start()
@@ -179,6 +186,9 @@ class OpenAIServing:
         finally:
             watcher.cancel()
             await fan.close()
+        if candidates > body.n:
+            return JSONResponse(builder.response(best_of(states, len(prompts), candidates, body.n),
+                                                 generated=list(states.values())))
         return JSONResponse(builder.response(states))
 
     async def _collect(self, fan: FanOut, timing: _Timing) -> dict[int, OutputState]:

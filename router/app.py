@@ -26,6 +26,7 @@ from baton.router.dispatch import Dispatcher
 from baton.router.edge import BodyLimit, ErrorBoundary, JSONRoute
 from baton.router.protocol import ChatCompletionRequest, CompletionRequest
 from baton.router.routing import make_policy
+from baton.router.tokenization import tokenization_routes
 from baton.router.workers import WorkerPool
 from baton.tokenizer import Tokenizer
 
@@ -103,6 +104,9 @@ def create_app(config: RouterConfig, registry: CollectorRegistry | None = None) 
     @app.post("/v1/chat/completions", tags=["openai"])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await serving.serve(body, request)
+
+    app.include_router(tokenization_routes(tokenizer, config.served_model_names,
+                                           lambda: pool.model_limits(config.roles)))
 
     @app.get("/v1/models", tags=["openai"])
     async def models() -> dict:

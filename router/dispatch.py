@@ -4,7 +4,8 @@ Disaggregated: reserve KV on a decode worker (the ticket), open its Decode strea
 the prompt and the ticket to a prefill worker, and merge what comes back: the first token
 from the prefill reply (streamed at once) and the rest from the decode stream, which
 repeats the first token (`OutputState` drops the overlap by offset). A failed prefill is
-retried once on another prefill worker with the same reservation. Colocated: one Generate
+retried once on another prefill worker with the same reservation; prompt logprobs, when
+asked for, come with the prefill reply. Colocated: one Generate
 stream. However the stream ends early (client gone, a worker failed), every call is
 cancelled and every worker touched gets an Abort, so no KV stays held anywhere.
 """
@@ -242,14 +243,27 @@ class Dispatcher:
         events: asyncio.Queue = asyncio.Queue()
         decode.outstanding += 1
         call = decode.stub.Decode(worker_pb2.DecodeRequest(
-            ticket_id=reservation.ticket_id, request_id=rid, prompt_token_ids=ids, params=params))
+            ticket_id=reservation.ticket_id, request_id=rid, prompt_token_ids=ids, params=_for_decode(params)))
         loop = asyncio.get_running_loop()
         reader = loop.create_task(_read_decode(call, events))
         prefill = loop.create_task(self._prefill(rid, ids, params, reservation.ticket, events, touched, decode))
         state = OutputState()
+        # Prompt logprobs come with the prefill reply: the decode stream (which may overtake
+        # it) waits, so the client's first delta carries them.
+        want_prompt = params.HasField("prompt_logprobs")
+        prefilled = False
+        backlog: list = []
         try:
             while True:
-                kind, payload = await events.get()
+                if backlog and (prefilled or not want_prompt):
+                    kind, payload = backlog.pop(0)
+                else:
+                    kind, payload = await events.get()
+                if kind == "prefilled":
+                    prefilled, kind = True, "chunk"
+                elif kind in ("chunk", "end") and want_prompt and not prefilled:
+                    backlog.append((kind, payload))
+                    continue
                 if kind == "chunk":
                     new_tokens, new_chars = state.apply(payload)
                     if new_tokens or new_chars or (payload.finish_reason and state.finish_reason):
@@ -373,7 +387,7 @@ class Dispatcher:
             finally:
                 worker.outstanding -= 1
             self.handoff_pairings["same_cell" if decode.cell and worker.cell == decode.cell else "cross_cell"] += 1
-            events.put_nowait(("chunk", reply.first))
+            events.put_nowait(("prefilled", reply.first))
             return
         events.put_nowait(("prefill_error", (error, handoff_failed)))
 
@@ -422,6 +436,16 @@ class _StreamLost(Exception):
     def __init__(self, error: APIError, state: OutputState, worker: Worker):
         super().__init__(error.message)
         self.error, self.state, self.worker = error, state, worker
+
+
+def _for_decode(params: worker_pb2.SamplingParams) -> worker_pb2.SamplingParams:
+    """The decode side of a handoff: prompt logprobs come from the prefill worker."""
+    if not params.HasField("prompt_logprobs"):
+        return params
+    copy = worker_pb2.SamplingParams()
+    copy.CopyFrom(params)
+    copy.ClearField("prompt_logprobs")
+    return copy
 
 
 def _copy_state(state: OutputState) -> OutputState:

@@ -39,12 +39,13 @@ def _reject_unsupported(req: SamplingFields) -> None:
     if req.logit_bias:
         raise bad_request("logit_bias is not supported", "logit_bias")
     if isinstance(req, CompletionRequest):
-        if req.echo:
-            raise bad_request("echo is not supported", "echo")
         if req.suffix:
             raise bad_request("suffix is not supported", "suffix")
-        if req.best_of is not None and req.best_of != req.n:
-            raise bad_request("best_of is not supported (leave it unset or equal to n)", "best_of")
+        if req.best_of is not None and req.best_of < req.n:
+            raise bad_request(f"best_of ({req.best_of}) must be >= n ({req.n})", "best_of")
+        if req.stream and num_candidates(req) > req.n:
+            raise bad_request("best_of > n cannot be streamed: the best outputs are known only at "
+                              "the end (OpenAI refuses it too); set stream to false", "best_of")
     if isinstance(req, ChatCompletionRequest):
         if req.tools:
             raise bad_request("tools (function calling) are not supported", "tools")
@@ -103,9 +104,23 @@ def guided_decoding(req: SamplingFields) -> GuidedDecodingParams | None:
         raise bad_request(str(exc), "response_format") from exc
 
 
+def num_candidates(req: SamplingFields) -> int:
+    """Outputs generated per prompt: completions' `best_of`, else `n`."""
+    best_of = getattr(req, "best_of", None)
+    return best_of if best_of is not None else req.n
+
+
+def prompt_logprobs(req: SamplingFields, logprobs: int | None) -> int | None:
+    """The prompt logprobs the workers compute: what `prompt_logprobs` asks, and for
+    completions' `echo` with `logprobs` the top `logprobs` of each echoed prompt token."""
+    asked = [k for k in (req.prompt_logprobs, logprobs if getattr(req, "echo", False) else None) if k is not None]
+    return max(asked) if asked else None
+
+
 def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None,
                     vocab_size: int | None = None) -> SamplingParams:
-    """One output's params (n=1: the router fans n out). Raises APIError(400)."""
+    """One output's params (n=1: the router fans n out, best_of candidates too: each then
+    reports its tokens' logprobs, which rank them). Raises APIError(400)."""
     _reject_unsupported(req)
     if isinstance(req, ChatCompletionRequest) and req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
@@ -122,7 +137,8 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
         min_tokens=req.min_tokens,
         ignore_eos=req.ignore_eos,
         stop_token_ids=req.stop_token_ids,
-        logprobs=logprobs,
+        logprobs=logprobs if logprobs is not None or num_candidates(req) == req.n else 0,
+        prompt_logprobs=prompt_logprobs(req, logprobs),
         skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
         guided_decoding=guided_decoding(req),

@@ -120,6 +120,7 @@ class SamplingFields(_Body):
     stop_token_ids: list[TokenId] | None = Field(default=None, max_length=MAX_STOP)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     # structured output: OpenAI's response_format and vLLM's guided_* extras
     response_format: ResponseFormat | None = None
     guided_json: str | dict[str, Any] | None = None
@@ -135,7 +136,7 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
 
 
 class ContentPart(_Body):

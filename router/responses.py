@@ -1,8 +1,17 @@
 """OpenAI response bodies for completions and chat, streamed (SSE chunks) or whole.
 
 `usage` is exact: prompt tokens counted once per prompt (not per n), completion tokens
-summed over every choice. Logprobs are computed by the engine from the raw distribution;
-token strings are each token decoded on its own.
+summed over every output generated (best_of candidates that are not shown included, as
+OpenAI counts them). Logprobs are computed by the engine from the raw distribution; token
+strings are each token decoded on its own.
+
+Completions' `echo` puts the prompt before each choice's text (and, with `logprobs`, its
+tokens before the generated ones, the first with a null logprob, as OpenAI does); vLLM's
+`prompt_logprobs` is a list per choice (completions) or per response (chat): null for the
+first position, then `{token_id: {"logprob", "rank", "decoded_token"}}` with the prompt's
+token and the top `prompt_logprobs` (rank: 1-based order in the distribution; null for the
+prompt's token when it is not among the top ones, where the engine does not rank it). A
+stream sends both in each choice's first chunk.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from baton.router.dispatch import Delta
+from baton.router.params import Prompt
 from baton.tokenizer import Tokenizer
 from baton.worker.messages import OutputState
 
@@ -28,8 +38,13 @@ class ResponseBuilder:
     logprobs: bool = False
     top_logprobs: int = 0
     include_usage: bool = False
+    prompts: list[Prompt] = field(default_factory=list)  # for echo: one per prompt
+    echo: bool = False
+    prompt_logprobs: int | None = None  # vLLM's prompt_logprobs as asked
+    computed_prompt_logprobs: int = 0  # the top N the workers computed (echo may ask more)
     created: int = field(default_factory=lambda: int(time.time()))
     _role_sent: set[int] = field(default_factory=set)
+    _prompt_sent: set[int] = field(default_factory=set)
     _text_offsets: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -52,19 +67,60 @@ class ResponseBuilder:
 
     # -- logprobs ------------------------------------------------------------------------
 
-    def _completion_logprobs(self, index: int, token_ids: list[int], entries: list[dict[int, float]]) -> dict:
+    def _completion_logprobs(self, index: int, token_ids: list[int],
+                             entries: list[dict[int, float] | None]) -> dict:
+        """OpenAI's completions logprobs; a None entry (an echoed prompt's first token) has
+        null logprobs."""
         tokens, token_logprobs, tops, offsets = [], [], [], []
         offset = self._text_offsets.get(index, 0)
         for token_id, entry in zip(token_ids, entries):
             text = self._token_text(token_id)
             tokens.append(text)
-            token_logprobs.append(entry.get(token_id))
-            tops.append({self._token_text(t): lp for t, lp in _top(entry, self.top_logprobs)})
+            token_logprobs.append(entry.get(token_id) if entry is not None else None)
+            tops.append({self._token_text(t): lp for t, lp in _top(entry, self.top_logprobs)}
+                        if entry is not None else None)
             offsets.append(offset)
             offset += len(text)
         self._text_offsets[index] = offset
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops,
                 "text_offset": offsets}
+
+    # -- echo and prompt logprobs --------------------------------------------------------
+
+    def _prompt(self, index: int) -> Prompt:
+        return self.prompts[index // self.n]
+
+    def _echo_text(self, index: int) -> str:
+        prompt = self._prompt(index)
+        if prompt.text is not None:
+            return prompt.text
+        return self.tokenizer.decode(prompt.token_ids, skip_special_tokens=False)
+
+    def _prompt_entries(self, index: int, state: OutputState) -> list[dict[int, float] | None]:
+        """One entry per prompt token (the first None); None entries too where the workers
+        sent none (a one-token prompt)."""
+        entries = state.prompt_logprobs or [None]
+        return entries + [None] * (len(self._prompt(index).token_ids) - len(entries))
+
+    def _prompt_logprobs_body(self, index: int, state: OutputState) -> list[dict | None]:
+        k = self.prompt_logprobs or 0
+        body: list[dict | None] = []
+        for token_id, entry in zip(self._prompt(index).token_ids, self._prompt_entries(index, state)):
+            if entry is None:
+                body.append(None)
+                continue
+            ranked = _top(entry, len(entry))
+            item = {str(t): {"logprob": lp, "rank": rank, "decoded_token": self._token_text(t)}
+                    for rank, (t, lp) in enumerate(ranked[:k], 1)}
+            if str(token_id) not in item:
+                # The engine sends its top `computed_prompt_logprobs` and the prompt's token:
+                # one more entry means the token is not among them, and its rank is unknown.
+                rank = next(r for r, (t, _) in enumerate(ranked, 1) if t == token_id)
+                item[str(token_id)] = {"logprob": entry[token_id],
+                                       "rank": rank if len(entry) <= self.computed_prompt_logprobs else None,
+                                       "decoded_token": self._token_text(token_id)}
+            body.append(item)
+        return body
 
     def _chat_logprobs(self, token_ids: list[int], entries: list[dict[int, float]]) -> dict:
         def item(token_id: int, logprob: float | None) -> dict:
@@ -77,11 +133,17 @@ class ResponseBuilder:
                             "top_logprobs": [item(t, lp) for t, lp in _top(entry, self.top_logprobs)]})
         return {"content": content}
 
-    def _logprobs(self, index: int, token_ids: list[int], entries: list[dict[int, float]]) -> dict | None:
+    def _logprobs(self, index: int, token_ids: list[int], entries: list[dict[int, float]],
+                  echo_state: OutputState | None = None) -> dict | None:
+        """The logprobs of `token_ids`; with `echo_state` (echo, the choice's first part),
+        preceded by the prompt's."""
         if not self.logprobs:
             return None
         if self.chat:
             return self._chat_logprobs(token_ids, entries)
+        if echo_state is not None:
+            token_ids = self._prompt(index).token_ids + list(token_ids)
+            entries = self._prompt_entries(index, echo_state) + list(entries)
         return self._completion_logprobs(index, token_ids, entries)
 
     # -- streaming -----------------------------------------------------------------------
@@ -90,10 +152,17 @@ class ResponseBuilder:
         """The SSE chunks for one delta of choice `index`."""
         state = delta.state
         finish = _finish(state) if delta.finished else None
-        logprobs = self._logprobs(index, delta.token_ids, delta.logprobs) if delta.token_ids else None
+        first = index not in self._prompt_sent
+        self._prompt_sent.add(index)
+        echo = self.echo and first
+        logprobs = (self._logprobs(index, delta.token_ids, delta.logprobs, state if echo else None)
+                    if delta.token_ids or echo else None)
         usage_null = {"usage": None} if self.include_usage else {}
+        extra = {"prompt_logprobs": self._prompt_logprobs_body(index, state)} \
+            if first and self.prompt_logprobs is not None else {}
         if not self.chat:
-            choice = {"index": index, "text": delta.text, "logprobs": logprobs, "finish_reason": finish}
+            text = self._echo_text(index) + delta.text if echo else delta.text
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish, **extra}
             if finish is not None:
                 choice["stop_reason"] = state.stop_reason
             return [{**self._head("text_completion"), "choices": [choice], **usage_null}]
@@ -102,7 +171,7 @@ class ResponseBuilder:
             self._role_sent.add(index)
             chunks.append({**self._head("chat.completion.chunk"), "choices": [{
                 "index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                "finish_reason": None}], **usage_null})
+                "finish_reason": None}], **usage_null, **extra})
         if delta.text or delta.token_ids or finish is not None:
             body = {"content": delta.text} if delta.text else {}
             choice = {"index": index, "delta": body, "logprobs": logprobs, "finish_reason": finish}
@@ -117,29 +186,55 @@ class ResponseBuilder:
 
     # -- whole responses -----------------------------------------------------------------
 
-    def usage(self, states: dict[int, OutputState]) -> dict:
+    def usage(self, states: dict[int, OutputState], generated: list[OutputState] | None = None) -> dict:
+        """`generated`: every output that ran (best_of candidates), if not just `states`."""
         prompt = sum(self.prompt_token_counts)
-        completion = sum(len(s.token_ids) for s in states.values())
+        completion = sum(len(s.token_ids) for s in (generated if generated is not None else states.values()))
         cached = sum(states[i * self.n].num_cached_tokens for i in range(len(self.prompt_token_counts))
                      if i * self.n in states)
         return {"prompt_tokens": prompt, "completion_tokens": completion,
                 "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": cached}}
 
-    def response(self, states: dict[int, OutputState]) -> dict:
+    def response(self, states: dict[int, OutputState], generated: list[OutputState] | None = None) -> dict:
+        """The whole response over `states` (choice index -> output); `generated` as `usage`."""
         choices = []
         for index in sorted(states):
             state = states[index]
             self._text_offsets.pop(index, None)
-            logprobs = self._logprobs(index, state.token_ids, state.logprobs)
+            logprobs = self._logprobs(index, state.token_ids, state.logprobs, state if self.echo else None)
             if self.chat:
                 choices.append({"index": index, "message": {"role": "assistant", "content": state.text},
                                 "logprobs": logprobs, "finish_reason": _finish(state),
                                 "stop_reason": state.stop_reason})
             else:
-                choices.append({"index": index, "text": state.text, "logprobs": logprobs,
-                                "finish_reason": _finish(state), "stop_reason": state.stop_reason})
-        return {**self._head(self.object_name), "choices": choices, "usage": self.usage(states)}
+                text = self._echo_text(index) + state.text if self.echo else state.text
+                choice = {"index": index, "text": text, "logprobs": logprobs,
+                          "finish_reason": _finish(state), "stop_reason": state.stop_reason}
+                if self.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = self._prompt_logprobs_body(index, state)
+                choices.append(choice)
+        body = {**self._head(self.object_name), "choices": choices, "usage": self.usage(states, generated)}
+        if self.chat and self.prompt_logprobs is not None and states:
+            body["prompt_logprobs"] = self._prompt_logprobs_body(0, states[min(states)])
+        return body
+
+
+def best_of(states: dict[int, OutputState], num_prompts: int, candidates: int, n: int) -> dict[int, OutputState]:
+    """For each prompt, the `n` of its `candidates` outputs (choice indexes prompt *
+    candidates + i) with the highest cumulative logprob, best first, as choices prompt * n
+    + rank. Each output carries its tokens' logprobs (the router asks for them)."""
+    chosen: dict[int, OutputState] = {}
+    for p in range(num_prompts):
+        outputs = [states[p * candidates + i] for i in range(candidates) if p * candidates + i in states]
+        outputs.sort(key=cumulative_logprob, reverse=True)
+        for rank, state in enumerate(outputs[:n]):
+            chosen[p * n + rank] = state
+    return chosen
+
+
+def cumulative_logprob(state: OutputState) -> float:
+    return sum(entry.get(t, 0.0) for t, entry in zip(state.token_ids, state.logprobs))
 
 
 def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:

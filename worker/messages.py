@@ -40,8 +40,8 @@ def guided_from_json(text: str) -> GuidedDecodingParams | None:
 
 def params_to_proto(p: SamplingParams) -> worker_pb2.SamplingParams:
     """One output's parameters (the router fans n out, so `p.n` must be 1)."""
-    if p.n != 1:
-        raise ValueError("the worker API carries one output per request (n=1)")
+    if p.num_candidates != 1:
+        raise ValueError("the worker API carries one output per request (n=1, no best_of)")
     if p.logits_processors:
         raise ValueError("logits processors are Python callables and cannot be sent to a worker")
     msg = worker_pb2.SamplingParams(
@@ -66,6 +66,10 @@ def params_to_proto(p: SamplingParams) -> worker_pb2.SamplingParams:
         msg.max_tokens = p.max_tokens
     if p.logprobs is not None:
         msg.logprobs = p.logprobs
+    if p.prompt_logprobs is not None:
+        msg.prompt_logprobs = p.prompt_logprobs
+    if not p.detokenize:
+        msg.detokenize = False
     return msg
 
 
@@ -87,6 +91,8 @@ def params_from_proto(msg: worker_pb2.SamplingParams) -> SamplingParams:
         max_tokens=msg.max_tokens if msg.HasField("max_tokens") else None,
         min_tokens=msg.min_tokens,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
+        detokenize=msg.detokenize if msg.HasField("detokenize") else True,
         skip_special_tokens=msg.skip_special_tokens,
         include_stop_str_in_output=msg.include_stop_str_in_output,
         guided_decoding=guided_from_json(msg.guided_decoding_json),
@@ -116,9 +122,14 @@ class ChunkWriter:
         self.num_tokens = 0
         self.text_len = 0
         self.num_prompt_tokens = num_prompt_tokens
+        self.prompt_logprobs_sent = False
 
-    def chunk(self, completion: Any, num_cached_tokens: int = 0, error: str | None = None) -> worker_pb2.GenerateChunk | None:
-        """The delta since the last call; None when nothing changed and it is not finished."""
+    def chunk(self, completion: Any, num_cached_tokens: int = 0, error: str | None = None,
+              prompt_logprobs: list | None = None) -> worker_pb2.GenerateChunk | None:
+        """The delta since the last call; None when nothing changed and it is not finished.
+
+        `prompt_logprobs` (RequestOutput.prompt_logprobs, first entry None) go out once, in
+        the first chunk that carries a token (the prompt is computed by then)."""
         tokens = completion.token_ids[self.num_tokens :]
         text = completion.text[self.text_len :] if len(completion.text) > self.text_len else ""
         finish = completion.finish_reason or ""
@@ -134,6 +145,9 @@ class ChunkWriter:
             num_cached_tokens=num_cached_tokens,
             error=error or "",
         )
+        if prompt_logprobs is not None and tokens and not self.prompt_logprobs_sent:
+            self.prompt_logprobs_sent = True
+            msg.prompt_logprobs.extend(logprobs_to_proto(e) for e in prompt_logprobs[1:])
         if completion.logprobs is not None:
             new = completion.logprobs[self.num_tokens : self.num_tokens + len(tokens)]
             msg.logprobs.extend(logprobs_to_proto(e) for e in new)
@@ -163,6 +177,9 @@ class OutputState:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    # The prompt's logprobs, first position None (the engine's RequestOutput.prompt_logprobs);
+    # None unless asked for.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     def apply(self, chunk: worker_pb2.GenerateChunk) -> tuple[int, int]:
         """Merge a chunk; returns (number of new tokens, number of new text characters)."""
@@ -180,6 +197,8 @@ class OutputState:
         self.text += new_text
         if chunk.num_prompt_tokens:
             self.num_prompt_tokens = chunk.num_prompt_tokens
+        if chunk.prompt_logprobs and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None] + [logprobs_from_proto(m) for m in chunk.prompt_logprobs]
         if chunk.num_cached_tokens:
             self.num_cached_tokens = max(self.num_cached_tokens, chunk.num_cached_tokens)
         if chunk.finish_reason:

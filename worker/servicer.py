@@ -158,7 +158,7 @@ class EngineServicer(worker_pb2_grpc.WorkerServicer):
                     completion = out.outputs[0]
                     if first_token_at is None and completion.token_ids:
                         first_token_at = time.time()
-                    chunk = writer.chunk(completion, out.num_cached_tokens, out.error)
+                    chunk = writer.chunk(completion, out.num_cached_tokens, out.error, out.prompt_logprobs)
                     if chunk is not None:
                         yield chunk
             except Exception as exc:

@@ -230,3 +230,42 @@ def test_a_resumed_request_continues_as_the_undisturbed_one(llm, params):
 def test_a_resumed_request_that_used_up_max_tokens_is_refused(llm):
     with pytest.raises(ValueError, match="max_tokens=3"):
         llm.engine.add_request("over", PROMPT, SamplingParams(max_tokens=3), resume_token_ids=[40, 41, 42])
+
+
+def test_best_of_returns_the_n_candidates_with_the_highest_cumulative_logprob(llm):
+    sampled = dict(temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
+    every = llm.generate([PROMPT], SamplingParams(n=5, logprobs=0, **sampled))[0].outputs
+    best = llm.generate([PROMPT], SamplingParams(n=2, best_of=5, **sampled))[0].outputs
+    ranked = sorted(every, key=lambda o: o.cumulative_logprob, reverse=True)
+    assert len({tuple(o.token_ids) for o in every}) > 2  # the candidates differ
+    assert [o.token_ids for o in best] == [o.token_ids for o in ranked[:2]]
+    assert [o.index for o in best] == [0, 1]
+    assert best[0].logprobs is None and best[0].cumulative_logprob is None  # not asked for
+    shown = llm.generate([PROMPT], SamplingParams(n=1, best_of=5, logprobs=1, **sampled))[0].outputs
+    assert shown[0].cumulative_logprob == pytest.approx(ranked[0].cumulative_logprob)
+    assert len(shown[0].logprobs) == 8
+
+
+def test_best_of_below_n_is_refused():
+    with pytest.raises(ValueError, match="best_of must be an integer >= n"):
+        SamplingParams(n=3, best_of=2)
+
+
+def test_a_best_of_request_streams_only_its_final_output(tiny_dir):
+    engine = LLMEngine.from_engine_args(EngineArgs(model=str(tiny_dir), device="cpu", num_gpu_blocks_override=64,
+                                                   max_model_len=64))
+    engine.add_request("b", PROMPT, SamplingParams(n=1, best_of=3, max_tokens=5, temperature=1.0, seed=1))
+    seen = []
+    while engine.has_unfinished_requests():
+        seen += engine.step()
+    assert len(seen) == 1 and seen[0].finished and len(seen[0].outputs) == 1
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_detokenize_false_returns_token_ids_without_text(llm):
+    text = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0].outputs[0]
+    ids = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                                detokenize=False))[0].outputs[0]
+    assert ids.token_ids == text.token_ids and text.text and ids.text == ""
+    with pytest.raises(ValueError, match="stop strings need detokenize=True"):
+        SamplingParams(stop=["x"], detokenize=False)
