@@ -47,6 +47,7 @@ async def _serve(conn, role: str, model_dir: str, device: str, num_blocks: int, 
 
     from baton.engine import AsyncLLMEngine, EngineArgs, SamplingParams
     from baton.kvtransfer import KVReceiver, KVSender, Ticket
+    from baton.rpc import server_options
 
     engine = AsyncLLMEngine.from_engine_args(EngineArgs(
         model=model_dir, device=device, num_gpu_blocks_override=num_blocks, max_model_len=max_len,
@@ -54,7 +55,7 @@ async def _serve(conn, role: str, model_dir: str, device: str, num_blocks: int, 
         enable_prefix_caching=False))
     stamps: dict[str, float] = {}
     if role == "decode":
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=server_options())
         end = KVReceiver(engine, "auto", default_ttl_s=120)
         end.add_to_server(server)
         complete = end.complete

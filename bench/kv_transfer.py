@@ -96,6 +96,7 @@ async def _serve(conn, role: str, device: str, num_blocks: int, mode: str | None
         ucx_transport,
     )
     from baton.kvtransfer import receiver as receiver_module
+    from baton.rpc import server_options
 
     ucx_transport.stamps = stamps = []  # this process's stage stamps (one handoff at a time)
 
@@ -108,7 +109,7 @@ async def _serve(conn, role: str, device: str, num_blocks: int, mode: str | None
         pool.kv.copy_(torch.randn(pool.kv.shape, generator=gen, device=device, dtype=torch.float32))
         end = KVSender(pool, config=config, registry=registry)
     else:
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20)])
+        server = grpc.aio.server(options=server_options(config.keepalive))
         # `auto` serves tcp and ipc; its UCX listener is forced on so that ucx is measured too
         # (a worker opens it only where UCX has an RDMA device).
         if ucx:

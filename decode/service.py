@@ -54,7 +54,7 @@ class DecodeServicer(EngineServicer):
             ucx_port=opts.kv_port,
             tcp_port=opts.kv_tcp_port,
             default_ttl_s=opts.reservation_ttl_seconds,
-            config=TransferConfig(ucx_progress_mode=opts.ucx_progress_mode),
+            config=TransferConfig(ucx_progress_mode=opts.ucx_progress_mode, keepalive=opts.keepalive),
             model_name=self.model_name,
         )
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from baton.rpc import Keepalive
+
 UCX_PROGRESS_MODES = ("thread", "thread-polling", "polling", "blocking")
 
 
@@ -38,6 +40,8 @@ class TransferConfig:
     abort_timeout_s: float = 2.0
     # Threads that copy and checksum chunks on each side.
     copy_threads: int = 4
+    # Pings on the gRPC channels to decode workers (baton/rpc.py: the same on every end).
+    keepalive: Keepalive = Keepalive()
 
     def __post_init__(self):
         for name in ("chunk_bytes", "tcp_chunk_bytes"):

@@ -28,13 +28,9 @@ from baton.kvtransfer.errors import HandoffError
 from baton.kvtransfer.transport import ReceiverTransport, SenderTransport
 from baton.protos import kvtransfer_pb2 as pb
 from baton.protos import kvtransfer_pb2_grpc as pb_grpc
+from baton.rpc import DEFAULT_KEEPALIVE, Keepalive, channel_options
 
 log = logging.getLogger(__name__)
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", 256 << 20),
-    ("grpc.max_receive_message_length", 256 << 20),
-]
-
 
 def rpc_error(exc: grpc.aio.AioRpcError, address: str) -> HandoffError:
     """Map a failed call to the reason a person can act on."""
@@ -52,13 +48,14 @@ def rpc_error(exc: grpc.aio.AioRpcError, address: str) -> HandoffError:
 class Channels:
     """One gRPC channel per decode worker address, shared by pushes and aborts."""
 
-    def __init__(self):
+    def __init__(self, keepalive: Keepalive = DEFAULT_KEEPALIVE):
+        self._options = channel_options(keepalive)
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def stub(self, address: str) -> pb_grpc.KVTransferStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=self._options)
         return pb_grpc.KVTransferStub(channel)
 
     async def close(self) -> None:
@@ -72,7 +69,7 @@ class GrpcSender(SenderTransport):
 
     def __init__(self, config, channels: Channels | None = None):
         self.config = config
-        self.channels = channels or Channels()
+        self.channels = channels or Channels(config.keepalive)
         self._pool = ThreadPoolExecutor(config.copy_threads, thread_name_prefix="kv-send")
 
     async def send(self, ticket, rows, src_block_ids, header) -> None:

@@ -60,7 +60,7 @@ class KVSender:
         self._aborts: set[asyncio.Task] = set()
         from baton.kvtransfer.grpc_transport import Channels
 
-        self._channels = Channels()
+        self._channels = Channels(self.config.keepalive)
 
     async def push(
         self,

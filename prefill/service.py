@@ -36,7 +36,8 @@ class PrefillServicer(EngineServicer):
     def __init__(self, engine, runtime):
         super().__init__(engine, runtime)
         transports = sender_transports(runtime.options.kv_transfer)
-        config = TransferConfig(ucx_progress_mode=runtime.options.ucx_progress_mode)
+        config = TransferConfig(ucx_progress_mode=runtime.options.ucx_progress_mode,
+                                keepalive=runtime.options.keepalive)
         self.sender = KVSender(engine, config=config, model_name=self.model_name, transports=transports)
 
     def register(self, server: grpc.aio.Server) -> None:

@@ -68,7 +68,7 @@ def create_app(config: RouterConfig, registry: CollectorRegistry | None = None) 
     tokenizer = Tokenizer(config.model_dir)
     registry = registry or CollectorRegistry()
     model_name = config.served_model_names[0]
-    pool = WorkerPool(config.roles, config.poll_interval)
+    pool = WorkerPool(config.roles, config.poll_interval, config.keepalive)
     dispatcher = Dispatcher(pool, make_policy(config.routing_policy), config.disaggregated, config.max_queue,
                             config.max_failovers, config.local_prefill_tokens)
     metrics = RequestMetrics(model_name, "router", registry, count_tokens=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from baton.router.routing import POLICIES
+from baton.rpc import Keepalive
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class RouterConfig:
     otlp_traces_endpoint: str | None = None  # None: no traces (baton/tracing.py)
     max_failovers: int = 2  # resumptions of one output stream after losing its worker
     local_prefill_tokens: int = 0  # disaggregated: prompts shorter than this prefill on decode; 0: off
+    keepalive: Keepalive = Keepalive()  # pings on the channels to workers (baton/rpc.py)
 
     def __post_init__(self) -> None:
         if self.discovery not in ("static", "kubernetes"):

@@ -20,19 +20,15 @@ import grpc
 
 from baton import tracing
 from baton.protos import worker_pb2, worker_pb2_grpc
+from baton.rpc import DEFAULT_KEEPALIVE, Keepalive, channel_options
 
 log = logging.getLogger(__name__)
 
 ROLE_NAMES = {worker_pb2.PREFILL: "prefill", worker_pb2.DECODE: "decode",
               worker_pb2.COLOCATED: "colocated"}
 SLOW_POLLS_UNHEALTHY = 3
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", 256 << 20),
-    ("grpc.max_receive_message_length", 256 << 20),
-    # Notice a peer that vanished without closing the connection while calls are open.
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    # Reconnect quickly after a worker restarts.
+# Reconnect quickly after a worker restarts.
+RECONNECT_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
@@ -41,10 +37,10 @@ CHANNEL_OPTIONS = [
 class Worker:
     """One worker as the router sees it."""
 
-    def __init__(self, address: str, role: str):
+    def __init__(self, address: str, role: str, keepalive: Keepalive = DEFAULT_KEEPALIVE):
         self.address = address
         self.role = role
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS,
+        self.channel = grpc.aio.insecure_channel(address, options=channel_options(keepalive) + RECONNECT_OPTIONS,
                                                  interceptors=tracing.client_interceptors())
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
         self.info: worker_pb2.WorkerInfo | None = None
@@ -139,9 +135,10 @@ class Worker:
 class WorkerPool:
     """Workers by role, kept fresh by a polling task."""
 
-    def __init__(self, roles: Iterable[str], poll_interval: float = 0.5):
+    def __init__(self, roles: Iterable[str], poll_interval: float = 0.5, keepalive: Keepalive = DEFAULT_KEEPALIVE):
         self.roles = tuple(roles)
         self.poll_interval = poll_interval
+        self.keepalive = keepalive
         self.workers: dict[str, dict[str, Worker]] = {role: {} for role in self.roles}
         self._retired: list[Worker] = []
         self._task: asyncio.Task | None = None
@@ -154,7 +151,7 @@ class WorkerPool:
         current = self.workers[role]
         wanted = set(addresses)
         for address in wanted - set(current):
-            current[address] = Worker(address, role)
+            current[address] = Worker(address, role, self.keepalive)
             log.info("%s worker added: %s", role, address)
         for address in set(current) - wanted:
             worker = current.pop(address)

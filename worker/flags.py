@@ -15,6 +15,7 @@ from typing import Any
 
 from baton.engine.quantization.schemes import KV_CACHE_DTYPES, METHOD_ALIASES
 from baton.kvtransfer.config import UCX_PROGRESS_MODES
+from baton.rpc import Keepalive
 
 TRANSPORTS = ("grpc", "ucx", "tcp", "auto")
 
@@ -45,6 +46,7 @@ class WorkerOptions:
     warmup: str = "auto"  # run every reachable kernel shape before SERVING: auto (on CUDA), on, off
     otlp_traces_endpoint: str | None = None  # None: no traces (baton/tracing.py)
     cell: str = ""  # the cell this engine runs in (`baton serve-cell` sets it); reported by Info
+    keepalive: Keepalive = Keepalive()  # the pings the gRPC server accepts (baton/rpc.py)
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode", "colocated"):

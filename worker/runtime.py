@@ -25,17 +25,13 @@ from prometheus_client import REGISTRY
 from baton import tracing
 from baton.logs import configure_logging
 from baton.metrics import start_metrics_server
+from baton.rpc import server_options
 from baton.worker.flags import WorkerOptions
 
 log = logging.getLogger(__name__)
 
-# Large enough for a prompt of a million token ids or a big KV chunk on the gRPC data plane.
-MAX_MESSAGE_BYTES = 256 << 20
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.so_reuseport", 0),
-]
+# A port taken by another process is an error here, never a port shared with it.
+NO_REUSEPORT = [("grpc.so_reuseport", 0)]
 
 
 class WorkerRuntime:
@@ -85,7 +81,7 @@ class WorkerRuntime:
         """Serve until a stop signal, drain, and return the exit status (0)."""
         opts = self.options
         tracing.configure(opts.otlp_traces_endpoint, f"baton-{opts.role}")
-        server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[tracing.ServerSpans()])
+        server = grpc.aio.server(options=server_options(opts.keepalive) + NO_REUSEPORT, interceptors=[tracing.ServerSpans()])
         register(server)
         health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -162,6 +162,7 @@ class _Child:
         from baton.kvtransfer import receiver as receiver_module
         from baton.kvtransfer.blocks import block_rows
         from baton.kvtransfer.pool import EnginePool
+        from baton.rpc import server_options
 
         receiver_module.ucx_for_auto = lambda: HAS_UCX  # see the module docstring
         s = self.spec
@@ -178,7 +179,7 @@ class _Child:
             self.pool = EnginePool(self.engine)
         config = TransferConfig(chunk_bytes=s["chunk_bytes"], tcp_chunk_bytes=s["chunk_bytes"], window_chunks=4,
                                 max_message_bytes=s["max_message_bytes"], push_timeout_s=20)
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(options=server_options(config.keepalive))
         self.receiver = KVReceiver(self.pool, s["transport"], default_ttl_s=s["ttl_s"], config=config)
         self.receiver.add_to_server(self.server)
         port = self.server.add_insecure_port("127.0.0.1:0")

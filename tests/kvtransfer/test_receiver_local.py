@@ -15,6 +15,7 @@ from baton.kvtransfer import (
     TensorPool,
     TransferConfig,
 )
+from baton.rpc import server_options
 
 LAYOUT = KVLayout("tiny", 2, 2, 16, 4, "float32")
 
@@ -24,7 +25,7 @@ async def ends():
     registry = CollectorRegistry()
     src, dst = TensorPool(LAYOUT, 32), TensorPool(LAYOUT, 32)
     src.kv.copy_(torch.randn_like(src.kv))
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=server_options())
     receiver = KVReceiver(dst, "grpc", default_ttl_s=5.0, registry=registry,
                           config=TransferConfig(chunk_bytes=4096, window_chunks=2))
     receiver.add_to_server(server)

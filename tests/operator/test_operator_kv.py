@@ -30,6 +30,7 @@ from test_operator_kopf import (
 
 from baton.kvtransfer import HandoffError, KVLayout, KVReceiver, KVSender, TensorPool
 from baton.operator import compat, kvhealth, spec, status
+from baton.rpc import server_options
 
 LAYOUT = KVLayout("llama", 2, 2, 16, 4, "float32")
 
@@ -136,7 +137,7 @@ async def handoffs(ok: int, mismatched: int, transport: str = "grpc",
     prefill, decode = CollectorRegistry(), CollectorRegistry()
     src, dst = TensorPool(LAYOUT, 16), TensorPool(LAYOUT, 16)
     other = TensorPool(dataclasses.replace(LAYOUT, block_size=2), 16)
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=server_options())
     receiver = KVReceiver(dst, transport, default_ttl_s=5.0, registry=decode)
     receiver.add_to_server(server)
     port = server.add_insecure_port("127.0.0.1:0")
