@@ -98,14 +98,15 @@ class DecodeServicer(EngineServicer):
             except asyncio.CancelledError:
                 await asyncio.shield(self.receiver.cancel(ticket_id, "the router cancelled the request"))
                 raise
-            ids = list(request.prompt_token_ids)
-            if len(ids) != handoff.num_tokens:
+            ids, resume = list(request.prompt_token_ids), list(request.resume_token_ids)
+            if len(ids) + len(resume) != handoff.num_tokens:
                 await self.receiver.release(handoff)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"{len(ids)} prompt tokens for a reservation of {handoff.num_tokens}")
+                                    f"{len(ids)} prompt and {len(resume)} resumed tokens for a reservation "
+                                    f"of {handoff.num_tokens}")
             # The engine owns the blocks from this call on, even if it refuses the request.
             outputs = self.engine.generate_prefilled(
-                rid, prompt_token_ids=ids, params=params, **handoff.prefilled_kwargs())
+                rid, prompt_token_ids=ids, params=params, resume_token_ids=resume, **handoff.prefilled_kwargs())
             async for chunk in self.stream_outputs(outputs, context, arrival, len(ids)):
                 yield chunk
 

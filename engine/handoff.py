@@ -78,31 +78,39 @@ class HandoffHooks:
         prompt: str | None = None,
         arrival_time: float | None = None,
         priority: int = 0,
+        resume_token_ids: list[int] | None = None,
     ) -> None:
         """Admit a request whose prompt KV is already in `block_ids` (from `reserve_blocks`).
 
         The engine takes over the blocks' references, also when this raises (it releases
         them then), so a caller never has to guess who owns them after a bad request. The
         request continues from its first token exactly as if this engine had computed the
-        prompt. Raises DuplicateRequestError or InvalidRequestError.
+        prompt. `resume_token_ids`: outputs streamed before a failover, prefilled with the
+        prompt (`add_request(..., hold_kv=True, resume_token_ids=...)`): the blocks hold
+        prompt and resumed tokens, which become the first outputs as in `add_request`, and
+        `first_token_id` follows them. Raises DuplicateRequestError or InvalidRequestError.
         """
+        resume = list(resume_token_ids or ())
+        num_tokens = len(prompt_token_ids) + len(resume)
         try:
             if request_id in self.requests:
                 raise DuplicateRequestError(request_id)
             if params.n != 1:
                 raise InvalidRequestError("a prefilled request must have n=1")
-            if len(block_ids) != self.block_manager.blocks_for(len(prompt_token_ids)):
+            if len(block_ids) != self.block_manager.blocks_for(num_tokens):
                 raise InvalidRequestError(
                     f"{len(block_ids)} blocks do not match a prompt of {len(prompt_token_ids)} tokens"
+                    + (f" and {len(resume)} resumed ones" if resume else "")
                 )
             arrival = time.time() if arrival_time is None else arrival_time
-            seq = Sequence(request_id, 0, list(prompt_token_ids), params, arrival, priority)
+            seq = Sequence(request_id, 0, list(prompt_token_ids), params, arrival, priority,
+                           token_ids=list(prompt_token_ids) + resume)
             request = self._new_request(request_id, prompt, list(prompt_token_ids), [seq], arrival)
         except BaseException:
             self.release_blocks(list(block_ids))
             raise
         seq.block_table = list(block_ids)
-        seq.num_computed_tokens = len(prompt_token_ids)
+        seq.num_computed_tokens = num_tokens
         self.block_manager.cache_computed_blocks(seq)
         self.requests[request_id] = request
         now = time.time()

@@ -162,7 +162,8 @@ class LLMEngine(HandoffHooks):
         after a preemption: their KV is recomputed, the next token is sampled at output
         position `len(resume_token_ids)` (a seeded request draws what the original would
         have; penalties, `min_tokens`, `max_tokens` and stop strings count them), and the
-        output's tokens and text include them.
+        output's tokens and text include them. With `hold_kv`, the held blocks cover the
+        prompt and these tokens (a failover through a prefill worker).
         """
         params = params or SamplingParams()
         resume = list(resume_token_ids or ())
@@ -172,8 +173,8 @@ class LLMEngine(HandoffHooks):
         self.check_prompt_length(len(ids) + len(resume))
         if hold_kv and params.num_candidates != 1:
             raise InvalidRequestError("a request whose KV is handed off must have n=1 and no best_of")
-        if resume and (params.num_candidates != 1 or hold_kv or params.guided_decoding is not None):
-            raise InvalidRequestError("a resumed request must have n=1, no guided decoding, and run here whole")
+        if resume and (params.num_candidates != 1 or params.guided_decoding is not None):
+            raise InvalidRequestError("a resumed request must have n=1, no best_of and no guided decoding")
         if resume and params.max_tokens is not None and len(resume) >= params.max_tokens:
             raise InvalidRequestError(
                 f"{len(resume)} resumed tokens leave nothing of max_tokens={params.max_tokens}")

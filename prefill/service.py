@@ -8,7 +8,10 @@ text the router may show for it at once; the engine produced that text as the de
 will (held back where a stop string could begin), so the two streams join without a seam.
 Unless the output really ends on its first token (finish_reason "stop" or "length"), the
 engine's finish_reason is "handoff" and the reply's chunk has none. Prompt logprobs, when
-asked for, are computed here and travel in the reply's chunk.
+asked for, are computed here and travel in the reply's chunk. A failover
+(`resume_token_ids`) prefills the prompt and the tokens already streamed; the token it
+samples and pushes is the one after them, and the reply repeats them (the router drops
+what the client has).
 """
 
 from __future__ import annotations
@@ -56,10 +59,10 @@ class PrefillServicer(EngineServicer):
                 ticket = Ticket.from_bytes(request.ticket)
             except HandoffError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            final = await self._prefill(rid, ids, params, context)
+            final = await self._prefill(rid, ids, list(request.resume_token_ids), params, context)
             completion = final.outputs[0]
-            token = completion.token_ids[0]
-            entry = completion.logprobs[0] if completion.logprobs else None
+            token = completion.token_ids[-1]  # after the resumed tokens, if any
+            entry = completion.logprobs[-1] if completion.logprobs else None
             first_at = time.time()
             try:
                 result = await self.sender.push_held(
@@ -73,10 +76,11 @@ class PrefillServicer(EngineServicer):
             self.metrics.observe(arrival, first_at, time.time(), 1, chunk.finish_reason or "prefilled")
             return worker_pb2.PrefillReply(first=chunk, kv_transfer_seconds=result.seconds)
 
-    async def _prefill(self, rid: str, ids: list[int], params, context):
-        """Run the prompt through the engine; returns the finished RequestOutput whose KV
-        the engine holds. Cancellation aborts it and frees the blocks."""
-        outputs = self.engine.generate({"prompt_token_ids": ids}, params, rid, hold_kv=True)
+    async def _prefill(self, rid: str, ids: list[int], resume: list[int], params, context):
+        """Run the prompt (and the resumed tokens) through the engine; returns the finished
+        RequestOutput whose KV the engine holds. Cancellation aborts it and frees the blocks."""
+        outputs = self.engine.generate({"prompt_token_ids": ids}, params, rid, hold_kv=True,
+                                       resume_token_ids=resume)
         final = None
         async with contextlib.aclosing(outputs):
             try:
@@ -85,7 +89,7 @@ class PrefillServicer(EngineServicer):
             except Exception as exc:
                 await abort_for_engine_error(context, exc)
         completion = final.outputs[0] if final is not None else None
-        if completion is None or not completion.token_ids or completion.finish_reason in ("error", "abort"):
+        if completion is None or len(completion.token_ids) <= len(resume) or completion.finish_reason in ("error", "abort"):
             await self.engine.run(lambda e: e.release_held(rid), always=True)
             why = (final.error if final is not None else None) or "no token was sampled"
             await context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {why}")

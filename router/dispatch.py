@@ -94,9 +94,10 @@ class Dispatcher:
                        params: SamplingParams) -> AsyncIterator[Delta]:
         """Stream one output. Raises APIError (before or during the stream).
 
-        A worker lost mid-stream (its call UNAVAILABLE) is failed over: the prompt and the
-        tokens already streamed run whole on another decode (or colocated) worker, which
-        continues where the lost one stopped (`GenerateRequest.resume_token_ids`), at most
+        A worker lost mid-stream (its call UNAVAILABLE) is failed over (`_resume`): the
+        prompt and the tokens already streamed are prefilled again, on a prefill worker
+        that hands off to another decode worker, or whole on another decode (or colocated)
+        worker, which continues where the lost one stopped (`resume_token_ids`), at most
         `max_failovers` times per stream. Guided requests are not resumed (the grammar's
         state is not carried)."""
         self.running += 1
@@ -118,8 +119,7 @@ class Dispatcher:
                     log.warning("%s worker %s lost %s after %d tokens; resuming elsewhere (failover %d of %d)",
                                 lost.worker.role, lost.worker.address, request_id, len(lost.state.token_ids),
                                 failovers, self.max_failovers)
-                    inner = self._whole(f"{request_id}.f{failovers}", prompt_token_ids, proto,
-                                        state=lost.state, exclude={lost.worker})
+                    inner = self._resume(f"{request_id}.f{failovers}", prompt_token_ids, proto, lost)
         finally:
             self.running -= 1
             self.pool.notify()
@@ -134,6 +134,18 @@ class Dispatcher:
         if reason == "remote":
             return self._disaggregated(rid, ids, params)
         return self._whole(rid, ids, params, prefer=worker)
+
+    def _resume(self, rid: str, ids: list[int], params: worker_pb2.SamplingParams, lost: _StreamLost):
+        """A lost stream's next run, never on the lost worker: disaggregated, through a
+        healthy prefill and decode pair (the prompt and the streamed tokens are one long
+        prompt for the prefill worker: a handoff beats recomputing them on the decode
+        worker, as for a first run), unless no prefill worker is available or the whole is
+        shorter than `local_prefill_tokens`; otherwise whole on another decode (or
+        colocated) worker."""
+        resumed = len(ids) + len(lost.state.token_ids)
+        if self.disaggregated and self.pool.available("prefill") and resumed >= self.local_prefill_tokens:
+            return self._disaggregated(rid, ids, params, state=lost.state, exclude={lost.worker})
+        return self._whole(rid, ids, params, state=lost.state, exclude={lost.worker})
 
     def local_prefill_reason(self, ids: list[int]) -> tuple[str, Worker | None]:
         """Where a disaggregated request's prompt is prefilled: "short_prompt" (fewer than
@@ -220,13 +232,19 @@ class Dispatcher:
 
     # -- disaggregated -------------------------------------------------------------------
 
-    async def _disaggregated(self, rid: str, ids: list[int], params: worker_pb2.SamplingParams):
+    async def _disaggregated(self, rid: str, ids: list[int], params: worker_pb2.SamplingParams,
+                             state: OutputState | None = None, exclude: set[Worker] | frozenset = frozenset()):
+        """A prefill worker hands the prompt's KV to a decode worker (not one in `exclude`),
+        which streams the rest. `state`: what the client already has (a failover): its
+        tokens are prefilled after the prompt, and both workers re-send them, which
+        `OutputState.apply` drops by offset."""
         # A handoff that failed mid-way frees its reservation; while nothing has reached the
         # client the whole flow runs once more, under a fresh request id.
         for attempt in range(2):
             yielded = False
             try:
-                async for delta in self._disaggregated_once(rid if attempt == 0 else f"{rid}.{attempt}", ids, params):
+                async for delta in self._disaggregated_once(rid if attempt == 0 else f"{rid}.{attempt}", ids, params,
+                                                            state, exclude):
                     yielded = True
                     yield delta
                 return
@@ -235,19 +253,22 @@ class Dispatcher:
                     raise exc.error from None
                 log.warning("KV handoff of %s failed (%s); reserving again", rid, exc.error.message)
 
-    async def _disaggregated_once(self, rid: str, ids: list[int], params: worker_pb2.SamplingParams):
+    async def _disaggregated_once(self, rid: str, ids: list[int], params: worker_pb2.SamplingParams,
+                                  state: OutputState | None, exclude: set[Worker] | frozenset):
+        resume = list(state.token_ids) if state is not None else []
         # Router queueing: until a decode worker has reserved KV for the prompt.
         with tracing.span("queue", **{"baton.request_id": rid}):
-            decode, reservation, rid = await self._reserve(rid, len(ids))
+            decode, reservation, rid = await self._reserve(rid, len(ids) + len(resume), exclude)
         touched = {decode}
         events: asyncio.Queue = asyncio.Queue()
         decode.outstanding += 1
         call = decode.stub.Decode(worker_pb2.DecodeRequest(
-            ticket_id=reservation.ticket_id, request_id=rid, prompt_token_ids=ids, params=_for_decode(params)))
+            ticket_id=reservation.ticket_id, request_id=rid, prompt_token_ids=ids, params=_for_decode(params),
+            resume_token_ids=resume))
         loop = asyncio.get_running_loop()
         reader = loop.create_task(_read_decode(call, events))
-        prefill = loop.create_task(self._prefill(rid, ids, params, reservation.ticket, events, touched, decode))
-        state = OutputState()
+        prefill = loop.create_task(self._prefill(rid, ids, resume, params, reservation.ticket, events, touched, decode))
+        state = _copy_state(state) if state is not None else OutputState()
         # Prompt logprobs come with the prefill reply: the decode stream (which may overtake
         # it) waits, so the client's first delta carries them.
         want_prompt = params.HasField("prompt_logprobs")
@@ -290,7 +311,8 @@ class Dispatcher:
                 for worker in touched:
                     self._abort(worker, rid)
 
-    async def _reserve(self, rid: str, num_tokens: int) -> tuple[Worker, worker_pb2.ReserveReply, str]:
+    async def _reserve(self, rid: str, num_tokens: int,
+                       exclude: set[Worker] | frozenset = frozenset()) -> tuple[Worker, worker_pb2.ReserveReply, str]:
         """Reserve KV for the prompt on the best decode worker that has room; wait for room
         while every one is full or busy (admission bounded how many wait). Returns the
         worker, its reply and the request id the reservation holds: a call abandoned after
@@ -298,7 +320,7 @@ class Dispatcher:
         abandoned one's Abort cannot touch."""
         attempt = 0
         while True:
-            candidates = self.pool.available("decode")
+            candidates = [w for w in self.pool.available("decode") if w not in exclude]
             if not candidates:
                 raise no_worker("decode")
             for worker in self.policy.order_decode(candidates):
@@ -354,12 +376,12 @@ class Dispatcher:
             if not task.done():
                 task.cancel()
 
-    async def _prefill(self, rid: str, ids: list[int], params: worker_pb2.SamplingParams,
+    async def _prefill(self, rid: str, ids: list[int], resume: list[int], params: worker_pb2.SamplingParams,
                        ticket: bytes, events: asyncio.Queue, touched: set[Worker], decode: Worker) -> None:
         """Prefill on the best prefill worker, one of the decode worker's cell first
         (`prefer_cell`); a second worker once if the first failed before the handoff."""
         request = worker_pb2.PrefillRequest(request_id=rid, prompt_token_ids=ids, params=params,
-                                            ticket=ticket)
+                                            ticket=ticket, resume_token_ids=resume)
         tried: list[Worker] = []
         error: APIError = no_worker("prefill")
         handoff_failed = False

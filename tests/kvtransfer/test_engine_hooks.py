@@ -102,6 +102,34 @@ def test_a_hold_kv_request_that_ends_on_its_first_token_says_so(engine):
     assert (out.token_ids, out.text) == (colocated.token_ids, colocated.text)
 
 
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0.9, "seed": 5}], ids=["greedy", "seeded"])
+def test_a_failover_handoff_prefills_the_streamed_tokens_and_continues_the_same_output(engine, sampling):
+    """A decode failover through a prefill worker: prompt + the 7 tokens already streamed are
+    prefilled with `hold_kv`, the blocks handed over, and the decode side admits them as
+    resumed outputs: tokens and text are those of an undisturbed run, the KV all comes back."""
+    params = SamplingParams(max_tokens=16, ignore_eos=True, **sampling)
+    prompt = list(range(40, 58))
+    engine.add_request("whole", {"prompt_token_ids": prompt}, params)
+    whole = _drain(engine)["whole"].outputs[0]
+    streamed = whole.token_ids[:7]
+    engine.add_request("p", {"prompt_token_ids": prompt}, params, hold_kv=True, resume_token_ids=streamed)
+    prefilled = _drain(engine)["p"].outputs[0]
+    assert prefilled.finish_reason == "handoff" and prefilled.token_ids == whole.token_ids[:8]
+    held = engine.held_blocks("p")
+    reserved = engine.reserve_blocks(len(prompt) + len(streamed))
+    assert len(held) == len(reserved)
+    engine.kv_cache[reserved] = engine.kv_cache[held]
+    engine.release_held("p")
+    engine.add_prefilled_request("d", prompt, params, reserved, prefilled.token_ids[-1], resume_token_ids=streamed)
+    resumed = _drain(engine)["d"].outputs[0]
+    assert (resumed.token_ids, resumed.text) == (whole.token_ids, whole.text)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    with pytest.raises(ValueError, match="7 resumed"):
+        engine.add_prefilled_request("e", prompt, params, engine.reserve_blocks(len(prompt)), 9,
+                                     resume_token_ids=streamed)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
 def test_engine_errors_are_typed(engine):
     from baton.engine.errors import DuplicateRequestError, InvalidRequestError, NoCapacityError
 

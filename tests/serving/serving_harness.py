@@ -89,6 +89,19 @@ def stop_process(proc: subprocess.Popen, sig: int, timeout: float) -> int:
         raise
 
 
+def kv_usage(dep: Deployment, name: str) -> float:
+    """The share of the worker's KV pool in use (0.0: no block held)."""
+    return dep.metric("baton:kv_cache_usage_perc", name)
+
+
+def series_sum(url: str, name: str, label: str = "") -> float:
+    """The sum of the samples of the labelled series `name` at a /metrics URL whose labels
+    contain `label` (e.g. 'transport="ipc"'); 0 when there is none."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + "{") and label in line)
+
+
 def scrape(url: str, name: str) -> float:
     """The value of an unlabelled-by-us series `name` (first sample) at a /metrics URL."""
     with urllib.request.urlopen(url, timeout=5) as response:
@@ -181,9 +194,8 @@ class Cell:
     def addresses(self, role: str) -> list[str]:
         return [p.grpc for n, p in self.engines.items() if n.startswith(role)]
 
-    def metric_lines(self, engine: str, prefix: str) -> list[str]:
-        with urllib.request.urlopen(self.engines[engine].metrics_url, timeout=5) as response:
-            return [line for line in response.read().decode().splitlines() if line.startswith(prefix)]
+    def metric(self, engine: str, name: str, label: str = "") -> float:
+        return series_sum(self.engines[engine].metrics_url, name, label)
 
     def stop(self, timeout: float = 40) -> int:
         return stop_process(self.proc, signal.SIGTERM, timeout)
@@ -224,10 +236,8 @@ class Router:
                              timeout=kwargs.pop("timeout", 60), **kwargs)
 
     def counter(self, name: str, label: str) -> float:
-        """A router counter's sample whose labels contain `label` (e.g. 'pairing="same_cell"')."""
-        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as response:
-            lines = response.read().decode().splitlines()
-        return next(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + "{") and label in line)
+        """A router counter's samples whose labels contain `label` (e.g. 'pairing="same_cell"')."""
+        return series_sum(f"{self.url}/metrics", name, label)
 
     def stop(self, timeout: float = 30) -> int:
         return stop_process(self.proc, signal.SIGTERM, timeout)

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import os
 import signal
-import urllib.request
 
 import pytest
-from serving_harness import baton_up, wait_until
+from serving_harness import baton_up, kv_usage, series_sum, wait_until
 
 M = "tiny-llama-v1"
 LONG = {"ignore_eos": True}
@@ -26,10 +25,6 @@ def dep(_tiny_model_cache):
     d.stop()
 
 
-def kv_usage(dep, name: str) -> float:
-    return dep.metric("baton:kv_cache_usage_perc", name)
-
-
 def answers(dep, name: str) -> bool:
     """The worker serves its metrics (a killed one may linger as a zombie until reaped)."""
     try:
@@ -40,10 +35,12 @@ def answers(dep, name: str) -> bool:
 
 
 def decisions(dep, decision: str) -> float:
-    with urllib.request.urlopen(f"{dep.url}/metrics", timeout=5) as response:
-        lines = response.read().decode().splitlines()
-    return next(float(line.rsplit(" ", 1)[1]) for line in lines
-                if line.startswith("baton:router_prefill_decisions_total{") and f'decision="{decision}"' in line)
+    return series_sum(f"{dep.url}/metrics", "baton:router_prefill_decisions_total", f'decision="{decision}"')
+
+
+def handoffs(dep) -> float:
+    """KV handoffs the router completed (these workers are in no cell: all cross_cell)."""
+    return series_sum(f"{dep.url}/metrics", "baton:router_kv_handoffs_total", 'pairing="cross_cell"')
 
 
 def stream_text(client, prompt: str, max_tokens: int, kill=None, **extra) -> tuple[str, str | None]:
@@ -73,12 +70,15 @@ def test_short_prompts_prefill_on_the_decode_worker(dep):
                          ids=["greedy", "seeded"])
 def test_killed_decode_worker_stream_continues_with_the_same_text(dep, sampling):
     """kill -9 the decode worker serving a stream after a few chunks: the stream ends normally,
-    with exactly the text of an undisturbed run, and no KV is left on any surviving worker."""
+    with exactly the text of an undisturbed run, and no KV is left on any surviving worker.
+    The resumed run goes through the prefill worker (the prompt and the streamed tokens
+    prefilled there, handed to another decode worker): one more handoff, one more prefill."""
     client = dep.client(timeout=120)
     expected, finish = stream_text(client, PROMPT, TOKENS, **sampling)
     assert finish == "length"
     decoders = [n for n in dep.processes if n.startswith("decode") and answers(dep, n)]
     failovers = dep.metric("baton:router_failovers_total", "router")
+    handed_off, prefilled = handoffs(dep), prefill_handoffs(dep)
     killed: list[str] = []
 
     def kill(n: int) -> None:
@@ -92,7 +92,13 @@ def test_killed_decode_worker_stream_continues_with_the_same_text(dep, sampling)
     assert killed and finish == "length"
     assert text == expected
     assert dep.metric("baton:router_failovers_total", "router") == failovers + 1
+    assert handoffs(dep) == handed_off + 2 and prefill_handoffs(dep) == prefilled + 2
     lost = dep.processes[killed[0]].grpc
     assert any("resuming elsewhere" in line and lost in line for line in dep.output)
     survivors = [w.name for w in dep.workers() if answers(dep, w.name)]
     wait_until(lambda: all(kv_usage(dep, n) == 0.0 for n in survivors), what="no KV held on the survivors")
+
+
+def prefill_handoffs(dep) -> float:
+    """Handoffs the prefill worker pushed (all transports)."""
+    return series_sum(dep.processes["prefill-0"].metrics_url, "baton:kv_transfer_seconds_count")

@@ -16,7 +16,7 @@ import grpc
 import httpx
 import openai
 import pytest
-from serving_harness import baton_up, wait_until
+from serving_harness import baton_up, kv_usage, wait_until
 
 from baton.protos import worker_pb2, worker_pb2_grpc
 from baton.router.routing import prefix_key, rendezvous_score
@@ -31,10 +31,6 @@ def dep(_tiny_model_cache):
     d = baton_up("--prefill", "2", "--decode", "1", "--max-queue", "1")
     yield d
     d.stop()
-
-
-def kv_usage(dep, name: str) -> float:
-    return dep.metric("baton:kv_cache_usage_perc", name)
 
 
 def all_kv_free(dep) -> bool:
