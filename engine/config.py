@@ -162,6 +162,9 @@ class EngineArgs:
     # User code imported before the model is built, to register architectures with
     # `ModelRegistry` (engine/models/registry.py): a module name or a .py path.
     model_module: str | None = None
+    # Processes (one per device) the model is split over (engine/parallel): heads, MLP rows
+    # and vocabulary; rank 0 is this process.
+    tensor_parallel_size: int = 1
 
     def create_engine_config(self) -> EngineConfig:
         model_dir = Path(self.model) if self.model else _default_model_dir()
@@ -209,6 +212,7 @@ class EngineArgs:
         if kv_cache_dtype == torch.float8_e4m3fn and self.attention_backend == "flash_attn":
             raise ValueError("kv_cache_dtype='fp8' needs the triton or torch attention backend (flash_attn reads "
                              "only a cache in the model dtype)")
+        _check_tensor_parallel(self.tensor_parallel_size, hf_config, device, quantization, kv_cache_dtype, dtype)
         return EngineConfig(
             model_dir=model_dir,
             tokenizer_dir=Path(self.tokenizer) if self.tokenizer else model_dir,
@@ -233,6 +237,7 @@ class EngineArgs:
                      else KernelConfig.from_env(self.kernel_config)),
             quantization=quantization,
             kv_cache_dtype=kv_cache_dtype,
+            tensor_parallel_size=self.tensor_parallel_size,
         )
 
     @classmethod
@@ -273,6 +278,7 @@ class EngineConfig:
     kernels: KernelConfig = KernelConfig()
     quantization: QuantConfig | None = None  # None: unquantized
     kv_cache_dtype: torch.dtype | None = None  # None: the model dtype
+    tensor_parallel_size: int = 1
 
     def __post_init__(self):
         if self.kv_cache_dtype is None:
@@ -304,6 +310,32 @@ class EngineConfig:
         if not archs:
             raise ValueError(f"{self.model_dir}/config.json names no architectures")
         return archs[0]
+
+
+def _check_tensor_parallel(tp, hf_config: dict, device: torch.device, quantization, kv_cache_dtype,
+                           dtype) -> None:
+    """Refuse what tensor parallelism does not do (ValueError naming it); TP 1 passes."""
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+        raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {tp!r}")
+    if tp == 1:
+        return
+    from baton.engine.models.registry import ModelRegistry
+    from baton.engine.parallel.layout import ShardLayout
+    from baton.engine.parallel.shard import SHARDABLE, shardable
+
+    arch = (hf_config.get("architectures") or ["(none)"])[0]
+    if not ModelRegistry.is_registered(arch) or not shardable(ModelRegistry.resolve(arch)):
+        raise ValueError(f"tensor_parallel_size={tp}: tensor parallelism shards the built-in "
+                         f"{', '.join(SHARDABLE)} only, not {arch}; use tensor_parallel_size=1")
+    ShardLayout.of(hf_config, tp, 0)
+    if quantization is not None:
+        raise ValueError(f"tensor_parallel_size={tp} with quantization ({quantization.description}) is not "
+                         f"supported yet: serve the unquantized checkpoint, or use tensor_parallel_size=1")
+    if kv_cache_dtype != dtype:
+        raise ValueError(f"tensor_parallel_size={tp} with kv_cache_dtype='fp8' is not supported yet")
+    if device.type == "cuda" and (device.index or 0) + tp > torch.cuda.device_count():
+        raise ValueError(f"tensor_parallel_size={tp} needs {tp} GPUs from {device}; this machine has "
+                         f"{torch.cuda.device_count()}")
 
 
 def _default_model_dir() -> Path:

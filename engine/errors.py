@@ -10,6 +10,8 @@ status codes without loading the engine.
 - `NoCapacityError`: the KV pool has no room for a reservation right now; retry later or
   elsewhere.
 - `EngineDeadError`: the engine thread stopped; no request can be served by this engine.
+- `RankFailedError`: a tensor-parallel rank failed (an `EngineDeadError`): every rank was
+  stopped; restart the engine.
 """
 
 from __future__ import annotations
@@ -37,3 +39,7 @@ class NoCapacityError(EngineError, ValueError):
 
 class EngineDeadError(EngineError, RuntimeError):
     """The engine thread stopped; no request can be served."""
+
+
+class RankFailedError(EngineDeadError):
+    """A tensor-parallel rank died or the ranks fell out of step; the engine cannot continue."""

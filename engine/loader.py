@@ -20,6 +20,7 @@ from torch import nn
 
 from baton.engine.config import EngineConfig
 from baton.engine.models.registry import ModelRegistry
+from baton.engine.parallel.layout import ShardLayout
 from baton.engine.quantization import kv_scales, loading
 
 log = logging.getLogger(__name__)
@@ -46,19 +47,27 @@ def iter_weights(model_dir: Path, device: torch.device) -> Iterator[tuple[str, t
                 yield name, f.get_tensor(name)
 
 
-def load_model(config: EngineConfig) -> nn.Module:
+def load_model(config: EngineConfig, layout: ShardLayout | None = None) -> nn.Module:
+    """The model of `config`; with a tensor-parallel `layout`, the rank's shard: the model
+    built at the rank's shape and loaded with its slices of each tensor (`engine/parallel`)."""
     cls = ModelRegistry.resolve(config.architecture)
+    sharded = layout is not None and layout.tp > 1
     previous = torch.get_default_dtype()
     torch.set_default_dtype(config.dtype)  # parameters are born in the target dtype
     try:
         with torch.device("meta"):
-            model = cls(config.hf_config)
+            model = cls(layout.rank_hf_config(config.hf_config) if sharded else config.hf_config)
     finally:
         torch.set_default_dtype(previous)
     loading.prepare_model(model, config.quantization)
     model = model.to_empty(device=config.device)
+    weights = iter_weights(config.model_dir, config.device)
+    if sharded:
+        from baton.engine.parallel.shard import shard_weights
+
+        weights = shard_weights(weights, layout)
     with torch.no_grad():
-        scales = loading.load_weights(model, config.quantization, iter_weights(config.model_dir, config.device))
+        scales = loading.load_weights(model, config.quantization, weights)
     if config.kv_cache_dtype == torch.float8_e4m3fn:
         kv_scales.attach(model, scales, config.num_heads, config.num_kv_heads, config.device)
     elif scales:

@@ -26,6 +26,7 @@ from baton.engine.fastpath import apply_fast_path, explain
 from baton.engine.input_prep import prepare
 from baton.engine.kv_cache import KVCacheSpec
 from baton.engine.loader import load_model
+from baton.engine.parallel.layout import ShardLayout
 from baton.engine.sampler import Sampler, prompt_logprobs
 from baton.engine.scheduler import ScheduledBatch
 from baton.engine.sequence import Sequence
@@ -45,26 +46,43 @@ class StepOutput:
     error: str | None = None
 
 
+def kv_cache_spec(config: EngineConfig, layout: ShardLayout) -> KVCacheSpec:
+    """The KV pool of one rank: the KV heads of `layout` (all of them at TP 1)."""
+    return KVCacheSpec(num_layers=config.num_layers, num_kv_heads=len(layout.kv_heads), head_dim=config.head_dim,
+                       block_size=config.block_size, dtype=config.kv_cache_dtype)
+
+
+def attention_backend(config: EngineConfig, layout: ShardLayout, kernels: KernelConfig, name: str | None = None):
+    """The attention backend of one rank, over its heads."""
+    name = name or pick_backend_name(config.attention_backend, config.device)
+    return create_backend(name, config.device, num_heads=len(layout.heads), num_kv_heads=len(layout.kv_heads),
+                          head_dim=config.head_dim, scale=config.head_dim**-0.5, kernels=kernels)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, eos_token_ids: list[int]):
         self.config = config
         self.device = config.device
         self.kernels = config.kernels.for_device(self.device)  # PDL resolved for this GPU
         torch.manual_seed(config.seed)
-        self.reference = load_model(config)  # the torch model, as engine/models writes it
-        self.model = apply_fast_path(self.reference, self.kernels, self.device)  # what runs
-        self.kv_spec = KVCacheSpec(
-            num_layers=config.num_layers,
-            num_kv_heads=config.num_kv_heads,
-            head_dim=config.head_dim,
-            block_size=config.block_size,
-            dtype=config.kv_cache_dtype,
-        )
+        # Rank 0's part of the model; the whole model at tensor_parallel_size 1.
+        self.layout = ShardLayout.of(config.hf_config, config.tensor_parallel_size, 0)
+        if config.tensor_parallel_size > 1:
+            from baton.engine import parallel
+
+            # Ranks 1..N-1 in processes of their own, driven by every call of the model
+            # (engine/parallel); no fast path and no CUDA graphs for it yet (docs/limits.md).
+            self.model = parallel.start(config, load_model)
+            self.reference = self.model.model
+        else:
+            self.reference = load_model(config)  # the torch model, as engine/models writes it
+            self.model = apply_fast_path(self.reference, self.kernels, self.device)  # what runs
+        self.kv_spec = kv_cache_spec(config, self.layout)
         self.backend_name = pick_backend_name(config.attention_backend, self.device)
         self.backend = self._create_backend()
         self.graphs = None  # decode CUDA graphs, captured once the KV pool exists
         self.num_blocks = self._decide_num_blocks()
-        self.kv = self.kv_spec.allocate(self.num_blocks, self.device)
+        self._allocate_kv(self.num_blocks)
         self.sampler = Sampler(self.device, config.seed, eos_token_ids, pdl=self.kernels.pdl)
         self._tune()
         log.info("kernels of each step:\n%s", self.explain())
@@ -77,20 +95,31 @@ class ModelRunner:
         )
 
     def _create_backend(self):
-        c = self.config
-        return create_backend(self.backend_name, self.device, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
-                              head_dim=c.head_dim, scale=c.head_dim**-0.5, kernels=self.kernels)
+        return attention_backend(self.config, self.layout, self.kernels, self.backend_name)
+
+    def _allocate_kv(self, num_blocks: int) -> None:
+        """The KV pool of `num_blocks` blocks, on every rank (each holds its KV heads)."""
+        self.kv = self.kv_spec.allocate(num_blocks, self.device)
+        if self.config.tensor_parallel_size > 1:
+            self.model.allocate_kv(num_blocks)
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing at TP 1; also done when the runner
+        is collected)."""
+        if self.config.tensor_parallel_size > 1:
+            self.model.ranks.close()
 
     def _tune(self) -> None:
         """Time the fast path's few-row kernels for this model (not in float32, where cuBLAS runs)."""
-        if self.model is not self.reference and self.config.dtype != torch.float32:
+        if hasattr(self.model, "tune") and self.config.dtype != torch.float32:
             from baton.engine.fastpath.few_row import MAX_ROWS
 
             self.model.tune(max_rows=min(MAX_ROWS, self.config.max_num_seqs))
 
     def _capture_graphs(self) -> None:
         c = self.config
-        if self.device.type == "cuda" and self.backend.supports_cuda_graphs and not c.enforce_eager:
+        if (self.device.type == "cuda" and self.backend.supports_cuda_graphs and not c.enforce_eager
+                and c.tensor_parallel_size == 1):
             from baton.engine.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(
@@ -135,12 +164,14 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         n = min(c.max_num_batched_tokens, c.max_model_len)
         blocks = -(-n // c.block_size)
-        self.kv = self.kv_spec.allocate(blocks, self.device)
+        self._allocate_kv(blocks)
         seq = Sequence("profile", 0, [0] * n, SamplingParams(), 0.0)
         seq.block_table = list(range(blocks))
         self.execute(ScheduledBatch([seq], [n]), sample=False)
         torch.cuda.synchronize(self.device)
         del self.kv
+        if c.tensor_parallel_size > 1:
+            self.model.allocate_kv(0)
         peak = torch.cuda.max_memory_allocated(self.device)
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)

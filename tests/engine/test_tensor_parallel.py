@@ -1,0 +1,215 @@
+"""Tensor parallelism on the CPU: TP 2 (two real processes over gloo on loopback) computes
+what TP 1 computes, through every engine feature, and a dead rank fails the engine clearly."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+import pytest
+import torch
+
+from baton.engine import LLM, GuidedDecodingParams, SamplingParams
+from baton.engine.errors import RankFailedError
+from baton.engine.parallel.layout import ShardLayout
+
+PROMPTS = [
+    [0, 17, 250, 33],
+    [0] + list(range(40, 93)),  # 54 tokens: chunked, several blocks
+    [0, 400],
+    [0, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20],
+]
+# Blocks of 4 tokens, 16-token steps (every long prompt is chunked), 20 blocks: too few for
+# the four sequences at once, so some are preempted and recomputed.
+TIGHT = dict(block_size=4, num_gpu_blocks_override=20, max_num_batched_tokens=16)
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
+
+
+@pytest.fixture(scope="module")
+def mqa_odd_vocab(tmp_path_factory, hf_models):
+    """One KV head (fewer than the ranks: replicated) and a vocabulary TP 2 does not divide."""
+    import shutil
+
+    import transformers
+
+    llama = hf_models["llama"]
+    out = tmp_path_factory.mktemp("mqa")
+    config = transformers.LlamaConfig.from_pretrained(llama)
+    config.num_key_value_heads, config.vocab_size = 1, 515
+    torch.manual_seed(99)
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(out, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(llama / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(hf_models, mqa_odd_vocab):
+    return {"llama": hf_models["llama"], "qwen3": hf_models["qwen3"], "mqa_odd_vocab": mqa_odd_vocab}
+
+
+@pytest.fixture(scope="module")
+def engines(models):
+    """(model name, tp) -> an LLM over the TIGHT pool, built once per module."""
+    built: dict[tuple[str, int], LLM] = {}
+
+    def get(name: str, tp: int) -> LLM:
+        if (name, tp) not in built:
+            built[name, tp] = LLM(model=str(models[name]), device="cpu", dtype="float32",
+                                  tensor_parallel_size=tp, **TIGHT)
+        return built[name, tp]
+
+    yield get
+    for llm in built.values():
+        llm.engine.runner.close()
+
+
+def _run(llm: LLM, prompts, params):
+    return llm.generate([{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts], params)
+
+
+def _assert_same(a, b, atol=1e-4):
+    """Same tokens, logprobs within `atol` (the all-reduce sums in another order)."""
+    for x, y in zip(a, b):
+        for cx, cy in zip(x.outputs, y.outputs):
+            assert cx.token_ids == cy.token_ids
+            assert cx.text == cy.text
+            if cx.logprobs is not None:
+                for px, py in zip(cx.logprobs, cy.logprobs):
+                    assert px.keys() == py.keys()
+                    for t in px:
+                        assert px[t] == pytest.approx(py[t], abs=atol)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "mqa_odd_vocab"])
+def test_tp2_greedy_equals_tp1_with_chunking_and_preemption(engines, name):
+    one, two = engines(name, 1), engines(name, 2)
+    preempted = [llm.engine.stats().num_preemptions for llm in (one, two)]
+    want, got = _run(one, PROMPTS, GREEDY), _run(two, PROMPTS, GREEDY)
+    _assert_same(want, got)
+    assert one.engine.stats().num_preemptions > preempted[0]
+    assert two.engine.stats().num_preemptions - preempted[1] == one.engine.stats().num_preemptions - preempted[0]
+    assert two.engine.block_manager.num_free_blocks == TIGHT["num_gpu_blocks_override"]
+
+
+def test_each_rank_holds_its_heads_kv_only(engines):
+    two = engines("mqa_odd_vocab", 2)
+    assert two.engine.runner.kv.shape[-2] == 1  # its one (replicated) KV head
+    llama = engines("llama", 2).engine.runner
+    assert llama.kv.shape[-2] == 1 and llama.layout.kv_heads == range(0, 1)  # 2 KV heads over 2 ranks
+
+
+def test_seeded_sampling_is_the_same(engines):
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=7, n=2, max_tokens=12, ignore_eos=True)
+    _assert_same(_run(engines("llama", 1), PROMPTS[:2], params), _run(engines("llama", 2), PROMPTS[:2], params))
+
+
+def test_prompt_logprobs_are_the_same(engines):
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2)
+    want, got = _run(engines("llama", 1), PROMPTS[1:2], params), _run(engines("llama", 2), PROMPTS[1:2], params)
+    for pw, pg in zip(want[0].prompt_logprobs[1:], got[0].prompt_logprobs[1:]):
+        assert pw.keys() == pg.keys()
+        assert all(pw[t] == pytest.approx(pg[t], abs=1e-4) for t in pw)
+
+
+def test_guided_decoding_is_the_same(engines):
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=20,
+                            guided_decoding=GuidedDecodingParams(regex="[a-z]{3,8}"))
+    want = _run(engines("llama", 1), ["Name a colour:"], params)
+    got = _run(engines("llama", 2), ["Name a colour:"], params)
+    _assert_same(want, got)
+    assert re.fullmatch("[a-z]{3,8}", got[0].outputs[0].text)
+
+
+def test_logits_processors_see_the_whole_vocabulary(engines):
+    seen = []
+
+    def odd_only(ids, logits):
+        seen.append(logits.shape[-1])
+        logits[0::2] = float("-inf")
+        return logits
+
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logits_processors=[odd_only])
+    want, got = _run(engines("mqa_odd_vocab", 1), PROMPTS[:1], params), _run(engines("mqa_odd_vocab", 2), PROMPTS[:1], params)
+    _assert_same(want, got)
+    assert all(t % 2 == 1 for t in got[0].outputs[0].token_ids)
+    assert set(seen) == {515}  # gathered from both ranks, the padding cut off
+
+
+def test_prefix_cache_hits_as_at_tp1(engines):
+    prefix = list(range(100, 130))
+    results = []
+    for tp in (1, 2):
+        llm = engines("llama", tp)
+        _run(llm, [[0] + prefix + [7]], GREEDY)
+        second = _run(llm, [[0] + prefix + [9, 10]], GREEDY)
+        results.append(second)
+        assert second[0].num_cached_tokens == 28  # 7 full blocks of 4 of the shared 31 tokens
+    _assert_same(*results)
+
+
+def test_a_killed_rank_fails_the_engine_with_a_clear_error(tiny_dir):
+    llm = LLM(model=str(tiny_dir), device="cpu", tensor_parallel_size=2, num_gpu_blocks_override=32)
+    engine = llm.engine
+    rank1 = engine.runner.model.ranks.procs[0]
+    engine.add_request("r", {"prompt_token_ids": [0, 5, 6]}, SamplingParams(max_tokens=1000, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    os.kill(rank1.pid, signal.SIGKILL)
+    started = time.monotonic()
+    with pytest.raises(RankFailedError, match=r"rank 1 \(pid \d+\) was killed by SIGKILL.*restart the engine"):
+        engine.step()
+    assert time.monotonic() - started < 60  # failed, not waited out
+    with pytest.raises(RankFailedError, match="rank 1"):  # and stays failed
+        engine.step()
+    engine.abort_request("r")
+    assert engine.block_manager.num_free_blocks == 32
+
+
+def test_close_stops_the_other_ranks(tiny_dir):
+    llm = LLM(model=str(tiny_dir), device="cpu", tensor_parallel_size=2, num_gpu_blocks_override=8)
+    proc = llm.engine.runner.model.ranks.procs[0]
+    assert proc.poll() is None
+    llm.engine.runner.close()
+    assert proc.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(tensor_parallel_size=3), r"tensor_parallel_size=3 does not divide this model's 4 attention heads"),
+    (dict(tensor_parallel_size=0), r"tensor_parallel_size must be an integer >= 1"),
+    (dict(tensor_parallel_size=2, quantization="fp8"), r"with quantization .* is not supported yet"),
+    (dict(tensor_parallel_size=2, kv_cache_dtype="fp8"), r"kv_cache_dtype='fp8' is not supported yet"),
+])
+def test_what_tensor_parallelism_cannot_do_is_refused(tiny_dir, args, message):
+    with pytest.raises(ValueError, match=message):
+        LLM(model=str(tiny_dir), device="cpu", num_gpu_blocks_override=8, **args)
+
+
+def test_a_registered_architecture_is_refused(tmp_path, tiny_dir):
+    import json
+    import shutil
+
+    from baton.engine import ModelRegistry
+    from baton.engine.models.llama import LlamaForCausalLM
+
+    class MyLlama(LlamaForCausalLM):
+        pass
+
+    ModelRegistry.register_model("MyTPLlamaForCausalLM", MyLlama)
+    model = tmp_path / "m"
+    shutil.copytree(tiny_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "architectures": ["MyTPLlamaForCausalLM"]}))
+    with pytest.raises(ValueError, match="shards the built-in .* only, not MyTPLlamaForCausalLM"):
+        LLM(model=str(model), device="cpu", num_gpu_blocks_override=8, tensor_parallel_size=2)
+
+
+def test_layout_of_heads_with_replicated_kv():
+    cfg = dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=64, intermediate_size=32, vocab_size=10)
+    layouts = [ShardLayout.of(cfg, 4, r) for r in range(4)]
+    assert [(lay.heads, lay.kv_heads) for lay in layouts] == [
+        (range(0, 2), range(0, 1)), (range(2, 4), range(0, 1)), (range(4, 6), range(1, 2)), (range(6, 8), range(1, 2))]
+    assert [lay.vocab for lay in layouts] == [range(0, 3), range(3, 6), range(6, 9), range(9, 10)]
+    assert layouts[1].describe() == "TP 4 rank 1: heads 2-3, KV heads 0-0"
