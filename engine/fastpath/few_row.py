@@ -272,10 +272,14 @@ class RopeStore:
     head_dim: int
 
     def fits(self, config: tuple) -> bool:
-        """Whether a configuration's tiles pair up inside a head: BLOCK_N / 2 rows (16 or
-        more, for the tensor cores) dividing half a head."""
-        cols = config[0] // 2
-        return cols >= 16 and (self.head_dim // 2) % cols == 0
+        return rope_fits(config, self.head_dim)
+
+
+def rope_fits(config: tuple, head_dim: int) -> bool:
+    """Whether a configuration's tiles pair up inside a head of `head_dim` (the ROPE form):
+    BLOCK_N / 2 rows (16 or more, for the tensor cores) dividing half a head."""
+    cols = config[0] // 2
+    return cols >= 16 and (head_dim // 2) % cols == 0
 
 
 def skinny_mm(x: torch.Tensor | NormPending, weight: torch.Tensor, bias: torch.Tensor | None, config: tuple, *,

@@ -28,6 +28,7 @@ from baton.engine.fastpath.few_row import (
     RopeStore,
     fits,
     m_pad,
+    rope_fits,
     silu_fits,
     skinny_mm,
 )
@@ -62,6 +63,11 @@ def _key(n: int, k: int, bucket: int, dtype: torch.dtype, form: str = "") -> tup
     return (n, k, bucket, dtype, "rope") if form == "rope_row_scale" else (n, k, bucket, dtype)
 
 
+# What `choose` weighs for a product in each form it runs in: whether a fused form's credit
+# applies (it replaces a kernel of its own) and which configurations fit the form.
+CHOICES = ("plain", "pending", "silu", "add_norm", "rope")
+
+
 class FewRowTuning:
     """One engine's measured times: (N, K, M_PAD, dtype[, "rope"]) -> {configuration or
     "cublas": microseconds per product}, and `report` ("NxK/M_PAD[ rope]" -> best, form,
@@ -70,24 +76,41 @@ class FewRowTuning:
     def __init__(self):
         self.times: dict[tuple, dict] = {}
         self.report: dict[str, dict] = {}
+        # `choose`'s answers: a step asks the same questions of every layer's products
+        # (same shapes), and a decode step's host time is what eager steps wait on.
+        self._chosen: dict[tuple, tuple | None] = {}
 
-    def choose(self, weight: torch.Tensor, rows: int, kernels: KernelConfig, credit_us: float = 0.0,
-               fits_form: Callable[[tuple], bool] | None = None, form: str = "") -> tuple | None:
-        """The fastest configuration measured for a product of `rows` rows by `weight` (in
-        `form`, the product's own by default; of those `fits_form` accepts), or None where
-        cuBLAS is faster by more than `credit_us` (what a fused variant saves: the kernel it
-        replaces), the shape was not tuned, or the rows are too many."""
+    def choose(self, weight: torch.Tensor, rows: int, kernels: KernelConfig, form: str = "plain",
+               head_dim: int = 0) -> tuple | None:
+        """The fastest configuration measured for a product of `rows` rows by `weight` in
+        `form` (`CHOICES`): "plain"; "pending" (x a `NormPending`, its 1/rms in the epilogue);
+        "silu" (SiLU * up in the epilogue); "add_norm" (a residual add + norm in the
+        epilogue); "rope" (the rotary + KV store of heads of `head_dim`, timed apart). None
+        where cuBLAS is faster (a fused form by more than `kernels.fused_credit_us`: it saves
+        a kernel), the shape was not tuned, no configuration fits the form, or the rows are
+        too many. Answers are kept until the next `tune` (fill `times` before asking)."""
         if rows == 0 or rows > MAX_ROWS:
             return None
-        times = self.times.get(_key(weight.shape[0], weight.shape[1], m_pad(rows), weight.dtype, form))
+        key = (weight.shape, weight.dtype, rows, form, head_dim, kernels.use_swap, kernels.fused_credit_us)
+        if key not in self._chosen:
+            self._chosen[key] = self._best(weight, rows, kernels, form, head_dim)
+        return self._chosen[key]
+
+    def _best(self, weight, rows, kernels, form, head_dim):
+        if form not in CHOICES:
+            raise ValueError(f"unknown few-row product form {form!r}; one of {CHOICES}")
+        times = self.times.get(_key(weight.shape[0], weight.shape[1], m_pad(rows), weight.dtype,
+                                    "rope_row_scale" if form == "rope" else ""))
         if times is None:
             return None
+        fits_form = silu_fits if form == "silu" else (lambda c: rope_fits(c, head_dim)) if form == "rope" else None
         ours = [c for c in times if c != "cublas" and (fits_form is None or fits_form(c))
                 and (kernels.use_swap or len(c) == 4)]
         if not ours:
             return None
         best = min(ours, key=times.get)
-        return best if times[best] <= times["cublas"] + credit_us else None
+        credit = 0.0 if form == "plain" else kernels.fused_credit_us
+        return best if times[best] <= times["cublas"] + credit else None
 
     @torch.inference_mode()
     def tune(self, layers: Iterable[TunedLayer], kernels: KernelConfig, max_rows: int = MAX_ROWS) -> dict:
@@ -120,6 +143,7 @@ class FewRowTuning:
                 key = _key(n, k, bucket, dtype, form)
                 if key in self.times:
                     continue
+                self._chosen.clear()
                 x = torch.randn((bucket, k), dtype=dtype, device=group[0].weight.device)
 
                 def run(fn, x=x, group=group):

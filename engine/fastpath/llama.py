@@ -16,11 +16,16 @@ the few-row kernel where the tuning measured it faster than cuBLAS), which can a
   by 1/rms; the norm costs no kernel and the layer's input is then a `NormPending`;
 - with `KernelConfig.rope_epilogue`, the rotary and KV store into the Q/K/V product's
   epilogue in steps whose attention kernel does not do them (`Projection.qkv_rope`).
-Each fused form falls back to the product and the separate kernel where it does not apply.
-`explain` prints the choices per decode batch size.
+Which of these forms a step runs is decided once per forward, not per layer: the step's
+`StepPlan` (from its row count and whether the attention kernel does the rotary) asks the
+projections which forms they can run at that many rows (`Projection.kernel`), and every
+layer follows it; plans are kept per row count. `explain` prints the plans per decode batch
+size.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -50,6 +55,28 @@ def project(linear: nn.Module, form: str, tuning: FewRowTuning, kernels: KernelC
     return FewRowLinear(linear, form, tuning, kernels, rope_heads)
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """Which form each op of every layer runs in, for one step shape (`FastLlama.plan`).
+
+    fuse_input_norm: a layer's input norm in the previous layer's down_proj epilogue (its
+    1/rms in Q/K/V's); fuse_post_norm: the post-attention norm in o_proj's (its 1/rms in
+    gate/up's); silu: SiLU * up in gate/up's epilogue; rope: where the rotary and KV store
+    run: "attention" (the attention kernel, `backend.rope_attend`), "epilogue" (Q/K/V's,
+    `Projection.qkv_rope`), "kernel" (`triton_ops.rope_store`), or "reference" (an FP8 KV
+    cache: the reference layer's scaled store)."""
+
+    fuse_input_norm: bool
+    fuse_post_norm: bool
+    silu: bool
+    rope: str
+
+    @property
+    def norm_sums(self) -> bool:
+        """Whether the step needs sums of squares (`few_row.norm_sums`, two rows a layer)."""
+        return self.fuse_input_norm or self.fuse_post_norm
+
+
 class FastDecoderLayer(nn.Module):
     """One `DecoderLayer` (its weights, shared) as the fast path runs it."""
 
@@ -71,15 +98,14 @@ class FastDecoderLayer(nn.Module):
         # reads); the fused rotary + KV store kernels store unscaled values.
         self.fp8_kv_attention = attn if attn.kv_scales is not None else None
 
-    def forward(self, x, residual, positions, rotary, kv, meta, backend, next_layer: FastDecoderLayer | None,
-                sums: torch.Tensor | None):
+    def forward(self, x, residual, positions, rotary, kv, meta, backend, plan: StepPlan,
+                next_layer: FastDecoderLayer | None, sums: torch.Tensor | None):
         """(layer input [T, hidden] or a `NormPending`, residual stream or None) -> (MLP output,
-        residual stream), as `DecoderLayer.forward`. A `NormPending` input is this layer's input
-        norm, done by the previous layer's down_proj (the stream already added); the output
-        is `next_layer`'s when this layer's down_proj can do it. sums [2, MAX_ROWS]: zeroed
-        sums of squares for the two norms this layer may fuse, or None."""
+        residual stream), as `DecoderLayer.forward`, in the forms `plan` says. A `NormPending`
+        input is this layer's input norm, done by the previous layer's down_proj (the stream
+        already added); with `plan.fuse_input_norm` the output is `next_layer`'s. sums: two
+        zeroed [MAX_ROWS] sums of squares for the two norms this layer may fuse, or None."""
         pdl = self.kernels.pdl
-        sums_attn, sums_mlp = (None, None) if sums is None else sums
         norm = self.input_layernorm
         if isinstance(x, NormPending):
             h = x
@@ -87,36 +113,34 @@ class FastDecoderLayer(nn.Module):
             h, residual = add_rms_norm(x, None, norm.weight, norm.eps, pdl), x
         else:
             h = add_rms_norm(x, residual, norm.weight, norm.eps, pdl)  # residual += x
-        a = self.attention(h, positions, rotary, kv, meta, backend)  # [T, H * D]
+        a = self.attention(h, positions, rotary, kv, meta, backend, plan.rope)  # [T, H * D]
         norm = self.post_attention_layernorm
-        h = self.o_proj.add_norm(a, residual, norm.weight, norm.eps, self.gate_up_proj, True, sums_attn)
-        if h is None:
+        if plan.fuse_post_norm:
+            h = self.o_proj.add_norm(a, residual, norm.weight, norm.eps, sums[0])
+        else:
             h = add_rms_norm(self.o_proj(a), residual, norm.weight, norm.eps, pdl)
-        act = self.gate_up_proj.silu(h)  # [T, I]
-        if act is None:
-            act = silu_mul(self.gate_up_proj(h), pdl)
-        if next_layer is not None:
+        act = self.gate_up_proj.silu(h) if plan.silu else silu_mul(self.gate_up_proj(h), pdl)  # [T, I]
+        if next_layer is not None and plan.fuse_input_norm:
             norm = next_layer.input_layernorm
-            out = self.down_proj.add_norm(act, residual, norm.weight, norm.eps, next_layer.qkv_proj, False, sums_mlp)
-            if out is not None:
-                return out, residual
+            return self.down_proj.add_norm(act, residual, norm.weight, norm.eps, sums[1]), residual
         return self.down_proj(act), residual
 
-    def attention(self, h, positions, rotary, kv, meta: AttentionMetadata, backend: AttentionBackend):
-        """h [T, hidden] or a `NormPending` -> attention output [T, H * D] (before o_proj)."""
-        if self.fp8_kv_attention is not None:
+    def attention(self, h, positions, rotary, kv, meta: AttentionMetadata, backend: AttentionBackend, rope: str):
+        """h [T, hidden] or a `NormPending` -> attention output [T, H * D] (before o_proj), the
+        rotary and KV store where `rope` (`StepPlan.rope`) says."""
+        if rope == "reference":
             return self.fp8_kv_attention.attend(self.qkv_proj(h), positions, rotary, kv, meta, backend)
         a = self.args
         k_cache, v_cache = layer_view(kv, self.layer_idx)
-        if self.kernels.rope_epilogue and not backend.fuses_rope(meta):
-            rope = RopeStore(positions, rotary.cos_sin, k_cache, v_cache, meta.slot_mapping,
-                             a.num_heads, a.num_kv_heads, a.head_dim)
-            q = self.qkv_proj.qkv_rope(h, rope)  # [T, H, D], keys and values stored
-            if q is not None:
-                return backend.attend(q, k_cache, v_cache, meta).reshape(-1, self.q_size)
+        if rope == "epilogue":
+            store = RopeStore(positions, rotary.cos_sin, k_cache, v_cache, meta.slot_mapping,
+                              a.num_heads, a.num_kv_heads, a.head_dim)
+            q = self.qkv_proj.qkv_rope(h, store)  # [T, H, D], keys and values stored
+            return backend.attend(q, k_cache, v_cache, meta).reshape(-1, self.q_size)
         qkv = self.qkv_proj(h)  # [T, (H + 2 Hkv) D]
-        out = backend.rope_attend(qkv, rotary.cos_sin, k_cache, v_cache, meta)
-        if out is None:
+        if rope == "attention":
+            out = backend.rope_attend(qkv, rotary.cos_sin, k_cache, v_cache, meta)
+        else:
             q = rope_store(qkv, positions, rotary.cos_sin, k_cache, v_cache, meta.slot_mapping,
                            a.num_heads, a.num_kv_heads, a.head_dim, self.kernels.pdl)
             out = backend.attend(q, k_cache, v_cache, meta)
@@ -135,6 +159,7 @@ class FastLlama(nn.Module):
         self.layers = nn.ModuleList(FastDecoderLayer(layer, tuning, kernels) for layer in model.layers)
         self.norm: RMSNorm = model.norm
         self.lm_head = project(model.lm_head, "plain", tuning, kernels)
+        self._plans: dict[tuple[int, bool], StepPlan] = {}
 
     def projections(self) -> list[Projection]:
         """Every projection, in model order."""
@@ -143,21 +168,54 @@ class FastLlama(nn.Module):
 
     def tune(self, max_rows: int = MAX_ROWS) -> dict:
         """Time the few-row kernels for this model's product shapes (`FewRowTuning.tune`)."""
+        self._plans.clear()
         return self.tuning.tune([p for p in self.projections() if isinstance(p, FewRowLinear)], self.kernels,
                                 max_rows)
+
+    def plan(self, rows: int, rope_in_attention: bool) -> StepPlan:
+        """The forms of a step of `rows` rows (`rope_in_attention`: the attention backend
+        rotates and stores, `backend.fuses_rope`); a fused form where every layer's
+        projections can run it at that many rows. Kept per (rows, rope_in_attention) until
+        the next `tune`; more than 64 rows all share one."""
+        key = (min(rows, MAX_ROWS + 1), rope_in_attention)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._make_plan(*key)
+        return plan
+
+    def _make_plan(self, rows: int, rope_in_attention: bool) -> StepPlan:
+        layers = list(self.layers)
+        norms = rows <= MAX_ROWS and self.kernels.fuse_norms
+        fuse_input = norms and all(
+            before.down_proj.kernel(rows, "add_norm") and after.qkv_proj.takes_pending(rows, False)
+            for before, after in zip(layers, layers[1:]))
+        fuse_post = norms and all(
+            layer.o_proj.kernel(rows, "add_norm") and layer.gate_up_proj.takes_pending(rows, True)
+            for layer in layers)
+        silu = all(layer.gate_up_proj.kernel(rows, "silu") for layer in layers)
+        if any(layer.fp8_kv_attention is not None for layer in layers):
+            rope = "reference"
+        elif rope_in_attention:
+            rope = "attention"
+        elif self.kernels.rope_epilogue and all(layer.qkv_proj.kernel(rows, "rope") for layer in layers):
+            rope = "epilogue"
+        else:
+            rope = "kernel"
+        return StepPlan(bool(fuse_input), bool(fuse_post), bool(silu), rope)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata,
                 backend: AttentionBackend) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden]."""
         model = self.reference
         x = model.embed_tokens(input_ids)  # [T, hidden]
-        sums = None
-        if x.shape[0] <= MAX_ROWS and self.kernels.fuse_norms:  # two norms a layer may fuse
-            sums = norm_sums(2 * len(self.layers), x.device)
+        plan = self.plan(x.shape[0], backend.fuses_rope(meta))
+        layers = self.layers
+        # Each layer's two zeroed rows of sums of squares, cut with one op, not per layer.
+        sums = norm_sums(2 * len(layers), x.device).unbind() if plan.norm_sums else None
         residual = None
-        for i, layer in enumerate(self.layers):
-            following = self.layers[i + 1] if i + 1 < len(self.layers) else None
-            x, residual = layer(x, residual, positions, model.rotary, kv, meta, backend, following,
+        for i, layer in enumerate(layers):
+            following = layers[i + 1] if i + 1 < len(layers) else None
+            x, residual = layer(x, residual, positions, model.rotary, kv, meta, backend, plan, following,
                                 None if sums is None else sums[2 * i : 2 * i + 2])
         return add_rms_norm(x, residual, self.norm.weight, self.norm.eps, self.kernels.pdl)
 
@@ -167,41 +225,35 @@ class FastLlama(nn.Module):
 
     def decode_kernels(self, batch: int | None, backend: AttentionBackend) -> dict[str, str]:
         """{op: what computes it} in a layer after the first of a decode step of `batch`
-        sequences (None: a prefill step of more than 64 rows): the choices `forward` makes,
-        from the same tuning and switches (for `fastpath.explain`)."""
+        sequences (None: a prefill step of more than 64 rows): the step's `plan`, with the
+        kernel of each product (for `fastpath.explain`)."""
         rows = batch if batch is not None else MAX_ROWS + 1
         lens = [1] * rows if batch is not None else [rows]
         meta = AttentionMetadata(None, None, None, None, lens, lens, 16)  # the layout is all that is read
+        plan = self.plan(rows, backend.fuses_rope(meta))
         layer = self.layers[-1]
         qkv, o, gate_up, down = layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj
-        sums = rows <= MAX_ROWS and self.kernels.fuse_norms
-        input_pending = bool(sums and down.kernel(rows, "add_norm") and qkv.takes_pending(rows, False))
-        post_pending = bool(sums and o.kernel(rows, "add_norm") and gate_up.takes_pending(rows, True))
-        ops = {"input norm": ("in the previous down_proj's epilogue, 1/rms in Q/K/V's" if input_pending
+        ops = {"input norm": ("in the previous down_proj's epilogue, 1/rms in Q/K/V's" if plan.fuse_input_norm
                               else "Triton add_rms_norm")}
-        rope_in_attention = backend.fuses_rope(meta)
-        rope = self.kernels.rope_epilogue and not rope_in_attention and qkv.kernel(rows, "rope")
-        if layer.fp8_kv_attention is not None:
-            ops["Q/K/V"] = qkv.kernel(rows, "plain", input_pending)
-            ops["rotary + KV store"] = "torch: rotary, FP8 KV scales, the backend's store"
-        elif rope:
-            ops["Q/K/V"] = f"{rope}, rotary + KV store in its epilogue"
+        if plan.rope == "epilogue":
+            ops["Q/K/V"] = f"{qkv.kernel(rows, 'rope')}, rotary + KV store in its epilogue"
         else:
-            ops["Q/K/V"] = qkv.kernel(rows, "plain", input_pending)
-            ops["rotary + KV store"] = "in the attention kernel" if rope_in_attention else "Triton rope_store"
+            ops["Q/K/V"] = qkv.kernel(rows, "plain", plan.fuse_input_norm)
+            ops["rotary + KV store"] = {"reference": "torch: rotary, FP8 KV scales, the backend's store",
+                                        "attention": "in the attention kernel",
+                                        "kernel": "Triton rope_store"}[plan.rope]
         ops["attention"] = backend.decode_kernel(rows) if batch is not None else f"{backend.name} prefill"
-        if post_pending:
+        if plan.fuse_post_norm:
             ops["o_proj"] = f"{o.kernel(rows, 'add_norm')}, residual add + norm in its epilogue, 1/rms in gate/up's"
         else:
             ops["o_proj"] = o.kernel(rows, "plain")
             ops["post-attention norm"] = "Triton add_rms_norm"
-        silu = gate_up.kernel(rows, "silu")
-        if silu:
-            ops["gate/up"] = f"{silu}, SiLU * up in its epilogue"
+        if plan.silu:
+            ops["gate/up"] = f"{gate_up.kernel(rows, 'silu')}, SiLU * up in its epilogue"
         else:
-            ops["gate/up"] = gate_up.kernel(rows, "plain", post_pending)
+            ops["gate/up"] = gate_up.kernel(rows, "plain", plan.fuse_post_norm)
             ops["SiLU * up"] = "Triton silu_mul"
-        if input_pending:
+        if plan.fuse_input_norm:
             ops["down_proj"] = f"{down.kernel(rows, 'add_norm')}, residual add + next norm in its epilogue"
         else:
             ops["down_proj"] = down.kernel(rows, "plain")

@@ -261,21 +261,21 @@ def test_fast_path_with_norms_in_the_products_epilogues_matches_the_torch_path(t
     fused, rotated = [], []
     add_norm, qkv_rope = FewRowLinear.add_norm, FewRowLinear.qkv_rope
 
-    def counted(self, *args):
-        out = add_norm(self, *args)
-        fused.append(out is not None)
-        return out
+    def counted(self, x, *args):
+        fused.append(x.shape[0])
+        return add_norm(self, x, *args)
 
-    def counted_rope(self, *args):
-        out = qkv_rope(self, *args)
-        rotated.append(out is not None)
-        return out
+    def counted_rope(self, x, *args):
+        rotated.append(x.shape[0])
+        return qkv_rope(self, x, *args)
 
     monkeypatch.setattr(FewRowLinear, "add_norm", counted)
     monkeypatch.setattr(FewRowLinear, "qkv_rope", counted_rope)
     assert generate(fast=True) == want
-    assert fused and all(fused)  # 3 of the 4 norms a step of this 2-layer model
-    assert rotated and all(rotated) == (head_dim == 32)  # 16-dimension heads have no fitting tile
+    # 3 of the 4 norms of each step of this 2-layer model (the first layer's input norm has
+    # no product before it), in every step (all of <= 16 rows)
+    assert fused and len(fused) % 3 == 0
+    assert bool(rotated) == (head_dim == 32)  # 16-dimension heads have no fitting tile
 
 
 def test_engine_with_triton_backend_matches_torch_backend(tiny_dir):
