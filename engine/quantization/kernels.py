@@ -13,6 +13,12 @@ narrower N tiles so that enough programs cover the weight, which is what bounds 
 - `int4_linear`: int4 codes packed along K are unpacked in registers, `(code - zero) * scale`
   in the activation dtype, and multiplied on the tensor cores; activation-order layers read
   x's columns through `perm`.
+
+Products of more than `MANY_ROWS` rows (prefill) are compute-bound, where these simple tiles
+lose to the vendor's GEMMs (bench/results/quant-products-h100.json): FP8 with per-row or
+per-tensor scales then goes to cuBLASLt's scaled FP8 product (`torch._scaled_mm`, row-wise
+scales, bf16 out), and int4 dequantizes its weight once per call (`dequantize_int4`) and
+multiplies in the activation dtype.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import triton.language as tl
 
 from baton.engine.quantization.fp8 import FP8, FP8_MAX, MIN_SCALE
 from baton.engine.quantization.linear import Fp8Linear, Int4Linear, QuantLinear
+
+MANY_ROWS = 64
 
 
 def _tiles(m: int, n: int) -> tuple[int, int]:
@@ -149,10 +157,14 @@ def fp8_matmul(layer: Fp8Linear, q: torch.Tensor, xs: torch.Tensor, dtype: torch
     weight -> [M, N] in `dtype`."""
     m, k = q.shape
     n = layer.out_features
+    block = layer.block
+    if m > MANY_ROWS and block is None and q.is_cuda and dtype == torch.bfloat16 and k % 16 == 0 and n % 16 == 0:
+        out = torch._scaled_mm(q, layer.weight.t(), scale_a=xs.float().expand(m, 1).contiguous(),
+                               scale_b=layer.weight_scale.float().reshape(1, n), out_dtype=dtype)
+        return out if layer.bias is None else out.add_(layer.bias.to(dtype))
     out = torch.empty((m, n), dtype=dtype, device=q.device)
     if m == 0:
         return out
-    block = layer.block
     block_k = block[1] if block is not None else 128 if k >= 128 else max(16, triton.next_power_of_2(k))
     bm, bn = _tiles(m, n)
     ws = layer.weight_scale
@@ -197,6 +209,35 @@ def _int4_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, c_ptr, M, N, K,
     _store_tile(acc, bias_ptr, c_ptr, rm, rn, stride_cm, M, N, HAS_BIAS)
 
 
+@triton.jit
+def _int4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, stride_qk, stride_sg, stride_wk, GROUP: tl.constexpr,
+                         BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """w[K, N] = (code - zero) * scale for one [BLOCK_K, BLOCK_N] tile (BLOCK_K divides GROUP)."""
+    rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    words = tl.load(qw_ptr + (rk // 8)[:, None].to(tl.int64) * stride_qk + rn[None, :], mask=n_mask[None, :], other=0)
+    codes = ((words >> ((rk % 8) * 4)[:, None]) & 0xF).to(tl.float32)
+    g = (tl.program_id(0) * BLOCK_K) // GROUP
+    scale = tl.load(s_ptr + g * stride_sg + rn, mask=n_mask, other=0.0)
+    zero = tl.load(z_ptr + g * stride_sg + rn, mask=n_mask, other=0.0)
+    w = (codes - zero[None, :]) * scale[None, :]
+    tl.store(w_ptr + rk[:, None].to(tl.int64) * stride_wk + rn[None, :], w.to(w_ptr.dtype.element_ty),
+             mask=n_mask[None, :])
+
+
+def dequantize_int4(layer: Int4Linear, dtype: torch.dtype) -> torch.Tensor:
+    """The layer's weight as [K, N] in `dtype`, rows in the grouped order (`perm` applied)."""
+    k, n = layer.in_features, layer.out_features
+    w = torch.empty((k, n), dtype=dtype, device=layer.qweight.device)
+    block_k = min(layer.group_size, 32)
+    _int4_dequant_kernel[(k // block_k, triton.cdiv(n, 128))](
+        layer.qweight, layer.scales, layer.zeros, w, n, layer.qweight.stride(0), layer.scales.stride(0), w.stride(0),
+        GROUP=layer.group_size, BLOCK_K=block_k, BLOCK_N=128, num_warps=4,
+    )
+    return w
+
+
 def int4_linear(layer: Int4Linear, x: torch.Tensor) -> torch.Tensor:
     """The layer's product for x [..., K] (a `QuantLinear.kernel`)."""
     shape = x.shape
@@ -209,10 +250,15 @@ def int4_linear(layer: Int4Linear, x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out.reshape(*shape[:-1], n)
-    bm, bn = _tiles(m, n)
     block_k = min(layer.group_size, 64)
     if k % block_k or layer.group_size % block_k:
         raise ValueError(f"int4 kernel: K ({k}) and group size ({layer.group_size}) must be multiples of {block_k}")
+    if m > MANY_ROWS:
+        torch.mm(x2, dequantize_int4(layer, x.dtype), out=out)
+        if layer.bias is not None:
+            out.add_(layer.bias.to(out.dtype))
+        return out.reshape(*shape[:-1], n)
+    bm, bn = _tiles(m, n)
     bias = layer.bias if layer.bias is not None else out
     _int4_matmul_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         x2, layer.qweight, layer.scales, layer.zeros, bias, out, m, n, k,

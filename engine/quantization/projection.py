@@ -35,8 +35,13 @@ class QuantProjection(Projection):
         if form != "plain":
             return None
         layer = self.layer
+        many = rows > kernels.MANY_ROWS
         if isinstance(layer, Fp8Linear):
             scales = "128x128 blocks" if layer.block else f"{layer.act.strategy} activation scales"
+            if many and not layer.block:
+                return f"cuBLASLt FP8 e4m3 product, torch._scaled_mm ({scales})"
             return f"Triton FP8 e4m3 product ({scales})"
         order = ", activation order" if layer.perm is not None else ""
+        if many:
+            return f"int4 weight dequantized by Triton (group {layer.group_size}{order}), then a cuBLAS product"
         return f"Triton int4 W4A16 product (group {layer.group_size}{order})"

@@ -79,9 +79,21 @@ def test_int4_product_matches_the_reference(dtype, rows, group):
     assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 3e-3)
 
 
-def test_int4_product_with_activation_order():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_int4_dequantize_is_the_weight_in_grouped_order(act_order):
+    """Many-row products multiply by this: the reference's dense weight, rows permuted as the
+    kernels read x (`perm`), rounded to the activation dtype."""
+    layer = int4_layer(48, 128, 32, act_order=act_order, seed=4)
+    want = layer.dequantize().t()
+    if layer.perm is not None:
+        want = want[layer.perm]
+    torch.testing.assert_close(kernels.dequantize_int4(layer, torch.float32), want)
+
+
+@pytest.mark.parametrize("rows", [3, 70])
+def test_int4_product_with_activation_order(rows):
     layer = int4_layer(32, 128, 32, act_order=True, seed=3)
-    x = torch.randn(3, 128)
+    x = torch.randn(rows, 128)
     want = x.double() @ layer.dequantize().double().t()
     assert rel_err(kernels.int4_linear(layer, x), want) < 1e-5
 
