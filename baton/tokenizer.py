@@ -158,48 +158,127 @@ class ChildEncoder:
 
     Tokenising runs without the GIL in Rust, but building and freeing the result's Python
     objects (an `Encoding` of millions of tokens) holds it for a long time; in a child
-    process none of that touches the caller. The child starts on first use (spawned: the
-    caller may have threads) and tokenises one text at a time; only ids come back (as
-    bytes), or just the count when it passes `max_tokens`.
+    process none of that touches the caller. What crosses the pipe is never pickled whole:
+    pickling a text of megabytes is one call that holds the GIL, and so the event loop, for
+    as long as it copies. The text goes as UTF-8 slices of `CHUNK_CHARS` characters, the ids
+    come back as one `uint32` buffer and become a list `CHUNK_IDS` ids at a time, all on one
+    thread of the caller, so the loop gets the GIL between slices.
+
+    The child is spawned (the caller may have threads) on first use, runs at a lower CPU
+    priority than the caller (on a busy host the server's loop must win the cores over a
+    tokenisation that takes seconds), tokenises one text at a time, and is started again
+    if it died.
     """
 
+    CHUNK_CHARS = 1 << 18
+    CHUNK_IDS = 1 << 16
+
     def __init__(self, tokenizer: Tokenizer):
+        from concurrent.futures import ThreadPoolExecutor
+
         self._tokenizer = tokenizer
-        self._pool = None
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="tokenizer-child")
+        self._process = None
+        self._conn = None
+        self._closed = False
 
     async def encode(self, text: str, add_special_tokens: bool, max_tokens: int | None) -> list[int]:
-        """As `Tokenizer.encode`, awaited."""
+        """As `Tokenizer.encode`, awaited. TooManyTokens carries the exact count when the
+        text has more than `max_tokens` tokens."""
         import asyncio
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
 
         self._tokenizer.check_length(text, max_tokens)
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        kind, value = await asyncio.wrap_future(self._pool.submit(
-            _encode_in_child, str(self._tokenizer.path), text, add_special_tokens, max_tokens))
+        kind, value = await asyncio.get_running_loop().run_in_executor(
+            self._io, self._exchange, text, add_special_tokens, max_tokens)
         if kind == "too_many":
             raise TooManyTokens(value, max_tokens)
-        return array.array("I", value).tolist()
+        return value
+
+    def _exchange(self, text: str, add_special_tokens: bool, max_tokens: int | None) -> tuple[str, Any]:
+        """On the I/O thread: one request to the child, started again once if it died."""
+        for attempt in (1, 2):
+            if self._closed:
+                raise RuntimeError("the tokenizer's child process was closed")
+            if self._conn is None:
+                self._start()
+            try:
+                return self._round_trip(text, add_special_tokens, max_tokens)
+            except (EOFError, OSError):
+                self._stop()
+                if attempt == 2:
+                    raise RuntimeError("the tokenizer's child process died twice in a row") from None
+        raise AssertionError("unreachable")
+
+    def _round_trip(self, text: str, add_special_tokens: bool, max_tokens: int | None) -> tuple[str, Any]:
+        step = self.CHUNK_CHARS
+        chunks = range(0, len(text), step)
+        self._conn.send((add_special_tokens, max_tokens, len(chunks)))
+        for start in chunks:
+            self._conn.send_bytes(text[start:start + step].encode("utf-8"))
+        kind, value = self._conn.recv()
+        if kind == "error":
+            raise ValueError(value)
+        if kind == "too_many":
+            return kind, value
+        ids = memoryview(self._conn.recv_bytes()).cast("I")
+        out: list[int] = []
+        for start in range(0, len(ids), self.CHUNK_IDS):
+            out.extend(ids[start:start + self.CHUNK_IDS])
+        return kind, out
+
+    def _start(self) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        parent, child = context.Pipe()
+        self._process = context.Process(target=_child_main, args=(child, str(self._tokenizer.path)),
+                                        name="baton-tokenizer", daemon=True)
+        self._process.start()
+        child.close()
+        self._conn = parent
+
+    def _stop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._process is not None:
+            self._process.kill()
+            self._process.join(5)
+            self._process = None
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        self._closed = True
+        self._io.shutdown(wait=False, cancel_futures=True)
+        self._stop()
 
 
-_CHILD_TOKENIZERS: dict[str, _HFTokenizer] = {}
+CHILD_NICENESS = 10  # added to the child's niceness: lower priority than the server
 
 
-def _encode_in_child(path: str, text: str, add_special_tokens: bool,
-                     max_tokens: int | None) -> tuple[str, int | bytes]:
-    tok = _CHILD_TOKENIZERS.get(path)
-    if tok is None:
-        tok = _CHILD_TOKENIZERS[path] = _HFTokenizer.from_file(path)
-    encoding = tok.encode(text, add_special_tokens=add_special_tokens)
-    if max_tokens is not None and len(encoding) > max_tokens:
-        return "too_many", len(encoding)
-    return "ids", array.array("I", encoding.ids).tobytes()
+def _child_main(conn, path: str) -> None:
+    """The child's loop: (flags, chunk count), the text's UTF-8 chunks -> ("ids", n) and the
+    ids as uint32 bytes, or ("too_many", count), or ("error", message)."""
+    import os
+
+    os.nice(CHILD_NICENESS)
+    tok = _HFTokenizer.from_file(path)
+    while True:
+        try:
+            add_special_tokens, max_tokens, num_chunks = conn.recv()
+            text = b"".join(conn.recv_bytes() for _ in range(num_chunks)).decode("utf-8")
+        except EOFError:
+            return  # the parent closed the pipe or exited
+        try:
+            encoding = tok.encode(text, add_special_tokens=add_special_tokens)
+        except Exception as exc:  # the tokenizer refused the text: the caller's 400
+            conn.send(("error", str(exc)))
+            continue
+        del text
+        if max_tokens is not None and len(encoding) > max_tokens:
+            conn.send(("too_many", len(encoding)))
+            continue
+        conn.send(("ids", len(encoding)))
+        conn.send_bytes(array.array("I", encoding.ids))
 
 
 def _max_token_bytes(spec: dict) -> int | None:

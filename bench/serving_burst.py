@@ -10,7 +10,10 @@ For each mode it starts `baton up` (tiny model unless --up-args says otherwise),
    Afterwards every worker's KV usage, the decode workers' reserved blocks and the router's
    running and queued streams must return to 0 (within --drain-timeout).
 2. large: one chat whose message is --large-mb MB of text, with `/health` timed every
-   20 ms while the router reads, validates and tokenises it.
+   20 ms while the router reads, validates and tokenises it. A trivial HTTP server in a
+   process of its own is timed the same way at the same time (the control): on a busy
+   machine the scheduler alone delays some answers, and a slow `/health` whose control
+   probes were fast meanwhile is the router's own doing.
 
 Writes bench/results/serving-burst-<tag>.json and a PNG of completions and 429s over time.
 
@@ -134,16 +137,37 @@ import sys, time, http.client
 host, port, interval = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 conn = None
 while True:
-    t0 = time.perf_counter()
+    t0 = time.monotonic()
     try:
         conn = conn or http.client.HTTPConnection(host, port, timeout=60)
         conn.request("GET", "/health")
         conn.getresponse().read()
-        print(time.perf_counter() - t0, flush=True)
+        print(t0, time.monotonic() - t0, flush=True)
     except OSError:
         conn = None
-        print("inf", flush=True)
+        print(t0, "inf", flush=True)
     time.sleep(interval)
+"""
+
+# The control: answers every GET at once, from a process of its own.
+_CONTROL = """
+import http.server, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go in two writes
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+    def log_message(self, *args):
+        pass
+class Server(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        pass  # a probe stopped mid-request
+server = Server(("127.0.0.1", 0), Handler)
+print(server.server_address[1], flush=True)
+server.serve_forever()
 """
 
 
@@ -160,10 +184,15 @@ class HealthProbe:
         self._reader.start()
 
     def stop(self) -> list[float]:
+        """The latencies, in seconds."""
+        return [latency for _, latency in self.stop_timed()]
+
+    def stop_timed(self) -> list[tuple[float, float]]:
+        """(when the probe was sent, on the monotonic clock; its latency), in seconds."""
         self._proc.terminate()
         self._proc.wait(timeout=10)
         self._reader.join(timeout=10)
-        return [float(line) for line in self._lines if line.strip()]
+        return [(float(sent), float(latency)) for sent, latency in (line.split() for line in self._lines if line.strip())]
 
 
 async def one_stream(session: aiohttp.ClientSession, url: str, model: str, max_tokens: int, t0: float,
@@ -246,13 +275,15 @@ async def large_request(dep: Deployment, model: str, megabytes: float) -> dict:
     text = (words * int(megabytes * 1e6 / len(words) + 1))[: int(megabytes * 1e6)]
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": text}]}, f)
+    control = subprocess.Popen([sys.executable, "-c", _CONTROL], stdout=subprocess.PIPE, text=True)
+    control_url = f"http://127.0.0.1:{control.stdout.readline().strip()}"
     try:
-        # The same probe with nothing else running first: on a shared machine the scheduler
+        # The same probes with nothing else running first: on a shared machine the scheduler
         # alone delays some answers, and this says by how much.
-        probe = HealthProbe(dep.url, 0.02)
+        probe, control_probe = HealthProbe(dep.url, 0.02), HealthProbe(control_url, 0.02)
         await asyncio.sleep(5)
-        idle = probe.stop()
-        probe = HealthProbe(dep.url, 0.02)
+        idle, control_idle = probe.stop(), control_probe.stop()
+        probe, control_probe = HealthProbe(dep.url, 0.02), HealthProbe(control_url, 0.02)
         await asyncio.sleep(0.5)
         t0 = time.monotonic()
         curl = await asyncio.create_subprocess_exec(
@@ -260,12 +291,30 @@ async def large_request(dep: Deployment, model: str, megabytes: float) -> dict:
             "--data-binary", f"@{f.name}", f"{dep.url}/v1/chat/completions", stdout=asyncio.subprocess.PIPE)
         out, _ = await curl.communicate()
         elapsed = time.monotonic() - t0
-        health = probe.stop()
+        health, control_health = probe.stop_timed(), control_probe.stop_timed()
     finally:
         os.unlink(f.name)
+        control.terminate()
+        control.wait(timeout=10)
     answer, _, status = out.decode().rpartition("\n")
     return {"megabytes": megabytes, "status": int(status), "answer": answer[:300], "seconds": round(elapsed, 2),
-            "health_ms": latency_summary(health), "health_ms_idle_before": latency_summary(idle)}
+            "health_ms": latency_summary([latency for _, latency in health]),
+            "control_ms": latency_summary([latency for _, latency in control_health]),
+            "slowest": slowest(health, control_health, t0),
+            "health_ms_idle_before": latency_summary(idle), "control_ms_idle_before": latency_summary(control_idle)}
+
+
+def slowest(probes: list[tuple[float, float]], control: list[tuple[float, float]], t0: float,
+            count: int = 5) -> list[dict]:
+    """The `count` slowest probes: when they were sent (seconds after `t0`), how long they
+    took, and the slowest control probe that overlapped them (a slow control means the
+    machine, not the server, held both)."""
+    out = []
+    for sent, latency in sorted(probes, key=lambda p: p[1], reverse=True)[:count]:
+        overlapping = [c for s, c in control if s < sent + latency and s + c > sent]
+        out.append({"at_s": round(sent - t0, 2), "ms": round(1000 * latency, 1),
+                    "control_ms": round(1000 * max(overlapping, default=0.0), 1)})
+    return out
 
 
 async def drained(dep: Deployment, timeout: float) -> tuple[bool, float, dict]:

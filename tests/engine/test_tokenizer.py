@@ -2,18 +2,50 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
 import pytest
 
 from baton.sampling_params import GuidedDecodingParams, SamplingParams
-from baton.tokenizer import IncrementalDetokenizer, Tokenizer
+from baton.tokenizer import ChildEncoder, IncrementalDetokenizer, Tokenizer, TooManyTokens
 
 
 @pytest.fixture(scope="module")
 def tok(tiny_dir) -> Tokenizer:
     return Tokenizer(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def child(tok):
+    encoder = ChildEncoder(tok)
+    encoder.CHUNK_CHARS = 1000  # many slices, some split between the bytes of one character
+    yield encoder
+    encoder.close()
+
+
+# Multi-byte characters, so that slices of characters are not slices of bytes.
+LONG_TEXT = "héllo wörld, 日本語のテキスト; plain words too. " * 300
+
+
+def test_the_child_process_tokenises_as_the_tokenizer_does(tok, child):
+    for special in (True, False):
+        assert asyncio.run(child.encode(LONG_TEXT, special, None)) == tok.encode(LONG_TEXT, special)
+
+
+def test_the_child_process_counts_a_text_over_the_limit(tok, child):
+    count = len(tok.encode(LONG_TEXT))
+    with pytest.raises(TooManyTokens) as info:
+        asyncio.run(child.encode(LONG_TEXT, True, count - 1))
+    assert info.value.at_least == count
+
+
+def test_a_child_process_that_died_is_started_again(tok, child):
+    asyncio.run(child.encode("warm", True, None))
+    child._process.kill()
+    child._process.join(10)
+    assert asyncio.run(child.encode(LONG_TEXT, True, None)) == tok.encode(LONG_TEXT)
 
 
 def test_chat_template_renders_the_conversation(tok):
