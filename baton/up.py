@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (workers spread over the GPUs)")
     p.add_argument("--dtype", default="auto", help="weights and activations: auto (the checkpoint's; float32 "
                    "on CPU), bfloat16, float16 or float32")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="each worker splits the model over N processes, one per GPU (workers take N "
+                        "consecutive GPUs each)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="sequences a worker runs at once "
                    "(default: the engine's, 256)")
@@ -165,14 +168,17 @@ def plan(args: argparse.Namespace, model_dir: Path) -> list[Child]:
         module = args.model_module
         engine_flags += ["--model-module", str(Path(module).resolve()) if module.endswith(".py") or "/" in module else module]
     gpus = _gpu_count(args.device)
+    tp = args.tensor_parallel_size
+    if tp > 1:
+        engine_flags += ["--tensor-parallel-size", str(tp)]
     roles = ([("prefill", args.prefill), ("decode", args.decode)] if args.mode == "disaggregated"
              else [("colocated", args.colocated)])
-    env = {} if gpus else cpu_thread_env(sum(n for _, n in roles))
+    env = {} if gpus else cpu_thread_env(sum(n for _, n in roles) * tp)  # every rank a process
     children = []
     k = 0
     for role, count in roles:
         for i in range(count):
-            device = f"cuda:{k % gpus}" if gpus else args.device
+            device = f"cuda:{(k * tp) % (gpus - gpus % tp)}" if gpus else args.device
             k += 1
             argv = ["serve-" + role, *engine_flags, "--device", device, "--host", "127.0.0.1",
                     "--shutdown-grace-seconds", str(args.shutdown_grace_seconds)]
@@ -315,6 +321,18 @@ def main(argv: list[str]) -> int:
         return 2
     if args.mode == "colocated" and args.colocated < 1:
         print("baton up: --colocated must be >= 1", file=sys.stderr)
+        return 2
+    if args.tensor_parallel_size < 1:
+        print("baton up: --tensor-parallel-size must be >= 1", file=sys.stderr)
+        return 2
+    if args.tensor_parallel_size > 1 and args.mode != "colocated":
+        print("baton up: --tensor-parallel-size > 1 needs --mode colocated: KV handoff between "
+              "tensor-parallel engines is not implemented yet", file=sys.stderr)
+        return 2
+    gpus = _gpu_count(args.device)
+    if 0 < gpus < args.tensor_parallel_size:
+        print(f"baton up: --tensor-parallel-size {args.tensor_parallel_size} needs that many GPUs per "
+              f"worker; this machine has {gpus}", file=sys.stderr)
         return 2
     if args.api_key_file is not None:
         if not Path(args.api_key_file).is_file():

@@ -37,7 +37,12 @@ class HandoffHooks:
         """The engine's KV pool, `[num_blocks, num_layers, 2, block_size, kv_heads, head_dim]`
         (`baton.engine.kv_cache`). The transfer layer copies a handoff's blocks out of it
         (held blocks) or into it (reserved blocks, before `add_prefilled_request`) and
-        touches no other block."""
+        touches no other block. Not at tensor_parallel_size > 1 (RuntimeError): each rank
+        holds its own heads' KV, which no handoff moves yet."""
+        if self.config.tensor_parallel_size > 1:
+            raise RuntimeError(f"KV handoff to or from a tensor-parallel engine (tensor_parallel_size="
+                               f"{self.config.tensor_parallel_size}) is not implemented yet: run it as a "
+                               f"colocated worker, or with tensor_parallel_size=1")
         return self.runner.kv
 
     def held_blocks(self, request_id: str) -> list[int] | None:

@@ -171,6 +171,8 @@ class LLMEngine(HandoffHooks):
             raise DuplicateRequestError(request_id)
         text, ids = self.tokenize_prompt(prompt)
         self.check_prompt_length(len(ids) + len(resume))
+        if hold_kv and self.config.tensor_parallel_size > 1:
+            raise InvalidRequestError("KV handoff from a tensor-parallel engine is not implemented yet")
         if hold_kv and params.num_candidates != 1:
             raise InvalidRequestError("a request whose KV is handed off must have n=1 and no best_of")
         if resume and (params.num_candidates != 1 or params.guided_decoding is not None):

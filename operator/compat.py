@@ -44,7 +44,7 @@ def _typed_flags(role: Role) -> list[Problem]:
     return [Problem(REASON, f"spec.{role.name}.engine.extraArgs sets --{given[0]}, which the "
                     "operator sets from the spec: remove it from extraArgs and use the typed "
                     "field (model, model.dtype, model.quantization, model.kvCacheDtype, "
-                    "engine.blockSize, kvTransfer, tracing.otlpEndpoint)")]
+                    "engine.blockSize, engine.tensorParallelSize, kvTransfer, tracing.otlpEndpoint)")]
 
 
 def problems(svc: InferenceService) -> list[Problem]:
@@ -56,6 +56,12 @@ def problems(svc: InferenceService) -> list[Problem]:
     if svc.mode != "disaggregated":
         return found
     prefill, decode = svc.role("prefill"), svc.role("decode")
+    for role in (prefill, decode):
+        if role.engine.tensor_parallel_size > 1:
+            found.append(Problem(REASON, (
+                f"spec.{role.name}.engine.tensorParallelSize is {role.engine.tensor_parallel_size}: KV "
+                "handoff between tensor-parallel engines is not implemented yet, so tensor "
+                "parallelism needs mode colocated")))
     if prefill.engine.block_size != decode.engine.block_size:
         found.append(Problem(REASON, (
             f"spec.prefill.engine.blockSize ({prefill.engine.block_size}) differs from "

@@ -42,7 +42,8 @@ METRICS = ("num_requests_waiting", "num_requests_running", "kv_cache_usage_perc"
 # Worker flags the operator writes from typed fields; `extraArgs` may not set them.
 TYPED_FLAGS = ("model", "tokenizer", "served-model-name", "dtype", "block-size",
                "quantization", "kv-cache-dtype", "kv-transfer", "host", "port",
-               "metrics-port", "kv-port", "kv-tcp-port", "otlp-traces-endpoint")
+               "metrics-port", "kv-port", "kv-tcp-port", "otlp-traces-endpoint",
+               "tensor-parallel-size")
 DEFAULT_BLOCK_SIZE = 16
 # model.quantization and model.kvCacheDtype: the workers' --quantization and --kv-cache-dtype
 # accept each (a test says so). fp8_e4m3 is the workers' other spelling of fp8.
@@ -161,6 +162,10 @@ def _engine() -> dict:
                 minimum=1, maximum=16777216),
             "kvCacheMemoryGB": _scalar("number", "KV pool size on CPU (--kv-cache-memory-gb).",
                                        exclusiveMinimum=True, minimum=0, maximum=4096),
+            "tensorParallelSize": _scalar(
+                "integer", "GPUs one engine splits the model over, one process each "
+                "(--tensor-parallel-size); above 1 the pod requests that many nvidia.com/gpu. "
+                "Colocated mode only for now.", minimum=1, maximum=16, default=1),
             "extraArgs": {"type": "array", "items": {"type": "string", "maxLength": 4096},
                           "maxItems": 64,
                           "description": "Flags appended to the worker's command line (not "
@@ -357,6 +362,11 @@ def _block_size(role: str) -> str:
             f"{DEFAULT_BLOCK_SIZE})")
 
 
+def _tensor_parallel(role: str) -> str:
+    return (f"(has(self.{role}) && has(self.{role}.engine) && "
+            f"has(self.{role}.engine.tensorParallelSize) ? self.{role}.engine.tensorParallelSize : 1)")
+
+
 def _spec() -> dict:
     min_zero = " && ".join(_has_min_zero(role)
                            for role in ("prefill", "decode", "colocated", "worker"))
@@ -415,6 +425,10 @@ def _spec() -> dict:
              f"{_block_size('decode')}",
              "prefill.engine.blockSize and decode.engine.blockSize must be equal: KV blocks "
              "are copied from prefill to decode as they are"),
+            (f"self.mode != 'disaggregated' || ({_tensor_parallel('prefill')} == 1 && "
+             f"{_tensor_parallel('decode')} == 1)",
+             "engine.tensorParallelSize above 1 needs mode colocated: KV handoff between "
+             "tensor-parallel engines is not implemented yet"),
             (f"self.autoscaling.engine == 'keda' || ({min_zero})",
              "autoscaling.minReplicas 0 needs autoscaling.engine keda: a "
              "HorizontalPodAutoscaler cannot scale to zero"),

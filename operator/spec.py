@@ -73,6 +73,7 @@ class Engine:
     num_gpu_blocks_override: int | None
     kv_cache_memory_gb: float | None
     extra_args: tuple[str, ...]
+    tensor_parallel_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,8 @@ class Role:
 
     @property
     def gpus(self) -> int:
-        """GPUs per pod, from the nvidia.com/gpu limit (0 when none)."""
+        """GPUs per pod, from the nvidia.com/gpu limit (0 when none; the worker builder sets
+        it to `engine.tensor_parallel_size` above 1)."""
         value = self.placement.resources.get("limits", {}).get("nvidia.com/gpu", "0")
         return int(quantity.parse(value)[0])
 
@@ -227,6 +229,7 @@ def _engine(data: Mapping[str, Any], path: str) -> Engine:
         num_gpu_blocks_override=_optional(data, "numGpuBlocksOverride", path, int),
         kv_cache_memory_gb=_optional(data, "kvCacheMemoryGB", path, (int, float)),
         extra_args=tuple(str(arg) for arg in data.get("extraArgs", ())),
+        tensor_parallel_size=_optional(data, "tensorParallelSize", path, int) or 1,
     )
 
 
@@ -272,7 +275,7 @@ def _placement(data: Mapping[str, Any], path: str) -> Placement:
 def _role(name: str, key: str, data: Mapping[str, Any]) -> Role:
     """Role `name`, read from `spec.<key>` (`key` is the name or its old spelling)."""
     path = f"spec.{key}"
-    return Role(
+    role = Role(
         name=name,
         replicas=_field(data, "replicas", path, int),
         engine=_engine(data.get("engine", {}), f"{path}.engine"),
@@ -280,6 +283,14 @@ def _role(name: str, key: str, data: Mapping[str, Any]) -> Role:
         shm_size=_quantity(_field(data, "shmSize", path, str), f"{path}.shmSize"),
         placement=_placement(data, path),
     )
+    tp = role.engine.tensor_parallel_size
+    if tp < 1:
+        raise SpecError(f"{path}.engine.tensorParallelSize must be at least 1, got {tp}")
+    if tp > 1 and "nvidia.com/gpu" in role.placement.resources.get("limits", {}) and role.gpus != tp:
+        raise SpecError(f"{path}.resources.limits nvidia.com/gpu ({role.gpus}) differs from "
+                        f"{path}.engine.tensorParallelSize ({tp}): each rank needs a GPU of its own; "
+                        f"leave the limit out (the operator sets it) or make them equal")
+    return role
 
 
 def _router(data: Mapping[str, Any]) -> Router:

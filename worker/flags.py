@@ -24,7 +24,7 @@ _ENGINE_FIELDS = (
     "model", "served_model_name", "dtype", "device", "block_size", "max_num_seqs",
     "max_num_batched_tokens", "max_model_len", "gpu_memory_utilization",
     "num_gpu_blocks_override", "kv_cache_memory_gb", "enable_prefix_caching", "seed",
-    "quantization", "kv_cache_dtype", "model_module",
+    "quantization", "kv_cache_dtype", "model_module", "tensor_parallel_size",
 )
 
 
@@ -113,6 +113,8 @@ def build_parser(prog: str, role: str) -> argparse.ArgumentParser:
     engine.add_argument("--model-module", default=None, metavar="MODULE",
                         help="module name or .py path imported before the engine is built "
                              "(registers architectures with baton.engine.ModelRegistry)")
+    engine.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                        help="split the model over N processes, one per GPU (cuda:0..N-1 from --device's)")
     parser.set_defaults(_engine_fields=list(_ENGINE_FIELDS) + _engine_field_flags(engine, set(_ENGINE_FIELDS)))
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="0.0.0.0", help="bind address")
@@ -169,6 +171,9 @@ def parse(argv: list[str], prog: str, role: str) -> tuple[Any, WorkerOptions]:
         )
     except ValueError as exc:
         parser.error(str(exc))
+    if ns.tensor_parallel_size > 1 and role != "colocated":
+        parser.error("--tensor-parallel-size > 1 runs in serve-colocated only: KV handoff between "
+                     "tensor-parallel engines is not implemented yet")
     from baton.engine.config import EngineArgs
 
     return EngineArgs(**{name: getattr(ns, name) for name in ns._engine_fields}), options

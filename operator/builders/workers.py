@@ -47,6 +47,8 @@ def worker_args(svc: InferenceService, role: Role) -> list[str]:
         args += ["--num-gpu-blocks-override", str(engine.num_gpu_blocks_override)]
     if engine.kv_cache_memory_gb:
         args += ["--kv-cache-memory-gb", f"{engine.kv_cache_memory_gb:g}"]
+    if engine.tensor_parallel_size > 1:
+        args += ["--tensor-parallel-size", str(engine.tensor_parallel_size)]
     return args + kvtransfer.args(svc, role) + list(engine.extra_args)
 
 
@@ -103,10 +105,22 @@ def worker_container(svc: InferenceService, role: Role, config: OperatorConfig) 
             {"name": "compile-cache", "mountPath": COMPILE_CACHE_DIR},
         ],
     }
-    resources = kvtransfer.resources(svc, role)
+    resources = _with_gpus(kvtransfer.resources(svc, role), role)
     if resources:
         container["resources"] = resources
     return container
+
+
+def _with_gpus(resources: dict, role: Role) -> dict:
+    """`resources` with one GPU per tensor-parallel rank (the spec may name the same count)."""
+    tp = role.engine.tensor_parallel_size
+    if tp == 1:
+        return resources
+    merged = {section: dict(amounts) for section, amounts in resources.items()}
+    merged.setdefault("limits", {})["nvidia.com/gpu"] = str(tp)
+    if "requests" in merged:  # an extended resource's request must equal its limit
+        merged["requests"]["nvidia.com/gpu"] = str(tp)
+    return merged
 
 
 def worker_deployment(svc: InferenceService, role_name: str, config: OperatorConfig) -> dict:

@@ -86,6 +86,8 @@ SPECS = {
         model={"source": {"pvc": {"claimName": "models"}}, "quantization": "fp8",
                "kvCacheDtype": "fp8_e4m3"},
         tracing={"otlpEndpoint": "otel-collector.observability:4317"}),
+    "colocated-tp": body(mode="colocated", colocated={
+        "engine": {"tensorParallelSize": 4}, "resources": {"limits": {"memory": "64Gi"}, "requests": {"cpu": 8}}}),
     "colocated-awq": body(mode="colocated", model={
         "source": {"hostPath": "/data/m"}, "quantization": "awq", "kvCacheDtype": "fp8"},
         tracing={"otlpEndpoint": "https://otlp.example:4317"}),
@@ -391,3 +393,32 @@ def test_spelling_fp8_either_way_rolls_no_pod():
                 if o["kind"] == "Deployment"]
 
     assert workers("fp8") == workers("fp8_e4m3") != workers("auto")
+
+
+def test_tensor_parallel_size_reaches_the_worker_and_requests_one_gpu_per_rank():
+    main = container(find(build("colocated-tp"), "Deployment", "llama-colocated"))
+    assert main["args"][main["args"].index("--tensor-parallel-size") + 1] == "4"
+    assert main["resources"] == {"limits": {"memory": "64Gi", "nvidia.com/gpu": "4"},
+                                 "requests": {"cpu": "8", "nvidia.com/gpu": "4"}}
+    one = container(find(build("colocated"), "Deployment", "llama-colocated"))
+    assert "--tensor-parallel-size" not in one["args"] and "resources" not in one  # TP 1: as before
+    same = body(mode="colocated", colocated={"engine": {"tensorParallelSize": 2},
+                                             "resources": {"limits": {"nvidia.com/gpu": 2}}})
+    assert container(find(builders.build_all(spec.parse(same), CONFIG), "Deployment", "llama-colocated"))[
+        "resources"] == {"limits": {"nvidia.com/gpu": "2"}}
+
+
+def test_a_gpu_limit_that_contradicts_tensor_parallel_size_is_a_spec_error():
+    with pytest.raises(spec.SpecError, match=r"spec.colocated.resources.limits nvidia.com/gpu \(1\) differs "
+                                             r"from spec.colocated.engine.tensorParallelSize \(2\)"):
+        spec.parse(body(mode="colocated", colocated={"engine": {"tensorParallelSize": 2},
+                                                     "resources": {"limits": {"nvidia.com/gpu": 1}}}))
+
+
+def test_tensor_parallel_disaggregated_roles_are_an_incompatibility():
+    from baton.operator import compat
+
+    svc = spec.parse(body(decode={"engine": {"tensorParallelSize": 2}}))
+    [problem] = compat.problems(svc)
+    assert "spec.decode.engine.tensorParallelSize is 2" in problem.message
+    assert "needs mode colocated" in problem.message

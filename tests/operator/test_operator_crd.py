@@ -149,6 +149,9 @@ def test_every_example_is_valid(path):
     ({"model": {"source": {"pvc": {"claimName": "m", "path": "../etc"}}}}, "no '..'"),
     ({"model": {"source": {"hostPath": "/m", "credentialsSecretRef": {"name": "s"}}}},
      "applies only to uri sources"),
+    ({"prefill": {"engine": {"tensorParallelSize": 2}}}, "tensorParallelSize above 1 needs mode colocated"),
+    ({"decode": {"engine": {"tensorParallelSize": 2}}}, "tensorParallelSize above 1 needs mode colocated"),
+    ({"prefill": {"engine": {"extraArgs": ["--tensor-parallel-size=2"]}}}, "must not set a flag"),
 ])
 def test_cel_rules_reject_what_types_cannot(fields, message):
     body = service(**fields)
@@ -162,6 +165,7 @@ def test_cel_rules_accept_their_valid_counterparts():
     assert violations(service(kvTransfer={"transport": "ucx", "rdma": {},
                                           "ucx": {"tls": ["rc"], "netDevices": ["mlx5_0:1"]}})) == []
     assert violations(service(mode="colocated", worker={"replicas": 2})) == []
+    assert violations(service(mode="colocated", colocated={"engine": {"tensorParallelSize": 8}})) == []
 
 
 @pytest.mark.parametrize("mode, name, ok", [
@@ -202,6 +206,8 @@ def test_names_must_leave_room_for_child_suffixes(mode, name, ok):
     {"tracing": {"otlpEndpoint": ""}},
     {"tracing": {"otlpEndpoint": "collector:4317 --port 1"}},
     {"tracing": {"endpoint": "collector:4317"}},
+    {"mode": "colocated", "colocated": {"engine": {"tensorParallelSize": 0}}},
+    {"mode": "colocated", "colocated": {"engine": {"tensorParallelSize": 32}}},
 ])
 def test_schema_rejects_bad_values(fields):
     assert schema_errors(service(**fields))

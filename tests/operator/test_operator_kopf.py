@@ -274,3 +274,30 @@ async def test_restart_and_resync_write_nothing_new(apiserver, operator, models,
     await asyncio.sleep(1.5)
     assert churn(mark) == [], "a restarted operator re-wrote children or status"
     assert {resource: apiserver.names(resource, NS) for resource in before} == before
+
+
+async def test_tensor_parallel_size_sets_the_flag_and_the_gpu_request(apiserver, operator, models, wait):
+    """engine.tensorParallelSize reaches the worker's command line and requests one GPU per
+    rank; an edit rolls both. A disaggregated role with it (no CEL on this API server) is
+    refused with a reason and creates no worker."""
+    await operator.start()
+    await apiserver.create(IS, service(mode="colocated", colocated={"engine": {"tensorParallelSize": 2}}))
+
+    def worker(gpus: str):
+        deployment = apiserver.get_object(DEPLOY, NS, "llama-colocated")
+        if deployment is None:
+            return None
+        main = deployment["spec"]["template"]["spec"]["containers"][0]
+        ok = (main.get("resources", {}).get("limits", {}).get("nvidia.com/gpu") == gpus
+              and main["args"][main["args"].index("--tensor-parallel-size") + 1] == gpus)
+        return ok and main
+
+    await wait(lambda: worker("2"))
+    await apiserver.merge(IS, NS, "llama", {"spec": {"colocated": {"engine": {"tensorParallelSize": 4}}}})
+    await wait(lambda: worker("4"))
+
+    await apiserver.create(IS, service("split", decode={"engine": {"tensorParallelSize": 2}}))
+    refused = await wait(lambda: condition(apiserver, name="split").get("reason") == "IncompatibleRoles"
+                         and condition(apiserver, name="split"))
+    assert "spec.decode.engine.tensorParallelSize is 2" in refused["message"]
+    assert not {"split-prefill", "split-decode"} & apiserver.names(DEPLOY, NS)
