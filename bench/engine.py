@@ -2,6 +2,7 @@
 offline throughput, and `transformers` on the same workload.
 
     python bench/engine.py --out bench/results/engine-h100.json --png bench/results/engine-h100.png
+    python bench/engine.py --tensor-parallel-size 2   # two GPUs: bench/results/engine-tp2-h100.json
 
 Llama-3.1-8B-shaped model with random bf16 weights drawn on the GPU (`engine_workload.py`).
 Every figure is a wall-clock time of the engine's own code path, medians of repeated runs
@@ -107,6 +108,12 @@ def release(engine: LLMEngine, seqs: list[Sequence]) -> None:
         engine.release_blocks(seq.block_table)
 
 
+def _floor_s(engine: LLMEngine, batch: int, context: int) -> float:
+    """The decode step's memory floor; at tensor parallelism N each GPU reads 1/N of the
+    weights and KV (the all-reduces not counted)."""
+    return decode_floor_s(LLAMA31_8B, batch, context) / engine.config.tensor_parallel_size
+
+
 def bench_batch1(engine: LLMEngine, rng, prompt_len=128, new_tokens=256) -> dict:
     """Decode time per output token of one request through `LLMEngine.step`."""
     params = SamplingParams(max_tokens=new_tokens, **GREEDY)
@@ -128,7 +135,7 @@ def bench_decode(engine: LLMEngine, batches: list[int], context: int, rng) -> di
         seqs = synthetic_seqs(engine, b, context, rng)
         batch = ScheduledBatch(seqs, [1] * b)
         step = timed(lambda batch=batch: runner.execute(batch), repeats=20)
-        entry = {"step_ms": 1e3 * step, "floor_ms": 1e3 * decode_floor_s(LLAMA31_8B, b, context)}
+        entry = {"step_ms": 1e3 * step, "floor_ms": 1e3 * _floor_s(engine, b, context)}
         entry["ratio"] = entry["floor_ms"] / entry["step_ms"]
         graphs = runner.graphs
         if graphs is not None:
@@ -183,7 +190,7 @@ def bench_decode_engine(engine: LLMEngine, batches: list[int], context: int, rng
                 engine.step()
                 stamps.append(time.perf_counter())
         step = float(np.median(np.diff(stamps[1:])))  # from the second step: the first may start the chain
-        results[b] = {"step_ms": 1e3 * step, "floor_ms": 1e3 * decode_floor_s(LLAMA31_8B, b, context)}
+        results[b] = {"step_ms": 1e3 * step, "floor_ms": 1e3 * _floor_s(engine, b, context)}
         results[b]["ratio"] = results[b]["floor_ms"] / results[b]["step_ms"]
         print(f"engine decode b={b}: {results[b]}", flush=True)
     return results
@@ -226,7 +233,9 @@ def bench_prefill(engine: LLMEngine, lengths: list[int], rng) -> dict:
         batch = ScheduledBatch([seq], [n])
         t = timed(lambda batch=batch: engine.runner.execute(batch), repeats=5, warmup=2)
         flops = prefill_flops(LLAMA31_8B, n)
-        results[n] = {"ms": 1e3 * t, "tok_s": n / t, "tflop_s": flops / t / 1e12, "mfu": flops / t / PEAK_BF16_FLOPS}
+        gpus = engine.config.tensor_parallel_size
+        results[n] = {"ms": 1e3 * t, "tok_s": n / t, "tflop_s": flops / t / 1e12,
+                      "mfu": flops / t / (PEAK_BF16_FLOPS * gpus)}
         release(engine, [seq])
         print(f"prefill {n}: {results[n]}", flush=True)
     return results
@@ -318,8 +327,10 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="bench/results/engine-h100.json")
-    ap.add_argument("--png", default="bench/results/engine-h100.png")
+    ap.add_argument("--out", default=None, help="default: bench/results/engine-h100.json (engine-tpN-h100.json)")
+    ap.add_argument("--png", default=None, help="default: --out with .png")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="GPUs the engine splits the model over (one process each, NCCL)")
     ap.add_argument("--model-dir", default="/tmp/llama31-8b-random")
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--hf-requests", type=int, default=128, help="0 skips the transformers baseline")
@@ -332,6 +343,9 @@ def main() -> None:
     ap.add_argument("--offline-sync-scheduling", action="store_true",
                     help="run the offline workload a second time without asynchronous scheduling")
     args = ap.parse_args()
+    tp = args.tensor_parallel_size
+    args.out = args.out or f"bench/results/engine-{f'tp{tp}-' if tp > 1 else ''}h100.json"
+    args.png = args.png or str(Path(args.out).with_suffix(".png"))
     from baton.engine.tiny_model import ensure_tiny_model
 
     rng = np.random.default_rng(0)
@@ -345,16 +359,20 @@ def main() -> None:
     engine = LLMEngine.from_engine_args(EngineArgs(
         model=str(model_dir), dtype="bfloat16", device="cuda", max_model_len=8320, max_num_seqs=256,
         max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=0.9,
-        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype))
+        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=tp))
     result["quantization"], result["kv_cache_dtype"] = args.quantization, args.kv_cache_dtype
+    result["tensor_parallel_size"] = tp
     result["engine_start_s"] = time.perf_counter() - t
     result["kernel_config"] = dataclasses.asdict(engine.runner.kernels)
     result["kernels"] = engine.runner.explain()
-    result["few_row_matmul_tuning"] = dict(engine.runner.model.tuning.report)
+    tuning = getattr(engine.runner.model, "tuning", None)  # none at TP > 1: no fast path
+    result["few_row_matmul_tuning"] = dict(tuning.report) if tuning is not None else None
     result["attention_backend"] = engine.runner.backend_name
     result["kv_blocks"] = engine.runner.num_blocks
     kv = engine.runner.kv  # never time on zeros (an e4m3 pool: small positive bytes, no NaN)
     kv.normal_() if kv.dtype != torch.float8_e4m3fn else kv.view(torch.uint8).random_(0, 0x70)
+    if tp > 1:
+        result["kv_note"] = "rank 0's KV pool is random; the other ranks' pools are zero-filled"
 
     result["async_scheduling"] = engine.config.async_scheduling
     result["batch1"] = bench_batch1(engine, rng)
@@ -369,7 +387,8 @@ def main() -> None:
     result["decode"] = {str(b): v for b, v in bench_decode_engine(engine, batches, 1024, rng).items()}
     result["decode_roofline_ratio"] = {b: v["ratio"] for b, v in result["decode"].items() if b != "1"}
     result["decode_parts"] = {str(b): v for b, v in bench_decode(engine, batches, 1024, rng).items()}
-    result["what_fusion_and_graphs_buy"] = bench_unfused_and_eager(engine, rng, 1024)
+    if tp == 1:  # at TP > 1 every step is already eager and unfused
+        result["what_fusion_and_graphs_buy"] = bench_unfused_and_eager(engine, rng, 1024)
     result["prefill"] = {str(n): v for n, v in bench_prefill(engine, [512, 2048, 8192], rng).items()}
     result["prefill_mfu"] = {n: v["mfu"] for n, v in result["prefill"].items()}
 
