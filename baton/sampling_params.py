@@ -167,3 +167,22 @@ class SamplingParams:
         if not self.ignore_eos:
             ids.update(eos_token_ids)
         return ids
+
+
+@dataclass(frozen=True)
+class PoolingParams:
+    """An embedding request (vLLM's `PoolingParams`), for an engine run with task "embed".
+
+    `normalize`: L2-normalise the vector (None: as the model's pooling config says).
+    `dimensions` (Matryoshka truncation) is refused: no supported model is trained for it.
+    """
+
+    dimensions: int | None = None
+    normalize: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.dimensions is not None:
+            raise ValueError("dimensions is not supported: the model is not a Matryoshka embedding model, "
+                             "so a truncated vector would be meaningless; leave it unset")
+        if self.normalize is not None and not isinstance(self.normalize, bool):
+            raise ValueError(f"normalize must be a boolean, got {self.normalize!r}")

@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV blocks per worker (default: sized from memory)")
     p.add_argument("--kv-cache-memory-gb", type=float, default=None,
                    help="KV pool per CPU worker in GB (default: the engine's, 1)")
+    p.add_argument("--task", default=None, choices=["generate", "embed"],
+                   help="embed: the workers also serve /v1/embeddings (default: generate)")
+    p.add_argument("--pooling-type", default=None, choices=["last", "mean", "cls"],
+                   help="with --task embed: override the model's pooling (default: as its config says)")
     p.add_argument("--warmup", default="auto", choices=["auto", "on", "off"],
                    help="workers run every prefill size and decode batch size before they report ready "
                         "(auto: on CUDA only)")
@@ -160,7 +164,7 @@ def plan(args: argparse.Namespace, model_dir: Path) -> list[Child]:
     """The workers to start (the router comes once they reported their ports)."""
     engine_flags = ["--model", str(model_dir), "--dtype", args.dtype, "--warmup", args.warmup]
     for flag in ("served_model_name", "max_model_len", "max_num_seqs", "num_gpu_blocks_override",
-                 "kv_cache_memory_gb"):
+                 "kv_cache_memory_gb", "task", "pooling_type"):
         value = getattr(args, flag)
         if value is not None:
             engine_flags += [f"--{flag.replace('_', '-')}", str(value)]

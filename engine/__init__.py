@@ -7,16 +7,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from baton.sampling_params import GuidedDecodingParams, SamplingParams
+from baton.sampling_params import GuidedDecodingParams, PoolingParams, SamplingParams
 
 __all__ = [
     "LLM",
     "AsyncLLMEngine",
     "CompletionOutput",
+    "EmbeddingRequestOutput",
     "EngineArgs",
     "GuidedDecodingParams",
     "LLMEngine",
     "ModelRegistry",
+    "PoolingParams",
     "RequestOutput",
     "SamplingParams",
 ]
@@ -29,6 +31,7 @@ _LAZY = {
     "ModelRegistry": "baton.engine.models.registry",
     "RequestOutput": "baton.engine.outputs",
     "CompletionOutput": "baton.engine.outputs",
+    "EmbeddingRequestOutput": "baton.engine.outputs",
 }
 
 if TYPE_CHECKING:
@@ -37,7 +40,7 @@ if TYPE_CHECKING:
     from baton.engine.llm import LLM
     from baton.engine.llm_engine import LLMEngine
     from baton.engine.models.registry import ModelRegistry
-    from baton.engine.outputs import CompletionOutput, RequestOutput
+    from baton.engine.outputs import CompletionOutput, EmbeddingRequestOutput, RequestOutput
 
 
 def __getattr__(name: str):

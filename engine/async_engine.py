@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import queue
 import threading
@@ -19,8 +20,8 @@ from typing import Any, TypeVar
 from baton.engine.config import EngineArgs
 from baton.engine.errors import DuplicateRequestError, EngineDeadError
 from baton.engine.llm_engine import LLMEngine, PromptType
-from baton.engine.outputs import RequestOutput
-from baton.sampling_params import SamplingParams
+from baton.engine.outputs import EmbeddingRequestOutput, RequestOutput
+from baton.sampling_params import PoolingParams, SamplingParams
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -171,6 +172,17 @@ class AsyncLLMEngine:
             lambda e: e.add_request(request_id, prompt, sampling_params, priority=priority, hold_kv=hold_kv,
                                     resume_token_ids=resume_token_ids),
         )
+
+    async def encode(self, prompt: PromptType, pooling_params: PoolingParams, request_id: str,
+                     priority: int = 0) -> EmbeddingRequestOutput:
+        """The embedding of one prompt (the engine runs with task "embed"). Raises as
+        `generate` does; cancelling the call aborts the request and frees its blocks."""
+        final = None
+        async with contextlib.aclosing(self._stream(
+                request_id, lambda e: e.add_request(request_id, prompt, pooling_params, priority=priority))) as outs:
+            async for out in outs:
+                final = out
+        return final
 
     def generate_prefilled(self, request_id: str, **kwargs: Any) -> AsyncIterator[RequestOutput]:
         """Like `generate`, for a request whose prompt KV is already in reserved blocks."""

@@ -62,7 +62,7 @@ class AsyncSteps:
             return False
         for seq in batch.seqs:
             p = seq.params
-            if (p.guided_decoding is not None or p.logits_processors or p.logprobs is not None
+            if seq.pooled or (p.guided_decoding is not None or p.logits_processors or p.logprobs is not None
                     or p.prompt_logprobs is not None or p.has_penalties or holds_kv(seq.request_id)):
                 return False
         return True

@@ -76,7 +76,8 @@ class BlockManager:
 
         The last token is always left to compute, since the engine needs its logits.
         """
-        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+        # Prompt logprobs and pooling need the hidden states of every prompt position.
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None or seq.pooled:
             return []
         max_blocks = (seq.num_tokens - 1) // self.block_size
         found: list[int] = []

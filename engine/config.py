@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from baton.engine.pooling import TASKS, PoolingConfig, read_pooling_config
 from baton.engine.quantization import QuantConfig, parse_quantization, resolve_kv_cache_dtype
 
 _DTYPES = {
@@ -165,6 +166,11 @@ class EngineArgs:
     # Processes (one per device) the model is split over (engine/parallel): heads, MLP rows
     # and vocabulary; rank 0 is this process.
     tensor_parallel_size: int = 1
+    # "generate", or "embed": the engine also serves pooling requests (embeddings,
+    # engine/pooling.py), pooled as the model directory says or as `pooling_type` (last,
+    # mean, cls) overrides.
+    task: str = "generate"
+    pooling_type: str | None = None
 
     def create_engine_config(self) -> EngineConfig:
         model_dir = Path(self.model) if self.model else _default_model_dir()
@@ -207,6 +213,11 @@ class EngineArgs:
             )
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
             raise ValueError(f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.pooling_type is not None and self.task != "embed":
+            raise ValueError("pooling_type needs task='embed'")
+        pooling = read_pooling_config(model_dir, self.pooling_type) if self.task == "embed" else None
         quantization = parse_quantization(hf_config, self.quantization)
         kv_cache_dtype = torch.float8_e4m3fn if resolve_kv_cache_dtype(self.kv_cache_dtype) == "fp8" else dtype
         if kv_cache_dtype == torch.float8_e4m3fn and self.attention_backend == "flash_attn":
@@ -238,6 +249,8 @@ class EngineArgs:
             quantization=quantization,
             kv_cache_dtype=kv_cache_dtype,
             tensor_parallel_size=self.tensor_parallel_size,
+            task=self.task,
+            pooling=pooling,
         )
 
     @classmethod
@@ -279,6 +292,8 @@ class EngineConfig:
     quantization: QuantConfig | None = None  # None: unquantized
     kv_cache_dtype: torch.dtype | None = None  # None: the model dtype
     tensor_parallel_size: int = 1
+    task: str = "generate"
+    pooling: PoolingConfig | None = None  # with task "embed"
 
     def __post_init__(self):
         if self.kv_cache_dtype is None:

@@ -84,7 +84,7 @@ def prepare(batch: ScheduledBatch, block_size: int, device: torch.device) -> Ste
             slots[row : row + n] = table[pos // block_size].astype(np.int64) * block_size + pos % block_size
         block_tables[i, : len(table)] = table
         seq_lens[i] = end
-        if end == seq.num_tokens:
+        if end == seq.num_tokens and not seq.pooled:
             sample_rows.append(row + n - 1)
             sample_seqs.append(i)
         if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:

@@ -8,8 +8,8 @@ from typing import Any
 
 from baton.engine.config import EngineArgs
 from baton.engine.llm_engine import LLMEngine, PromptType
-from baton.engine.outputs import RequestOutput
-from baton.sampling_params import SamplingParams
+from baton.engine.outputs import EmbeddingRequestOutput, RequestOutput
+from baton.sampling_params import PoolingParams, SamplingParams
 
 
 class LLM:
@@ -42,15 +42,28 @@ class LLM:
         use_tqdm: bool | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in the prompts' order."""
+        return self._run(prompts, sampling_params, SamplingParams, use_tqdm)
+
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: bool | None = None,
+    ) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt (`outputs.embedding`), in the prompts' order; the engine
+        must run with task="embed" (engine/pooling.py says how it pools)."""
+        return self._run(prompts, pooling_params, PoolingParams, use_tqdm)
+
+    def _run(self, prompts, given, kind, use_tqdm):
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params or SamplingParams()] * len(prompts)
+        if given is None or isinstance(given, kind):
+            params = [given or kind()] * len(prompts)
         else:
-            params = list(sampling_params)
+            params = list(given)
             if len(params) != len(prompts):
-                raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+                raise ValueError(f"{len(params)} parameters for {len(prompts)} prompts")
         ids = []
         for prompt, p in zip(prompts, params):
             rid = str(self._counter)
@@ -63,7 +76,7 @@ class LLM:
             from tqdm import tqdm
 
             bar = tqdm(total=len(prompts), desc="generating", unit="req")
-        finished: dict[str, RequestOutput] = {}
+        finished: dict[str, RequestOutput | EmbeddingRequestOutput] = {}
         try:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():

@@ -26,14 +26,23 @@ from baton.engine.guided import GuidedDecoder
 from baton.engine.handoff import HandoffHooks
 from baton.engine.model_runner import ModelRunner, StepOutput
 from baton.engine.output_processor import SequenceOutput
-from baton.engine.outputs import CompletionOutput, RequestOutput
+from baton.engine.outputs import (
+    CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    RequestOutput,
+)
+from baton.engine.pooling import Pooler
 from baton.engine.scheduler import ScheduledBatch, Scheduler
 from baton.engine.sequence import RequestMetrics, Sequence, SequenceStatus
-from baton.sampling_params import SamplingParams
+from baton.sampling_params import PoolingParams, SamplingParams
 from baton.tokenizer import Tokenizer
 
 PromptType = str | dict[str, Any]
 log = logging.getLogger(__name__)
+# What a pooling sequence carries where others carry their sampling parameters: nothing is
+# sampled or detokenised for it.
+_POOLING_SAMPLING = SamplingParams(max_tokens=1, detokenize=False)
 
 
 @dataclass
@@ -47,11 +56,18 @@ class _Request:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     error: str | None = None
     params: SamplingParams | None = None  # the request's own (n and best_of), when added whole
+    pooler: Pooler | None = None  # a pooling request (embeddings)
+    embedding: list[float] | None = None
 
     @property
     def ranked(self) -> bool:
         """best_of > n: only the best n outputs are shown, once all have finished."""
         return self.params is not None and self.params.num_candidates > self.params.n
+
+    @property
+    def final_only(self) -> bool:
+        """Only the finished request has an output (best_of > n, or pooling)."""
+        return self.ranked or self.pooler is not None
 
     @property
     def seqs(self) -> list[Sequence]:
@@ -141,7 +157,7 @@ class LLMEngine(HandoffHooks):
         self,
         request_id: str,
         prompt: PromptType,
-        params: SamplingParams | None = None,
+        params: SamplingParams | PoolingParams | None = None,
         arrival_time: float | None = None,
         priority: int = 0,
         hold_kv: bool = False,
@@ -164,7 +180,15 @@ class LLMEngine(HandoffHooks):
         have; penalties, `min_tokens`, `max_tokens` and stop strings count them), and the
         output's tokens and text include them. With `hold_kv`, the held blocks cover the
         prompt and these tokens (a failover through a prefill worker).
+
+        `PoolingParams` make it an embedding request (the engine must run with task
+        "embed"): its one output is an `EmbeddingRequestOutput`, once the prompt is computed.
         """
+        if isinstance(params, PoolingParams):
+            if hold_kv or resume_token_ids:
+                raise InvalidRequestError("a pooling request runs here whole (no hold_kv, no resume)")
+            self._add_pooling_request(request_id, prompt, params, arrival_time, priority)
+            return
         params = params or SamplingParams()
         resume = list(resume_token_ids or ())
         if request_id in self.requests or request_id in self.held:
@@ -197,6 +221,32 @@ class LLMEngine(HandoffHooks):
         self.requests[request_id] = request
         for seq in request.seqs:
             self.scheduler.add(seq)
+        self.prompt_tokens_total += len(ids)
+
+    def _add_pooling_request(self, request_id: str, prompt: PromptType, params: PoolingParams,
+                             arrival_time: float | None, priority: int) -> None:
+        """Queue an embedding: a prefill of the prompt whose hidden states are pooled
+        (engine/pooling.py); it ends, freeing its blocks, once the prompt is computed."""
+        pooling = self.config.pooling
+        if pooling is None:
+            raise InvalidRequestError("this model is not served for embeddings: run the engine with "
+                                      "task='embed' (the workers' --task embed)")
+        if request_id in self.requests or request_id in self.held:
+            raise DuplicateRequestError(request_id)
+        text, ids = self.tokenize_prompt(prompt)
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        if len(ids) > self.max_model_len:
+            raise InvalidRequestError(f"the prompt has {len(ids)} tokens; this model's maximum context "
+                                      f"length is {self.max_model_len} tokens")
+        if params.normalize is not None:
+            pooling = dataclasses.replace(pooling, normalize=params.normalize)
+        arrival = time.time() if arrival_time is None else arrival_time
+        seq = Sequence(request_id, 0, ids, _POOLING_SAMPLING, arrival, priority, pooled=True)
+        request = self._new_request(request_id, text, ids, [seq], arrival)
+        request.pooler = Pooler(pooling, len(ids))
+        self.requests[request_id] = request
+        self.scheduler.add(seq)
         self.prompt_tokens_total += len(ids)
 
     def _new_request(self, request_id: str, prompt: str | None, ids: list[int], seqs: list[Sequence],
@@ -287,6 +337,9 @@ class LLMEngine(HandoffHooks):
                 # a preemption gives positions that are known already.
                 known = len(request.prompt_logprobs) - (seq.num_computed_tokens + 1)
                 request.prompt_logprobs.extend(out.prompt_logprobs[max(0, known):])
+            if request.pooler is not None:
+                self._pool(request, seq, num_new, out)
+                continue
             if not computed:
                 seq.num_computed_tokens += num_new
             self.block_manager.cache_computed_blocks(seq)
@@ -297,6 +350,17 @@ class LLMEngine(HandoffHooks):
                 continue
             self._append(request, seq, out.token_id, out.logprob, out.top_logprobs, now)
         return self._collect_outputs()
+
+    def _pool(self, request: _Request, seq: Sequence, num_new: int, out: StepOutput) -> None:
+        """Fold a pooling sequence's step into its embedding; finish it (freeing its
+        blocks) once its whole prompt was computed."""
+        if out.hidden is not None:
+            request.pooler.add(out.hidden, seq.num_computed_tokens)
+        seq.num_computed_tokens += num_new
+        if seq.num_computed_tokens >= seq.num_tokens:
+            request.embedding = request.pooler.result()
+            request.metrics.first_token_time = request.metrics.last_token_time = time.time()
+            self._finish(request, seq, SequenceStatus.FINISHED_STOPPED)
 
     def _holds_kv(self, request_id: str) -> bool:
         return self.requests[request_id].hold_kv
@@ -347,13 +411,17 @@ class LLMEngine(HandoffHooks):
         changed, self._changed = self._changed, {}
         for rid, request in changed.items():
             finished = request.finished
-            if finished or (self.stream_outputs and not request.ranked):
+            if finished or (self.stream_outputs and not request.final_only):
                 outputs.append(self._make_output(request))
             if finished:
                 self.requests.pop(rid, None)
         return outputs
 
-    def _make_output(self, request: _Request) -> RequestOutput:
+    def _make_output(self, request: _Request) -> RequestOutput | EmbeddingRequestOutput:
+        if request.pooler is not None:
+            return EmbeddingRequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
+                                          EmbeddingOutput(request.embedding), request.finished,
+                                          request.metrics, request.error)
         outputs = [o.completion() for o in request.outputs]
         if request.ranked:
             outputs = best_outputs(outputs, request.params)

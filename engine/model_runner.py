@@ -44,6 +44,7 @@ class StepOutput:
     top_logprobs: dict[int, float] | None = None
     prompt_logprobs: list[dict[int, float]] | None = None  # for the chunk's positions
     error: str | None = None
+    hidden: torch.Tensor | None = None  # a pooling sequence's final hidden states [n, hidden] of the step
 
 
 def kv_cache_spec(config: EngineConfig, layout: ShardLayout) -> KVCacheSpec:
@@ -190,7 +191,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, sample: bool = True) -> list[StepOutput]:
         outputs = [StepOutput() for _ in batch.seqs]
-        if sample and self.graphs is not None and self.graphs.can_run(batch):
+        if (sample and self.graphs is not None and self.graphs.can_run(batch)
+                and not any(seq.pooled for seq in batch.seqs)):
             logits = self.graphs.run(batch.seqs)
             self._sample(logits, batch.seqs, list(range(len(batch.seqs))), outputs)
             return outputs
@@ -198,6 +200,12 @@ class ModelRunner:
         inputs, hidden = self._forward(batch)
         if not sample:
             return outputs
+
+        row = 0
+        for seq, out, n in zip(batch.seqs, outputs, batch.num_new_tokens):
+            if seq.pooled:
+                out.hidden = hidden[row : row + n]
+            row += n
 
         for i, first_row, count in inputs.prompt_rows:
             seq = batch.seqs[i]

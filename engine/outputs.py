@@ -39,3 +39,21 @@ class RequestOutput:
     prompt_logprobs: list[Logprobs | None] | None = None
     num_cached_tokens: int = 0
     error: str | None = field(default=None)
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float] | None  # None when the request was aborted or failed
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """The result of a pooling request (`PoolingParams`): one vector for the prompt."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool
+    metrics: RequestMetrics | None = None
+    error: str | None = None

@@ -98,6 +98,9 @@ class Sequence:
     stop_reason: int | str | None = None
     error: str | None = None
     num_preemptions: int = 0
+    # A pooling request (embeddings): its prompt is computed and nothing is sampled; the
+    # runner hands its hidden states to the engine (engine/pooling.py).
+    pooled: bool = False
     # Owned by the block manager: chained hashes of the full blocks of `token_ids` (kept
     # across preemption, the tokens do not change), and how many of the blocks in
     # `block_table` are registered in the prefix cache.

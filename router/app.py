@@ -24,6 +24,7 @@ from baton.router.config import RouterConfig
 from baton.router.discovery import Discovery, KubernetesDiscovery, StaticDiscovery
 from baton.router.dispatch import Dispatcher
 from baton.router.edge import BodyLimit, ErrorBoundary, JSONRoute
+from baton.router.embeddings import embedding_routes
 from baton.router.protocol import ChatCompletionRequest, CompletionRequest
 from baton.router.routing import make_policy
 from baton.router.tokenization import tokenization_routes
@@ -105,6 +106,7 @@ def create_app(config: RouterConfig, registry: CollectorRegistry | None = None) 
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await serving.serve(body, request)
 
+    app.include_router(embedding_routes(serving))
     app.include_router(tokenization_routes(tokenizer, config.served_model_names,
                                            lambda: pool.model_limits(config.roles)))
 

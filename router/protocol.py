@@ -87,8 +87,8 @@ class ResponseFormat(_Body):
     json_schema: JsonSchemaFormat | None = None
 
 
-class SamplingFields(_Body):
-    """Fields completions and chat share (OpenAI's plus vLLM's extras)."""
+class TextBody(_Body):
+    """A body that may carry text: any text UTF-8 cannot encode is a 400 naming its field."""
 
     @model_validator(mode="before")
     @classmethod
@@ -97,6 +97,10 @@ class SamplingFields(_Body):
         if bad is not None:
             raise UnencodableText(bad)
         return data
+
+
+class SamplingFields(TextBody):
+    """Fields completions and chat share (OpenAI's plus vLLM's extras)."""
 
     model: str = Field(max_length=512)
     max_tokens: Int32 | None = None

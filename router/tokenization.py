@@ -18,23 +18,16 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body
 from fastapi.exceptions import RequestValidationError
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError
 
+from baton.router.edge import JSONRoute
 from baton.router.errors import bad_request, model_not_found
 from baton.router.params import chat_text, prompt_error
-from baton.router.protocol import ChatMessage, TokenId, UnencodableText, _Body, find_unencodable
+from baton.router.protocol import ChatMessage, TextBody, TokenId, _Body
 from baton.tokenizer import Tokenizer
 
 
-class _TokenizeBody(_Body):
-    @model_validator(mode="before")
-    @classmethod
-    def _encodable(cls, data: Any) -> Any:
-        bad = find_unencodable(data)
-        if bad is not None:
-            raise UnencodableText(bad)
-        return data
-
+class _TokenizeBody(TextBody):
     model: str | None = Field(default=None, max_length=512)
     return_token_strs: bool = False
 
@@ -64,7 +57,7 @@ class DetokenizeRequest(_Body):
 def tokenization_routes(tokenizer: Tokenizer, served: tuple[str, ...],
                         limits: Callable[[], tuple[int, int] | None]) -> APIRouter:
     """The two routes; `limits()` is (max_model_len, vocab_size) of the workers, or None."""
-    router = APIRouter(tags=["vllm"])
+    router = APIRouter(tags=["vllm"], route_class=JSONRoute)
 
     def check_model(name: str | None) -> None:
         if name is not None and name not in served:

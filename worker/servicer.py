@@ -22,7 +22,7 @@ from baton import __version__
 from baton.engine.errors import DuplicateRequestError, NoCapacityError
 from baton.metrics import EngineCollector, RequestMetrics
 from baton.protos import worker_pb2, worker_pb2_grpc
-from baton.sampling_params import SamplingParams
+from baton.sampling_params import PoolingParams, SamplingParams
 from baton.worker.messages import ChunkWriter, params_from_proto
 from baton.worker.runtime import WorkerRuntime
 
@@ -85,6 +85,7 @@ class EngineServicer(worker_pb2_grpc.WorkerServicer):
             num_blocks=stats.num_blocks,
             version=__version__,
             max_num_seqs=config.max_num_seqs,
+            task=config.task,
             cell=self.runtime.options.cell,
         )
 
@@ -105,6 +106,24 @@ class EngineServicer(worker_pb2_grpc.WorkerServicer):
         found = await self.engine.run(lambda e: rid in e.requests or e.held_blocks(rid) is not None)
         await self.engine.abort(rid)  # a stream of the request ends with finish_reason "abort"
         return worker_pb2.AbortReply(found=found)
+
+    async def Embed(self, request, context) -> worker_pb2.EmbedReply:
+        """One prompt's embedding (engine/pooling.py); cancelling the call frees its blocks."""
+        if self.engine.config.task != "embed":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this worker is not run for embeddings (start it with --task embed)")
+        await self.runtime.refuse_if_draining(context)
+        with self.runtime.work():
+            normalize = request.normalize if request.HasField("normalize") else None
+            ids = list(request.prompt_token_ids)
+            try:
+                out = await self.engine.encode({"prompt_token_ids": ids}, PoolingParams(normalize=normalize),
+                                               request.request_id)
+            except Exception as exc:
+                await abort_for_engine_error(context, exc)
+            if out is None or out.outputs.embedding is None:
+                await context.abort(grpc.StatusCode.INTERNAL, f"embedding failed: {out.error if out else 'no output'}")
+            return worker_pb2.EmbedReply(embedding=out.outputs.embedding, num_prompt_tokens=len(ids))
 
     # -- helpers for the role servicers --------------------------------------------------
 

@@ -24,7 +24,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("role", "model_name", "max_model_len", "block_size", "vocab_size", "kv_transfer", "num_blocks", "version", "max_num_seqs", "cell")
+    __slots__ = ("role", "model_name", "max_model_len", "block_size", "vocab_size", "kv_transfer", "num_blocks", "version", "max_num_seqs", "cell", "task")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class WorkerInfo(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     CELL_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
     role: Role
     model_name: str
     max_model_len: int
@@ -45,7 +46,8 @@ class WorkerInfo(_message.Message):
     version: str
     max_num_seqs: int
     cell: str
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_transfer: _Optional[str] = ..., num_blocks: _Optional[int] = ..., version: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., cell: _Optional[str] = ...) -> None: ...
+    task: str
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_transfer: _Optional[str] = ..., num_blocks: _Optional[int] = ..., version: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., cell: _Optional[str] = ..., task: _Optional[str] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
@@ -204,6 +206,24 @@ class PrefillReply(_message.Message):
     first: GenerateChunk
     kv_transfer_seconds: float
     def __init__(self, first: _Optional[_Union[GenerateChunk, _Mapping]] = ..., kv_transfer_seconds: _Optional[float] = ...) -> None: ...
+
+class EmbedRequest(_message.Message):
+    __slots__ = ("request_id", "prompt_token_ids", "normalize")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    normalize: bool
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., normalize: _Optional[bool] = ...) -> None: ...
+
+class EmbedReply(_message.Message):
+    __slots__ = ("embedding", "num_prompt_tokens")
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    embedding: _containers.RepeatedScalarFieldContainer[float]
+    num_prompt_tokens: int
+    def __init__(self, embedding: _Optional[_Iterable[float]] = ..., num_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)

@@ -82,6 +82,11 @@ class WorkerStub:
                 request_serializer=baton_dot_protos_dot_worker__pb2.AbortRequest.SerializeToString,
                 response_deserializer=baton_dot_protos_dot_worker__pb2.AbortReply.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/baton.v1.Worker/Embed',
+                request_serializer=baton_dot_protos_dot_worker__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=baton_dot_protos_dot_worker__pb2.EmbedReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -149,6 +154,14 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Any role whose engine runs for embeddings (WorkerInfo.task "embed"): the pooled final
+        hidden states of one prompt. FAILED_PRECONDITION from a worker not run for them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -186,6 +199,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=baton_dot_protos_dot_worker__pb2.AbortRequest.FromString,
                     response_serializer=baton_dot_protos_dot_worker__pb2.AbortReply.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=baton_dot_protos_dot_worker__pb2.EmbedRequest.FromString,
+                    response_serializer=baton_dot_protos_dot_worker__pb2.EmbedReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -390,6 +408,33 @@ class Worker:
             '/baton.v1.Worker/Abort',
             baton_dot_protos_dot_worker__pb2.AbortRequest.SerializeToString,
             baton_dot_protos_dot_worker__pb2.AbortReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.Worker/Embed',
+            baton_dot_protos_dot_worker__pb2.EmbedRequest.SerializeToString,
+            baton_dot_protos_dot_worker__pb2.EmbedReply.FromString,
             options,
             channel_credentials,
             insecure,
