@@ -27,7 +27,7 @@ class RouterConfig:
     colocated: tuple[str, ...] = ()
     discovery: str = "static"
     namespace: str = "default"
-    services: dict[str, str] = field(default_factory=dict)  # role -> Service name
+    services: dict[str, tuple[str, ...]] = field(default_factory=dict)  # role -> its Services' names
     routing_policy: str = "load"
     max_queue: int | None = None  # streams waiting per worker; None: one batch (admission.py)
     api_key: str | None = field(default=None, repr=False)
@@ -108,10 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="static colocated workers (--worker is an older spelling)")
     p.add_argument("--discovery", default="static", choices=["static", "kubernetes"])
     p.add_argument("--namespace", default=None, help="namespace of the EndpointSlices (default: the pod's)")
-    p.add_argument("--prefill-service", default=None)
-    p.add_argument("--decode-service", default=None)
-    p.add_argument("--colocated-service", "--worker-service", dest="colocated_service", default=None,
-                   help="Service of the colocated workers (--worker-service is an older spelling)")
+    p.add_argument("--prefill-service", action="append", metavar="NAME[,NAME...]",
+                   help="Services of the prefill workers (a fleet's and a cell's: the router pools them)")
+    p.add_argument("--decode-service", action="append", metavar="NAME[,NAME...]",
+                   help="Services of the decode workers")
+    p.add_argument("--colocated-service", "--worker-service", dest="colocated_service", action="append",
+                   metavar="NAME[,NAME...]", help="Services of the colocated workers (--worker-service is an "
+                   "older spelling)")
     p.add_argument("--routing-policy", default="load", choices=sorted(POLICIES))
     p.add_argument("--max-queue", type=int, default=None,
                    help="output streams that may wait per decode (or colocated) worker before a 429 "
@@ -166,8 +169,9 @@ def parse(argv: list[str]) -> RouterConfig:
 
         model_dir = ensure_tiny_model()
     names = _split([ns.served_model_name]) if ns.served_model_name else (model_dir.name,)
-    services = {role: name for role, name in (("prefill", ns.prefill_service), ("decode", ns.decode_service),
-                                              ("colocated", ns.colocated_service)) if name}
+    services = {role: _split(names) for role, names in (("prefill", ns.prefill_service),
+                                                         ("decode", ns.decode_service),
+                                                         ("colocated", ns.colocated_service)) if names}
     try:
         return RouterConfig(
             model_dir=model_dir,

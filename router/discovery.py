@@ -95,12 +95,15 @@ def service_addresses(slices: Iterable, service: str | None = None) -> set[str]:
 
 
 class KubernetesDiscovery(Discovery):
-    """Watches EndpointSlices of one Service per role (role -> Service name)."""
+    """Watches the EndpointSlices of each role's Services (role -> Service names); a role's
+    workers are the union over its Services (a fleet's and a cell's)."""
 
-    def __init__(self, namespace: str, services: Mapping[str, str], kubeconfig: str | None = None,
+    def __init__(self, namespace: str, services: Mapping[str, Iterable[str]], kubeconfig: str | None = None,
                  watch_seconds: int = 60):
         self.namespace = namespace
-        self.services = dict(services)
+        self.services = {role: tuple(names) for role, names in services.items()}
+        self._found: dict[str, dict[str, set[str]]] = {role: {} for role in self.services}
+        self._found_lock = threading.Lock()
         self.kubeconfig = kubeconfig  # None: in-cluster, else $KUBECONFIG or ~/.kube/config
         # Each watch call ends after this long (then the slices are listed again); it also
         # bounds how long stop() waits for a quiet watch to notice.
@@ -123,11 +126,12 @@ class KubernetesDiscovery(Discovery):
     async def start(self, pool: WorkerPool) -> None:
         api = self._api()
         loop = asyncio.get_running_loop()
-        for role, service in self.services.items():
-            thread = threading.Thread(target=self._watch, args=(api, loop, pool, role, service),
-                                      name=f"watch-{role}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        for role, services in self.services.items():
+            for service in services:
+                thread = threading.Thread(target=self._watch, args=(api, loop, pool, role, service),
+                                          name=f"watch-{service}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
 
     def _watch(self, api, loop, pool: WorkerPool, role: str, service: str) -> None:
         from kubernetes import watch
@@ -136,7 +140,9 @@ class KubernetesDiscovery(Discovery):
         slices: dict[str, object] = {}
 
         def publish() -> None:
-            addresses = service_addresses(slices.values(), service)
+            with self._found_lock:
+                self._found[role][service] = service_addresses(slices.values(), service)
+                addresses = set().union(*self._found[role].values())
             loop.call_soon_threadsafe(pool.set_addresses, role, addresses)
 
         while not self._stop.is_set():

@@ -95,7 +95,8 @@ async def test_watch_follows_endpointslices_on_an_emulated_api_server(tmp_path):
         await server.post(path, json=endpoint_slice("other", "unrelated", [("10.9.9.9", {"ready": True})]))
 
         pool = WorkerPool(("prefill", "decode"))
-        discovery = KubernetesDiscovery("baton", {"prefill": "svc-prefill", "decode": "svc-decode"},
+        # Decode workers come from two Services: a fleet's and a cell's (one port per engine).
+        discovery = KubernetesDiscovery("baton", {"prefill": ["svc-prefill"], "decode": ["svc-decode", "svc-cell"]},
                                         kubeconfig=str(kubeconfig), watch_seconds=1)
         await discovery.start(pool)
         try:
@@ -103,6 +104,13 @@ async def test_watch_follows_endpointslices_on_an_emulated_api_server(tmp_path):
             assert set(pool.workers["decode"]) == set()
             # A new pod, a second slice, a pod going not-ready, a slice deleted: each is seen.
             await server.post(path, json=endpoint_slice("d-1", "svc-decode", [("10.0.1.1", {"ready": True})]))
+            await _until(lambda: set(pool.workers["decode"]) == {"10.0.1.1:50051"})
+            cell_ports = [{"name": "grpc-1", "port": 50101}, {"name": "grpc-2", "port": 50102}]
+            await server.post(path, json=endpoint_slice("c-1", "svc-cell", [("10.0.2.1", {"ready": True})],
+                                                        ports=cell_ports))
+            await _until(lambda: set(pool.workers["decode"]) == {"10.0.1.1:50051", "10.0.2.1:50101",
+                                                                 "10.0.2.1:50102"})
+            await server.delete(f"{path}/c-1")
             await _until(lambda: set(pool.workers["decode"]) == {"10.0.1.1:50051"})
             await server.post(path, json=endpoint_slice("p-2", "svc-prefill", [("10.0.0.2", {"ready": True})]))
             await _until(lambda: set(pool.workers["prefill"]) == {"10.0.0.1:50051", "10.0.0.2:50051"})
@@ -128,7 +136,7 @@ async def test_watch_follows_endpointslices_on_a_real_cluster():
     body = endpoint_slice(service, service, [("10.42.0.7", {"ready": True})], namespace="default")
     api.create_namespaced_endpoint_slice("default", body)
     pool = WorkerPool(("colocated",))
-    discovery = KubernetesDiscovery("default", {"colocated": service}, kubeconfig=kubeconfig)
+    discovery = KubernetesDiscovery("default", {"colocated": [service]}, kubeconfig=kubeconfig)
     try:
         await discovery.start(pool)
         await _until(lambda: set(pool.workers["colocated"]) == {"10.42.0.7:50051"}, timeout=30)

@@ -233,7 +233,10 @@ def test_router_flags(tiny_model_dir):
     assert colocated.colocated == ("w:1",)
     k8s = parse(["--model", str(tiny_model_dir), "--discovery", "kubernetes", "--namespace", "ns",
                  "--prefill-service", "p", "--decode-service", "d"])
-    assert k8s.services == {"prefill": "p", "decode": "d"} and k8s.namespace == "ns"
+    assert k8s.services == {"prefill": ("p",), "decode": ("d",)} and k8s.namespace == "ns"
+    pooled = parse(["--model", str(tiny_model_dir), "--discovery", "kubernetes", "--prefill-service", "p",
+                    "--prefill-service", "p-cell-prefill", "--decode-service", "d,d-cell-decode"])
+    assert pooled.services == {"prefill": ("p", "p-cell-prefill"), "decode": ("d", "d-cell-decode")}
 
 
 def test_router_accepts_the_older_colocated_spellings(tiny_model_dir):
@@ -242,7 +245,7 @@ def test_router_accepts_the_older_colocated_spellings(tiny_model_dir):
     assert parse([*model, "--worker", "w:1,v:2"]) == parse([*model, "--colocated", "w:1,v:2"])
     k8s = ["--discovery", "kubernetes", "--namespace", "ns"]
     old = parse([*model, *k8s, "--worker-service", "s"])
-    assert old == parse([*model, *k8s, "--colocated-service", "s"]) and old.services == {"colocated": "s"}
+    assert old == parse([*model, *k8s, "--colocated-service", "s"]) and old.services == {"colocated": ("s",)}
 
 
 @pytest.mark.parametrize("argv", [
