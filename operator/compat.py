@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from baton.operator.crd import TYPED_FLAGS
-from baton.operator.spec import InferenceService, Role
+from baton.operator.spec import Engine, InferenceService
 from baton.operator.status import Problem
 
 REASON = "IncompatibleRoles"
@@ -37,11 +37,15 @@ def flag_value(args: Sequence[str], flag: str) -> str | None:
     return value
 
 
-def _typed_flags(role: Role) -> list[Problem]:
-    given = [flag for flag in TYPED_FLAGS if flag_value(role.engine.extra_args, flag) is not None]
+# What `baton serve-cell` sets per engine besides the typed flags.
+CELL_FLAGS = ("device", "cell")
+
+
+def _typed_flags(path: str, engine: Engine, flags: Sequence[str] = TYPED_FLAGS) -> list[Problem]:
+    given = [flag for flag in flags if flag_value(engine.extra_args, flag) is not None]
     if not given:
         return []
-    return [Problem(REASON, f"spec.{role.name}.engine.extraArgs sets --{given[0]}, which the "
+    return [Problem(REASON, f"{path}.engine.extraArgs sets --{given[0]}, which the "
                     "operator sets from the spec: remove it from extraArgs and use the typed "
                     "field (model, model.dtype, model.quantization, model.kvCacheDtype, "
                     "engine.blockSize, engine.tensorParallelSize, kvTransfer, tracing.otlpEndpoint)")]
@@ -52,19 +56,26 @@ def problems(svc: InferenceService) -> list[Problem]:
 
     Empty for a compatible spec and for colocated services (which move no KV).
     """
-    found = [problem for role in svc.roles for problem in _typed_flags(role)]
+    found = [problem for role in svc.roles for problem in _typed_flags(f"spec.{role.name}", role.engine)]
     if svc.mode != "disaggregated":
         return found
-    prefill, decode = svc.role("prefill"), svc.role("decode")
-    for role in (prefill, decode):
-        if role.engine.tensor_parallel_size > 1:
+    engines = [("spec.prefill", svc.role("prefill").engine), ("spec.decode", svc.role("decode").engine)]
+    if svc.cells:
+        cell_engines = [("spec.cells.prefill", svc.cells.prefill), ("spec.cells.decode", svc.cells.decode)]
+        found += [p for path, engine in cell_engines for p in _typed_flags(path, engine, (*TYPED_FLAGS, *CELL_FLAGS))]
+        engines += cell_engines
+    for path, engine in engines:
+        if engine.tensor_parallel_size > 1:
             found.append(Problem(REASON, (
-                f"spec.{role.name}.engine.tensorParallelSize is {role.engine.tensor_parallel_size}: KV "
+                f"{path}.engine.tensorParallelSize is {engine.tensor_parallel_size}: KV "
                 "handoff between tensor-parallel engines is not implemented yet, so tensor "
                 "parallelism needs mode colocated")))
-    if prefill.engine.block_size != decode.engine.block_size:
-        found.append(Problem(REASON, (
-            f"spec.prefill.engine.blockSize ({prefill.engine.block_size}) differs from "
-            f"spec.decode.engine.blockSize ({decode.engine.block_size}): KV blocks are copied "
-            "as they are, so set both to the same value")))
+    (first, reference), *others = engines
+    for path, engine in others:
+        if engine.block_size != reference.block_size:
+            found.append(Problem(REASON, (
+                f"{first}.engine.blockSize ({reference.block_size}) differs from "
+                f"{path}.engine.blockSize ({engine.block_size}): KV blocks are copied "
+                "as they are, so set both to the same value")))
+            break
     return found

@@ -226,6 +226,51 @@ def _role(description: str) -> dict:
     )
 
 
+# Engines per cell: a node's GPUs (at most 8 on today's GPU nodes), one engine each.
+MAX_CELL_ENGINES = 8
+
+
+def _cell_side(role: str) -> dict:
+    return _obj(
+        {"engines": _scalar("integer", f"{role.capitalize()} engines per cell.", minimum=1,
+                            maximum=MAX_CELL_ENGINES - 1, default=1),
+         "engine": _engine()},
+        description=f"The cell's {role} engines and their engine settings.", default={},
+    )
+
+
+def _cells() -> dict:
+    return _obj(
+        {
+            "replicas": _scalar("integer", "Cells while autoscaling is off (each a pod with "
+                                "every engine of the cell).", minimum=0, maximum=1000, default=1),
+            "gpusPerEngine": _scalar(
+                "integer", "GPUs per engine: 1 (engine k on the pod's GPU k; the pod requests "
+                "nvidia.com/gpu = engines) or 0 (CPU engines, for development).",
+                enum=[0, 1], default=1),
+            "prefill": _cell_side("prefill"),
+            "decode": _cell_side("decode"),
+            "autoscaling": _autoscaling(),
+            "shmSize": _scalar("string", "Size of /dev/shm (memory-backed); CPU engines keep "
+                               "their KV pools there.", pattern=QUANTITY_PATTERN, default="1Gi"),
+            **_placement(),
+        },
+        description="Cells (disaggregated mode): pods running prefill and decode engines side "
+                    "by side (baton serve-cell), KV between them by CUDA IPC; scaled as units, "
+                    "beside the prefill and decode fleets.",
+        rules=(
+            (f"self.prefill.engines + self.decode.engines <= {MAX_CELL_ENGINES}",
+             f"a cell runs at most {MAX_CELL_ENGINES} engines (cells.prefill.engines + "
+             "cells.decode.engines)"),
+            ("!has(self.resources) || ((!has(self.resources.limits) || "
+             "!('nvidia.com/gpu' in self.resources.limits)) && (!has(self.resources.requests) || "
+             "!('nvidia.com/gpu' in self.resources.requests)))",
+             "cells.resources must not set nvidia.com/gpu: the operator requests one GPU per "
+             "engine (cells.gpusPerEngine)"),
+        ),
+    )
+
+
 def _router() -> dict:
     return _obj(
         {
@@ -356,20 +401,24 @@ def _string_list(description: str, pattern: str) -> dict:
             "items": {"type": "string", "pattern": pattern, "maxLength": 64}}
 
 
-def _block_size(role: str) -> str:
-    return (f"(has(self.{role}) && has(self.{role}.engine) && "
-            f"has(self.{role}.engine.blockSize) ? self.{role}.engine.blockSize : "
-            f"{DEFAULT_BLOCK_SIZE})")
+def _engine_field(path: str, name: str, default: int) -> str:
+    """CEL: `self.<path>.engine.<name>`, or `default` when unset ("a.b": nested paths)."""
+    parts = path.split(".") + ["engine", name]
+    present = " && ".join(f"has(self.{'.'.join(parts[:i + 1])})" for i in range(len(parts)))
+    return f"({present} ? self.{'.'.join(parts)} : {default})"
 
 
-def _tensor_parallel(role: str) -> str:
-    return (f"(has(self.{role}) && has(self.{role}.engine) && "
-            f"has(self.{role}.engine.tensorParallelSize) ? self.{role}.engine.tensorParallelSize : 1)")
+def _block_size(path: str) -> str:
+    return _engine_field(path, "blockSize", DEFAULT_BLOCK_SIZE)
+
+
+def _tensor_parallel(path: str) -> str:
+    return _engine_field(path, "tensorParallelSize", 1)
 
 
 def _spec() -> dict:
     min_zero = " && ".join(_has_min_zero(role)
-                           for role in ("prefill", "decode", "colocated", "worker"))
+                           for role in ("prefill", "decode", "colocated", "worker", "cells"))
     return _obj(
         {
             "model": _model(),
@@ -391,6 +440,7 @@ def _spec() -> dict:
                                "and decode in one engine."),
             "worker": _role("The old spelling of colocated, still accepted (set one of the "
                             "two, not both)."),
+            "cells": _cells(),
             "router": _router(),
             "kvTransfer": _kv_transfer(),
             "autoscaling": _obj(
@@ -429,6 +479,15 @@ def _spec() -> dict:
              f"{_tensor_parallel('decode')} == 1)",
              "engine.tensorParallelSize above 1 needs mode colocated: KV handoff between "
              "tensor-parallel engines is not implemented yet"),
+            ("self.mode == 'disaggregated' || !has(self.cells)",
+             "cells apply only to mode disaggregated"),
+            (f"!has(self.cells) || ({_tensor_parallel('cells.prefill')} == 1 && "
+             f"{_tensor_parallel('cells.decode')} == 1)",
+             "cells' engine.tensorParallelSize above 1 is not supported yet: a cell runs one GPU per engine"),
+            (f"!has(self.cells) || ({_block_size('cells.prefill')} == {_block_size('prefill')} "
+             f"&& {_block_size('cells.decode')} == {_block_size('prefill')})",
+             "cells.prefill.engine.blockSize and cells.decode.engine.blockSize must equal "
+             "prefill.engine.blockSize: any prefill engine may hand KV to any decode engine"),
             (f"self.autoscaling.engine == 'keda' || ({min_zero})",
              "autoscaling.minReplicas 0 needs autoscaling.engine keda: a "
              "HorizontalPodAutoscaler cannot scale to zero"),
@@ -448,7 +507,7 @@ def _status() -> dict:
     condition = _obj(
         {
             "type": _scalar("string", "Ready, PrefillReady, DecodeReady, ColocatedReady, "
-                            "RouterReady or KVTransferReady."),
+                            "CellsReady, RouterReady or KVTransferReady."),
             "status": _scalar("string", "True, False or Unknown.",
                               enum=["True", "False", "Unknown"]),
             "reason": _scalar("string", "CamelCase reason; docs/operator.md lists each."),
@@ -469,6 +528,7 @@ def _status() -> dict:
             "decode": _replica_status(),
             "colocated": _replica_status(),
             "router": _replica_status(),
+            "cell": _replica_status(),
             "kvTransfer": _obj({
                 "transport": _scalar("string", "Transport the workers report using (the "
                                      "spec's when they report none)."),

@@ -138,20 +138,23 @@ def scrape(url: str, timeout: float = SCRAPE_TIMEOUT_SECONDS) -> Counts | None:
 
 
 def metrics_urls(pods: Iterable[Mapping]) -> dict[str, str]:
-    """pod name -> its /metrics URL, for running pods with an IP and a `metrics` port."""
+    """Engine -> its /metrics URL, for running pods with an IP: a worker pod's `metrics`
+    port (keyed by the pod's name), and each `metrics-<k>` port of a cell's pod (one per
+    engine, keyed `POD/metrics-<k>`)."""
     urls = {}
     for pod in pods:
         status = pod.get("status") or {}
         ip = status.get("podIP")
         if status.get("phase") != "Running" or not ip:
             continue
+        host = f"[{ip}]" if ":" in ip else ip
+        name = pod["metadata"]["name"]
         for container in (pod.get("spec") or {}).get("containers") or []:
-            port = next((p["containerPort"] for p in container.get("ports") or []
-                         if p.get("name") == "metrics"), None)
-            if port:
-                host = f"[{ip}]" if ":" in ip else ip
-                urls[pod["metadata"]["name"]] = f"http://{host}:{port}/metrics"
-                break
+            for port in container.get("ports") or []:
+                if port.get("name") == "metrics":
+                    urls[name] = f"http://{host}:{port['containerPort']}/metrics"
+                elif (port.get("name") or "").startswith("metrics-"):
+                    urls[f"{name}/{port['name']}"] = f"http://{host}:{port['containerPort']}/metrics"
     return urls
 
 

@@ -209,10 +209,10 @@ class Reconciler:
         if svc.mode != "disaggregated":
             return None
         pods = []
-        for role in svc.roles:
+        for component in svc.scaled:
             try:
                 pods += self.kube.list("v1", "Pod", svc.namespace,
-                                       common.selector(svc, role.name))
+                                       common.selector(svc, component))
             except (ApiError, KindNotServed) as error:
                 if isinstance(error, ApiError) and error.status >= 500:
                     raise
@@ -268,7 +268,7 @@ class Reconciler:
     @staticmethod
     def _components(body: Mapping[str, Any], svc: spec.InferenceService | None) -> list[str]:
         if svc is not None:
-            return [role.name for role in svc.roles] + ["router"]
+            return [*svc.scaled, "router"]
         mode = (body.get("spec") or {}).get("mode", "disaggregated")
         return [*spec.ROLES_BY_MODE.get(mode, ("prefill", "decode")), "router"]
 

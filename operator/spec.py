@@ -113,6 +113,35 @@ class Role:
 
 
 @dataclass(frozen=True)
+class Cells:
+    """`spec.cells`: pods of `prefill_engines` prefill and `decode_engines` decode engines
+    (`baton serve-cell`), `replicas` of them, scaled as units."""
+
+    replicas: int
+    gpus_per_engine: int  # 0: CPU engines; 1: engine k on the pod's GPU k
+    prefill_engines: int
+    decode_engines: int
+    prefill: Engine
+    decode: Engine
+    autoscaling: Autoscaling | None
+    shm_size: str
+    placement: Placement
+
+    @property
+    def engines(self) -> int:
+        return self.prefill_engines + self.decode_engines
+
+    @property
+    def gpus(self) -> int:
+        """GPUs each cell's pod requests."""
+        return self.engines * self.gpus_per_engine
+
+
+# The longest child name of a service with cells (`NAME-cell-prefill`, a Service).
+CELL_SUFFIX = "-cell-prefill"
+
+
+@dataclass(frozen=True)
 class Router:
     replicas: int
     image: str | None
@@ -164,6 +193,7 @@ class InferenceService:
     autoscaling_engine: str
     network_policy: bool
     otlp_endpoint: str | None = None  # spec.tracing.otlpEndpoint; None: tracing off
+    cells: Cells | None = None  # spec.cells (disaggregated mode); None: no cells
 
     @property
     def transport(self) -> str:
@@ -174,6 +204,15 @@ class InferenceService:
             if role.name == name:
                 return role
         raise KeyError(f"{self.name} runs no {name} role in mode {self.mode}")
+
+    @property
+    def scaled(self) -> tuple[str, ...]:
+        """The components (roles, "cell") with Deployments of their own, in build order."""
+        return tuple(role.name for role in self.roles) + (("cell",) if self.cells else ())
+
+    def autoscaling_of(self, component: str) -> Autoscaling | None:
+        """The autoscaling block of a role or of the cells ("cell")."""
+        return self.cells.autoscaling if component == "cell" and self.cells else self.role(component).autoscaling
 
 
 def _field(data: Mapping[str, Any], key: str, path: str, kind: type | tuple[type, ...]) -> Any:
@@ -293,6 +332,37 @@ def _role(name: str, key: str, data: Mapping[str, Any]) -> Role:
     return role
 
 
+def _cells(data: Mapping[str, Any] | None) -> Cells | None:
+    if data is None:
+        return None
+    data = crd.apply_defaults(data, crd.node("spec", "cells"))
+    path = "spec.cells"
+    sides = {side: data.get(side, {}) for side in ("prefill", "decode")}
+    engines = {side: _field(sides[side], "engines", f"{path}.{side}", int) for side in sides}
+    if min(engines.values()) < 1 or sum(engines.values()) > crd.MAX_CELL_ENGINES:
+        raise SpecError(f"{path}: a cell runs 1 to {crd.MAX_CELL_ENGINES - 1} engines of each side and at "
+                        f"most {crd.MAX_CELL_ENGINES} in all (it has {engines['prefill']} prefill and "
+                        f"{engines['decode']} decode)")
+    placement = _placement(data, path)
+    if any("nvidia.com/gpu" in placement.resources.get(s, {}) for s in ("limits", "requests")):
+        raise SpecError(f"{path}.resources must not set nvidia.com/gpu: the operator requests one GPU "
+                        "per engine (cells.gpusPerEngine)")
+    gpus = _field(data, "gpusPerEngine", path, int)
+    if gpus not in (0, 1):
+        raise SpecError(f"{path}.gpusPerEngine must be 0 (CPU engines) or 1 (one GPU per engine), got {gpus}")
+    return Cells(
+        replicas=_field(data, "replicas", path, int),
+        gpus_per_engine=gpus,
+        prefill_engines=engines["prefill"],
+        decode_engines=engines["decode"],
+        prefill=_engine(sides["prefill"].get("engine", {}), f"{path}.prefill.engine"),
+        decode=_engine(sides["decode"].get("engine", {}), f"{path}.decode.engine"),
+        autoscaling=_autoscaling(data.get("autoscaling"), f"{path}.autoscaling"),
+        shm_size=_quantity(_field(data, "shmSize", path, str), f"{path}.shmSize"),
+        placement=placement,
+    )
+
+
 def _router(data: Mapping[str, Any]) -> Router:
     return Router(
         replicas=_field(data, "replicas", "spec.router", int),
@@ -378,10 +448,19 @@ def _parse_spec(meta: Mapping[str, Any], spec: dict) -> InferenceService:
         key = _role_key(spec, name)
         roles.append(_role(name, key, crd.apply_defaults(spec.get(key, {}),
                                                          crd.node("spec", key))))
+    if spec.get("cells") is not None and mode != "disaggregated":
+        raise SpecError("spec.cells applies only to mode disaggregated")
+    cells = _cells(spec.get("cells"))
+    if cells and len(meta["name"]) > 63 - len(CELL_SUFFIX):
+        raise SpecError(f"metadata.name {meta['name']!r} is longer than {63 - len(CELL_SUFFIX)} "
+                        f"characters, the most a service with cells allows (child objects add "
+                        f"{CELL_SUFFIX!r}): choose a shorter name")
     engine = spec["autoscaling"]["engine"]
-    for role in roles:
-        if role.autoscaling and role.autoscaling.min_replicas == 0 and engine != "keda":
-            raise SpecError(f"spec.{role.name}.autoscaling.minReplicas 0 needs "
+    scaled = [(f"spec.{role.name}", role.autoscaling) for role in roles]
+    scaled += [("spec.cells", cells.autoscaling)] if cells else []
+    for path, scaling in scaled:
+        if scaling and scaling.min_replicas == 0 and engine != "keda":
+            raise SpecError(f"{path}.autoscaling.minReplicas 0 needs "
                             "spec.autoscaling.engine keda: a HorizontalPodAutoscaler cannot "
                             "scale to zero")
     model = spec["model"]
@@ -408,4 +487,5 @@ def _parse_spec(meta: Mapping[str, Any], spec: dict) -> InferenceService:
         autoscaling_engine=engine,
         network_policy=bool(spec["networkPolicy"]["enabled"]),
         otlp_endpoint=(spec.get("tracing") or {}).get("otlpEndpoint") or None,
+        cells=cells,
     )

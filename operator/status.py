@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 CONDITION_TYPES = {"prefill": "PrefillReady", "decode": "DecodeReady",
-                   "colocated": "ColocatedReady", "router": "RouterReady"}
+                   "colocated": "ColocatedReady", "cell": "CellsReady", "router": "RouterReady"}
+# The spec field of a component, where it is not the component's name.
+SPEC_FIELDS = {"cell": "cells"}
 # Reasons of problems found while reconciling, kept in status until a reconcile clears them.
 PROBLEM_REASONS = frozenset({"InvalidSpec", "IncompatibleRoles", "KedaNotInstalled",
                              "ModelClaimNotFound", "NameConflict", "ApplyFailed"})
@@ -63,7 +65,7 @@ def fleet_condition(component: str, name: str, deployment: Mapping[str, Any] | N
                          "GPU scheduling, model loading)")
     if desired == 0:
         return Condition(kind, False, "ScaledToZero",
-                         f"{name} has 0 replicas: raise spec.{component}.replicas (or "
+                         f"{name} has 0 replicas: raise spec.{SPEC_FIELDS.get(component, component)}.replicas (or "
                          "autoscaling.minReplicas)")
     if ready == 0:
         return Condition(kind, False, "NoReplicasReady",
@@ -88,7 +90,10 @@ def ready_condition(fleets: Sequence[Condition], problems: Sequence[Problem], ur
     if problems:
         return Condition("Ready", False, problems[0].reason,
                          "; ".join(problem.message for problem in problems))
-    down = [c for c in fleets if not c.status]
+    # With cells ready, a prefill or decode fleet scaled to zero is a choice (cells serve
+    # both sides), not an outage.
+    cells_up = any(c.type == CONDITION_TYPES["cell"] and c.status for c in fleets)
+    down = [c for c in fleets if not c.status and not (cells_up and c.reason == "ScaledToZero")]
     if not down and kv is not None and kv.status is False:
         return Condition("Ready", False, "KVTransferNotReady", f"{kv.reason}: {kv.message}")
     if down:

@@ -6,7 +6,7 @@ the API and never change their inputs; tests call them without a cluster.
 
 from __future__ import annotations
 
-from baton.operator.builders import autoscaling, config_map, policy, router, workers
+from baton.operator.builders import autoscaling, cells, config_map, policy, router, workers
 from baton.operator.config import OperatorConfig
 from baton.operator.spec import InferenceService
 
@@ -18,16 +18,20 @@ def build_all(svc: InferenceService, config: OperatorConfig) -> list[dict]:
         objects.append(config_map.config_map(svc))
     objects += [router.router_service_account(svc), router.router_role(svc),
                 router.router_role_binding(svc)]
-    for role in svc.roles:
-        objects += [workers.worker_service(svc, role.name),
-                    workers.worker_deployment(svc, role.name, config),
-                    policy.pdb(svc, role.name)]
-        if role.autoscaling and svc.autoscaling_engine == "keda":
-            objects.append(autoscaling.scaled_object(svc, role.name, config))
-        elif role.autoscaling:
-            objects.append(autoscaling.hpa(svc, role.name))
+    for name in svc.scaled:
+        if name == cells.COMPONENT:
+            objects += [cells.cell_service(svc, "prefill"), cells.cell_service(svc, "decode"),
+                        cells.cell_deployment(svc, config)]
+        else:
+            objects += [workers.worker_service(svc, name), workers.worker_deployment(svc, name, config)]
+        objects.append(policy.pdb(svc, name))
+        scaling = svc.autoscaling_of(name)
+        if scaling and svc.autoscaling_engine == "keda":
+            objects.append(autoscaling.scaled_object(svc, name, config))
+        elif scaling:
+            objects.append(autoscaling.hpa(svc, name))
         if svc.network_policy:
-            objects.append(policy.network_policy(svc, role.name))
+            objects.append(policy.network_policy(svc, name))
     objects += [router.router_service(svc), router.router_deployment(svc, config),
                 policy.pdb(svc, "router")]
     return objects

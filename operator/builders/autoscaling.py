@@ -10,7 +10,7 @@ from __future__ import annotations
 from baton.operator import quantity
 from baton.operator.builders import common
 from baton.operator.config import OperatorConfig
-from baton.operator.spec import Autoscaling, InferenceService, Role
+from baton.operator.spec import Autoscaling, InferenceService
 
 # Start workers quickly, retire them slowly: a worker costs minutes to load a model.
 BEHAVIOR = {
@@ -26,26 +26,28 @@ def adapter_metric_name(metric: str) -> str:
     return f"baton_{metric}"
 
 
-def _target(svc: InferenceService, role: Role) -> dict:
+def _target(svc: InferenceService, component: str) -> dict:
     return {"apiVersion": "apps/v1", "kind": "Deployment",
-            "name": common.child_name(svc, role.name)}
+            "name": common.child_name(svc, component)}
 
 
-def _scaled_role(svc: InferenceService, role_name: str) -> tuple[Role, Autoscaling]:
-    role = svc.role(role_name)
-    if role.autoscaling is None:
-        raise ValueError(f"spec.{role_name} has no autoscaling block")
-    return role, role.autoscaling
+def _scaling(svc: InferenceService, component: str) -> Autoscaling:
+    scaling = svc.autoscaling_of(component)
+    if scaling is None:
+        raise ValueError(f"spec.{'cells' if component == 'cell' else component} has no autoscaling block")
+    return scaling
 
 
-def hpa(svc: InferenceService, role_name: str) -> dict:
-    """autoscaling/v2 HPA holding the per-pod average of the role's metric at the target."""
-    role, scaling = _scaled_role(svc, role_name)
+def hpa(svc: InferenceService, component: str) -> dict:
+    """autoscaling/v2 HPA holding the per-pod average of the component's metric at the
+    target (a role's, or the cells': a cell pod's value is the average of its engines',
+    as the chart's adapter rules compute it per pod)."""
+    scaling = _scaling(svc, component)
     return {
         "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
-        "metadata": common.metadata(svc, role.name),
+        "metadata": common.metadata(svc, component),
         "spec": {
-            "scaleTargetRef": _target(svc, role),
+            "scaleTargetRef": _target(svc, component),
             "minReplicas": scaling.min_replicas,
             "maxReplicas": scaling.max_replicas,
             "metrics": [{"type": "Pods", "pods": {
@@ -58,7 +60,7 @@ def hpa(svc: InferenceService, role_name: str) -> dict:
     }
 
 
-def prometheus_query(svc: InferenceService, role: Role) -> str:
+def prometheus_query(svc: InferenceService, component: str) -> str:
     """Sum of the metric over the role's pods; KEDA divides by replicas (AverageValue).
 
     Series are matched by the `namespace` and `service` target labels, which the chart's
@@ -66,9 +68,16 @@ def prometheus_query(svc: InferenceService, role: Role) -> str:
     has no series of its own while asleep, so its query falls back (PromQL `or`) to the
     router's waiting requests: the first queued request wakes the fleet.
     """
-    _, scaling = _scaled_role(svc, role.name)
-    own = common.child_name(svc, role.name)
-    query = f'sum(baton:{scaling.metric}{{namespace="{svc.namespace}",service="{own}"}})'
+    scaling = _scaling(svc, component)
+    own = common.child_name(svc, component)
+    if component == "cell":
+        # A cell's engines are scraped through its two Services, one series per engine:
+        # dividing by the engines per cell makes KEDA's per-replica average the per-engine
+        # average, as the HPA's per-pod value (the adapter averages a pod's series).
+        query = (f'sum(baton:{scaling.metric}{{namespace="{svc.namespace}",service=~"{own}-(prefill|decode)"}})'
+                 f' / {svc.cells.engines}')
+    else:
+        query = f'sum(baton:{scaling.metric}{{namespace="{svc.namespace}",service="{own}"}})'
     if scaling.min_replicas == 0:
         router = common.child_name(svc, "router")
         query += (f' or sum(baton:num_requests_waiting{{namespace="{svc.namespace}",'
@@ -76,14 +85,14 @@ def prometheus_query(svc: InferenceService, role: Role) -> str:
     return query
 
 
-def scaled_object(svc: InferenceService, role_name: str, config: OperatorConfig) -> dict:
+def scaled_object(svc: InferenceService, component: str, config: OperatorConfig) -> dict:
     """KEDA ScaledObject with a Prometheus trigger; can scale to zero (minReplicas 0)."""
-    role, scaling = _scaled_role(svc, role_name)
+    scaling = _scaling(svc, component)
     return {
         "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
-        "metadata": common.metadata(svc, role.name),
+        "metadata": common.metadata(svc, component),
         "spec": {
-            "scaleTargetRef": _target(svc, role),
+            "scaleTargetRef": _target(svc, component),
             "minReplicaCount": scaling.min_replicas,
             "maxReplicaCount": scaling.max_replicas,
             "pollingInterval": 15,
@@ -94,7 +103,7 @@ def scaled_object(svc: InferenceService, role_name: str, config: OperatorConfig)
                 "metricType": "AverageValue",
                 "metadata": {
                     "serverAddress": config.prometheus_url,
-                    "query": prometheus_query(svc, role),
+                    "query": prometheus_query(svc, component),
                     "threshold": f"{scaling.target:g}",
                 },
             }],

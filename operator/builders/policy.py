@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from baton.operator.builders import common, kvtransfer
+from baton.operator.builders import cells, common, kvtransfer
 from baton.operator.spec import InferenceService
 
 
@@ -22,13 +22,25 @@ def _from(svc: InferenceService, component: str, *ports: str) -> dict:
 
 
 def network_policy(svc: InferenceService, role_name: str) -> dict:
-    """Ingress to a worker role: gRPC from the router, KV pushes from prefill to decode,
-    and /metrics from anywhere (Prometheus may live in another namespace)."""
-    rules = [_from(svc, "router", "grpc")]
-    if role_name == "decode":
-        listeners = kvtransfer.listeners(svc, svc.role("decode"))
-        rules.append(_from(svc, "prefill", "grpc", *(name for name, _, _ in listeners)))
-    rules.append({"ports": [{"port": "metrics", "protocol": "TCP"}]})
+    """Ingress to a worker role or the cells: gRPC from the router, KV pushes from every
+    prefill engine (the prefill fleet's and the cells') to decode engines, and /metrics from
+    anywhere (Prometheus may live in another namespace)."""
+    senders = ["prefill", cells.COMPONENT] if svc.cells else ["prefill"]
+    if role_name == cells.COMPONENT:
+        engines = range(svc.cells.engines)
+        rules = [_from(svc, "router", *(f"grpc-{k}" for k in engines))]
+        decoders = cells.engines(svc, "decode")
+        # KV listeners bind numbered ports, not named ones: the ticket carries the address.
+        kv = [f"grpc-{k}" for k in decoders] + [cells.ENGINE_KV_PORT + k for k in decoders]
+        kv += [cells.ENGINE_KV_TCP_PORT + k for k in decoders]
+        rules += [_from(svc, sender, *kv) for sender in senders]
+        rules.append({"ports": [{"port": f"metrics-{k}", "protocol": "TCP"} for k in engines]})
+    else:
+        rules = [_from(svc, "router", "grpc")]
+        if role_name == "decode":
+            listeners = kvtransfer.listeners(svc, svc.role("decode"))
+            rules += [_from(svc, sender, "grpc", *(name for name, _, _ in listeners)) for sender in senders]
+        rules.append({"ports": [{"port": "metrics", "protocol": "TCP"}]})
     return {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": common.metadata(svc, role_name),

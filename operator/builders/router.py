@@ -30,6 +30,9 @@ def router_args(svc: InferenceService) -> list[str]:
     else:
         args += ["--prefill-service", common.child_name(svc, "prefill"),
                  "--decode-service", common.child_name(svc, "decode")]
+        if svc.cells:  # the cells' engines, pooled with the fleets'
+            args += ["--prefill-service", common.child_name(svc, "cell-prefill"),
+                     "--decode-service", common.child_name(svc, "cell-decode")]
     args += ["--routing-policy", svc.router.routing_policy,
              "--max-queue", str(svc.router.max_queue)]
     if svc.otlp_endpoint:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from baton.operator.builders import common, kvtransfer
 from baton.operator.config import OperatorConfig
-from baton.operator.spec import InferenceService, Role
+from baton.operator.spec import Engine, InferenceService, Role
 
 COMMANDS = {"prefill": "serve-prefill", "decode": "serve-decode", "colocated": "serve-colocated"}
 # A big model can take many minutes to load; the startup probe allows 30 before the
@@ -15,24 +15,13 @@ COMMANDS = {"prefill": "serve-prefill", "decode": "serve-decode", "colocated": "
 STARTUP_SECONDS = 1800
 
 
-def worker_args(svc: InferenceService, role: Role) -> list[str]:
-    """Command-line flags of one worker role (after `baton serve-<role>`)."""
-    engine = role.engine
-    args = [
-        "--model", common.model_path(svc),
-        "--served-model-name", svc.model.served_name,
-        "--dtype", svc.model.dtype,
-        "--block-size", str(engine.block_size),
-        "--max-num-seqs", str(engine.max_num_seqs),
-        "--max-num-batched-tokens", str(engine.max_num_batched_tokens),
-        "--gpu-memory-utilization", f"{engine.gpu_memory_utilization:g}",
-        "--host", "0.0.0.0",
-        "--port", str(common.GRPC_PORT),
-        "--metrics-port", str(common.METRICS_PORT),
-        "--shutdown-grace-seconds", str(common.SHUTDOWN_GRACE_SECONDS),
-    ]
-    if role.name != "colocated":
-        args += ["--kv-transfer", svc.transport]
+def _model_core(svc: InferenceService) -> list[str]:
+    return ["--model", common.model_path(svc), "--served-model-name", svc.model.served_name,
+            "--dtype", svc.model.dtype]
+
+
+def _model_rest(svc: InferenceService) -> list[str]:
+    args = []
     if svc.model.quantization:
         args += ["--quantization", svc.model.quantization]
     if svc.model.kv_cache_dtype != "auto":
@@ -41,6 +30,18 @@ def worker_args(svc: InferenceService, role: Role) -> list[str]:
         args += ["--otlp-traces-endpoint", svc.otlp_endpoint]
     if svc.model.max_model_len:
         args += ["--max-model-len", str(svc.model.max_model_len)]
+    return args
+
+
+def _engine_core(engine: Engine) -> list[str]:
+    return ["--block-size", str(engine.block_size),
+            "--max-num-seqs", str(engine.max_num_seqs),
+            "--max-num-batched-tokens", str(engine.max_num_batched_tokens),
+            "--gpu-memory-utilization", f"{engine.gpu_memory_utilization:g}"]
+
+
+def _engine_rest(engine: Engine) -> list[str]:
+    args = []
     if not engine.enable_prefix_caching:
         args.append("--no-enable-prefix-caching")
     if engine.num_gpu_blocks_override:
@@ -49,7 +50,32 @@ def worker_args(svc: InferenceService, role: Role) -> list[str]:
         args += ["--kv-cache-memory-gb", f"{engine.kv_cache_memory_gb:g}"]
     if engine.tensor_parallel_size > 1:
         args += ["--tensor-parallel-size", str(engine.tensor_parallel_size)]
-    return args + kvtransfer.args(svc, role) + list(engine.extra_args)
+    return args
+
+
+def model_args(svc: InferenceService) -> list[str]:
+    """Flags every engine of the service shares: the model, its KV layout, tracing."""
+    return _model_core(svc) + _model_rest(svc)
+
+
+def engine_args(engine: Engine) -> list[str]:
+    """Flags of one role's engine settings (`spec.<role>.engine`), `extraArgs` last."""
+    return _engine_core(engine) + _engine_rest(engine) + list(engine.extra_args)
+
+
+def worker_args(svc: InferenceService, role: Role) -> list[str]:
+    """Command-line flags of one worker role (after `baton serve-<role>`). The order is
+    part of the pod template: changing it rolls every worker."""
+    args = _model_core(svc) + _engine_core(role.engine) + [
+        "--host", "0.0.0.0",
+        "--port", str(common.GRPC_PORT),
+        "--metrics-port", str(common.METRICS_PORT),
+        "--shutdown-grace-seconds", str(common.SHUTDOWN_GRACE_SECONDS),
+    ]
+    if role.name != "colocated":
+        args += ["--kv-transfer", svc.transport]
+    return (args + _model_rest(svc) + _engine_rest(role.engine) + kvtransfer.args(svc, role)
+            + list(role.engine.extra_args))
 
 
 def _ports(svc: InferenceService, role: Role) -> list[dict]:
@@ -60,7 +86,7 @@ def _ports(svc: InferenceService, role: Role) -> list[dict]:
     return ports
 
 
-def _probes() -> dict:
+def probes() -> dict:
     """gRPC probes against grpc.health.v1 on the worker port (empty service: the server)."""
     grpc = {"port": common.GRPC_PORT}
     return {
@@ -96,7 +122,7 @@ def worker_container(svc: InferenceService, role: Role, config: OperatorConfig) 
         "ports": _ports(svc, role),
         "env": common.merge_env(common.base_env() + kvtransfer.env(svc, role) + COMPILE_CACHE_ENV,
                                 role.placement.env),
-        **_probes(),
+        **probes(),
         "securityContext": security,
         "volumeMounts": [
             {"name": "model", "mountPath": common.MODEL_DIR, "readOnly": True},
@@ -130,44 +156,53 @@ def worker_deployment(svc: InferenceService, role_name: str, config: OperatorCon
     and writing it would fight them.
     """
     role = svc.role(role_name)
+    annotations = {"prometheus.io/port": str(common.METRICS_PORT), **kvtransfer.annotations(svc, role)}
+    return engine_deployment(svc, role.name, worker_container(svc, role, config), config, role.placement,
+                             role.shm_size, None if role.autoscaling else role.replicas, annotations)
+
+
+def engine_deployment(svc: InferenceService, component: str, container: dict, config: OperatorConfig,
+                      placement, shm_size: str, replicas: int | None, annotations: dict) -> dict:
+    """A Deployment of engine pods (a worker role's, or the cells'): `container` with the
+    model, /dev/shm, /tmp and compile-cache volumes; `replicas` None leaves them to an
+    autoscaler."""
     pod_spec = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": common.SHUTDOWN_GRACE_SECONDS + 15,
         "securityContext": common.pod_security(),
-        **common.pod_placement(svc, role.placement),
-        "topologySpreadConstraints": common.spread(svc, role.name),
-        "containers": [worker_container(svc, role, config)],
+        **common.pod_placement(svc, placement),
+        "topologySpreadConstraints": common.spread(svc, component),
+        "containers": [container],
         "volumes": common.model_volumes(svc) + [
-            {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": role.shm_size}},
+            {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}},
             {"name": "compile-cache", "emptyDir": {}}],
     }
     if svc.model.source.kind == "uri":
         pod_spec["initContainers"] = [common.fetch_container(
             svc, common.worker_image(svc, config), tokenizer_only=False)]
     spec = {
-        "selector": {"matchLabels": common.selector(svc, role.name)},
+        "selector": {"matchLabels": common.selector(svc, component)},
         "strategy": common.rolling_update(),
         "revisionHistoryLimit": 5,
         "progressDeadlineSeconds": STARTUP_SECONDS,
         "template": {
             "metadata": {
-                "labels": common.labels(svc, role.name),
+                "labels": common.labels(svc, component),
                 "annotations": {
                     "prometheus.io/scrape": "true",
-                    "prometheus.io/port": str(common.METRICS_PORT),
                     "prometheus.io/path": "/metrics",
-                    "kubectl.kubernetes.io/default-container": role.name,
-                    **kvtransfer.annotations(svc, role),
+                    "kubectl.kubernetes.io/default-container": container["name"],
+                    **annotations,
                 },
             },
             "spec": pod_spec,
         },
     }
-    if role.autoscaling is None:
-        spec = {"replicas": role.replicas, **spec}
+    if replicas is not None:
+        spec = {"replicas": replicas, **spec}
     return {"apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": common.metadata(svc, role.name), "spec": spec}
+            "metadata": common.metadata(svc, component), "spec": spec}
 
 
 def worker_service(svc: InferenceService, role_name: str) -> dict:
