@@ -269,3 +269,27 @@ def test_detokenize_false_returns_token_ids_without_text(llm):
     assert ids.token_ids == text.token_ids and text.text and ids.text == ""
     with pytest.raises(ValueError, match="stop strings need detokenize=True"):
         SamplingParams(stop=["x"], detokenize=False)
+
+
+def test_prompt_logprobs_survive_a_preemption(tiny_dir):
+    """A request preempted after its prefill computes its prompt again: its prompt logprobs
+    are not appended twice."""
+    engine = LLMEngine.from_engine_args(EngineArgs(model=str(tiny_dir), device="cpu", block_size=4,
+                                                   num_gpu_blocks_override=8, max_model_len=32,
+                                                   max_num_batched_tokens=32, enable_prefix_caching=False))
+    prompt = {"prompt_token_ids": [0, *range(40, 51)]}  # 12 tokens: 3 blocks
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    engine.add_request("first", prompt, params)
+    engine.add_request("late", prompt, params.clone(prompt_logprobs=2), priority=1)
+    finals = {}
+    while engine.has_unfinished_requests():
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+    assert engine.scheduler.num_preemptions > 0
+    alone = LLM(model=str(tiny_dir), device="cpu", num_gpu_blocks_override=32, block_size=4).generate(
+        [prompt], params.clone(prompt_logprobs=2))[0]
+    late = finals["late"]
+    assert len(late.prompt_logprobs) == 12 and late.prompt_logprobs[0] is None
+    for got, want in zip(late.prompt_logprobs[1:], alone.prompt_logprobs[1:]):
+        assert got.keys() == want.keys()
+        assert all(got[t] == pytest.approx(want[t], abs=1e-5) for t in got)
+    assert late.outputs[0].token_ids == alone.outputs[0].token_ids
