@@ -127,3 +127,32 @@ def test_rotary_epilogue_matches_the_reference_path(tmp_path, monkeypatch):
               kernel_config=KernelConfig(fused_kernels=False))
     want = ref.generate(prompts, params)
     assert_greedy_close([o.outputs[0] for o in got], [o.outputs[0] for o in want])
+
+
+def test_embeddings_on_cuda_match_transformers_beside_running_decodes(hf_models):
+    """Pooled prefills share steps with decodes (graph-replayed when alone): a one-token
+    prompt makes a step that looks decode-only, which must still run eagerly for its hidden
+    states."""
+    from transformers import AutoModel
+
+    from baton.engine import PoolingParams
+
+    model_dir = hf_models["llama"]
+    llm = LLM(model=str(model_dir), device="cuda", dtype="float32", task="embed", num_gpu_blocks_override=256)
+    engine = llm.engine
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(f"g{i}", {"prompt_token_ids": p}, GREEDY)
+    engine.step()  # the generations are decoding when the embeddings arrive
+    embeds = [*PROMPTS, [5]]
+    for i, p in enumerate(embeds):
+        engine.add_request(f"e{i}", {"prompt_token_ids": p}, PoolingParams())
+    finals = {}
+    while engine.has_unfinished_requests():
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for i, p in enumerate(embeds):
+        with torch.no_grad():
+            hidden = model(torch.tensor([p])).last_hidden_state[0, -1]
+        want = torch.nn.functional.normalize(hidden, dim=0)
+        assert torch.allclose(torch.tensor(finals[f"e{i}"].outputs.embedding), want, atol=1e-3)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
