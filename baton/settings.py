@@ -29,6 +29,12 @@ def kv_fault() -> str | None:
     return os.environ.get("BATON_KV_FAULT") or None
 
 
+def ucx_progress_mode() -> str | None:
+    """UCXX's own progress-mode switch, $UCXPY_PROGRESS_MODE, read here so that Baton knows
+    the mode UCXX will run in when no --ucx-progress-mode is given."""
+    return os.environ.get("UCXPY_PROGRESS_MODE") or None
+
+
 def pod_namespace() -> str | None:
     """The namespace a pod runs in ($POD_NAMESPACE from the downward API, or the
     service-account mount); None outside Kubernetes."""

@@ -35,6 +35,7 @@ import time
 import numpy as np
 import torch
 
+from baton import settings
 from baton.kvtransfer import faults
 from baton.kvtransfer.blocks import region, runs, segments, split
 from baton.kvtransfer.errors import HandoffError
@@ -45,13 +46,22 @@ log = logging.getLogger(__name__)
 
 
 def _ucxx(progress_mode: str | None):
+    """UCXX, started in `progress_mode` (None: $UCXPY_PROGRESS_MODE, else `thread`) unless
+    this process started it before.
+
+    In `thread` mode a request's completion reaches the event loop through a future set by
+    UCXX's notifier thread. UCXX's default instead has each awaited request yield to the
+    loop until it completes, which spins the loop for as long as a receive is posted: a
+    decode worker waiting for the next header on an idle endpoint would burn a core. The
+    polling modes spin by design (the fastest handoffs on GPUs) and keep UCXX's default.
+    """
     import ucxx
 
-    if progress_mode is not None:
-        try:
-            ucxx.init(progress_mode=progress_mode)
-        except RuntimeError:  # already started in this process: its mode stays
-            log.debug("UCX already initialised; progress mode %s not applied", progress_mode)
+    mode = progress_mode or settings.ucx_progress_mode() or "thread"
+    try:
+        ucxx.init(progress_mode=mode, enable_python_future=mode == "thread")
+    except RuntimeError:  # already started in this process: its mode stays
+        log.debug("UCX already initialised; progress mode %s not applied", mode)
     return ucxx
 
 
