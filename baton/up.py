@@ -84,9 +84,18 @@ def _parent_death_signal() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless its help already says it or there is none to show."""
+
+    def _get_help_string(self, action):
+        if "default:" in (action.help or "") or action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="baton up", description="Run Baton (router + workers) on this machine.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_DefaultsHelp)
     p.add_argument("--model", default=None, help="Hugging Face model directory (default: the embedded tiny model)")
     p.add_argument("--served-model-name", default=None, help="NAME[,ALIAS...] clients put in 'model' "
                    "(default: the model directory's name)")
