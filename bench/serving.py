@@ -4,10 +4,19 @@ For each mode it starts `baton up` (or uses --url), then for each request rate s
 --num-requests streaming completions with Poisson arrivals (rate `inf`: all at once), at
 most --max-concurrency in flight, random token prompts of about --prompt-len tokens and
 exactly --output-len output tokens (ignore_eos). It reports request throughput, output
-tokens/s, and TTFT, TPOT and end-to-end latency (mean, p50, p90, p99), as JSON plus a PNG.
+tokens/s, TTFT, TPOT and end-to-end latency (mean, p50, p90, p99), and goodput: the requests
+per second that met both --slo-ttft and --slo-tpot (a request refused or failed meets
+neither), as JSON plus a PNG.
 
     python bench/serving.py                                  # CPU, tiny model, both modes
     python bench/serving.py --up-args "--model /models/llama --device cuda" --prompt-len 1024
+
+One prefill + one decode GPU against two colocated GPUs (`--device cuda` spreads the
+workers over the GPUs), a long-prompt mix:
+
+    python bench/serving.py --up-args "--model DIR --device cuda --transport auto" \
+        --disaggregated-args "--prefill 1 --decode 1" --colocated-args "--colocated 2" \
+        --prompt-len 4096 --output-len 256 --request-rates 1,2,4,8 --num-requests 200
 
 Timings are wall-clock on the client: TTFT is the time to the first streamed token, TPOT
 the mean time between the following tokens of a request, e2e the time to the last byte.
@@ -92,6 +101,13 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], 
     return Sample(True, ttft, e2e, usage["completion_tokens"], usage["prompt_tokens"])
 
 
+def goodput(samples: list[Sample], duration: float, slo_ttft: float, slo_tpot: float) -> dict:
+    """Requests per second that met both targets, and the share of all requests that did."""
+    met = sum(1 for s in samples if s.ok and s.ttft <= slo_ttft and (s.tpot is None or s.tpot <= slo_tpot))
+    return {"goodput_rps": met / duration if duration > 0 else 0.0,
+            "slo_attainment": met / len(samples) if samples else 0.0}
+
+
 async def run_load(url: str, model: str, rate: float, args, api_key: str | None) -> dict:
     rng = random.Random(args.seed)
     low, high = int(args.prompt_len * (1 - args.prompt_len_spread)), int(args.prompt_len * (1 + args.prompt_len_spread))
@@ -133,6 +149,8 @@ async def run_load(url: str, model: str, rate: float, args, api_key: str | None)
         "ttft_s": percentiles([s.ttft for s in good]),
         "tpot_s": percentiles([s.tpot for s in good if s.tpot is not None]),
         "e2e_s": percentiles([s.e2e for s in good]),
+        "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot},
+        **goodput(samples, duration, args.slo_ttft, args.slo_tpot),
     }
 
 
@@ -167,15 +185,16 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
-    panels = [("output_token_throughput", None, "output tokens/s"), ("ttft_s", "p50", "TTFT p50 / p99 (s)"),
+    fig, axes = plt.subplots(1, 5, figsize=(22, 4.2))
+    panels = [("output_token_throughput", None, "output tokens/s"), ("goodput_rps", None, "goodput (req/s in SLO)"),
+              ("ttft_s", "p50", "TTFT p50 / p99 (s)"),
               ("tpot_s", "p50", "TPOT p50 / p99 (s)"), ("e2e_s", "p50", "end-to-end p50 / p99 (s)")]
     for ax, (key, stat, title) in zip(axes, panels):
         for mode, runs in results["modes"].items():
             rates = [r["request_rate"] for r in runs]
             xs = list(range(len(rates)))
             if stat is None:
-                ax.plot(xs, [r[key] for r in runs], marker="o", label=mode)
+                ax.plot(xs, [r.get(key, float("nan")) for r in runs], marker="o", label=mode)
             else:
                 line, = ax.plot(xs, [r[key].get("p50", float("nan")) for r in runs], marker="o", label=f"{mode} p50")
                 ax.plot(xs, [r[key].get("p99", float("nan")) for r in runs], marker="x", linestyle="--",
@@ -200,6 +219,10 @@ def main() -> int:
     p.add_argument("--api-key", default=None)
     p.add_argument("--up-args", default="--device cpu --num-gpu-blocks-override 1024",
                    help="extra `baton up` arguments (model, device, workers...)")
+    p.add_argument("--disaggregated-args", default="", help="`baton up` arguments for the disaggregated mode only")
+    p.add_argument("--colocated-args", default="", help="`baton up` arguments for the colocated mode only")
+    p.add_argument("--slo-ttft", type=float, default=0.5, help="goodput's TTFT target, seconds")
+    p.add_argument("--slo-tpot", type=float, default=0.03, help="goodput's TPOT target, seconds")
     p.add_argument("--request-rates", default="4,8,16,inf", help="requests per second, comma-separated")
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--max-concurrency", type=int, default=32)
@@ -215,6 +238,8 @@ def main() -> int:
     args = p.parse_args()
     rates = [float(r) for r in args.request_rates.split(",")]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if unknown := set(modes) - {"disaggregated", "colocated"}:
+        p.error(f"--modes: unknown mode(s) {sorted(unknown)}: disaggregated, colocated")
     results = {
         "benchmark": "serving",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -223,7 +248,8 @@ def main() -> int:
                     f"{os.cpu_count()} CPU cores", "platform": platform.platform(),
                     "python": platform.python_version(),
                     "load_average_at_start": os.getloadavg()},
-        "config": {"model": args.model_name, "up_args": args.up_args, "num_requests": args.num_requests,
+        "config": {"model": args.model_name, "up_args": args.up_args,
+                   "mode_args": {"disaggregated": args.disaggregated_args, "colocated": args.colocated_args}, "num_requests": args.num_requests,
                    "max_concurrency": args.max_concurrency, "prompt_len": args.prompt_len,
                    "prompt_len_spread": args.prompt_len_spread, "output_len": args.output_len},
         "modes": {},
@@ -232,7 +258,7 @@ def main() -> int:
         proc = None
         url = args.url
         if url is None:
-            proc, url = start_baton(mode, args.up_args)
+            proc, url = start_baton(mode, f"{args.up_args} {getattr(args, mode + '_args')}")
         try:
             runs = []
             for rate in rates:
@@ -241,6 +267,7 @@ def main() -> int:
                 print(f"{mode:>14} rate {run['request_rate']!s:>5}: {run['request_throughput']:.2f} req/s, "
                       f"{run['output_token_throughput']:.0f} out tok/s, TTFT p50 {run['ttft_s'].get('p50', 0) * 1e3:.1f} ms, "
                       f"TPOT p50 {run['tpot_s'].get('p50', 0) * 1e3:.2f} ms, e2e p99 {run['e2e_s'].get('p99', 0):.2f} s, "
+                      f"goodput {run['goodput_rps']:.2f} req/s ({100 * run['slo_attainment']:.0f} % in SLO), "
                       f"failed {run['failed']}", flush=True)
             results["modes"][mode] = runs
         finally:
