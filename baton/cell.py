@@ -1,8 +1,10 @@
 """`baton serve-cell`: a cell, the prefill and decode engines of one pod, as one process tree.
 
 A cell is node-local P/D (docs/decisions.md, "Cells"): `--prefill N --decode M` engine
-processes (`baton serve-prefill` / `serve-decode`), engine k on GPU k (`--device cuda`; on
-the CPU every engine is a CPU engine), all with `--kv-transfer auto` and `--cell NAME`.
+processes (`baton serve-prefill` / `serve-decode`), engine k on GPU k (`--device cuda`;
+with fewer GPUs than engines, GPU k mod their number, and each engine's
+`--gpu-memory-utilization` must leave room for the others; on the CPU every engine is a
+CPU engine), all with `--kv-transfer auto` and `--cell NAME`.
 Every engine serves its own gRPC role, so the router addresses it like any worker; the
 cell name it reports lets the router pair a prefill engine with a decode engine of the same
 cell, whose handoff `auto` then moves by `ipc` (CUDA IPC between the pod's GPUs, shared
@@ -49,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", type=int, default=1, help="decode engines")
     p.add_argument("--cell", default=None, help="the name engines report to the router (default: the host name, "
                    "which is the pod's name in Kubernetes)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda: engine k runs on GPU k")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto (cuda if available), cpu or cuda: engine k runs on GPU k "
+                   "(k mod the GPUs visible, when there are fewer)")
     p.add_argument("--host", default="0.0.0.0", help="bind address of the cell and its engines")
     p.add_argument("--port", type=int, default=50051, help="the cell's gRPC health port (0: a free port)")
     p.add_argument("--engine-port", type=int, default=50100, help="gRPC port of engine 0 (engine k: +k; 0: free ports)")
@@ -65,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _gpu_count(device: str) -> int:
-    if device == "cpu" or device.startswith("cuda:"):
+    if device == "cpu":
         return 0
     import torch
 
@@ -77,13 +80,13 @@ def _port(base: int, k: int) -> int:
 
 
 def plan(args: argparse.Namespace, engine_argv: list[str], gpus: int) -> list[Child]:
-    """The engine processes: prefill engines first, engine k on GPU k when `gpus`."""
+    """The engine processes: prefill engines first, engine k on GPU k mod `gpus` (0: CPU)."""
     roles = ["prefill"] * args.prefill + ["decode"] * args.decode
     env = {} if gpus else cpu_thread_env(len(roles))
     children = []
     for k, role in enumerate(roles):
         index = k if role == "prefill" else k - args.prefill
-        argv = ["serve-" + role, *engine_argv, "--device", f"cuda:{k}" if gpus else "cpu",
+        argv = ["serve-" + role, *engine_argv, "--device", f"cuda:{k % gpus}" if gpus else "cpu",
                 "--host", args.host, "--cell", args.cell, "--kv-transfer", "auto",
                 "--kv-port", str(_port(args.engine_kv_port, k)),
                 "--kv-tcp-port", str(_port(args.engine_kv_tcp_port, k)),
@@ -165,11 +168,13 @@ def main(argv: list[str]) -> int:
     args.cell = args.cell or socket.gethostname()
     count = args.prefill + args.decode
     gpus = _gpu_count(args.device)
-    if args.device.startswith("cuda") and gpus < count:
-        print(f"baton serve-cell: {count} engines need {count} GPUs, {gpus} visible "
-              "(one GPU per engine; all of the cell's GPUs must be visible to every engine for CUDA IPC)",
-              file=sys.stderr)
+    if args.device == "cuda" and not gpus:
+        print("baton serve-cell: --device cuda, but no GPU is visible (all of the cell's GPUs must be visible "
+              "to the cell: its engines map each other's KV pools by CUDA IPC)", file=sys.stderr)
         return 2
+    if gpus and gpus < count:
+        print(f"baton serve-cell: {count} engines share {gpus} GPU(s); give each a --gpu-memory-utilization "
+              "that leaves room for the others", file=sys.stderr, flush=True)
     if "--model" not in engine_argv and not any(a.startswith("--model=") for a in engine_argv):
         from baton.engine.tiny_model import ensure_tiny_model
 
