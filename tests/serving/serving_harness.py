@@ -201,12 +201,14 @@ class Cell:
         return stop_process(self.proc, signal.SIGTERM, timeout)
 
 
-def serve_cell(name: str, *args: str, prefill: int = 1, decode: int = 1, timeout: float = 120) -> Cell:
-    """Start `baton serve-cell` on free ports with the test engine flags; return once ready."""
+def serve_cell(name: str, *args: str, prefill: int = 1, decode: int = 1, timeout: float = 120,
+               engine_flags: tuple[str, ...] = tuple(ENGINE_FLAGS)) -> Cell:
+    """Start `baton serve-cell` on free ports with `engine_flags` (small CPU engines by
+    default); return once ready."""
     argv = [sys.executable, "-m", "baton.cli", "serve-cell", "--cell", name, "--prefill", str(prefill),
             "--decode", str(decode), "--host", "127.0.0.1", "--port", "0", "--engine-port", "0",
             "--engine-metrics-port", "0", "--engine-kv-port", "0", "--engine-kv-tcp-port", "0",
-            "--shutdown-grace-seconds", "5", *ENGINE_FLAGS, *args]
+            "--shutdown-grace-seconds", "5", *engine_flags, *args]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     cell = Cell(proc, name)

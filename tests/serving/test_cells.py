@@ -123,3 +123,15 @@ def router_sees_one_pair(router) -> bool:
     with urllib.request.urlopen(f"{router.url}/ready", timeout=5) as response:
         workers = json.load(response)["workers"]
     return workers["prefill"]["healthy"] == 1 and workers["decode"]["healthy"] == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prefill", "0"], "needs --prefill >= 1 and --decode >= 1"),
+    (["--metrics-port", "9000"], "--metrics-port is set per engine by the cell"),
+    (["--kv-transfer=tcp"], "--kv-transfer is set per engine by the cell"),
+])
+def test_serve_cell_refuses_what_it_sets_itself_or_cannot_run(argv, message, capsys):
+    from baton.cell import main
+
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
