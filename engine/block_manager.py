@@ -163,6 +163,16 @@ class BlockManager:
         seq.block_table = []
         seq.num_registered_blocks = 0
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Drop the blocks past the first `blocks_for(num_tokens)` of `seq` (speculative
+        decoding: blocks that held only rejected drafts). Those blocks were never registered in
+        the prefix cache (only computed, accepted tokens are), so they go back uncached."""
+        keep = self.blocks_for(num_tokens)
+        if len(seq.block_table) > keep:
+            self.release(reversed(seq.block_table[keep:]))
+            # A new list: input preparation caches a table's array per list object.
+            seq.block_table = seq.block_table[:keep]
+
     def release(self, blocks) -> None:
         """Drop one reference on each block, in the given order."""
         for block in blocks:

@@ -12,6 +12,7 @@ import torch
 
 from baton.engine.pooling import TASKS, PoolingConfig, read_pooling_config
 from baton.engine.quantization import QuantConfig, parse_quantization, resolve_kv_cache_dtype
+from baton.engine.spec_decode.config import SpeculativeConfig, parse_speculative
 
 _DTYPES = {
     "float32": torch.float32,
@@ -171,6 +172,12 @@ class EngineArgs:
     # mean, cls) overrides.
     task: str = "generate"
     pooling_type: str | None = None
+    # Speculative decoding (engine/spec_decode/config.py): vLLM's dict (or its JSON text),
+    # or the seed's spelling speculative_model="[ngram]" or a draft model's directory, with
+    # num_speculative_tokens.
+    speculative_config: dict | str | None = None
+    speculative_model: str | None = None
+    num_speculative_tokens: int | None = None
 
     def create_engine_config(self) -> EngineConfig:
         model_dir = Path(self.model) if self.model else _default_model_dir()
@@ -219,6 +226,12 @@ class EngineArgs:
             raise ValueError("pooling_type needs task='embed'")
         pooling = read_pooling_config(model_dir, self.pooling_type) if self.task == "embed" else None
         quantization = parse_quantization(hf_config, self.quantization)
+        speculative = parse_speculative(self.speculative_config, self.speculative_model,
+                                        self.num_speculative_tokens)
+        if speculative is not None and self.async_scheduling:
+            raise ValueError("speculative decoding does not run with async_scheduling=True: a verify step "
+                             "needs its accepted tokens on the host before the next step is built; leave "
+                             "async_scheduling unset (off with speculation) or turn speculation off")
         kv_cache_dtype = torch.float8_e4m3fn if resolve_kv_cache_dtype(self.kv_cache_dtype) == "fp8" else dtype
         if kv_cache_dtype == torch.float8_e4m3fn and self.attention_backend == "flash_attn":
             raise ValueError("kv_cache_dtype='fp8' needs the triton or torch attention backend (flash_attn reads "
@@ -243,7 +256,8 @@ class EngineArgs:
             enable_chunked_prefill=self.enable_chunked_prefill,
             attention_backend=self.attention_backend,
             enforce_eager=self.enforce_eager,
-            async_scheduling=device.type == "cuda" if self.async_scheduling is None else self.async_scheduling,
+            async_scheduling=(device.type == "cuda" and speculative is None if self.async_scheduling is None
+                              else self.async_scheduling),
             kernels=(self.kernel_config if isinstance(self.kernel_config, KernelConfig)
                      else KernelConfig.from_env(self.kernel_config)),
             quantization=quantization,
@@ -251,6 +265,7 @@ class EngineArgs:
             tensor_parallel_size=self.tensor_parallel_size,
             task=self.task,
             pooling=pooling,
+            speculative=speculative,
         )
 
     @classmethod
@@ -294,6 +309,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     task: str = "generate"
     pooling: PoolingConfig | None = None  # with task "embed"
+    speculative: SpeculativeConfig | None = None  # None: no speculative decoding
 
     def __post_init__(self):
         if self.kv_cache_dtype is None:

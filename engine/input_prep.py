@@ -51,6 +51,7 @@ class StepInputs:
     meta: AttentionMetadata
     sample_rows: torch.Tensor | None  # rows of the hidden states to sample from; None = all
     sample_seqs: list[int]  # batch index of each sampled row
+    num_draft_rows: int  # sampled rows past a sequence's known tokens (speculative decoding)
     prompt_rows: list[tuple[int, int, int]]  # (batch index, first flat row, count) for prompt logprobs
 
 
@@ -69,6 +70,7 @@ def prepare(batch: ScheduledBatch, block_size: int, device: torch.device) -> Ste
     sample_rows: list[int] = []
     sample_seqs: list[int] = []
     prompt_rows: list[tuple[int, int, int]] = []
+    num_draft_rows = 0
     row = 0
     for i, (seq, n) in enumerate(zip(seqs, counts)):
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
@@ -79,14 +81,18 @@ def prepare(batch: ScheduledBatch, block_size: int, device: torch.device) -> Ste
             slots[row] = int(table[start // block_size]) * block_size + start % block_size
         else:
             pos = np.arange(start, end, dtype=np.int64)
-            ids[row : row + n] = seq.token_ids[start:end]
+            # Past the known tokens: drafts this step verifies (engine/spec_decode).
+            ids[row : row + n] = (seq.token_ids[start:end] if end <= seq.num_tokens
+                                  else seq.token_ids[start:] + seq.spec_token_ids[: end - seq.num_tokens])
             positions[row : row + n] = pos
             slots[row : row + n] = table[pos // block_size].astype(np.int64) * block_size + pos % block_size
         block_tables[i, : len(table)] = table
         seq_lens[i] = end
-        if end == seq.num_tokens and not seq.pooled:
-            sample_rows.append(row + n - 1)
-            sample_seqs.append(i)
+        if end >= seq.num_tokens and not seq.pooled:  # the last known token's row, then one per draft
+            first = row + seq.num_tokens - 1 - start
+            sample_rows.extend(range(first, row + n))
+            sample_seqs.extend([i] * (row + n - first))
+            num_draft_rows += row + n - 1 - first
         if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
             prompt_rows.append((i, row, min(end, seq.num_prompt_tokens - 1) - start))
         row += n
@@ -110,5 +116,6 @@ def prepare(batch: ScheduledBatch, block_size: int, device: torch.device) -> Ste
         meta=meta,
         sample_rows=None if all_rows else longs_d[3, : len(sample_rows)],
         sample_seqs=sample_seqs,
+        num_draft_rows=num_draft_rows,
         prompt_rows=prompt_rows,
     )

@@ -35,6 +35,7 @@ from baton.engine.outputs import (
 from baton.engine.pooling import Pooler
 from baton.engine.scheduler import ScheduledBatch, Scheduler
 from baton.engine.sequence import RequestMetrics, Sequence, SequenceStatus
+from baton.engine.spec_decode.decoder import SpecDecoder
 from baton.sampling_params import PoolingParams, SamplingParams
 from baton.tokenizer import Tokenizer
 
@@ -91,6 +92,10 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     num_preemptions: int
+    # Speculative decoding (0 without it): verify rounds, drafted and accepted tokens.
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
 
 
 __all__ = ["EngineStats", "LLMEngine", "NoCapacityError", "PromptType"]
@@ -124,6 +129,8 @@ class LLMEngine(HandoffHooks):
         self.generation_tokens_total = 0
         self._ids = itertools.count()
         self.async_steps = AsyncSteps(self.runner, self.scheduler, self.block_manager)
+        self.spec = (SpecDecoder(config.speculative, self.block_manager, self.max_model_len)
+                     if config.speculative else None)
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> LLMEngine:
@@ -296,6 +303,8 @@ class LLMEngine(HandoffHooks):
             batch, step_outputs = self.async_steps.advance()
             return self._process(batch, step_outputs, computed=True, forward_s=time.perf_counter() - started)
         started = time.perf_counter()
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
         scheduled = time.perf_counter()
         if not batch.seqs:
@@ -349,6 +358,12 @@ class LLMEngine(HandoffHooks):
             if out.token_id is None:
                 continue
             self._append(request, seq, out.token_id, out.logprob, out.top_logprobs, now)
+            for token_id, logprob, top_logprobs in out.next_tokens:  # accepted drafts and one more
+                if seq.is_finished:
+                    break
+                self._append(request, seq, token_id, logprob, top_logprobs, now)
+            if out.num_drafts:
+                self.spec.accepted(seq, out.num_drafts, len(out.next_tokens))
         return self._collect_outputs()
 
     def _pool(self, request: _Request, seq: Sequence, num_new: int, out: StepOutput) -> None:
@@ -452,6 +467,11 @@ class LLMEngine(HandoffHooks):
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             num_preemptions=self.scheduler.num_preemptions,
+            **({} if self.spec is None else {
+                "spec_num_drafts": self.spec.stats.num_drafts,
+                "spec_num_draft_tokens": self.spec.stats.num_draft_tokens,
+                "spec_num_accepted_tokens": self.spec.stats.num_accepted_tokens,
+            }),
         )
 
 

@@ -16,7 +16,7 @@ only host sync of a step is the read of the sampled token ids.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,7 @@ from baton.engine.parallel.layout import ShardLayout
 from baton.engine.sampler import Sampler, prompt_logprobs
 from baton.engine.scheduler import ScheduledBatch
 from baton.engine.sequence import Sequence
+from baton.engine.spec_decode.verify import verify_drafts
 from baton.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,11 @@ class StepOutput:
     prompt_logprobs: list[dict[int, float]] | None = None  # for the chunk's positions
     error: str | None = None
     hidden: torch.Tensor | None = None  # a pooling sequence's final hidden states [n, hidden] of the step
+    # Speculative decoding (engine/spec_decode): the tokens after `token_id` the step also
+    # emitted (accepted drafts, then the target's own), as (id, logprob, top logprobs), and
+    # how many drafts it verified.
+    next_tokens: list[tuple[int, float | None, dict[int, float] | None]] = field(default_factory=list)
+    num_drafts: int = 0
 
 
 def kv_cache_spec(config: EngineConfig, layout: ShardLayout) -> KVCacheSpec:
@@ -214,7 +220,9 @@ class ModelRunner:
             next_ids = seq.token_ids[start + 1 : start + 1 + count]
             outputs[i].prompt_logprobs = prompt_logprobs(logits, next_ids, seq.params.prompt_logprobs)
 
-        if inputs.sample_seqs:
+        if inputs.num_draft_rows:
+            verify_drafts(self.sampler, self._sampled_logits(inputs, hidden), batch.seqs, inputs.sample_seqs, outputs)
+        elif inputs.sample_seqs:
             self._sample(self._sampled_logits(inputs, hidden), batch.seqs, inputs.sample_seqs, outputs)
         return outputs
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from baton.engine.block_manager import BlockManager
 from baton.engine.sequence import Sequence, SequenceStatus
+from baton.engine.spec_decode.schedule import fit_drafts
 
 
 @dataclass
@@ -26,7 +27,8 @@ class ScheduledBatch:
 
     @property
     def decode_only(self) -> bool:
-        """Every sequence computes exactly its one newest token (and so is sampled)."""
+        """Every sequence computes exactly its one newest token (and so is sampled); a step
+        that verifies drafts is not decode-only."""
         return all(n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens
                    for seq, n in zip(self.seqs, self.num_new_tokens))
 
@@ -71,6 +73,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_uncomputed_tokens, budget)
+            if seq.spec_token_ids:  # speculative decoding: verify drafts too, as far as they fit
+                num_new = fit_drafts(seq, budget, bm)
             while not bm.can_allocate(seq, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)

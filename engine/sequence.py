@@ -110,6 +110,11 @@ class Sequence:
     grammar_matcher: Any = None
     # Owned by input preparation: (block_table list, its int32 array), see `table_array`.
     table_array_cache: tuple[list[int], Any] | None = field(default=None, repr=False)
+    # Owned by speculative decoding (engine/spec_decode): tokens drafted to follow
+    # `token_ids`, verified by the next step that schedules them (the scheduler trims them to
+    # what fits), and how many tokens have KV in the draft model's cache.
+    spec_token_ids: list[int] = field(default_factory=list)
+    num_draft_computed: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -158,6 +163,8 @@ class Sequence:
         """
         self.num_computed_tokens = 0
         self.block_table = []
+        self.spec_token_ids = []
+        self.num_draft_computed = 0
         self.status = SequenceStatus.WAITING
         self.num_preemptions += 1
 

@@ -1,0 +1,57 @@
+"""Helpers of the speculative decoding tests (this folder is put on `sys.path` by conftest).
+
+A random model rarely repeats itself, so prompts here repeat a pattern: n-gram lookup then
+drafts from the prompt, the model disagrees with most drafts (rejections) and agrees with
+some, mostly once its greedy output loops (acceptances). Tests assert both happened.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+from baton.engine import EngineArgs, LLMEngine
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+
+
+def make_engine(model: Path, **overrides) -> LLMEngine:
+    args = dict(model=str(model), device="cpu", num_gpu_blocks_override=256, block_size=4, max_model_len=256)
+    args.update(overrides)
+    return LLMEngine.from_engine_args(EngineArgs(**args))
+
+
+def repetitive_prompts(count: int, seed: int = 0) -> list[dict]:
+    """Prompts of a short random pattern repeated six times."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(count):
+        pattern = [rng.randrange(4, 500) for _ in range(rng.randrange(2, 6))]
+        prompts.append({"prompt_token_ids": [0] + pattern * 6})
+    return prompts
+
+
+def run(engine: LLMEngine, prompts, params, max_steps: int = 5000) -> list:
+    """Add every prompt (one params or one each), step until done; final outputs in order."""
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    ids = [f"r{next(_ids)}" for _ in prompts]
+    for rid, prompt, p in zip(ids, prompts, params):
+        engine.add_request(rid, prompt, p)
+    finals = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished_requests():
+            return [finals[rid] for rid in ids]
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    raise AssertionError("the engine did not finish its requests")
+
+
+_ids = itertools.count()
+
+
+def assert_no_leaked_blocks(engine: LLMEngine) -> None:
+    bm = engine.block_manager
+    assert not engine.has_unfinished_requests()
+    assert bm.num_free_blocks == bm.num_blocks and not any(bm.ref_counts)
