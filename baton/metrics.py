@@ -124,6 +124,20 @@ class EngineCollector(Collector):
                       stats.prompt_tokens_total)
         yield counter("baton:generation_tokens", "Tokens this engine generated.",
                       stats.generation_tokens_total)
+        if getattr(stats, "spec_num_drafts", None) is not None:  # speculative decoding is on
+            yield from _spec_decode_metrics(stats, counter, gauge)
+
+
+def _spec_decode_metrics(stats: Any, counter: Callable, gauge: Callable):
+    drafts, drafted, accepted = stats.spec_num_drafts, stats.spec_num_draft_tokens, stats.spec_num_accepted_tokens
+    yield counter("baton:spec_decode_num_drafts", "Verify rounds: a sequence's drafts checked in one step.", drafts)
+    yield counter("baton:spec_decode_num_draft_tokens", "Drafted tokens verified.", drafted)
+    yield counter("baton:spec_decode_num_accepted_tokens", "Drafted tokens accepted.", accepted)
+    yield gauge("baton:spec_decode_acceptance_rate", "Accepted / drafted tokens since start (0 before any).",
+                accepted / drafted if drafted else 0.0)
+    yield gauge("baton:spec_decode_mean_accepted_length",
+                "Tokens a verify round emits on average since start: 1 + accepted / rounds (0 before any).",
+                1.0 + accepted / drafts if drafts else 0.0)
 
 
 class RouterGauges(Collector):

@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long each process may finish what it serves on Ctrl-C")
     p.add_argument("--otlp-traces-endpoint", default=None, metavar="HOST:PORT",
                    help="router and workers send OpenTelemetry traces to this OTLP/gRPC collector")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help="speculative decoding on the decode (or colocated) workers, vLLM's dict: "
+                        '\'{"method": "ngram", "num_speculative_tokens": 4}\' or a draft "model"')
     p.add_argument("--quiet", action="store_true", help="hide the workers' and router's own output")
     return p
 
@@ -197,6 +200,8 @@ def plan(args: argparse.Namespace, model_dir: Path) -> list[Child]:
                     "--shutdown-grace-seconds", str(args.shutdown_grace_seconds)]
             if args.otlp_traces_endpoint:
                 argv += ["--otlp-traces-endpoint", args.otlp_traces_endpoint]
+            if args.speculative_config and role != "prefill":  # prefill requests end at their first token
+                argv += ["--speculative-config", args.speculative_config]
             if role != "colocated":
                 argv += ["--kv-transfer", args.transport, "--kv-port", "0", "--kv-tcp-port", "0"]
             children.append(Child(f"{role}-{i}", argv, env, {"port": 0, "metrics_port": 0}))

@@ -228,6 +228,9 @@ class EngineArgs:
         quantization = parse_quantization(hf_config, self.quantization)
         speculative = parse_speculative(self.speculative_config, self.speculative_model,
                                         self.num_speculative_tokens)
+        if speculative is not None and self.tensor_parallel_size != 1:
+            raise ValueError("speculative decoding with tensor_parallel_size > 1 is not supported yet "
+                             "(docs/limits.md): run one of the two")
         if speculative is not None and self.async_scheduling:
             raise ValueError("speculative decoding does not run with async_scheduling=True: a verify step "
                              "needs its accepted tokens on the host before the next step is built; leave "
@@ -237,7 +240,7 @@ class EngineArgs:
             raise ValueError("kv_cache_dtype='fp8' needs the triton or torch attention backend (flash_attn reads "
                              "only a cache in the model dtype)")
         _check_tensor_parallel(self.tensor_parallel_size, hf_config, device, quantization, kv_cache_dtype, dtype)
-        return EngineConfig(
+        config = EngineConfig(
             model_dir=model_dir,
             tokenizer_dir=Path(self.tokenizer) if self.tokenizer else model_dir,
             served_model_name=self.served_model_name or model_dir.name,
@@ -267,6 +270,11 @@ class EngineArgs:
             pooling=pooling,
             speculative=speculative,
         )
+        if speculative is not None and speculative.model is not None:
+            from baton.engine.spec_decode.draft_model import draft_engine_config
+
+            draft_engine_config(config)  # refuses a draft model this target cannot use
+        return config
 
     @classmethod
     def field_names(cls) -> set[str]:

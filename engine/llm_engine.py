@@ -92,10 +92,10 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     num_preemptions: int
-    # Speculative decoding (0 without it): verify rounds, drafted and accepted tokens.
-    spec_num_drafts: int = 0
-    spec_num_draft_tokens: int = 0
-    spec_num_accepted_tokens: int = 0
+    # Speculative decoding (None without it): verify rounds, drafted and accepted tokens.
+    spec_num_drafts: int | None = None
+    spec_num_draft_tokens: int | None = None
+    spec_num_accepted_tokens: int | None = None
 
 
 __all__ = ["EngineStats", "LLMEngine", "NoCapacityError", "PromptType"]

@@ -88,8 +88,12 @@ class ModelRunner:
         self.backend_name = pick_backend_name(config.attention_backend, self.device)
         self.backend = self._create_backend()
         self.graphs = None  # decode CUDA graphs, captured once the KV pool exists
+        # Draft-model speculation: loaded before the pools are sized, so both fit.
+        self.draft = self._load_draft()
         self.num_blocks = self._decide_num_blocks()
         self._allocate_kv(self.num_blocks)
+        if self.draft is not None:
+            self.draft.allocate(self.num_blocks)
         self.sampler = Sampler(self.device, config.seed, eos_token_ids, pdl=self.kernels.pdl)
         self._tune()
         log.info("kernels of each step:\n%s", self.explain())
@@ -161,7 +165,7 @@ class ModelRunner:
         # Never more than every sequence slot filled to max_model_len would use.
         ceiling = c.max_num_seqs * -(-c.max_model_len // c.block_size) + 1
         if self.device.type == "cpu":
-            return max(1, min(ceiling, c.kv_cache_memory_bytes // self.kv_spec.block_bytes))
+            return max(1, min(ceiling, c.kv_cache_memory_bytes // self._block_bytes))
         return max(1, min(ceiling, self._profile_cuda_blocks()))
 
     def _profile_cuda_blocks(self) -> int:
@@ -185,18 +189,33 @@ class ModelRunner:
         in_use_by_us = torch.cuda.memory_allocated(self.device)
         others = total - free - torch.cuda.memory_reserved(self.device)
         budget = total * c.gpu_memory_utilization - others - in_use_by_us - (peak - in_use_by_us)
-        if budget < self.kv_spec.block_bytes:
+        if budget < self._block_bytes:
             raise RuntimeError(
                 f"no room for a KV cache: weights and activations use {peak / 2**30:.1f} GiB of "
                 f"{total / 2**30:.1f} GiB; raise gpu_memory_utilization or lower max_num_batched_tokens"
             )
-        return int(budget // self.kv_spec.block_bytes)
+        return int(budget // self._block_bytes)
+
+    def _load_draft(self):
+        spec = self.config.speculative
+        if spec is None or spec.model is None:
+            return None
+        from baton.engine.spec_decode.draft_model import DraftModel, draft_engine_config
+
+        return DraftModel(draft_engine_config(self.config), self.backend_name)
+
+    @property
+    def _block_bytes(self) -> int:
+        """Device bytes one KV block costs: the target's, and the draft model's beside it."""
+        return self.kv_spec.block_bytes + (self.draft.kv_spec.block_bytes if self.draft is not None else 0)
 
     # -- one step ------------------------------------------------------------------------
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, sample: bool = True) -> list[StepOutput]:
         outputs = [StepOutput() for _ in batch.seqs]
+        if self.draft is not None:
+            self.draft.propose(batch.seqs)  # the drafts this step verifies
         if (sample and self.graphs is not None and self.graphs.can_run(batch)
                 and not any(seq.pooled for seq in batch.seqs)):
             logits = self.graphs.run(batch.seqs)

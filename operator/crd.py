@@ -43,7 +43,7 @@ METRICS = ("num_requests_waiting", "num_requests_running", "kv_cache_usage_perc"
 TYPED_FLAGS = ("model", "tokenizer", "served-model-name", "dtype", "block-size",
                "quantization", "kv-cache-dtype", "kv-transfer", "host", "port",
                "metrics-port", "kv-port", "kv-tcp-port", "otlp-traces-endpoint",
-               "tensor-parallel-size")
+               "tensor-parallel-size", "speculative-config", "speculative-model", "num-speculative-tokens")
 DEFAULT_BLOCK_SIZE = 16
 # model.quantization and model.kvCacheDtype: the workers' --quantization and --kv-cache-dtype
 # accept each (a test says so). fp8_e4m3 is the workers' other spelling of fp8.
@@ -166,6 +166,7 @@ def _engine() -> dict:
                 "integer", "GPUs one engine splits the model over, one process each "
                 "(--tensor-parallel-size); above 1 the pod requests that many nvidia.com/gpu. "
                 "Colocated mode only for now.", minimum=1, maximum=16, default=1),
+            "speculative": _speculative(),
             "extraArgs": {"type": "array", "items": {"type": "string", "maxLength": 4096},
                           "maxItems": 64,
                           "description": "Flags appended to the worker's command line (not "
@@ -175,6 +176,38 @@ def _engine() -> dict:
         rules=((f"!has(self.extraArgs) || self.extraArgs.all(a, !({_sets_typed_flag('a')}))",
                 "engine.extraArgs must not set a flag the operator sets from the spec (--"
                 + ", --".join(TYPED_FLAGS) + "): use the typed field"),),
+    )
+
+
+def _speculative() -> dict:
+    """engine.speculative: the workers' --speculative-config (engine/spec_decode/config.py)."""
+    count = dict(minimum=1, maximum=1024)
+    return _obj(
+        {
+            "method": _scalar("string", "ngram: drafts looked up in the sequence's own tokens; "
+                              "draft_model: drafts by a small model with the same tokenizer.",
+                              enum=["ngram", "draft_model"], default="ngram"),
+            "numSpeculativeTokens": _scalar("integer", "Tokens drafted per sequence and step.",
+                                            minimum=1, maximum=16),
+            "model": _scalar("string", "draft_model: the draft model's directory in the worker "
+                             "pod (for example in the model's volume).", minLength=1,
+                             maxLength=4096),
+            "promptLookupMin": _scalar("integer", "ngram: shortest n-gram looked up.", minimum=1,
+                                       maximum=64),
+            "promptLookupMax": _scalar("integer", "ngram: longest n-gram looked up.", minimum=1,
+                                       maximum=64),
+            "shortenByBatchSize": _scalar("integer", "From this many decoding sequences on, "
+                                          "draft half as many tokens.", **count),
+            "disableByBatchSize": _scalar("integer", "From this many decoding sequences on, "
+                                          "draft none.", **count),
+        },
+        description="Speculative decoding (--speculative-config); off while unset.",
+        required=("numSpeculativeTokens",),
+        rules=(("(has(self.method) && self.method == 'draft_model') == has(self.model)",
+                "speculative.model is required with method draft_model and refused with ngram"),
+               ("!has(self.method) || self.method == 'ngram' || "
+                "(!has(self.promptLookupMin) && !has(self.promptLookupMax))",
+                "promptLookupMin/promptLookupMax apply to method ngram only")),
     )
 
 

@@ -14,6 +14,7 @@ shared with the caller's body.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +75,7 @@ class Engine:
     kv_cache_memory_gb: float | None
     extra_args: tuple[str, ...]
     tensor_parallel_size: int = 1
+    speculative_config: str | None = None  # --speculative-config's JSON (vLLM's keys); None: off
 
 
 @dataclass(frozen=True)
@@ -269,7 +271,30 @@ def _engine(data: Mapping[str, Any], path: str) -> Engine:
         kv_cache_memory_gb=_optional(data, "kvCacheMemoryGB", path, (int, float)),
         extra_args=tuple(str(arg) for arg in data.get("extraArgs", ())),
         tensor_parallel_size=_optional(data, "tensorParallelSize", path, int) or 1,
+        speculative_config=_speculative(data.get("speculative"), f"{path}.speculative"),
     )
+
+
+# engine.speculative's fields -> --speculative-config's keys (vLLM's)
+_SPECULATIVE_KEYS = {"method": "method", "numSpeculativeTokens": "num_speculative_tokens", "model": "model",
+                     "promptLookupMin": "prompt_lookup_min", "promptLookupMax": "prompt_lookup_max",
+                     "shortenByBatchSize": "shorten_by_batch_size", "disableByBatchSize": "disable_by_batch_size"}
+
+
+def _speculative(data: Mapping[str, Any] | None, path: str) -> str | None:
+    """The JSON the workers' --speculative-config takes (keys sorted: a spec rolls pods only
+    when it changes)."""
+    if data is None:
+        return None
+    unknown = set(data) - set(_SPECULATIVE_KEYS)
+    if unknown:
+        raise SpecError(f"{path} has unknown fields {sorted(unknown)}")
+    _field(data, "numSpeculativeTokens", path, int)
+    config = {_SPECULATIVE_KEYS[k]: v for k, v in data.items() if v is not None}
+    config.setdefault("method", "ngram")
+    if (config["method"] == "draft_model") != ("model" in config):
+        raise SpecError(f"{path}.model is required with method draft_model and refused with ngram")
+    return json.dumps(config, sort_keys=True, separators=(",", ":"))
 
 
 def _autoscaling(data: Mapping[str, Any] | None, path: str) -> Autoscaling | None:

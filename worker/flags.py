@@ -24,7 +24,7 @@ _ENGINE_FIELDS = (
     "model", "served_model_name", "dtype", "device", "block_size", "max_num_seqs",
     "max_num_batched_tokens", "max_model_len", "gpu_memory_utilization",
     "num_gpu_blocks_override", "kv_cache_memory_gb", "enable_prefix_caching", "seed",
-    "quantization", "kv_cache_dtype", "model_module", "tensor_parallel_size",
+    "quantization", "kv_cache_dtype", "model_module", "tensor_parallel_size", "speculative_config",
 )
 
 
@@ -115,6 +115,9 @@ def build_parser(prog: str, role: str) -> argparse.ArgumentParser:
                              "(registers architectures with baton.engine.ModelRegistry)")
     engine.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                         help="split the model over N processes, one per GPU (cuda:0..N-1 from --device's)")
+    engine.add_argument("--speculative-config", default=None, metavar="JSON",
+                        help='speculative decoding, as vLLM\'s: \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                             'or \'{"model": DRAFT_DIR, "num_speculative_tokens": 4}\' (decode and colocated workers)')
     parser.set_defaults(_engine_fields=list(_ENGINE_FIELDS) + _engine_field_flags(engine, set(_ENGINE_FIELDS)))
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="0.0.0.0", help="bind address")

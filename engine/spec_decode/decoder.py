@@ -16,6 +16,7 @@ Per `LLMEngine.step`:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from baton.engine.block_manager import BlockManager
@@ -53,6 +54,10 @@ class SpecDecoder:
         self.block_manager = block_manager
         self.max_model_len = max_model_len
         self.stats = SpecDecodeStats()
+        # (sequence, n) -> up to n drafts; replaceable (bench/spec_decode.py drafts a known
+        # continuation to control the acceptance rate).
+        self.drafter: Callable[[Sequence, int], list[int]] = (
+            self._ngram if config.method == NGRAM else lambda seq, n: [DRAFT_PENDING] * n)
 
     def propose(self, running: list[Sequence]) -> None:
         """Draft for every running sequence that is decoding; clear the others' drafts."""
@@ -62,15 +67,14 @@ class SpecDecoder:
             seq.spec_token_ids = []
         if k == 0:
             return
-        c = self.config
         for seq in decoding:
             n = min(k, self._room(seq))
-            if n <= 0:
-                continue
-            if c.method == NGRAM:
-                seq.spec_token_ids = ngram_draft(seq.token_ids, n, c.prompt_lookup_min, c.prompt_lookup_max)
-            else:
-                seq.spec_token_ids = [DRAFT_PENDING] * n
+            if n > 0:
+                seq.spec_token_ids = self.drafter(seq, n)
+
+    def _ngram(self, seq: Sequence, n: int) -> list[int]:
+        c = self.config
+        return ngram_draft(seq.token_ids, n, c.prompt_lookup_min, c.prompt_lookup_max)
 
     def _room(self, seq: Sequence) -> int:
         """Drafts worth verifying: the step emits at most one token past the drafts, and

@@ -50,6 +50,8 @@ def _engine_rest(engine: Engine) -> list[str]:
         args += ["--kv-cache-memory-gb", f"{engine.kv_cache_memory_gb:g}"]
     if engine.tensor_parallel_size > 1:
         args += ["--tensor-parallel-size", str(engine.tensor_parallel_size)]
+    if engine.speculative_config:
+        args += ["--speculative-config", engine.speculative_config]
     return args
 
 

@@ -88,6 +88,10 @@ SPECS = {
         tracing={"otlpEndpoint": "otel-collector.observability:4317"}),
     "colocated-tp": body(mode="colocated", colocated={
         "engine": {"tensorParallelSize": 4}, "resources": {"limits": {"memory": "64Gi"}, "requests": {"cpu": 8}}}),
+    "speculative": body(decode={"engine": {"speculative": {
+        "numSpeculativeTokens": 4, "promptLookupMax": 3, "disableByBatchSize": 16}}}),
+    "colocated-draft": body(mode="colocated", colocated={"engine": {"speculative": {
+        "method": "draft_model", "model": "/models/draft", "numSpeculativeTokens": 3}}}),
     "colocated-awq": body(mode="colocated", model={
         "source": {"hostPath": "/data/m"}, "quantization": "awq", "kvCacheDtype": "fp8"},
         tracing={"otlpEndpoint": "https://otlp.example:4317"}),
@@ -377,6 +381,27 @@ def test_quantization_kv_dtype_and_tracing_reach_every_process(name):
     router_args = container(find(objects, "Deployment", "llama-router"))["args"]
     assert router_parser().parse_args(router_args).otlp_traces_endpoint == endpoint
     assert ("--otlp-traces-endpoint" in router_args) is (endpoint is not None)
+
+
+@pytest.mark.parametrize("name, role, expected", [
+    ("speculative", "decode", {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3,
+                               "disable_by_batch_size": 16}),
+    ("speculative", "prefill", None),
+    ("colocated-draft", "colocated", {"method": "draft_model", "model": "/models/draft",
+                                      "num_speculative_tokens": 3}),
+])
+def test_speculative_decoding_reaches_the_workers_it_is_set_on(name, role, expected):
+    """engine.speculative becomes --speculative-config, which the worker's own parser and
+    the engine's speculative config read back as the spec said."""
+    from baton.engine.spec_decode.config import parse_speculative
+    from baton.worker.flags import parse as parse_worker
+
+    main = container(find(build(name), "Deployment", f"llama-{role}"))
+    engine, _ = parse_worker(main["args"], f"baton {main['command'][1]}", role)
+    if expected is None:
+        assert engine.speculative_config is None
+    else:
+        assert parse_speculative(engine.speculative_config) == parse_speculative(expected)
 
 
 def test_the_crd_offers_what_the_workers_accept():

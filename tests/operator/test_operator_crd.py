@@ -152,6 +152,13 @@ def test_every_example_is_valid(path):
     ({"prefill": {"engine": {"tensorParallelSize": 2}}}, "tensorParallelSize above 1 needs mode colocated"),
     ({"decode": {"engine": {"tensorParallelSize": 2}}}, "tensorParallelSize above 1 needs mode colocated"),
     ({"prefill": {"engine": {"extraArgs": ["--tensor-parallel-size=2"]}}}, "must not set a flag"),
+    ({"decode": {"engine": {"speculative": {"method": "draft_model", "numSpeculativeTokens": 2}}}},
+     "speculative.model is required with method draft_model"),
+    ({"decode": {"engine": {"speculative": {"numSpeculativeTokens": 2, "model": "/m/draft"}}}},
+     "speculative.model is required with method draft_model and refused with ngram"),
+    ({"decode": {"engine": {"speculative": {"method": "draft_model", "model": "/m/draft",
+                                            "numSpeculativeTokens": 2, "promptLookupMax": 3}}}},
+     "apply to method ngram only"),
 ])
 def test_cel_rules_reject_what_types_cannot(fields, message):
     body = service(**fields)
@@ -159,6 +166,10 @@ def test_cel_rules_reject_what_types_cannot(fields, message):
 
 
 def test_cel_rules_accept_their_valid_counterparts():
+    assert violations(service(decode={"engine": {"speculative": {
+        "numSpeculativeTokens": 4, "promptLookupMin": 2, "promptLookupMax": 3}}})) == []
+    assert violations(service(decode={"engine": {"speculative": {
+        "method": "draft_model", "model": "/m/draft", "numSpeculativeTokens": 4}}})) == []
     assert violations(service(autoscaling={"engine": "keda"}, prefill={
         "autoscaling": {"minReplicas": 0, "maxReplicas": 2}})) == []
     assert violations(service(mode="colocated", colocated={"replicas": 2})) == []
@@ -208,6 +219,9 @@ def test_names_must_leave_room_for_child_suffixes(mode, name, ok):
     {"tracing": {"endpoint": "collector:4317"}},
     {"mode": "colocated", "colocated": {"engine": {"tensorParallelSize": 0}}},
     {"mode": "colocated", "colocated": {"engine": {"tensorParallelSize": 32}}},
+    {"decode": {"engine": {"speculative": {"method": "eagle", "numSpeculativeTokens": 2}}}},
+    {"decode": {"engine": {"speculative": {"numSpeculativeTokens": 0}}}},
+    {"decode": {"engine": {"speculative": {"method": "ngram"}}}},
 ])
 def test_schema_rejects_bad_values(fields):
     assert schema_errors(service(**fields))

@@ -1,0 +1,104 @@
+"""Draft-model speculation: a perturbed copy of the tiny model drafts (it agrees with the
+target often, not always), outputs equal the target's alone, KV rolled back in both pools."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from spec_helpers import assert_no_leaked_blocks, make_engine, repetitive_prompts, run
+
+from baton.engine import EngineArgs, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="session")
+def draft_dir(tiny_model, tmp_path_factory):
+    """The tiny model with noise on its last layer's weights: the same tokenizer, a
+    different (and disagreeing) distribution."""
+    out = tmp_path_factory.mktemp("draft") / "draft"
+    shutil.copytree(tiny_model, out)
+    weights = load_file(str(out / "model.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    for name, tensor in weights.items():
+        if "layers.1." in name and tensor.dim() == 2:
+            tensor += 0.3 * tensor.std() * torch.randn(tensor.shape, generator=gen)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def spec_config(draft_dir, k: int = 3) -> dict:
+    return {"model": str(draft_dir), "num_speculative_tokens": k}
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_model):
+    return make_engine(tiny_model)
+
+
+def tokens(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def test_greedy_and_seeded_sampling_equal_the_target_alone(tiny_model, draft_dir, plain):
+    spec = make_engine(tiny_model, speculative_config=spec_config(draft_dir))
+    prompts = repetitive_prompts(3, seed=7)
+    assert tokens(run(spec, prompts, GREEDY)) == tokens(run(plain, prompts, GREEDY))
+    stats = spec.stats()
+    assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
+    seeded = [SamplingParams(temperature=0.8, seed=i, max_tokens=16, ignore_eos=True) for i in range(3)]
+    assert tokens(run(spec, prompts, seeded)) == tokens(run(plain, prompts, seeded))
+    assert_no_leaked_blocks(spec)
+
+
+def test_preemption_chunked_prefill_and_prefix_caching_keep_greedy_exact(tiny_model, draft_dir, plain):
+    shared = repetitive_prompts(1, seed=8)[0]["prompt_token_ids"]
+    prompts = [{"prompt_token_ids": shared + p["prompt_token_ids"][1:]} for p in repetitive_prompts(3, seed=9)]
+    tight = make_engine(tiny_model, speculative_config=spec_config(draft_dir), num_gpu_blocks_override=24,
+                        max_num_batched_tokens=8)
+    assert tokens(run(tight, prompts, GREEDY)) == tokens(run(plain, prompts, GREEDY))
+    stats = tight.stats()
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0 and stats.spec_num_accepted_tokens > 0
+    assert_no_leaked_blocks(tight)
+
+
+def test_a_decode_engine_given_the_prompts_kv_prefills_its_draft_model_locally(tiny_model, draft_dir, plain):
+    """Disaggregation: the prompt's target KV arrives from a prefill engine; the decode engine
+    speculates, computing the draft model's KV for the prompt itself."""
+    prompt = repetitive_prompts(1, seed=10)[0]
+    expected = tokens(run(plain, [prompt], GREEDY))[0]
+    plain.add_request("handoff", prompt, GREEDY, hold_kv=True)
+    while plain.has_unfinished_requests():
+        plain.step()
+    held = plain.held_blocks("handoff")
+    decode = make_engine(tiny_model, speculative_config=spec_config(draft_dir))
+    ids = prompt["prompt_token_ids"]
+    reserved = decode.reserve_blocks(len(ids))
+    decode.kv_cache[torch.tensor(reserved)] = plain.kv_cache[torch.tensor(held)]
+    plain.release_held("handoff")
+    decode.add_prefilled_request("handoff", ids, GREEDY, reserved, expected[0])
+    finals = {}
+    while decode.has_unfinished_requests():
+        finals.update({o.request_id: o for o in decode.step() if o.finished})
+    assert finals["handoff"].outputs[0].token_ids == expected
+    assert decode.stats().spec_num_accepted_tokens > 0
+    assert_no_leaked_blocks(decode)
+    assert_no_leaked_blocks(plain)
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(tiny_model, draft_dir, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(draft_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    config["vocab_size"] = 256
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="vocab_size"):
+        EngineArgs(model=str(tiny_model), device="cpu",
+                   speculative_config={"model": str(other), "num_speculative_tokens": 2}).create_engine_config()
+    with pytest.raises(ValueError, match="no config.json"):
+        EngineArgs(model=str(tiny_model), device="cpu", speculative_model=str(tmp_path / "missing"),
+                   num_speculative_tokens=2).create_engine_config()
