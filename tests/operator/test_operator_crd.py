@@ -159,6 +159,9 @@ def test_every_example_is_valid(path):
     ({"decode": {"engine": {"speculative": {"method": "draft_model", "model": "/m/draft",
                                             "numSpeculativeTokens": 2, "promptLookupMax": 3}}}},
      "apply to method ngram only"),
+    ({"mode": "colocated", "colocated": {"engine": {"tensorParallelSize": 2,
+                                                    "speculative": {"numSpeculativeTokens": 2}}}},
+     "do not run together yet"),
 ])
 def test_cel_rules_reject_what_types_cannot(fields, message):
     body = service(**fields)
