@@ -60,8 +60,9 @@ class SpecDecoder:
             self._ngram if config.method == NGRAM else lambda seq, n: [DRAFT_PENDING] * n)
 
     def propose(self, running: list[Sequence]) -> None:
-        """Draft for every running sequence that is decoding; clear the others' drafts."""
-        decoding = [s for s in running if s.num_uncomputed_tokens == 1]
+        """Draft for every running sequence that is decoding (or about to: one prompt token
+        left); clear the others' drafts. Pooled sequences (embeddings) sample nothing."""
+        decoding = [s for s in running if s.num_uncomputed_tokens == 1 and not s.pooled]
         k = self.config.num_drafts(len(decoding))
         for seq in running:
             seq.spec_token_ids = []
