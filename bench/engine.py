@@ -340,6 +340,8 @@ def main() -> None:
     ap.add_argument("--quantization", default=None, choices=["fp8", "awq"],
                     help="fp8: the bf16 checkpoint quantized at load; awq: an int4 (group 128) AWQ copy of it")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    ap.add_argument("--kernel-config", default=None,
+                    help="KernelConfig switches over the defaults, NAME=VALUE,... (e.g. fuse_fp8_quant=off)")
     ap.add_argument("--offline-sync-scheduling", action="store_true",
                     help="run the offline workload a second time without asynchronous scheduling")
     args = ap.parse_args()
@@ -359,7 +361,8 @@ def main() -> None:
     engine = LLMEngine.from_engine_args(EngineArgs(
         model=str(model_dir), dtype="bfloat16", device="cuda", max_model_len=8320, max_num_seqs=256,
         max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=0.9,
-        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=tp))
+        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=tp,
+        kernel_config=args.kernel_config))
     result["quantization"], result["kv_cache_dtype"] = args.quantization, args.kv_cache_dtype
     result["tensor_parallel_size"] = tp
     result["engine_start_s"] = time.perf_counter() - t

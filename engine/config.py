@@ -52,6 +52,9 @@ class KernelConfig:
     # Rotary + KV store in the Q/K/V product's epilogue for steps whose attention kernel
     # does not do them (with it on at engine start the Q/K/V shape is tuned in both forms).
     rope_epilogue: bool = True
+    # An FP8 product's input quantized (per token or static) by the norm or SiLU * up kernel
+    # before it, not by a kernel of its own (engine/quantization/fused.py).
+    fuse_fp8_quant: bool = True
     # Decode-only steps of at most this many (sequence, KV head) pairs do the rotary and KV
     # store inside the decode attention kernel (larger ones: the kernel slows by about
     # what the saved kernel took).

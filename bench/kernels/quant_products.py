@@ -7,7 +7,9 @@ group 128 (AWQ/GPTQ, W4A16). Weights are random (normal, 1/sqrt(K)) and quantize
 the checkpoints are (per-row e4m3 scales; min-max int4 per group of 128). Reported per
 product: microseconds, weight bandwidth (GB/s of the quantized bytes), and the relative
 error against the bf16 product of the unquantized weight; per row count: a decode step's
-products summed over 32 layers (the LM head, bf16 in every format, added once).
+products summed over 32 layers (the LM head, bf16 in every format, added once); and the FP8
+products' input quantizer fused into the kernel before them (`engine/quantization/fused.py`:
+the input norm at hidden 4096, SiLU * up at 14336) against that kernel then `quantize_fp8`.
 
     python3 bench/kernels/quant_products.py --out bench/results/quant-products-h200.json \
         --png bench/results/quant-products-h200.png
@@ -80,6 +82,30 @@ def measure_shape(n: int, k: int, repeats: int) -> dict:
     return out
 
 
+def measure_fused_quantizers(repeats: int) -> dict:
+    """{rows: {op: {"separate_us", "fused_us"}}}: per-token e4m3 quantization of an input
+    norm's and of SiLU * up's output, in their kernel or after it."""
+    from baton.engine.fastpath import triton_ops
+    from baton.engine.quantization.fused import Fp8Input, add_rms_norm_fp8, silu_mul_fp8
+
+    token = Fp8Input("token")
+    weight = torch.ones(4096, device="cuda", dtype=torch.bfloat16)
+    out = {}
+    for m in ROWS:
+        x, residual = (torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        gate_up = torch.randn(m, 2 * 14336, device="cuda", dtype=torch.bfloat16)
+        ops = {
+            "norm": (lambda x=x, r=residual: kernels.quantize_fp8(triton_ops.add_rms_norm(x, r, weight, 1e-5), "token"),
+                     lambda x=x, r=residual: add_rms_norm_fp8(x, r, weight, 1e-5, token)),
+            "silu_mul": (lambda g=gate_up: kernels.quantize_fp8(triton_ops.silu_mul(g), "token"),
+                         lambda g=gate_up: silu_mul_fp8(g, token)),
+        }
+        out[m] = {op: {"separate_us": graph_time(separate, repeats) * 1e6, "fused_us": graph_time(fused, repeats) * 1e6}
+                  for op, (separate, fused) in ops.items()}
+        print("fused quantizers", m, out[m], flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/quant-products-h200.json")
@@ -99,6 +125,7 @@ def main() -> None:
             fmt: LAYERS * sum(results["shapes"][s]["rows"][m][fmt]["us"] for s in SHAPES) + head_us
             for fmt in ("bf16", "fp8", "int4_g128")
         }
+    results["fused_input_quantizers"] = measure_fused_quantizers(args.repeats)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(json.dumps(results["decode_step_products_us"], indent=2))
     if args.png:

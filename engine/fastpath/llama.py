@@ -16,6 +16,9 @@ the few-row kernel where the tuning measured it faster than cuBLAS), which can a
   by 1/rms; the norm costs no kernel and the layer's input is then a `NormPending`;
 - with `KernelConfig.rope_epilogue`, the rotary and KV store into the Q/K/V product's
   epilogue in steps whose attention kernel does not do them (`Projection.qkv_rope`).
+Around FP8 (W8A8) products, whose quantized layers have no such epilogues, the input norms
+and SiLU * up also quantize their output to e4m3 for the product after them
+(`quantization/fused.py`, with `KernelConfig.fuse_fp8_quant`).
 Which of these forms a step runs is decided once per forward, not per layer: the step's
 `StepPlan` (from its row count and whether the attention kernel does the rotary) asks the
 projections which forms they can run at that many rows (`Projection.kernel`), and every
@@ -38,6 +41,7 @@ from baton.engine.fastpath.projection import FewRowLinear, Projection
 from baton.engine.fastpath.triton_ops import add_rms_norm, rope_store, silu_mul
 from baton.engine.kv_cache import layer_view
 from baton.engine.models.llama import DecoderLayer, LlamaForCausalLM, RMSNorm
+from baton.engine.quantization.fused import add_rms_norm_fp8, silu_mul_fp8
 from baton.engine.quantization.linear import QuantLinear
 
 
@@ -64,12 +68,17 @@ class StepPlan:
     gate/up's); silu: SiLU * up in gate/up's epilogue; rope: where the rotary and KV store
     run: "attention" (the attention kernel, `backend.rope_attend`), "epilogue" (Q/K/V's,
     `Projection.qkv_rope`), "kernel" (`triton_ops.rope_store`), or "reference" (an FP8 KV
-    cache: the reference layer's scaled store)."""
+    cache: the reference layer's scaled store). fp8_qkv, fp8_gate_up, fp8_down: the FP8
+    product's input quantized by the input norm's, the post-attention norm's, the SiLU *
+    up kernel."""
 
     fuse_input_norm: bool
     fuse_post_norm: bool
     silu: bool
     rope: str
+    fp8_qkv: bool = False
+    fp8_gate_up: bool = False
+    fp8_down: bool = False
 
     @property
     def norm_sums(self) -> bool:
@@ -106,24 +115,35 @@ class FastDecoderLayer(nn.Module):
         already added); with `plan.fuse_input_norm` the output is `next_layer`'s. sums: two
         zeroed [MAX_ROWS] sums of squares for the two norms this layer may fuse, or None."""
         pdl = self.kernels.pdl
-        norm = self.input_layernorm
         if isinstance(x, NormPending):
             h = x
-        elif residual is None:
-            h, residual = add_rms_norm(x, None, norm.weight, norm.eps, pdl), x
-        else:
-            h = add_rms_norm(x, residual, norm.weight, norm.eps, pdl)  # residual += x
+        else:  # residual += x, or the stream starts at x
+            h = self.rms_norm(x, residual, self.input_layernorm, self.qkv_proj if plan.fp8_qkv else None)
+            residual = x if residual is None else residual
         a = self.attention(h, positions, rotary, kv, meta, backend, plan.rope)  # [T, H * D]
         norm = self.post_attention_layernorm
         if plan.fuse_post_norm:
             h = self.o_proj.add_norm(a, residual, norm.weight, norm.eps, sums[0])
         else:
-            h = add_rms_norm(self.o_proj(a), residual, norm.weight, norm.eps, pdl)
-        act = self.gate_up_proj.silu(h) if plan.silu else silu_mul(self.gate_up_proj(h), pdl)  # [T, I]
+            h = self.rms_norm(self.o_proj(a), residual, norm, self.gate_up_proj if plan.fp8_gate_up else None)
+        if plan.silu:
+            act = self.gate_up_proj.silu(h)  # [T, I]
+        elif plan.fp8_down:
+            act = silu_mul_fp8(self.gate_up_proj(h), self.down_proj.input_quantizer(), pdl)
+        else:
+            act = silu_mul(self.gate_up_proj(h), pdl)
         if next_layer is not None and plan.fuse_input_norm:
             norm = next_layer.input_layernorm
             return self.down_proj.add_norm(act, residual, norm.weight, norm.eps, sums[1]), residual
         return self.down_proj(act), residual
+
+    def rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                 fp8_for: Projection | None) -> torch.Tensor:
+        """RMSNorm(x + residual) [T, hidden] (the sum written into `residual`), or for an FP8
+        product `fp8_for` the same quantized to its input in the same kernel (`Fp8Rows`)."""
+        if fp8_for is not None:
+            return add_rms_norm_fp8(x, residual, norm.weight, norm.eps, fp8_for.input_quantizer(), self.kernels.pdl)
+        return add_rms_norm(x, residual, norm.weight, norm.eps, self.kernels.pdl)
 
     def attention(self, h, positions, rotary, kv, meta: AttentionMetadata, backend: AttentionBackend, rope: str):
         """h [T, hidden] or a `NormPending` -> attention output [T, H * D] (before o_proj), the
@@ -201,7 +221,15 @@ class FastLlama(nn.Module):
             rope = "epilogue"
         else:
             rope = "kernel"
-        return StepPlan(bool(fuse_input), bool(fuse_post), bool(silu), rope)
+        fp8 = self.kernels.fuse_fp8_quant
+
+        def fp8_input(role: str) -> bool:  # every layer's `role` product takes its input quantized
+            return fp8 and all(getattr(layer, role).input_quantizer() is not None for layer in layers)
+
+        return StepPlan(bool(fuse_input), bool(fuse_post), bool(silu), rope,
+                        fp8_qkv=not fuse_input and fp8_input("qkv_proj"),
+                        fp8_gate_up=not fuse_post and fp8_input("gate_up_proj"),
+                        fp8_down=not silu and fp8_input("down_proj"))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata,
                 backend: AttentionBackend) -> torch.Tensor:
@@ -233,8 +261,9 @@ class FastLlama(nn.Module):
         plan = self.plan(rows, backend.fuses_rope(meta))
         layer = self.layers[-1]
         qkv, o, gate_up, down = layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj
+        quantizing = ", e4m3 quantizer of {}'s input in it"
         ops = {"input norm": ("in the previous down_proj's epilogue, 1/rms in Q/K/V's" if plan.fuse_input_norm
-                              else "Triton add_rms_norm")}
+                              else "Triton add_rms_norm" + (quantizing.format("Q/K/V") if plan.fp8_qkv else ""))}
         if plan.rope == "epilogue":
             ops["Q/K/V"] = f"{qkv.kernel(rows, 'rope')}, rotary + KV store in its epilogue"
         else:
@@ -247,12 +276,13 @@ class FastLlama(nn.Module):
             ops["o_proj"] = f"{o.kernel(rows, 'add_norm')}, residual add + norm in its epilogue, 1/rms in gate/up's"
         else:
             ops["o_proj"] = o.kernel(rows, "plain")
-            ops["post-attention norm"] = "Triton add_rms_norm"
+            ops["post-attention norm"] = "Triton add_rms_norm" + (quantizing.format("gate/up") if plan.fp8_gate_up
+                                                                  else "")
         if plan.silu:
             ops["gate/up"] = f"{gate_up.kernel(rows, 'silu')}, SiLU * up in its epilogue"
         else:
             ops["gate/up"] = gate_up.kernel(rows, "plain", plan.fuse_post_norm)
-            ops["SiLU * up"] = "Triton silu_mul"
+            ops["SiLU * up"] = "Triton silu_mul" + (quantizing.format("down_proj") if plan.fp8_down else "")
         if plan.fuse_input_norm:
             ops["down_proj"] = f"{down.kernel(rows, 'add_norm')}, residual add + next norm in its epilogue"
         else:

@@ -71,6 +71,12 @@ class Projection(nn.Module):
         not apply. The step plan (and `explain`) ask this once per step shape."""
         return "cuBLAS" if form == "plain" else None
 
+    def input_quantizer(self):
+        """For an FP8 product: how it rounds its input to e4m3 (an `Fp8Input` of
+        engine/quantization/fused.py), where the norm or SiLU * up kernel before it may do
+        that and hand `forward` the `Fp8Rows`; None: it takes rows in the model dtype."""
+        return None
+
 
 class FewRowLinear(Projection):
     """A projection whose steps of <= 64 rows run the few-row Triton kernel where the

@@ -63,6 +63,19 @@ def _store_tile(acc, bias_ptr, c_ptr, rm, rn, stride_cm, M, N, HAS_BIAS: tl.cons
 
 
 @triton.jit
+def dynamic_scale(x, FP8_LIMIT: tl.constexpr, MIN_S: tl.constexpr):
+    """The e4m3 scale of float32 values `x` (masked-out ones zero): absmax / 448, at least MIN_S."""
+    return tl.maximum(tl.max(tl.abs(x), 0) / FP8_LIMIT, MIN_S)
+
+
+@triton.jit
+def store_e4m3(q_ptrs, x, scale, mask, FP8_LIMIT: tl.constexpr):
+    """x / scale saturated at +-448, stored as e4m3 (as `fp8.to_fp8`)."""
+    q = tl.clamp(x / scale, -FP8_LIMIT, FP8_LIMIT)
+    tl.store(q_ptrs, q.to(q_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, GROUP: tl.constexpr, BLOCK: tl.constexpr,
                           FP8_LIMIT: tl.constexpr, MIN_S: tl.constexpr):
     """One row (program 0) and one group of GROUP columns (program 1) of x -> e4m3, with
@@ -72,10 +85,9 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, GROUP: tl.
     cols = g * GROUP + tl.arange(0, BLOCK)
     mask = (cols < K) & (tl.arange(0, BLOCK) < GROUP)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), 0) / FP8_LIMIT, MIN_S)
+    scale = dynamic_scale(x, FP8_LIMIT, MIN_S)
     tl.store(s_ptr + row * tl.num_programs(1) + g, scale)
-    q = tl.clamp(x / scale, -FP8_LIMIT, FP8_LIMIT)
-    tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    store_e4m3(q_ptr + row * stride_q + cols, x, scale, mask, FP8_LIMIT)
 
 
 def quantize_fp8(x: torch.Tensor, strategy: str, input_scale: torch.Tensor | None = None,

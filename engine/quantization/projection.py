@@ -1,9 +1,12 @@
 """A quantized layer as the CUDA fast path runs it: a `Projection` (engine/fastpath) over a
 `QuantLinear`, whose product is the layer's Triton kernel (kernels.py).
 
-It offers the plain form only: the fused forms (SiLU, residual add + norm, rotary) live in
-the bf16 few-row kernel's epilogues, so around a quantized product the fast path runs their
-separate kernels. Imported by the fast path only (CUDA).
+The fused forms of the bf16 few-row kernel (SiLU, residual add + norm, rotary in its
+epilogue) are not offered: around a quantized product the fast path runs those kernels
+separately. What is fused instead is the FP8 product's own first step: an FP8 layer with
+per-token or static activation scales names its quantizer (`input_quantizer`), the norm or
+SiLU * up kernel before it quantizes what it computes (fused.py), and `forward` takes those
+`Fp8Rows`. Imported by the fast path only (CUDA).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from torch import nn
 from baton.engine.fastpath.few_row import NormPending
 from baton.engine.fastpath.projection import Projection
 from baton.engine.quantization import kernels
+from baton.engine.quantization.fused import Fp8Input, Fp8Rows
 from baton.engine.quantization.linear import Fp8Linear, QuantLinear
 
 
@@ -25,11 +29,20 @@ class QuantProjection(Projection):
         self.layer = layer
         self.bias = layer.bias
         layer.kernel = kernels.fp8_linear if isinstance(layer, Fp8Linear) else kernels.int4_linear
+        self._input = None  # the quantizer a kernel before this product may run (see the module docstring)
+        if isinstance(layer, Fp8Linear) and layer.block is None and layer.act.strategy in ("token", "static"):
+            static = layer.act.strategy == "static"
+            self._input = Fp8Input(layer.act.strategy, layer.input_scale.float().reshape(1) if static else None)
 
-    def forward(self, x: torch.Tensor | NormPending) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | NormPending | Fp8Rows) -> torch.Tensor:
+        if isinstance(x, Fp8Rows):
+            return kernels.fp8_matmul(self.layer, x.q, x.scales, x.dtype)
         if isinstance(x, NormPending):
             x = x.normalized()
         return self.layer(x)
+
+    def input_quantizer(self) -> Fp8Input | None:
+        return self._input
 
     def kernel(self, rows: int, form: str = "plain", pending: bool = False) -> str | None:
         if form != "plain":

@@ -66,3 +66,22 @@ def test_fp8_online_quantization_on_cuda(tmp_path):
     _, got = outputs(dense, False, quantization="fp8")
     _, want = outputs(dense, True, quantization="fp8")
     assert_greedy_close(got, want, tol=0.15)
+
+
+@pytest.mark.parametrize("fmt", ["ct-fp8-dynamic", "ct-fp8-static-kv"])
+def test_fp8_quantizers_in_the_norm_and_silu_kernels(tmp_path, fmt):
+    """With `KernelConfig.fuse_fp8_quant` the input norms and SiLU * up quantize the FP8
+    products' inputs (per token, or with the checkpoint's static scales), in prefill and in
+    the decode graphs; the greedy text is the text of the quantizers in kernels of their own
+    (the same codes per token; static: torch's quantizer divides exactly, so close)."""
+    from baton.engine.config import KernelConfig
+
+    model_dir = CHECKPOINTS[fmt](tmp_path)
+    runs = {}
+    for fuse in (True, False):
+        llm, runs[fuse] = outputs(model_dir, False, kernel_config=KernelConfig(fuse_fp8_quant=fuse))
+        assert ("e4m3 quantizer of down_proj's input" in llm.engine.runner.explain()) == fuse
+        assert llm.engine.runner.graphs.num_replays > 0
+    if fmt == "ct-fp8-dynamic":
+        assert [o.token_ids for o in runs[True]] == [o.token_ids for o in runs[False]]
+    assert_greedy_close(runs[True], runs[False], tol=0.05)
