@@ -34,6 +34,7 @@ class AsyncLLMEngine:
         self._commands: queue.Queue[tuple[Callable[[LLMEngine], Any], concurrent.futures.Future]] = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = threading.Event()
+        self.died: EngineDeadError | None = None  # why the engine thread stopped by itself
         self._thread = threading.Thread(target=self._run, name="baton-engine", daemon=True)
         self._thread.start()
 
@@ -76,13 +77,26 @@ class AsyncLLMEngine:
             if engine.has_unfinished_requests():
                 try:
                     outputs = engine.step()
+                except EngineDeadError as exc:  # no step can run again (a tensor-parallel rank failed)
+                    log.error("the engine died: %s", exc)
+                    self.died = exc
+                    break
                 except Exception as exc:  # keep serving: fail only what was in flight
                     log.exception("engine step failed")
                     self._fail_all(exc)
                     continue
                 for out in outputs:
                     self._deliver(out.request_id, out)
-        self._fail_all(EngineDeadError("the engine was shut down"))
+        self._stopped.set()
+        dead = self.died or EngineDeadError("the engine was shut down")
+        self._fail_all(dead)
+        while True:  # commands queued meanwhile would otherwise wait forever
+            try:
+                _, fut = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(dead)
 
     def _apply(self, fn, fut: concurrent.futures.Future) -> None:
         if not fut.set_running_or_notify_cancel():
@@ -115,7 +129,7 @@ class AsyncLLMEngine:
         must not be lost because the task that asked for them was cancelled meanwhile.
         """
         if self._stopped.is_set():
-            raise EngineDeadError("the engine was shut down")
+            raise self.died or EngineDeadError("the engine was shut down")
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put((fn, fut))
         waiter = asyncio.wrap_future(fut)
@@ -200,3 +214,10 @@ class AsyncLLMEngine:
     async def shutdown(self) -> None:
         self._stopped.set()
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        self.engine.runner.close()  # the other tensor-parallel ranks, if any
+
+    async def wait_stopped(self) -> EngineDeadError | None:
+        """Wait until the engine thread ends: the error that killed the engine (`died`), or
+        None after `shutdown`."""
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        return self.died

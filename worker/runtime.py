@@ -172,8 +172,16 @@ def run_worker(argv: list[str], prog: str, role: str, make_servicer) -> int:
             # Before the server starts: the worker is ready only once its kernels are.
             await warm_up(engine)
         servicer = make_servicer(engine, runtime)
+
+        async def stop_if_the_engine_dies() -> None:
+            # A dead engine (a tensor-parallel rank failed) serves nothing again: drain and
+            # exit with status 1, so the pod (or `baton up`) starts a fresh worker.
+            if await engine.wait_stopped() is not None:
+                runtime.request_stop()
+
+        watcher = asyncio.ensure_future(stop_if_the_engine_dies())
         try:
-            return await runtime.serve(
+            status = await runtime.serve(
                 servicer.register,
                 collector=servicer.collector(),
                 on_started=getattr(servicer, "start", None),
@@ -181,6 +189,11 @@ def run_worker(argv: list[str], prog: str, role: str, make_servicer) -> int:
             )
         finally:
             await engine.shutdown()
+            watcher.cancel()
+        if engine.died is not None:
+            print(f"{prog}: {engine.died}", file=sys.stderr)
+            return 1
+        return status
 
     try:
         return asyncio.run(main())

@@ -168,6 +168,35 @@ def test_a_killed_rank_fails_the_engine_with_a_clear_error(tiny_dir):
     assert engine.block_manager.num_free_blocks == 32
 
 
+def test_ranks_exit_when_the_engine_process_is_killed(tiny_dir):
+    """No orphaned rank holds a device after its engine process dies outright."""
+    import subprocess
+    import sys
+
+    script = (f"from baton.engine import LLM; llm = LLM(model={str(tiny_dir)!r}, device='cpu', "
+              f"tensor_parallel_size=2, num_gpu_blocks_override=8); "
+              f"print(llm.engine.runner.model.ranks.procs[0].pid, flush=True); import time; time.sleep(600)")
+    engine = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        rank1 = int(engine.stdout.readline())
+        engine.kill()
+        engine.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and _running(rank1):
+            time.sleep(0.2)
+        assert not _running(rank1)
+    finally:
+        engine.kill()
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_close_stops_the_other_ranks(tiny_dir):
     llm = LLM(model=str(tiny_dir), device="cpu", tensor_parallel_size=2, num_gpu_blocks_override=8)
     proc = llm.engine.runner.model.ranks.procs[0]
