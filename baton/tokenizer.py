@@ -44,7 +44,9 @@ def _token_content(value: Any) -> str | None:
 class Tokenizer:
     """A model's tokenizer with its chat template and end-of-sequence ids."""
 
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, chat_template: str | None = None):
+        """`chat_template`: Jinja text that replaces the model's own (ValueError if it does
+        not compile)."""
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
         if not path.exists():
@@ -68,6 +70,12 @@ class Tokenizer:
         self.eos_token_ids = self._find_eos_ids(model_dir)
         self.special_ids = set(self._tok.get_added_tokens_decoder().keys())
         self._template: jinja2.Template | None = None
+        if chat_template is not None:
+            self.chat_template = chat_template
+            try:
+                self._template = _compile_template(chat_template)
+            except jinja2.TemplateError as exc:
+                raise ValueError(f"the chat template does not compile: {exc}") from exc
 
     def _find_eos_ids(self, model_dir: Path) -> list[int]:
         ids: list[int] = []

@@ -35,6 +35,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from baton.router.tool_parsers import PARSERS
+
 READY_TIMEOUT_S = 600.0
 BACKOFF_S = (1.0, 30.0)  # first and longest wait before a child is started again
 STABLE_S = 60.0  # a child that ran this long starts again after the shortest wait
@@ -144,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts shorter than this prefill on the decode worker (default: the router's, 0: off)")
     p.add_argument("--max-request-mb", type=float, default=None,
                    help="largest request body in MiB (default: the router's, 32)")
+    p.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
+                   help="how the router reads tool_choice auto's calls (default: none, auto is refused)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="allow tool_choice auto; needs --tool-call-parser")
+    p.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
+                   help="Jinja chat template used instead of the model's (default: the model's)")
     p.add_argument("--shutdown-grace-seconds", type=float, default=10.0,
                    help="how long each process may finish what it serves on Ctrl-C")
     p.add_argument("--otlp-traces-endpoint", default=None, metavar="HOST:PORT",
@@ -218,10 +226,13 @@ def router_child(args: argparse.Namespace, model_dir: Path, workers: list[Child]
     for role, addrs in addresses.items():
         router += [f"--{role}", ",".join(addrs)]
     for flag in ("served_model_name", "api_key_file", "max_queue", "max_request_mb",
-                 "otlp_traces_endpoint", "max_failovers", "local_prefill_tokens"):
+                 "otlp_traces_endpoint", "max_failovers", "local_prefill_tokens", "tool_call_parser",
+                 "chat_template"):
         value = getattr(args, flag)
         if value is not None:
             router += [f"--{flag.replace('_', '-')}", str(value)]
+    if args.enable_auto_tool_choice:
+        router.append("--enable-auto-tool-choice")
     return Child("router", router, info=f"http://{args.host}:{args.port}")
 
 

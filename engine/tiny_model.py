@@ -3,7 +3,8 @@
 `baton tiny-model DIR` writes it; engines use it when no model is given (written once into
 the user cache). Its weights are random (fixed seed), so its text is random too: it exists so
 that every part of Baton runs on any machine without downloading a model. The tokenizer is a
-byte-level BPE trained on a fixed text, with a ChatML-style chat template.
+byte-level BPE trained on a fixed text, with a ChatML-style chat template that renders tools
+the way Llama 3.1's does.
 """
 
 from __future__ import annotations
@@ -21,10 +22,38 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 TINY_MODEL_VERSION = "tiny-llama-v1"
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"]
+# ChatML turns; with `tools`, Llama 3.1's way of calling them: the functions listed as JSON in
+# the system turn, a call written as {"name": ..., "parameters": {...}} (several joined by
+# "; "), results in `ipython` turns. A conversation without tools renders as plain ChatML.
+TOOLS_PROMPT = (
+    "You have access to the following functions. To call a function, respond with JSON for a "
+    'function call of the form {"name": function name, "parameters": dictionary of argument name '
+    "and its value}. Do not use variables."
+)
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}"
+    "{{ '<|im_start|>system\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "{{ " + repr(TOOLS_PROMPT + "\n\n") + " }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\n\n' }}{% endfor %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endif %}"
     "{% for message in messages %}"
+    "{% if tools and loop.first and message['role'] == 'system' %}"
+    "{% elif message['role'] == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] %}"
+    "{{ '<|im_start|>assistant\n' }}"
+    "{% for call in message['tool_calls'] %}"
+    "{% if not loop.first %}{{ '; ' }}{% endif %}"
+    "{{ '{\"name\": ' + (call['function']['name'] | tojson) + ', \"parameters\": ' }}"
+    "{{ (call['function']['arguments'] | tojson) + '}' }}"
+    "{% endfor %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% elif message['role'] in ('tool', 'ipython') %}"
+    "{{ '<|im_start|>ipython\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% else %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
@@ -105,6 +134,31 @@ def random_llama_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]
     return weights
 
 
+def _tokenizer_config(model_max_length: int) -> str:
+    return json.dumps(
+        {
+            "bos_token": "<|begin_of_text|>",
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|end_of_text|>",
+            "chat_template": CHAT_TEMPLATE,
+            "model_max_length": model_max_length,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        },
+        indent=2,
+    )
+
+
+def _refresh_template(model_dir: Path) -> None:
+    """A copy written by an older Baton gets the current chat template (the weights and the
+    tokenizer did not change; the template learned tools)."""
+    path = model_dir / "tokenizer_config.json"
+    if json.loads(path.read_text()).get("chat_template") == CHAT_TEMPLATE:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(_tokenizer_config(TINY_CONFIG["max_position_embeddings"]))
+    os.replace(tmp, path)  # atomic: a process reading it meanwhile sees the old or the new file
+
+
 def write_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,19 +175,7 @@ def write_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     (out / "generation_config.json").write_text(
         json.dumps({"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}, indent=2)
     )
-    (out / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "bos_token": "<|begin_of_text|>",
-                "eos_token": "<|im_end|>",
-                "pad_token": "<|end_of_text|>",
-                "chat_template": CHAT_TEMPLATE,
-                "model_max_length": config["max_position_embeddings"],
-                "tokenizer_class": "PreTrainedTokenizerFast",
-            },
-            indent=2,
-        )
-    )
+    (out / "tokenizer_config.json").write_text(_tokenizer_config(config["max_position_embeddings"]))
     weights = {k: v.contiguous() for k, v in random_llama_weights(config, seed).items()}
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "README.md").write_text(
@@ -148,6 +190,7 @@ def ensure_tiny_model() -> Path:
 
     target = cache_dir() / TINY_MODEL_VERSION
     if (target / "model.safetensors").exists():
+        _refresh_template(target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))

@@ -39,6 +39,7 @@ from baton.router.params import (
 )
 from baton.router.protocol import ChatCompletionRequest, CompletionRequest
 from baton.router.responses import ResponseBuilder, best_of, sse
+from baton.router.tools import plan_tools
 from baton.router.workers import WorkerPool
 from baton.tokenizer import ChildEncoder, Tokenizer, TooManyTokens
 from baton.worker.messages import OutputState
@@ -70,8 +71,11 @@ class _Timing:
 
 class OpenAIServing:
     def __init__(self, tokenizer: Tokenizer, pool: WorkerPool, dispatcher: Dispatcher,
-                 served_model_names: tuple[str, ...], metrics: RequestMetrics):
+                 served_model_names: tuple[str, ...], metrics: RequestMetrics,
+                 tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False):
         self.tokenizer = tokenizer
+        self.tool_call_parser = tool_call_parser
+        self.enable_auto_tool_choice = enable_auto_tool_choice
         self.pool = pool
         self.dispatcher = dispatcher
         self.served = served_model_names
@@ -111,6 +115,7 @@ class OpenAIServing:
         if body.model not in self.served:
             raise model_not_found(body.model, list(self.served))
         max_model_len, vocab_size = self._limits()
+        tools = plan_tools(body, self.tool_call_parser, self.enable_auto_tool_choice) if chat else None
         if chat:
             if content_length(body) > LARGE_TEXT_CHARS:
                 # A huge conversation that cannot fit is refused before rendering it whole.
@@ -143,7 +148,7 @@ class OpenAIServing:
         params = None
         for p_index, prompt in enumerate(prompts):
             limit = check_length(len(prompt.token_ids), max_tokens, max_model_len, param)
-            params = sampling_params(body, limit, logprobs, vocab_size)
+            params = sampling_params(body, limit, logprobs, vocab_size, tools.guided if tools else None)
             for i in range(candidates):
                 index = p_index * candidates + i
                 seeded = params if params.seed is None or i == 0 else params.clone(seed=(params.seed + i) % 2**63)
@@ -154,7 +159,7 @@ class OpenAIServing:
         builder = ResponseBuilder(
             chat=chat, response_id=response_id, model=body.model, tokenizer=self.tokenizer,
             prompt_token_counts=[len(p.token_ids) for p in prompts], n=body.n,
-            logprobs=logprobs is not None, top_logprobs=logprobs or 0,
+            logprobs=logprobs is not None, top_logprobs=logprobs or 0, tools=tools,
             include_usage=bool(body.stream and body.stream_options and body.stream_options.include_usage),
             prompts=prompts, echo=bool(getattr(body, "echo", False)), prompt_logprobs=body.prompt_logprobs,
             computed_prompt_logprobs=(params.prompt_logprobs or 0) if params is not None else 0)

@@ -66,7 +66,7 @@ def _discovery(config: RouterConfig) -> Discovery:
 
 def create_app(config: RouterConfig, registry: CollectorRegistry | None = None) -> FastAPI:
     tracing.configure(config.otlp_traces_endpoint, "baton-router")
-    tokenizer = Tokenizer(config.model_dir)
+    tokenizer = Tokenizer(config.model_dir, config.chat_template)
     registry = registry or CollectorRegistry()
     model_name = config.served_model_names[0]
     pool = WorkerPool(config.roles, config.poll_interval, config.keepalive)
@@ -76,7 +76,8 @@ def create_app(config: RouterConfig, registry: CollectorRegistry | None = None) 
     registry.register(RouterGauges(lambda: dispatcher.running, lambda: dispatcher.admission.queued, model_name,
                                    lambda: dispatcher.failovers, lambda: dispatcher.prefill_decisions,
                                    lambda: dispatcher.handoff_pairings))
-    serving = OpenAIServing(tokenizer, pool, dispatcher, config.served_model_names, metrics)
+    serving = OpenAIServing(tokenizer, pool, dispatcher, config.served_model_names, metrics,
+                            config.tool_call_parser, config.enable_auto_tool_choice)
     discovery = _discovery(config)
 
     @asynccontextmanager

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from baton.router.routing import POLICIES
+from baton.router.tool_parsers import PARSERS
 from baton.rpc import Keepalive
 
 
@@ -38,6 +39,9 @@ class RouterConfig:
     max_failovers: int = 2  # resumptions of one output stream after losing its worker
     local_prefill_tokens: int = 0  # disaggregated: prompts shorter than this prefill on decode; 0: off
     keepalive: Keepalive = Keepalive()  # pings on the channels to workers (baton/rpc.py)
+    tool_call_parser: str | None = None  # reads tool_choice auto's output (router/tool_parsers.py)
+    enable_auto_tool_choice: bool = False  # tool_choice auto allowed (needs the parser)
+    chat_template: str | None = field(default=None, repr=False)  # Jinja text replacing the model's
 
     def __post_init__(self) -> None:
         if self.discovery not in ("static", "kubernetes"):
@@ -54,6 +58,10 @@ class RouterConfig:
             raise ValueError("--max-queue must be >= 1")
         if not self.served_model_names:
             raise ValueError("--served-model-name needs at least one name")
+        if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
+            raise ValueError(f"--tool-call-parser must be one of {', '.join(PARSERS)}, got {self.tool_call_parser!r}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser: the parser reads the model's calls")
         roles = set(self.roles)
         if self.discovery == "static":
             given = {r for r in ("prefill", "decode", "colocated") if self.addresses[r]}
@@ -135,7 +143,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="disaggregated: prompts shorter than this many tokens, and prompts whose leading "
                         "blocks a decode worker prefilled itself before, are prefilled on the decode "
                         "worker (no handoff); 0: every prompt goes to a prefill worker")
+    p.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
+                   help="how tool_choice auto reads the model's tool calls: llama3_json (Llama 3.1+) or "
+                        "hermes (Hermes, Qwen 2.5/3); default: none, and auto is refused")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="allow tool_choice auto (the default when a request gives tools); needs --tool-call-parser")
+    p.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
+                   help="a Jinja chat template (a file, or the template itself) used instead of the model's")
     return p
+
+
+def chat_template(value: str | None) -> str | None:
+    """--chat-template's text: a file's contents, or the value itself when it is a Jinja
+    template (it holds `{{` or `{%`). ValueError otherwise."""
+    if value is None:
+        return None
+    path = Path(value)
+    if "{{" not in value and "{%" not in value:
+        try:
+            return path.read_text()
+        except OSError as exc:
+            raise ValueError(f"--chat-template: {value!r} is neither a readable file nor a Jinja template ({exc})") from None
+    return value
 
 
 def _api_key(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> str | None:
@@ -193,6 +222,9 @@ def parse(argv: list[str]) -> RouterConfig:
             otlp_traces_endpoint=ns.otlp_traces_endpoint,
             max_failovers=ns.max_failovers,
             local_prefill_tokens=ns.local_prefill_tokens,
+            tool_call_parser=ns.tool_call_parser,
+            enable_auto_tool_choice=ns.enable_auto_tool_choice,
+            chat_template=chat_template(ns.chat_template),
         )
     except ValueError as exc:
         parser.error(str(exc))

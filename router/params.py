@@ -16,6 +16,7 @@ from baton.router.protocol import (
     CompletionRequest,
     SamplingFields,
 )
+from baton.router.tools import template_message
 from baton.sampling_params import GuidedDecodingParams, SamplingParams
 from baton.tokenizer import Tokenizer, TooManyTokens, utf8_length
 
@@ -46,11 +47,6 @@ def _reject_unsupported(req: SamplingFields) -> None:
         if req.stream and num_candidates(req) > req.n:
             raise bad_request("best_of > n cannot be streamed: the best outputs are known only at "
                               "the end (OpenAI refuses it too); set stream to false", "best_of")
-    if isinstance(req, ChatCompletionRequest):
-        if req.tools:
-            raise bad_request("tools (function calling) are not supported", "tools")
-        if req.tool_choice not in (None, "none", "auto"):
-            raise bad_request("tool_choice is not supported", "tool_choice")
 
 
 GUIDED_FIELDS = (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
@@ -59,6 +55,12 @@ GUIDED_FIELDS = (("guided_json", "json"), ("guided_regex", "regex"), ("guided_ch
 
 def guided_field(req: SamplingFields) -> str | None:
     """The request field that carries its structured-output constraint, for errors."""
+    if isinstance(req, ChatCompletionRequest) and req.tools and req.tool_choice not in (None, "none", "auto"):
+        return "tools"  # required or named: the constraint is built from the tools' schemas
+    return _constraint_field(req)
+
+
+def _constraint_field(req: SamplingFields) -> str | None:
     fmt = req.response_format
     if fmt is not None and fmt.type != "text":
         return "response_format"
@@ -75,8 +77,16 @@ def guided_error(error: APIError, req: SamplingFields) -> APIError:
     return bad_request(f"{field} ({head}) {rest}", field)
 
 
-def guided_decoding(req: SamplingFields) -> GuidedDecodingParams | None:
-    """response_format or vLLM's guided_* fields -> GuidedDecodingParams (at most one)."""
+def guided_decoding(req: SamplingFields, tool_guided: GuidedDecodingParams | None = None
+                    ) -> GuidedDecodingParams | None:
+    """response_format or vLLM's guided_* fields -> GuidedDecodingParams (at most one);
+    `tool_guided` (a required or named tool_choice's) excludes them all."""
+    if tool_guided is not None:
+        field = _constraint_field(req)
+        if field is not None:
+            raise bad_request(f"{field} cannot be combined with tool_choice {req.tool_choice!r}: the tool "
+                              "call's format is the output's constraint", field)
+        return tool_guided
     given: dict[str, Any] = {}
     fmt = req.response_format
     if fmt is not None and fmt.type == "json_object":
@@ -118,9 +128,11 @@ def prompt_logprobs(req: SamplingFields, logprobs: int | None) -> int | None:
 
 
 def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None,
-                    vocab_size: int | None = None) -> SamplingParams:
+                    vocab_size: int | None = None, tool_guided: GuidedDecodingParams | None = None
+                    ) -> SamplingParams:
     """One output's params (n=1: the router fans n out, best_of candidates too: each then
-    reports its tokens' logprobs, which rank them). Raises APIError(400)."""
+    reports its tokens' logprobs, which rank them); `tool_guided`: the constraint of a
+    required or named tool_choice (router/tools.py). Raises APIError(400)."""
     _reject_unsupported(req)
     if isinstance(req, ChatCompletionRequest) and req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
@@ -141,7 +153,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
         prompt_logprobs=prompt_logprobs(req, logprobs),
         skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
-        guided_decoding=guided_decoding(req),
+        guided_decoding=guided_decoding(req, tool_guided),
     )
     for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
                  "frequency_penalty", "repetition_penalty"):
@@ -221,7 +233,14 @@ def _message_dict(index: int, message) -> dict[str, Any]:
             texts.append(part.text)
         content = "".join(texts)
     data["content"] = content if content is not None else ""
-    return data
+    return template_message(index, data)
+
+
+def _template_kwargs(req: ChatCompletionRequest) -> dict[str, Any]:
+    kwargs = dict(req.chat_template_kwargs or {})
+    if req.tools:
+        kwargs["tools"] = req.tools  # templates that know tools render them (router/tools.py)
+    return kwargs
 
 
 def content_length(req: ChatCompletionRequest) -> int:
@@ -245,7 +264,7 @@ def chat_text_bytes(req: ChatCompletionRequest, tokenizer: Tokenizer) -> int | N
         message["content"] = mark
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
-                                             **dict(req.chat_template_kwargs or {}))
+                                             **_template_kwargs(req))
     except Exception as exc:  # a template fails on what the messages hold: the client's input
         raise bad_request(f"cannot apply the chat template: {exc}", "messages") from exc
     if any(text.count(mark) != 1 for mark in marks):
@@ -260,9 +279,8 @@ def chat_text(req: ChatCompletionRequest, tokenizer: Tokenizer) -> str:
     """The conversation rendered by the chat template (the template writes BOS itself, so
     the text is tokenised without special tokens). Blocking: may render megabytes."""
     messages = [_message_dict(i, m) for i, m in enumerate(req.messages)]
-    kwargs = dict(req.chat_template_kwargs or {})
     try:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
-                                             **kwargs)
+                                             **_template_kwargs(req))
     except Exception as exc:  # a template fails on what the messages hold: the client's input
         raise bad_request(f"cannot apply the chat template: {exc}", "messages") from exc

@@ -23,6 +23,8 @@ from functools import lru_cache
 
 from baton.router.dispatch import Delta
 from baton.router.params import Prompt
+from baton.router.tool_parsers import ToolParser
+from baton.router.tools import ToolPlan
 from baton.tokenizer import Tokenizer
 from baton.worker.messages import OutputState
 
@@ -42,10 +44,12 @@ class ResponseBuilder:
     echo: bool = False
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs as asked
     computed_prompt_logprobs: int = 0  # the top N the workers computed (echo may ask more)
+    tools: ToolPlan | None = None  # chat with tools: each choice's text goes through a parser
     created: int = field(default_factory=lambda: int(time.time()))
     _role_sent: set[int] = field(default_factory=set)
     _prompt_sent: set[int] = field(default_factory=set)
     _text_offsets: dict[int, int] = field(default_factory=dict)
+    _parsers: dict[int, ToolParser | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         tokenizer = self.tokenizer
@@ -172,13 +176,44 @@ class ResponseBuilder:
             chunks.append({**self._head("chat.completion.chunk"), "choices": [{
                 "index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                 "finish_reason": None}], **usage_null, **extra})
-        if delta.text or delta.token_ids or finish is not None:
-            body = {"content": delta.text} if delta.text else {}
-            choice = {"index": index, "delta": body, "logprobs": logprobs, "finish_reason": finish}
-            if finish is not None:
+        parser = self._parser(index)
+        if parser is None:
+            bodies = [{"content": delta.text}] if delta.text else []
+        else:
+            bodies = parser.feed(delta.text) + (parser.finish() if finish is not None else [])
+            if finish is not None and parser.has_calls and parser.valid:
+                finish = "tool_calls"
+        if not bodies and (finish is not None or (logprobs is not None if parser else delta.token_ids)):
+            # A chunk that only carries these tokens' logprobs, or the finish (a parser that
+            # holds text back sends no empty chunks)
+            bodies = [{}]
+        for i, body in enumerate(bodies):
+            last = i == len(bodies) - 1
+            choice = {"index": index, "delta": body, "logprobs": logprobs if last else None,
+                      "finish_reason": finish if last else None}
+            if last and finish is not None:
                 choice["stop_reason"] = state.stop_reason
             chunks.append({**self._head("chat.completion.chunk"), "choices": [choice], **usage_null})
         return chunks
+
+    def _parser(self, index: int) -> ToolParser | None:
+        if index not in self._parsers:
+            self._parsers[index] = self.tools.parser() if self.tools is not None else None
+        return self._parsers[index]
+
+    def _message(self, state: OutputState) -> tuple[dict, str]:
+        """A whole chat choice's message and finish_reason: tool calls when its text parses
+        as calls, otherwise the text as content."""
+        finish = _finish(state)
+        parser = self.tools.parser() if self.tools is not None else None
+        if parser is not None:
+            parser.feed(state.text)
+            parser.finish()
+            parsed = parser.result()
+            if parsed is not None and parsed[1]:
+                content, calls = parsed
+                return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+        return {"role": "assistant", "content": state.text}, finish
 
     def usage_chunk(self, states: dict[int, OutputState]) -> dict:
         name = "chat.completion.chunk" if self.chat else "text_completion"
@@ -204,9 +239,9 @@ class ResponseBuilder:
             self._text_offsets.pop(index, None)
             logprobs = self._logprobs(index, state.token_ids, state.logprobs, state if self.echo else None)
             if self.chat:
-                choices.append({"index": index, "message": {"role": "assistant", "content": state.text},
-                                "logprobs": logprobs, "finish_reason": _finish(state),
-                                "stop_reason": state.stop_reason})
+                message, finish = self._message(state)
+                choices.append({"index": index, "message": message, "logprobs": logprobs,
+                                "finish_reason": finish, "stop_reason": state.stop_reason})
             else:
                 text = self._echo_text(index) + state.text if self.echo else state.text
                 choice = {"index": index, "text": text, "logprobs": logprobs,

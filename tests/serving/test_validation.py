@@ -68,7 +68,7 @@ CHAT_CASES = [
     ("message without a role", {"model": M, "messages": [{"content": "hi"}]}, 400),
     ("image content", {"model": M, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400),
-    ("tools", {"model": M, "messages": [{"role": "user", "content": "hi"}],
+    ("tools with auto on a router without a tool-call parser", {"model": M, "messages": [{"role": "user", "content": "hi"}],
                "tools": [{"type": "function", "function": {"name": "f"}}]}, 400),
     ("top_logprobs 50", {"model": M, "messages": [{"role": "user", "content": "hi"}], "logprobs": True,
                          "top_logprobs": 50}, 400),
