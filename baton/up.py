@@ -35,7 +35,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from baton.router.tool_parsers import PARSERS
+from baton.router.config import add_chat_flags
 
 READY_TIMEOUT_S = 600.0
 BACKOFF_S = (1.0, 30.0)  # first and longest wait before a child is started again
@@ -146,12 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts shorter than this prefill on the decode worker (default: the router's, 0: off)")
     p.add_argument("--max-request-mb", type=float, default=None,
                    help="largest request body in MiB (default: the router's, 32)")
-    p.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
-                   help="how the router reads tool_choice auto's calls (default: none, auto is refused)")
-    p.add_argument("--enable-auto-tool-choice", action="store_true",
-                   help="allow tool_choice auto; needs --tool-call-parser")
-    p.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
-                   help="Jinja chat template used instead of the model's (default: the model's)")
+    add_chat_flags(p)
     p.add_argument("--shutdown-grace-seconds", type=float, default=10.0,
                    help="how long each process may finish what it serves on Ctrl-C")
     p.add_argument("--otlp-traces-endpoint", default=None, metavar="HOST:PORT",
@@ -160,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speculative decoding on the decode (or colocated) workers, vLLM's dict: "
                         '\'{"method": "ngram", "num_speculative_tokens": 4}\' or a draft "model"')
     p.add_argument("--quiet", action="store_true", help="hide the workers' and router's own output")
+    p.set_defaults(prog="baton up", engine_args=[], router_env={})  # set by `baton serve`
     return p
 
 
@@ -188,6 +184,7 @@ def plan(args: argparse.Namespace, model_dir: Path) -> list[Child]:
         value = getattr(args, flag)
         if value is not None:
             engine_flags += [f"--{flag.replace('_', '-')}", str(value)]
+    engine_flags += args.engine_args
     if args.model_module:  # workers may start elsewhere than here: a path is made absolute
         module = args.model_module
         engine_flags += ["--model-module", str(Path(module).resolve()) if module.endswith(".py") or "/" in module else module]
@@ -233,7 +230,7 @@ def router_child(args: argparse.Namespace, model_dir: Path, workers: list[Child]
             router += [f"--{flag.replace('_', '-')}", str(value)]
     if args.enable_auto_tool_choice:
         router.append("--enable-auto-tool-choice")
-    return Child("router", router, info=f"http://{args.host}:{args.port}")
+    return Child("router", router, dict(args.router_env), info=f"http://{args.host}:{args.port}")
 
 
 def _pump(child: Child, quiet: bool) -> None:
@@ -295,7 +292,7 @@ def wait_ready(url: str, children: list[Child], timeout: float) -> str | None:
     return f"not ready after {timeout:.0f}s"
 
 
-def supervise(children: list[Child], quiet: bool) -> None:
+def supervise(children: list[Child], quiet: bool, prog: str = "baton up") -> None:
     """One pass: a child that exited is started again after its back-off."""
     now = time.monotonic()
     for child in children:
@@ -305,10 +302,10 @@ def supervise(children: list[Child], quiet: bool) -> None:
             ran = now - child.started_at
             child.backoff = BACKOFF_S[0] if ran >= STABLE_S or not child.backoff else min(2 * child.backoff, BACKOFF_S[1])
             child.restart_at = now + child.backoff
-            print(f"baton up: {child.why()}; starting it again in {child.backoff:.0f}s", file=sys.stderr, flush=True)
+            print(f"{prog}: {child.why()}; starting it again in {child.backoff:.0f}s", file=sys.stderr, flush=True)
         elif now >= child.restart_at:
             start(child, quiet)
-            print(f"baton up: {child.name:<12} pid {child.proc.pid:<8} {child.info}  (restarted)", flush=True)
+            print(f"{prog}: {child.name:<12} pid {child.proc.pid:<8} {child.info}  (restarted)", flush=True)
 
 
 def stop(children: list[Child], grace: float) -> None:
@@ -340,16 +337,23 @@ def curl_example(url: str, model: str, key_source: str | None, tiny: bool = Fals
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start, wait until ready, supervise until Ctrl-C or SIGTERM. `args` is this parser's
+    namespace; `baton serve` (baton/serve.py) fills one from vLLM's flags, with
+    `engine_args` (more worker flags), `router_env` and `prog` (the name in messages)."""
+    prog = args.prog
     if args.api_key is not None:
-        print("baton up: --api-key would show the key to anyone who runs `ps`; put it in $BATON_API_KEY "
+        print(f"{prog}: --api-key would show the key to anyone who runs `ps`; put it in $BATON_API_KEY "
               "or in a file given with --api-key-file", file=sys.stderr)
         return 2
     if args.mode == "disaggregated" and (args.prefill < 1 or args.decode < 1):
-        print("baton up: --prefill and --decode must be >= 1", file=sys.stderr)
+        print(f"{prog}: --prefill and --decode must be >= 1", file=sys.stderr)
         return 2
     if args.mode == "colocated" and args.colocated < 1:
-        print("baton up: --colocated must be >= 1", file=sys.stderr)
+        print(f"{prog}: --colocated must be >= 1", file=sys.stderr)
         return 2
     if args.tensor_parallel_size < 1:
         print("baton up: --tensor-parallel-size must be >= 1", file=sys.stderr)
@@ -365,7 +369,7 @@ def main(argv: list[str]) -> int:
         return 2
     if args.api_key_file is not None:
         if not Path(args.api_key_file).is_file():
-            print(f"baton up: --api-key-file {args.api_key_file} is not a readable file", file=sys.stderr)
+            print(f"{prog}: --api-key-file {args.api_key_file} is not a readable file", file=sys.stderr)
             return 2
         args.api_key_file = str(Path(args.api_key_file).resolve())
     from baton import settings
@@ -375,7 +379,7 @@ def main(argv: list[str]) -> int:
     if args.model:
         model_dir = Path(args.model).resolve()
         if not (model_dir / "config.json").exists():
-            print(f"baton up: {model_dir} is not a model directory (no config.json)", file=sys.stderr)
+            print(f"{prog}: {model_dir} is not a model directory (no config.json)", file=sys.stderr)
             return 2
     else:
         from baton.engine.tiny_model import ensure_tiny_model
@@ -395,16 +399,16 @@ def main(argv: list[str]) -> int:
             start(child, args.quiet)
         problem = wait_reported(children, READY_TIMEOUT_S)
         if problem is not None:
-            print(f"baton up: failed to start: {problem}", file=sys.stderr)
+            print(f"{prog}: failed to start: {problem}", file=sys.stderr)
             return 1
         for child in children:
-            print(f"baton up: {child.name:<12} pid {child.proc.pid:<8} {child.info}", flush=True)
+            print(f"{prog}: {child.name:<12} pid {child.proc.pid:<8} {child.info}", flush=True)
         children.append(router_child(args, model_dir, children))
         start(children[-1], args.quiet)
-        print(f"baton up: {'router':<12} pid {children[-1].proc.pid:<8} {children[-1].info}", flush=True)
+        print(f"{prog}: {'router':<12} pid {children[-1].proc.pid:<8} {children[-1].info}", flush=True)
         problem = wait_ready(url, children, READY_TIMEOUT_S)
         if problem is not None:
-            print(f"baton up: failed to start: {problem}", file=sys.stderr)
+            print(f"{prog}: failed to start: {problem}", file=sys.stderr)
             return 1
         layout = (f"{args.prefill} prefill + {args.decode} decode, transport {args.transport}"
                   if args.mode == "disaggregated" else f"{args.colocated} colocated worker(s)")
@@ -418,10 +422,10 @@ def main(argv: list[str]) -> int:
                   "Press Ctrl-C to stop.", ""]
         print("\n".join(lines), flush=True)
         while True:
-            supervise(children, args.quiet)
+            supervise(children, args.quiet, prog)
             time.sleep(0.5)
     except KeyboardInterrupt:
-        print("\nbaton up: stopping", flush=True)
+        print(f"\n{prog}: stopping", flush=True)
         return 0
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -143,14 +143,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="disaggregated: prompts shorter than this many tokens, and prompts whose leading "
                         "blocks a decode worker prefilled itself before, are prefilled on the decode "
                         "worker (no handoff); 0: every prompt goes to a prefill worker")
-    p.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
-                   help="how tool_choice auto reads the model's tool calls: llama3_json (Llama 3.1+) or "
-                        "hermes (Hermes, Qwen 2.5/3); default: none, and auto is refused")
-    p.add_argument("--enable-auto-tool-choice", action="store_true",
-                   help="allow tool_choice auto (the default when a request gives tools); needs --tool-call-parser")
-    p.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
-                   help="a Jinja chat template (a file, or the template itself) used instead of the model's")
+    add_chat_flags(p)
     return p
+
+
+def add_chat_flags(parser) -> None:
+    """The router's chat flags, which `baton up` and `baton serve` pass on as they are."""
+    parser.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
+                        help="how tool_choice auto reads the model's tool calls: llama3_json (Llama 3.1+) or "
+                             "hermes (Hermes, Qwen 2.5/3); without one, auto is refused")
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help="allow tool_choice auto (the default when a request gives tools); "
+                             "needs --tool-call-parser")
+    parser.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
+                        help="a Jinja chat template (a file, or the template itself) used instead of the "
+                             "model's own")
 
 
 def chat_template(value: str | None) -> str | None:

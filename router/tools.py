@@ -103,6 +103,10 @@ def _named(tool_choice: dict) -> str:
 def plan_tools(req: ChatCompletionRequest, parser_name: str | None,
                auto_enabled: bool) -> ToolPlan | None:
     """The request's tool plan, or None when it has no tools. Raises APIError(400)."""
+    for legacy, current in (("functions", "tools"), ("function_call", "tool_choice")):
+        if getattr(req, legacy) is not None:
+            raise bad_request(f"{legacy} (OpenAI's deprecated function calling) is not supported: "
+                              f"use {current}", legacy)
     if req.tools is None:
         if req.tool_choice is not None:
             raise bad_request("tool_choice is only allowed when tools are given", "tool_choice")

@@ -20,7 +20,7 @@ import openai
 # Small engines: a 64-block KV pool (1,024 tokens) per worker keeps startup and memory low.
 ENGINE_FLAGS = ["--num-gpu-blocks-override", "64", "--device", "cpu"]
 READY = "Baton is ready"
-_LINE = re.compile(r"baton up: (\S+)\s+pid (\d+)\s+(.*)")
+_LINE = re.compile(r"baton (?:up|serve): (\S+)\s+pid (\d+)\s+(.*)")
 
 
 def free_port() -> int:
@@ -131,10 +131,11 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: s
 
 
 def baton_up(*args: str, api_key: str | None = None, env: dict | None = None,
-             timeout: float = 120) -> Deployment:
-    """Start `baton up` with the test engine flags; return once it printed that it is ready."""
+             timeout: float = 120, command: str = "up") -> Deployment:
+    """Start `baton up` (or `baton serve`: `command`) with the test engine flags; return once
+    it printed that it is ready."""
     port = free_port()
-    argv = [sys.executable, "-m", "baton.cli", "up", "--port", str(port),
+    argv = [sys.executable, "-m", "baton.cli", command, "--port", str(port),
             "--shutdown-grace-seconds", "5", *ENGINE_FLAGS, *args]
     env = {**os.environ, **(env or {})}
     env.pop("BATON_API_KEY", None)

@@ -231,6 +231,9 @@ def _bad(url: str, body: dict) -> dict:
     ({"tools": TOOLS, "tool_choice": "required", "guided_regex": "a+"}, "guided_regex"),
     ({"tools": "not a list"}, "tools"),
     ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+    ({"functions": [TOOLS[0]["function"]]}, "functions"),
+    ({"tools": TOOLS, "function_call": "auto"}, "function_call"),
+    ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools.0.type"),
 ])
 def test_bad_tools_are_400_naming_the_parameter(with_parser, body, param):
     error = _bad(with_parser.url, body)

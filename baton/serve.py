@@ -1,0 +1,187 @@
+"""`baton serve MODEL`: the drop-in for `vllm serve MODEL`, with vLLM's flag names.
+
+It runs what `baton up` runs (baton/up.py: the router and its workers as supervised local
+processes, the same readiness wait, restarts and shutdown), configured from vLLM's flags:
+engine flags go to the workers, API flags to the router. One colocated worker by default
+(`--data-parallel-size N`: N of them behind the router); `--disaggregated` runs prefill and
+decode workers instead (N of each).
+
+Every flag is either implemented or refused by name before anything starts: a vLLM flag
+Baton does not implement (`--pipeline-parallel-size 2`, `--swap-space`, `--trust-remote-code`)
+exits 2 with a message naming it, never silently ignored. `--api-key KEY` is refused as
+`baton up` refuses it (argv shows in `ps`): the key comes from $BATON_API_KEY or
+`--api-key-file`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from baton import up
+from baton.router.config import add_chat_flags
+
+PROG = "baton serve"
+# vLLM's --dtype spellings -> the workers'.
+DTYPES = {"auto": "auto", "half": "float16", "float16": "float16", "bfloat16": "bfloat16",
+          "float": "float32", "float32": "float32"}
+# Flags that map onto the workers' flags of the same name, passed only when given.
+ENGINE_VALUE_FLAGS = ("gpu_memory_utilization", "quantization", "kv_cache_dtype", "max_num_batched_tokens",
+                      "seed", "block_size")
+ENGINE_SWITCHES = ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager")
+UVICORN_LEVELS = {"critical": "CRITICAL", "error": "ERROR", "warning": "WARNING", "info": "INFO",
+                  "debug": "DEBUG", "trace": "DEBUG"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, allow_abbrev=False,
+        description="Serve a model with an OpenAI-compatible API, as `vllm serve` does, on Baton's "
+                    "router and workers (flags as vLLM names them; one it has that Baton does not "
+                    "implement is refused by name).")
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="Hugging Face model directory (default: the embedded tiny model)")
+    p.add_argument("--model", default=None, help="the model directory, as a flag (instead of MODEL)")
+    api = p.add_argument_group("API server")
+    api.add_argument("--host", default="0.0.0.0", help="bind address (default: 0.0.0.0)")
+    api.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    api.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                     help="names accepted in 'model'; the first is the one reported (default: the directory name)")
+    api.add_argument("--api-key-file", default=None, metavar="PATH",
+                     help="file holding the bearer token /v1/* requires (or $BATON_API_KEY; default: none)")
+    api.add_argument("--api-key", default=None, help=argparse.SUPPRESS)  # refused: argv shows in `ps`
+    add_chat_flags(api)
+    api.add_argument("--uvicorn-log-level", default="info", choices=sorted(UVICORN_LEVELS),
+                     help="the router's log level (trace is debug; default: info)")
+    api.add_argument("--disable-log-requests", action="store_true",
+                     help="accepted: Baton never logs request contents")
+    api.add_argument("--disable-log-stats", action="store_true",
+                     help="accepted: the engines log no periodic stats (they are on /metrics)")
+    engine = p.add_argument_group("engine (each worker)")
+    engine.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
+                        help="weights and activations (half is float16, float is float32; default: auto, the "
+                             "checkpoint's, float32 on CPU)")
+    engine.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    engine.add_argument("--gpu-memory-utilization", type=float, default=None,
+                        help="share of GPU memory for weights and KV (default: the engine's, 0.9)")
+    engine.add_argument("--quantization", "-q", default=None,
+                        help="fp8, awq, gptq or compressed-tensors (default: as config.json says)")
+    engine.add_argument("--kv-cache-dtype", default=None, help="auto or fp8 (default: the engine's, auto)")
+    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                        help="automatic prefix caching (default: the engine's, on)")
+    engine.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
+                        help="chunked prefill (default: the engine's, on)")
+    engine.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                        help="no CUDA graphs (default: the engine's, off)")
+    engine.add_argument("--max-num-seqs", type=int, default=None,
+                        help="sequences a worker runs at once (default: the engine's, 256)")
+    engine.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="tokens per engine step (default: the engine's, 2048)")
+    engine.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: the engine's, 16)")
+    engine.add_argument("--num-gpu-blocks-override", type=int, default=None,
+                        help="KV blocks per worker (default: sized from memory)")
+    engine.add_argument("--seed", type=int, default=None, help="engine seed for unseeded sampling (default: 0)")
+    engine.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    parallel = p.add_argument_group("parallelism")
+    parallel.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                          help="GPUs per model replica (Baton implements 1, the default)")
+    parallel.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                          help="pipeline stages (Baton implements 1, the default)")
+    parallel.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                          help="model replicas: workers behind the router (each of prefill and decode "
+                               "with --disaggregated; default: 1)")
+    baton = p.add_argument_group("Baton's own")
+    baton.add_argument("--disaggregated", action="store_true",
+                       help="prefill and decode on separate workers, KV handed over between them")
+    baton.add_argument("--kv-cache-memory-gb", type=float, default=None,
+                       help="KV pool per CPU worker in GB (default: the engine's, 1)")
+    baton.add_argument("--model-module", default=None, metavar="MODULE",
+                       help="module name or .py path each worker imports first (registers architectures)")
+    baton.add_argument("--shutdown-grace-seconds", type=float, default=10.0,
+                       help="how long each process may finish what it serves on Ctrl-C (default: 10)")
+    baton.add_argument("--quiet", action="store_true", help="hide the workers' and router's own output")
+    return p
+
+
+def refused_flag(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """The first option in `argv` this parser does not define (a vLLM flag Baton does not
+    implement, or a typo), or None. Checked before parsing, so that its value is never taken
+    for MODEL."""
+    known = {o for action in parser._actions for o in action.option_strings}
+    for token in argv:
+        if token == "--":
+            break
+        if not token.startswith("-") or token == "-" or _is_number(token):
+            continue
+        name = token.split("=", 1)[0]
+        if name not in known:
+            return name
+    return None
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def to_up(ns: argparse.Namespace) -> tuple[argparse.Namespace | None, str | None]:
+    """`baton up`'s namespace for these flags, or (None, why they cannot be served)."""
+    for flag, value in (("--tensor-parallel-size", ns.tensor_parallel_size),
+                        ("--pipeline-parallel-size", ns.pipeline_parallel_size)):
+        if value != 1:
+            return None, f"{flag} {value} is not implemented by Baton (one GPU per model replica); " \
+                         "use --data-parallel-size for more replicas"
+    if ns.enable_auto_tool_choice and ns.tool_call_parser is None:
+        return None, "--enable-auto-tool-choice needs --tool-call-parser (the parser reads the model's calls)"
+    if ns.data_parallel_size < 1:
+        return None, "--data-parallel-size must be >= 1"
+    if ns.model is not None and ns.model_tag is not None and ns.model != ns.model_tag:
+        return None, f"the model is given twice ({ns.model_tag} and --model {ns.model})"
+    argv = ["--host", ns.host, "--port", str(ns.port), "--dtype", DTYPES[ns.dtype], "--device", ns.device,
+            "--shutdown-grace-seconds", str(ns.shutdown_grace_seconds)]
+    model = ns.model or ns.model_tag
+    if model is not None:
+        argv += ["--model", model]
+    if ns.served_model_name:
+        argv += ["--served-model-name", ",".join(ns.served_model_name)]
+    n = str(ns.data_parallel_size)
+    argv += ["--mode", "disaggregated", "--prefill", n, "--decode", n] if ns.disaggregated else [
+        "--mode", "colocated", "--colocated", n]
+    for flag in ("max_model_len", "max_num_seqs", "num_gpu_blocks_override", "kv_cache_memory_gb", "model_module",
+                 "api_key_file", "api_key", "tool_call_parser", "chat_template"):
+        value = getattr(ns, flag)
+        if value is not None:
+            argv += [f"--{flag.replace('_', '-')}", str(value)]
+    for flag in ("enable_auto_tool_choice", "quiet"):
+        if getattr(ns, flag):
+            argv.append(f"--{flag.replace('_', '-')}")
+    args = up.build_parser().parse_args(argv)
+    args.prog = PROG
+    for flag in ENGINE_VALUE_FLAGS:
+        value = getattr(ns, flag)
+        if value is not None:
+            args.engine_args = [*args.engine_args, f"--{flag.replace('_', '-')}", str(value)]
+    for flag in ENGINE_SWITCHES:
+        value = getattr(ns, flag)
+        if value is not None:
+            args.engine_args = [*args.engine_args, f"--{'' if value else 'no-'}{flag.replace('_', '-')}"]
+    args.router_env = {"BATON_LOG_LEVEL": UVICORN_LEVELS[ns.uvicorn_log_level]}
+    return args, None
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
+    flag = refused_flag(parser, argv)
+    if flag is not None:
+        print(f"{PROG}: {flag} is not implemented by Baton (it is refused rather than ignored); remove it. "
+              f"`{PROG} --help` lists the flags Baton implements, docs/quickstart.md how vLLM's map onto them.",
+              file=sys.stderr)
+        return 2
+    args, problem = to_up(parser.parse_args(argv))
+    if problem is not None:
+        print(f"{PROG}: {problem}", file=sys.stderr)
+        return 2
+    return up.run(args)

@@ -1,0 +1,127 @@
+"""`baton serve MODEL`, the drop-in for `vllm serve`: vLLM's flags reach the router and the
+workers, the official `openai` client works against it, and a flag Baton does not implement
+is refused by name before anything starts."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import jsonschema
+import pytest
+from serving_harness import baton_up, wait_until
+
+KEY = "serve-key-0123456789"
+ROOT = Path(__file__).resolve().parents[2]
+ADD = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                                         "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+       "required": ["a", "b"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "add", "parameters": ADD}}]
+
+
+@pytest.fixture(scope="module")
+def served(_tiny_model_cache, tiny_model_dir):
+    dep = baton_up(str(tiny_model_dir), "--served-model-name", "tiny", "alias", "--max-model-len", "1024",
+                   "--seed", "7", "--max-num-batched-tokens", "512", "--gpu-memory-utilization", "0.5",
+                   "--dtype", "float", "--no-enable-prefix-caching", "--tool-call-parser", "llama3_json",
+                   "--enable-auto-tool-choice", "--uvicorn-log-level", "warning", "--disable-log-requests",
+                   command="serve", api_key=KEY)
+    yield dep
+    dep.stop()
+
+
+def cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+
+
+def test_vllm_flags_reach_the_worker_and_the_router(served):
+    assert set(served.processes) == {"colocated-0", "router"}
+    worker = cmdline(served.processes["colocated-0"].pid)
+    for flag, value in (("--seed", "7"), ("--max-num-batched-tokens", "512"), ("--gpu-memory-utilization", "0.5"),
+                        ("--dtype", "float32"), ("--max-model-len", "1024"), ("--served-model-name", "tiny,alias")):
+        assert worker[worker.index(flag) + 1] == value, (flag, worker)
+    assert "--no-enable-prefix-caching" in worker
+    router = cmdline(served.processes["router"].pid)
+    assert router[router.index("--tool-call-parser") + 1] == "llama3_json" and "--enable-auto-tool-choice" in router
+    for pid in (served.proc.pid, *(p.pid for p in served.processes.values())):
+        assert KEY not in " ".join(cmdline(pid))  # the key travels in the environment only
+
+
+def test_the_openai_client_works_against_it(served):
+    client = served.client()
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny", "alias"]
+    assert models.data[0].model_extra["max_model_len"] == 1024
+    out = client.chat.completions.create(model="alias", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+                                         extra_body={"ignore_eos": True})
+    assert out.model == "alias" and out.usage.completion_tokens == 8
+    stream = client.completions.create(model="tiny", prompt="Once", max_tokens=6, stream=True,
+                                       extra_body={"ignore_eos": True})
+    assert sum(1 for c in stream if c.choices and c.choices[0].text) >= 1
+    call = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "2+3?"}], tools=TOOLS,
+                                          tool_choice="required", parallel_tool_calls=False, max_tokens=100)
+    jsonschema.validate(json.loads(call.choices[0].message.tool_calls[0].function.arguments), ADD)
+    auto = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "2+3?"}], tools=TOOLS,
+                                          max_tokens=100,
+                                          extra_body={"guided_choice": ['{"name": "add", "parameters": {"a": 2, "b": 3}}']})
+    assert auto.choices[0].finish_reason == "tool_calls"  # --enable-auto-tool-choice took effect
+    assert httpx.get(f"{served.url}/health", timeout=30).status_code == 200
+    assert "baton:e2e_request_latency_seconds" in httpx.get(f"{served.url}/metrics", timeout=30).text
+    assert httpx.get(f"{served.url}/v1/models", timeout=30).status_code == 401  # --api-key-file / env
+
+
+def test_ctrl_c_stops_everything(_tiny_model_cache):
+    dep = baton_up("--quiet", command="serve")
+    assert dep.stop() == 0
+    for process in dep.processes.values():
+        wait_until(lambda p=process: not p.alive(), timeout=10, what=f"{process.name} to exit")
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["--pipeline-parallel-size", "2"], "--pipeline-parallel-size 2"),
+    (["-tp", "2"], "--tensor-parallel-size 2"),
+    (["--swap-space", "4"], "--swap-space"),
+    (["--trust-remote-code"], "--trust-remote-code"),
+    (["--enable-lora", "--lora-modules", "a=b"], "--enable-lora"),
+    (["--speculative-config={\"method\": \"ngram\"}"], "--speculative-config"),
+    (["--max-model"], "--max-model"),  # no abbreviations: a typo is not another flag
+    (["--api-key", "k"], "BATON_API_KEY"),
+    (["--enable-auto-tool-choice"], "--tool-call-parser"),
+])
+def test_flags_baton_does_not_implement_are_refused_by_name(argv, named):
+    result = subprocess.run([sys.executable, "-m", "baton.cli", "serve", "some/model", *argv, "--port", "1"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result
+    assert named in result.stderr, result.stderr
+
+
+def test_data_parallel_and_disaggregated_map_onto_workers(tiny_model_dir):
+    from baton.serve import build_parser, to_up
+    from baton.up import plan
+
+    args, problem = to_up(build_parser().parse_args(["-dp", "2", "--disaggregated", "--dtype", "half",
+                                                     "--kv-cache-dtype", "fp8", "--enforce-eager"]))
+    assert problem is None
+    names = [c.name for c in plan(args, tiny_model_dir)]
+    assert names == ["prefill-0", "prefill-1", "decode-0", "decode-1"]
+    worker = plan(args, tiny_model_dir)[0].argv
+    assert worker[worker.index("--dtype") + 1] == "float16"
+    assert worker[worker.index("--kv-cache-dtype") + 1] == "fp8" and "--enforce-eager" in worker
+    args, _ = to_up(build_parser().parse_args(["-dp", "3"]))
+    assert [c.name for c in plan(args, tiny_model_dir)] == ["colocated-0", "colocated-1", "colocated-2"]
+
+
+def test_the_quickstart_maps_every_flag():
+    """docs/quickstart.md's "Coming from vLLM" table names every flag `baton serve` takes."""
+    from baton.serve import build_parser
+
+    text = (ROOT / "docs" / "quickstart.md").read_text()
+    table = text[text.index("## Coming from vLLM"):]
+    documented = set(re.findall(r"`(--[a-z0-9-]+)", table))
+    flags = {next(o for o in a.option_strings if o.startswith("--"))
+             for a in build_parser()._actions if a.option_strings and a.dest != "help"}
+    assert not flags - documented, f"missing from the table: {sorted(flags - documented)}"
