@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--disable-log-stats", action="store_true",
                      help="accepted: the engines log no periodic stats (they are on /metrics)")
     engine = p.add_argument_group("engine (each worker)")
+    engine.add_argument("--task", default=None, choices=["generate", "embed"],
+                        help="embed: the workers also serve /v1/embeddings (default: generate)")
     engine.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
                         help="weights and activations (half is float16, float is float32; default: auto, the "
                              "checkpoint's, float32 on CPU)")
@@ -84,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     parallel = p.add_argument_group("parallelism")
     parallel.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                          help="GPUs per model replica (Baton implements 1, the default)")
+                          help="GPUs a model replica is sharded over (default: 1)")
     parallel.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
                           help="pipeline stages (Baton implements 1, the default)")
     parallel.add_argument("--data-parallel-size", "-dp", type=int, default=1,
@@ -129,11 +131,12 @@ def _is_number(token: str) -> bool:
 
 def to_up(ns: argparse.Namespace) -> tuple[argparse.Namespace | None, str | None]:
     """`baton up`'s namespace for these flags, or (None, why they cannot be served)."""
-    for flag, value in (("--tensor-parallel-size", ns.tensor_parallel_size),
-                        ("--pipeline-parallel-size", ns.pipeline_parallel_size)):
-        if value != 1:
-            return None, f"{flag} {value} is not implemented by Baton (one GPU per model replica); " \
-                         "use --data-parallel-size for more replicas"
+    if ns.tensor_parallel_size > 1 and ns.disaggregated:
+        return None, "--tensor-parallel-size > 1 with --disaggregated is not implemented yet (KV handoff " \
+                     "between tensor-parallel engines); drop one of them"
+    if ns.pipeline_parallel_size != 1:
+        return None, f"--pipeline-parallel-size {ns.pipeline_parallel_size} is not implemented by Baton; " \
+                     "use --tensor-parallel-size to shard a model over GPUs"
     if ns.enable_auto_tool_choice and ns.tool_call_parser is None:
         return None, "--enable-auto-tool-choice needs --tool-call-parser (the parser reads the model's calls)"
     if ns.data_parallel_size < 1:
@@ -141,6 +144,7 @@ def to_up(ns: argparse.Namespace) -> tuple[argparse.Namespace | None, str | None
     if ns.model is not None and ns.model_tag is not None and ns.model != ns.model_tag:
         return None, f"the model is given twice ({ns.model_tag} and --model {ns.model})"
     argv = ["--host", ns.host, "--port", str(ns.port), "--dtype", DTYPES[ns.dtype], "--device", ns.device,
+            "--tensor-parallel-size", str(ns.tensor_parallel_size),
             "--shutdown-grace-seconds", str(ns.shutdown_grace_seconds)]
     model = ns.model or ns.model_tag
     if model is not None:
@@ -150,7 +154,7 @@ def to_up(ns: argparse.Namespace) -> tuple[argparse.Namespace | None, str | None
     n = str(ns.data_parallel_size)
     argv += ["--mode", "disaggregated", "--prefill", n, "--decode", n] if ns.disaggregated else [
         "--mode", "colocated", "--colocated", n]
-    for flag in ("max_model_len", "max_num_seqs", "num_gpu_blocks_override", "kv_cache_memory_gb", "model_module",
+    for flag in ("task", "max_model_len", "max_num_seqs", "num_gpu_blocks_override", "kv_cache_memory_gb", "model_module",
                  "api_key_file", "api_key", "tool_call_parser", "chat_template"):
         value = getattr(ns, flag)
         if value is not None:

@@ -356,15 +356,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"{prog}: --colocated must be >= 1", file=sys.stderr)
         return 2
     if args.tensor_parallel_size < 1:
-        print("baton up: --tensor-parallel-size must be >= 1", file=sys.stderr)
+        print(f"{prog}: --tensor-parallel-size must be >= 1", file=sys.stderr)
         return 2
     if args.tensor_parallel_size > 1 and args.mode != "colocated":
-        print("baton up: --tensor-parallel-size > 1 needs --mode colocated: KV handoff between "
+        print(f"{prog}: --tensor-parallel-size > 1 needs --mode colocated: KV handoff between "
               "tensor-parallel engines is not implemented yet", file=sys.stderr)
         return 2
     gpus = _gpu_count(args.device)
     if 0 < gpus < args.tensor_parallel_size:
-        print(f"baton up: --tensor-parallel-size {args.tensor_parallel_size} needs that many GPUs per "
+        print(f"{prog}: --tensor-parallel-size {args.tensor_parallel_size} needs that many GPUs per "
               f"worker; this machine has {gpus}", file=sys.stderr)
         return 2
     if args.api_key_file is not None:

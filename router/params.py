@@ -237,6 +237,8 @@ def _message_dict(index: int, message) -> dict[str, Any]:
 
 
 def _template_kwargs(req: ChatCompletionRequest) -> dict[str, Any]:
+    """The template's keyword arguments for a chat request (or /tokenize's chat body, which
+    has the same `tools` and `chat_template_kwargs`)."""
     kwargs = dict(req.chat_template_kwargs or {})
     if req.tools:
         kwargs["tools"] = req.tools  # templates that know tools render them (router/tools.py)

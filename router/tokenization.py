@@ -43,6 +43,7 @@ class TokenizeChatRequest(_TokenizeBody):
     # The chat template writes BOS itself, so none is added by default (vLLM's default).
     add_special_tokens: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None  # rendered by the template, as in a chat request
 
 
 _TokenizeJSON = Annotated[dict[str, Any], Body(description="a TokenizeCompletionRequest ({prompt, ...}) "

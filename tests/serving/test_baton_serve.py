@@ -83,7 +83,8 @@ def test_ctrl_c_stops_everything(_tiny_model_cache):
 
 @pytest.mark.parametrize("argv,named", [
     (["--pipeline-parallel-size", "2"], "--pipeline-parallel-size 2"),
-    (["-tp", "2"], "--tensor-parallel-size 2"),
+    (["-tp", "0"], "--tensor-parallel-size must be >= 1"),
+    (["-tp", "2", "--disaggregated"], "--tensor-parallel-size > 1 with --disaggregated"),
     (["--swap-space", "4"], "--swap-space"),
     (["--trust-remote-code"], "--trust-remote-code"),
     (["--enable-lora", "--lora-modules", "a=b"], "--enable-lora"),
@@ -111,8 +112,10 @@ def test_data_parallel_and_disaggregated_map_onto_workers(tiny_model_dir):
     worker = plan(args, tiny_model_dir)[0].argv
     assert worker[worker.index("--dtype") + 1] == "float16"
     assert worker[worker.index("--kv-cache-dtype") + 1] == "fp8" and "--enforce-eager" in worker
-    args, _ = to_up(build_parser().parse_args(["-dp", "3"]))
+    args, _ = to_up(build_parser().parse_args(["-dp", "3", "-tp", "2", "--task", "embed"]))
     assert [c.name for c in plan(args, tiny_model_dir)] == ["colocated-0", "colocated-1", "colocated-2"]
+    worker = plan(args, tiny_model_dir)[0].argv
+    assert worker[worker.index("--tensor-parallel-size") + 1] == "2" and worker[worker.index("--task") + 1] == "embed"
 
 
 def test_the_quickstart_maps_every_flag():

@@ -165,6 +165,16 @@ def test_the_chat_template_renders_the_tools():
         "<|begin_of_text|><|im_start|>user\nWhat is the weather in Paris?<|im_end|>\n<|im_start|>assistant\n")
 
 
+def test_tokenize_renders_the_tools_too(with_parser):
+    def count(**extra) -> int:
+        response = httpx.post(f"{with_parser.url}/tokenize", json={"model": "tiny-llama-v1", "messages": MESSAGES,
+                                                                    **extra}, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()["count"]
+
+    assert count(tools=TOOLS) > count() + 50
+
+
 def forced_call(text: str) -> dict:
     """A guided constraint that makes the random model write exactly `text`."""
     return {"guided_choice": [text]}
