@@ -23,12 +23,32 @@ ADD = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "
 TOOLS = [{"type": "function", "function": {"name": "add", "parameters": ADD}}]
 
 
+# A Hermes/Qwen-style template with tools, given with --chat-template (the tiny model's own
+# renders tools the Llama 3.1 way).
+HERMES_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nYou may call functions.\n<tools>\n"
+    "{%- for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n"
+    'Return each call as <tool_call>\n{"name": <name>, "arguments": <object>}\n</tool_call><|im_end|>\n'
+    "{%- endif %}"
+    "{%- for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 @pytest.fixture(scope="module")
-def served(_tiny_model_cache, tiny_model_dir):
+def template_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "hermes.jinja"
+    path.write_text(HERMES_TEMPLATE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(_tiny_model_cache, tiny_model_dir, template_file):
     dep = baton_up(str(tiny_model_dir), "--served-model-name", "tiny", "alias", "--max-model-len", "1024",
                    "--seed", "7", "--max-num-batched-tokens", "512", "--gpu-memory-utilization", "0.5",
-                   "--dtype", "float", "--no-enable-prefix-caching", "--tool-call-parser", "llama3_json",
-                   "--enable-auto-tool-choice", "--uvicorn-log-level", "warning", "--disable-log-requests",
+                   "--dtype", "float", "--no-enable-prefix-caching", "--tool-call-parser", "hermes",
+                   "--enable-auto-tool-choice", "--chat-template", str(template_file),
+                   "--uvicorn-log-level", "warning", "--disable-log-requests",
                    command="serve", api_key=KEY)
     yield dep
     dep.stop()
@@ -46,7 +66,7 @@ def test_vllm_flags_reach_the_worker_and_the_router(served):
         assert worker[worker.index(flag) + 1] == value, (flag, worker)
     assert "--no-enable-prefix-caching" in worker
     router = cmdline(served.processes["router"].pid)
-    assert router[router.index("--tool-call-parser") + 1] == "llama3_json" and "--enable-auto-tool-choice" in router
+    assert router[router.index("--tool-call-parser") + 1] == "hermes" and "--enable-auto-tool-choice" in router
     for pid in (served.proc.pid, *(p.pid for p in served.processes.values())):
         assert KEY not in " ".join(cmdline(pid))  # the key travels in the environment only
 
@@ -65,13 +85,28 @@ def test_the_openai_client_works_against_it(served):
     call = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "2+3?"}], tools=TOOLS,
                                           tool_choice="required", parallel_tool_calls=False, max_tokens=100)
     jsonschema.validate(json.loads(call.choices[0].message.tool_calls[0].function.arguments), ADD)
+    written = 'Adding.\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
     auto = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "2+3?"}], tools=TOOLS,
-                                          max_tokens=100,
-                                          extra_body={"guided_choice": ['{"name": "add", "parameters": {"a": 2, "b": 3}}']})
-    assert auto.choices[0].finish_reason == "tool_calls"  # --enable-auto-tool-choice took effect
+                                          max_tokens=100, extra_body={"guided_choice": [written]})
+    # --enable-auto-tool-choice --tool-call-parser hermes took effect
+    assert auto.choices[0].finish_reason == "tool_calls" and auto.choices[0].message.content == "Adding."
+    assert json.loads(auto.choices[0].message.tool_calls[0].function.arguments) == {"a": 2, "b": 3}
     assert httpx.get(f"{served.url}/health", timeout=30).status_code == 200
     assert "baton:e2e_request_latency_seconds" in httpx.get(f"{served.url}/metrics", timeout=30).text
     assert httpx.get(f"{served.url}/v1/models", timeout=30).status_code == 401  # --api-key-file / env
+
+
+def test_the_chat_template_flag_replaces_the_models(served, tiny_model_dir):
+    from baton.tokenizer import Tokenizer
+
+    messages = [{"role": "user", "content": "2+3?"}]
+    tokenizer = Tokenizer(tiny_model_dir, HERMES_TEMPLATE)
+    expected = len(tokenizer.encode(tokenizer.apply_chat_template(messages, tools=TOOLS), add_special_tokens=False))
+    out = served.client().chat.completions.create(model="tiny", messages=messages, tools=TOOLS, tool_choice="none",
+                                                  max_tokens=1)
+    assert out.usage.prompt_tokens == expected
+    own = Tokenizer(tiny_model_dir)  # the model's own template renders it otherwise
+    assert len(own.encode(own.apply_chat_template(messages, tools=TOOLS), add_special_tokens=False)) != expected
 
 
 def test_ctrl_c_stops_everything(_tiny_model_cache):
