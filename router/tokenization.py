@@ -5,8 +5,8 @@ Request and response shapes are vLLM's. `/tokenize` takes either a completions-s
 request would be); it answers `{"count", "max_model_len", "tokens", "token_strs"}`
 (`token_strs`, the vocabulary's spelling of each token, only with `return_token_strs`).
 `/detokenize` takes `{"tokens": [...]}` and answers `{"prompt": text}` (special tokens kept,
-as vLLM decodes). `model` is optional; a name that is not served is a 404. Like vLLM, they sit
-outside `/v1`, so `--api-key` does not cover them. No worker is needed: `max_model_len` is
+as vLLM decodes). `GET /tokenizer_info` gives the special tokens and the chat template.
+`model` is optional; a name that is not served is a 404. Like vLLM, they sit outside `/v1`, so `--api-key` does not cover them. No worker is needed: `max_model_len` is
 what the workers report, or null while none is known.
 """
 
@@ -87,6 +87,16 @@ def tokenization_routes(tokenizer: Tokenizer, served: tuple[str, ...],
         known = limits()
         return {"count": len(ids), "max_model_len": known[0] if known else None, "tokens": ids,
                 "token_strs": [tokenizer.id_to_token(t) for t in ids] if body.return_token_strs else None}
+
+    @router.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        # vLLM's (behind its --enable-tokenizer-info-endpoint): what a client needs to
+        # tokenise and template as the server does (lm-eval's remote tokenizer reads it).
+        known = limits()
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tokenizer.bos_token,
+                "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token,
+                "chat_template": tokenizer.chat_template,
+                "model_max_length": known[0] if known else None}
 
     @router.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:

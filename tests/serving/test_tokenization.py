@@ -66,3 +66,9 @@ def test_bad_requests_name_the_parameter(colocated, path, body, status, param):
     r = post(colocated, path, body)
     assert r.status_code == status, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_tokenizer_info_gives_the_special_tokens_and_the_template(colocated, tokenizer):
+    info = httpx.get(f"{colocated.url}/tokenizer_info", timeout=30).json()
+    assert info["eos_token"] == tokenizer.eos_token and info["bos_token"] == tokenizer.bos_token
+    assert info["chat_template"] == tokenizer.chat_template and info["model_max_length"] > 0
