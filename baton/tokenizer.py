@@ -25,6 +25,10 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+class ChatTemplateError(ValueError):
+    """The chat template failed on the conversation it was given (the client's input)."""
+
+
 class TooManyTokens(ValueError):
     """The text has more than `limit` tokens: at least `at_least` (a bound, not a count)."""
 
@@ -166,7 +170,9 @@ class ChildEncoder:
 
     Tokenising runs without the GIL in Rust, but building and freeing the result's Python
     objects (an `Encoding` of millions of tokens) holds it for a long time; in a child
-    process none of that touches the caller. What crosses the pipe is never pickled whole:
+    process none of that touches the caller. A long conversation is rendered by the chat
+    template there too (`encode_chat`): the template's string concatenations copy each
+    content in single calls that hold the GIL. What crosses the pipe is never pickled whole:
     pickling a text of megabytes is one call that holds the GIL, and so the event loop, for
     as long as it copies. The text goes as UTF-8 slices of `CHUNK_CHARS` characters, the ids
     come back as one `uint32` buffer and become a list `CHUNK_IDS` ids at a time, all on one
@@ -193,16 +199,30 @@ class ChildEncoder:
     async def encode(self, text: str, add_special_tokens: bool, max_tokens: int | None) -> list[int]:
         """As `Tokenizer.encode`, awaited. TooManyTokens carries the exact count when the
         text has more than `max_tokens` tokens."""
-        import asyncio
 
         self._tokenizer.check_length(text, max_tokens)
+        return await self._request(("text", add_special_tokens), [text], max_tokens)
+
+    async def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                          template_kwargs: dict[str, Any], max_tokens: int | None) -> list[int]:
+        """The ids of `Tokenizer.apply_chat_template(messages, ...)`, tokenised without special
+        tokens (the template writes BOS), all in the child: nothing of the conversation's size
+        is built here. Each message's "content" is a str. ChatTemplateError when the template
+        fails; TooManyTokens as `encode`."""
+        skeleton = [{k: v for k, v in m.items() if k != "content"} for m in messages]
+        return await self._request(("chat", skeleton, add_generation_prompt, template_kwargs),
+                                   [m["content"] for m in messages], max_tokens)
+
+    async def _request(self, request: tuple, texts: list[str], max_tokens: int | None) -> list[int]:
+        import asyncio
+
         kind, value = await asyncio.get_running_loop().run_in_executor(
-            self._io, self._exchange, text, add_special_tokens, max_tokens)
+            self._io, self._exchange, request, texts, max_tokens)
         if kind == "too_many":
             raise TooManyTokens(value, max_tokens)
         return value
 
-    def _exchange(self, text: str, add_special_tokens: bool, max_tokens: int | None) -> tuple[str, Any]:
+    def _exchange(self, request: tuple, texts: list[str], max_tokens: int | None) -> tuple[str, Any]:
         """On the I/O thread: one request to the child, started again once if it died."""
         for attempt in (1, 2):
             if self._closed:
@@ -210,22 +230,24 @@ class ChildEncoder:
             if self._conn is None:
                 self._start()
             try:
-                return self._round_trip(text, add_special_tokens, max_tokens)
+                return self._round_trip(request, texts, max_tokens)
             except (EOFError, OSError):
                 self._stop()
                 if attempt == 2:
                     raise RuntimeError("the tokenizer's child process died twice in a row") from None
         raise AssertionError("unreachable")
 
-    def _round_trip(self, text: str, add_special_tokens: bool, max_tokens: int | None) -> tuple[str, Any]:
+    def _round_trip(self, request: tuple, texts: list[str], max_tokens: int | None) -> tuple[str, Any]:
         step = self.CHUNK_CHARS
-        chunks = range(0, len(text), step)
-        self._conn.send((add_special_tokens, max_tokens, len(chunks)))
-        for start in chunks:
-            self._conn.send_bytes(text[start:start + step].encode("utf-8"))
+        self._conn.send((request, max_tokens, [len(range(0, len(text), step)) for text in texts]))
+        for text in texts:
+            for start in range(0, len(text), step):
+                self._conn.send_bytes(text[start:start + step].encode("utf-8"))
         kind, value = self._conn.recv()
         if kind == "error":
             raise ValueError(value)
+        if kind == "template_error":
+            raise ChatTemplateError(value)
         if kind == "too_many":
             return kind, value
         ids = memoryview(self._conn.recv_bytes()).cast("I")
@@ -239,7 +261,7 @@ class ChildEncoder:
 
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe()
-        self._process = context.Process(target=_child_main, args=(child, str(self._tokenizer.path)),
+        self._process = context.Process(target=_child_main, args=(child, str(self._tokenizer.path.parent)),
                                         name="baton-tokenizer", daemon=True)
         self._process.start()
         child.close()
@@ -263,21 +285,36 @@ class ChildEncoder:
 CHILD_NICENESS = 10  # added to the child's niceness: lower priority than the server
 
 
-def _child_main(conn, path: str) -> None:
-    """The child's loop: (flags, chunk count), the text's UTF-8 chunks -> ("ids", n) and the
-    ids as uint32 bytes, or ("too_many", count), or ("error", message)."""
+def _child_main(conn, model_dir: str) -> None:
+    """The child's loop: (request, max_tokens, chunk count per text), then each text's UTF-8
+    chunks -> ("ids", n) and the ids as uint32 bytes, or ("too_many", count), ("error",
+    message) or ("template_error", message). A request is ("text", add_special_tokens) for
+    one text, or ("chat", messages without content, add_generation_prompt, template kwargs)
+    with one text per message, its content."""
     import os
 
     os.nice(CHILD_NICENESS)
-    tok = _HFTokenizer.from_file(path)
+    tokenizer = Tokenizer(model_dir)
     while True:
         try:
-            add_special_tokens, max_tokens, num_chunks = conn.recv()
-            text = b"".join(conn.recv_bytes() for _ in range(num_chunks)).decode("utf-8")
+            request, max_tokens, counts = conn.recv()
+            texts = [b"".join(conn.recv_bytes() for _ in range(n)).decode("utf-8") for n in counts]
         except EOFError:
             return  # the parent closed the pipe or exited
+        if request[0] == "text":
+            text, add_special_tokens = texts[0], request[1]
+        else:
+            _, skeleton, add_generation_prompt, kwargs = request
+            messages = [{**m, "content": content} for m, content in zip(skeleton, texts)]
+            try:
+                text = tokenizer.apply_chat_template(messages, add_generation_prompt, **kwargs)
+            except Exception as exc:  # the template failed on the client's conversation
+                conn.send(("template_error", str(exc)))
+                continue
+            add_special_tokens = False
+        del texts
         try:
-            encoding = tok.encode(text, add_special_tokens=add_special_tokens)
+            encoding = tokenizer._tok.encode(text, add_special_tokens=add_special_tokens)
         except Exception as exc:  # the tokenizer refused the text: the caller's 400
             conn.send(("error", str(exc)))
             continue

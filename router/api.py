@@ -27,6 +27,7 @@ from baton.router.fanout import ClientGone, FanOut, Job
 from baton.router.params import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     Prompt,
+    chat_messages,
     chat_text,
     chat_text_bytes,
     check_length,
@@ -41,7 +42,7 @@ from baton.router.protocol import ChatCompletionRequest, CompletionRequest
 from baton.router.responses import ResponseBuilder, best_of, sse
 from baton.router.tools import plan_tools
 from baton.router.workers import WorkerPool
-from baton.tokenizer import ChildEncoder, Tokenizer, TooManyTokens
+from baton.tokenizer import ChatTemplateError, ChildEncoder, Tokenizer, TooManyTokens
 from baton.worker.messages import OutputState
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,24 @@ class OpenAIServing:
         except ValueError as exc:
             raise prompt_error(exc, param, max_model_len) from None
 
+    async def _encode_large_chat(self, body: ChatCompletionRequest, max_model_len: int) -> list[int]:
+        """A long conversation's prompt ids, rendered and tokenised in the tokenizer's child:
+        here its template would copy every content holding the GIL. One that cannot fit is
+        refused by its length first, before anything renders it whole."""
+        size = await self._off_loop(chat_text_bytes, body, self.tokenizer)
+        if size is not None:
+            try:
+                self.tokenizer.check_size(size, max_model_len)
+            except TooManyTokens as exc:
+                raise prompt_error(exc, "messages", max_model_len) from None
+        messages, kwargs = await self._off_loop(chat_messages, body)
+        try:
+            return await self._child.encode_chat(messages, body.add_generation_prompt, kwargs, max_model_len)
+        except ChatTemplateError as exc:
+            raise bad_request(f"cannot apply the chat template: {exc}", "messages") from None
+        except ValueError as exc:
+            raise prompt_error(exc, "messages", max_model_len) from None
+
     def _limits(self) -> tuple[int, int]:
         limits = self.pool.model_limits(self.dispatcher.roles)
         if limits is None:
@@ -118,15 +137,10 @@ class OpenAIServing:
         tools = plan_tools(body, self.tool_call_parser, self.enable_auto_tool_choice) if chat else None
         if chat:
             if content_length(body) > LARGE_TEXT_CHARS:
-                # A huge conversation that cannot fit is refused before rendering it whole.
-                size = await self._off_loop(chat_text_bytes, body, self.tokenizer)
-                if size is not None:
-                    try:
-                        self.tokenizer.check_size(size, max_model_len)
-                    except TooManyTokens as exc:
-                        raise prompt_error(exc, "messages", max_model_len) from None
-            text = await self._off_loop(chat_text, body, self.tokenizer)
-            prompts = [Prompt(await self._encode(text, "messages", max_model_len, False), text)]
+                prompts = [Prompt(await self._encode_large_chat(body, max_model_len))]
+            else:
+                text = await self._off_loop(chat_text, body, self.tokenizer)
+                prompts = [Prompt(await self._encode(text, "messages", max_model_len, False), text)]
             max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
             param = "messages"

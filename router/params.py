@@ -277,12 +277,18 @@ def chat_text_bytes(req: ChatCompletionRequest, tokenizer: Tokenizer) -> int | N
         raise bad_request(f"messages: {exc}", "messages") from None
 
 
+def chat_messages(req: ChatCompletionRequest) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The messages as the chat template reads them, each "content" one str (text parts
+    joined), and the template's keyword arguments; 400 for content that is not text."""
+    return [_message_dict(i, m) for i, m in enumerate(req.messages)], _template_kwargs(req)
+
+
 def chat_text(req: ChatCompletionRequest, tokenizer: Tokenizer) -> str:
     """The conversation rendered by the chat template (the template writes BOS itself, so
     the text is tokenised without special tokens). Blocking: may render megabytes."""
-    messages = [_message_dict(i, m) for i, m in enumerate(req.messages)]
+    messages, kwargs = chat_messages(req)
     try:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
-                                             **_template_kwargs(req))
+                                             **kwargs)
     except Exception as exc:  # a template fails on what the messages hold: the client's input
         raise bad_request(f"cannot apply the chat template: {exc}", "messages") from exc

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 
 import pytest
 
 from baton.sampling_params import GuidedDecodingParams, SamplingParams
-from baton.tokenizer import ChildEncoder, IncrementalDetokenizer, Tokenizer, TooManyTokens
+from baton.tokenizer import (
+    ChatTemplateError,
+    ChildEncoder,
+    IncrementalDetokenizer,
+    Tokenizer,
+    TooManyTokens,
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +46,28 @@ def test_the_child_process_counts_a_text_over_the_limit(tok, child):
     with pytest.raises(TooManyTokens) as info:
         asyncio.run(child.encode(LONG_TEXT, True, count - 1))
     assert info.value.at_least == count
+
+
+def test_the_child_process_renders_and_tokenises_a_conversation_as_the_router_does(tok, child):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": LONG_TEXT},
+                {"role": "assistant", "content": ""}, {"role": "user", "content": LONG_TEXT[:999]}]
+    expected = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+    assert asyncio.run(child.encode_chat(messages, True, {}, None)) == expected
+
+
+def test_a_chat_template_that_fails_in_the_child_process_says_why(tok, tmp_path):
+    for name in ("tokenizer.json", "config.json"):
+        (tmp_path / name).write_bytes((tok.path.parent / name).read_bytes())
+    template = "{% if messages[0].role == 'system' %}{{ raise_exception('no system messages') }}{% endif %}x"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    encoder = ChildEncoder(Tokenizer(tmp_path))
+    try:
+        with pytest.raises(ChatTemplateError, match="no system messages"):
+            asyncio.run(encoder.encode_chat([{"role": "system", "content": LONG_TEXT}], True, {}, None))
+        assert asyncio.run(encoder.encode_chat([{"role": "user", "content": "hi"}], True, {}, None)) == \
+            Tokenizer(tmp_path).encode("x", add_special_tokens=False)  # the child still serves
+    finally:
+        encoder.close()
 
 
 def test_a_child_process_that_died_is_started_again(tok, child):
