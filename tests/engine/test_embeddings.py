@@ -86,3 +86,24 @@ def test_an_engine_not_run_for_embeddings_refuses_them(tiny_dir):
         PoolingParams(dimensions=8)
     with pytest.raises(ValueError, match="task must be one of"):
         EngineArgs(model=str(tiny_dir), task="classify").create_engine_config()
+
+
+def test_a_preempted_embedding_is_pooled_again_from_its_first_token(hf_models):
+    """A pooled prompt preempted mid-prefill is recomputed from position 0: the mean starts
+    over rather than counting the first chunks twice."""
+    model_dir = hf_models["llama"]
+    engine = LLMEngine.from_engine_args(EngineArgs(
+        model=str(model_dir), device="cpu", dtype="float32", task="embed", pooling_type="mean", block_size=4,
+        num_gpu_blocks_override=8, max_model_len=32, max_num_batched_tokens=5, enable_prefix_caching=False))
+    # The generation's prompt and output fill 8 blocks: it outgrows the pool while the
+    # embedding (lower priority) is still in prefill.
+    engine.add_request("gen", {"prompt_token_ids": [0, *range(40, 59)]},
+                       SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    ids = PROMPTS[0]["prompt_token_ids"]  # 11 tokens: 3 blocks, pooled over several steps
+    engine.add_request("emb", {"prompt_token_ids": ids}, PoolingParams(), priority=1)
+    finals = {}
+    while engine.has_unfinished_requests():
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+    assert engine.scheduler.num_preemptions > 0
+    got = torch.tensor(finals["emb"].outputs.embedding)
+    assert torch.allclose(got, reference(model_dir, ids, "mean", normalize=True), atol=1e-4)
