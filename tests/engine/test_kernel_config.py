@@ -44,13 +44,11 @@ def test_pdl_is_resolved_off_where_it_cannot_run():
     assert KernelConfig(pdl=False).for_device(torch.device("cpu")) == KernelConfig(pdl=False)
 
 
-def test_the_fast_path_table_names_each_ops_kernel_per_batch_size(tiny_dir):
-    """The choices `FastLlama.forward` makes, from one engine's tuning: the few-row kernel and
-    its fused forms where the tuning measured it faster, cuBLAS and the separate kernels
-    where not; the rotary in the attention kernel for few (sequence, KV head) pairs."""
+def tuned_fast_model(tiny_dir):
+    """(FastLlama over the tiny model whose tuning "measured" the few-row kernel faster at
+    16 rows and cuBLAS faster above, a Triton attention backend, the tuning, the switches)."""
     pytest.importorskip("triton")
     from baton.engine.attention.triton_backend import TritonAttention
-    from baton.engine.fastpath import explain
     from baton.engine.fastpath.few_row import BUCKETS
     from baton.engine.fastpath.few_row_tuning import FewRowTuning
     from baton.engine.fastpath.llama import FastLlama
@@ -70,6 +68,17 @@ def test_the_fast_path_table_names_each_ops_kernel_per_batch_size(tiny_dir):
             tuning.times[(n, k, bucket, torch.float32, *form)] = fast if bucket == 16 else slow
     model = FastLlama(runner.reference, kernels, tuning)
     backend = TritonAttention(args.num_heads, args.num_kv_heads, args.head_dim, 0.1, kernels=kernels)
+    return model, backend, tuning, kernels
+
+
+def test_the_fast_path_table_names_each_ops_kernel_per_batch_size(tiny_dir):
+    """The choices `FastLlama.forward` makes, from one engine's tuning: the few-row kernel and
+    its fused forms where the tuning measured it faster, cuBLAS and the separate kernels
+    where not; the rotary in the attention kernel for few (sequence, KV head) pairs."""
+    from baton.engine.fastpath import explain
+    from baton.engine.fastpath.llama import FastLlama
+
+    model, backend, tuning, kernels = tuned_fast_model(tiny_dir)
     text = explain(model, backend, [1, 2, 4, 8, 16, 32])
     table = parse(text)
     assert list(table) == ["decode, batch 1-4", "decode, batch 8", "decode, batch 16", "decode, batch 32",
@@ -85,10 +94,36 @@ def test_the_fast_path_table_names_each_ops_kernel_per_batch_size(tiny_dir):
         assert large[op] == "cuBLAS", large
     assert large["input norm"] == large["post-attention norm"] == "Triton add_rms_norm"
     # Switches change the table: no fused norms, no rotary epilogue.
-    off = FastLlama(runner.reference, dataclasses.replace(kernels, fuse_norms=False), tuning)
+    off = FastLlama(model.reference, dataclasses.replace(kernels, fuse_norms=False), tuning)
     small = parse(explain(off, backend, [1]))["decode, batch 1"]
     assert small["input norm"] == small["post-attention norm"] == "Triton add_rms_norm"
     assert small["o_proj"] == "few-row (32, 32, 4, 1)"
+
+
+def test_a_steps_forms_are_decided_once_per_row_count(tiny_dir, monkeypatch):
+    """A step's plan is made once per (row count, rotary in attention) and every larger step
+    shares one; each product's few-row configuration is looked up once per form and row
+    count, not once per layer and step (an eager step's host time is what it waits on)."""
+    from baton.engine.fastpath.few_row_tuning import FewRowTuning
+    from baton.engine.fastpath.llama import StepPlan
+
+    model, _, tuning, _ = tuned_fast_model(tiny_dir)
+    looked_up = []
+    best = FewRowTuning._best
+    def counted(self, weight, rows, kernels, form, head_dim):
+        looked_up.append((tuple(weight.shape), rows, form, head_dim))
+        return best(self, weight, rows, kernels, form, head_dim)
+
+    monkeypatch.setattr(FewRowTuning, "_best", counted)
+    plan = model.plan(8, False)
+    assert plan == StepPlan(fuse_input_norm=True, fuse_post_norm=True, silu=True, rope="kernel")  # 16-dim heads
+    asked = len(looked_up)
+    assert asked and len(set(looked_up)) == asked  # two layers: each question answered once
+    assert model.plan(8, False) is plan and model.plan(8, True).rope == "attention" and len(looked_up) == asked
+    assert model.plan(65, False) is model.plan(4096, False)
+    assert model.plan(4096, False) == StepPlan(False, False, False, "kernel")
+    model.tune()  # (on the CPU it times nothing) a tuning starts the plans afresh
+    assert model.plan(8, False) is not plan and model.plan(8, False) == plan
 
 
 def parse(text: str) -> dict[str, dict[str, str]]:
