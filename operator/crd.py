@@ -319,6 +319,10 @@ def _router() -> dict:
                                      enum=["load", "round-robin"], default="load"),
             "maxQueue": _scalar("integer", "Waiting requests per decode worker before 429.",
                                 minimum=1, maximum=100000, default=64),
+            "toolCallParser": _scalar("string", "How tool_choice auto reads the model's tool calls "
+                                      "(the router's --tool-call-parser with --enable-auto-tool-choice); "
+                                      "unset: auto is refused, required and named choices still work.",
+                                      enum=["hermes", "llama3_json"]),
             "serviceType": _scalar("string", "Type of the router's Service.",
                                    enum=["ClusterIP", "NodePort", "LoadBalancer"],
                                    default="ClusterIP"),

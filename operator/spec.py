@@ -152,6 +152,7 @@ class Router:
     max_queue: int
     service_type: str
     placement: Placement
+    tool_call_parser: str | None = None  # None: tool_choice auto is refused
 
 
 @dataclass(frozen=True)
@@ -397,6 +398,7 @@ def _router(data: Mapping[str, Any]) -> Router:
         max_queue=_field(data, "maxQueue", "spec.router", int),
         service_type=_field(data, "serviceType", "spec.router", str),
         placement=_placement(data, "spec.router"),
+        tool_call_parser=data.get("toolCallParser"),
     )
 
 

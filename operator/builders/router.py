@@ -37,6 +37,8 @@ def router_args(svc: InferenceService) -> list[str]:
              "--max-queue", str(svc.router.max_queue)]
     if svc.otlp_endpoint:
         args += ["--otlp-traces-endpoint", svc.otlp_endpoint]
+    if svc.router.tool_call_parser:
+        args += ["--tool-call-parser", svc.router.tool_call_parser, "--enable-auto-tool-choice"]
     return args
 
 

@@ -238,6 +238,20 @@ def test_the_old_spelling_worker_builds_the_same_colocated_fleet():
     assert builders.build_all(spec.parse(old), CONFIG) == build("colocated")
 
 
+def test_router_tool_call_parser_enables_auto_tool_choice():
+    from baton.router.config import parse as parse_router
+    from baton.router.tool_parsers import PARSERS
+
+    assert set(crd.node("spec", "router", "toolCallParser")["enum"]) == set(PARSERS)
+    for parser in (None, "hermes"):
+        fields = copy.deepcopy(SPECS["colocated"])
+        if parser:
+            fields["spec"]["router"] = {"toolCallParser": parser}
+        objects = builders.build_all(spec.parse(fields), CONFIG)
+        config = parse_router(container(find(objects, "Deployment", "llama-router"))["args"])
+        assert config.tool_call_parser == parser and config.enable_auto_tool_choice is bool(parser)
+
+
 def test_router_discovers_workers_through_endpointslices():
     objects = build("disaggregated")
     main = container(find(objects, "Deployment", "llama-router"))

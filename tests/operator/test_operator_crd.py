@@ -212,6 +212,7 @@ def test_names_must_leave_room_for_child_suffixes(mode, name, ok):
     {"kvTransfer": {"transport": "ucx", "ucx": {"tls": ["rc,tcp"]}}},  # a list, not a string
     {"kvTransfer": {"transport": "ucx", "ucx": {"progressMode": "fast"}}},
     {"router": {"routingPolicy": "random"}},
+    {"router": {"toolCallParser": "mistral"}},  # a parser the router does not have
     {"model": {"source": {"uri": "s3://bucket/model"}}},
     {"prefill": {"resources": {"limits": {"memory": "lots"}}}},
     {"prefill": {"replica": 2}},  # a typo: strict validation names it
