@@ -3,6 +3,7 @@
 `disaggregated`: `baton up` with one prefill and one decode worker (gRPC KV transfer).
 `disaggregated_ucx`: the same with the UCX KV transport (TCP on this CPU-only host).
 `colocated`: `baton up --mode colocated` with one worker, behind an API key.
+`served_embed`: `baton serve MODEL --task embed` (vLLM's drop-in; it also serves embeddings).
 Tests that kill processes start their own deployments (test_faults.py).
 """
 
@@ -62,6 +63,13 @@ def disaggregated_ucx(_tiny_model_cache) -> Deployment:
 @pytest.fixture(scope="session")
 def colocated(_tiny_model_cache) -> Deployment:
     dep = baton_up("--mode", "colocated", api_key=API_KEY)
+    yield dep
+    dep.stop()
+
+
+@pytest.fixture(scope="session")
+def served_embed(_tiny_model_cache, tiny_model_dir) -> Deployment:
+    dep = baton_up(str(tiny_model_dir), "--task", "embed", command="serve")
     yield dep
     dep.stop()
 

@@ -1,6 +1,6 @@
 """Completions' echo, vLLM's prompt_logprobs and best_of through the router with the official
-`openai` client, in every deployment mode (the prefill worker computes prompt logprobs when
-disaggregated), checked against the offline engine on the same weights."""
+`openai` client, in every deployment mode and through `baton serve` (the prefill worker
+computes prompt logprobs when disaggregated), checked against the offline engine on the same weights."""
 
 from __future__ import annotations
 
@@ -13,6 +13,12 @@ from baton.protos import worker_pb2, worker_pb2_grpc
 PROMPT = "The quick brown fox"
 MODEL = "tiny-llama-v1"
 GREEDY = {"temperature": 0.0}
+
+
+@pytest.fixture(scope="module", params=["disaggregated", "disaggregated_ucx", "colocated", "served_embed"])
+def deployment(request):
+    """Every `baton up` mode, and `baton serve` (vLLM's drop-in)."""
+    return request.getfixturevalue(request.param)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """/v1/embeddings through the router with the official `openai` client: `baton up --task embed`
-(colocated, and disaggregated where the prefill workers pool), against transformers' model on
+(colocated, and disaggregated where the prefill workers pool) and `baton serve --task embed`, against transformers' model on
 the same saved weights (a plain decoder: last token, normalized)."""
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ MODEL = "tiny-llama-v1"
 TEXTS = ["The quick brown fox", "Hello", "Embeddings are the final hidden states, pooled."]
 
 
-@pytest.fixture(scope="module", params=["colocated", "disaggregated"])
+@pytest.fixture(scope="module", params=["colocated", "disaggregated", "served_embed"])
 def embed_deployment(request, _tiny_model_cache):
+    if request.param == "served_embed":  # `baton serve MODEL --task embed`, shared by other modules
+        yield request.getfixturevalue("served_embed")
+        return
     dep = baton_up("--mode", request.param, "--task", "embed")
     yield dep
     dep.stop()
