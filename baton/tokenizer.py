@@ -261,7 +261,9 @@ class ChildEncoder:
 
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe()
-        self._process = context.Process(target=_child_main, args=(child, str(self._tokenizer.path.parent)),
+        # The template in use goes along: a --chat-template replaces the model's.
+        self._process = context.Process(target=_child_main, args=(child, str(self._tokenizer.path.parent),
+                                                                   self._tokenizer.chat_template),
                                         name="baton-tokenizer", daemon=True)
         self._process.start()
         child.close()
@@ -285,7 +287,7 @@ class ChildEncoder:
 CHILD_NICENESS = 10  # added to the child's niceness: lower priority than the server
 
 
-def _child_main(conn, model_dir: str) -> None:
+def _child_main(conn, model_dir: str, chat_template: str | None = None) -> None:
     """The child's loop: (request, max_tokens, chunk count per text), then each text's UTF-8
     chunks -> ("ids", n) and the ids as uint32 bytes, or ("too_many", count), ("error",
     message) or ("template_error", message). A request is ("text", add_special_tokens) for
@@ -294,7 +296,7 @@ def _child_main(conn, model_dir: str) -> None:
     import os
 
     os.nice(CHILD_NICENESS)
-    tokenizer = Tokenizer(model_dir)
+    tokenizer = Tokenizer(model_dir, chat_template)
     while True:
         try:
             request, max_tokens, counts = conn.recv()

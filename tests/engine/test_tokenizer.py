@@ -55,6 +55,19 @@ def test_the_child_process_renders_and_tokenises_a_conversation_as_the_router_do
     assert asyncio.run(child.encode_chat(messages, True, {}, None)) == expected
 
 
+def test_the_child_process_renders_with_a_replaced_chat_template_and_tools(tok):
+    template = "{% for t in tools %}[{{ t.function.name }}]{% endfor %}{% for m in messages %}<{{ m.content }}>{% endfor %}"
+    replaced = Tokenizer(tok.path.parent, template)
+    encoder = ChildEncoder(replaced)
+    tools = {"tools": [{"type": "function", "function": {"name": "get_weather"}}]}
+    messages = [{"role": "user", "content": LONG_TEXT}]
+    try:
+        ids = asyncio.run(encoder.encode_chat(messages, True, tools, None))
+    finally:
+        encoder.close()
+    assert ids == replaced.encode(f"[get_weather]<{LONG_TEXT}>", add_special_tokens=False)
+
+
 def test_a_chat_template_that_fails_in_the_child_process_says_why(tok, tmp_path):
     for name in ("tokenizer.json", "config.json"):
         (tmp_path / name).write_bytes((tok.path.parent / name).read_bytes())
