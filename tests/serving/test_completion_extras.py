@@ -140,3 +140,18 @@ def test_detokenize_false_reaches_the_worker(colocated, tiny_model_dir):
     bare_tokens, bare_text = generate(False)
     assert bare_tokens == tokens and len(tokens) == 6
     assert text and bare_text == ""
+
+
+def test_a_stream_carries_prompt_logprobs_in_its_first_chunk(deployment):
+    client = deployment.client()
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3,
+                                      extra_body={"prompt_logprobs": 1}, **GREEDY)
+    chunks = [c for c in client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, stream=True,
+                                                   extra_body={"prompt_logprobs": 1}, **GREEDY) if c.choices]
+    assert chunks[0].choices[0].model_extra["prompt_logprobs"] == whole.choices[0].model_extra["prompt_logprobs"]
+    assert all("prompt_logprobs" not in c.choices[0].model_extra for c in chunks[1:])
+    chat = [c for c in client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, stream=True,
+        extra_body={"prompt_logprobs": 0}, **GREEDY)]
+    firsts = [c.model_extra.get("prompt_logprobs") for c in chat]
+    assert firsts[0][0] is None and len(firsts[0]) > 2 and all(f is None for f in firsts[1:])
