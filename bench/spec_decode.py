@@ -44,7 +44,8 @@ GREEDY = dict(temperature=0, ignore_eos=True, detokenize=False)
 
 
 def run_record(device: str) -> dict:
-    machine = {"cpus": os.cpu_count(), "torch": torch.__version__}
+    # The load average: on a shared host other processes' load inflates every figure.
+    machine = {"cpus": os.cpu_count(), "torch": torch.__version__, "load_average_at_start": os.getloadavg()}
     if device == "cuda":
         machine["gpu"] = torch.cuda.get_device_properties(0).name
     return {"machine": machine, "command": " ".join(["python3", *sys.argv]),
@@ -147,6 +148,7 @@ def main() -> None:
         engine.config = default_config
         rows.append({"batch": batch, "k": 0, "acceptance": None, "ms_per_token": base_s * 1e3, "ratio": 1.0})
     result["rows"] = rows
+    result["machine"]["load_average_at_end"] = os.getloadavg()
     result["crossover"] = {
         f"k={k},acceptance={acc}": next((r["batch"] for r in rows if r["k"] == k and r["acceptance"] == acc
                                          and r["ratio"] > 1.0), None)

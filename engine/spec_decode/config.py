@@ -11,7 +11,8 @@ Accepted (as vLLM takes them):
   num_speculative_tokens=k)`.
 - A JSON string for `speculative_config` (the workers' `--speculative-config` flag).
 
-The load-adaptive rule (measured in bench/spec_decode.py, bench/results/spec_decode-*.json):
+The load-adaptive rule (measured by bench/spec_decode.py, bench/results/spec_decode-*.json;
+the defaults' reasons: docs/decisions.md, "Speculative decoding"):
 with `b` sequences decoding, a step drafts `k` tokens per sequence while
 `b < shorten_by_batch_size`, `max(1, k // 2)` from there, and none from
 `disable_by_batch_size` on (a verify step costs about `1 + k` decode rows per sequence, so
@@ -29,8 +30,8 @@ DRAFT_MODEL = "draft_model"
 _KEYS = {"method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
          "disable_by_batch_size", "shorten_by_batch_size"}
 # Defaults of the load-adaptive rule (docs/decisions.md, "Speculative decoding").
-DEFAULT_SHORTEN_BY_BATCH_SIZE = 8
-DEFAULT_DISABLE_BY_BATCH_SIZE = 32
+DEFAULT_SHORTEN_BY_BATCH_SIZE = 4
+DEFAULT_DISABLE_BY_BATCH_SIZE = 16
 
 
 @dataclass(frozen=True)

@@ -47,10 +47,13 @@ def test_greedy_with_ngram_speculation_equals_greedy_without(plain, spec):
     assert_no_leaked_blocks(spec)
 
 
-def test_seeded_sampling_emits_the_same_tokens_with_and_without_speculation(plain, spec):
+def test_seeded_sampling_and_penalties_emit_the_same_tokens_with_and_without_speculation(plain, spec):
+    # Each drafted row sees the drafts before it: penalties count them, min_tokens too.
     prompts = repetitive_prompts(3, seed=1)
     params = [SamplingParams(temperature=t, seed=s, max_tokens=24, ignore_eos=True, top_p=0.9)
-              for t, s in ((0.3, 1), (0.7, 2), (1.0, 3))]
+              for t, s in ((0.3, 1), (0.7, 2))]
+    params.append(SamplingParams(temperature=0.8, seed=3, max_tokens=24, repetition_penalty=1.3,
+                                 presence_penalty=0.4, frequency_penalty=0.2, min_tokens=6))
     with_spec = tokens(run(spec, prompts, params))
     assert with_spec == tokens(run(plain, prompts, params))
     assert with_spec == tokens(run(spec, prompts[::-1], params[::-1]))[::-1]  # batch order does not matter
