@@ -210,3 +210,17 @@ def test_with_cells_ready_a_fleet_scaled_to_zero_is_no_outage():
     assert up["Ready"]["reason"] == "Serving"
     down = ready(0)
     assert (down["Ready"]["status"], down["Ready"]["reason"]) == ("False", "PrefillNotReady")
+
+
+def test_kv_health_reads_every_engine_of_a_cell_pod():
+    from baton.operator import kvhealth
+
+    cell_pod = find(build(CELLS), "Deployment", "llama-cell")["spec"]["template"]
+    fleet_pod = find(build(CELLS), "Deployment", "llama-decode")["spec"]["template"]
+    pods = [{"metadata": {"name": "llama-cell-abc"}, "spec": cell_pod["spec"],
+             "status": {"phase": "Running", "podIP": "10.0.0.9"}},
+            {"metadata": {"name": "llama-decode-xyz"}, "spec": fleet_pod["spec"],
+             "status": {"phase": "Running", "podIP": "10.0.0.7"}}]
+    assert kvhealth.metrics_urls(pods) == {
+        "llama-decode-xyz": "http://10.0.0.7:9090/metrics",
+        **{f"llama-cell-abc/metrics-{k}": f"http://10.0.0.9:{9100 + k}/metrics" for k in range(4)}}

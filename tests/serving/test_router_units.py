@@ -194,6 +194,37 @@ def test_prefill_pairs_inside_the_decode_workers_cell_unless_that_is_much_busier
     assert prefer_cell(ordered, "a", slack=5)[0] is mate
 
 
+async def test_a_lost_stream_resumes_on_a_pair_when_a_prefill_worker_is_there():
+    """Disaggregated with a healthy prefill worker: the resumed run is a handoff (prompt and
+    streamed tokens prefilled remotely); with none, or below --local-prefill-tokens, or in
+    colocated mode, it runs whole on another worker."""
+    from baton.router.dispatch import _StreamLost
+    from baton.worker.messages import OutputState
+
+    async def resumed_by(pool: WorkerPool, disaggregated: bool = True, local: int = 0, streamed: int = 6) -> str:
+        lost = _StreamLost(APIError(503, "lost"), OutputState(token_ids=list(range(streamed))), pool.all(pool.roles[-1])[0])
+        run = Dispatcher(pool, LoadPolicy(), disaggregated, local_prefill_tokens=local)._resume(
+            "r", list(range(20)), worker_pb2.SamplingParams(), lost)
+        try:
+            return run.ag_code.co_name
+        finally:
+            await run.aclose()
+
+    pool = WorkerPool(("prefill", "decode"))
+    pool.workers["decode"] = {"d1": _worker("d1"), "d2": _worker("d2")}
+    assert await resumed_by(pool) == "_whole"  # no prefill worker
+    prefill = _worker("p1")
+    pool.workers["prefill"] = {"p1": prefill}
+    assert await resumed_by(pool) == "_disaggregated"
+    assert await resumed_by(pool, local=27) == "_whole"  # 20 + 6 tokens: short enough to prefill locally
+    assert await resumed_by(pool, local=26) == "_disaggregated"
+    prefill.healthy = False
+    assert await resumed_by(pool) == "_whole"
+    colocated = WorkerPool(("colocated",))
+    colocated.workers["colocated"] = {"c1": _worker("c1"), "c2": _worker("c2")}
+    assert await resumed_by(colocated, disaggregated=False) == "_whole"
+
+
 def test_local_prefill_decisions():
     """Off by default; with a threshold, short prompts and prompts whose first blocks a
     healthy decode worker prefilled itself stay on decode (that worker), the rest go remote."""
