@@ -267,12 +267,14 @@ class Dispatcher:
             resume_token_ids=resume))
         loop = asyncio.get_running_loop()
         reader = loop.create_task(_read_decode(call, events))
-        prefill = loop.create_task(self._prefill(rid, ids, resume, params, reservation.ticket, events, touched, decode))
+        prefilling: list[Worker] = []  # the prefill workers tried, in order
+        prefill = loop.create_task(self._prefill(rid, ids, resume, params, reservation.ticket, events, touched,
+                                                 decode, prefilling))
         state = _copy_state(state) if state is not None else OutputState()
         # Prompt logprobs come with the prefill reply: the decode stream (which may overtake
         # it) waits, so the client's first delta carries them.
         want_prompt = params.HasField("prompt_logprobs")
-        prefilled = False
+        prefilled = counted = False
         backlog: list = []
         try:
             while True:
@@ -280,6 +282,11 @@ class Dispatcher:
                     kind, payload = backlog.pop(0)
                 else:
                     kind, payload = await events.get()
+                if kind in ("prefilled", "chunk") and not counted and prefilling:
+                    # The handoff is done: the decode engine streams only after it (its
+                    # stream may end before the prefill reply is read), from the last tried.
+                    counted = True
+                    self._count_pairing(prefilling[-1], decode)
                 if kind == "prefilled":
                     prefilled, kind = True, "chunk"
                 elif kind in ("chunk", "end") and want_prompt and not prefilled:
@@ -376,13 +383,17 @@ class Dispatcher:
             if not task.done():
                 task.cancel()
 
+    def _count_pairing(self, prefill: Worker, decode: Worker) -> None:
+        self.handoff_pairings["same_cell" if decode.cell and prefill.cell == decode.cell else "cross_cell"] += 1
+
     async def _prefill(self, rid: str, ids: list[int], resume: list[int], params: worker_pb2.SamplingParams,
-                       ticket: bytes, events: asyncio.Queue, touched: set[Worker], decode: Worker) -> None:
+                       ticket: bytes, events: asyncio.Queue, touched: set[Worker], decode: Worker,
+                       tried: list[Worker]) -> None:
         """Prefill on the best prefill worker, one of the decode worker's cell first
-        (`prefer_cell`); a second worker once if the first failed before the handoff."""
+        (`prefer_cell`); a second worker once if the first failed before the handoff.
+        `tried` gets each worker as it is asked."""
         request = worker_pb2.PrefillRequest(request_id=rid, prompt_token_ids=ids, params=params,
                                             ticket=ticket, resume_token_ids=resume)
-        tried: list[Worker] = []
         error: APIError = no_worker("prefill")
         handoff_failed = False
         while len(tried) < 2:
@@ -408,7 +419,6 @@ class Dispatcher:
                 continue
             finally:
                 worker.outstanding -= 1
-            self.handoff_pairings["same_cell" if decode.cell and worker.cell == decode.cell else "cross_cell"] += 1
             events.put_nowait(("prefilled", reply.first))
             return
         events.put_nowait(("prefill_error", (error, handoff_failed)))

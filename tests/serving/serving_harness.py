@@ -233,6 +233,7 @@ def serve_cell(name: str, *args: str, prefill: int = 1, decode: int = 1, timeout
 class Router:
     proc: subprocess.Popen
     url: str
+    output: list[str] = field(default_factory=list)  # its log lines, for a failing test to show
 
     def client(self, **kwargs) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0,
@@ -251,8 +252,9 @@ def serve_router(model_dir: Path, *args: str, timeout: float = 60) -> Router:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "baton.cli", "serve-router", "--model", str(model_dir),
                              "--host", "127.0.0.1", "--port", str(port), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     router = Router(proc, f"http://127.0.0.1:{port}")
+    threading.Thread(target=lambda: router.output.extend(proc.stdout), daemon=True).start()
 
     def ready() -> bool:
         try:

@@ -77,7 +77,7 @@ def test_handoffs_stay_inside_the_cell_and_move_by_ipc(cells, router):
         out = client.completions.create(model=M, prompt=f"{PROMPT} {i}", max_tokens=4, temperature=0,
                                         extra_body={"ignore_eos": True})
         assert out.usage.completion_tokens == 4
-    assert router.counter(PAIRINGS, 'pairing="same_cell"') == same + n
+    assert router.counter(PAIRINGS, 'pairing="same_cell"') == same + n, "".join(router.output[-40:])
     assert router.counter(PAIRINGS, 'pairing="cross_cell"') == cross
     gained = {key: ipc_handoffs(cells[key[0]], key[1]) - value for key, value in before.items()}
     for cell in cells.values():
@@ -100,23 +100,40 @@ def test_a_pair_across_cells_is_counted_as_such(cells, tiny_model_dir):
         r.stop()
 
 
-def test_an_engine_that_dies_takes_its_cell_down_with_a_nonzero_status(cells, router):
-    """The cell is the unit of restart: when one engine dies, the cell stops the others and
-    exits 1 (the kubelet then restarts the pod); the router serves on the other cell."""
-    b = cells["cell-b"]
-    pids = [int(p) for p in open(f"/proc/{b.proc.pid}/task/{b.proc.pid}/children").read().split()]
-    prefill_pid = next(pid for pid in pids if "serve-prefill" in open(f"/proc/{pid}/cmdline").read())
-    os.kill(prefill_pid, signal.SIGKILL)
-    assert b.proc.wait(timeout=60) == 1
-    assert any("stopping the cell" in line for line in b.output)
-    for pid in pids:
+def test_a_decode_engine_killed_mid_stream_takes_its_cell_down_and_the_stream_resumes_in_the_other(cells, router):
+    """kill -9 the decode engine serving a stream: its cell stops its other engine and exits
+    1 (the kubelet would restart the pod), and the router resumes the stream on the other
+    cell's pair (the prompt and the streamed tokens prefilled there, handed over by ipc):
+    the client gets the text of an undisturbed run."""
+    client = router.client(timeout=120)
+    request = {"model": M, "prompt": PROMPT, "max_tokens": 200, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    expected = client.completions.create(**request).choices[0].text
+    same = router.counter(PAIRINGS, 'pairing="same_cell"')
+    failovers = router.counter("baton:router_failovers_total", "")
+    victim: list = []
+    text = ""
+    for n, chunk in enumerate(client.completions.create(**request, stream=True), 1):
+        text += chunk.choices[0].text
+        if n == 6:
+            # The decode engine running a request serves this stream (the other is idle).
+            victim.append(max(cells.values(), key=lambda c: c.metric("decode-0", "baton:num_requests_running")))
+            engines = [int(p) for p in open(f"/proc/{victim[0].proc.pid}/task/{victim[0].proc.pid}/children")
+                       .read().split()]
+            decode_pid = next(pid for pid in engines if "serve-decode" in open(f"/proc/{pid}/cmdline").read())
+            os.kill(decode_pid, signal.SIGKILL)
+    assert text == expected
+    assert router.counter("baton:router_failovers_total", "") == failovers + 1
+    assert router.counter(PAIRINGS, 'pairing="same_cell"') == same + 2  # the first run and the resumed one
+    dead = victim[0]
+    assert dead.proc.wait(timeout=60) == 1
+    assert any("stopping the cell" in line for line in dead.output)
+    for pid in engines:
         wait_until(lambda p=pid: not os.path.exists(f"/proc/{p}") or open(f"/proc/{p}/stat").read().split()[2] == "Z",
                    timeout=30, what=f"engine {pid} to exit")
-    client = router.client()
-    wait_until(lambda: router_sees_one_pair(router), timeout=30, what="the router to drop cell-b")
-    out = client.completions.create(model=M, prompt=PROMPT, max_tokens=3, temperature=0,
-                                    extra_body={"ignore_eos": True})
-    assert out.usage.completion_tokens == 3
+    wait_until(lambda: router_sees_one_pair(router), timeout=30, what=f"the router to drop {dead.name}")
+    survivor = next(c for c in cells.values() if c is not dead)
+    wait_until(lambda: all(survivor.metric(e, "baton:kv_cache_usage_perc") == 0.0 for e in survivor.engines),
+               what="no KV held in the surviving cell")
 
 
 def router_sees_one_pair(router) -> bool:
