@@ -32,6 +32,8 @@ def main(argv: list[str]) -> int:
                         help="module name or .py path imported first (registers architectures with ModelRegistry)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                         help="split the model over N processes, one per GPU (gloo over processes on the CPU)")
+    parser.add_argument("--speculative-config", default=None, metavar="JSON",
+                        help='speculative decoding: \'{"method": "ngram", "num_speculative_tokens": 4}\' or a draft "model"')
     parser.add_argument("--explain", action="store_true",
                         help="print which kernel computes each op per decode batch size (then generate any prompts)")
     args = parser.parse_args(argv)
@@ -52,6 +54,7 @@ def main(argv: list[str]) -> int:
             model=args.model, dtype=args.dtype, device=args.device, num_gpu_blocks_override=args.num_gpu_blocks_override,
             kernel_config=args.kernel_config, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
             model_module=args.model_module, tensor_parallel_size=args.tensor_parallel_size,
+            speculative_config=args.speculative_config,
         )
         if args.explain:
             print(llm.engine.runner.explain())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from spec_helpers import NGRAM, assert_no_leaked_blocks, make_engine, repetitive_prompts, run
 
@@ -144,3 +146,18 @@ def test_vllm_and_seed_spellings_agree(tiny_model):
     config = EngineArgs(model=str(tiny_model), device="cpu", speculative_model="[ngram]",
                         num_speculative_tokens=3).create_engine_config()
     assert config.speculative.method == "ngram" and not config.async_scheduling
+
+
+def test_baton_generate_speculates_and_prints_the_same_tokens(tiny_model, capsys):
+    from baton.engine.offline import main
+
+    prompt = "The quick brown fox jumps over the lazy dog. " * 4
+    common = [prompt, "--model", str(tiny_model), "--device", "cpu", "--json", "--max-tokens", "16",
+              "--ignore-eos", "--num-gpu-blocks-override", "64"]
+    outputs = []
+    for extra in ([], ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}']):
+        assert main(common + extra) == 0
+        outputs.append(json.loads(capsys.readouterr().out)["token_ids"])
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 16
+    assert main(common + ["--speculative-config", '{"method": "ngram"}']) == 2
+    assert "num_speculative_tokens" in capsys.readouterr().err
