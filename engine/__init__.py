@@ -17,6 +17,7 @@ __all__ = [
     "EngineArgs",
     "GuidedDecodingParams",
     "LLMEngine",
+    "LoRARequest",
     "ModelRegistry",
     "PoolingParams",
     "RequestOutput",
@@ -26,6 +27,7 @@ __all__ = [
 _LAZY = {
     "LLM": "baton.engine.llm",
     "LLMEngine": "baton.engine.llm_engine",
+    "LoRARequest": "baton.engine.lora.request",
     "AsyncLLMEngine": "baton.engine.async_engine",
     "EngineArgs": "baton.engine.config",
     "ModelRegistry": "baton.engine.models.registry",
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     from baton.engine.config import EngineArgs
     from baton.engine.llm import LLM
     from baton.engine.llm_engine import LLMEngine
+    from baton.engine.lora.request import LoRARequest
     from baton.engine.models.registry import ModelRegistry
     from baton.engine.outputs import CompletionOutput, EmbeddingRequestOutput, RequestOutput
 

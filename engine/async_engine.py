@@ -173,8 +173,10 @@ class AsyncLLMEngine:
         priority: int = 0,
         hold_kv: bool = False,
         resume_token_ids: list[int] | None = None,
+        lora_request=None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream cumulative `RequestOutput`s until the request finishes.
+        """Stream cumulative `RequestOutput`s until the request finishes (with the LoRA
+        adapter `lora_request` names, if any).
 
         Raises (before the first output) DuplicateRequestError for a request id in use,
         ValueError for a bad prompt or parameters (see `LLMEngine.add_request`, also for
@@ -184,7 +186,7 @@ class AsyncLLMEngine:
         return self._stream(
             request_id,
             lambda e: e.add_request(request_id, prompt, sampling_params, priority=priority, hold_kv=hold_kv,
-                                    resume_token_ids=resume_token_ids),
+                                    resume_token_ids=resume_token_ids, lora_request=lora_request),
         )
 
     async def encode(self, prompt: PromptType, pooling_params: PoolingParams, request_id: str,

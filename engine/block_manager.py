@@ -1,7 +1,8 @@
 """Paged KV block bookkeeping: free list, reference counts, prefix cache. CPU only.
 
 Each full block of a sequence gets a chained hash: hash(parent block's hash, the block's
-token ids). A block whose KV is computed is registered under its hash, so a later sequence
+token ids); a sequence with a LoRA adapter starts its chain from the adapter's name, so
+sequences of different adapters never share blocks. A block whose KV is computed is registered under its hash, so a later sequence
 with the same prefix reuses it (automatic prefix caching). A block whose reference count
 drops to zero goes back to the free list but keeps its hash and contents until it is handed
 out again: free cached blocks are evicted least-recently-freed first, and blocks with no
@@ -20,6 +21,14 @@ from collections import OrderedDict
 from baton.engine.sequence import Sequence
 
 BlockHash = bytes
+
+
+def adapter_root(seq: Sequence) -> BlockHash | None:
+    """The parent of a sequence's first block: None for the base model, else a hash of its
+    LoRA adapter's name (the name, not the engine-local id: it is what workers agree on)."""
+    if seq.lora_request is None:
+        return None
+    return hashlib.blake2b(b"lora\0" + seq.lora_request.lora_name.encode(), digest_size=16).digest()
 
 
 def hash_block(parent: BlockHash | None, token_ids: list[int]) -> BlockHash:
@@ -68,7 +77,8 @@ class BlockManager:
         bs = self.block_size
         while len(hashes) < num_full_blocks:
             i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else None, seq.token_ids[i * bs : (i + 1) * bs]))
+            parent = hashes[-1] if hashes else adapter_root(seq)
+            hashes.append(hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs]))
         return hashes
 
     def lookup_prefix(self, seq: Sequence) -> list[int]:

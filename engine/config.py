@@ -130,6 +130,17 @@ def resolve_dtype(dtype: str | torch.dtype, config_dtype: str | None, device: to
     return _DTYPES[dtype]
 
 
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA (engine/lora): `max_loras` adapters in GPU slots at once (so at most that
+    many distinct adapters run concurrently), up to `max_cpu_loras` kept in host memory,
+    ranks up to `max_lora_rank` (every slot is that wide)."""
+
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int = 1
+
+
 @dataclass
 class EngineArgs:
     """Everything an engine needs, with vLLM's field names."""
@@ -181,6 +192,12 @@ class EngineArgs:
     speculative_config: dict | str | None = None
     speculative_model: str | None = None
     num_speculative_tokens: int | None = None
+    # Multi-LoRA (engine/lora, `LoRAConfig`): requests may name PEFT adapters
+    # (`LoRARequest`); max_cpu_loras None: max_loras.
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     def create_engine_config(self) -> EngineConfig:
         model_dir = Path(self.model) if self.model else _default_model_dir()
@@ -272,12 +289,25 @@ class EngineArgs:
             task=self.task,
             pooling=pooling,
             speculative=speculative,
+            lora=self._lora_config(),
         )
         if speculative is not None and speculative.model is not None:
             from baton.engine.spec_decode.draft_model import draft_engine_config
 
             draft_engine_config(config)  # refuses a draft model this target cannot use
         return config
+
+    def _lora_config(self) -> LoRAConfig | None:
+        if not self.enable_lora:
+            return None
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
+        if not 1 <= self.max_lora_rank <= 512:
+            raise ValueError(f"max_lora_rank must be in [1, 512], got {self.max_lora_rank}")
+        cpu = self.max_loras if self.max_cpu_loras is None else self.max_cpu_loras
+        if cpu < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({cpu}) must be >= max_loras ({self.max_loras})")
+        return LoRAConfig(self.max_loras, self.max_lora_rank, cpu)
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -321,6 +351,7 @@ class EngineConfig:
     task: str = "generate"
     pooling: PoolingConfig | None = None  # with task "embed"
     speculative: SpeculativeConfig | None = None  # None: no speculative decoding
+    lora: LoRAConfig | None = None  # None: LoRA off (requests naming an adapter are refused)
 
     def __post_init__(self):
         if self.kv_cache_dtype is None:

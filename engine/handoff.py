@@ -84,6 +84,7 @@ class HandoffHooks:
         arrival_time: float | None = None,
         priority: int = 0,
         resume_token_ids: list[int] | None = None,
+        lora_request=None,
     ) -> None:
         """Admit a request whose prompt KV is already in `block_ids` (from `reserve_blocks`).
 
@@ -93,7 +94,9 @@ class HandoffHooks:
         prompt. `resume_token_ids`: outputs streamed before a failover, prefilled with the
         prompt (`add_request(..., hold_kv=True, resume_token_ids=...)`): the blocks hold
         prompt and resumed tokens, which become the first outputs as in `add_request`, and
-        `first_token_id` follows them. Raises DuplicateRequestError or InvalidRequestError.
+        `first_token_id` follows them. `lora_request`: the adapter the prefill engine
+        computed the KV with. Raises DuplicateRequestError or InvalidRequestError (LoRAError
+        for an adapter this engine cannot use).
         """
         resume = list(resume_token_ids or ())
         num_tokens = len(prompt_token_ids) + len(resume)
@@ -109,8 +112,9 @@ class HandoffHooks:
                 )
             arrival = time.time() if arrival_time is None else arrival_time
             seq = Sequence(request_id, 0, list(prompt_token_ids), params, arrival, priority,
-                           token_ids=list(prompt_token_ids) + resume)
-            request = self._new_request(request_id, prompt, list(prompt_token_ids), [seq], arrival)
+                           token_ids=list(prompt_token_ids) + resume, lora_request=lora_request)
+            request = self._new_request(request_id, prompt, list(prompt_token_ids), [seq], arrival,
+                                        lora_request=lora_request)
         except BaseException:
             self.release_blocks(list(block_ids))
             raise

@@ -8,6 +8,7 @@ from typing import Any
 
 from baton.engine.config import EngineArgs
 from baton.engine.llm_engine import LLMEngine, PromptType
+from baton.engine.lora.request import LoRARequest
 from baton.engine.outputs import EmbeddingRequestOutput, RequestOutput
 from baton.sampling_params import PoolingParams, SamplingParams
 
@@ -40,9 +41,12 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt; outputs come back in the prompts' order."""
-        return self._run(prompts, sampling_params, SamplingParams, use_tqdm)
+        """Generate for every prompt; outputs come back in the prompts' order.
+        `lora_request`: one adapter for every prompt, or a list matching the prompts (None
+        items: the base model); the engine needs `enable_lora=True`."""
+        return self._run(prompts, sampling_params, SamplingParams, use_tqdm, lora_request)
 
     def embed(
         self,
@@ -54,7 +58,7 @@ class LLM:
         must run with task="embed" (engine/pooling.py says how it pools)."""
         return self._run(prompts, pooling_params, PoolingParams, use_tqdm)
 
-    def _run(self, prompts, given, kind, use_tqdm):
+    def _run(self, prompts, given, kind, use_tqdm, lora_request=None):
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -64,12 +68,22 @@ class LLM:
             params = list(given)
             if len(params) != len(prompts):
                 raise ValueError(f"{len(params)} parameters for {len(prompts)} prompts")
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * len(prompts)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(f"{len(loras)} LoRA requests for {len(prompts)} prompts")
         ids = []
-        for prompt, p in zip(prompts, params):
-            rid = str(self._counter)
-            self._counter += 1
-            self.engine.add_request(rid, prompt, p)
-            ids.append(rid)
+        try:
+            for prompt, p, lora in zip(prompts, params, loras):
+                rid = str(self._counter)
+                self._counter += 1
+                self.engine.add_request(rid, prompt, p, lora_request=lora)
+                ids.append(rid)
+        except BaseException:  # a bad prompt or adapter: queue none of them
+            self.engine.abort_request(ids)
+            raise
         show = sys.stderr.isatty() if use_tqdm is None else use_tqdm
         bar = None
         if show and len(prompts) > 1:

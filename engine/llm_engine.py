@@ -56,6 +56,7 @@ class _Request:
     hold_kv: bool = False
     prompt_logprobs: list[dict[int, float] | None] | None = None
     error: str | None = None
+    lora_request: Any = None  # its LoRARequest (one reference on the adapter while it lives)
     params: SamplingParams | None = None  # the request's own (n and best_of), when added whole
     pooler: Pooler | None = None  # a pooling request (embeddings)
     embedding: list[float] | None = None
@@ -96,6 +97,7 @@ class EngineStats:
     spec_num_drafts: int | None = None
     spec_num_draft_tokens: int | None = None
     spec_num_accepted_tokens: int | None = None
+    lora: Any = None  # LoRAStats (engine/lora/manager.py) with LoRA on, else None
 
 
 __all__ = ["EngineStats", "LLMEngine", "NoCapacityError", "PromptType"]
@@ -118,7 +120,8 @@ class LLMEngine(HandoffHooks):
                 config.max_model_len, self.max_model_len,
             )
         self.scheduler = Scheduler(
-            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
+            max_loras=config.lora.max_loras if config.lora else None,
         )
         self.requests: dict[str, _Request] = {}
         self._changed: dict[str, _Request] = {}  # requests with news since the last step
@@ -169,6 +172,7 @@ class LLMEngine(HandoffHooks):
         priority: int = 0,
         hold_kv: bool = False,
         resume_token_ids: list[int] | None = None,
+        lora_request=None,
     ) -> None:
         """Queue a request. Nothing is queued when it raises: DuplicateRequestError for a
         request id in use, ValueError (InvalidRequestError, or a parameter or grammar check)
@@ -190,10 +194,16 @@ class LLMEngine(HandoffHooks):
 
         `PoolingParams` make it an embedding request (the engine must run with task
         "embed"): its one output is an `EmbeddingRequestOutput`, once the prompt is computed.
+
+        `lora_request`: a `LoRARequest` to run the request with that adapter (the engine
+        needs `enable_lora`); its directory is read here if the adapter is not in host
+        memory, and a bad adapter raises `LoRAError` (an InvalidRequestError).
         """
         if isinstance(params, PoolingParams):
             if hold_kv or resume_token_ids:
                 raise InvalidRequestError("a pooling request runs here whole (no hold_kv, no resume)")
+            if lora_request is not None:
+                raise InvalidRequestError("LoRA adapters apply to generation requests only, not to embeddings")
             self._add_pooling_request(request_id, prompt, params, arrival_time, priority)
             return
         params = params or SamplingParams()
@@ -220,8 +230,9 @@ class LLMEngine(HandoffHooks):
                 # Candidates are ranked by cumulative logprob, which needs each token's.
                 logprobs=params.logprobs if params.logprobs is not None or count == params.n else 0,
             )
-            seqs.append(Sequence(request_id, i, ids, child, arrival, priority, token_ids=ids + resume))
-        request = self._new_request(request_id, text, ids, seqs, arrival, hold_kv=hold_kv)
+            seqs.append(Sequence(request_id, i, ids, child, arrival, priority, token_ids=ids + resume,
+                                 lora_request=lora_request))
+        request = self._new_request(request_id, text, ids, seqs, arrival, hold_kv=hold_kv, lora_request=lora_request)
         request.params = params
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
@@ -257,12 +268,26 @@ class LLMEngine(HandoffHooks):
         self.prompt_tokens_total += len(ids)
 
     def _new_request(self, request_id: str, prompt: str | None, ids: list[int], seqs: list[Sequence],
-                     arrival: float, hold_kv: bool = False) -> _Request:
+                     arrival: float, hold_kv: bool = False, lora_request=None) -> _Request:
         """A request over `seqs` with its per-request features prepared (guided decoding
-        compiles its grammar here); raises ValueError, keeping nothing, if one refuses it."""
+        compiles its grammar here, its LoRA adapter is acquired); raises ValueError,
+        keeping nothing, if one refuses it."""
         outputs = [SequenceOutput(seq, self.tokenizer, self.eos_token_ids, self.max_model_len) for seq in seqs]
         request = _Request(request_id, prompt, ids, outputs, RequestMetrics(arrival), hold_kv=hold_kv)
         self.guided.prepare(request.seqs)
+        if lora_request is not None:
+            lora = self.runner.lora
+            if lora is None:
+                raise InvalidRequestError("this request names a LoRA adapter; start the engine with enable_lora=True")
+            lora.acquire(lora_request)
+            request.lora_request = lora_request
+        return request
+
+    def _drop_request(self, request_id: str) -> _Request | None:
+        """Take a request out of the table (finished or aborted): its adapter reference goes."""
+        request = self.requests.pop(request_id, None)
+        if request is not None and request.lora_request is not None:
+            self.runner.lora.release(request.lora_request.lora_int_id)
         return request
 
     def abort_request(self, request_id: str | Iterable[str]) -> list[RequestOutput]:
@@ -274,7 +299,7 @@ class LLMEngine(HandoffHooks):
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         finals = []
         for rid in ids:
-            request = self.requests.pop(rid, None)
+            request = self._drop_request(rid)
             self._changed.pop(rid, None)
             if request is not None:
                 for seq in request.seqs:
@@ -429,7 +454,7 @@ class LLMEngine(HandoffHooks):
             if finished or (self.stream_outputs and not request.final_only):
                 outputs.append(self._make_output(request))
             if finished:
-                self.requests.pop(rid, None)
+                self._drop_request(rid)
         return outputs
 
     def _make_output(self, request: _Request) -> RequestOutput | EmbeddingRequestOutput:
@@ -472,6 +497,7 @@ class LLMEngine(HandoffHooks):
                 "spec_num_draft_tokens": self.spec.stats.num_draft_tokens,
                 "spec_num_accepted_tokens": self.spec.stats.num_accepted_tokens,
             }),
+            lora=self.runner.lora.stats() if self.runner.lora is not None else None,
         )
 
 

@@ -11,6 +11,9 @@ On CUDA, decode-only steps replay CUDA graphs captured at start-up (`cuda_graphs
 `enforce_eager` is set or the attention backend cannot be captured; other steps run eagerly.
 Inputs go to the device with non-blocking copies and sampling stays on the device, so the
 only host sync of a step is the read of the sampled token ids.
+With LoRA (`config.lora`) the runner owns the adapters' GPU slots too (`self.lora`, a
+`LoRAManager`): the projections of the model that runs are wrapped once it is built and
+tuned (`lora.layers.apply_lora`), and every step first puts its adapters into slots.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ class ModelRunner:
             self.reference = load_model(config)  # the torch model, as engine/models writes it
             self.model = apply_fast_path(self.reference, self.kernels, self.device)  # what runs
         self.kv_spec = kv_cache_spec(config, self.layout)
+        self.lora = self._create_lora()  # before the KV pool is sized: its slots take memory
         self.backend_name = pick_backend_name(config.attention_backend, self.device)
         self.backend = self._create_backend()
         self.graphs = None  # decode CUDA graphs, captured once the KV pool exists
@@ -96,6 +100,7 @@ class ModelRunner:
             self.draft.allocate(self.num_blocks)
         self.sampler = Sampler(self.device, config.seed, eos_token_ids, pdl=self.kernels.pdl)
         self._tune()
+        self._apply_lora()
         log.info("kernels of each step:\n%s", self.explain())
         self._capture_graphs()
         log.info(
@@ -120,6 +125,33 @@ class ModelRunner:
         if self.config.tensor_parallel_size > 1:
             self.model.ranks.close()
 
+    def _create_lora(self):
+        c = self.config
+        if c.lora is None:
+            return None
+        from baton.engine.lora.adapter import llama_layout
+        from baton.engine.lora.manager import LoRAManager
+        from baton.engine.models.llama import LlamaForCausalLM
+
+        if c.tensor_parallel_size > 1:
+            raise ValueError("enable_lora with tensor_parallel_size > 1 is not supported yet (docs/limits.md)")
+        if not isinstance(self.reference, LlamaForCausalLM):
+            raise ValueError(f"enable_lora: {type(self.reference).__name__} has no LoRA layout (supported: the "
+                             f"Llama family, Mistral, Qwen2, Qwen3)")
+        return LoRAManager(c.lora, llama_layout(self.reference), c.dtype, self.device,
+                           max(c.max_num_batched_tokens, c.max_num_seqs))
+
+    def _apply_lora(self) -> None:
+        if self.lora is not None:
+            from baton.engine.lora.layers import apply_lora
+
+            apply_lora(self.model, self.lora)
+
+    def _set_lora(self, batch: ScheduledBatch) -> None:
+        """The step's adapters into GPU slots, its token -> slot index written."""
+        if self.lora is not None:
+            self.lora.activate([s.lora_int_id for s in batch.seqs], batch.num_new_tokens)
+
     def _tune(self) -> None:
         """Time the fast path's few-row kernels for this model (not in float32, where cuBLAS runs)."""
         if hasattr(self.model, "tune") and self.config.dtype != torch.float32:
@@ -137,7 +169,11 @@ class ModelRunner:
                 self.model, self.backend, self.kv, c.block_size, c.max_model_len, c.max_num_seqs, self.device,
                 side_stream_inputs=self.kernels.side_stream_inputs,
             )
-            self.graphs.capture()
+            if self.lora is not None:
+                with self.lora.capturing():
+                    self.graphs.capture()
+            else:
+                self.graphs.capture()
 
     def explain(self) -> str:
         """Which kernel computes each op of a step, per decode batch size (a text table)."""
@@ -151,6 +187,7 @@ class ModelRunner:
         self.kernels = kernels.for_device(self.device)
         self.model = apply_fast_path(self.reference, self.kernels, self.device, getattr(self.model, "tuning", None))
         self._tune()
+        self._apply_lora()
         self.backend = self._create_backend()
         self.sampler.pdl = self.kernels.pdl
         if self.graphs is not None:
@@ -216,6 +253,7 @@ class ModelRunner:
         outputs = [StepOutput() for _ in batch.seqs]
         if self.draft is not None:
             self.draft.propose(batch.seqs)  # the drafts this step verifies
+        self._set_lora(batch)
         if (sample and self.graphs is not None and self.graphs.can_run(batch)
                 and not any(seq.pooled for seq in batch.seqs)):
             logits = self.graphs.run(batch.seqs)
@@ -252,6 +290,7 @@ class ModelRunner:
         replace the tokens the sequences hold (placeholders, under asynchronous scheduling).
         The sequences must need nothing from the host at sampling time (see
         `LLMEngine._overlappable`)."""
+        self._set_lora(batch)
         if self.graphs is not None and self.graphs.can_run(batch):
             logits = self.graphs.run(batch.seqs, input_ids)
         else:

@@ -3,7 +3,9 @@
 Every step the scheduler hands each chosen sequence a number of tokens to compute: one for a
 sequence that is decoding, up to the rest of the prompt for one in prefill. Running
 sequences go first (highest priority first), then waiting ones, until the token budget
-(`max_num_batched_tokens`) or the sequence cap (`max_num_seqs`) is reached. When the KV pool
+(`max_num_batched_tokens`) or the sequence cap (`max_num_seqs`) is reached. With LoRA,
+a waiting sequence whose adapter would make more than `max_loras` distinct adapters
+running waits (later ones of running adapters go ahead of it). When the KV pool
 runs out, the lowest-priority running sequence is preempted: its blocks are freed and it
 goes back to the waiting queue to be recomputed later (its generated tokens are kept).
 """
@@ -47,11 +49,13 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool = True,
+        max_loras: int | None = None,
     ):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
+        self.max_loras = max_loras  # None: LoRA off
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -93,8 +97,13 @@ class Scheduler:
             return batch
 
         self.waiting.sort(key=lambda s: s.sort_key)
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        loras = {s.lora_int_id for s in self.running} - {0}
+        w = 0
+        while w < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[w]
+            if self.max_loras and seq.lora_int_id not in loras | {0} and len(loras) >= self.max_loras:
+                w += 1  # every slot is taken by running adapters: let others go ahead
+                continue
             cached = [] if seq.block_table else bm.lookup_prefix(seq)
             remaining = seq.num_uncomputed_tokens - len(cached) * bm.block_size
             num_new = min(remaining, budget)
@@ -103,7 +112,9 @@ class Scheduler:
             if not bm.can_allocate(seq, num_new, cached):
                 break
             bm.allocate(seq, num_new, cached)
-            self.waiting.pop(0)
+            self.waiting.pop(w)
+            if seq.lora_int_id:
+                loras.add(seq.lora_int_id)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)

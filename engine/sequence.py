@@ -106,6 +106,8 @@ class Sequence:
     # `block_table` are registered in the prefix cache.
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered_blocks: int = 0
+    # The request's LoRA adapter (`baton.engine.lora.LoRARequest`), None for the base model.
+    lora_request: Any = None
     # Owned by the guided decoder: the request's xgrammar GrammarMatcher (None: unguided).
     grammar_matcher: Any = None
     # Owned by input preparation: (block_table list, its int32 array), see `table_array`.
@@ -121,6 +123,11 @@ class Sequence:
             self.token_ids = list(self.prompt_token_ids)
         if self.params.logprobs is not None and self.logprobs is None:
             self.logprobs = []
+
+    @property
+    def lora_int_id(self) -> int:
+        """The adapter's id, 0 for the base model."""
+        return self.lora_request.lora_int_id if self.lora_request is not None else 0
 
     @property
     def num_prompt_tokens(self) -> int:

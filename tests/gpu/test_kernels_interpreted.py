@@ -1,5 +1,5 @@
-"""The Triton kernels checked on the CPU (in CI): interpreted_kernels.py and
-interpreted_quant_kernels.py under TRITON_INTERPRET=1.
+"""The Triton kernels checked on the CPU (in CI): interpreted_kernels.py,
+interpreted_quant_kernels.py and interpreted_lora_kernels.py under TRITON_INTERPRET=1.
 
 A child process, because the interpreter switch must be set before triton is first imported.
 """
@@ -16,7 +16,8 @@ import pytest
 pytest.importorskip("triton")
 
 
-@pytest.mark.parametrize("script", ["interpreted_kernels.py", "interpreted_quant_kernels.py"])
+@pytest.mark.parametrize("script", ["interpreted_kernels.py", "interpreted_quant_kernels.py",
+                                    "interpreted_lora_kernels.py"])
 def test_kernels_under_the_triton_interpreter(script):
     here = Path(__file__).parent
     env = dict(os.environ, TRITON_INTERPRET="1")

@@ -1,0 +1,218 @@
+"""`LoRAManager`: an engine's adapters between disk, host memory and GPU slots.
+
+Two tiers, each least-recently-used:
+- host memory: adapters read from disk (`acquire`, when a request naming one is added:
+  a bad adapter refuses that request before anything is queued). An adapter is kept while
+  a request uses it (a reference count) and after, up to `max_cpu_loras` unused ones;
+- GPU slots: `max_loras` fixed-size slots per projection (`ops.py` shapes; slot 0 is
+  "no adapter", all zeros). Before each step `activate` puts the step's adapters into
+  slots, evicting the least recently used slot the step does not need, and writes each
+  token's slot into `token_slots`, the index the LoRA layers read. The buffers never move,
+  so CUDA graphs captured over them replay any adapters.
+
+The scheduler admits at most `max_loras` distinct adapters into the running set
+(`Scheduler.max_loras`), so a step always fits in the slots. No I/O happens in `activate`:
+an adapter in a step belongs to a live request, whose reference keeps it in host memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from baton.engine.config import LoRAConfig
+from baton.engine.lora.adapter import LoRAAdapter, LoRAError, LoRALayout, load_adapter
+from baton.engine.lora.request import LoRARequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoRAStats:
+    """Adapter counters for metrics (cumulative counts since start)."""
+
+    max_loras: int
+    resident: list[str]  # names of the adapters in GPU slots
+    cached: list[str]  # names of the adapters in host memory
+    loads: int  # copies from host memory into a GPU slot
+    disk_loads: int  # reads of an adapter directory
+    evictions: int  # adapters evicted from a GPU slot
+    requests: dict[str, int]  # requests added, per adapter name
+
+
+class LoRAManager:
+    def __init__(self, config: LoRAConfig, layout: LoRALayout, dtype: torch.dtype, device: torch.device,
+                 max_tokens: int):
+        self.config = config
+        self.layout = layout
+        self.dtype = dtype
+        self.device = device
+        self.max_rank = config.max_lora_rank
+        slots, rank = config.max_loras + 1, config.max_lora_rank
+        # (layer, projection name) -> (A [slots, n R, in], B [slots, out, R])
+        self.buffers: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer in range(layout.num_layers):
+            for proj in layout.projections:
+                a = torch.zeros(slots, len(proj.slices) * rank, proj.in_features, dtype=dtype, device=device)
+                b = torch.zeros(slots, proj.out_features, rank, dtype=dtype, device=device)
+                self.buffers[(layer, proj.name)] = (a, b)
+        self.token_slots = torch.zeros(max_tokens, dtype=torch.int32, device=device)
+        # Whether the current step computes the adapters' products: false for an eager step
+        # with no adapter; true while CUDA graphs are captured (their replays always do).
+        self.active = False
+        self.slot_ids: list[int | None] = [None] * slots  # slot -> adapter id (slot 0: none, always)
+        self.slot_lru: OrderedDict[int, None] = OrderedDict()  # occupied slots, least recent first
+        self.host: OrderedDict[int, LoRAAdapter] = OrderedDict()  # adapter id -> adapter, least recent first
+        self.refs: Counter[int] = Counter()  # adapter id -> live requests using it
+        self.loads = self.disk_loads = self.evictions = 0
+        self.requests_per_adapter: Counter[str] = Counter()
+        self.load_seconds = 0.0  # time spent copying adapters into slots
+
+    # -- host memory (the engine's thread, at add and finish) --------------------------------
+
+    def acquire(self, request: LoRARequest) -> None:
+        """Make `request`'s adapter available to a new request (read from disk if it is not
+        in host memory) and count the request. Raises LoRAError (nothing kept) for an
+        adapter that cannot be used, or an id already known under another path."""
+        if not isinstance(request, LoRARequest):
+            raise LoRAError(f"lora_request must be a LoRARequest, got {type(request).__name__}")
+        known = self.host.get(request.lora_int_id)
+        if known is not None and (known.request.lora_local_path != request.lora_local_path
+                                  or known.request.lora_name != request.lora_name):
+            k = known.request
+            raise LoRAError(f"lora_int_id {request.lora_int_id} is adapter {k.lora_name!r} ({k.lora_local_path}); "
+                            f"give {request.lora_name!r} ({request.lora_local_path}) another id")
+        if known is None:
+            known = load_adapter(request, self.layout, self.max_rank, self.dtype, pin=self.device.type == "cuda")
+            self.disk_loads += 1
+            self.host[request.lora_int_id] = known
+            log.info("LoRA adapter %r (id %d, rank %d, %.1f MiB) read from %s", request.lora_name,
+                     request.lora_int_id, known.rank, known.nbytes / 2**20, request.lora_local_path)
+        self.host.move_to_end(request.lora_int_id)
+        self.refs[request.lora_int_id] += 1
+        self.requests_per_adapter[request.lora_name] += 1
+        self._trim_host()
+
+    def release(self, lora_int_id: int) -> None:
+        """A request using the adapter left the engine."""
+        self.refs[lora_int_id] -= 1
+        if self.refs[lora_int_id] <= 0:
+            del self.refs[lora_int_id]
+        self._trim_host()
+
+    def _trim_host(self) -> None:
+        """Drop least recently used adapters no request uses, down to max_cpu_loras in all."""
+        excess = len(self.host) - self.config.max_cpu_loras
+        for lora_id in list(self.host):
+            if excess <= 0:
+                break
+            if lora_id not in self.refs:
+                self._forget(lora_id)
+                excess -= 1
+
+    def _forget(self, lora_id: int) -> None:
+        """Drop an adapter from host memory and its GPU slot (an id may come back with
+        another path once it is forgotten)."""
+        del self.host[lora_id]
+        if lora_id in self.slot_ids:
+            slot = self.slot_ids.index(lora_id)
+            self.slot_ids[slot] = None
+            self.slot_lru.pop(slot, None)
+            self.evictions += 1
+
+    def drop(self, lora_name: str) -> bool:
+        """Forget an adapter that no request uses (unloading it from serving): its host copy
+        and GPU slot. Returns False when a request still uses it (nothing changed)."""
+        ids = [i for i, a in self.host.items() if a.request.lora_name == lora_name]
+        if any(i in self.refs for i in ids):
+            return False
+        for i in ids:
+            self._forget(i)
+        return True
+
+    # -- GPU slots (the model runner, before each forward) -------------------------------
+
+    def activate(self, lora_ids: list[int], counts: list[int]) -> None:
+        """Put the adapters of a step into slots and write its token slots: sequence j
+        (adapter id `lora_ids[j]`, 0: none) has `counts[j]` consecutive token rows.
+        Raises RuntimeError if the step has more distinct adapters than slots (the scheduler
+        never builds one)."""
+        needed = {i for i in lora_ids if i}
+        if len(needed) > self.config.max_loras:
+            raise RuntimeError(f"a step with {len(needed)} adapters; max_loras={self.config.max_loras}")
+        slot_of = {0: 0}
+        for lora_id in needed:
+            slot_of[lora_id] = self._slot(lora_id, needed)
+        # Written even without adapters: a CUDA graph replay reads them whatever `active` says.
+        self.active = bool(needed)
+        rows = np.repeat(np.array([slot_of[i] for i in lora_ids], dtype=np.int32), counts)
+        staged = torch.from_numpy(rows)
+        if self.device.type == "cuda":
+            staged = staged.pin_memory().to(self.device, non_blocking=True)
+        self.token_slots[: len(rows)].copy_(staged)
+
+    def _slot(self, lora_id: int, needed: set[int]) -> int:
+        if lora_id in self.slot_ids:
+            slot = self.slot_ids.index(lora_id)
+            self.slot_lru.move_to_end(slot)
+            return slot
+        free = [s for s in range(1, len(self.slot_ids)) if self.slot_ids[s] is None]
+        if free:
+            slot = free[0]
+        else:  # the least recently used slot this step does not need
+            slot = next(s for s in self.slot_lru if self.slot_ids[s] not in needed)
+            log.debug("LoRA slot %d: adapter id %d evicted", slot, self.slot_ids[slot])
+            self.evictions += 1
+            del self.slot_lru[slot]
+        self._load(slot, self.host[lora_id])
+        self.slot_ids[slot] = lora_id
+        self.slot_lru[slot] = None
+        return slot
+
+    def _load(self, slot: int, adapter: LoRAAdapter) -> None:
+        """Copy an adapter from host memory into `slot` of every buffer (zeros where it
+        trains nothing, and past its rank)."""
+        start = time.perf_counter()
+        rank, r = self.max_rank, adapter.rank
+        for layer in range(self.layout.num_layers):
+            for proj in self.layout.projections:
+                a, b = self.buffers[(layer, proj.name)]
+                a[slot].zero_()
+                b[slot].zero_()
+                for i, ((module, width), off) in enumerate(zip(proj.slices, proj.offsets())):
+                    pair = adapter.weights.get((layer, module))
+                    if pair is not None:
+                        a[slot, i * rank : i * rank + r].copy_(pair[0], non_blocking=True)
+                        b[slot, off : off + width, :r].copy_(pair[1], non_blocking=True)
+        self.loads += 1
+        self.load_seconds += time.perf_counter() - start
+
+    @contextlib.contextmanager
+    def capturing(self):
+        """Steps run under this (CUDA graph capture) compute the adapters' products."""
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+
+    def stats(self) -> LoRAStats:
+        names = {i: a.request.lora_name for i, a in self.host.items()}
+        return LoRAStats(
+            max_loras=self.config.max_loras,
+            resident=[names.get(i, str(i)) for i in self.slot_ids[1:] if i is not None],
+            cached=list(names.values()),
+            loads=self.loads,
+            disk_loads=self.disk_loads,
+            evictions=self.evictions,
+            requests=dict(self.requests_per_adapter),
+        )
+
+
+__all__ = ["LoRAError", "LoRAManager", "LoRAStats"]
