@@ -109,13 +109,6 @@ def test_the_chat_template_flag_replaces_the_models(served, tiny_model_dir):
     assert len(own.encode(own.apply_chat_template(messages, tools=TOOLS), add_special_tokens=False)) != expected
 
 
-def test_ctrl_c_stops_everything(_tiny_model_cache):
-    dep = baton_up("--quiet", command="serve")
-    assert dep.stop() == 0
-    for process in dep.processes.values():
-        wait_until(lambda p=process: not p.alive(), timeout=10, what=f"{process.name} to exit")
-
-
 @pytest.mark.parametrize("argv,named", [
     (["--pipeline-parallel-size", "2"], "--pipeline-parallel-size 2"),
     (["-tp", "0"], "--tensor-parallel-size must be >= 1"),
@@ -163,3 +156,10 @@ def test_the_quickstart_maps_every_flag():
     flags = {next(o for o in a.option_strings if o.startswith("--"))
              for a in build_parser()._actions if a.option_strings and a.dest != "help"}
     assert not flags - documented, f"missing from the table: {sorted(flags - documented)}"
+
+
+def test_ctrl_c_stops_everything(served):
+    """Last in this file: it stops the module's deployment."""
+    assert served.stop() == 0
+    for process in served.processes.values():
+        wait_until(lambda p=process: not p.alive(), timeout=10, what=f"{process.name} to exit")
