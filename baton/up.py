@@ -358,10 +358,6 @@ def run(args: argparse.Namespace) -> int:
     if args.tensor_parallel_size < 1:
         print(f"{prog}: --tensor-parallel-size must be >= 1", file=sys.stderr)
         return 2
-    if args.tensor_parallel_size > 1 and args.mode != "colocated":
-        print(f"{prog}: --tensor-parallel-size > 1 needs --mode colocated: KV handoff between "
-              "tensor-parallel engines is not implemented yet", file=sys.stderr)
-        return 2
     gpus = _gpu_count(args.device)
     if 0 < gpus < args.tensor_parallel_size:
         print(f"{prog}: --tensor-parallel-size {args.tensor_parallel_size} needs that many GPUs per "

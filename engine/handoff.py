@@ -37,13 +37,11 @@ class HandoffHooks:
         """The engine's KV pool, `[num_blocks, num_layers, 2, block_size, kv_heads, head_dim]`
         (`baton.engine.kv_cache`). The transfer layer copies a handoff's blocks out of it
         (held blocks) or into it (reserved blocks, before `add_prefilled_request`) and
-        touches no other block. Not at tensor_parallel_size > 1 (RuntimeError): each rank
-        holds its own heads' KV, which no handoff moves yet."""
-        if self.config.tensor_parallel_size > 1:
-            raise RuntimeError(f"KV handoff to or from a tensor-parallel engine (tensor_parallel_size="
-                               f"{self.config.tensor_parallel_size}) is not implemented yet: run it as a "
-                               f"colocated worker, or with tensor_parallel_size=1")
-        return self.runner.kv
+        touches no other block. Its layout is the whole model's (every KV head) at any
+        tensor_parallel_size: above 1 it is a host copy (`ModelRunner.handoff_kv`) that held
+        blocks are gathered into when their request finishes and reserved blocks are spread
+        from when `add_prefilled_request` admits them."""
+        return self.runner.handoff_kv
 
     def held_blocks(self, request_id: str) -> list[int] | None:
         """Blocks of a finished `hold_kv` request, in prompt order (None if not held)."""
@@ -118,6 +116,7 @@ class HandoffHooks:
         except BaseException:
             self.release_blocks(list(block_ids))
             raise
+        self.runner.import_kv(list(block_ids))  # to the tensor-parallel ranks' pools (TP > 1)
         seq.block_table = list(block_ids)
         seq.num_computed_tokens = num_tokens
         self.block_manager.cache_computed_blocks(seq)

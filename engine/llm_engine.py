@@ -212,8 +212,6 @@ class LLMEngine(HandoffHooks):
             raise DuplicateRequestError(request_id)
         text, ids = self.tokenize_prompt(prompt)
         self.check_prompt_length(len(ids) + len(resume))
-        if hold_kv and self.config.tensor_parallel_size > 1:
-            raise InvalidRequestError("KV handoff from a tensor-parallel engine is not implemented yet")
         if hold_kv and params.num_candidates != 1:
             raise InvalidRequestError("a request whose KV is handed off must have n=1 and no best_of")
         if resume and (params.num_candidates != 1 or params.guided_decoding is not None):
@@ -438,6 +436,7 @@ class LLMEngine(HandoffHooks):
         keep = request.hold_kv and status is not SequenceStatus.FINISHED_ERROR
         if keep:
             self.held[request.request_id] = list(seq.block_table)
+            self.runner.export_kv(seq.block_table)  # from the tensor-parallel ranks' pools (TP > 1)
             log.debug("%s finished (%s) holding %d blocks for a KV handoff", request.request_id, status.name,
                       len(seq.block_table))
         self.scheduler.finish(seq, status, free_blocks=not keep)

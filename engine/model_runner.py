@@ -92,6 +92,7 @@ class ModelRunner:
         self.backend_name = pick_backend_name(config.attention_backend, self.device)
         self.backend = self._create_backend()
         self.graphs = None  # decode CUDA graphs, captured once the KV pool exists
+        self._handoff_kv: torch.Tensor | None = None  # see handoff_kv
         # Draft-model speculation: loaded before the pools are sized, so both fit.
         self.draft = self._load_draft()
         self.num_blocks = self._decide_num_blocks()
@@ -118,6 +119,30 @@ class ModelRunner:
         self.kv = self.kv_spec.allocate(num_blocks, self.device)
         if self.config.tensor_parallel_size > 1:
             self.model.allocate_kv(num_blocks)
+
+    @property
+    def handoff_kv(self) -> torch.Tensor:
+        """The pool a KV handoff reads and writes (`LLMEngine.kv_cache`): the KV pool itself at
+        tensor_parallel_size 1; above, a host pool of as many blocks in the whole model's
+        layout (every KV head), made on first use, which `export_kv` fills from the ranks and
+        `import_kv` spreads to them, so both sides of a handoff see one layout whatever their
+        TP (heads regrouped on the way)."""
+        if self.config.tensor_parallel_size == 1:
+            return self.kv
+        if self._handoff_kv is None:
+            whole = kv_cache_spec(self.config, ShardLayout.of(self.config.hf_config))
+            self._handoff_kv = whole.allocate(self.num_blocks, torch.device("cpu"))
+        return self._handoff_kv
+
+    def export_kv(self, block_ids: list[int]) -> None:
+        """Copy blocks from every rank into `handoff_kv` (a no-op at TP 1)."""
+        if self.config.tensor_parallel_size > 1 and block_ids:
+            self.model.gather_kv(block_ids, self.kv, self.handoff_kv)
+
+    def import_kv(self, block_ids: list[int]) -> None:
+        """Copy blocks of `handoff_kv` into every rank's pool, its heads each (a no-op at TP 1)."""
+        if self.config.tensor_parallel_size > 1 and block_ids:
+            self.model.scatter_kv(block_ids, self.kv, self.handoff_kv)
 
     def close(self) -> None:
         """Stop the other tensor-parallel ranks (nothing at TP 1; also done when the runner

@@ -64,12 +64,6 @@ def problems(svc: InferenceService) -> list[Problem]:
         cell_engines = [("spec.cells.prefill", svc.cells.prefill), ("spec.cells.decode", svc.cells.decode)]
         found += [p for path, engine in cell_engines for p in _typed_flags(path, engine, (*TYPED_FLAGS, *CELL_FLAGS))]
         engines += cell_engines
-    for path, engine in engines:
-        if engine.tensor_parallel_size > 1:
-            found.append(Problem(REASON, (
-                f"{path}.engine.tensorParallelSize is {engine.tensor_parallel_size}: KV "
-                "handoff between tensor-parallel engines is not implemented yet, so tensor "
-                "parallelism needs mode colocated")))
     (first, reference), *others = engines
     for path, engine in others:
         if engine.block_size != reference.block_size:

@@ -165,7 +165,7 @@ def _engine() -> dict:
             "tensorParallelSize": _scalar(
                 "integer", "GPUs one engine splits the model over, one process each "
                 "(--tensor-parallel-size); above 1 the pod requests that many nvidia.com/gpu. "
-                "Colocated mode only for now.", minimum=1, maximum=16, default=1),
+                "Prefill and decode may differ (KV handoffs regroup the heads).", minimum=1, maximum=16, default=1),
             "speculative": _speculative(),
             "extraArgs": {"type": "array", "items": {"type": "string", "maxLength": 4096},
                           "maxItems": 64,
@@ -514,10 +514,6 @@ def _spec() -> dict:
              f"{_block_size('decode')}",
              "prefill.engine.blockSize and decode.engine.blockSize must be equal: KV blocks "
              "are copied from prefill to decode as they are"),
-            (f"self.mode != 'disaggregated' || ({_tensor_parallel('prefill')} == 1 && "
-             f"{_tensor_parallel('decode')} == 1)",
-             "engine.tensorParallelSize above 1 needs mode colocated: KV handoff between "
-             "tensor-parallel engines is not implemented yet"),
             ("self.mode == 'disaggregated' || !has(self.cells)",
              "cells apply only to mode disaggregated"),
             (f"!has(self.cells) || ({_tensor_parallel('cells.prefill')} == 1 && "

@@ -114,7 +114,8 @@ def build_parser(prog: str, role: str) -> argparse.ArgumentParser:
                         help="module name or .py path imported before the engine is built "
                              "(registers architectures with baton.engine.ModelRegistry)")
     engine.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
-                        help="split the model over N processes, one per GPU (cuda:0..N-1 from --device's)")
+                        help="split the model over N processes, one per GPU (cuda:0..N-1 from --device's); "
+                             "prefill and decode workers may differ (KV handoffs regroup the heads)")
     engine.add_argument("--speculative-config", default=None, metavar="JSON",
                         help='speculative decoding, as vLLM\'s: \'{"method": "ngram", "num_speculative_tokens": 4}\' '
                              'or \'{"model": DRAFT_DIR, "num_speculative_tokens": 4}\' (decode and colocated workers)')
@@ -174,9 +175,6 @@ def parse(argv: list[str], prog: str, role: str) -> tuple[Any, WorkerOptions]:
         )
     except ValueError as exc:
         parser.error(str(exc))
-    if ns.tensor_parallel_size > 1 and role != "colocated":
-        parser.error("--tensor-parallel-size > 1 runs in serve-colocated only: KV handoff between "
-                     "tensor-parallel engines is not implemented yet")
     from baton.engine.config import EngineArgs
 
     return EngineArgs(**{name: getattr(ns, name) for name in ns._engine_fields}), options

@@ -32,6 +32,7 @@ from baton.engine.config import EngineConfig
 from baton.engine.errors import RankFailedError
 from baton.engine.parallel import steps
 from baton.engine.parallel.layers import Collectives
+from baton.engine.parallel.layout import ShardLayout
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class RankGroup:
 
     def __init__(self, config: EngineConfig):
         self.size = config.tensor_parallel_size
+        self.layouts = [ShardLayout.of(config.hf_config, self.size, r) for r in range(self.size)]
         self.failed: str | None = None
         self.store = dist.TCPStore("127.0.0.1", 0, self.size, True, wait_for_workers=False,
                                    timeout=COLLECTIVE_TIMEOUT)
@@ -200,6 +202,32 @@ class DrivenModel(nn.Module):
             return self.model.compute_logits(hidden)
 
         return self.ranks.run(("logits", int(hidden.shape[0])), run)
+
+    def gather_kv(self, block_ids: list[int], kv: torch.Tensor, into: torch.Tensor) -> None:
+        """Blocks `block_ids` of every rank's pool (`kv` is rank 0's) into `into`, a pool in
+        the whole model's layout (all KV heads, any device): each rank's heads in place."""
+        ids = torch.tensor(block_ids, device=kv.device)
+
+        def run():
+            parts = self.ranks.comm.gather(kv[ids].contiguous())  # [n, layers, 2, block, own heads, dim] each
+            rows = ids.to(into.device)
+            for layout, part in zip(self.ranks.layouts, parts):
+                heads = layout.kv_heads
+                into[rows, ..., heads.start : heads.stop, :] = part.to(into.device)
+
+        self.ranks.run(("kv_gather", list(block_ids)), run)
+
+    def scatter_kv(self, block_ids: list[int], kv: torch.Tensor, source: torch.Tensor) -> None:
+        """Blocks `block_ids` of `source` (the whole model's layout) into every rank's pool,
+        each rank taking its KV heads (rank 0's pool is `kv`)."""
+        ids = torch.tensor(block_ids, device=kv.device)
+        heads = self.ranks.layouts[0].kv_heads
+
+        def run():
+            blocks = self.ranks.comm.broadcast(source[ids.to(source.device)].to(kv.device).contiguous())
+            kv[ids] = blocks[..., heads.start : heads.stop, :]
+
+        self.ranks.run(("kv_scatter", list(block_ids)), run)
 
     def allocate_kv(self, num_blocks: int) -> None:
         """Every other rank (re)allocates its KV pool of `num_blocks` blocks (0: frees it)."""

@@ -9,6 +9,11 @@ broadcast on the ranks' process group, then every rank runs the same call. Ops:
   tokens of S sequences (block tables B wide); broadcast: int64 [3, T] (ids, positions,
   slots), then int32 [2 S + 1 + S B] (query starts, lengths, block tables);
 - `("logits", N)`: the LM head over N hidden rows; broadcast: those rows [N, hidden];
+- `("kv_gather", block_ids)`: send those blocks of the rank's pool to rank 0 (gather), which
+  puts each rank's KV heads in place in a pool of the whole model's layout (a KV handoff
+  out of this engine);
+- `("kv_scatter", block_ids)`: broadcast: those blocks in the whole model's layout, of which
+  each rank keeps its KV heads (a KV handoff into this engine);
 - `("stop",)`: leave the loop and exit.
 
 A rank answers on its pipe only at start (`("hello",)`, `("ready",)`) and when it fails

@@ -82,6 +82,15 @@ class RankWorker:
                     hidden = torch.empty((header[1], self.config.hf_config["hidden_size"]),
                                          dtype=self.config.dtype, device=self.device)
                     self.model.compute_logits(self.comm.broadcast(hidden))
+                elif op == "kv_gather":
+                    ids = torch.tensor(header[1], device=self.device)
+                    self.comm.gather(self.kv[ids].contiguous())
+                elif op == "kv_scatter":
+                    ids = torch.tensor(header[1], device=self.device)
+                    whole = (len(ids), *self.kv.shape[1:-2], self.layout.num_kv_heads, self.kv.shape[-1])
+                    blocks = self.comm.broadcast(torch.empty(whole, dtype=self.kv.dtype, device=self.device))
+                    heads = self.layout.kv_heads
+                    self.kv[ids] = blocks[..., heads.start : heads.stop, :]
                 elif op == "kv":
                     self.kv = None  # free the old pool before the new one is made
                     if self.device.type == "cuda":

@@ -150,6 +150,40 @@ def test_prefix_cache_hits_as_at_tp1(engines):
     _assert_same(*results)
 
 
+def _final(engine, request_id: str):
+    """Step `engine` until it is idle; the request's final output."""
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    return next(o for o in outputs if o.request_id == request_id and o.finished)
+
+
+@pytest.mark.parametrize("name", ["llama", "mqa_odd_vocab"])
+@pytest.mark.parametrize("prefill_tp, decode_tp", [(2, 1), (1, 2), (2, 2)])
+def test_kv_handed_off_between_tp_layouts_continues_as_a_colocated_run(engines, name, prefill_tp, decode_tp):
+    """A prompt prefilled at one TP and decoded at another: the handoff pool is in the whole
+    model's layout on both sides (each rank's KV heads gathered into it, or spread from it),
+    so the bytes a transport copies are the same whatever the TP, and decoding continues
+    exactly as a colocated TP 1 run."""
+    prompt = [0] + list(range(40, 60))
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    [want] = _run(engines(name, 1), [prompt], greedy)
+    prefill, decode = engines(name, prefill_tp).engine, engines(name, decode_tp).engine
+    prefill.add_request("h", {"prompt_token_ids": prompt}, greedy, hold_kv=True)
+    first = _final(prefill, "h").outputs[0]
+    assert first.finish_reason == "handoff"
+    held = prefill.held_blocks("h")
+    assert prefill.kv_cache.shape[-2] == 1 if name == "mqa_odd_vocab" else 2  # every KV head
+    reserved = decode.reserve_blocks(len(prompt))
+    decode.kv_cache[reserved] = prefill.kv_cache[held]  # what a transport does, byte for byte
+    prefill.release_held("h")
+    decode.add_prefilled_request("d", prompt, greedy, reserved, first.token_ids[0])
+    got = _final(decode, "d").outputs[0]
+    assert got.token_ids == want.outputs[0].token_ids
+    for engine in (prefill, decode):
+        assert engine.block_manager.num_free_blocks == TIGHT["num_gpu_blocks_override"]
+
+
 def test_a_killed_rank_fails_the_engine_with_a_clear_error(tiny_dir):
     llm = LLM(model=str(tiny_dir), device="cpu", tensor_parallel_size=2, num_gpu_blocks_override=32)
     engine = llm.engine

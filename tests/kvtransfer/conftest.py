@@ -24,6 +24,10 @@ class Peers:
         "p16": dict(block_size=16, num_blocks=400),
         "d4": dict(block_size=4, num_blocks=400),
         "p4": dict(block_size=4, num_blocks=400),
+        # Tensor-parallel engines (two processes each over gloo), started only by the tests
+        # that name them.
+        "d4tp2": dict(block_size=4, num_blocks=64, tensor_parallel_size=2),
+        "p4tp2": dict(block_size=4, num_blocks=64, tensor_parallel_size=2),
     }
 
     def __init__(self, model_dir):
@@ -55,6 +59,6 @@ class Peers:
 @pytest.fixture(scope="session")
 def peers(kv_tiny_dir):
     registry = Peers(kv_tiny_dir)
-    registry.start(*Peers.SPECS)
+    registry.start(*(name for name in Peers.SPECS if "tp" not in name))  # the rest on first use
     yield registry
     registry.close()

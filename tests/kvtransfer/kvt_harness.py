@@ -37,7 +37,7 @@ class PeerDied(RuntimeError):
 class Peer:
     def __init__(self, model_dir, block_size: int, num_blocks: int, transport: str = "auto",
                  ttl_s: float = 10.0, chunk_bytes: int = 4096, max_message_bytes: int = 16384,
-                 device: str = "cpu", gpu_order: str | None = None):
+                 device: str = "cpu", gpu_order: str | None = None, tensor_parallel_size: int = 1):
         """A worker with an engine on the tiny model at `model_dir`, or, with
         `model_dir=None`, a bare `TensorPool` on `device` (`gpu_order`: its
         CUDA_VISIBLE_DEVICES, own GPU first)."""
@@ -45,7 +45,8 @@ class Peer:
         self.conn, child = ctx.Pipe()
         spec = dict(model_dir=None if model_dir is None else str(model_dir), block_size=block_size, num_blocks=num_blocks,
                     transport=transport, ttl_s=ttl_s, chunk_bytes=chunk_bytes,
-                    max_message_bytes=max_message_bytes, device=device, gpu_order=gpu_order)
+                    max_message_bytes=max_message_bytes, device=device, gpu_order=gpu_order,
+                    tensor_parallel_size=tensor_parallel_size)
         self.spec = spec
         self.proc = ctx.Process(target=_child_main, args=(child, spec), daemon=True)
         self.proc.start()
@@ -175,7 +176,7 @@ class _Child:
 
             self.engine = AsyncLLMEngine.from_engine_args(EngineArgs(
                 model=s["model_dir"], block_size=s["block_size"], num_gpu_blocks_override=s["num_blocks"],
-                device="cpu", max_num_seqs=128))
+                device="cpu", max_num_seqs=128, tensor_parallel_size=s["tensor_parallel_size"]))
             self.pool = EnginePool(self.engine)
         config = TransferConfig(chunk_bytes=s["chunk_bytes"], tcp_chunk_bytes=s["chunk_bytes"], window_chunks=4,
                                 max_message_bytes=s["max_message_bytes"], push_timeout_s=20)

@@ -454,10 +454,14 @@ def test_a_gpu_limit_that_contradicts_tensor_parallel_size_is_a_spec_error():
                                                      "resources": {"limits": {"nvidia.com/gpu": 1}}}))
 
 
-def test_tensor_parallel_disaggregated_roles_are_an_incompatibility():
+def test_prefill_and_decode_may_run_different_tensor_parallel_sizes():
+    """KV handoffs regroup the heads (every handoff pool has the whole model's layout)."""
     from baton.operator import compat
 
-    svc = spec.parse(body(decode={"engine": {"tensorParallelSize": 2}}))
-    [problem] = compat.problems(svc)
-    assert "spec.decode.engine.tensorParallelSize is 2" in problem.message
-    assert "needs mode colocated" in problem.message
+    svc = spec.parse(body(prefill={"engine": {"tensorParallelSize": 2}}, decode={"engine": {"tensorParallelSize": 4}}))
+    assert compat.problems(svc) == []
+    objects = builders.build_all(svc, CONFIG)
+    for role, gpus in (("prefill", "2"), ("decode", "4")):
+        main = container(find(objects, "Deployment", f"llama-{role}"))
+        assert main["args"][main["args"].index("--tensor-parallel-size") + 1] == gpus
+        assert main["resources"]["limits"]["nvidia.com/gpu"] == gpus

@@ -1,14 +1,12 @@
-"""A tensor-parallel colocated worker behind the router (`baton up --tensor-parallel-size 2`
-on the CPU: two processes over gloo) answers as a TP 1 engine does; disaggregated roles
-refuse it until KV handoff between TP layouts exists."""
+"""Tensor-parallel workers behind the router (`baton up --tensor-parallel-size 2` on the CPU:
+two processes over gloo per worker) answer as a TP 1 engine does, colocated and with the KV
+handed from a TP 2 prefill worker to a TP 2 decode worker."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -62,17 +60,20 @@ def test_tp2_colocated_worker_serves_what_tp1_computes_and_restarts_when_a_rank_
         assert dep.stop() == 0
 
 
-def test_prefill_and_decode_workers_refuse_tensor_parallelism(capsys):
-    for role in ("prefill", "decode"):
-        try:
-            parse(["--tensor-parallel-size", "2"], f"baton serve-{role}", role)
-        except SystemExit as exc:
-            assert exc.code == 2
-        else:
-            raise AssertionError(f"serve-{role} accepted --tensor-parallel-size 2")
-        assert "KV handoff between tensor-parallel engines is not implemented yet" in capsys.readouterr().err
-    engine_args, _ = parse(["--tensor-parallel-size", "2"], "baton serve-colocated", "colocated")
+def test_disaggregated_tp2_workers_hand_off_the_kv_and_answer_as_tp1(tiny_model_dir):
+    from baton.engine import LLM, SamplingParams
+
+    prompt = "The quick brown fox"
+    want = LLM(model=str(tiny_model_dir), device="cpu", num_gpu_blocks_override=64).generate(
+        prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0].text
+    engine_args, _ = parse(["--tensor-parallel-size", "2"], "baton serve-prefill", "prefill")
     assert engine_args.tensor_parallel_size == 2
-    refused = subprocess.run([sys.executable, "-m", "baton.cli", "up", "--tensor-parallel-size", "2"],
-                             capture_output=True, text=True, timeout=60)
-    assert refused.returncode == 2 and "needs --mode colocated" in refused.stderr
+    dep = baton_up("--mode", "disaggregated", "--tensor-parallel-size", "2", timeout=240)
+    try:
+        reply = httpx.post(f"{dep.url}/v1/completions", timeout=120, json={
+            "model": tiny_model_dir.name, "prompt": prompt, "max_tokens": 12, "temperature": 0,
+            "ignore_eos": True})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["text"] == want
+    finally:
+        assert dep.stop() == 0
