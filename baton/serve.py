@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="KV blocks per worker (default: sized from memory)")
     engine.add_argument("--seed", type=int, default=None, help="engine seed for unseeded sampling (default: 0)")
     engine.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    engine.add_argument("--speculative-config", default=None, metavar="JSON",
+                        help='speculative decoding on the decode (or colocated) workers, as baton up '
+                             '--speculative-config (e.g. {"method": "ngram", "num_speculative_tokens": 3}); '
+                             'default: off')
     parallel = p.add_argument_group("parallelism")
     parallel.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                           help="GPUs a model replica is sharded over (default: 1)")
@@ -154,7 +158,7 @@ def to_up(ns: argparse.Namespace) -> tuple[argparse.Namespace | None, str | None
     n = str(ns.data_parallel_size)
     argv += ["--mode", "disaggregated", "--prefill", n, "--decode", n] if ns.disaggregated else [
         "--mode", "colocated", "--colocated", n]
-    for flag in ("task", "max_model_len", "max_num_seqs", "num_gpu_blocks_override", "kv_cache_memory_gb", "model_module",
+    for flag in ("task", "speculative_config", "max_model_len", "max_num_seqs", "num_gpu_blocks_override", "kv_cache_memory_gb", "model_module",
                  "api_key_file", "api_key", "tool_call_parser", "chat_template"):
         value = getattr(ns, flag)
         if value is not None:

@@ -116,7 +116,7 @@ def test_the_chat_template_flag_replaces_the_models(served, tiny_model_dir):
     (["--swap-space", "4"], "--swap-space"),
     (["--trust-remote-code"], "--trust-remote-code"),
     (["--enable-lora", "--lora-modules", "a=b"], "--enable-lora"),
-    (["--speculative-config={\"method\": \"ngram\"}"], "--speculative-config"),
+    (["--lora-modules={\"name\": \"a\"}"], "--lora-modules"),
     (["--max-model"], "--max-model"),  # no abbreviations: a typo is not another flag
     (["--api-key", "k"], "BATON_API_KEY"),
     (["--enable-auto-tool-choice"], "--tool-call-parser"),
@@ -140,10 +140,12 @@ def test_data_parallel_and_disaggregated_map_onto_workers(tiny_model_dir):
     worker = plan(args, tiny_model_dir)[0].argv
     assert worker[worker.index("--dtype") + 1] == "float16"
     assert worker[worker.index("--kv-cache-dtype") + 1] == "fp8" and "--enforce-eager" in worker
-    args, _ = to_up(build_parser().parse_args(["-dp", "3", "-tp", "2", "--task", "embed"]))
+    args, _ = to_up(build_parser().parse_args(["-dp", "3", "-tp", "2", "--task", "embed",
+                                               "--speculative-config", '{"method": "ngram"}']))
     assert [c.name for c in plan(args, tiny_model_dir)] == ["colocated-0", "colocated-1", "colocated-2"]
     worker = plan(args, tiny_model_dir)[0].argv
     assert worker[worker.index("--tensor-parallel-size") + 1] == "2" and worker[worker.index("--task") + 1] == "embed"
+    assert worker[worker.index("--speculative-config") + 1] == '{"method": "ngram"}'
 
 
 def test_the_quickstart_maps_every_flag():
