@@ -124,6 +124,8 @@ class EngineCollector(Collector):
                       stats.prompt_tokens_total)
         yield counter("baton:generation_tokens", "Tokens this engine generated.",
                       stats.generation_tokens_total)
+        if getattr(stats, "lora", None) is not None:  # LoRAStats with --enable-lora
+            yield from _lora_metrics(stats.lora, lv, counter, gauge)
         if getattr(stats, "spec_num_drafts", None) is not None:  # speculative decoding is on
             yield from _spec_decode_metrics(stats, counter, gauge)
 
@@ -138,6 +140,18 @@ def _spec_decode_metrics(stats: Any, counter: Callable, gauge: Callable):
     yield gauge("baton:spec_decode_mean_accepted_length",
                 "Tokens a verify round emits on average since start: 1 + accepted / rounds (0 before any).",
                 1.0 + accepted / drafts if drafts else 0.0)
+
+
+def _lora_metrics(lora: Any, lv: list[str], counter: Callable, gauge: Callable):
+    yield gauge("baton:lora_adapters_resident", "LoRA adapters in GPU slots.", len(lora.resident))
+    yield counter("baton:lora_loads", "LoRA adapters copied from host memory into a GPU slot.", lora.loads)
+    yield counter("baton:lora_disk_loads", "LoRA adapter directories read into host memory.", lora.disk_loads)
+    yield counter("baton:lora_evictions", "LoRA adapters evicted from a GPU slot.", lora.evictions)
+    per_adapter = CounterMetricFamily("baton:lora_requests", "Requests added, per LoRA adapter.",
+                                      labels=(*LABELS, "lora_name"))
+    for name, count in sorted(lora.requests.items()):
+        per_adapter.add_metric([*lv, name], count)
+    yield per_adapter
 
 
 class RouterGauges(Collector):

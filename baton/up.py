@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the model directory's name)")
     p.add_argument("--model-module", default=None, metavar="MODULE",
                    help="module name or .py path each worker imports first (registers architectures)")
+    p.add_argument("--enable-lora", action="store_true", help="workers serve LoRA adapters (requests name "
+                   "them in 'model'; /v1/load_lora_adapter adds more)")
+    p.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT directories) every worker serves from the start (implies --enable-lora)")
+    p.add_argument("--max-loras", type=int, default=None, help="LoRA adapters run at once per worker (GPU slots)")
+    p.add_argument("--max-lora-rank", type=int, default=None, help="largest LoRA rank served")
     p.add_argument("--host", default="127.0.0.1", help="router bind address")
     p.add_argument("--port", type=int, default=8000, help="router port")
     p.add_argument("--mode", default="disaggregated", choices=["disaggregated", "colocated"],
@@ -180,7 +186,7 @@ def plan(args: argparse.Namespace, model_dir: Path) -> list[Child]:
     """The workers to start (the router comes once they reported their ports)."""
     engine_flags = ["--model", str(model_dir), "--dtype", args.dtype, "--warmup", args.warmup]
     for flag in ("served_model_name", "max_model_len", "max_num_seqs", "num_gpu_blocks_override",
-                 "kv_cache_memory_gb", "task", "pooling_type"):
+                 "kv_cache_memory_gb", "task", "pooling_type", "max_loras", "max_lora_rank"):
         value = getattr(args, flag)
         if value is not None:
             engine_flags += [f"--{flag.replace('_', '-')}", str(value)]
@@ -188,6 +194,11 @@ def plan(args: argparse.Namespace, model_dir: Path) -> list[Child]:
     if args.model_module:  # workers may start elsewhere than here: a path is made absolute
         module = args.model_module
         engine_flags += ["--model-module", str(Path(module).resolve()) if module.endswith(".py") or "/" in module else module]
+    if args.enable_lora or args.lora_modules:
+        engine_flags.append("--enable-lora")
+    if args.lora_modules:  # absolute paths: the workers' working directory is not the user's
+        engine_flags += ["--lora-modules", *(f"{name}={Path(path).resolve()}" if sep else name for name, sep, path
+                                             in (item.partition("=") for item in args.lora_modules))]
     gpus = _gpu_count(args.device)
     tp = args.tensor_parallel_size
     if tp > 1:

@@ -73,8 +73,10 @@ class DecodeServicer(EngineServicer):
         await self.runtime.refuse_if_draining(context)
         with self.runtime.work():
             ttl = request.ttl_seconds or None
+            await self.lora_request(request.lora_name, context)  # refused before blocks are taken
             try:
-                ticket = await self.receiver.reserve(request.request_id, request.num_prompt_tokens, ttl)
+                ticket = await self.receiver.reserve(request.request_id, request.num_prompt_tokens, ttl,
+                                                     lora_name=request.lora_name)
             except HandoffError as exc:
                 code = _RESERVE_CODES.get(exc.reason, grpc.StatusCode.UNAVAILABLE)
                 await context.abort(code, str(exc))
@@ -87,6 +89,7 @@ class DecodeServicer(EngineServicer):
             rid, ticket_id = request.request_id, request.ticket_id
             try:
                 params = await self.parse_params(request.params, context)
+                lora = await self.lora_request(request.lora_name, context)
             except BaseException:
                 await self.receiver.cancel(ticket_id, "the decode parameters were invalid")
                 raise
@@ -106,7 +109,8 @@ class DecodeServicer(EngineServicer):
                                     f"of {handoff.num_tokens}")
             # The engine owns the blocks from this call on, even if it refuses the request.
             outputs = self.engine.generate_prefilled(
-                rid, prompt_token_ids=ids, params=params, resume_token_ids=resume, **handoff.prefilled_kwargs())
+                rid, prompt_token_ids=ids, params=params, resume_token_ids=resume, lora_request=lora,
+                **handoff.prefilled_kwargs())
             async for chunk in self.stream_outputs(outputs, context, arrival, len(ids)):
                 yield chunk
 

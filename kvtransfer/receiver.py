@@ -170,8 +170,10 @@ class KVReceiver:
         """Blocks reserved for handoffs that have not been filled yet."""
         return self._unfilled_blocks
 
-    async def reserve(self, request_id: str, num_prompt_tokens: int, ttl_s: float | None = None) -> Ticket:
-        """Reserve blocks for a prompt of `num_prompt_tokens` tokens; return the ticket.
+    async def reserve(self, request_id: str, num_prompt_tokens: int, ttl_s: float | None = None,
+                      lora_name: str = "") -> Ticket:
+        """Reserve blocks for a prompt of `num_prompt_tokens` tokens; return the ticket
+        (which carries `lora_name`, the request's LoRA adapter, to the prefill worker).
 
         Raises HandoffError("no_capacity") when the pool has no room now (try later or
         elsewhere) and ("bad_request") for a prompt that can never fit. The blocks come back
@@ -193,6 +195,7 @@ class KVReceiver:
             layout=self.layout,
             num_tokens=num_prompt_tokens,
             expires_at=time.time() + ttl,
+            lora_name=lora_name,
         )
         slot = Slot(ticket)
         self._slots[ticket.ticket_id] = slot

@@ -25,6 +25,8 @@ class Ticket:
     `baton.kvtransfer.transport.candidates`); every decode worker also accepts `grpc` pushes
     on `control_address`. `ucx_address` is empty without a UCX listener, `tcp_address`
     without a KV TCP listener, `ipc_domain` when the decode worker exports no pool.
+    `lora_name`: the LoRA adapter the decode worker will run the request with (empty: the
+    base model); the prefill worker refuses to fill the ticket with another one.
     """
 
     ticket_id: str
@@ -38,6 +40,7 @@ class Ticket:
     ucx_address: str = ""
     tcp_address: str = ""
     ipc_domain: str = ""
+    lora_name: str = ""
 
     @property
     def layout_fingerprint(self) -> str:
@@ -64,6 +67,7 @@ class Ticket:
             layout_fingerprint=self.layout_fingerprint,
             num_tokens=self.num_tokens,
             expires_at=self.expires_at,
+            lora_name=self.lora_name,
         )
 
     def to_bytes(self) -> bytes:
@@ -98,6 +102,7 @@ class Ticket:
             layout=layout,
             num_tokens=msg.num_tokens,
             expires_at=msg.expires_at,
+            lora_name=msg.lora_name,
         )
 
     @classmethod

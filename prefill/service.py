@@ -59,7 +59,12 @@ class PrefillServicer(EngineServicer):
                 ticket = Ticket.from_bytes(request.ticket)
             except HandoffError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            final = await self._prefill(rid, ids, list(request.resume_token_ids), params, context)
+            if ticket.lora_name != request.lora_name:  # the decode engine would continue another model
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"the reservation is for LoRA adapter {ticket.lora_name or '(none)'!r}, the "
+                                    f"prefill request names {request.lora_name or '(none)'!r}")
+            lora = await self.lora_request(request.lora_name, context)
+            final = await self._prefill(rid, ids, list(request.resume_token_ids), params, lora, context)
             completion = final.outputs[0]
             token = completion.token_ids[-1]  # after the resumed tokens, if any
             entry = completion.logprobs[-1] if completion.logprobs else None
@@ -76,11 +81,12 @@ class PrefillServicer(EngineServicer):
             self.metrics.observe(arrival, first_at, time.time(), 1, chunk.finish_reason or "prefilled")
             return worker_pb2.PrefillReply(first=chunk, kv_transfer_seconds=result.seconds)
 
-    async def _prefill(self, rid: str, ids: list[int], resume: list[int], params, context):
-        """Run the prompt (and the resumed tokens) through the engine; returns the finished
-        RequestOutput whose KV the engine holds. Cancellation aborts it and frees the blocks."""
+    async def _prefill(self, rid: str, ids: list[int], resume: list[int], params, lora, context):
+        """Run the prompt (and the resumed tokens) through the engine, with the LoRA adapter
+        `lora` (or none); returns the finished RequestOutput whose KV the engine holds.
+        Cancellation aborts it and frees the blocks."""
         outputs = self.engine.generate({"prompt_token_ids": ids}, params, rid, hold_kv=True,
-                                       resume_token_ids=resume)
+                                       resume_token_ids=resume, lora_request=lora)
         final = None
         async with contextlib.aclosing(outputs):
             try:

@@ -129,10 +129,19 @@ class OpenAIServing:
             raise no_worker(self.dispatcher.roles[-1])
         return limits
 
+    def _lora_name(self, model: str) -> str:
+        """The LoRA adapter the request's `model` names ("": the base model); 404 for a
+        name that is neither (adapters: those every role has a worker serving)."""
+        if model in self.served:
+            return ""
+        adapters = self.pool.adapters(self.dispatcher.roles)
+        if model in adapters:
+            return model
+        raise model_not_found(model, list(self.served) + sorted(adapters))
+
     async def serve(self, body: CompletionRequest | ChatCompletionRequest, request: Request) -> Response:
         chat = isinstance(body, ChatCompletionRequest)
-        if body.model not in self.served:
-            raise model_not_found(body.model, list(self.served))
+        lora_name = self._lora_name(body.model)
         max_model_len, vocab_size = self._limits()
         tools = plan_tools(body, self.tool_call_parser, self.enable_auto_tool_choice) if chat else None
         if chat:
@@ -166,7 +175,7 @@ class OpenAIServing:
             for i in range(candidates):
                 index = p_index * candidates + i
                 seeded = params if params.seed is None or i == 0 else params.clone(seed=(params.seed + i) % 2**63)
-                jobs.append(Job(index, f"{response_id}-{index}", prompt.token_ids, seeded))
+                jobs.append(Job(index, f"{response_id}-{index}", prompt.token_ids, seeded, lora_name))
                 prompt_tokens[index] = len(prompt.token_ids) if i == 0 else 0
         ticket = self.dispatcher.admit([len(p.token_ids) for p in prompts], len(jobs))
         log.debug("%s: %d prompt(s), %d stream(s)", response_id, len(prompts), len(jobs))

@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from baton import __version__, tracing
 from baton.metrics import RequestMetrics, RouterGauges
 from baton.router import errors
+from baton.router.adapters import adapter_routes
 from baton.router.api import OpenAIServing
 from baton.router.config import RouterConfig
 from baton.router.discovery import Discovery, KubernetesDiscovery, StaticDiscovery
@@ -117,7 +118,13 @@ def create_app(config: RouterConfig, registry: CollectorRegistry | None = None) 
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "baton",
                  "root": config.served_model_names[0],
                  "max_model_len": limits[0] if limits else None} for name in config.served_model_names]
+        # LoRA adapters every role serves, as vLLM lists them: the base model as parent.
+        data += [{"id": name, "object": "model", "created": 0, "owned_by": "baton", "root": name,
+                  "parent": config.served_model_names[0], "max_model_len": limits[0] if limits else None}
+                 for name in sorted(pool.adapters(config.roles))]
         return {"object": "list", "data": data}
+
+    app.include_router(adapter_routes(pool, config.roles, config.served_model_names))
 
     @app.get("/health", tags=["operations"])
     async def health() -> dict:

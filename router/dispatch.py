@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -91,8 +92,12 @@ class Dispatcher:
         return self.admission.admit(prompt_lengths, streams)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[Delta]:
+                       params: SamplingParams, lora_name: str = "") -> AsyncIterator[Delta]:
         """Stream one output. Raises APIError (before or during the stream).
+
+        `lora_name`: the LoRA adapter to run it with ("": the base model). Only workers
+        serving it are candidates, those holding it in memory first; in disaggregated mode
+        the reservation, the prefill and the decode all name it (the ticket carries it).
 
         A worker lost mid-stream (its call UNAVAILABLE) is failed over (`_resume`): the
         prompt and the tokens already streamed are prefilled again, on a prefill worker
@@ -103,7 +108,7 @@ class Dispatcher:
         self.running += 1
         proto = params_to_proto(params)
         try:
-            inner = self._first_attempt(request_id, prompt_token_ids, proto)
+            inner = self._first_attempt(request_id, prompt_token_ids, proto, lora_name)
             failovers = 0
             while True:
                 try:
@@ -119,23 +124,24 @@ class Dispatcher:
                     log.warning("%s worker %s lost %s after %d tokens; resuming elsewhere (failover %d of %d)",
                                 lost.worker.role, lost.worker.address, request_id, len(lost.state.token_ids),
                                 failovers, self.max_failovers)
-                    inner = self._resume(f"{request_id}.f{failovers}", prompt_token_ids, proto, lost)
+                    inner = self._resume(f"{request_id}.f{failovers}", prompt_token_ids, proto, lost, lora_name)
         finally:
             self.running -= 1
             self.pool.notify()
 
-    def _first_attempt(self, rid: str, ids: list[int], params: worker_pb2.SamplingParams):
+    def _first_attempt(self, rid: str, ids: list[int], params: worker_pb2.SamplingParams, lora: str = ""):
         """The stream's first run: whole on a colocated worker; disaggregated, or whole on a
         decode worker when prefilling there is cheaper (`local_prefill_reason`)."""
         if not self.disaggregated:
-            return self._whole(rid, ids, params)
-        reason, worker = self.local_prefill_reason(ids)
+            return self._whole(rid, ids, params, lora=lora)
+        reason, worker = self.local_prefill_reason(ids, lora)
         self.prefill_decisions[reason] += 1
         if reason == "remote":
-            return self._disaggregated(rid, ids, params)
-        return self._whole(rid, ids, params, prefer=worker)
+            return self._disaggregated(rid, ids, params, lora=lora)
+        return self._whole(rid, ids, params, prefer=worker, lora=lora)
 
-    def _resume(self, rid: str, ids: list[int], params: worker_pb2.SamplingParams, lost: _StreamLost):
+    def _resume(self, rid: str, ids: list[int], params: worker_pb2.SamplingParams, lost: _StreamLost,
+                lora: str = ""):
         """A lost stream's next run, never on the lost worker: disaggregated, through a
         healthy prefill and decode pair (the prompt and the streamed tokens are one long
         prompt for the prefill worker: a handoff beats recomputing them on the decode
@@ -143,11 +149,11 @@ class Dispatcher:
         shorter than `local_prefill_tokens`; otherwise whole on another decode (or
         colocated) worker."""
         resumed = len(ids) + len(lost.state.token_ids)
-        if self.disaggregated and self.pool.available("prefill") and resumed >= self.local_prefill_tokens:
-            return self._disaggregated(rid, ids, params, state=lost.state, exclude={lost.worker})
-        return self._whole(rid, ids, params, state=lost.state, exclude={lost.worker})
+        if self.disaggregated and self._candidates("prefill", lora) and resumed >= self.local_prefill_tokens:
+            return self._disaggregated(rid, ids, params, state=lost.state, exclude={lost.worker}, lora=lora)
+        return self._whole(rid, ids, params, state=lost.state, exclude={lost.worker}, lora=lora)
 
-    def local_prefill_reason(self, ids: list[int]) -> tuple[str, Worker | None]:
+    def local_prefill_reason(self, ids: list[int], lora: str = "") -> tuple[str, Worker | None]:
         """Where a disaggregated request's prompt is prefilled: "short_prompt" (fewer than
         `local_prefill_tokens` tokens: the handoff would cost more than the prefill),
         "cached_prefix" (a decode worker ran a prompt with the same leading blocks itself, so
@@ -157,19 +163,23 @@ class Dispatcher:
             return "remote", None
         if len(ids) < self.local_prefill_tokens:
             return "short_prompt", None
-        worker = self._decode_by_prefix.get(self._prefix_key(ids))
+        worker = self._decode_by_prefix.get(self._prefix_key(ids, lora))
         if worker is not None and worker.available:
             return "cached_prefix", worker
         return "remote", None
 
-    def _prefix_key(self, ids: list[int]) -> bytes | None:
+    def _prefix_key(self, ids: list[int], lora: str = "") -> bytes | None:
+        """The prompt's leading blocks, under its adapter (engines cache them per adapter)."""
         workers = self.pool.available(self.roles[-1])
         block_size = next((w.info.block_size for w in workers if w.info is not None), 16)
-        return prefix_key(ids, block_size)
+        key = prefix_key(ids, block_size)
+        if key is None or not lora:
+            return key
+        return hashlib.blake2b(key + lora.encode(), digest_size=16).digest()
 
-    def _remember_prefix(self, ids: list[int], worker: Worker) -> None:
+    def _remember_prefix(self, ids: list[int], worker: Worker, lora: str = "") -> None:
         """Note that `worker` prefilled `ids` itself (so its prefix cache holds them)."""
-        key = self._prefix_key(ids)
+        key = self._prefix_key(ids, lora)
         if key is None:
             return
         self._decode_by_prefix.pop(key, None)
@@ -177,11 +187,20 @@ class Dispatcher:
         while len(self._decode_by_prefix) > PREFIX_MEMORY:
             self._decode_by_prefix.pop(next(iter(self._decode_by_prefix)))
 
+    def _candidates(self, role: str, lora: str, exclude=frozenset()) -> list[Worker]:
+        """Available workers of `role` that serve adapter `lora` (none in `exclude`)."""
+        return [w for w in self.pool.available(role) if w.serves(lora) and w not in exclude]
+
+    @staticmethod
+    def _holding_first(ordered: list[Worker], lora: str) -> list[Worker]:
+        """The policy's order, workers holding adapter `lora` in memory first (a stable sort)."""
+        return sorted(ordered, key=lambda w: not w.holds(lora)) if lora else ordered
+
     # -- a whole request on one worker: colocated, local prefill, failover -----------------
 
     async def _whole(self, rid: str, ids: list[int], params: worker_pb2.SamplingParams,
                      state: OutputState | None = None, exclude: set[Worker] | frozenset = frozenset(),
-                     prefer: Worker | None = None):
+                     prefer: Worker | None = None, lora: str = ""):
         """One Generate stream on a decode or colocated worker (`prefer` first, never one in
         `exclude`). `state`: what the client already has (a failover): the worker resumes
         after its tokens and re-sends them, which `OutputState.apply` drops by offset.
@@ -190,13 +209,14 @@ class Dispatcher:
         resume = list(state.token_ids) if state is not None else []
         state = _copy_state(state) if state is not None else OutputState()
         request = worker_pb2.GenerateRequest(request_id=rid, prompt_token_ids=ids, params=params,
-                                             resume_token_ids=resume)
+                                             resume_token_ids=resume, lora_name=lora)
         tried: list[Worker] = []
         while True:
-            candidates = [w for w in self.pool.available(role) if w not in tried and w not in exclude]
+            candidates = [w for w in self._candidates(role, lora, exclude) if w not in tried]
             if not candidates:
                 raise no_worker(role)
-            worker = prefer if prefer in candidates else self.policy.order_decode(candidates)[0]
+            worker = prefer if prefer in candidates else self._holding_first(self.policy.order_decode(candidates),
+                                                                             lora)[0]
             tried.append(worker)
             got_any = False
             worker.outstanding += 1
@@ -211,7 +231,7 @@ class Dispatcher:
                         yield _delta(state, new_tokens, new_chars)
                 _check_finished(state, worker)
                 if role == "decode":
-                    self._remember_prefix(ids, worker)
+                    self._remember_prefix(ids, worker, lora)
                 return
             except grpc.aio.AioRpcError as exc:
                 unavailable = exc.code() == grpc.StatusCode.UNAVAILABLE
@@ -233,7 +253,8 @@ class Dispatcher:
     # -- disaggregated -------------------------------------------------------------------
 
     async def _disaggregated(self, rid: str, ids: list[int], params: worker_pb2.SamplingParams,
-                             state: OutputState | None = None, exclude: set[Worker] | frozenset = frozenset()):
+                             state: OutputState | None = None, exclude: set[Worker] | frozenset = frozenset(),
+                             lora: str = ""):
         """A prefill worker hands the prompt's KV to a decode worker (not one in `exclude`),
         which streams the rest. `state`: what the client already has (a failover): its
         tokens are prefilled after the prompt, and both workers re-send them, which
@@ -244,7 +265,7 @@ class Dispatcher:
             yielded = False
             try:
                 async for delta in self._disaggregated_once(rid if attempt == 0 else f"{rid}.{attempt}", ids, params,
-                                                            state, exclude):
+                                                            state, exclude, lora):
                     yielded = True
                     yield delta
                 return
@@ -254,22 +275,22 @@ class Dispatcher:
                 log.warning("KV handoff of %s failed (%s); reserving again", rid, exc.error.message)
 
     async def _disaggregated_once(self, rid: str, ids: list[int], params: worker_pb2.SamplingParams,
-                                  state: OutputState | None, exclude: set[Worker] | frozenset):
+                                  state: OutputState | None, exclude: set[Worker] | frozenset, lora: str = ""):
         resume = list(state.token_ids) if state is not None else []
         # Router queueing: until a decode worker has reserved KV for the prompt.
         with tracing.span("queue", **{"baton.request_id": rid}):
-            decode, reservation, rid = await self._reserve(rid, len(ids) + len(resume), exclude)
+            decode, reservation, rid = await self._reserve(rid, len(ids) + len(resume), exclude, lora)
         touched = {decode}
         events: asyncio.Queue = asyncio.Queue()
         decode.outstanding += 1
         call = decode.stub.Decode(worker_pb2.DecodeRequest(
             ticket_id=reservation.ticket_id, request_id=rid, prompt_token_ids=ids, params=_for_decode(params),
-            resume_token_ids=resume))
+            resume_token_ids=resume, lora_name=lora))
         loop = asyncio.get_running_loop()
         reader = loop.create_task(_read_decode(call, events))
         prefilling: list[Worker] = []  # the prefill workers tried, in order
         prefill = loop.create_task(self._prefill(rid, ids, resume, params, reservation.ticket, events, touched,
-                                                 decode, prefilling))
+                                                 decode, prefilling, lora))
         state = _copy_state(state) if state is not None else OutputState()
         # Prompt logprobs come with the prefill reply: the decode stream (which may overtake
         # it) waits, so the client's first delta carries them.
@@ -318,8 +339,8 @@ class Dispatcher:
                 for worker in touched:
                     self._abort(worker, rid)
 
-    async def _reserve(self, rid: str, num_tokens: int,
-                       exclude: set[Worker] | frozenset = frozenset()) -> tuple[Worker, worker_pb2.ReserveReply, str]:
+    async def _reserve(self, rid: str, num_tokens: int, exclude: set[Worker] | frozenset = frozenset(),
+                       lora: str = "") -> tuple[Worker, worker_pb2.ReserveReply, str]:
         """Reserve KV for the prompt on the best decode worker that has room; wait for room
         while every one is full or busy (admission bounded how many wait). Returns the
         worker, its reply and the request id the reservation holds: a call abandoned after
@@ -327,12 +348,13 @@ class Dispatcher:
         abandoned one's Abort cannot touch."""
         attempt = 0
         while True:
-            candidates = [w for w in self.pool.available("decode") if w not in exclude]
+            candidates = self._candidates("decode", lora, exclude)
             if not candidates:
                 raise no_worker("decode")
-            for worker in self.policy.order_decode(candidates):
+            for worker in self._holding_first(self.policy.order_decode(candidates), lora):
                 attempt_id = rid if attempt == 0 else f"{rid}.r{attempt}"
-                request = worker_pb2.ReserveRequest(request_id=attempt_id, num_prompt_tokens=num_tokens)
+                request = worker_pb2.ReserveRequest(request_id=attempt_id, num_prompt_tokens=num_tokens,
+                                                    lora_name=lora)
                 outcome = await self._try_reserve(worker, request)
                 if isinstance(outcome, worker_pb2.ReserveReply):
                     worker.sent_since_poll += 1
@@ -388,19 +410,19 @@ class Dispatcher:
 
     async def _prefill(self, rid: str, ids: list[int], resume: list[int], params: worker_pb2.SamplingParams,
                        ticket: bytes, events: asyncio.Queue, touched: set[Worker], decode: Worker,
-                       tried: list[Worker]) -> None:
+                       tried: list[Worker], lora: str = "") -> None:
         """Prefill on the best prefill worker, one of the decode worker's cell first
         (`prefer_cell`); a second worker once if the first failed before the handoff.
         `tried` gets each worker as it is asked."""
         request = worker_pb2.PrefillRequest(request_id=rid, prompt_token_ids=ids, params=params,
-                                            ticket=ticket, resume_token_ids=resume)
+                                            ticket=ticket, resume_token_ids=resume, lora_name=lora)
         error: APIError = no_worker("prefill")
         handoff_failed = False
         while len(tried) < 2:
-            candidates = [w for w in self.pool.available("prefill") if w not in tried]
+            candidates = [w for w in self._candidates("prefill", lora) if w not in tried]
             if not candidates:
                 break
-            worker = prefer_cell(self.policy.order_prefill(candidates, ids), decode.cell)[0]
+            worker = prefer_cell(self._holding_first(self.policy.order_prefill(candidates, ids), lora), decode.cell)[0]
             tried.append(worker)
             touched.add(worker)
             worker.outstanding += 1

@@ -31,6 +31,7 @@ class Job:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    lora_name: str = ""  # the LoRA adapter the request's `model` names; "": the base model
 
 
 class FanOut:
@@ -48,7 +49,8 @@ class FanOut:
 
     async def _run(self, job: Job) -> None:
         try:
-            async for delta in self._dispatcher.generate(job.request_id, job.prompt_token_ids, job.params):
+            async for delta in self._dispatcher.generate(job.request_id, job.prompt_token_ids, job.params,
+                                                         job.lora_name):
                 self._ticket.started(job.index)
                 self._queue.put_nowait((job.index, delta))
         except asyncio.CancelledError:

@@ -83,6 +83,15 @@ class Worker:
         if self.info is not None and self.info.block_size:
             self.reserved_blocks_since_poll += -(-num_prompt_tokens // self.info.block_size)
 
+    def serves(self, lora_name: str) -> bool:
+        """Whether requests may name LoRA adapter `lora_name` here ("": the base model)."""
+        return not lora_name or (self.stats is not None and lora_name in self.stats.lora_adapters)
+
+    def holds(self, lora_name: str) -> bool:
+        """Whether the adapter's weights are in the worker's memory (no disk read), as of
+        the last poll."""
+        return bool(lora_name) and self.stats is not None and lora_name in self.stats.lora_resident
+
     def kv_usage(self) -> float:
         if self.stats is None or not self.stats.num_blocks:
             return 0.0
@@ -166,6 +175,14 @@ class WorkerPool:
 
     def available(self, role: str) -> list[Worker]:
         return [w for w in self.workers[role].values() if w.available]
+
+    def adapters(self, roles: Iterable[str]) -> set[str]:
+        """LoRA adapter names that every role has an available worker serving."""
+        names: set[str] | None = None
+        for role in roles:
+            served = {n for w in self.available(role) if w.stats is not None for n in w.stats.lora_adapters}
+            names = served if names is None else names & served
+        return names or set()
 
     def model_limits(self, roles: Iterable[str]) -> tuple[int, int] | None:
         """(max_model_len, vocab_size) every available worker of these roles accepts."""

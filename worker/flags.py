@@ -25,6 +25,7 @@ _ENGINE_FIELDS = (
     "max_num_batched_tokens", "max_model_len", "gpu_memory_utilization",
     "num_gpu_blocks_override", "kv_cache_memory_gb", "enable_prefix_caching", "seed",
     "quantization", "kv_cache_dtype", "model_module", "tensor_parallel_size", "speculative_config",
+    "enable_lora", "max_loras", "max_cpu_loras", "max_lora_rank",
 )
 
 
@@ -45,6 +46,7 @@ class WorkerOptions:
     ucx_progress_mode: str | None = None  # None: UCXX's default ($UCXPY_PROGRESS_MODE or thread)
     warmup: str = "auto"  # run every reachable kernel shape before SERVING: auto (on CUDA), on, off
     otlp_traces_endpoint: str | None = None  # None: no traces (baton/tracing.py)
+    lora_modules: tuple[tuple[str, str], ...] = ()  # (name, path) adapters served from the start
     cell: str = ""  # the cell this engine runs in (`baton serve-cell` sets it); reported by Info
     keepalive: Keepalive = Keepalive()  # the pings the gRPC server accepts (baton/rpc.py)
 
@@ -63,6 +65,9 @@ class WorkerOptions:
             raise ValueError("--shutdown-grace-seconds must be >= 0")
         if self.reservation_ttl_seconds <= 0:
             raise ValueError("--reservation-ttl-seconds must be > 0")
+        names = [name for name, _ in self.lora_modules]
+        if len(set(names)) != len(names) or not all(name and path for name, path in self.lora_modules):
+            raise ValueError("--lora-modules takes NAME=PATH pairs with distinct, non-empty names")
         if self.ucx_progress_mode not in (None, *UCX_PROGRESS_MODES):
             raise ValueError(f"--ucx-progress-mode must be one of {UCX_PROGRESS_MODES}, got {self.ucx_progress_mode!r}")
 
@@ -119,6 +124,15 @@ def build_parser(prog: str, role: str) -> argparse.ArgumentParser:
     engine.add_argument("--speculative-config", default=None, metavar="JSON",
                         help='speculative decoding, as vLLM\'s: \'{"method": "ngram", "num_speculative_tokens": 4}\' '
                              'or \'{"model": DRAFT_DIR, "num_speculative_tokens": 4}\' (decode and colocated workers)')
+    engine.add_argument("--enable-lora", action=argparse.BooleanOptionalAction, default=False,
+                        help="serve LoRA adapters (--lora-modules, /v1/load_lora_adapter)")
+    engine.add_argument("--max-loras", type=int, default=1, help="LoRA adapters in GPU slots (run at once)")
+    engine.add_argument("--max-cpu-loras", type=int, default=None,
+                        help="LoRA adapters kept in host memory when unused (default: --max-loras)")
+    engine.add_argument("--max-lora-rank", type=int, default=16, help="largest LoRA rank served")
+    engine.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                        help="LoRA adapters (PEFT directories) served from the start; requests name them "
+                             "in the `model` field (needs --enable-lora)")
     parser.set_defaults(_engine_fields=list(_ENGINE_FIELDS) + _engine_field_flags(engine, set(_ENGINE_FIELDS)))
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="0.0.0.0", help="bind address")
@@ -152,6 +166,13 @@ def build_parser(prog: str, role: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _lora_module(item: str) -> tuple[str, str]:
+    name, sep, path = item.partition("=")
+    if not sep:
+        raise ValueError(f"--lora-modules: {item!r} is not NAME=PATH")
+    return name.strip(), path.strip()
+
+
 def parse(argv: list[str], prog: str, role: str) -> tuple[Any, WorkerOptions]:
     """Returns (EngineArgs, WorkerOptions); argparse exits with status 2 on bad flags."""
     parser = build_parser(prog, role)
@@ -172,7 +193,10 @@ def parse(argv: list[str], prog: str, role: str) -> tuple[Any, WorkerOptions]:
             warmup=ns.warmup,
             otlp_traces_endpoint=ns.otlp_traces_endpoint,
             cell=ns.cell,
+            lora_modules=tuple(_lora_module(item) for item in ns.lora_modules),
         )
+        if options.lora_modules and not ns.enable_lora:
+            raise ValueError("--lora-modules needs --enable-lora")
     except ValueError as exc:
         parser.error(str(exc))
     from baton.engine.config import EngineArgs

@@ -172,6 +172,13 @@ def run_worker(argv: list[str], prog: str, role: str, make_servicer) -> int:
             # Before the server starts: the worker is ready only once its kernels are.
             await warm_up(engine)
         servicer = make_servicer(engine, runtime)
+        for name, path in options.lora_modules:
+            try:
+                await servicer.adapters.load(name, path)
+            except ValueError as exc:
+                print(f"{prog}: --lora-modules {name}={path}: {exc}", file=sys.stderr)
+                await engine.shutdown()
+                return 2
 
         async def stop_if_the_engine_dies() -> None:
             # A dead engine (a tensor-parallel rank failed) serves nothing again: drain and

@@ -23,6 +23,7 @@ from baton.engine.errors import DuplicateRequestError, NoCapacityError
 from baton.metrics import EngineCollector, RequestMetrics
 from baton.protos import worker_pb2, worker_pb2_grpc
 from baton.sampling_params import PoolingParams, SamplingParams
+from baton.worker.adapters import AdapterInUse, AdapterNotFound, AdapterTable
 from baton.worker.messages import ChunkWriter, params_from_proto
 from baton.worker.runtime import WorkerRuntime
 
@@ -53,6 +54,7 @@ class EngineServicer(worker_pb2_grpc.WorkerServicer):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stats_task: asyncio.Future | None = None
         self._last_stats = None
+        self.adapters = AdapterTable(engine, config.lora is not None)  # LoRA adapters by name
 
     # -- shared calls --------------------------------------------------------------------
 
@@ -99,6 +101,8 @@ class EngineServicer(worker_pb2_grpc.WorkerServicer):
             num_blocks=s.num_blocks,
             draining=self.runtime.draining,
             num_in_flight=self.runtime.in_flight,
+            lora_adapters=self.adapters.names,
+            lora_resident=sorted(set(s.lora.cached) & set(self.adapters.names)) if s.lora else [],
         )
 
     async def Abort(self, request, context) -> worker_pb2.AbortReply:
@@ -125,7 +129,35 @@ class EngineServicer(worker_pb2_grpc.WorkerServicer):
                 await context.abort(grpc.StatusCode.INTERNAL, f"embedding failed: {out.error if out else 'no output'}")
             return worker_pb2.EmbedReply(embedding=out.outputs.embedding, num_prompt_tokens=len(ids))
 
+    async def LoadAdapter(self, request, context) -> worker_pb2.AdapterReply:
+        try:
+            await self.adapters.load(request.lora_name, request.lora_path)
+        except ValueError as exc:
+            code = (grpc.StatusCode.FAILED_PRECONDITION if not self.adapters.enabled
+                    else grpc.StatusCode.INVALID_ARGUMENT)
+            await context.abort(code, str(exc))
+        log.info("LoRA adapter %r loaded from %s", request.lora_name, request.lora_path)
+        return worker_pb2.AdapterReply(lora_adapters=self.adapters.names)
+
+    async def UnloadAdapter(self, request, context) -> worker_pb2.AdapterReply:
+        try:
+            await self.adapters.unload(request.lora_name)
+        except AdapterNotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except AdapterInUse as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        log.info("LoRA adapter %r unloaded", request.lora_name)
+        return worker_pb2.AdapterReply(lora_adapters=self.adapters.names)
+
     # -- helpers for the role servicers --------------------------------------------------
+
+    async def lora_request(self, name: str, context):
+        """The `LoRARequest` a call names (None: the base model); INVALID_ARGUMENT for a
+        name this worker does not serve."""
+        try:
+            return self.adapters.resolve(name)
+        except AdapterNotFound as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     def collector(self) -> EngineCollector:
         """Engine gauges for /metrics; must be created on the serving event loop."""
@@ -147,9 +179,10 @@ class EngineServicer(worker_pb2_grpc.WorkerServicer):
         with self.runtime.work():
             arrival = time.time()
             params = await self.parse_params(request.params, context)
+            lora = await self.lora_request(request.lora_name, context)
             ids = list(request.prompt_token_ids)
             outputs = self.engine.generate({"prompt_token_ids": ids}, params, request.request_id,
-                                           resume_token_ids=list(request.resume_token_ids))
+                                           resume_token_ids=list(request.resume_token_ids), lora_request=lora)
             async for chunk in self.stream_outputs(outputs, context, arrival, len(ids)):
                 yield chunk
 

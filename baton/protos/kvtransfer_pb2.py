@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from baton.protos import common_pb2 as baton_dot_protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x62\x61ton/protos/kvtransfer.proto\x12\x08\x62\x61ton.v1\x1a\x19\x62\x61ton/protos/common.proto\"\x88\x01\n\x08KVLayout\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\x05\x12\x10\n\x08head_dim\x18\x04 \x01(\x05\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06layout\x18\x07 \x01(\t\"\x96\x02\n\x08KVTicket\x12\x11\n\tticket_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63ontrol_address\x18\x03 \x01(\t\x12\x11\n\ttransport\x18\x04 \x01(\t\x12\x13\n\x0bucx_address\x18\x05 \x01(\t\x12\x11\n\tblock_ids\x18\x06 \x03(\x05\x12\"\n\x06layout\x18\x07 \x01(\x0b\x32\x12.baton.v1.KVLayout\x12\x1a\n\x12layout_fingerprint\x18\x08 \x01(\t\x12\x12\n\nnum_tokens\x18\t \x01(\x05\x12\x12\n\nexpires_at\x18\n \x01(\x01\x12\x13\n\x0btcp_address\x18\x0b \x01(\t\x12\x12\n\nipc_domain\x18\x0c \x01(\t\"q\n\x0cKVFirstToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x14\n\x07logprob\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12-\n\x0ctop_logprobs\x18\x03 \x01(\x0b\x32\x17.baton.v1.TokenLogprobsB\n\n\x08_logprob\"\xca\x01\n\x0fKVHandoffHeader\x12\x11\n\tticket_id\x18\x01 \x01(\t\x12\"\n\x06layout\x18\x02 \x01(\x0b\x32\x12.baton.v1.KVLayout\x12\x15\n\rsrc_block_ids\x18\x03 \x03(\x05\x12\x11\n\tnum_bytes\x18\x04 \x01(\x03\x12+\n\x0b\x66irst_token\x18\x05 \x01(\x0b\x32\x16.baton.v1.KVFirstToken\x12\x0e\n\x06staged\x18\x06 \x01(\x08\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x03\"6\n\x07KVChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x03 \x01(\r\"\"\n\x0cKVHandoffEnd\x12\x12\n\nnum_chunks\x18\x01 \x01(\x03\"\x8f\x01\n\rKVPushMessage\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.baton.v1.KVHandoffHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.baton.v1.KVChunkH\x00\x12%\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x16.baton.v1.KVHandoffEndH\x00\x42\x06\n\x04kind\"^\n\x0bKVPushReply\x12\x15\n\x0b\x61\x63ked_bytes\x18\x01 \x01(\x03H\x00\x12\x0e\n\x04\x64one\x18\x02 \x01(\x08H\x00\x12 \n\x05\x65rror\x18\x03 \x01(\x0b\x32\x0f.baton.v1.ErrorH\x00\x42\x06\n\x04kind\"C\n\x0eKVAbortRequest\x12\x11\n\tticket_id\x18\x01 \x01(\t\x12\x1e\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x0f.baton.v1.Error\"\x0e\n\x0cKVAbortReply2\x83\x01\n\nKVTransfer\x12:\n\x04Push\x12\x17.baton.v1.KVPushMessage\x1a\x15.baton.v1.KVPushReply(\x01\x30\x01\x12\x39\n\x05\x41\x62ort\x12\x18.baton.v1.KVAbortRequest\x1a\x16.baton.v1.KVAbortReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x62\x61ton/protos/kvtransfer.proto\x12\x08\x62\x61ton.v1\x1a\x19\x62\x61ton/protos/common.proto\"\x88\x01\n\x08KVLayout\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\x05\x12\x10\n\x08head_dim\x18\x04 \x01(\x05\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06layout\x18\x07 \x01(\t\"\xa9\x02\n\x08KVTicket\x12\x11\n\tticket_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63ontrol_address\x18\x03 \x01(\t\x12\x11\n\ttransport\x18\x04 \x01(\t\x12\x13\n\x0bucx_address\x18\x05 \x01(\t\x12\x11\n\tblock_ids\x18\x06 \x03(\x05\x12\"\n\x06layout\x18\x07 \x01(\x0b\x32\x12.baton.v1.KVLayout\x12\x1a\n\x12layout_fingerprint\x18\x08 \x01(\t\x12\x12\n\nnum_tokens\x18\t \x01(\x05\x12\x12\n\nexpires_at\x18\n \x01(\x01\x12\x13\n\x0btcp_address\x18\x0b \x01(\t\x12\x12\n\nipc_domain\x18\x0c \x01(\t\x12\x11\n\tlora_name\x18\r \x01(\t\"q\n\x0cKVFirstToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x14\n\x07logprob\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12-\n\x0ctop_logprobs\x18\x03 \x01(\x0b\x32\x17.baton.v1.TokenLogprobsB\n\n\x08_logprob\"\xca\x01\n\x0fKVHandoffHeader\x12\x11\n\tticket_id\x18\x01 \x01(\t\x12\"\n\x06layout\x18\x02 \x01(\x0b\x32\x12.baton.v1.KVLayout\x12\x15\n\rsrc_block_ids\x18\x03 \x03(\x05\x12\x11\n\tnum_bytes\x18\x04 \x01(\x03\x12+\n\x0b\x66irst_token\x18\x05 \x01(\x0b\x32\x16.baton.v1.KVFirstToken\x12\x0e\n\x06staged\x18\x06 \x01(\x08\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x03\"6\n\x07KVChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x03 \x01(\r\"\"\n\x0cKVHandoffEnd\x12\x12\n\nnum_chunks\x18\x01 \x01(\x03\"\x8f\x01\n\rKVPushMessage\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.baton.v1.KVHandoffHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.baton.v1.KVChunkH\x00\x12%\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x16.baton.v1.KVHandoffEndH\x00\x42\x06\n\x04kind\"^\n\x0bKVPushReply\x12\x15\n\x0b\x61\x63ked_bytes\x18\x01 \x01(\x03H\x00\x12\x0e\n\x04\x64one\x18\x02 \x01(\x08H\x00\x12 \n\x05\x65rror\x18\x03 \x01(\x0b\x32\x0f.baton.v1.ErrorH\x00\x42\x06\n\x04kind\"C\n\x0eKVAbortRequest\x12\x11\n\tticket_id\x18\x01 \x01(\t\x12\x1e\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x0f.baton.v1.Error\"\x0e\n\x0cKVAbortReply2\x83\x01\n\nKVTransfer\x12:\n\x04Push\x12\x17.baton.v1.KVPushMessage\x1a\x15.baton.v1.KVPushReply(\x01\x30\x01\x12\x39\n\x05\x41\x62ort\x12\x18.baton.v1.KVAbortRequest\x1a\x16.baton.v1.KVAbortReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,23 +35,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVLAYOUT']._serialized_start=71
   _globals['_KVLAYOUT']._serialized_end=207
   _globals['_KVTICKET']._serialized_start=210
-  _globals['_KVTICKET']._serialized_end=488
-  _globals['_KVFIRSTTOKEN']._serialized_start=490
-  _globals['_KVFIRSTTOKEN']._serialized_end=603
-  _globals['_KVHANDOFFHEADER']._serialized_start=606
-  _globals['_KVHANDOFFHEADER']._serialized_end=808
-  _globals['_KVCHUNK']._serialized_start=810
-  _globals['_KVCHUNK']._serialized_end=864
-  _globals['_KVHANDOFFEND']._serialized_start=866
-  _globals['_KVHANDOFFEND']._serialized_end=900
-  _globals['_KVPUSHMESSAGE']._serialized_start=903
-  _globals['_KVPUSHMESSAGE']._serialized_end=1046
-  _globals['_KVPUSHREPLY']._serialized_start=1048
-  _globals['_KVPUSHREPLY']._serialized_end=1142
-  _globals['_KVABORTREQUEST']._serialized_start=1144
-  _globals['_KVABORTREQUEST']._serialized_end=1211
-  _globals['_KVABORTREPLY']._serialized_start=1213
-  _globals['_KVABORTREPLY']._serialized_end=1227
-  _globals['_KVTRANSFER']._serialized_start=1230
-  _globals['_KVTRANSFER']._serialized_end=1361
+  _globals['_KVTICKET']._serialized_end=507
+  _globals['_KVFIRSTTOKEN']._serialized_start=509
+  _globals['_KVFIRSTTOKEN']._serialized_end=622
+  _globals['_KVHANDOFFHEADER']._serialized_start=625
+  _globals['_KVHANDOFFHEADER']._serialized_end=827
+  _globals['_KVCHUNK']._serialized_start=829
+  _globals['_KVCHUNK']._serialized_end=883
+  _globals['_KVHANDOFFEND']._serialized_start=885
+  _globals['_KVHANDOFFEND']._serialized_end=919
+  _globals['_KVPUSHMESSAGE']._serialized_start=922
+  _globals['_KVPUSHMESSAGE']._serialized_end=1065
+  _globals['_KVPUSHREPLY']._serialized_start=1067
+  _globals['_KVPUSHREPLY']._serialized_end=1161
+  _globals['_KVABORTREQUEST']._serialized_start=1163
+  _globals['_KVABORTREQUEST']._serialized_end=1230
+  _globals['_KVABORTREPLY']._serialized_start=1232
+  _globals['_KVABORTREPLY']._serialized_end=1246
+  _globals['_KVTRANSFER']._serialized_start=1249
+  _globals['_KVTRANSFER']._serialized_end=1380
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,7 @@ class KVLayout(_message.Message):
     def __init__(self, model: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., layout: _Optional[str] = ...) -> None: ...
 
 class KVTicket(_message.Message):
-    __slots__ = ("ticket_id", "request_id", "control_address", "transport", "ucx_address", "block_ids", "layout", "layout_fingerprint", "num_tokens", "expires_at", "tcp_address", "ipc_domain")
+    __slots__ = ("ticket_id", "request_id", "control_address", "transport", "ucx_address", "block_ids", "layout", "layout_fingerprint", "num_tokens", "expires_at", "tcp_address", "ipc_domain", "lora_name")
     TICKET_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CONTROL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class KVTicket(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     TCP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     IPC_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    LORA_NAME_FIELD_NUMBER: _ClassVar[int]
     ticket_id: str
     request_id: str
     control_address: str
@@ -51,7 +52,8 @@ class KVTicket(_message.Message):
     expires_at: float
     tcp_address: str
     ipc_domain: str
-    def __init__(self, ticket_id: _Optional[str] = ..., request_id: _Optional[str] = ..., control_address: _Optional[str] = ..., transport: _Optional[str] = ..., ucx_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., layout_fingerprint: _Optional[str] = ..., num_tokens: _Optional[int] = ..., expires_at: _Optional[float] = ..., tcp_address: _Optional[str] = ..., ipc_domain: _Optional[str] = ...) -> None: ...
+    lora_name: str
+    def __init__(self, ticket_id: _Optional[str] = ..., request_id: _Optional[str] = ..., control_address: _Optional[str] = ..., transport: _Optional[str] = ..., ucx_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., layout_fingerprint: _Optional[str] = ..., num_tokens: _Optional[int] = ..., expires_at: _Optional[float] = ..., tcp_address: _Optional[str] = ..., ipc_domain: _Optional[str] = ..., lora_name: _Optional[str] = ...) -> None: ...
 
 class KVFirstToken(_message.Message):
     __slots__ = ("token_id", "logprob", "top_logprobs")

@@ -34,6 +34,7 @@ class WorkerStub:
     prefill    | Info, Stats, Prefill, Abort
     decode     | Info, Stats, Reserve, Decode, Abort
     colocated  | Info, Stats, Generate, Abort
+    every role | LoadAdapter, UnloadAdapter (LoRA adapters; FAILED_PRECONDITION without --enable-lora)
 
     A draining worker (SIGTERM) answers UNAVAILABLE to new work (Reserve, Prefill, Generate)
     and finishes what it has. A request that cannot fit right now is RESOURCE_EXHAUSTED
@@ -87,6 +88,16 @@ class WorkerStub:
                 request_serializer=baton_dot_protos_dot_worker__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=baton_dot_protos_dot_worker__pb2.EmbedReply.FromString,
                 _registered_method=True)
+        self.LoadAdapter = channel.unary_unary(
+                '/baton.v1.Worker/LoadAdapter',
+                request_serializer=baton_dot_protos_dot_worker__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=baton_dot_protos_dot_worker__pb2.AdapterReply.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/baton.v1.Worker/UnloadAdapter',
+                request_serializer=baton_dot_protos_dot_worker__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=baton_dot_protos_dot_worker__pb2.AdapterReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -98,6 +109,7 @@ class WorkerServicer:
     prefill    | Info, Stats, Prefill, Abort
     decode     | Info, Stats, Reserve, Decode, Abort
     colocated  | Info, Stats, Generate, Abort
+    every role | LoadAdapter, UnloadAdapter (LoRA adapters; FAILED_PRECONDITION without --enable-lora)
 
     A draining worker (SIGTERM) answers UNAVAILABLE to new work (Reserve, Prefill, Generate)
     and finishes what it has. A request that cannot fit right now is RESOURCE_EXHAUSTED
@@ -162,6 +174,21 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadAdapter(self, request, context):
+        """Serve a LoRA adapter under a name (read and checked against the model first; an
+        unusable one is INVALID_ARGUMENT), or stop serving one (FAILED_PRECONDITION while a
+        request uses it, NOT_FOUND for an unknown name).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -205,6 +232,16 @@ def add_WorkerServicer_to_server(servicer, server):
                     request_deserializer=baton_dot_protos_dot_worker__pb2.EmbedRequest.FromString,
                     response_serializer=baton_dot_protos_dot_worker__pb2.EmbedReply.SerializeToString,
             ),
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=baton_dot_protos_dot_worker__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=baton_dot_protos_dot_worker__pb2.AdapterReply.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=baton_dot_protos_dot_worker__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=baton_dot_protos_dot_worker__pb2.AdapterReply.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'baton.v1.Worker', rpc_method_handlers)
@@ -222,6 +259,7 @@ class Worker:
     prefill    | Info, Stats, Prefill, Abort
     decode     | Info, Stats, Reserve, Decode, Abort
     colocated  | Info, Stats, Generate, Abort
+    every role | LoadAdapter, UnloadAdapter (LoRA adapters; FAILED_PRECONDITION without --enable-lora)
 
     A draining worker (SIGTERM) answers UNAVAILABLE to new work (Reserve, Prefill, Generate)
     and finishes what it has. A request that cannot fit right now is RESOURCE_EXHAUSTED
@@ -435,6 +473,60 @@ class Worker:
             '/baton.v1.Worker/Embed',
             baton_dot_protos_dot_worker__pb2.EmbedRequest.SerializeToString,
             baton_dot_protos_dot_worker__pb2.EmbedReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.Worker/LoadAdapter',
+            baton_dot_protos_dot_worker__pb2.LoadAdapterRequest.SerializeToString,
+            baton_dot_protos_dot_worker__pb2.AdapterReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.Worker/UnloadAdapter',
+            baton_dot_protos_dot_worker__pb2.UnloadAdapterRequest.SerializeToString,
+            baton_dot_protos_dot_worker__pb2.AdapterReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,75 @@
+"""The LoRA adapters a worker serves, by name (`--lora-modules`, LoadAdapter, UnloadAdapter).
+
+A name maps to a `LoRARequest` whose id is given here (1, 2, ... in load order, never
+reused, so an unloaded name loaded again from another path is another adapter to the
+engine). The engine reads an adapter when a request first names it; loading checks it at
+once (read and matched against the model on the engine thread), so a bad path is refused
+when it is loaded, not when traffic arrives. Errors are the engine's error types
+(ValueError: INVALID_ARGUMENT), so the servicer maps them as it maps every engine error.
+
+Duck-typed on `AsyncLLMEngine`: no torch here.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from baton.engine.errors import InvalidRequestError
+from baton.engine.lora.request import LoRARequest
+
+
+class AdapterNotFound(InvalidRequestError):
+    """A request or an unload named an adapter this worker does not serve."""
+
+
+class AdapterInUse(Exception):
+    """An unload named an adapter that running requests still use."""
+
+
+class AdapterTable:
+    def __init__(self, engine, enabled: bool):
+        self.engine = engine
+        self.enabled = enabled
+        self.adapters: dict[str, LoRARequest] = {}
+        self._ids = itertools.count(1)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.adapters)
+
+    def resolve(self, name: str) -> LoRARequest | None:
+        """The adapter a request names ("" or the served model name: none)."""
+        if not name or name == self.engine.config.served_model_name:
+            return None
+        adapter = self.adapters.get(name)
+        if adapter is None:
+            served = ", ".join(self.names) or "none"
+            raise AdapterNotFound(f"LoRA adapter {name!r} is not loaded on this worker (loaded: {served})")
+        return adapter
+
+    async def load(self, name: str, path: str) -> None:
+        """Serve the adapter at `path` as `name`; raises ValueError (nothing changed) for
+        LoRA off, a taken name, or an adapter the engine cannot apply."""
+        if not self.enabled:
+            raise InvalidRequestError("this worker runs without LoRA (start it with --enable-lora)")
+        if not name or name == self.engine.config.served_model_name:
+            raise InvalidRequestError(f"an adapter cannot be named {name!r} (the base model's name or empty)")
+        if name in self.adapters:
+            raise InvalidRequestError(f"LoRA adapter {name!r} is already loaded "
+                                      f"({self.adapters[name].lora_local_path}); unload it first")
+        request = LoRARequest(name, next(self._ids), path)
+
+        def check(engine) -> None:  # read it now: a bad adapter is refused here, not per request
+            engine.runner.lora.acquire(request)
+            engine.runner.lora.release(request.lora_int_id)
+
+        await self.engine.run(check)
+        self.adapters[name] = request
+
+    async def unload(self, name: str) -> None:
+        """Stop serving `name`; raises AdapterNotFound, or AdapterInUse while requests use it."""
+        if name not in self.adapters:
+            raise AdapterNotFound(f"LoRA adapter {name!r} is not loaded on this worker")
+        if not await self.engine.run(lambda e: e.runner.lora.drop(name)):
+            raise AdapterInUse(f"LoRA adapter {name!r} is in use by running requests; try again when they end")
+        del self.adapters[name]
