@@ -43,7 +43,8 @@ METRICS = ("num_requests_waiting", "num_requests_running", "kv_cache_usage_perc"
 TYPED_FLAGS = ("model", "tokenizer", "served-model-name", "dtype", "block-size",
                "quantization", "kv-cache-dtype", "kv-transfer", "host", "port",
                "metrics-port", "kv-port", "kv-tcp-port", "otlp-traces-endpoint",
-               "tensor-parallel-size", "speculative-config", "speculative-model", "num-speculative-tokens")
+               "tensor-parallel-size", "speculative-config", "speculative-model", "num-speculative-tokens",
+               "enable-lora", "lora-modules", "max-loras", "max-lora-rank", "max-cpu-loras")
 DEFAULT_BLOCK_SIZE = 16
 # model.quantization and model.kvCacheDtype: the workers' --quantization and --kv-cache-dtype
 # accept each (a test says so). fp8_e4m3 is the workers' other spelling of fp8.
@@ -332,21 +333,22 @@ def _router() -> dict:
     )
 
 
-def _model() -> dict:
-    source = _obj(
+def _source(where: str, what: str) -> dict:
+    """A `source` node (pvc, hostPath or uri) of `what`, at `where` in the spec (for messages)."""
+    return _obj(
         {
             "pvc": _obj(
                 {
-                    "claimName": _scalar("string", "PersistentVolumeClaim holding the model.",
+                    "claimName": _scalar("string", f"PersistentVolumeClaim holding the {what}.",
                                          minLength=1, maxLength=253),
-                    "path": _scalar("string", "Model directory inside the volume.",
+                    "path": _scalar("string", f"{what.capitalize()} directory inside the volume.",
                                     default="", maxLength=4096),
                 },
                 required=("claimName",),
                 rules=(("!self.path.startsWith('/') && !self.path.matches('(^|/)[.][.](/|$)')",
-                        "model.source.pvc.path is relative to the volume and has no '..'"),),
+                        f"{where}.pvc.path is relative to the volume and has no '..'"),),
             ),
-            "hostPath": _scalar("string", "Absolute model directory on every node.",
+            "hostPath": _scalar("string", f"Absolute {what} directory on every node.",
                                 pattern="^/", maxLength=4096),
             "uri": _scalar(
                 "string", "hf://ORG/NAME[@REVISION] or an http(s):// .tar/.tar.gz/.tgz archive; "
@@ -360,13 +362,45 @@ def _model() -> dict:
         },
         description="Where the weights come from: exactly one of pvc, hostPath, uri.",
         rules=(("[has(self.pvc), has(self.hostPath), has(self.uri)].filter(x, x).size() == 1",
-                "set exactly one of model.source.pvc, model.source.hostPath, model.source.uri"),
+                f"set exactly one of {where}.pvc, {where}.hostPath, {where}.uri"),
                ("!has(self.credentialsSecretRef) || has(self.uri)",
-                "model.source.credentialsSecretRef applies only to uri sources")),
+                f"{where}.credentialsSecretRef applies only to uri sources")),
+    )
+
+
+def _lora() -> dict:
+    adapter = _obj(
+        {
+            "name": _scalar("string", "Adapter name: what clients send as `model`.",
+                            pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$", maxLength=128),
+            "source": _source("lora.adapters[].source", "adapter"),
+        },
+        required=("name", "source"),
     )
     return _obj(
         {
-            "source": source,
+            "adapters": {"type": "array", "items": adapter, "maxItems": 64,
+                         "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"],
+                         "description": "PEFT LoRA adapter directories every worker role fetches and "
+                                        "serves from the start (--lora-modules); more can be loaded "
+                                        "through the router's /v1/load_lora_adapter."},
+            "maxLoras": _scalar("integer", "Adapters a worker runs at once (--max-loras, its GPU "
+                                "slots).", minimum=1, maximum=256, default=4),
+            "maxLoraRank": _scalar("integer", "Largest adapter rank (--max-lora-rank); every slot "
+                                   "is this wide.", minimum=1, maximum=512, default=16),
+            "maxCpuLoras": _scalar("integer", "Unused adapters kept in host memory "
+                                   "(--max-cpu-loras); default maxLoras.", minimum=1, maximum=4096),
+        },
+        description="Multi-LoRA: the workers run with --enable-lora and serve these adapters.",
+        rules=(("!has(self.maxCpuLoras) || self.maxCpuLoras >= self.maxLoras",
+                "lora.maxCpuLoras must be at least lora.maxLoras"),),
+    )
+
+
+def _model() -> dict:
+    return _obj(
+        {
+            "source": _source("model.source", "model"),
             "servedName": _scalar("string", "Model name clients send; defaults to the "
                                   "InferenceService name.", pattern=r"^[^,\s]+$", maxLength=253),
             "dtype": _scalar("string", "Weights and activations dtype.",
@@ -461,6 +495,7 @@ def _spec() -> dict:
     return _obj(
         {
             "model": _model(),
+            "lora": _lora(),
             "image": _scalar("string", "Worker image; defaults to the operator's worker image.",
                              minLength=1),
             "imagePullPolicy": _scalar("string", "Pull policy of every container.",

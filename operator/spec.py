@@ -65,6 +65,22 @@ class Model:
 
 
 @dataclass(frozen=True)
+class LoRAAdapter:
+    name: str  # what clients send as `model`
+    source: ModelSource  # fetched like the model's (pvc, hostPath or uri)
+
+
+@dataclass(frozen=True)
+class LoRA:
+    """spec.lora: adapters every worker role serves from the start, and the engine's limits."""
+
+    adapters: tuple[LoRAAdapter, ...]
+    max_loras: int
+    max_lora_rank: int
+    max_cpu_loras: int | None = None
+
+
+@dataclass(frozen=True)
 class Engine:
     block_size: int
     max_num_seqs: int
@@ -197,6 +213,7 @@ class InferenceService:
     network_policy: bool
     otlp_endpoint: str | None = None  # spec.tracing.otlpEndpoint; None: tracing off
     cells: Cells | None = None  # spec.cells (disaggregated mode); None: no cells
+    lora: LoRA | None = None  # spec.lora; None: the workers run without LoRA
 
     @property
     def transport(self) -> str:
@@ -240,25 +257,43 @@ def _secret_ref(data: Mapping[str, Any] | None) -> SecretKeyRef | None:
     return None if data is None else SecretKeyRef(name=data["name"], key=data["key"])
 
 
-def _source(data: Mapping[str, Any]) -> ModelSource:
+def _source(data: Mapping[str, Any], where: str = "model.source") -> ModelSource:
     kinds = [kind for kind in ("pvc", "hostPath", "uri") if kind in data]
     if len(kinds) != 1:
-        raise SpecError("set exactly one of model.source.pvc, model.source.hostPath, "
-                        f"model.source.uri (found {', '.join(kinds) or 'none'})")
+        raise SpecError(f"set exactly one of {where}.pvc, {where}.hostPath, "
+                        f"{where}.uri (found {', '.join(kinds) or 'none'})")
     credentials = _secret_ref(data.get("credentialsSecretRef"))
     if credentials and kinds[0] != "uri":
-        raise SpecError("model.source.credentialsSecretRef applies only to uri sources")
+        raise SpecError(f"{where}.credentialsSecretRef applies only to uri sources")
     if kinds[0] == "pvc":
         pvc = data["pvc"]
         path = str(pvc.get("path", "")).strip("/")
         if ".." in path.split("/"):
-            raise SpecError("model.source.pvc.path must stay inside the volume (no '..')")
+            raise SpecError(f"{where}.pvc.path must stay inside the volume (no '..')")
         return ModelSource(kind="pvc", claim_name=pvc["claimName"], path=path)
     if kinds[0] == "hostPath":
         return ModelSource(kind="hostPath", host_path=data["hostPath"])
     limit = data.get("sizeLimit")
     return ModelSource(kind="uri", uri=data["uri"], credentials=credentials,
-                       size_limit=_quantity(limit, "spec.model.source.sizeLimit") if limit else None)
+                       size_limit=_quantity(limit, f"spec.{where}.sizeLimit") if limit else None)
+
+
+def _lora(data: Mapping[str, Any] | None, served_name: str) -> LoRA | None:
+    if data is None:
+        return None
+    adapters = []
+    for i, item in enumerate(data.get("adapters", ())):
+        adapters.append(LoRAAdapter(item["name"], _source(item["source"], f"lora.adapters[{i}].source")))
+    names = [a.name for a in adapters]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise SpecError(f"lora.adapters names must be distinct ({', '.join(duplicated)} repeats)")
+    if served_name in names:
+        raise SpecError(f"lora.adapters may not use the model's served name {served_name!r}")
+    max_cpu = data.get("maxCpuLoras")
+    if max_cpu is not None and max_cpu < data["maxLoras"]:
+        raise SpecError(f"lora.maxCpuLoras ({max_cpu}) must be at least lora.maxLoras ({data['maxLoras']})")
+    return LoRA(tuple(adapters), data["maxLoras"], data["maxLoraRank"], max_cpu)
 
 
 def _engine(data: Mapping[str, Any], path: str) -> Engine:
@@ -478,6 +513,9 @@ def _parse_spec(meta: Mapping[str, Any], spec: dict) -> InferenceService:
     if spec.get("cells") is not None and mode != "disaggregated":
         raise SpecError("spec.cells applies only to mode disaggregated")
     cells = _cells(spec.get("cells"))
+    if cells and spec.get("lora") is not None:
+        raise SpecError("spec.lora with spec.cells is not supported yet: cell engines would not get the "
+                        "adapters; serve LoRA adapters from prefill and decode fleets")
     if cells and len(meta["name"]) > 63 - len(CELL_SUFFIX):
         raise SpecError(f"metadata.name {meta['name']!r} is longer than {63 - len(CELL_SUFFIX)} "
                         f"characters, the most a service with cells allows (child objects add "
@@ -491,6 +529,7 @@ def _parse_spec(meta: Mapping[str, Any], spec: dict) -> InferenceService:
                             "spec.autoscaling.engine keda: a HorizontalPodAutoscaler cannot "
                             "scale to zero")
     model = spec["model"]
+    served_name = model.get("servedName") or meta["name"]
     return InferenceService(
         name=meta["name"],
         namespace=meta.get("namespace") or "default",
@@ -498,7 +537,7 @@ def _parse_spec(meta: Mapping[str, Any], spec: dict) -> InferenceService:
         generation=int(meta.get("generation") or 0),
         model=Model(
             source=_source(model["source"]),
-            served_name=model.get("servedName") or meta["name"],
+            served_name=served_name,
             dtype=model["dtype"],
             max_model_len=model.get("maxModelLen"),
             quantization=model.get("quantization"),
@@ -515,4 +554,5 @@ def _parse_spec(meta: Mapping[str, Any], spec: dict) -> InferenceService:
         network_policy=bool(spec["networkPolicy"]["enabled"]),
         otlp_endpoint=(spec.get("tracing") or {}).get("otlpEndpoint") or None,
         cells=cells,
+        lora=_lora(spec.get("lora"), served_name),
     )

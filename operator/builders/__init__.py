@@ -6,7 +6,7 @@ the API and never change their inputs; tests call them without a cluster.
 
 from __future__ import annotations
 
-from baton.operator.builders import autoscaling, cells, config_map, policy, router, workers
+from baton.operator.builders import autoscaling, cells, common, config_map, policy, router, workers
 from baton.operator.config import OperatorConfig
 from baton.operator.spec import InferenceService
 
@@ -14,7 +14,7 @@ from baton.operator.spec import InferenceService
 def build_all(svc: InferenceService, config: OperatorConfig) -> list[dict]:
     """Every child object of `svc`, ordered so that what a pod needs exists before it."""
     objects: list[dict] = []
-    if svc.model.source.kind == "uri":
+    if common.fetches(svc):
         objects.append(config_map.config_map(svc))
     objects += [router.router_service_account(svc), router.router_role(svc),
                 router.router_role_binding(svc)]

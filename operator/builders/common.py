@@ -76,15 +76,23 @@ def model_path(svc: InferenceService) -> str:
     return MODEL_DIR
 
 
-def model_volume(svc: InferenceService) -> dict:
-    source = svc.model.source
+def model_volume(svc: InferenceService, source=None, name: str = "model") -> dict:
+    """The volume holding the model (or `source`, a LoRA adapter's, as volume `name`)."""
+    source = source or svc.model.source
     if source.kind == "pvc":
-        return {"name": "model",
+        return {"name": name,
                 "persistentVolumeClaim": {"claimName": source.claim_name, "readOnly": True}}
     if source.kind == "hostPath":
-        return {"name": "model", "hostPath": {"path": source.host_path, "type": "Directory"}}
+        return {"name": name, "hostPath": {"path": source.host_path, "type": "Directory"}}
     empty: dict = {"sizeLimit": source.size_limit} if source.size_limit else {}
-    return {"name": "model", "emptyDir": empty}
+    return {"name": name, "emptyDir": empty}
+
+
+def fetches(svc: InferenceService) -> bool:
+    """Whether some pod fetches a uri source (the model's or a LoRA adapter's): the
+    ConfigMap with the fetch script is needed then."""
+    return svc.model.source.kind == "uri" or any(
+        a.source.kind == "uri" for a in (svc.lora.adapters if svc.lora else ()))
 
 
 def pod_security() -> dict:
@@ -117,15 +125,17 @@ def merge_env(ours: list[dict], theirs: list[dict]) -> list[dict]:
     return [item for item in ours if item["name"] not in names] + copy.deepcopy(theirs)
 
 
-def fetch_container(svc: InferenceService, image: str, *, tokenizer_only: bool) -> dict:
-    """Init container that downloads a uri model source into the `model` emptyDir.
+def fetch_container(svc: InferenceService, image: str, *, tokenizer_only: bool, source=None,
+                    volume: str = "model", dest: str = MODEL_DIR, name: str = "fetch-model") -> dict:
+    """Init container that downloads a uri source (the model's, or `source`: a LoRA
+    adapter's) into the emptyDir `volume`, mounted at `dest`.
 
     It runs the fetch script the operator ships in the ConfigMap (operator/fetch_model.py),
     so the fetch logic matches the operator's version whatever image the pods run. It is
     idempotent: a restarted pod keeps its emptyDir and skips a finished download.
     """
-    source = svc.model.source
-    args = [f"{CONFIG_DIR}/fetch_model.py", "--uri", source.uri or "", "--dest", MODEL_DIR]
+    source = source or svc.model.source
+    args = [f"{CONFIG_DIR}/fetch_model.py", "--uri", source.uri or "", "--dest", dest]
     if tokenizer_only:
         args.append("--tokenizer-only")
     env = base_env()
@@ -133,7 +143,7 @@ def fetch_container(svc: InferenceService, image: str, *, tokenizer_only: bool) 
         env.append({"name": "BATON_MODEL_TOKEN", "valueFrom": {"secretKeyRef": {
             "name": source.credentials.name, "key": source.credentials.key}}})
     return {
-        "name": "fetch-model",
+        "name": name,
         "image": image,
         **pull_policy(svc),
         "command": ["python3"],
@@ -141,7 +151,7 @@ def fetch_container(svc: InferenceService, image: str, *, tokenizer_only: bool) 
         "env": env,
         "securityContext": container_security(),
         "volumeMounts": [
-            {"name": "model", "mountPath": MODEL_DIR},
+            {"name": volume, "mountPath": dest},
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
         ],

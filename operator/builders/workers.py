@@ -5,7 +5,7 @@ Flags follow the worker command-line contract in docs/operations.md.
 
 from __future__ import annotations
 
-from baton.operator.builders import common, kvtransfer
+from baton.operator.builders import common, kvtransfer, lora
 from baton.operator.config import OperatorConfig
 from baton.operator.spec import Engine, InferenceService, Role
 
@@ -76,7 +76,7 @@ def worker_args(svc: InferenceService, role: Role) -> list[str]:
     ]
     if role.name != "colocated":
         args += ["--kv-transfer", svc.transport]
-    return (args + _model_rest(svc) + _engine_rest(role.engine) + kvtransfer.args(svc, role)
+    return (args + _model_rest(svc) + _engine_rest(role.engine) + kvtransfer.args(svc, role) + lora.args(svc)
             + list(role.engine.extra_args))
 
 
@@ -131,6 +131,7 @@ def worker_container(svc: InferenceService, role: Role, config: OperatorConfig) 
             {"name": "shm", "mountPath": "/dev/shm"},
             {"name": "tmp", "mountPath": "/tmp"},
             {"name": "compile-cache", "mountPath": COMPILE_CACHE_DIR},
+            *lora.mounts(svc),
         ],
     }
     resources = _with_gpus(kvtransfer.resources(svc, role), role)
@@ -178,11 +179,14 @@ def engine_deployment(svc: InferenceService, component: str, container: dict, co
         "containers": [container],
         "volumes": common.model_volumes(svc) + [
             {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}},
-            {"name": "compile-cache", "emptyDir": {}}],
+            {"name": "compile-cache", "emptyDir": {}}] + lora.volumes(svc),
     }
+    image = common.worker_image(svc, config)
+    fetches = lora.fetch_containers(svc, image)
     if svc.model.source.kind == "uri":
-        pod_spec["initContainers"] = [common.fetch_container(
-            svc, common.worker_image(svc, config), tokenizer_only=False)]
+        fetches.insert(0, common.fetch_container(svc, image, tokenizer_only=False))
+    if fetches:
+        pod_spec["initContainers"] = fetches
     spec = {
         "selector": {"matchLabels": common.selector(svc, component)},
         "strategy": common.rolling_update(),
