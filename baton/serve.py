@@ -135,9 +135,6 @@ def _is_number(token: str) -> bool:
 
 def to_up(ns: argparse.Namespace) -> tuple[argparse.Namespace | None, str | None]:
     """`baton up`'s namespace for these flags, or (None, why they cannot be served)."""
-    if ns.tensor_parallel_size > 1 and ns.disaggregated:
-        return None, "--tensor-parallel-size > 1 with --disaggregated is not implemented yet (KV handoff " \
-                     "between tensor-parallel engines); drop one of them"
     if ns.pipeline_parallel_size != 1:
         return None, f"--pipeline-parallel-size {ns.pipeline_parallel_size} is not implemented by Baton; " \
                      "use --tensor-parallel-size to shard a model over GPUs"

@@ -112,7 +112,6 @@ def test_the_chat_template_flag_replaces_the_models(served, tiny_model_dir):
 @pytest.mark.parametrize("argv,named", [
     (["--pipeline-parallel-size", "2"], "--pipeline-parallel-size 2"),
     (["-tp", "0"], "--tensor-parallel-size must be >= 1"),
-    (["-tp", "2", "--disaggregated"], "--tensor-parallel-size > 1 with --disaggregated"),
     (["--swap-space", "4"], "--swap-space"),
     (["--trust-remote-code"], "--trust-remote-code"),
     (["--enable-lora", "--lora-modules", "a=b"], "--enable-lora"),
@@ -133,13 +132,14 @@ def test_data_parallel_and_disaggregated_map_onto_workers(tiny_model_dir):
     from baton.up import plan
 
     args, problem = to_up(build_parser().parse_args(["-dp", "2", "--disaggregated", "--dtype", "half",
-                                                     "--kv-cache-dtype", "fp8", "--enforce-eager"]))
+                                                     "--kv-cache-dtype", "fp8", "--enforce-eager", "-tp", "2"]))
     assert problem is None
     names = [c.name for c in plan(args, tiny_model_dir)]
     assert names == ["prefill-0", "prefill-1", "decode-0", "decode-1"]
     worker = plan(args, tiny_model_dir)[0].argv
     assert worker[worker.index("--dtype") + 1] == "float16"
     assert worker[worker.index("--kv-cache-dtype") + 1] == "fp8" and "--enforce-eager" in worker
+    assert worker[worker.index("--tensor-parallel-size") + 1] == "2"
     args, _ = to_up(build_parser().parse_args(["-dp", "3", "-tp", "2", "--task", "embed",
                                                "--speculative-config", '{"method": "ngram"}']))
     assert [c.name for c in plan(args, tiny_model_dir)] == ["colocated-0", "colocated-1", "colocated-2"]
