@@ -8,6 +8,8 @@ decode step (`ModelRunner.execute`, CUDA graphs, context 1024) of 32 sequences w
 base model alone (an engine without LoRA), then with LoRA on and 0, 1, 8 and 32 distinct
 adapters among the 32 sequences; the target is at most 1.15x the base step with 32
 distinct adapters. Also the time to copy one adapter from host memory into a GPU slot.
+`--smoke` runs the same steps on a 2-layer model of the same widths' ratios on the CPU (it
+checks the script, its figures mean nothing).
 """
 
 from __future__ import annotations
@@ -56,11 +58,17 @@ def write_adapter(out: Path, cfg: dict, rank: int, seed: int) -> Path:
     return out
 
 
+SMOKE = {**LLAMA31_8B, "hidden_size": 256, "intermediate_size": 896, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 512}
+
+
 def step_ms(engine: LLMEngine, batch: int, context: int, rng, adapters: list[LoRARequest]) -> float:
     """Median decode step of `batch` sequences, sequence i running adapters[i % len] (none
     if the list is empty)."""
     seqs = synthetic_seqs(engine, batch, context, rng)
+    vocab = engine.config.vocab_size  # the smoke model's is smaller than the ids drawn
     for i, seq in enumerate(seqs):
+        seq.token_ids[:] = [t % vocab for t in seq.token_ids]
         if adapters:
             seq.lora_request = adapters[i % len(adapters)]
     step = timed(lambda: engine.runner.execute(ScheduledBatch(seqs, [1] * batch)), repeats=30)
@@ -76,14 +84,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--smoke", action="store_true", help="a small model on the CPU: checks the script only")
     args = ap.parse_args()
+    cfg, device = (SMOKE, "cpu") if args.smoke else (LLAMA31_8B, "cuda")
     from baton.engine.tiny_model import ensure_tiny_model
 
-    result = run_record()
+    result = {"command": " ".join(sys.argv), "smoke": True} if args.smoke else run_record()
     result.update(batch=args.batch, rank=args.rank, context=args.context, targets=list(MODULES))
-    model_dir = write_random_checkpoint(Path(args.model_dir), LLAMA31_8B, ensure_tiny_model())
-    common = dict(model=str(model_dir), dtype="bfloat16", device="cuda", max_model_len=4096,
-                  max_num_seqs=args.batch, gpu_memory_utilization=0.85)
+    model_dir = write_random_checkpoint(Path(args.model_dir), cfg, ensure_tiny_model(), device=device)
+    common = dict(model=str(model_dir), dtype="bfloat16" if device == "cuda" else "float32", device=device,
+                  max_model_len=4096, max_num_seqs=args.batch, gpu_memory_utilization=0.85,
+                  num_gpu_blocks_override=None if device == "cuda" else args.batch * (args.context // 16 + 2))
 
     engine = LLMEngine.from_engine_args(EngineArgs(**common))
     engine.runner.kv.normal_()
@@ -91,9 +102,10 @@ def main() -> None:
     print("base", result["base_step_ms"], flush=True)
     del engine
     gc.collect()
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
-    paths = [write_adapter(Path(args.adapter_dir) / f"a{i}", LLAMA31_8B, args.rank, i) for i in range(args.batch)]
+    paths = [write_adapter(Path(args.adapter_dir) / f"a{i}", cfg, args.rank, i) for i in range(args.batch)]
     adapters = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(paths)]
     engine = LLMEngine.from_engine_args(EngineArgs(**common, enable_lora=True, max_loras=args.batch,
                                                    max_lora_rank=args.rank))
@@ -105,17 +117,18 @@ def main() -> None:
     result["disk_read_s_per_adapter"] = (time.perf_counter() - t) / len(adapters)
     result["kernels"] = engine.runner.explain()
     result["lora"] = {}
-    for distinct in (0, 1, 8, args.batch):
+    for distinct in sorted({0, 1, min(8, args.batch), args.batch}):
         ms = step_ms(engine, args.batch, args.context, np.random.default_rng(0), adapters[:distinct])
         result["lora"][distinct] = {"step_ms": ms, "ratio_to_base": ms / result["base_step_ms"]}
         print(distinct, result["lora"][distinct], flush=True)
     # One adapter copied from host memory into a slot: evict slot 1's and load another.
     loads = []
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for i in range(5):
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
-        lora._load(1, lora.host[adapters[i].lora_int_id])
-        torch.cuda.synchronize()
+        lora._load(1, lora.host[adapters[i % len(adapters)].lora_int_id])
+        sync()
         loads.append(time.perf_counter() - t)
     result["host_to_slot_ms"] = 1e3 * float(np.median(loads))
     result["adapter_mib"] = lora.host[1].nbytes / 2**20
