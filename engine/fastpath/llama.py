@@ -108,7 +108,7 @@ class FastDecoderLayer(nn.Module):
         self.fp8_kv_attention = attn if attn.kv_scales is not None else None
 
     def forward(self, x, residual, positions, rotary, kv, meta, backend, plan: StepPlan,
-                next_layer: FastDecoderLayer | None, sums: torch.Tensor | None):
+                next_layer: FastDecoderLayer | None, sums: tuple[torch.Tensor, ...] | None):
         """(layer input [T, hidden] or a `NormPending`, residual stream or None) -> (MLP output,
         residual stream), as `DecoderLayer.forward`, in the forms `plan` says. A `NormPending`
         input is this layer's input norm, done by the previous layer's down_proj (the stream
