@@ -16,6 +16,7 @@ exits 2 with a message naming it, never silently ignored. `--api-key KEY` is ref
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from baton import up
@@ -88,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help='speculative decoding on the decode (or colocated) workers, as baton up '
                              '--speculative-config (e.g. {"method": "ngram", "num_speculative_tokens": 3}); '
                              'default: off')
+    lora = p.add_argument_group("LoRA adapters")
+    lora.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (requests name one in 'model')")
+    lora.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                      help='adapters served from the start: NAME=PATH or {"name": NAME, "path": PATH} (needs '
+                           "--enable-lora; more through /v1/load_lora_adapter)")
+    lora.add_argument("--max-loras", type=int, default=None, help="adapters run at once per worker (default: 1)")
+    lora.add_argument("--max-lora-rank", type=int, default=None, help="largest adapter rank (default: 16)")
+    lora.add_argument("--max-cpu-loras", type=int, default=None,
+                      help="unused adapters kept in host memory (default: --max-loras)")
     parallel = p.add_argument_group("parallelism")
     parallel.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                           help="GPUs a model replica is sharded over (default: 1)")
@@ -140,6 +150,11 @@ def to_up(ns: argparse.Namespace) -> tuple[argparse.Namespace | None, str | None
                      "use --tensor-parallel-size to shard a model over GPUs"
     if ns.enable_auto_tool_choice and ns.tool_call_parser is None:
         return None, "--enable-auto-tool-choice needs --tool-call-parser (the parser reads the model's calls)"
+    modules, problem = _lora_modules(ns.lora_modules or [])
+    if problem is not None:
+        return None, problem
+    if modules and not ns.enable_lora:
+        return None, "--lora-modules needs --enable-lora"
     if ns.data_parallel_size < 1:
         return None, "--data-parallel-size must be >= 1"
     if ns.model is not None and ns.model_tag is not None and ns.model != ns.model_tag:
@@ -160,7 +175,13 @@ def to_up(ns: argparse.Namespace) -> tuple[argparse.Namespace | None, str | None
         value = getattr(ns, flag)
         if value is not None:
             argv += [f"--{flag.replace('_', '-')}", str(value)]
-    for flag in ("enable_auto_tool_choice", "quiet"):
+    if modules:
+        argv += ["--lora-modules", *modules]
+    for flag in ("max_loras", "max_lora_rank", "max_cpu_loras"):
+        value = getattr(ns, flag)
+        if value is not None:
+            argv += [f"--{flag.replace('_', '-')}", str(value)]
+    for flag in ("enable_auto_tool_choice", "enable_lora", "quiet"):
         if getattr(ns, flag):
             argv.append(f"--{flag.replace('_', '-')}")
     args = up.build_parser().parse_args(argv)
@@ -175,6 +196,27 @@ def to_up(ns: argparse.Namespace) -> tuple[argparse.Namespace | None, str | None
             args.engine_args = [*args.engine_args, f"--{'' if value else 'no-'}{flag.replace('_', '-')}"]
     args.router_env = {"BATON_LOG_LEVEL": UVICORN_LEVELS[ns.uvicorn_log_level]}
     return args, None
+
+
+def _lora_modules(items: list[str]) -> tuple[list[str], str | None]:
+    """vLLM's --lora-modules items (NAME=PATH, or JSON with name and path) as NAME=PATH, or
+    ([], why one cannot be read)."""
+    out = []
+    for item in items:
+        if item.lstrip().startswith("{"):
+            try:
+                spec = json.loads(item)
+            except json.JSONDecodeError as exc:
+                return [], f"--lora-modules {item!r} is not valid JSON ({exc})"
+            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(
+                    spec.get("path"), str):
+                return [], f'--lora-modules {item!r}: the JSON form needs "name" and "path" strings'
+            out.append(f"{spec['name']}={spec['path']}")
+        elif "=" in item:
+            out.append(item)
+        else:
+            return [], f"--lora-modules {item!r} is not NAME=PATH"
+    return out, None
 
 
 def main(argv: list[str]) -> int:

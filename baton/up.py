@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA adapters (PEFT directories) every worker serves from the start (implies --enable-lora)")
     p.add_argument("--max-loras", type=int, default=None, help="LoRA adapters run at once per worker (GPU slots)")
     p.add_argument("--max-lora-rank", type=int, default=None, help="largest LoRA rank served")
+    p.add_argument("--max-cpu-loras", type=int, default=None,
+                   help="unused LoRA adapters kept in host memory per worker (default: --max-loras)")
     p.add_argument("--host", default="127.0.0.1", help="router bind address")
     p.add_argument("--port", type=int, default=8000, help="router port")
     p.add_argument("--mode", default="disaggregated", choices=["disaggregated", "colocated"],
@@ -186,7 +188,7 @@ def plan(args: argparse.Namespace, model_dir: Path) -> list[Child]:
     """The workers to start (the router comes once they reported their ports)."""
     engine_flags = ["--model", str(model_dir), "--dtype", args.dtype, "--warmup", args.warmup]
     for flag in ("served_model_name", "max_model_len", "max_num_seqs", "num_gpu_blocks_override",
-                 "kv_cache_memory_gb", "task", "pooling_type", "max_loras", "max_lora_rank"):
+                 "kv_cache_memory_gb", "task", "pooling_type", "max_loras", "max_lora_rank", "max_cpu_loras"):
         value = getattr(args, flag)
         if value is not None:
             engine_flags += [f"--{flag.replace('_', '-')}", str(value)]

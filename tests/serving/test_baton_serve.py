@@ -114,8 +114,9 @@ def test_the_chat_template_flag_replaces_the_models(served, tiny_model_dir):
     (["-tp", "0"], "--tensor-parallel-size must be >= 1"),
     (["--swap-space", "4"], "--swap-space"),
     (["--trust-remote-code"], "--trust-remote-code"),
-    (["--enable-lora", "--lora-modules", "a=b"], "--enable-lora"),
-    (["--lora-modules={\"name\": \"a\"}"], "--lora-modules"),
+    (["--lora-modules", "a=b"], "--lora-modules needs --enable-lora"),
+    (["--enable-lora", "--lora-modules={\"name\": \"a\"}"], 'needs "name" and "path"'),
+    (["--enable-lora", "--lora-modules", "a"], "is not NAME=PATH"),
     (["--max-model"], "--max-model"),  # no abbreviations: a typo is not another flag
     (["--api-key", "k"], "BATON_API_KEY"),
     (["--enable-auto-tool-choice"], "--tool-call-parser"),
@@ -146,6 +147,23 @@ def test_data_parallel_and_disaggregated_map_onto_workers(tiny_model_dir):
     worker = plan(args, tiny_model_dir)[0].argv
     assert worker[worker.index("--tensor-parallel-size") + 1] == "2" and worker[worker.index("--task") + 1] == "embed"
     assert worker[worker.index("--speculative-config") + 1] == '{"method": "ngram"}'
+
+
+def test_lora_flags_reach_every_worker(tiny_model_dir, tmp_path):
+    from baton.serve import build_parser, to_up
+    from baton.up import plan
+    from baton.worker.flags import parse as parse_worker
+
+    adapter = tmp_path / "sql"
+    args, problem = to_up(build_parser().parse_args([
+        "--disaggregated", "--enable-lora", "--max-loras", "3", "--max-lora-rank", "32", "--max-cpu-loras", "5",
+        "--lora-modules", f"sql={adapter}", json.dumps({"name": "chat", "path": str(tmp_path / "chat")})]))
+    assert problem is None
+    for child in plan(args, tiny_model_dir):
+        role = child.name.split("-")[0]
+        engine, options = parse_worker(child.argv[1:], "baton serve-" + role, role)
+        assert (engine.enable_lora, engine.max_loras, engine.max_lora_rank, engine.max_cpu_loras) == (True, 3, 32, 5)
+        assert dict(options.lora_modules) == {"sql": str(adapter), "chat": str(tmp_path / "chat")}
 
 
 def test_the_quickstart_maps_every_flag():
