@@ -23,7 +23,7 @@ def test_kernels_under_the_triton_interpreter(script):
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here / script)],
-        cwd=here.parents[1], env=env, capture_output=True, text=True, timeout=600,
+        cwd=here.parents[1], env=env, capture_output=True, text=True, timeout=840,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout
