@@ -47,7 +47,8 @@ def mqa_odd_vocab(tmp_path_factory, hf_models):
 
 @pytest.fixture(scope="module")
 def models(hf_models, mqa_odd_vocab):
-    return {"llama": hf_models["llama"], "qwen3": hf_models["qwen3"], "mqa_odd_vocab": mqa_odd_vocab}
+    return {"llama": hf_models["llama"], "qwen2": hf_models["qwen2"], "qwen3": hf_models["qwen3"],
+            "mqa_odd_vocab": mqa_odd_vocab}
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,8 @@ def _assert_same(a, b, atol=1e-4):
                         assert px[t] == pytest.approx(py[t], abs=atol)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "mqa_odd_vocab"])
+# Qwen2: Q/K/V biases sliced with their rows; Qwen3: q/k norms and a tied LM head.
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "mqa_odd_vocab"])
 def test_tp2_greedy_equals_tp1_with_chunking_and_preemption(engines, name):
     one, two = engines(name, 1), engines(name, 2)
     preempted = [llm.engine.stats().num_preemptions for llm in (one, two)]
