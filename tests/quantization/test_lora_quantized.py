@@ -1,0 +1,48 @@
+"""LoRA adapters over quantized base weights: an int4 (AWQ) checkpoint with adapters gives
+the tokens its dequantized model gives with the same adapters (weight-only int4 computes
+exactly what its dequantized weights do; tests/engine/test_lora.py checks the dequantized
+path against transformers + PEFT)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from quant_checkpoints import write_awq, write_dense
+
+from baton.engine import LLM, LoRARequest, SamplingParams
+from baton.engine.quantization.linear import Int4Linear
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+PROMPTS = [[0, 17, 250, 33], [0, 5, 6, 7, 8, 9, 10], [0, 400, 9]]
+
+
+def _write_adapter():
+    path = Path(__file__).parents[1] / "engine" / "test_lora.py"
+    spec = importlib.util.spec_from_file_location("engine_test_lora", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.write_adapter, module.ALL
+
+
+def test_adapters_over_int4_weights_equal_adapters_over_the_dequantized_model(tmp_path):
+    write_adapter, every_projection = _write_adapter()
+    qdir, config, dense = write_awq(tmp_path / "q", 64)
+    ddir = write_dense(tmp_path / "dense", qdir, config, dense)
+    loras = [LoRARequest("a", 1, str(write_adapter(ddir, tmp_path / "a", 8, ["q_proj", "v_proj"], seed=7))),
+             LoRARequest("b", 2, str(write_adapter(ddir, tmp_path / "b", 16, every_projection, seed=8)))]
+    plan = [(p, lora) for p in PROMPTS for lora in (None, *loras)]
+
+    def run(model_dir):
+        llm = LLM(model=str(model_dir), device="cpu", dtype="float32", num_gpu_blocks_override=64, block_size=8,
+                  enable_lora=True, max_loras=2, max_lora_rank=16)
+        outs = llm.generate([{"prompt_token_ids": p} for p, _ in plan], GREEDY,
+                            lora_request=[lora for _, lora in plan])
+        return llm, [o.outputs[0].token_ids for o in outs]
+
+    llm, got = run(qdir)
+    base = llm.engine.runner.reference.layers[0].mlp.down_proj.base
+    assert isinstance(base, Int4Linear)  # the adapters wrap the int4 layer itself
+    _, want = run(ddir)
+    assert got == want
+    assert got[1] != got[0] and got[2] != got[0]  # the adapters change the output
