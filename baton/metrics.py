@@ -1,7 +1,9 @@
 """Prometheus metrics of the workers and the router (listed in docs/metrics.md); no torch here.
 
 Names follow vLLM's with the `baton:` prefix; every series carries `model_name` and `role`
-(prefill, decode, colocated or router). Request latencies are histograms observed where a
+(prefill, decode, colocated or router). Those with a vLLM counterpart are served under vLLM's
+name too (`VLLM_NAMES`, applied by `WithVllmNames` where /metrics is written), so dashboards and
+alerts written for vLLM work unchanged. Request latencies are histograms observed where a
 request ends; engine state (running, waiting, KV usage, prefix cache and token totals) is
 read from the engine at scrape time by `EngineCollector`, so a scrape never sees stale
 numbers. `kv_transfer_*` metrics are defined by `baton.kvtransfer` on the same registry.
@@ -17,7 +19,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
@@ -31,6 +33,27 @@ TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.1
                 0.4, 0.5, 0.75, 1.0, 2.5)
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0,
                30.0, 40.0, 50.0, 60.0, 120.0, 300.0)
+
+# Baton's metric family -> the vLLM names it is also served under: the same samples and labels,
+# one collection. Two names where vLLM renamed a metric and both are still in use.
+VLLM_NAMES: dict[str, tuple[str, ...]] = {
+    "baton:time_to_first_token_seconds": ("vllm:time_to_first_token_seconds",),
+    "baton:time_per_output_token_seconds": ("vllm:time_per_output_token_seconds",),
+    "baton:e2e_request_latency_seconds": ("vllm:e2e_request_latency_seconds",),
+    "baton:request_success": ("vllm:request_success",),
+    "baton:num_requests_running": ("vllm:num_requests_running",),
+    "baton:num_requests_waiting": ("vllm:num_requests_waiting",),
+    "baton:kv_cache_usage_perc": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+    "baton:prefix_cache_queries": ("vllm:prefix_cache_queries",),
+    "baton:prefix_cache_hits": ("vllm:prefix_cache_hits",),
+    "baton:prefix_cache_hit_rate": ("vllm:gpu_prefix_cache_hit_rate",),
+    "baton:num_preemptions": ("vllm:num_preemptions",),
+    "baton:prompt_tokens": ("vllm:prompt_tokens",),
+    "baton:generation_tokens": ("vllm:generation_tokens",),
+    "baton:spec_decode_num_drafts": ("vllm:spec_decode_num_drafts",),
+    "baton:spec_decode_num_draft_tokens": ("vllm:spec_decode_num_draft_tokens",),
+    "baton:spec_decode_num_accepted_tokens": ("vllm:spec_decode_num_accepted_tokens",),
+}
 
 
 class RequestMetrics:
@@ -120,6 +143,10 @@ class EngineCollector(Collector):
                       stats.prefix_cache_queries)
         yield counter("baton:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                       stats.prefix_cache_hits)
+        yield gauge("baton:prefix_cache_hit_rate", "Prefix cache hits / queries since start, 0..1 (0 before any).",
+                    stats.prefix_cache_hits / stats.prefix_cache_queries if stats.prefix_cache_queries else 0.0)
+        yield counter("baton:num_preemptions", "Running sequences preempted for KV room (recomputed later).",
+                      stats.num_preemptions)
         yield counter("baton:prompt_tokens", "Prompt tokens this engine computed or admitted.",
                       stats.prompt_tokens_total)
         yield counter("baton:generation_tokens", "Tokens this engine generated.",
@@ -199,6 +226,39 @@ class RouterGauges(Collector):
         yield pairings
 
 
+class WithVllmNames:
+    """A view of `registry` for exposition: each of its families, followed by a copy under
+    every vLLM name `VLLM_NAMES` gives it (same samples, only the name changes)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self._registry = registry
+
+    def collect(self):
+        for family in self._registry.collect():
+            yield family
+            for alias in VLLM_NAMES.get(family.name, ()):
+                copy = Metric(alias, family.documentation, family.type, family.unit)
+                copy.samples = [s._replace(name=alias + s.name[len(family.name):]) for s in family.samples]
+                yield copy
+
+    def restricted_registry(self, names):
+        """The `?name[]=` filter of make_wsgi_app, over both names of each sample."""
+        return _Restricted(self, frozenset(names))
+
+
+class _Restricted:
+    def __init__(self, view: WithVllmNames, names: frozenset[str]):
+        self._view, self._names = view, names
+
+    def collect(self):
+        for family in self._view.collect():
+            samples = [s for s in family.samples if s.name in self._names]
+            if samples:
+                copy = Metric(family.name, family.documentation, family.type, family.unit)
+                copy.samples = samples
+                yield copy
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass  # one line per scrape would drown the worker's log
@@ -214,7 +274,7 @@ def start_metrics_server(port: int, host: str = "0.0.0.0",
     would store `baton_num_requests_running` where every query, adapter rule and dashboard
     panel selects `baton:num_requests_running`. The router serves text 0.0.4 as well.
     """
-    app = make_wsgi_app(registry)
+    app = make_wsgi_app(WithVllmNames(registry))
 
     def text_format(environ: dict, start_response: Callable) -> Any:
         return app({**environ, "HTTP_ACCEPT": "text/plain; version=0.0.4"}, start_response)

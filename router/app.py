@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from baton import __version__, tracing
-from baton.metrics import RequestMetrics, RouterGauges
+from baton.metrics import RequestMetrics, RouterGauges, WithVllmNames
 from baton.router import errors
 from baton.router.adapters import adapter_routes
 from baton.router.api import OpenAIServing
@@ -139,7 +139,7 @@ def create_app(config: RouterConfig, registry: CollectorRegistry | None = None) 
 
     @app.get("/metrics", tags=["operations"])
     async def prometheus() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(WithVllmNames(registry)), media_type=CONTENT_TYPE_LATEST)
 
     # The last added runs first: the key is checked, then the size, before any body is read.
     app.add_middleware(ErrorBoundary)
