@@ -178,13 +178,15 @@ class OpenAIServing:
                 jobs.append(Job(index, f"{response_id}-{index}", prompt.token_ids, seeded, lora_name))
                 prompt_tokens[index] = len(prompt.token_ids) if i == 0 else 0
         ticket = self.dispatcher.admit([len(p.token_ids) for p in prompts], len(jobs))
-        log.debug("%s: %d prompt(s), %d stream(s)", response_id, len(prompts), len(jobs))
+        log.debug("%s: %d prompt(s), %d stream(s)%s", response_id, len(prompts), len(jobs),
+                  f", user {body.user!r}" if body.user else "")
         builder = ResponseBuilder(
             chat=chat, response_id=response_id, model=body.model, tokenizer=self.tokenizer,
             prompt_token_counts=[len(p.token_ids) for p in prompts], n=body.n,
             logprobs=logprobs is not None, top_logprobs=logprobs or 0, tools=tools,
             include_usage=bool(body.stream and body.stream_options and body.stream_options.include_usage),
             prompts=prompts, echo=bool(getattr(body, "echo", False)), prompt_logprobs=body.prompt_logprobs,
+            return_token_ids=body.return_token_ids,
             computed_prompt_logprobs=(params.prompt_logprobs or 0) if params is not None else 0)
         timing = _Timing(self.metrics, prompt_tokens)
         fan = FanOut(self.dispatcher, jobs, ticket)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from baton.router.errors import APIError, bad_request
+from baton.router.fields import refuse_unimplemented
 from baton.router.protocol import (
     MAX_PROMPTS,
     ChatCompletionRequest,
@@ -37,11 +38,11 @@ def _param_error(exc: ValueError) -> APIError:
 
 
 def _reject_unsupported(req: SamplingFields) -> None:
-    if req.logit_bias:
-        raise bad_request("logit_bias is not supported", "logit_bias")
+    refuse_unimplemented(req.model_extra or {}, isinstance(req, ChatCompletionRequest))
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options is only allowed when stream is true (as OpenAI says)",
+                          "stream_options")
     if isinstance(req, CompletionRequest):
-        if req.suffix:
-            raise bad_request("suffix is not supported", "suffix")
         if req.best_of is not None and req.best_of < req.n:
             raise bad_request(f"best_of ({req.best_of}) must be >= n ({req.n})", "best_of")
         if req.stream and num_candidates(req) > req.n:

@@ -5,9 +5,10 @@ strictly as OpenAI does: no coercion (`"stream": "yes"` or `"n": "2"` is a 400),
 OpenAI's list only, and no text that cannot be encoded as UTF-8 anywhere in the body (a
 JSON escape of a lone UTF-16 surrogate such as `"\\ud800"` parses into such text; the
 400 names the field). The sampling rules themselves live in
-`baton.sampling_params.SamplingParams`, which `router/params.py` builds from these. Unknown
-fields are ignored, as OpenAI does; known features Baton does not implement are rejected
-with a 400 when set (see params.py).
+`baton.sampling_params.SamplingParams`, which `router/params.py` builds from these. The
+completions and chat bodies keep the fields they do not type (`model_extra`): those OpenAI
+or vLLM define and Baton does not implement are refused by name (`router/fields.py`); other
+unknown fields are ignored, as OpenAI does.
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ class TextBody(_Body):
 class SamplingFields(TextBody):
     """Fields completions and chat share (OpenAI's plus vLLM's extras)."""
 
+    model_config = ConfigDict(extra="allow")  # router/fields.py reads the untyped ones
+
     model: str = Field(max_length=512)
     max_tokens: Int32 | None = None
     temperature: float | None = Field(default=None, description="0 is greedy; default 1")
@@ -113,8 +116,7 @@ class SamplingFields(TextBody):
     frequency_penalty: float | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
-    logit_bias: dict[str, float] | None = None
+    user: str | None = None  # an end-user id: logged with the request, no effect on the output
     # vLLM extras
     top_k: Int32 | None = None
     min_p: float | None = None
@@ -125,6 +127,7 @@ class SamplingFields(TextBody):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    return_token_ids: bool = False  # the prompt's and each choice's token ids beside the text
     # structured output: OpenAI's response_format and vLLM's guided_* extras
     response_format: ResponseFormat | None = None
     guided_json: str | dict[str, Any] | None = None
@@ -139,7 +142,6 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1, le=MAX_N)
 
 

@@ -12,6 +12,10 @@ first position, then `{token_id: {"logprob", "rank", "decoded_token"}}` with the
 token and the top `prompt_logprobs` (rank: 1-based order in the distribution; null for the
 prompt's token when it is not among the top ones, where the engine does not rank it). A
 stream sends both in each choice's first chunk.
+
+vLLM's `return_token_ids` adds `token_ids` (the generated ids) to each choice and to each
+streamed chunk's choice, and `prompt_token_ids` to each completions choice (for chat, to the
+response, or the first chunk).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class ResponseBuilder:
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs as asked
     computed_prompt_logprobs: int = 0  # the top N the workers computed (echo may ask more)
     tools: ToolPlan | None = None  # chat with tools: each choice's text goes through a parser
+    return_token_ids: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
     _role_sent: set[int] = field(default_factory=set)
     _prompt_sent: set[int] = field(default_factory=set)
@@ -164,9 +169,12 @@ class ResponseBuilder:
         usage_null = {"usage": None} if self.include_usage else {}
         extra = {"prompt_logprobs": self._prompt_logprobs_body(index, state)} \
             if first and self.prompt_logprobs is not None else {}
+        if first and self.return_token_ids:
+            extra["prompt_token_ids"] = self._prompt(index).token_ids
+        ids = {"token_ids": list(delta.token_ids)} if self.return_token_ids else {}
         if not self.chat:
             text = self._echo_text(index) + delta.text if echo else delta.text
-            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish, **extra}
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish, **extra, **ids}
             if finish is not None:
                 choice["stop_reason"] = state.stop_reason
             return [{**self._head("text_completion"), "choices": [choice], **usage_null}]
@@ -191,6 +199,8 @@ class ResponseBuilder:
             last = i == len(bodies) - 1
             choice = {"index": index, "delta": body, "logprobs": logprobs if last else None,
                       "finish_reason": finish if last else None}
+            if self.return_token_ids:
+                choice["token_ids"] = list(delta.token_ids) if last else []
             if last and finish is not None:
                 choice["stop_reason"] = state.stop_reason
             chunks.append({**self._head("chat.completion.chunk"), "choices": [choice], **usage_null})
@@ -240,18 +250,24 @@ class ResponseBuilder:
             logprobs = self._logprobs(index, state.token_ids, state.logprobs, state if self.echo else None)
             if self.chat:
                 message, finish = self._message(state)
-                choices.append({"index": index, "message": message, "logprobs": logprobs,
-                                "finish_reason": finish, "stop_reason": state.stop_reason})
+                choice = {"index": index, "message": message, "logprobs": logprobs,
+                          "finish_reason": finish, "stop_reason": state.stop_reason}
             else:
                 text = self._echo_text(index) + state.text if self.echo else state.text
                 choice = {"index": index, "text": text, "logprobs": logprobs,
                           "finish_reason": _finish(state), "stop_reason": state.stop_reason}
                 if self.prompt_logprobs is not None:
                     choice["prompt_logprobs"] = self._prompt_logprobs_body(index, state)
-                choices.append(choice)
+                if self.return_token_ids:
+                    choice["prompt_token_ids"] = self._prompt(index).token_ids
+            if self.return_token_ids:
+                choice["token_ids"] = list(state.token_ids)
+            choices.append(choice)
         body = {**self._head(self.object_name), "choices": choices, "usage": self.usage(states, generated)}
         if self.chat and self.prompt_logprobs is not None and states:
             body["prompt_logprobs"] = self._prompt_logprobs_body(0, states[min(states)])
+        if self.chat and self.return_token_ids:
+            body["prompt_token_ids"] = self.prompts[0].token_ids
         return body
 
 
