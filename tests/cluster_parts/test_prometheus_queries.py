@@ -4,7 +4,7 @@ The KEDA queries are the ones the operator writes into its ScaledObjects for
 `examples/autoscaling-keda.yaml`; the HPA path is the chart's prometheus-adapter rule, read
 from the rendered chart and expanded the way prometheus-adapter expands it for an HPA's
 Pods metric. Each must select live series, and those series must rise under load and fall
-back when it stops.
+back when it stops. vLLM's names (docs/metrics.md) are stored beside Baton's, equal.
 """
 
 from __future__ import annotations
@@ -130,3 +130,28 @@ def test_adapter_rule_serves_every_autoscaling_metric_per_pod_and_follows_load(m
     assert not load.errors, load.errors[:3]
     for metric in DEFAULT_TARGETS:
         wait_until(lambda m=metric: per_pod(m) == 0, timeout=TIMEOUT, what=f"{metric} back to 0")
+
+
+def test_vllm_names_hold_the_baton_values_in_prometheus(monitored):
+    """A dashboard written for vLLM selects series: each `vllm:` series is stored beside its
+    `baton:` one with the same labels and, at one instant (the same scrape), the same value."""
+    from baton.metrics import VLLM_NAMES
+
+    monitored.deployment.client().completions.create(model="tiny-llama-v1", prompt="Hello", max_tokens=3)
+    wait_until(lambda: monitored.prometheus.query('vllm:request_success_total{role="router"}'),
+               timeout=TIMEOUT, what="the router's vllm:request_success_total in Prometheus")
+    series = monitored.prometheus.query('{__name__=~"(baton|vllm):.+"}')
+    by_key = {(s["metric"]["__name__"], frozenset((k, v) for k, v in s["metric"].items() if k != "__name__")):
+              s["value"] for s in series}
+    compared = set()
+    for (name, labels), v in by_key.items():
+        for family, aliases in VLLM_NAMES.items():
+            suffix = name[len(family):]
+            if name.startswith(family) and suffix in ("", "_total", "_count", "_sum", "_bucket"):
+                for alias in aliases:
+                    assert by_key[(alias + suffix, labels)] == v, (name, alias, dict(labels))
+                    compared.add((alias + suffix, dict(labels)["role"]))
+    for role in ("prefill", "decode"):
+        assert ("vllm:gpu_cache_usage_perc", role) in compared and ("vllm:num_preemptions_total", role) in compared
+    for role in ("prefill", "decode", "router"):
+        assert ("vllm:time_to_first_token_seconds_count", role) in compared
