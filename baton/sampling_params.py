@@ -60,6 +60,8 @@ class SamplingParams:
     temperature 0 means greedy. `best_of` (vLLM's, and OpenAI's completions): generate that
     many outputs and return the `n` whose cumulative log-probability (the sum of each sampled
     token's raw logprob) is highest, best first; such a request shows only its final output.
+    `logit_bias` ({token id: bias in [-100, 100]}, OpenAI's) is added to those tokens' logits
+    before penalties and sampling; logprobs do not see it.
     `logprobs=N` returns the top N log-probabilities of each
     generated position (always including the sampled token), computed from the model's raw
     distribution before temperature, penalties and filtering, as vLLM does.
@@ -86,6 +88,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     guided_decoding: GuidedDecodingParams | None = None
+    logit_bias: dict[int, float] | None = None
     logits_processors: list[LogitsProcessor] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -93,6 +96,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = dict(self.logit_bias) if self.logit_bias else None
         if self.top_k == -1:
             self.top_k = 0
         self._verify()
@@ -141,6 +145,11 @@ class SamplingParams:
             raise ValueError("stop must be a string or a list of non-empty strings")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be a list of non-negative integers")
+        if self.logit_bias is not None and not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0
+            and isinstance(b, (int, float)) and -100.0 <= b <= 100.0 for t, b in self.logit_bias.items()
+        ):
+            raise ValueError("logit_bias must map token ids (>= 0) to biases in [-100, 100]")
         if self.guided_decoding is not None and not isinstance(
             self.guided_decoding, GuidedDecodingParams
         ):

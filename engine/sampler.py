@@ -1,8 +1,8 @@
 """Turn one logits row per sequence into the next token, on the device the logits live on.
 
 Order, as vLLM does it: raw log-probabilities (for `logprobs`) are taken from the model's
-logits first; then per-request logits processors and constraints, `min_tokens` (stop tokens
-masked), repetition/presence/frequency penalties; then greedy rows take the argmax and
+logits first; then per-request logits processors and constraints, `logit_bias`, `min_tokens`
+(stop tokens masked), repetition/presence/frequency penalties; then greedy rows take the argmax and
 random rows apply temperature, top-k, top-p and min-p and draw with the exponential-race
 trick (argmax of probs / Exp(1) noise), seeded per request where a seed is given.
 """
@@ -81,6 +81,7 @@ class Sampler:
         errors: dict[int, str] = {}
         for transform in self.transforms:
             errors.update(transform(logits, seqs))
+        apply_logit_bias(logits, seqs)
         self._mask_stop_tokens(logits, seqs)
         apply_penalties(logits, seqs)
 
@@ -127,7 +128,7 @@ def _plain_greedy(seq: Sequence) -> bool:
     """Greedy, and no transform, stop-token mask or penalty would touch its logits row."""
     p = seq.params
     return (p.greedy and not p.logits_processors and p.guided_decoding is None and not p.has_penalties
-            and seq.num_output_tokens >= p.min_tokens)
+            and not p.logit_bias and seq.num_output_tokens >= p.min_tokens)
 
 
 def _signed(value: int) -> int:
@@ -181,6 +182,24 @@ def apply_logits_processors(logits: torch.Tensor, seqs: list[Sequence]) -> dict[
                 errors[i] = f"logits processor {getattr(processor, '__name__', processor)!r} failed: {exc}"
                 break
     return errors
+
+
+def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """Add each request's `logit_bias` to its row (ids past the vocabulary are skipped: the
+    router refuses them), all rows in one scatter-add."""
+    rows: list[int] = []
+    ids: list[int] = []
+    biases: list[float] = []
+    for i, seq in enumerate(seqs):
+        for token_id, bias in (seq.params.logit_bias or {}).items():
+            if token_id < logits.shape[1]:
+                rows.append(i)
+                ids.append(token_id)
+                biases.append(bias)
+    if rows:
+        dev = logits.device
+        logits.index_put_((_to_device(rows, torch.long, dev), _to_device(ids, torch.long, dev)),
+                          _to_device(biases, logits.dtype, dev), accumulate=True)
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

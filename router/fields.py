@@ -18,7 +18,6 @@ _ANY = object()  # no value but null is a no-op
 
 # field -> its no-op value (or _ANY), on both completions and chat
 _COMMON: dict[str, Any] = {
-    "logit_bias": {},
     "service_tier": ("auto", "default"),
     "store": False,
     "metadata": {},  # metadata of stored completions: nothing is stored

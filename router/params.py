@@ -143,6 +143,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
             raise bad_request(f"stop_token_ids: token id {bad} is out of range: the vocabulary has "
                               f"{vocab_size} tokens", "stop_token_ids")
     fields: dict[str, Any] = dict(
+        logit_bias=_logit_bias(req.logit_bias, vocab_size),
         n=1,
         max_tokens=max_tokens,
         stop=req.stop,
@@ -167,6 +168,23 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
         return SamplingParams(**fields)
     except ValueError as exc:
         raise _param_error(exc) from exc
+
+
+def _logit_bias(given: dict[str, float] | None, vocab_size: int | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias (token ids as JSON keys) -> {token id: bias}; 400 naming it for a
+    key that is no token id of the vocabulary or a bias outside [-100, 100]."""
+    if not given:
+        return None
+    bias: dict[int, float] = {}
+    for key, value in given.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 10) or (vocab_size is not None and int(key) >= vocab_size):
+            raise bad_request(f"logit_bias: {key!r} is not a token id of the vocabulary "
+                              f"(0 to {vocab_size - 1 if vocab_size else '?'})", "logit_bias")
+        if not -100.0 <= value <= 100.0:
+            raise bad_request(f"logit_bias: the bias of token {key} must be in [-100, 100], got {value}",
+                              "logit_bias")
+        bias[int(key)] = value
+    return bias
 
 
 def check_length(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int,

@@ -117,6 +117,7 @@ class SamplingFields(TextBody):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # an end-user id: logged with the request, no effect on the output
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=1024)  # token id (decimal) -> bias
     # vLLM extras
     top_k: Int32 | None = None
     min_p: float | None = None

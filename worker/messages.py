@@ -59,6 +59,7 @@ def params_to_proto(p: SamplingParams) -> worker_pb2.SamplingParams:
         skip_special_tokens=p.skip_special_tokens,
         include_stop_str_in_output=p.include_stop_str_in_output,
         guided_decoding_json=guided_to_json(p.guided_decoding),
+        logit_bias=p.logit_bias or {},
     )
     if p.seed is not None:
         msg.seed = p.seed
@@ -96,6 +97,7 @@ def params_from_proto(msg: worker_pb2.SamplingParams) -> SamplingParams:
         skip_special_tokens=msg.skip_special_tokens,
         include_stop_str_in_output=msg.include_stop_str_in_output,
         guided_decoding=guided_from_json(msg.guided_decoding_json),
+        logit_bias=dict(msg.logit_bias) or None,
     )
 
 

@@ -25,15 +25,17 @@ _sym_db = _symbol_database.Default()
 from baton.protos import common_pb2 as baton_dot_protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62\x61ton/protos/worker.proto\x12\x08\x62\x61ton.v1\x1a\x19\x62\x61ton/protos/common.proto\"\r\n\x0bInfoRequest\"\xe9\x01\n\nWorkerInfo\x12\x1c\n\x04role\x18\x01 \x01(\x0e\x32\x0e.baton.v1.Role\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x13\n\x0bkv_transfer\x18\x06 \x01(\t\x12\x12\n\nnum_blocks\x18\x07 \x01(\r\x12\x0f\n\x07version\x18\x08 \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\t \x01(\r\x12\x0c\n\x04\x63\x65ll\x18\n \x01(\t\x12\x0c\n\x04task\x18\x0b \x01(\t\"\x0e\n\x0cStatsRequest\"\xd1\x01\n\tLoadStats\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x01\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x10\n\x08\x64raining\x18\x06 \x01(\x08\x12\x15\n\rnum_in_flight\x18\x07 \x01(\r\x12\x15\n\rlora_adapters\x18\x08 \x03(\t\x12\x15\n\rlora_resident\x18\t \x03(\t\"\x92\x04\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x01\x12\x18\n\x10presence_penalty\x18\x05 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x17\n\nmax_tokens\x18\x0c \x01(\rH\x01\x88\x01\x01\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\x02\x88\x01\x01\x12\x1b\n\x13skip_special_tokens\x18\x0f \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\x10 \x01(\x08\x12\x1c\n\x14guided_decoding_json\x18\x11 \x01(\t\x12\x1c\n\x0fprompt_logprobs\x18\x12 \x01(\rH\x03\x88\x01\x01\x12\x17\n\ndetokenize\x18\x13 \x01(\x08H\x04\x88\x01\x01\x42\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\r\n\x0b_detokenize\"\xd1\x02\n\rGenerateChunk\x12\x13\n\x0btoken_index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12)\n\x08logprobs\x18\x03 \x03(\x0b\x32\x17.baton.v1.TokenLogprobs\x12\x12\n\ntext_index\x18\x04 \x01(\r\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x08 \x01(\x05H\x00\x12\x19\n\x11num_prompt_tokens\x18\t \x01(\r\x12\x19\n\x11num_cached_tokens\x18\n \x01(\r\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12\x30\n\x0fprompt_logprobs\x18\x0c \x03(\x0b\x32\x17.baton.v1.TokenLogprobsB\r\n\x0bstop_reason\"\x96\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12(\n\x06params\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x18\n\x10resume_token_ids\x18\x04 \x03(\x05\x12\x11\n\tlora_name\x18\x05 \x01(\t\"g\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\r\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x01\x12\x11\n\tlora_name\x18\x04 \x01(\t\"1\n\x0cReserveReply\x12\x11\n\tticket_id\x18\x01 \x01(\t\x12\x0e\n\x06ticket\x18\x02 \x01(\x0c\"\xa7\x01\n\rDecodeRequest\x12\x11\n\tticket_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12(\n\x06params\x18\x04 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x18\n\x10resume_token_ids\x18\x05 \x03(\x05\x12\x11\n\tlora_name\x18\x06 \x01(\t\"\xa5\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12(\n\x06params\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x0e\n\x06ticket\x18\x04 \x01(\x0c\x12\x18\n\x10resume_token_ids\x18\x05 \x03(\x05\x12\x11\n\tlora_name\x18\x06 \x01(\t\"S\n\x0cPrefillReply\x12&\n\x05\x66irst\x18\x01 \x01(\x0b\x32\x17.baton.v1.GenerateChunk\x12\x1b\n\x13kv_transfer_seconds\x18\x02 \x01(\x01\"b\n\x0c\x45mbedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x16\n\tnormalize\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x0c\n\n_normalize\":\n\nEmbedReply\x12\x11\n\tembedding\x18\x01 \x03(\x02\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\":\n\x12LoadAdapterRequest\x12\x11\n\tlora_name\x18\x01 \x01(\t\x12\x11\n\tlora_path\x18\x02 \x01(\t\")\n\x14UnloadAdapterRequest\x12\x11\n\tlora_name\x18\x01 \x01(\t\"%\n\x0c\x41\x64\x61pterReply\x12\x15\n\rlora_adapters\x18\x01 \x03(\t*D\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PREFILL\x10\x01\x12\n\n\x06\x44\x45\x43ODE\x10\x02\x12\r\n\tCOLOCATED\x10\x03\x32\xe9\x04\n\x06Worker\x12\x33\n\x04Info\x12\x15.baton.v1.InfoRequest\x1a\x14.baton.v1.WorkerInfo\x12\x34\n\x05Stats\x12\x16.baton.v1.StatsRequest\x1a\x13.baton.v1.LoadStats\x12@\n\x08Generate\x12\x19.baton.v1.GenerateRequest\x1a\x17.baton.v1.GenerateChunk0\x01\x12;\n\x07Reserve\x12\x18.baton.v1.ReserveRequest\x1a\x16.baton.v1.ReserveReply\x12<\n\x06\x44\x65\x63ode\x12\x17.baton.v1.DecodeRequest\x1a\x17.baton.v1.GenerateChunk0\x01\x12;\n\x07Prefill\x12\x18.baton.v1.PrefillRequest\x1a\x16.baton.v1.PrefillReply\x12\x35\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x14.baton.v1.AbortReply\x12\x35\n\x05\x45mbed\x12\x16.baton.v1.EmbedRequest\x1a\x14.baton.v1.EmbedReply\x12\x43\n\x0bLoadAdapter\x12\x1c.baton.v1.LoadAdapterRequest\x1a\x16.baton.v1.AdapterReply\x12G\n\rUnloadAdapter\x12\x1e.baton.v1.UnloadAdapterRequest\x1a\x16.baton.v1.AdapterReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62\x61ton/protos/worker.proto\x12\x08\x62\x61ton.v1\x1a\x19\x62\x61ton/protos/common.proto\"\r\n\x0bInfoRequest\"\xe9\x01\n\nWorkerInfo\x12\x1c\n\x04role\x18\x01 \x01(\x0e\x32\x0e.baton.v1.Role\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x13\n\x0bkv_transfer\x18\x06 \x01(\t\x12\x12\n\nnum_blocks\x18\x07 \x01(\r\x12\x0f\n\x07version\x18\x08 \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\t \x01(\r\x12\x0c\n\x04\x63\x65ll\x18\n \x01(\t\x12\x0c\n\x04task\x18\x0b \x01(\t\"\x0e\n\x0cStatsRequest\"\xd1\x01\n\tLoadStats\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x01\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x10\n\x08\x64raining\x18\x06 \x01(\x08\x12\x15\n\rnum_in_flight\x18\x07 \x01(\r\x12\x15\n\rlora_adapters\x18\x08 \x03(\t\x12\x15\n\rlora_resident\x18\t \x03(\t\"\x81\x05\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x01\x12\x18\n\x10presence_penalty\x18\x05 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x17\n\nmax_tokens\x18\x0c \x01(\rH\x01\x88\x01\x01\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\x02\x88\x01\x01\x12\x1b\n\x13skip_special_tokens\x18\x0f \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\x10 \x01(\x08\x12\x1c\n\x14guided_decoding_json\x18\x11 \x01(\t\x12\x1c\n\x0fprompt_logprobs\x18\x12 \x01(\rH\x03\x88\x01\x01\x12\x17\n\ndetokenize\x18\x13 \x01(\x08H\x04\x88\x01\x01\x12;\n\nlogit_bias\x18\x14 \x03(\x0b\x32\'.baton.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\r\n\x0b_detokenize\"\xd1\x02\n\rGenerateChunk\x12\x13\n\x0btoken_index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12)\n\x08logprobs\x18\x03 \x03(\x0b\x32\x17.baton.v1.TokenLogprobs\x12\x12\n\ntext_index\x18\x04 \x01(\r\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x08 \x01(\x05H\x00\x12\x19\n\x11num_prompt_tokens\x18\t \x01(\r\x12\x19\n\x11num_cached_tokens\x18\n \x01(\r\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12\x30\n\x0fprompt_logprobs\x18\x0c \x03(\x0b\x32\x17.baton.v1.TokenLogprobsB\r\n\x0bstop_reason\"\x96\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12(\n\x06params\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x18\n\x10resume_token_ids\x18\x04 \x03(\x05\x12\x11\n\tlora_name\x18\x05 \x01(\t\"g\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\r\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x01\x12\x11\n\tlora_name\x18\x04 \x01(\t\"1\n\x0cReserveReply\x12\x11\n\tticket_id\x18\x01 \x01(\t\x12\x0e\n\x06ticket\x18\x02 \x01(\x0c\"\xa7\x01\n\rDecodeRequest\x12\x11\n\tticket_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12(\n\x06params\x18\x04 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x18\n\x10resume_token_ids\x18\x05 \x03(\x05\x12\x11\n\tlora_name\x18\x06 \x01(\t\"\xa5\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12(\n\x06params\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x0e\n\x06ticket\x18\x04 \x01(\x0c\x12\x18\n\x10resume_token_ids\x18\x05 \x03(\x05\x12\x11\n\tlora_name\x18\x06 \x01(\t\"S\n\x0cPrefillReply\x12&\n\x05\x66irst\x18\x01 \x01(\x0b\x32\x17.baton.v1.GenerateChunk\x12\x1b\n\x13kv_transfer_seconds\x18\x02 \x01(\x01\"b\n\x0c\x45mbedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x16\n\tnormalize\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x0c\n\n_normalize\":\n\nEmbedReply\x12\x11\n\tembedding\x18\x01 \x03(\x02\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\":\n\x12LoadAdapterRequest\x12\x11\n\tlora_name\x18\x01 \x01(\t\x12\x11\n\tlora_path\x18\x02 \x01(\t\")\n\x14UnloadAdapterRequest\x12\x11\n\tlora_name\x18\x01 \x01(\t\"%\n\x0c\x41\x64\x61pterReply\x12\x15\n\rlora_adapters\x18\x01 \x03(\t*D\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PREFILL\x10\x01\x12\n\n\x06\x44\x45\x43ODE\x10\x02\x12\r\n\tCOLOCATED\x10\x03\x32\xe9\x04\n\x06Worker\x12\x33\n\x04Info\x12\x15.baton.v1.InfoRequest\x1a\x14.baton.v1.WorkerInfo\x12\x34\n\x05Stats\x12\x16.baton.v1.StatsRequest\x1a\x13.baton.v1.LoadStats\x12@\n\x08Generate\x12\x19.baton.v1.GenerateRequest\x1a\x17.baton.v1.GenerateChunk0\x01\x12;\n\x07Reserve\x12\x18.baton.v1.ReserveRequest\x1a\x16.baton.v1.ReserveReply\x12<\n\x06\x44\x65\x63ode\x12\x17.baton.v1.DecodeRequest\x1a\x17.baton.v1.GenerateChunk0\x01\x12;\n\x07Prefill\x12\x18.baton.v1.PrefillRequest\x1a\x16.baton.v1.PrefillReply\x12\x35\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x14.baton.v1.AbortReply\x12\x35\n\x05\x45mbed\x12\x16.baton.v1.EmbedRequest\x1a\x14.baton.v1.EmbedReply\x12\x43\n\x0bLoadAdapter\x12\x1c.baton.v1.LoadAdapterRequest\x1a\x16.baton.v1.AdapterReply\x12G\n\rUnloadAdapter\x12\x1e.baton.v1.UnloadAdapterRequest\x1a\x16.baton.v1.AdapterReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'baton.protos.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=2517
-  _globals['_ROLE']._serialized_end=2585
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_ROLE']._serialized_start=2628
+  _globals['_ROLE']._serialized_end=2696
   _globals['_INFOREQUEST']._serialized_start=66
   _globals['_INFOREQUEST']._serialized_end=79
   _globals['_WORKERINFO']._serialized_start=82
@@ -43,35 +45,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOADSTATS']._serialized_start=334
   _globals['_LOADSTATS']._serialized_end=543
   _globals['_SAMPLINGPARAMS']._serialized_start=546
-  _globals['_SAMPLINGPARAMS']._serialized_end=1076
-  _globals['_GENERATECHUNK']._serialized_start=1079
-  _globals['_GENERATECHUNK']._serialized_end=1416
-  _globals['_GENERATEREQUEST']._serialized_start=1419
-  _globals['_GENERATEREQUEST']._serialized_end=1569
-  _globals['_RESERVEREQUEST']._serialized_start=1571
-  _globals['_RESERVEREQUEST']._serialized_end=1674
-  _globals['_RESERVEREPLY']._serialized_start=1676
-  _globals['_RESERVEREPLY']._serialized_end=1725
-  _globals['_DECODEREQUEST']._serialized_start=1728
-  _globals['_DECODEREQUEST']._serialized_end=1895
-  _globals['_PREFILLREQUEST']._serialized_start=1898
-  _globals['_PREFILLREQUEST']._serialized_end=2063
-  _globals['_PREFILLREPLY']._serialized_start=2065
-  _globals['_PREFILLREPLY']._serialized_end=2148
-  _globals['_EMBEDREQUEST']._serialized_start=2150
-  _globals['_EMBEDREQUEST']._serialized_end=2248
-  _globals['_EMBEDREPLY']._serialized_start=2250
-  _globals['_EMBEDREPLY']._serialized_end=2308
-  _globals['_ABORTREQUEST']._serialized_start=2310
-  _globals['_ABORTREQUEST']._serialized_end=2344
-  _globals['_ABORTREPLY']._serialized_start=2346
-  _globals['_ABORTREPLY']._serialized_end=2373
-  _globals['_LOADADAPTERREQUEST']._serialized_start=2375
-  _globals['_LOADADAPTERREQUEST']._serialized_end=2433
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=2435
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=2476
-  _globals['_ADAPTERREPLY']._serialized_start=2478
-  _globals['_ADAPTERREPLY']._serialized_end=2515
-  _globals['_WORKER']._serialized_start=2588
-  _globals['_WORKER']._serialized_end=3205
+  _globals['_SAMPLINGPARAMS']._serialized_end=1187
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=1067
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=1115
+  _globals['_GENERATECHUNK']._serialized_start=1190
+  _globals['_GENERATECHUNK']._serialized_end=1527
+  _globals['_GENERATEREQUEST']._serialized_start=1530
+  _globals['_GENERATEREQUEST']._serialized_end=1680
+  _globals['_RESERVEREQUEST']._serialized_start=1682
+  _globals['_RESERVEREQUEST']._serialized_end=1785
+  _globals['_RESERVEREPLY']._serialized_start=1787
+  _globals['_RESERVEREPLY']._serialized_end=1836
+  _globals['_DECODEREQUEST']._serialized_start=1839
+  _globals['_DECODEREQUEST']._serialized_end=2006
+  _globals['_PREFILLREQUEST']._serialized_start=2009
+  _globals['_PREFILLREQUEST']._serialized_end=2174
+  _globals['_PREFILLREPLY']._serialized_start=2176
+  _globals['_PREFILLREPLY']._serialized_end=2259
+  _globals['_EMBEDREQUEST']._serialized_start=2261
+  _globals['_EMBEDREQUEST']._serialized_end=2359
+  _globals['_EMBEDREPLY']._serialized_start=2361
+  _globals['_EMBEDREPLY']._serialized_end=2419
+  _globals['_ABORTREQUEST']._serialized_start=2421
+  _globals['_ABORTREQUEST']._serialized_end=2455
+  _globals['_ABORTREPLY']._serialized_start=2457
+  _globals['_ABORTREPLY']._serialized_end=2484
+  _globals['_LOADADAPTERREQUEST']._serialized_start=2486
+  _globals['_LOADADAPTERREQUEST']._serialized_end=2544
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=2546
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=2587
+  _globals['_ADAPTERREPLY']._serialized_start=2589
+  _globals['_ADAPTERREPLY']._serialized_end=2626
+  _globals['_WORKER']._serialized_start=2699
+  _globals['_WORKER']._serialized_end=3316
 # @@protoc_insertion_point(module_scope)

@@ -46,6 +46,15 @@ def test_min_p_drops_tokens_below_a_share_of_the_best():
     assert kept(logits) == [1, 2]  # threshold 0.2
 
 
+def test_logit_bias_moves_the_choice_of_its_row_only():
+    sampler = Sampler(torch.device("cpu"), 0, eos_token_ids=[])
+    logits = LOGITS.repeat(2, 1)
+    biased = seq(SamplingParams(temperature=0.0, logit_bias={4: 100.0, 1: -100.0}))
+    plain = seq(SamplingParams(temperature=0.0))
+    assert sampler(logits, [biased, plain]).token_ids == [4, 1]
+    assert sampler.sample_ids(logits, [biased, plain]).tolist() == [4, 1]
+
+
 def test_filters_apply_per_row():
     logits = LOGITS.repeat(2, 1)
     apply_top_k_top_p_min_p(logits, [seq(SamplingParams(top_k=1)), seq(SamplingParams())])

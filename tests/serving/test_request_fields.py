@@ -28,7 +28,7 @@ def post(deployment, path: str, body: dict) -> httpx.Response:
 
 # A value that asks for something, per refused field (a no-op value is accepted: below).
 ASKING = {
-    "logit_bias": {"1": 100}, "service_tier": "flex", "store": True, "metadata": {"k": "v"},
+    "service_tier": "flex", "store": True, "metadata": {"k": "v"},
     "prompt_cache_key": "abc", "use_beam_search": True, "length_penalty": 2.0,
     "spaces_between_special_tokens": False, "truncate_prompt_tokens": 4, "allowed_token_ids": [1, 2],
     "bad_words": ["fox"], "logits_processors": ["x"], "return_tokens_as_token_ids": True,
@@ -137,6 +137,15 @@ def test_prompt_logprobs_on_both_endpoints(disaggregated, path):
     prompt_ids = choice["prompt_token_ids"] if path == "completions" else out["prompt_token_ids"]
     assert body[0] is None and len(body) == len(prompt_ids)
     assert all(str(t) in entry for t, entry in zip(prompt_ids[1:], body[1:]))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_logit_bias_forces_and_bans_tokens(disaggregated, path):
+    plain = post(disaggregated, path, base(path, return_token_ids=True)).json()["choices"][0]["token_ids"]
+    forced = post(disaggregated, path, base(path, return_token_ids=True, logit_bias={"42": 100})).json()
+    assert forced["choices"][0]["token_ids"] == [42] * 4
+    banned = post(disaggregated, path, base(path, return_token_ids=True, logit_bias={str(plain[0]): -100})).json()
+    assert banned["choices"][0]["token_ids"][0] != plain[0]
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -49,7 +49,8 @@ COMPLETION_CASES = [
     ("min_tokens above max_tokens", {"model": M, "prompt": "hi", "max_tokens": 2, "min_tokens": 5}, 400),
     ("negative stop token id", {"model": M, "prompt": "hi", "stop_token_ids": [-1]}, 400),
     ("echo is a string", {"model": M, "prompt": "hi", "echo": "true"}, 400),
-    ("logit_bias", {"model": M, "prompt": "hi", "logit_bias": {"1": 5}}, 400),
+    ("logit_bias past 100", {"model": M, "prompt": "hi", "logit_bias": {"1": 101}}, 400),
+    ("logit_bias key not a token id", {"model": M, "prompt": "hi", "logit_bias": {"one": 5}}, 400),
     ("best_of below n", {"model": M, "prompt": "hi", "best_of": 1, "n": 2}, 400),
     ("best_of streamed", {"model": M, "prompt": "hi", "best_of": 3, "stream": True}, 400),
     ("prompt_logprobs 21", {"model": M, "prompt": "hi", "prompt_logprobs": 21}, 400),
@@ -95,6 +96,8 @@ NAMED_CASES = [
     ("lone surrogate in a template kwarg key", "chat", {"model": M, "messages": HI,
                                                        "chat_template_kwargs": {"\ud800": 1}},
      r"chat_template_kwargs.\ud800"),  # the key, escaped
+    ("logit_bias past the vocabulary", "chat", {"model": M, "messages": HI, "logit_bias": {"99999999": 1}},
+     "logit_bias"),
     ("regex that does not compile", "completions", {"model": M, "prompt": "hi", "guided_regex": "(unclosed"},
      "guided_regex"),
     ("grammar that does not compile", "chat", {"model": M, "messages": HI, "guided_grammar": "root ::= ("},
