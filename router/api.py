@@ -155,7 +155,8 @@ class OpenAIServing:
             param = "messages"
         else:
             inputs = completion_inputs(body, vocab_size)
-            prompts = [Prompt(await self._encode(x, "prompt" if len(inputs) == 1 else f"prompt.{i}", max_model_len), x)
+            prompts = [Prompt(await self._encode(x, "prompt" if len(inputs) == 1 else f"prompt.{i}", max_model_len,
+                                                 body.add_special_tokens), x)
                        if isinstance(x, str) else Prompt(x) for i, x in enumerate(inputs)]
             max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
             logprobs = body.logprobs

@@ -43,7 +43,6 @@ _COMMON: dict[str, Any] = {
 
 _COMPLETIONS: dict[str, Any] = {
     "suffix": "",
-    "add_special_tokens": True,
     "prompt_embeds": _ANY,
 }
 

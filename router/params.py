@@ -42,6 +42,10 @@ def _reject_unsupported(req: SamplingFields) -> None:
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true (as OpenAI says)",
                           "stream_options")
+    for option in ("continuous_usage_stats", "include_obfuscation"):
+        if req.stream_options is not None and getattr(req.stream_options, option):
+            raise bad_request(f"stream_options.{option} is not supported by Baton; leave it out",
+                              f"stream_options.{option}")
     if isinstance(req, CompletionRequest):
         if req.best_of is not None and req.best_of < req.n:
             raise bad_request(f"best_of ({req.best_of}) must be >= n ({req.n})", "best_of")

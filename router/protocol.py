@@ -74,6 +74,9 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    # Not implemented: refused when true (router/params.py), typed so that they are not ignored
+    continuous_usage_stats: bool = False  # vLLM's: usage in every chunk
+    include_obfuscation: bool | None = None  # OpenAI's: random padding in every chunk
 
 
 class JsonSchemaFormat(_Body):
@@ -143,6 +146,7 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    add_special_tokens: bool = True  # vLLM's: the tokenizer's BOS (and the like) around a text prompt
     best_of: int | None = Field(default=None, ge=1, le=MAX_N)
 
 

@@ -40,7 +40,7 @@ ASKING = {
     "web_search_options": {}, "echo": True, "continue_final_message": True, "documents": [{"a": "b"}],
     "chat_template": "{{ messages }}", "mm_processor_kwargs": {},
 }
-ASKING_BY_PATH = {("completions", "add_special_tokens"): False, ("chat", "add_special_tokens"): True}
+ASKING_BY_PATH = {("chat", "add_special_tokens"): True}
 REFUSED_CASES = [(path, name) for path in PATHS for name in refused(path == "chat")]
 
 
@@ -81,6 +81,26 @@ def test_a_bool_field_takes_no_zero(disaggregated):
 def test_stream_options_without_stream_is_refused(disaggregated, path):
     response = post(disaggregated, path, base(path, stream_options={"include_usage": True}))
     assert response.status_code == 400 and response.json()["error"]["param"] == "stream_options"
+
+
+@pytest.mark.parametrize("option", ["continuous_usage_stats", "include_obfuscation"])
+def test_unimplemented_stream_options_are_refused_by_name(disaggregated, option):
+    body = base("chat", stream=True, stream_options={"include_usage": True, option: True})
+    response = post(disaggregated, "chat", body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == f"stream_options.{option}"
+
+
+def test_add_special_tokens_false_leaves_bos_out(disaggregated):
+    def ids(add: bool) -> tuple[list[int], list[int]]:
+        body = base("completions", return_token_ids=True, add_special_tokens=add)
+        served = post(disaggregated, "completions", body).json()["choices"][0]["prompt_token_ids"]
+        tokenized = httpx.post(f"{disaggregated.url}/tokenize", timeout=30, json={
+            "model": M, "prompt": body["prompt"], "add_special_tokens": add}).json()["tokens"]
+        return served, tokenized
+
+    with_special, without = ids(True), ids(False)
+    assert with_special[0] == with_special[1] and without[0] == without[1]
+    assert with_special[0] != without[0]
 
 
 @pytest.mark.parametrize("path", PATHS)
