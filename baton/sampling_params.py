@@ -61,7 +61,8 @@ class SamplingParams:
     many outputs and return the `n` whose cumulative log-probability (the sum of each sampled
     token's raw logprob) is highest, best first; such a request shows only its final output.
     `logit_bias` ({token id: bias in [-100, 100]}, OpenAI's) is added to those tokens' logits
-    before penalties and sampling; logprobs do not see it.
+    before penalties and sampling; logprobs do not see it. `allowed_token_ids` (vLLM's): only
+    these tokens may be sampled.
     `logprobs=N` returns the top N log-probabilities of each
     generated position (always including the sampled token), computed from the model's raw
     distribution before temperature, penalties and filtering, as vLLM does.
@@ -89,6 +90,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     guided_decoding: GuidedDecodingParams | None = None
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
     logits_processors: list[LogitsProcessor] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -97,6 +99,8 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.logit_bias = dict(self.logit_bias) if self.logit_bias else None
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
         if self.top_k == -1:
             self.top_k = 0
         self._verify()
@@ -150,6 +154,10 @@ class SamplingParams:
             and isinstance(b, (int, float)) and -100.0 <= b <= 100.0 for t, b in self.logit_bias.items()
         ):
             raise ValueError("logit_bias must map token ids (>= 0) to biases in [-100, 100]")
+        if self.allowed_token_ids is not None and not (self.allowed_token_ids and all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.allowed_token_ids
+        )):
+            raise ValueError("allowed_token_ids must be a non-empty list of token ids (>= 0)")
         if self.guided_decoding is not None and not isinstance(
             self.guided_decoding, GuidedDecodingParams
         ):

@@ -1,7 +1,8 @@
 """Turn one logits row per sequence into the next token, on the device the logits live on.
 
 Order, as vLLM does it: raw log-probabilities (for `logprobs`) are taken from the model's
-logits first; then per-request logits processors and constraints, `logit_bias`, `min_tokens`
+logits first; then per-request logits processors and constraints, `allowed_token_ids`,
+`logit_bias`, `min_tokens`
 (stop tokens masked), repetition/presence/frequency penalties; then greedy rows take the argmax and
 random rows apply temperature, top-k, top-p and min-p and draw with the exponential-race
 trick (argmax of probs / Exp(1) noise), seeded per request where a seed is given.
@@ -81,6 +82,7 @@ class Sampler:
         errors: dict[int, str] = {}
         for transform in self.transforms:
             errors.update(transform(logits, seqs))
+        apply_allowed_token_ids(logits, seqs)
         apply_logit_bias(logits, seqs)
         self._mask_stop_tokens(logits, seqs)
         apply_penalties(logits, seqs)
@@ -128,7 +130,7 @@ def _plain_greedy(seq: Sequence) -> bool:
     """Greedy, and no transform, stop-token mask or penalty would touch its logits row."""
     p = seq.params
     return (p.greedy and not p.logits_processors and p.guided_decoding is None and not p.has_penalties
-            and not p.logit_bias and seq.num_output_tokens >= p.min_tokens)
+            and not p.logit_bias and p.allowed_token_ids is None and seq.num_output_tokens >= p.min_tokens)
 
 
 def _signed(value: int) -> int:
@@ -182,6 +184,19 @@ def apply_logits_processors(logits: torch.Tensor, seqs: list[Sequence]) -> dict[
                 errors[i] = f"logits processor {getattr(processor, '__name__', processor)!r} failed: {exc}"
                 break
     return errors
+
+
+def apply_allowed_token_ids(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """Rows of requests with `allowed_token_ids`: every other token's logit becomes -inf (ids
+    past the vocabulary are skipped: the router refuses them)."""
+    for i, seq in enumerate(seqs):
+        allowed = seq.params.allowed_token_ids
+        if allowed is None:
+            continue
+        keep = _to_device([t for t in allowed if t < logits.shape[1]], torch.long, logits.device)
+        row = torch.full_like(logits[i], float("-inf"))
+        row[keep] = logits[i, keep]
+        logits[i] = row
 
 
 def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:

@@ -27,7 +27,6 @@ _COMMON: dict[str, Any] = {
     "length_penalty": 1.0,
     "spaces_between_special_tokens": True,
     "truncate_prompt_tokens": _ANY,
-    "allowed_token_ids": _ANY,
     "bad_words": [],
     "logits_processors": _ANY,
     "return_tokens_as_token_ids": False,

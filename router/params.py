@@ -141,13 +141,15 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
     _reject_unsupported(req)
     if isinstance(req, ChatCompletionRequest) and req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
-    if vocab_size is not None and req.stop_token_ids:
-        bad = next((t for t in req.stop_token_ids if t >= vocab_size), None)
+    for name in ("stop_token_ids", "allowed_token_ids"):
+        ids = getattr(req, name)
+        bad = next((t for t in ids if t >= vocab_size), None) if vocab_size is not None and ids else None
         if bad is not None:
-            raise bad_request(f"stop_token_ids: token id {bad} is out of range: the vocabulary has "
-                              f"{vocab_size} tokens", "stop_token_ids")
+            raise bad_request(f"{name}: token id {bad} is out of range: the vocabulary has "
+                              f"{vocab_size} tokens", name)
     fields: dict[str, Any] = dict(
         logit_bias=_logit_bias(req.logit_bias, vocab_size),
+        allowed_token_ids=req.allowed_token_ids,
         n=1,
         max_tokens=max_tokens,
         stop=req.stop,

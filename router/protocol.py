@@ -128,6 +128,7 @@ class SamplingFields(TextBody):
     min_tokens: Int32 = 0
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = Field(default=None, max_length=MAX_STOP)
+    allowed_token_ids: list[TokenId] | None = Field(default=None, min_length=1, max_length=2**20)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)

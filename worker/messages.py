@@ -60,6 +60,7 @@ def params_to_proto(p: SamplingParams) -> worker_pb2.SamplingParams:
         include_stop_str_in_output=p.include_stop_str_in_output,
         guided_decoding_json=guided_to_json(p.guided_decoding),
         logit_bias=p.logit_bias or {},
+        allowed_token_ids=p.allowed_token_ids or [],
     )
     if p.seed is not None:
         msg.seed = p.seed
@@ -98,6 +99,7 @@ def params_from_proto(msg: worker_pb2.SamplingParams) -> SamplingParams:
         include_stop_str_in_output=msg.include_stop_str_in_output,
         guided_decoding=guided_from_json(msg.guided_decoding_json),
         logit_bias=dict(msg.logit_bias) or None,
+        allowed_token_ids=list(msg.allowed_token_ids) or None,
     )
 
 

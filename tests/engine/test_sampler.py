@@ -55,6 +55,16 @@ def test_logit_bias_moves_the_choice_of_its_row_only():
     assert sampler.sample_ids(logits, [biased, plain]).tolist() == [4, 1]
 
 
+def test_allowed_token_ids_leave_only_those_tokens():
+    sampler = Sampler(torch.device("cpu"), 0, eos_token_ids=[])
+    logits = LOGITS.repeat(2, 1)
+    limited = seq(SamplingParams(temperature=0.0, allowed_token_ids=[0, 3]))
+    plain = seq(SamplingParams(temperature=0.0))
+    assert sampler(logits, [limited, plain]).token_ids == [3, 1]
+    sampled = seq(SamplingParams(temperature=1.0, allowed_token_ids=[0, 4]))
+    assert {sampler(LOGITS.clone(), [sampled]).token_ids[0] for _ in range(20)} <= {0, 4}
+
+
 def test_filters_apply_per_row():
     logits = LOGITS.repeat(2, 1)
     apply_top_k_top_p_min_p(logits, [seq(SamplingParams(top_k=1)), seq(SamplingParams())])

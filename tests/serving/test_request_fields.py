@@ -30,7 +30,7 @@ def post(deployment, path: str, body: dict) -> httpx.Response:
 ASKING = {
     "service_tier": "flex", "store": True, "metadata": {"k": "v"},
     "prompt_cache_key": "abc", "use_beam_search": True, "length_penalty": 2.0,
-    "spaces_between_special_tokens": False, "truncate_prompt_tokens": 4, "allowed_token_ids": [1, 2],
+    "spaces_between_special_tokens": False, "truncate_prompt_tokens": 4,
     "bad_words": ["fox"], "logits_processors": ["x"], "return_tokens_as_token_ids": True,
     "guided_decoding_backend": "xgrammar", "guided_whitespace_pattern": " ", "structured_outputs": {"regex": "a"},
     "priority": 1, "request_id": "mine", "cache_salt": "s", "kv_transfer_params": {}, "vllm_xargs": {"a": 1},
@@ -166,6 +166,16 @@ def test_logit_bias_forces_and_bans_tokens(disaggregated, path):
     assert forced["choices"][0]["token_ids"] == [42] * 4
     banned = post(disaggregated, path, base(path, return_token_ids=True, logit_bias={str(plain[0]): -100})).json()
     assert banned["choices"][0]["token_ids"][0] != plain[0]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_allowed_token_ids_limits_the_output(disaggregated, path):
+    out = post(disaggregated, path, base(path, return_token_ids=True, max_tokens=8, temperature=1.0, seed=3,
+                                         ignore_eos=True, allowed_token_ids=[42, 43, 44])).json()
+    ids = out["choices"][0]["token_ids"]
+    assert len(ids) == 8 and set(ids) <= {42, 43, 44}
+    refused = post(disaggregated, path, base(path, allowed_token_ids=[42, 99999999]))
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "allowed_token_ids"
 
 
 @pytest.mark.parametrize("path", PATHS)
