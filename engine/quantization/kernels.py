@@ -170,7 +170,8 @@ def fp8_matmul(layer: Fp8Linear, q: torch.Tensor, xs: torch.Tensor, dtype: torch
     m, k = q.shape
     n = layer.out_features
     block = layer.block
-    if m > MANY_ROWS and block is None and q.is_cuda and dtype == torch.bfloat16 and k % 16 == 0 and n % 16 == 0:
+    if (m > MANY_ROWS and block is None and xs.shape[1] == 1 and q.is_cuda and dtype == torch.bfloat16
+            and k % 16 == 0 and n % 16 == 0):
         out = torch._scaled_mm(q, layer.weight.t(), scale_a=xs.float().expand(m, 1).contiguous(),
                                scale_b=layer.weight_scale.float().reshape(1, n), out_dtype=dtype)
         return out if layer.bias is None else out.add_(layer.bias.to(dtype))
