@@ -3,19 +3,17 @@ over the cached prefix) and eager draft-model steps give the plain engine's gree
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from baton.engine import EngineArgs, LLMEngine, SamplingParams
 from baton.engine.tiny_model import write_tiny_model
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "spec_decode"))
-from spec_helpers import NGRAM, assert_no_leaked_blocks, repetitive_prompts, run  # noqa: E402
+from spec_helpers import NGRAM, assert_no_leaked_blocks, perturbed_copy, repetitive_prompts, run  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -29,17 +27,6 @@ def engine(model: Path, **overrides) -> LLMEngine:
     return LLMEngine.from_engine_args(EngineArgs(
         model=str(model), device="cuda", dtype="float32", max_num_seqs=16, max_model_len=512,
         num_gpu_blocks_override=512, **overrides))
-
-
-def perturbed_copy(model: Path, out: Path) -> Path:
-    shutil.copytree(model, out)
-    weights = load_file(str(out / "model.safetensors"))
-    gen = torch.Generator().manual_seed(0)
-    for name, tensor in weights.items():
-        if "layers.1." in name and tensor.dim() == 2:
-            tensor += 0.3 * tensor.std() * torch.randn(tensor.shape, generator=gen)
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
 
 
 def test_ngram_and_draft_model_speculation_equal_greedy_on_cuda(tmp_path):

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import itertools
 import random
+import shutil
 from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
 
 from baton.engine import EngineArgs, LLMEngine
 
@@ -20,6 +24,19 @@ def make_engine(model: Path, **overrides) -> LLMEngine:
     args = dict(model=str(model), device="cpu", num_gpu_blocks_override=256, block_size=4, max_model_len=256)
     args.update(overrides)
     return LLMEngine.from_engine_args(EngineArgs(**args))
+
+
+def perturbed_copy(model: Path, out: Path) -> Path:
+    """`model` copied to `out` with noise on its last layer's weights: the same tokenizer, a
+    different (and disagreeing) distribution: a draft model for the target `model`."""
+    shutil.copytree(model, out)
+    weights = load_file(str(out / "model.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    for name, tensor in weights.items():
+        if "layers.1." in name and tensor.dim() == 2:
+            tensor += 0.3 * tensor.std() * torch.randn(tensor.shape, generator=gen)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
 
 
 def repetitive_prompts(count: int, seed: int = 0) -> list[dict]:

@@ -8,8 +8,13 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from spec_helpers import assert_no_leaked_blocks, make_engine, repetitive_prompts, run
+from spec_helpers import (
+    assert_no_leaked_blocks,
+    make_engine,
+    perturbed_copy,
+    repetitive_prompts,
+    run,
+)
 
 from baton.engine import EngineArgs, SamplingParams
 
@@ -18,17 +23,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
 @pytest.fixture(scope="session")
 def draft_dir(tiny_model, tmp_path_factory):
-    """The tiny model with noise on its last layer's weights: the same tokenizer, a
-    different (and disagreeing) distribution."""
-    out = tmp_path_factory.mktemp("draft") / "draft"
-    shutil.copytree(tiny_model, out)
-    weights = load_file(str(out / "model.safetensors"))
-    gen = torch.Generator().manual_seed(0)
-    for name, tensor in weights.items():
-        if "layers.1." in name and tensor.dim() == 2:
-            tensor += 0.3 * tensor.std() * torch.randn(tensor.shape, generator=gen)
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
+    return perturbed_copy(tiny_model, tmp_path_factory.mktemp("draft") / "draft")
 
 
 def spec_config(draft_dir, k: int = 3) -> dict:
