@@ -40,6 +40,7 @@ from concurrent import futures
 from baton.up import READY_TIMEOUT_S, Child, cpu_thread_env, start, stop, wait_reported
 
 HEALTH_POLL_S = 1.0
+FIRST_CHECK_S = 10.0  # the first health check of every engine, before `baton cell ready`
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,7 +115,9 @@ class CellHealth:
         if not self.port:
             raise OSError(f"cannot listen on {address} (is the port in use?)")
         self._stop = threading.Event()
-        self._set(False)
+        self._channels = [grpc.insecure_channel(engine.address) for engine in engines]
+        # The first answer is true already: wait (bounded) for every engine's first reply.
+        self._set(self._engines_serving(timeout=FIRST_CHECK_S, wait_for_ready=True))
         self.server.start()
         self._thread = threading.Thread(target=self._poll, name="cell-health", daemon=True)
         self._thread.start()
@@ -125,26 +128,28 @@ class CellHealth:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         self.servicer.set("", status)
 
-    def _poll(self) -> None:
+    def _engines_serving(self, timeout: float = HEALTH_POLL_S, wait_for_ready: bool = False) -> bool:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        channels = [grpc.insecure_channel(engine.address) for engine in self.engines]
-        stubs = [health_pb2_grpc.HealthStub(c) for c in channels]
+        for channel in self._channels:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout,
+                                                                 wait_for_ready=wait_for_ready)
+            except grpc.RpcError:
+                return False
+            if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                return False
+        return True
+
+    def _poll(self) -> None:
         try:
-            while not self._stop.is_set():
-                serving = True
-                for stub in stubs:
-                    try:
-                        reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_POLL_S)
-                        serving &= reply.status == health_pb2.HealthCheckResponse.SERVING
-                    except grpc.RpcError:
-                        serving = False
+            while not self._stop.wait(HEALTH_POLL_S):
+                serving = self._engines_serving()
                 if not self._stop.is_set():
                     self._set(serving)
-                self._stop.wait(HEALTH_POLL_S)
         finally:
-            for channel in channels:
+            for channel in self._channels:
                 channel.close()
 
     def close(self) -> None:
