@@ -11,8 +11,10 @@ import asyncio
 import logging
 import os
 import random
+import shutil
 import sys
 import tempfile
+import weakref
 
 import kopf
 import kubernetes
@@ -54,6 +56,7 @@ def build(config: OperatorConfig, api_client: kubernetes.client.ApiClient,
     cache = tempfile.mkdtemp(prefix="baton-operator-")
     reconciler = Reconciler(Kube(api_client, cache_file=os.path.join(cache, "discovery.json")),
                             config)
+    weakref.finalize(reconciler, shutil.rmtree, cache, True)  # gone with the reconciler
     registry = kopf.OperatorRegistry()
     register(registry, reconciler, config, api_client.configuration)
     return registry, reconciler

@@ -12,6 +12,7 @@ layer's dequantized weight), which `write_dense` saves as the "dequantized model
 
 from __future__ import annotations
 
+import atexit
 import json
 import shutil
 import tempfile
@@ -48,7 +49,9 @@ _TINY: list[Path] = []  # the embedded tiny model's files, written once per proc
 def base_model(out: Path, seed: int = 0) -> tuple[dict, dict[str, torch.Tensor]]:
     """Tokenizer files in `out`, and (config, dense float32 weights) of the tiny model."""
     if not _TINY:
-        _TINY.append(write_tiny_model(Path(tempfile.mkdtemp(prefix="baton-quant-tiny-"))))
+        tiny = Path(tempfile.mkdtemp(prefix="baton-quant-tiny-"))
+        atexit.register(shutil.rmtree, tiny, True)
+        _TINY.append(write_tiny_model(tiny))
     out.mkdir(parents=True, exist_ok=True)
     for f in _TINY[0].iterdir():
         if f.name != "model.safetensors":
