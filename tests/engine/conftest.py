@@ -1,14 +1,21 @@
-"""Tiny random models of every supported architecture, saved in Hugging Face format."""
+"""Tiny random models of every supported architecture, saved in Hugging Face format.
+
+This folder is put on `sys.path` for the shared `lora_helpers` (the project imports test
+modules with `--import-mode=importlib`).
+"""
 
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from baton.engine.tiny_model import write_tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 

@@ -1,7 +1,8 @@
 """Multi-LoRA: adapters written by PEFT, mixed in one batch, equal PEFT's own forward.
 
 Adapters are made by `peft` on the tiny transformers models of conftest.py (random A and B,
-so every adapted projection changes the output) and saved as PEFT saves them; the
+so every adapted projection changes the output; `lora_helpers.write_adapter`) and saved as
+PEFT saves them; the
 reference for each request is transformers + PEFT with that one adapter (or none).
 """
 
@@ -12,60 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_helpers import GREEDY, PROMPTS, PeftReference, lora_requests, write_three_adapters
 
-from baton.engine import LLM, LoRARequest, SamplingParams
+from baton.engine import LLM, LoRARequest
 from baton.engine.errors import InvalidRequestError
 from baton.engine.lora.adapter import LoRAError
 from baton.engine.lora.ops import add_lora_reference
-
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MAX_NEW = 16
-GREEDY = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=0)
-PROMPTS = [[0, 17, 250, 33], [0] + list(range(40, 73)), [0, 400, 9], [0, 5, 6, 7, 8, 9, 10, 11, 12]]
-
-
-def write_adapter(base: Path, out: Path, rank: int, targets: list[str], seed: int, rslora: bool = False) -> Path:
-    """A PEFT LoRA adapter of `base` with random A and B (PEFT's init leaves B zero)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0, use_rslora=rslora)
-    peft_model = get_peft_model(model, config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.15)
-    peft_model.save_pretrained(out)
-    return out
-
-
-class PeftReference:
-    """Greedy tokens and their logprobs from transformers + PEFT (one model per adapter)."""
-
-    def __init__(self):
-        self.models = {}
-
-    def model(self, base: Path, adapter: Path | None):
-        key = (base, adapter)
-        if key not in self.models:
-            from peft import PeftModel
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-            self.models[key] = PeftModel.from_pretrained(model, adapter).eval() if adapter else model
-        return self.models[key]
-
-    def greedy(self, base: Path, adapter: Path | None, prompt: list[int]) -> tuple[list[int], list[float]]:
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            out = self.model(base, adapter).generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False,
-                eos_token_id=None, pad_token_id=2, output_scores=True, return_dict_in_generate=True)
-        tokens = out.sequences[0, len(prompt):].tolist()
-        logprobs = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, tokens)]
-        return tokens, logprobs
 
 
 @pytest.fixture(scope="module")
@@ -75,17 +28,8 @@ def peft_ref() -> PeftReference:
 
 @pytest.fixture(scope="module")
 def adapters(hf_models, tmp_path_factory) -> dict[str, dict[str, Path]]:
-    """Per architecture: "a" rank 8 on q/v, "b" rank 16 on all seven, "c" rank 4 (rsLoRA) on
-    o/gate/down."""
-    out = {}
-    for arch, base in hf_models.items():
-        root = tmp_path_factory.mktemp(f"lora-{arch}")
-        out[arch] = {
-            "a": write_adapter(base, root / "a", 8, ["q_proj", "v_proj"], seed=1),
-            "b": write_adapter(base, root / "b", 16, ALL, seed=2),
-            "c": write_adapter(base, root / "c", 4, ["o_proj", "gate_proj", "down_proj"], seed=3, rslora=True),
-        }
-    return out
+    """Per architecture: the three adapters of `write_three_adapters` (ranks 8, 16 and 4)."""
+    return {arch: write_three_adapters(base, tmp_path_factory.mktemp(f"lora-{arch}")) for arch, base in hf_models.items()}
 
 
 def _llm(model: Path, **kwargs) -> LLM:
@@ -94,14 +38,10 @@ def _llm(model: Path, **kwargs) -> LLM:
     return LLM(model=str(model), device="cpu", dtype="float32", enable_lora=True, **kwargs)
 
 
-def _requests(paths: dict[str, Path]) -> dict[str, LoRARequest]:
-    return {name: LoRARequest(name, i + 1, str(path)) for i, (name, path) in enumerate(sorted(paths.items()))}
-
-
 @pytest.mark.parametrize("arch", ["llama", "llama32", "mistral", "qwen2", "qwen3"])
 def test_mixed_batch_of_adapters_equals_peft_per_request(hf_models, adapters, peft_ref, arch):
     base, paths = hf_models[arch], adapters[arch]
-    loras = _requests(paths)
+    loras = lora_requests(paths)
     llm = _llm(base, max_loras=3, max_lora_rank=16)
     # Every prompt under every adapter and the base model, all in one generate: mixed steps.
     plan = [(p, name) for p in PROMPTS for name in (None, "a", "b", "c")]
@@ -117,7 +57,7 @@ def test_mixed_batch_of_adapters_equals_peft_per_request(hf_models, adapters, pe
 
 def test_adapters_change_the_output(hf_models, adapters):
     """Guard for the test above: each adapter's tokens differ from the base model's."""
-    base, loras = hf_models["llama"], _requests(adapters["llama"])
+    base, loras = hf_models["llama"], lora_requests(adapters["llama"])
     llm = _llm(base, max_loras=3)
     prompt = [{"prompt_token_ids": PROMPTS[1]}]
     plain = llm.generate(prompt, GREEDY)[0].outputs[0].token_ids
@@ -127,7 +67,7 @@ def test_adapters_change_the_output(hf_models, adapters):
 
 def test_one_slot_serialises_adapters_evicts_and_reloads(hf_models, adapters, peft_ref):
     base, paths = hf_models["llama"], adapters["llama"]
-    loras = _requests(paths)
+    loras = lora_requests(paths)
     llm = _llm(base, max_loras=1, max_cpu_loras=1)
     plan = ["a", "b", None, "c", "a"]
     prompt = PROMPTS[0]
@@ -149,7 +89,7 @@ def test_one_slot_serialises_adapters_evicts_and_reloads(hf_models, adapters, pe
 
 
 def test_prefix_cache_is_not_shared_across_adapters(hf_models, adapters):
-    loras = _requests(adapters["llama"])
+    loras = lora_requests(adapters["llama"])
     llm = _llm(hf_models["llama"], max_loras=2)
     prompt = [{"prompt_token_ids": PROMPTS[1]}]  # 34 tokens: 8 full blocks of 4
     first = llm.generate(prompt, GREEDY, lora_request=loras["a"])[0]
@@ -170,7 +110,7 @@ def _nothing_held(llm: LLM) -> None:
 
 
 def test_bad_adapters_are_refused_clearly_and_leak_nothing(hf_models, adapters, tmp_path):
-    base, loras = hf_models["llama"], _requests(adapters["llama"])
+    base, loras = hf_models["llama"], lora_requests(adapters["llama"])
     llm = _llm(base, max_loras=2, max_lora_rank=8)
     prompts = [{"prompt_token_ids": PROMPTS[0]}] * 2
     missing = LoRARequest("missing", 9, str(tmp_path / "nowhere"))

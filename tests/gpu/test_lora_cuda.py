@@ -6,11 +6,9 @@ as on the CPU path); bf16 kernels against the torch reference product.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from lora_helpers import GREEDY, PROMPTS, PeftReference, lora_requests, write_three_adapters
 
 from baton.engine import LLM
 
@@ -20,37 +18,20 @@ pytestmark = [
 ]
 
 
-def _engine_lora_tests():
-    path = Path(__file__).parents[1] / "engine" / "test_lora.py"
-    spec = importlib.util.spec_from_file_location("engine_test_lora", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-lora_tests = _engine_lora_tests()
-
-
 @pytest.fixture(scope="module")
 def adapters(hf_models, tmp_path_factory):
-    base = hf_models["llama"]
-    root = tmp_path_factory.mktemp("lora-cuda")
-    return {
-        "a": lora_tests.write_adapter(base, root / "a", 8, ["q_proj", "v_proj"], seed=1),
-        "b": lora_tests.write_adapter(base, root / "b", 16, lora_tests.ALL, seed=2),
-        "c": lora_tests.write_adapter(base, root / "c", 4, ["o_proj", "gate_proj", "down_proj"], seed=3, rslora=True),
-    }
+    return write_three_adapters(hf_models["llama"], tmp_path_factory.mktemp("lora-cuda"))
 
 
 @pytest.mark.parametrize("enforce_eager", [False, True])
 def test_mixed_adapters_on_cuda_equal_peft(hf_models, adapters, enforce_eager):
     base = hf_models["llama"]
-    loras = lora_tests._requests(adapters)
-    ref = lora_tests.PeftReference()
+    loras = lora_requests(adapters)
+    ref = PeftReference()
     llm = LLM(model=str(base), device="cuda", dtype="float32", enable_lora=True, max_loras=3,
               num_gpu_blocks_override=256, block_size=16, enforce_eager=enforce_eager)
-    plan = [(p, n) for p in lora_tests.PROMPTS for n in (None, "a", "b", "c")]
-    outs = llm.generate([{"prompt_token_ids": p} for p, _ in plan], lora_tests.GREEDY,
+    plan = [(p, n) for p in PROMPTS for n in (None, "a", "b", "c")]
+    outs = llm.generate([{"prompt_token_ids": p} for p, _ in plan], GREEDY,
                         lora_request=[loras[n] if n else None for _, n in plan])
     for (prompt, name), out in zip(plan, outs):
         assert out.outputs[0].token_ids == ref.greedy(base, adapters[name] if name else None, prompt)[0], name

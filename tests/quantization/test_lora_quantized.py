@@ -5,7 +5,7 @@ path against transformers + PEFT)."""
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 from pathlib import Path
 
 from quant_checkpoints import write_awq, write_dense
@@ -13,24 +13,18 @@ from quant_checkpoints import write_awq, write_dense
 from baton.engine import LLM, LoRARequest, SamplingParams
 from baton.engine.quantization.linear import Int4Linear
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))
+from lora_helpers import ALL, write_adapter  # noqa: E402
+
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 PROMPTS = [[0, 17, 250, 33], [0, 5, 6, 7, 8, 9, 10], [0, 400, 9]]
 
 
-def _write_adapter():
-    path = Path(__file__).parents[1] / "engine" / "test_lora.py"
-    spec = importlib.util.spec_from_file_location("engine_test_lora", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.write_adapter, module.ALL
-
-
 def test_adapters_over_int4_weights_equal_adapters_over_the_dequantized_model(tmp_path):
-    write_adapter, every_projection = _write_adapter()
     qdir, config, dense = write_awq(tmp_path / "q", 64)
     ddir = write_dense(tmp_path / "dense", qdir, config, dense)
     loras = [LoRARequest("a", 1, str(write_adapter(ddir, tmp_path / "a", 8, ["q_proj", "v_proj"], seed=7))),
-             LoRARequest("b", 2, str(write_adapter(ddir, tmp_path / "b", 16, every_projection, seed=8)))]
+             LoRARequest("b", 2, str(write_adapter(ddir, tmp_path / "b", 16, ALL, seed=8)))]
     plan = [(p, lora) for p in PROMPTS for lora in (None, *loras)]
 
     def run(model_dir):

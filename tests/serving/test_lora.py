@@ -1,13 +1,13 @@
 """LoRA adapters through the router, in both serving modes, with real processes on loopback.
 
-Adapters are PEFT directories made for the tiny model (tests/engine/test_lora.py's writer);
+Adapters are PEFT directories made for the tiny model (tests/engine/lora_helpers.py's writer);
 the expected text is the engine's own (`LLM` with the same adapter on the CPU), which
 tests/engine/test_lora.py checks against transformers + PEFT.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 from pathlib import Path
 
 import grpc
@@ -20,26 +20,19 @@ from baton.protos import worker_pb2, worker_pb2_grpc
 from baton.sampling_params import SamplingParams
 from baton.worker.messages import params_to_proto
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))
+from lora_helpers import ALL, write_adapter  # noqa: E402
+
 API_KEY = "lora-test-key-0123"
 PROMPT = [0, 17, 250, 33, 90, 12]
 MAX_TOKENS = 8
 
 
-def _engine_lora_tests():
-    path = Path(__file__).parents[1] / "engine" / "test_lora.py"
-    spec = importlib.util.spec_from_file_location("engine_test_lora", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def adapters(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
-    writer = _engine_lora_tests().write_adapter
     root = tmp_path_factory.mktemp("adapters")
-    return {"sql": writer(tiny_model_dir, root / "sql", 8, ["q_proj", "v_proj", "down_proj"], seed=11),
-            "chat": writer(tiny_model_dir, root / "chat", 16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                              "up_proj", "down_proj"], seed=12)}
+    return {"sql": write_adapter(tiny_model_dir, root / "sql", 8, ["q_proj", "v_proj", "down_proj"], seed=11),
+            "chat": write_adapter(tiny_model_dir, root / "chat", 16, ALL, seed=12)}
 
 
 @pytest.fixture(scope="module")

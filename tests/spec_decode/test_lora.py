@@ -3,30 +3,20 @@ sequence's adapter (the adapter mapping is per token of the step), so greedy is 
 
 from __future__ import annotations
 
-import torch
+import sys
+from pathlib import Path
+
 from spec_helpers import NGRAM, repetitive_prompts
 
 from baton.engine import LLM, LoRARequest, SamplingParams
 
-
-def write_adapter(base, out):
-    """A PEFT adapter of the tiny model with random A and B (PEFT leaves B zero)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.15)
-    model.save_pretrained(out)
-    return out
+sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))
+from lora_helpers import write_adapter  # noqa: E402
 
 
 def test_greedy_with_adapters_and_speculation_equals_without(tiny_model, tmp_path):
-    adapter = LoRARequest("a", 1, str(write_adapter(tiny_model, tmp_path / "adapter")))
+    adapter = LoRARequest("a", 1, str(write_adapter(tiny_model, tmp_path / "adapter", 4, ["q_proj", "v_proj", "down_proj"],
+                                                     seed=5)))
     first, second = repetitive_prompts(2, seed=12)
     prompts, loras = [first, first, second], [adapter, None, adapter]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
