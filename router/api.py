@@ -37,6 +37,8 @@ from baton.router.params import (
     num_candidates,
     prompt_error,
     sampling_params,
+    truncated,
+    truncation,
 )
 from baton.router.protocol import ChatCompletionRequest, CompletionRequest
 from baton.router.responses import ResponseBuilder, best_of, sse
@@ -93,23 +95,25 @@ class OpenAIServing:
         must not stall the event loop, /health included."""
         return await asyncio.get_running_loop().run_in_executor(self._prepare, fn, *args)
 
-    async def _encode(self, text: str, param: str, max_model_len: int,
+    async def _encode(self, text: str, param: str, max_model_len: int | None,
                       add_special_tokens: bool = True) -> list[int]:
         """Tokenise one prompt off the event loop: on a thread, or in the tokenizer's child
         process when it is long (there the result's Python objects cannot hold the GIL, and
-        small requests never queue behind it). Raises the 400 for a bad or too long prompt."""
+        small requests never queue behind it). Raises the 400 for a bad prompt, or one longer
+        than `max_model_len` (None: no limit)."""
         try:
             if len(text) > LARGE_TEXT_CHARS:
                 return await self._child.encode(text, add_special_tokens, max_model_len)
             return await self._off_loop(self.tokenizer.encode, text, add_special_tokens, max_model_len)
         except ValueError as exc:
-            raise prompt_error(exc, param, max_model_len) from None
+            raise prompt_error(exc, param, max_model_len or 0) from None
 
-    async def _encode_large_chat(self, body: ChatCompletionRequest, max_model_len: int) -> list[int]:
+    async def _encode_large_chat(self, body: ChatCompletionRequest, max_model_len: int | None) -> list[int]:
         """A long conversation's prompt ids, rendered and tokenised in the tokenizer's child:
-        here its template would copy every content holding the GIL. One that cannot fit is
-        refused by its length first, before anything renders it whole."""
-        size = await self._off_loop(chat_text_bytes, body, self.tokenizer)
+        here its template would copy every content holding the GIL. One that cannot fit
+        `max_model_len` (None: no limit) is refused by its length first, before anything
+        renders it whole."""
+        size = await self._off_loop(chat_text_bytes, body, self.tokenizer) if max_model_len is not None else None
         if size is not None:
             try:
                 self.tokenizer.check_size(size, max_model_len)
@@ -121,7 +125,7 @@ class OpenAIServing:
         except ChatTemplateError as exc:
             raise bad_request(f"cannot apply the chat template: {exc}", "messages") from None
         except ValueError as exc:
-            raise prompt_error(exc, "messages", max_model_len) from None
+            raise prompt_error(exc, "messages", max_model_len or 0) from None
 
     def _limits(self) -> tuple[int, int]:
         limits = self.pool.model_limits(self.dispatcher.roles)
@@ -144,23 +148,27 @@ class OpenAIServing:
         lora_name = self._lora_name(body.model)
         max_model_len, vocab_size = self._limits()
         tools = plan_tools(body, self.tool_call_parser, self.enable_auto_tool_choice) if chat else None
+        keep = truncation(body, max_model_len)
+        # A prompt to truncate may be longer than the context: it is tokenised whole.
+        limit = max_model_len if keep is None else None
         if chat:
             if content_length(body) > LARGE_TEXT_CHARS:
-                prompts = [Prompt(await self._encode_large_chat(body, max_model_len))]
+                prompts = [Prompt(await self._encode_large_chat(body, limit))]
             else:
                 text = await self._off_loop(chat_text, body, self.tokenizer)
-                prompts = [Prompt(await self._encode(text, "messages", max_model_len, False), text)]
+                prompts = [Prompt(await self._encode(text, "messages", limit, False), text)]
             max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
             param = "messages"
         else:
             inputs = completion_inputs(body, vocab_size)
-            prompts = [Prompt(await self._encode(x, "prompt" if len(inputs) == 1 else f"prompt.{i}", max_model_len,
+            prompts = [Prompt(await self._encode(x, "prompt" if len(inputs) == 1 else f"prompt.{i}", limit,
                                                  body.add_special_tokens), x)
                        if isinstance(x, str) else Prompt(x) for i, x in enumerate(inputs)]
             max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
             logprobs = body.logprobs
             param = "prompt"
+        prompts = [truncated(p, keep) for p in prompts]
         candidates = num_candidates(body)  # outputs run per prompt: best_of or n
         if len(prompts) * candidates > MAX_STREAMS:
             name = "best_of" if candidates > body.n else "n"

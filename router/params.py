@@ -193,6 +193,29 @@ def _logit_bias(given: dict[str, float] | None, vocab_size: int | None) -> dict[
     return bias
 
 
+def truncation(req: SamplingFields, max_model_len: int) -> int | None:
+    """vLLM's `truncate_prompt_tokens`: how many of the prompt's last tokens to keep (-1:
+    `max_model_len`), or None to keep them all; 400 naming it for 0, values below -1 and
+    values above `max_model_len` (vLLM's rules)."""
+    k = req.truncate_prompt_tokens
+    if k is None:
+        return None
+    if k == 0 or k < -1:
+        raise bad_request(f"truncate_prompt_tokens must be an integer >= 1 or -1, got {k}", "truncate_prompt_tokens")
+    if k > max_model_len:
+        raise bad_request(f"truncate_prompt_tokens value ({k}) is greater than max_model_len ({max_model_len}). "
+                          "Please, select a smaller truncation size.", "truncate_prompt_tokens")
+    return max_model_len if k == -1 else k
+
+
+def truncated(prompt: Prompt, keep: int | None) -> Prompt:
+    """The prompt's last `keep` tokens (all when None); a prompt that loses tokens loses its
+    text too (echo then shows the tokens kept, decoded)."""
+    if keep is None or len(prompt.token_ids) <= keep:
+        return prompt
+    return Prompt(prompt.token_ids[-keep:])
+
+
 def check_length(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int,
                  param: str) -> int:
     """The max_tokens to run with; 400 when the prompt plus output cannot fit the context."""

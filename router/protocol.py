@@ -133,6 +133,7 @@ class SamplingFields(TextBody):
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     return_token_ids: bool = False  # the prompt's and each choice's token ids beside the text
+    truncate_prompt_tokens: Int32 | None = None  # keep the prompt's last k tokens (-1: max_model_len)
     # structured output: OpenAI's response_format and vLLM's guided_* extras
     response_format: ResponseFormat | None = None
     guided_json: str | dict[str, Any] | None = None

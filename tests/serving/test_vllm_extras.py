@@ -1,0 +1,77 @@
+"""vLLM's request extras that clients send, with the official `openai` client (`extra_body`)
+against real deployments of the tiny model on loopback: colocated, and disaggregated where
+the field must travel through a KV handoff. Invalid values are 400s naming the field."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+M = "tiny-llama-v1"
+PROMPT = "The quick brown fox jumps over the lazy dog"
+HI = [{"role": "user", "content": "hi there, how are you"}]
+
+
+@pytest.fixture(params=["colocated", "disaggregated"])
+def dep(request):
+    return request.getfixturevalue(request.param)
+
+
+def complete(dep, prompt=PROMPT, **extra):
+    return dep.client().completions.create(model=M, prompt=prompt, max_tokens=4, temperature=0.0,
+                                           extra_body={"return_token_ids": True, **extra})
+
+
+def chat(dep, messages=HI, **extra):
+    return dep.client().chat.completions.create(model=M, messages=messages, max_tokens=4, temperature=0.0,
+                                                extra_body={"return_token_ids": True, **extra})
+
+
+def tokenize(dep, **body) -> list[int]:
+    return httpx.post(f"{dep.url}/tokenize", json={"model": M, **body}, timeout=30).json()["tokens"]
+
+
+def refused(call, param: str) -> str:
+    """Run `call`, which must be refused with a 400 naming `param`; its message."""
+    with pytest.raises(openai.BadRequestError) as err:
+        call()
+    error = err.value.body
+    assert err.value.status_code == 400 and error["param"] == param, error
+    return error["message"]
+
+
+# -- truncate_prompt_tokens -----------------------------------------------------------------
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(dep):
+    whole = tokenize(dep, prompt=PROMPT)
+    out = complete(dep, truncate_prompt_tokens=3)
+    choice = out.choices[0]
+    assert out.usage.prompt_tokens == 3 and choice.prompt_token_ids == whole[-3:]
+    # the same output as the kept tokens given as the prompt
+    assert choice.token_ids == complete(dep, prompt=whole[-3:]).choices[0].token_ids
+    # -1 (the context length) and a k above the prompt's length keep it whole
+    for k in (-1, len(whole) + 5):
+        assert complete(dep, truncate_prompt_tokens=k).choices[0].prompt_token_ids == whole
+
+
+def test_truncate_prompt_tokens_on_chat_and_token_prompts(dep):
+    whole = tokenize(dep, messages=HI)
+    out = chat(dep, truncate_prompt_tokens=4)
+    assert out.usage.prompt_tokens == 4 and out.prompt_token_ids == whole[-4:]
+    ids = complete(dep, prompt=whole, truncate_prompt_tokens=2)
+    assert ids.choices[0].prompt_token_ids == whole[-2:]
+
+
+def test_truncate_prompt_tokens_lets_a_prompt_longer_than_the_context_run(colocated):
+    long = " ".join(["fox"] * 3000)  # thousands of tokens: far past the context
+    with pytest.raises(openai.BadRequestError):
+        complete(colocated, prompt=long)
+    out = complete(colocated, prompt=long, truncate_prompt_tokens=16)
+    assert out.usage.prompt_tokens == 16
+
+
+@pytest.mark.parametrize("value", [0, -2, 10**6, "3", 2.5])
+def test_invalid_truncate_prompt_tokens_is_refused(colocated, value):
+    refused(lambda: complete(colocated, truncate_prompt_tokens=value), "truncate_prompt_tokens")
+    refused(lambda: chat(colocated, truncate_prompt_tokens=value), "truncate_prompt_tokens")
