@@ -259,7 +259,7 @@ class EngineArgs:
         if kv_cache_dtype == torch.float8_e4m3fn and self.attention_backend == "flash_attn":
             raise ValueError("kv_cache_dtype='fp8' needs the triton or torch attention backend (flash_attn reads "
                              "only a cache in the model dtype)")
-        _check_tensor_parallel(self.tensor_parallel_size, hf_config, device, quantization, kv_cache_dtype, dtype)
+        _check_tensor_parallel(self.tensor_parallel_size, hf_config, device, quantization)
         config = EngineConfig(
             model_dir=model_dir,
             tokenizer_dir=Path(self.tokenizer) if self.tokenizer else model_dir,
@@ -385,8 +385,7 @@ class EngineConfig:
         return archs[0]
 
 
-def _check_tensor_parallel(tp, hf_config: dict, device: torch.device, quantization, kv_cache_dtype,
-                           dtype) -> None:
+def _check_tensor_parallel(tp, hf_config: dict, device: torch.device, quantization) -> None:
     """Refuse what tensor parallelism does not do (ValueError naming it); TP 1 passes."""
     if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
         raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {tp!r}")
@@ -404,8 +403,6 @@ def _check_tensor_parallel(tp, hf_config: dict, device: torch.device, quantizati
     if quantization is not None:
         raise ValueError(f"tensor_parallel_size={tp} with quantization ({quantization.description}) is not "
                          f"supported yet: serve the unquantized checkpoint, or use tensor_parallel_size=1")
-    if kv_cache_dtype != dtype:
-        raise ValueError(f"tensor_parallel_size={tp} with kv_cache_dtype='fp8' is not supported yet")
     if device.type == "cuda" and (device.index or 0) + tp > torch.cuda.device_count():
         raise ValueError(f"tensor_parallel_size={tp} needs {tp} GPUs from {device}; this machine has "
                          f"{torch.cuda.device_count()}")

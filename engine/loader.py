@@ -69,7 +69,7 @@ def load_model(config: EngineConfig, layout: ShardLayout | None = None) -> nn.Mo
     with torch.no_grad():
         scales = loading.load_weights(model, config.quantization, weights)
     if config.kv_cache_dtype == torch.float8_e4m3fn:
-        kv_scales.attach(model, scales, config.num_heads, config.num_kv_heads, config.device)
+        kv_scales.attach(model, scales, layout or ShardLayout.of(config.hf_config), config.device)
     elif scales:
         log.warning("the checkpoint has FP8 KV-cache scales; they apply with kv_cache_dtype='fp8' only")
     model.finish_loading(config.device, config.max_model_len)

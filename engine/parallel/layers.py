@@ -54,7 +54,7 @@ class Collectives:
         """Rank 0's `x` into every rank's `x` (same shape and dtype everywhere), in place."""
         options = dist.BroadcastOptions()
         options.rootRank = 0
-        self.group.broadcast([x], options).wait()
+        self.group.broadcast([_bits(x)], options).wait()
         return x
 
     def gather(self, x: torch.Tensor) -> list[torch.Tensor] | None:
@@ -63,10 +63,16 @@ class Collectives:
         options.rootRank = 0
         if self.rank == 0:
             out = [torch.empty_like(x) for _ in range(self.size)]
-            self.group.gather([out], [x], options).wait()
+            self.group.gather([[_bits(o) for o in out]], [_bits(x)], options).wait()
             return out
-        self.group.gather([], [x], options).wait()
+        self.group.gather([], [_bits(x)], options).wait()
         return None
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """`x` as the backend can move it: an e4m3 tensor (an FP8 KV pool's blocks) as its bytes,
+    which gloo does not take as float8; a copy moves bits, so nothing is lost."""
+    return x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x
 
 
 class RowParallel(nn.Module):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from baton.engine.parallel.layout import ShardLayout
 from baton.engine.quantization.fp8 import FP8_MAX
 
 
@@ -59,14 +60,22 @@ def _per_head(scale: torch.Tensor | None, num_kv_heads: int, device, name: str) 
     return scale.contiguous()
 
 
-def attach(model: nn.Module, scales: dict[int, dict[str, torch.Tensor]], num_heads: int, num_kv_heads: int,
+def attach(model: nn.Module, scales: dict[int, dict[str, torch.Tensor]], layout: ShardLayout,
            device: torch.device) -> int:
     """Give each attention layer (a module with `layer_idx` and a `kv_scales` slot) its
-    `KVCacheScales`, from the checkpoint's scales where present; returns how many layers."""
+    `KVCacheScales`, from the checkpoint's scales where present; returns how many layers.
+
+    `layout`: the part of the model this one holds (`ShardLayout.of(hf_config)`: all of
+    it); a tensor-parallel rank's layers get the checkpoint's scales of its KV heads, so
+    every rank's pool holds each head scaled as a TP 1 pool does, and a KV handoff between
+    TP layouts moves the e4m3 bytes as they are."""
+    heads = layout.kv_heads
     count = 0
     for module in model.modules():
         if hasattr(module, "kv_scales") and hasattr(module, "layer_idx"):
             found = scales.get(module.layer_idx, {})
-            module.kv_scales = KVCacheScales(num_heads, num_kv_heads, found.get("k"), found.get("v"), device)
+            k, v = (_per_head(found.get(x), layout.num_kv_heads, device, f"{x}_scale")[heads.start : heads.stop]
+                    for x in ("k", "v"))
+            module.kv_scales = KVCacheScales(len(layout.heads), len(heads), k, v, device)
             count += 1
     return count

@@ -45,10 +45,36 @@ def mqa_odd_vocab(tmp_path_factory, hf_models):
     return out
 
 
+# Per-KV-head scales far apart: a rank that scaled its heads' keys and values by another
+# head's scales would store bytes a TP 1 engine reads as other values (the handoff test).
+KV_SCALES = {"k": torch.tensor([0.25, 2.0]), "v": torch.tensor([3.0, 0.5])}
+
+
 @pytest.fixture(scope="module")
-def models(hf_models, mqa_odd_vocab):
+def fp8_kv(tmp_path_factory, hf_models):
+    """Llama with per-KV-head FP8 KV-cache scales in its checkpoint (compressed-tensors'
+    names), served with kv_cache_dtype='fp8' (`ENGINE_ARGS`)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("fp8_kv")
+    shutil.copytree(hf_models["llama"], out, dirs_exist_ok=True)
+    tensors = load_file(out / "model.safetensors")
+    for i in range(2):
+        for which, scale in KV_SCALES.items():
+            tensors[f"model.layers.{i}.self_attn.{which}_scale"] = scale * (i + 1)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+ENGINE_ARGS = {"fp8_kv": dict(kv_cache_dtype="fp8")}
+
+
+@pytest.fixture(scope="module")
+def models(hf_models, mqa_odd_vocab, fp8_kv):
     return {"llama": hf_models["llama"], "qwen2": hf_models["qwen2"], "qwen3": hf_models["qwen3"],
-            "mqa_odd_vocab": mqa_odd_vocab}
+            "mqa_odd_vocab": mqa_odd_vocab, "fp8_kv": fp8_kv}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +85,7 @@ def engines(models):
     def get(name: str, tp: int) -> LLM:
         if (name, tp) not in built:
             built[name, tp] = LLM(model=str(models[name]), device="cpu", dtype="float32",
-                                  tensor_parallel_size=tp, **TIGHT)
+                                  tensor_parallel_size=tp, **TIGHT, **ENGINE_ARGS.get(name, {}))
         return built[name, tp]
 
     yield get
@@ -84,8 +110,9 @@ def _assert_same(a, b, atol=1e-4):
                         assert px[t] == pytest.approx(py[t], abs=atol)
 
 
-# Qwen2: Q/K/V biases sliced with their rows; Qwen3: q/k norms and a tied LM head.
-@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "mqa_odd_vocab"])
+# Qwen2: Q/K/V biases sliced with their rows; Qwen3: q/k norms and a tied LM head; fp8_kv:
+# each rank's pool in e4m3 with its KV heads' scales.
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "mqa_odd_vocab", "fp8_kv"])
 def test_tp2_greedy_equals_tp1_with_chunking_and_preemption(engines, name):
     one, two = engines(name, 1), engines(name, 2)
     preempted = [llm.engine.stats().num_preemptions for llm in (one, two)]
@@ -101,6 +128,13 @@ def test_each_rank_holds_its_heads_kv_only(engines):
     assert two.engine.runner.kv.shape[-2] == 1  # its one (replicated) KV head
     llama = engines("llama", 2).engine.runner
     assert llama.kv.shape[-2] == 1 and llama.layout.kv_heads == range(0, 1)  # 2 KV heads over 2 ranks
+
+
+def test_each_rank_holds_its_kv_heads_in_fp8_with_their_scales(engines):
+    runner = engines("fp8_kv", 2).engine.runner
+    assert runner.kv.dtype == torch.float8_e4m3fn and runner.handoff_kv.dtype == torch.float8_e4m3fn
+    scales = runner.reference.layers[1].self_attn.kv_scales  # rank 0: KV head 0, layer 1's scales
+    assert scales.k_scale.tolist() == [0.5] and scales.v_scale.tolist() == [6.0]
 
 
 def test_seeded_sampling_is_the_same(engines):
@@ -160,7 +194,7 @@ def _final(engine, request_id: str):
     return next(o for o in outputs if o.request_id == request_id and o.finished)
 
 
-@pytest.mark.parametrize("name", ["llama", "mqa_odd_vocab"])
+@pytest.mark.parametrize("name", ["llama", "mqa_odd_vocab", "fp8_kv"])
 @pytest.mark.parametrize("prefill_tp, decode_tp", [(2, 1), (1, 2), (2, 2)])
 def test_kv_handed_off_between_tp_layouts_continues_as_a_colocated_run(engines, name, prefill_tp, decode_tp):
     """A prompt prefilled at one TP and decoded at another: the handoff pool is in the whole
@@ -245,7 +279,6 @@ def test_close_stops_the_other_ranks(tiny_dir):
     (dict(tensor_parallel_size=3), r"tensor_parallel_size=3 does not divide this model's 4 attention heads"),
     (dict(tensor_parallel_size=0), r"tensor_parallel_size must be an integer >= 1"),
     (dict(tensor_parallel_size=2, quantization="fp8"), r"with quantization .* is not supported yet"),
-    (dict(tensor_parallel_size=2, kv_cache_dtype="fp8"), r"kv_cache_dtype='fp8' is not supported yet"),
 ])
 def test_what_tensor_parallelism_cannot_do_is_refused(tiny_dir, args, message):
     with pytest.raises(ValueError, match=message):
