@@ -180,8 +180,11 @@ class ChildEncoder:
 
     The child is spawned (the caller may have threads) on first use, runs at a lower CPU
     priority than the caller (on a busy host the server's loop must win the cores over a
-    tokenisation that takes seconds), tokenises one text at a time, and is started again
-    if it died.
+    tokenisation that takes seconds) and in a session of its own (where the kernel groups
+    tasks by session, "autogroup", niceness only ranks tasks within one group, and a child
+    busy in the caller's group spends that group's share of the CPU: the caller's loop then
+    waits for the other groups at each wake-up), tokenises one text at a time, and is
+    started again if it died.
     """
 
     CHUNK_CHARS = 1 << 18
@@ -295,6 +298,7 @@ def _child_main(conn, model_dir: str, chat_template: str | None = None) -> None:
     with one text per message, its content."""
     import os
 
+    os.setsid()  # a scheduling group of its own, apart from the caller's (see ChildEncoder)
     os.nice(CHILD_NICENESS)
     tokenizer = Tokenizer(model_dir, chat_template)
     while True:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 
@@ -88,6 +89,13 @@ def test_a_child_process_that_died_is_started_again(tok, child):
     child._process.kill()
     child._process.join(10)
     assert asyncio.run(child.encode(LONG_TEXT, True, None)) == tok.encode(LONG_TEXT)
+
+
+def test_the_child_process_runs_in_a_session_of_its_own_at_a_lower_priority(child):
+    asyncio.run(child.encode("warm", True, None))
+    pid = child._process.pid
+    assert os.getsid(pid) == pid != os.getsid(0)  # its own scheduling group under autogroup
+    assert os.getpriority(os.PRIO_PROCESS, pid) > os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def test_chat_template_renders_the_conversation(tok):
