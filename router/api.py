@@ -95,8 +95,8 @@ class OpenAIServing:
         must not stall the event loop, /health included."""
         return await asyncio.get_running_loop().run_in_executor(self._prepare, fn, *args)
 
-    async def _encode(self, text: str, param: str, max_model_len: int | None,
-                      add_special_tokens: bool = True) -> list[int]:
+    async def encode(self, text: str, param: str, max_model_len: int | None,
+                     add_special_tokens: bool = True) -> list[int]:
         """Tokenise one prompt off the event loop: on a thread, or in the tokenizer's child
         process when it is long (there the result's Python objects cannot hold the GIL, and
         small requests never queue behind it). Raises the 400 for a bad prompt, or one longer
@@ -127,7 +127,8 @@ class OpenAIServing:
         except ValueError as exc:
             raise prompt_error(exc, "messages", max_model_len or 0) from None
 
-    def _limits(self) -> tuple[int, int]:
+    def limits(self) -> tuple[int, int]:
+        """(max_model_len, vocab_size) the workers report; 503 while no worker is known."""
         limits = self.pool.model_limits(self.dispatcher.roles)
         if limits is None:
             raise no_worker(self.dispatcher.roles[-1])
@@ -146,7 +147,7 @@ class OpenAIServing:
     async def serve(self, body: CompletionRequest | ChatCompletionRequest, request: Request) -> Response:
         chat = isinstance(body, ChatCompletionRequest)
         lora_name = self._lora_name(body.model)
-        max_model_len, vocab_size = self._limits()
+        max_model_len, vocab_size = self.limits()
         tools = plan_tools(body, self.tool_call_parser, self.enable_auto_tool_choice) if chat else None
         keep = truncation(body, max_model_len)
         # A prompt to truncate may be longer than the context: it is tokenised whole.
@@ -156,14 +157,14 @@ class OpenAIServing:
                 prompts = [Prompt(await self._encode_large_chat(body, limit))]
             else:
                 text = await self._off_loop(chat_text, body, self.tokenizer)
-                prompts = [Prompt(await self._encode(text, "messages", limit, False), text)]
+                prompts = [Prompt(await self.encode(text, "messages", limit, False), text)]
             max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
             param = "messages"
         else:
             inputs = completion_inputs(body, vocab_size)
-            prompts = [Prompt(await self._encode(x, "prompt" if len(inputs) == 1 else f"prompt.{i}", limit,
-                                                 body.add_special_tokens), x)
+            prompts = [Prompt(await self.encode(x, "prompt" if len(inputs) == 1 else f"prompt.{i}", limit,
+                                                body.add_special_tokens), x)
                        if isinstance(x, str) else Prompt(x) for i, x in enumerate(inputs)]
             max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
             logprobs = body.logprobs

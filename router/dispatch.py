@@ -240,7 +240,7 @@ class Dispatcher:
                 if unavailable and not got_any and len(tried) < 2:
                     self.pool.check(worker)
                     continue
-                error = self._rpc_error(exc, worker)
+                error = self.rpc_error(exc, worker)
                 if unavailable:
                     raise _StreamLost(error, state, worker) from None
                 raise error from None
@@ -321,7 +321,7 @@ class Dispatcher:
                     _check_finished(state, decode)
                     return
                 elif kind == "decode_error":
-                    error = self._rpc_error(payload, decode)
+                    error = self.rpc_error(payload, decode)
                     if payload.code() == grpc.StatusCode.ABORTED:
                         raise _HandoffFailed(error)
                     if payload.code() == grpc.StatusCode.UNAVAILABLE:
@@ -430,7 +430,7 @@ class Dispatcher:
             try:
                 reply = await worker.stub.Prefill(request)
             except grpc.aio.AioRpcError as exc:
-                error = self._rpc_error(exc, worker)
+                error = self.rpc_error(exc, worker)
                 code = exc.code()
                 # ABORTED: the push failed and ended the reservation; retrying it is futile.
                 handoff_failed = code == grpc.StatusCode.ABORTED
@@ -445,7 +445,7 @@ class Dispatcher:
             return
         events.put_nowait(("prefill_error", (error, handoff_failed)))
 
-    def _rpc_error(self, exc: grpc.aio.AioRpcError, worker: Worker) -> APIError:
+    def rpc_error(self, exc: grpc.aio.AioRpcError, worker: Worker) -> APIError:
         """The client's error for a failed call. A busy worker (RESOURCE_EXHAUSTED) is a 429;
         an unreachable one is checked by a poll now, which decides whether it leaves rotation."""
         code, details = exc.code(), exc.details() or ""

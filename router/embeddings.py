@@ -55,7 +55,7 @@ def embedding_routes(serving) -> APIRouter:
                               "so a truncated vector would be meaningless", "dimensions")
         role = serving.dispatcher.roles[0]
         workers = _embedding_workers(serving, role, body.model)
-        max_model_len, vocab_size = serving._limits()
+        max_model_len, vocab_size = serving.limits()
         prompts = await _inputs(serving, body, max_model_len, vocab_size)
         request_id = f"embd-{uuid.uuid4().hex}"
         vectors = await asyncio.gather(*(_embed(serving, workers, f"{request_id}-{i}", ids)
@@ -93,7 +93,7 @@ async def _inputs(serving, body: EmbeddingRequest, max_model_len: int, vocab_siz
     for i, item in enumerate(given):
         param = "input" if len(given) == 1 else f"input.{i}"
         if isinstance(item, str):
-            ids = await serving._encode(item, param, max_model_len)
+            ids = await serving.encode(item, param, max_model_len)
         else:
             ids = list(item)
             bad = next((t for t in ids if t >= vocab_size), None)
@@ -128,7 +128,7 @@ async def _embed(serving, workers: list[Worker], request_id: str, ids: list[int]
             if exc.code() == grpc.StatusCode.UNAVAILABLE and len(tried) < 2:
                 serving.pool.check(worker)
                 continue
-            raise dispatcher._rpc_error(exc, worker) from None
+            raise dispatcher.rpc_error(exc, worker) from None
         finally:
             worker.outstanding -= 1
 
