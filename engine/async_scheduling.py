@@ -12,6 +12,14 @@ Anything else (a waiting request that could be admitted, prefill, guided decodin
 penalties, logprobs, logits processors, a held KV handoff, a full pool) ends the chain: the
 launched step is finished and the next step() schedules normally.
 
+With speculative decoding, a step that verifies drafts is never launched ahead: how many
+drafts it accepts (so the next step's positions, slots, blocks and n-gram drafts) is known
+only once the host has read its tokens. Draft-free decode steps chain as above while the
+load-adaptive rule drafts nothing for the batch (`SpeculativeConfig.num_drafts`: large
+batches); once it would draft again, the chain ends and the next step() proposes, schedules
+and verifies synchronously. Outputs are those of synchronous speculation either way
+(docs/decisions.md, "Speculative decoding").
+
 `AsyncSteps` owns the launched step; `LLMEngine.step` asks it whether a batch may overlap,
 launches it, and later trades it for the step after it plus the host's copy of its tokens.
 """
@@ -27,6 +35,7 @@ from baton.engine.block_manager import BlockManager
 from baton.engine.model_runner import ModelRunner, StepOutput
 from baton.engine.scheduler import ScheduledBatch, Scheduler
 from baton.engine.sequence import Sequence
+from baton.engine.spec_decode.config import SpeculativeConfig
 
 # A token the device has sampled and the host has not read yet holds its place in
 # `Sequence.token_ids` while the next step is launched, within one step() call. Never a
@@ -47,11 +56,14 @@ class Inflight:
 class AsyncSteps:
     """The launched-but-unread decode step of one engine (at most one at a time)."""
 
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, block_manager: BlockManager):
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, block_manager: BlockManager,
+                 speculative: SpeculativeConfig | None = None):
         self.runner = runner
         self.scheduler = scheduler
         self.block_manager = block_manager
+        self.speculative = speculative
         self.inflight: Inflight | None = None
+        self.num_launched_ahead = 0  # steps launched before the previous step's tokens were read
 
     @staticmethod
     def overlappable(batch: ScheduledBatch, holds_kv) -> bool:
@@ -104,6 +116,8 @@ class AsyncSteps:
         seqs = [done.batch.seqs[i] for i in keep]
         if not seqs or len(seqs) != len(sched.running) or (sched.waiting and len(sched.running) < sched.max_num_seqs):
             return None
+        if self.speculative is not None and self.speculative.num_drafts(len(seqs)) > 0:
+            return None  # the next step drafts: it waits for these tokens
         for seq in seqs:
             seq.token_ids.append(PLACEHOLDER)
         if not self.block_manager.can_allocate_all(seqs, 1):
@@ -113,6 +127,7 @@ class AsyncSteps:
         for seq in seqs:
             self.block_manager.allocate(seq, 1)
         index = done.ids if len(keep) == len(done.batch.seqs) else done.ids[torch.tensor(keep, device=done.ids.device)]
+        self.num_launched_ahead += 1
         return self._launch(ScheduledBatch(seqs, [1] * len(seqs)), index)
 
 

@@ -162,7 +162,8 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     attention_backend: str = "auto"
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
-    # Launch the next decode step before the host processes the previous one (llm_engine.py);
+    # Launch the next decode step before the host processes the previous one
+    # (async_scheduling.py; with speculation, steps that verify drafts still run synchronously);
     # None: on for CUDA, where the host's work then overlaps the GPU's, off on the CPU
     async_scheduling: bool | None = None
     disable_log_stats: bool = True
@@ -251,10 +252,6 @@ class EngineArgs:
         if speculative is not None and self.tensor_parallel_size != 1:
             raise ValueError("speculative decoding with tensor_parallel_size > 1 is not supported yet "
                              "(docs/limits.md): run one of the two")
-        if speculative is not None and self.async_scheduling:
-            raise ValueError("speculative decoding does not run with async_scheduling=True: a verify step "
-                             "needs its accepted tokens on the host before the next step is built; leave "
-                             "async_scheduling unset (off with speculation) or turn speculation off")
         kv_cache_dtype = torch.float8_e4m3fn if resolve_kv_cache_dtype(self.kv_cache_dtype) == "fp8" else dtype
         if kv_cache_dtype == torch.float8_e4m3fn and self.attention_backend == "flash_attn":
             raise ValueError("kv_cache_dtype='fp8' needs the triton or torch attention backend (flash_attn reads "
@@ -279,8 +276,7 @@ class EngineArgs:
             enable_chunked_prefill=self.enable_chunked_prefill,
             attention_backend=self.attention_backend,
             enforce_eager=self.enforce_eager,
-            async_scheduling=(device.type == "cuda" and speculative is None if self.async_scheduling is None
-                              else self.async_scheduling),
+            async_scheduling=device.type == "cuda" if self.async_scheduling is None else self.async_scheduling,
             kernels=(self.kernel_config if isinstance(self.kernel_config, KernelConfig)
                      else KernelConfig.from_env(self.kernel_config)),
             quantization=quantization,

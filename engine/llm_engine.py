@@ -131,7 +131,7 @@ class LLMEngine(HandoffHooks):
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._ids = itertools.count()
-        self.async_steps = AsyncSteps(self.runner, self.scheduler, self.block_manager)
+        self.async_steps = AsyncSteps(self.runner, self.scheduler, self.block_manager, config.speculative)
         self.spec = (SpecDecoder(config.speculative, self.block_manager, self.max_model_len)
                      if config.speculative else None)
 

@@ -40,3 +40,17 @@ def test_ngram_and_draft_model_speculation_equal_greedy_on_cuda(tmp_path):
         stats = spec.stats()
         assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
         assert_no_leaked_blocks(spec)
+
+
+def test_speculation_with_async_scheduling_equals_greedy_on_cuda(tmp_path):
+    """Large batches chain launched-ahead decode steps (graph replays fed on the device),
+    small ones verify drafts synchronously: the plain engine's greedy tokens either way."""
+    model = write_tiny_model(tmp_path / "target")
+    prompts = repetitive_prompts(12, seed=12)
+    params = [SamplingParams(temperature=0, max_tokens=8 + 6 * i, ignore_eos=True) for i in range(12)]
+    expected = [o.outputs[0].token_ids for o in run(engine(model, async_scheduling=False), prompts, params)]
+    spec = engine(model, async_scheduling=True,
+                  speculative_config=dict(NGRAM, shorten_by_batch_size=2, disable_by_batch_size=6))
+    assert [o.outputs[0].token_ids for o in run(spec, prompts, params)] == expected
+    assert spec.async_steps.num_launched_ahead > 0 and spec.stats().spec_num_accepted_tokens > 0
+    assert_no_leaked_blocks(spec)

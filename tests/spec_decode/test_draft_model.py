@@ -11,7 +11,6 @@ import torch
 from spec_helpers import (
     assert_no_leaked_blocks,
     make_engine,
-    perturbed_copy,
     repetitive_prompts,
     run,
 )
@@ -21,18 +20,8 @@ from baton.engine import EngineArgs, SamplingParams
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
 
-@pytest.fixture(scope="session")
-def draft_dir(tiny_model, tmp_path_factory):
-    return perturbed_copy(tiny_model, tmp_path_factory.mktemp("draft") / "draft")
-
-
 def spec_config(draft_dir, k: int = 3) -> dict:
     return {"model": str(draft_dir), "num_speculative_tokens": k}
-
-
-@pytest.fixture(scope="module")
-def plain(tiny_model):
-    return make_engine(tiny_model)
 
 
 def tokens(outputs) -> list[list[int]]:

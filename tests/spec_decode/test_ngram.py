@@ -15,11 +15,6 @@ GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def plain(tiny_model):
-    return make_engine(tiny_model)
-
-
-@pytest.fixture(scope="module")
 def spec(tiny_model):
     return make_engine(tiny_model, speculative_config=NGRAM)
 
@@ -131,7 +126,6 @@ def test_speculation_switches_off_when_the_batch_is_large(tiny_model):
                               "prompt_lookup_max": 2}), "exceeds prompt_lookup_max"),
     (dict(speculative_config="{not json"), "not JSON"),
     (dict(num_speculative_tokens=3), "needs speculative_model"),
-    (dict(speculative_model="[ngram]", num_speculative_tokens=2, async_scheduling=True), "async_scheduling"),
     (dict(speculative_model="[ngram]", num_speculative_tokens=2, tensor_parallel_size=2), "tensor_parallel_size"),
 ])
 def test_bad_speculative_settings_are_refused_at_engine_args(tiny_model, kwargs, message):
