@@ -62,7 +62,9 @@ class SamplingParams:
     token's raw logprob) is highest, best first; such a request shows only its final output.
     `logit_bias` ({token id: bias in [-100, 100]}, OpenAI's) is added to those tokens' logits
     before penalties and sampling; logprobs do not see it. `allowed_token_ids` (vLLM's): only
-    these tokens may be sampled.
+    these tokens may be sampled. `bad_words` (vLLM's): words never generated; the engine
+    sets `bad_words_token_ids` from its tokenizer (`Tokenizer.bad_words_token_ids`), and the
+    sampler bans a word's last token wherever the output ends with the tokens before it.
     `logprobs=N` returns the top N log-probabilities of each
     generated position (always including the sampled token), computed from the model's raw
     distribution before temperature, penalties and filtering, as vLLM does.
@@ -91,6 +93,8 @@ class SamplingParams:
     guided_decoding: GuidedDecodingParams | None = None
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
     logits_processors: list[LogitsProcessor] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -101,6 +105,7 @@ class SamplingParams:
         self.logit_bias = dict(self.logit_bias) if self.logit_bias else None
         if self.allowed_token_ids is not None:
             self.allowed_token_ids = list(self.allowed_token_ids)
+        self.bad_words = list(self.bad_words) if self.bad_words else None
         if self.top_k == -1:
             self.top_k = 0
         self._verify()
@@ -158,6 +163,8 @@ class SamplingParams:
             isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.allowed_token_ids
         )):
             raise ValueError("allowed_token_ids must be a non-empty list of token ids (>= 0)")
+        if self.bad_words is not None and not all(isinstance(w, str) and w.strip() for w in self.bad_words):
+            raise ValueError("bad_words must be a list of words, each with text besides spaces")
         if self.guided_decoding is not None and not isinstance(
             self.guided_decoding, GuidedDecodingParams
         ):

@@ -125,6 +125,21 @@ class Tokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
+    def bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        """The token sequences vLLM bans for `bad_words`: each word (leading spaces stripped)
+        as it is tokenised at the start of a text, and with one leading space (as it appears
+        in the middle of one) where that gives other tokens of the same count."""
+        banned: list[list[int]] = []
+        for word in words:
+            bare = self._tok.encode(word.lstrip(), add_special_tokens=False).ids
+            spaced = self._tok.encode(" " + word.lstrip(), add_special_tokens=False).ids
+            if not bare:
+                raise ValueError(f"bad_words: {word!r} has no text besides spaces")
+            banned.append(bare)
+            if spaced[0] != bare[0] and len(spaced) == len(bare):
+                banned.append(spaced)
+        return banned
+
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 

@@ -75,7 +75,8 @@ class AsyncSteps:
         for seq in batch.seqs:
             p = seq.params
             if seq.pooled or (p.guided_decoding is not None or p.logits_processors or p.logprobs is not None
-                    or p.prompt_logprobs is not None or p.has_penalties or holds_kv(seq.request_id)):
+                    or p.prompt_logprobs is not None or p.has_penalties or p.bad_words_token_ids
+                    or holds_kv(seq.request_id)):
                 return False
         return True
 

@@ -108,6 +108,7 @@ class HandoffHooks:
                     f"{len(block_ids)} blocks do not match a prompt of {len(prompt_token_ids)} tokens"
                     + (f" and {len(resume)} resumed ones" if resume else "")
                 )
+            params = self.with_bad_words(params)
             arrival = time.time() if arrival_time is None else arrival_time
             seq = Sequence(request_id, 0, list(prompt_token_ids), params, arrival, priority,
                            token_ids=list(prompt_token_ids) + resume, lora_request=lora_request)

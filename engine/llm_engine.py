@@ -163,6 +163,13 @@ class LLMEngine(HandoffHooks):
                 f"{max_len} tokens, which must also leave room for the output"
             )
 
+    def with_bad_words(self, params: SamplingParams) -> SamplingParams:
+        """`params` with `bad_words_token_ids` set from this engine's tokenizer (vLLM's rule,
+        `Tokenizer.bad_words_token_ids`), when it has `bad_words`."""
+        if not params.bad_words or params.bad_words_token_ids is not None:
+            return params
+        return params.clone(bad_words_token_ids=self.tokenizer.bad_words_token_ids(params.bad_words))
+
     def add_request(
         self,
         request_id: str,
@@ -206,7 +213,7 @@ class LLMEngine(HandoffHooks):
                 raise InvalidRequestError("LoRA adapters apply to generation requests only, not to embeddings")
             self._add_pooling_request(request_id, prompt, params, arrival_time, priority)
             return
-        params = params or SamplingParams()
+        params = self.with_bad_words(params or SamplingParams())
         resume = list(resume_token_ids or ())
         if request_id in self.requests or request_id in self.held:
             raise DuplicateRequestError(request_id)

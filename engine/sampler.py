@@ -2,7 +2,7 @@
 
 Order, as vLLM does it: raw log-probabilities (for `logprobs`) are taken from the model's
 logits first; then per-request logits processors and constraints, `allowed_token_ids`,
-`logit_bias`, `min_tokens`
+`bad_words`, `logit_bias`, `min_tokens`
 (stop tokens masked), repetition/presence/frequency penalties; then greedy rows take the argmax and
 random rows apply temperature, top-k, top-p and min-p and draw with the exponential-race
 trick (argmax of probs / Exp(1) noise), seeded per request where a seed is given.
@@ -83,6 +83,7 @@ class Sampler:
         for transform in self.transforms:
             errors.update(transform(logits, seqs))
         apply_allowed_token_ids(logits, seqs)
+        apply_bad_words(logits, seqs)
         apply_logit_bias(logits, seqs)
         self._mask_stop_tokens(logits, seqs)
         apply_penalties(logits, seqs)
@@ -130,7 +131,8 @@ def _plain_greedy(seq: Sequence) -> bool:
     """Greedy, and no transform, stop-token mask or penalty would touch its logits row."""
     p = seq.params
     return (p.greedy and not p.logits_processors and p.guided_decoding is None and not p.has_penalties
-            and not p.logit_bias and p.allowed_token_ids is None and seq.num_output_tokens >= p.min_tokens)
+            and not p.logit_bias and p.allowed_token_ids is None and not p.bad_words_token_ids
+            and seq.num_output_tokens >= p.min_tokens)
 
 
 def _signed(value: int) -> int:
@@ -197,6 +199,22 @@ def apply_allowed_token_ids(logits: torch.Tensor, seqs: list[Sequence]) -> None:
         row = torch.full_like(logits[i], float("-inf"))
         row[keep] = logits[i, keep]
         logits[i] = row
+
+
+def apply_bad_words(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """vLLM's `bad_words`: in each row, the last token of every banned sequence whose other
+    tokens end the output so far gets -inf (a one-token word: always). Ids past the
+    vocabulary are skipped."""
+    for i, seq in enumerate(seqs):
+        banned = seq.params.bad_words_token_ids
+        if not banned:
+            continue
+        output = seq.output_token_ids
+        ban = [ids[-1] for ids in banned
+               if ids[-1] < logits.shape[1] and len(ids) - 1 <= len(output)
+               and (len(ids) == 1 or output[len(output) - len(ids) + 1:] == ids[:-1])]
+        if ban:
+            logits[i, _to_device(ban, torch.long, logits.device)] = float("-inf")
 
 
 def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:

@@ -26,7 +26,6 @@ _COMMON: dict[str, Any] = {
     "use_beam_search": False,
     "length_penalty": 1.0,
     "spaces_between_special_tokens": True,
-    "bad_words": [],
     "logits_processors": _ANY,
     "return_tokens_as_token_ids": False,
     "guided_decoding_backend": _ANY,

@@ -150,6 +150,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
     fields: dict[str, Any] = dict(
         logit_bias=_logit_bias(req.logit_bias, vocab_size),
         allowed_token_ids=req.allowed_token_ids,
+        bad_words=req.bad_words,
         n=1,
         max_tokens=max_tokens,
         stop=req.stop,

@@ -21,6 +21,7 @@ MAX_N = 128  # outputs per prompt
 MAX_PROMPTS = 256  # prompts in one completions request
 MAX_STOP = 64
 MAX_LOGPROBS = 20
+MAX_BAD_WORDS = 1024  # each is matched against the output at every step
 INT32 = 2**31 - 1
 
 Int32 = Annotated[int, Field(ge=-INT32, le=INT32)]
@@ -129,6 +130,7 @@ class SamplingFields(TextBody):
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = Field(default=None, max_length=MAX_STOP)
     allowed_token_ids: list[TokenId] | None = Field(default=None, min_length=1, max_length=2**20)
+    bad_words: list[str] | None = Field(default=None, max_length=MAX_BAD_WORDS)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)

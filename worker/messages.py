@@ -61,6 +61,7 @@ def params_to_proto(p: SamplingParams) -> worker_pb2.SamplingParams:
         guided_decoding_json=guided_to_json(p.guided_decoding),
         logit_bias=p.logit_bias or {},
         allowed_token_ids=p.allowed_token_ids or [],
+        bad_words=p.bad_words or [],
     )
     if p.seed is not None:
         msg.seed = p.seed
@@ -100,6 +101,7 @@ def params_from_proto(msg: worker_pb2.SamplingParams) -> SamplingParams:
         guided_decoding=guided_from_json(msg.guided_decoding_json),
         logit_bias=dict(msg.logit_bias) or None,
         allowed_token_ids=list(msg.allowed_token_ids) or None,
+        bad_words=list(msg.bad_words) or None,
     )
 
 

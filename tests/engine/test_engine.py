@@ -293,3 +293,21 @@ def test_prompt_logprobs_survive_a_preemption(tiny_dir):
         assert got.keys() == want.keys()
         assert all(got[t] == pytest.approx(want[t], abs=1e-5) for t in got)
     assert late.outputs[0].token_ids == alone.outputs[0].token_ids
+
+
+def test_bad_words_are_never_generated(llm):
+    tokenizer = llm.get_tokenizer()
+    full = greedy(llm, n=24)
+    # a word of several tokens the model writes, banned: its tokens (at a text's start and
+    # after a space) never appear in that order again
+    ids = full.token_ids
+    word, banned = next((w, b) for i in range(len(ids)) for k in (3, 2)
+                        if (w := tokenizer.decode(ids[i:i + k])).strip()
+                        and ids[i:i + k] in (b := tokenizer.bad_words_token_ids([w])))
+    out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                                bad_words=[word]))[0].outputs[0]
+    assert out.token_ids != full.token_ids
+    for ids in banned:
+        assert not any(out.token_ids[i:i + len(ids)] == ids for i in range(len(out.token_ids)))
+    with pytest.raises(ValueError, match="bad_words"):
+        SamplingParams(bad_words=["  "])

@@ -65,6 +65,23 @@ def test_allowed_token_ids_leave_only_those_tokens():
     assert {sampler(LOGITS.clone(), [sampled]).token_ids[0] for _ in range(20)} <= {0, 4}
 
 
+def test_bad_words_ban_a_last_token_only_after_its_prefix():
+    sampler = Sampler(torch.device("cpu"), 0, eos_token_ids=[])
+    banned = [[1], [3, 2], [4, 3, 2]]  # token 1 always; 2 after 3; 2 after 4, 3
+
+    def choice(output) -> int:
+        row = seq(SamplingParams(temperature=0.0, bad_words=["x"]), output=output)
+        row.params.bad_words_token_ids = banned
+        return sampler(LOGITS.clone(), [row]).token_ids[0]
+
+    assert choice(()) == 2  # 1 is banned; 2 follows no 3
+    assert choice((3,)) == 3  # 1 and 2 banned: the next best
+    assert choice((4, 2)) == 2  # the prefix must end the output
+    assert choice((0, 4, 3)) == 3
+    plain = seq(SamplingParams(temperature=0.0), output=(3,))
+    assert sampler(LOGITS.clone(), [plain]).token_ids == [1]
+
+
 def test_filters_apply_per_row():
     logits = LOGITS.repeat(2, 1)
     apply_top_k_top_p_min_p(logits, [seq(SamplingParams(top_k=1)), seq(SamplingParams())])

@@ -174,3 +174,14 @@ def test_generate_command_prints_text_and_rejects_bad_input(tiny_dir):
         capture_output=True, text=True,
     )
     assert bad.returncode == 2 and "top_p must be in (0, 1]" in bad.stderr
+
+
+def test_bad_words_token_ids_follow_vllms_rule(tok):
+    def ids(text: str) -> list[int]:
+        return tok.encode(text, add_special_tokens=False)
+
+    # the word alone, and after a space where that tokenises differently in as many tokens
+    assert tok.bad_words_token_ids(["fox"]) == [ids("fox"), ids(" fox")]
+    assert tok.bad_words_token_ids(["  quick brown"]) == [ids("quick brown"), ids(" quick brown")]
+    with pytest.raises(ValueError, match="bad_words"):
+        tok.bad_words_token_ids([" "])

@@ -31,7 +31,7 @@ ASKING = {
     "service_tier": "flex", "store": True, "metadata": {"k": "v"},
     "prompt_cache_key": "abc", "use_beam_search": True, "length_penalty": 2.0,
     "spaces_between_special_tokens": False,
-    "bad_words": ["fox"], "logits_processors": ["x"], "return_tokens_as_token_ids": True,
+    "logits_processors": ["x"], "return_tokens_as_token_ids": True,
     "guided_decoding_backend": "xgrammar", "guided_whitespace_pattern": " ", "structured_outputs": {"regex": "a"},
     "priority": 1, "request_id": "mine", "cache_salt": "s", "kv_transfer_params": {}, "vllm_xargs": {"a": 1},
     "suffix": " end", "add_special_tokens": None, "prompt_embeds": "AAAA",

@@ -33,11 +33,12 @@ def tokenize(dep, **body) -> list[int]:
 
 
 def refused(call, param: str) -> str:
-    """Run `call`, which must be refused with a 400 naming `param`; its message."""
+    """Run `call`, which must be refused with a 400 naming `param` (or an item of it:
+    `param.0`); its message."""
     with pytest.raises(openai.BadRequestError) as err:
         call()
     error = err.value.body
-    assert err.value.status_code == 400 and error["param"] == param, error
+    assert err.value.status_code == 400 and error["param"].split(".")[0] == param, error
     return error["message"]
 
 
@@ -75,3 +76,41 @@ def test_truncate_prompt_tokens_lets_a_prompt_longer_than_the_context_run(coloca
 def test_invalid_truncate_prompt_tokens_is_refused(colocated, value):
     refused(lambda: complete(colocated, truncate_prompt_tokens=value), "truncate_prompt_tokens")
     refused(lambda: chat(colocated, truncate_prompt_tokens=value), "truncate_prompt_tokens")
+
+
+# -- bad_words ------------------------------------------------------------------------------
+
+def a_word_written(tokenizer, ids: list[int], sizes=(3, 2)) -> tuple[str, list[list[int]]]:
+    """A word of `sizes` tokens the output holds (as those tokens), and what banning it bans."""
+    return next((w, banned) for i in range(len(ids)) for k in sizes
+                if (w := tokenizer.decode(ids[i:i + k])).strip()
+                and ids[i:i + k] in (banned := tokenizer.bad_words_token_ids([w])))
+
+
+def holds(ids: list[int], seq: list[int]) -> bool:
+    return any(ids[i:i + len(seq)] == seq for i in range(len(ids)))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from baton.tokenizer import Tokenizer
+
+    return Tokenizer(tiny_model_dir)
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_bad_words_are_never_generated(dep, tokenizer, endpoint):
+    run = complete if endpoint == "completions" else chat
+    plain = run(dep, max_tokens=12, ignore_eos=True).choices[0].token_ids
+    # a word of several tokens (the decode worker's), and the first token's word (the prefill
+    # worker's, disaggregated)
+    for sizes, first in (((3, 2), False), ((1,), True)):
+        ids = plain[:1] if first else plain
+        word, banned = a_word_written(tokenizer, ids, sizes)
+        out = run(dep, max_tokens=12, ignore_eos=True, bad_words=[word]).choices[0].token_ids
+        assert out != plain and not any(holds(out, seq) for seq in banned), (word, banned, out)
+
+
+@pytest.mark.parametrize("value", [["  "], "fox", [3]])
+def test_invalid_bad_words_are_refused(colocated, value):
+    refused(lambda: complete(colocated, bad_words=value), "bad_words")
