@@ -69,9 +69,18 @@ def hf_weight_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
 
 
 def write_random_checkpoint(out: Path, cfg: dict, tokenizer_dir: Path, device: str = "cuda", seed: int = 0) -> Path:
-    """Random bf16 weights drawn on `device`, one safetensors shard per 4 layers, + index."""
+    """Random bf16 weights drawn on `device`, one safetensors shard per 4 layers, + index.
+
+    A directory this function completed before with the same config, device and seed is
+    kept as it is (`random_checkpoint.json`, written last, records them): several
+    benchmarks of one run share one checkpoint, written once."""
     from safetensors.torch import save_file
 
+    marker = out / "random_checkpoint.json"
+    recipe = {"config": cfg, "device": torch.device(device).type, "seed": seed}
+    if marker.exists() and json.loads(marker.read_text()) == recipe:
+        return out
+    marker.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator(device=device).manual_seed(seed)
     shapes = hf_weight_shapes(cfg)
@@ -96,6 +105,7 @@ def write_random_checkpoint(out: Path, cfg: dict, tokenizer_dir: Path, device: s
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_dir / name, out / name)
+    marker.write_text(json.dumps(recipe))
     return out
 
 
@@ -178,3 +188,25 @@ def write_awq_checkpoint(src: Path, out: Path, group_size: int = 128, device: st
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(src / name, out / name)
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python bench/engine_workload.py DIR`: write the Llama-3.1-8B-shaped random checkpoint
+    into DIR once (the multi-GPU runbook's first step; later benchmarks reuse it)."""
+    import argparse
+    import time
+
+    from baton.engine.tiny_model import ensure_tiny_model
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("dir", type=Path)
+    parser.add_argument("--device", default="cuda", help="where the weights are drawn")
+    args = parser.parse_args(argv)
+    t = time.perf_counter()
+    write_random_checkpoint(args.dir, LLAMA31_8B, ensure_tiny_model(), device=args.device)
+    print(f"{args.dir}: Llama-3.1-8B-shaped random checkpoint ready ({time.perf_counter() - t:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -36,14 +36,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pipe_worker import Worker, serve_commands  # noqa: E402 (bench/ is not a package)
+from kv_common import machine, peer_copy  # noqa: E402 (bench/ is not a package)
+from pipe_worker import Worker, serve_commands  # noqa: E402
 
 TARGET = {"tokens": 2048, "handoff_ms": 1.5, "effective_gbps": 180.0}
 # Issue 18's targets for the portable path, at 512 tokens (64 MiB): tcp at least this share
@@ -301,56 +301,6 @@ def measure_side_by_side(sender: Worker, receiver: Worker, transports: list[str]
     return {t: samples[t].row(_nbytes(tokens)) for t in transports}
 
 
-def peer_copy(nbytes: int, reps: int, target: str = "cuda:1") -> dict:
-    """A plain torch copy GPU0 -> `target` of `nbytes` (the reference)."""
-    import torch
-
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda:0").random_(0, 255)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=target)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize("cuda:0")
-    torch.cuda.synchronize(target)
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    if not torch.equal(src[:4096].cpu(), dst[:4096].cpu()):
-        raise RuntimeError("peer copy check failed")
-    med = statistics.median(times)
-    return {"median_ms": med * 1e3, "gbps": nbytes / med / 1e9}
-
-
-def machine(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    desc = f"{os.cpu_count()} x {cpu}, Python {platform.python_version()}"
-    import grpc
-    import torch
-
-    desc += f", torch {torch.__version__}, grpcio {grpc.__version__}"
-    try:
-        import ucxx
-
-        desc += f", ucxx {ucxx.__version__}"
-    except ImportError:
-        pass
-    if device == "cuda":
-        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        desc = f"{len(names)} x {names[0]}; " + desc
-    return desc
-
-
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -537,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda":
         result["peer_copy_gbps"], result["peer_copy_ms"] = {}, {}
         for n in tokens:
-            ref = peer_copy(n * 128 * 1024, 20, "cuda:0" if args.same_gpu else "cuda:1")
+            ref = peer_copy(n * 128 * 1024, 20, "cuda:0", "cuda:0" if args.same_gpu else "cuda:1")
             result["peer_copy_gbps"][str(n)] = ref["gbps"]
             result["peer_copy_ms"][str(n)] = ref["median_ms"]
             print(f"torch peer copy {n:5d} tokens: {ref['median_ms']:9.3f} ms {ref['gbps']:8.2f} GB/s", flush=True)
