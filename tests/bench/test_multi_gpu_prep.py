@@ -1,0 +1,38 @@
+"""The multi-GPU runbook's pieces that run without GPUs: the random checkpoint is written
+once and reused, and the benchmarks refuse a placement the machine cannot give."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from engine_workload import LLAMA31_8B, write_random_checkpoint  # noqa: E402
+
+from baton.engine.tiny_model import ensure_tiny_model  # noqa: E402
+
+SMALL = {**LLAMA31_8B, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+         "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 512}
+
+
+def test_random_checkpoint_is_written_once_per_recipe(tmp_path):
+    out = write_random_checkpoint(tmp_path / "ckpt", SMALL, ensure_tiny_model(), device="cpu")
+    shard = out / "model-001.safetensors"
+    shard.write_bytes(b"left alone")  # a rewrite would replace it
+    write_random_checkpoint(out, SMALL, ensure_tiny_model(), device="cpu")
+    assert shard.read_bytes() == b"left alone"  # reused: same config, device and seed
+    assert json.loads((out / "config.json").read_text()) == SMALL
+    write_random_checkpoint(out, SMALL, ensure_tiny_model(), device="cpu", seed=1)
+    assert shard.read_bytes() != b"left alone"  # another seed: written again
+    assert json.loads((out / "random_checkpoint.json").read_text())["seed"] == 1
+
+
+def test_kv_cell_refuses_two_gpus_on_the_cpu():
+    done = subprocess.run([sys.executable, "bench/kv_cell.py", "--device", "cpu", "--gpus", "2"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--gpus 2 needs --device cuda" in done.stderr
