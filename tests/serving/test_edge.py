@@ -5,16 +5,19 @@ and bodies parse as the router parses them."""
 from __future__ import annotations
 
 import http.client
+import json
+import random
 import socket
 import threading
 import time
 
+import pydantic_core
 import pytest
 import uvicorn
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from baton.router import errors
+from baton.router import edge, errors
 from baton.router.edge import BodyLimit, ErrorBoundary, JSONRoute
 
 LIMIT = 1024
@@ -24,7 +27,7 @@ class Body(BaseModel):
     text: str
 
 
-def make_app() -> FastAPI:
+def make_app(max_bytes: int) -> FastAPI:
     app = FastAPI()
     errors.install(app)
     app.router.route_class = JSONRoute
@@ -38,16 +41,15 @@ def make_app() -> FastAPI:
         raise RuntimeError("a bug, not the client's fault")
 
     app.add_middleware(ErrorBoundary)
-    app.add_middleware(BodyLimit, max_bytes=LIMIT)
+    app.add_middleware(BodyLimit, max_bytes=max_bytes)
     return app
 
 
-@pytest.fixture(scope="module")
-def server():
+def serve(app: FastAPI):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(make_app(), host="127.0.0.1", port=port, log_level="critical"))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -57,6 +59,16 @@ def server():
     yield port
     srv.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server():
+    yield from serve(make_app(LIMIT))
+
+
+@pytest.fixture(scope="module")
+def large_server():
+    yield from serve(make_app(64 << 20))
 
 
 def test_a_500_keeps_the_connection(server):
@@ -107,3 +119,52 @@ def test_bodies_parse_like_json(server, raw, status):
     response = conn.getresponse()
     body = response.read()
     assert response.status == status, body
+
+
+def test_a_large_body_is_parsed_in_slices_as_it_would_be_whole(large_server):
+    """Over LARGE_BODY_BYTES the body is parsed on a thread, its long strings slice by slice:
+    the value is the same, cuts inside escapes and multi-byte characters included."""
+    text = "é 日本 😀 \"quoted\" \\ back\n" * 100_000
+    for body in (json.dumps({"text": text}).encode(), json.dumps({"text": text}, ensure_ascii=False).encode()):
+        assert len(body) > edge.LARGE_BODY_BYTES
+        conn = http.client.HTTPConnection("127.0.0.1", large_server, timeout=60)
+        conn.request("POST", "/echo", body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200 and json.loads(response.read()) == {"length": len(text)}
+
+
+def _parsed(parse, body: bytes):
+    try:
+        return parse(body)
+    except ValueError:
+        return ValueError
+
+
+def test_parse_in_slices_gives_the_value_and_the_refusals_of_a_whole_parse(monkeypatch):
+    # Short strings count as long and slices are a few bytes, so that every kind of cut
+    # (inside an escape, a surrogate pair, a UTF-8 sequence) happens many times.
+    monkeypatch.setattr(edge, "LONG_STRING_BYTES", 40)
+    monkeypatch.setattr(edge, "SLICE_BYTES", 23)
+    rnd = random.Random(7)
+    alphabet = ["a", " ", '"', "\\", "\n", "é", "日", "😀", "\x01", "/", "\u2028"]
+
+    def text(n: int) -> str:
+        return "".join(rnd.choice(alphabet) for _ in range(n))
+
+    sliced = 0
+    for _ in range(500):
+        value = {"model": "m", "messages": [{"role": "user", "content": text(rnd.randint(0, 200))}
+                                            for _ in range(rnd.randint(1, 3))], "n": [1, 2.5, None, True],
+                 "nested": {"k": text(rnd.randint(0, 80))}}
+        body = json.dumps(value, ensure_ascii=rnd.random() < 0.5).encode()
+        sliced += bool(edge._long_literals(body))
+        assert edge.parse_in_slices(body) == value
+        broken = bytearray(body)
+        broken[rnd.randrange(len(broken))] = rnd.choice(b'"\\\x01az{}\xc3')
+        whole = _parsed(pydantic_core.from_json, bytes(broken))
+        assert _parsed(edge.parse_in_slices, bytes(broken)) in (whole, ValueError)  # ValueError: parse whole
+        lone = body.replace(b'"content": "', b'"content": "\\udc00', 1)
+        assert _parsed(edge.parse_in_slices, lone) is ValueError  # the caller's json.loads path names it
+    assert sliced > 400
+    long_key = b'{"' + b"k" * 100 + b'": 1}'
+    assert _parsed(edge.parse_in_slices, long_key) is ValueError
