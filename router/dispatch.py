@@ -42,23 +42,28 @@ PREFIX_MEMORY = 4096  # prompt prefixes remembered with the decode worker that p
 
 @dataclass
 class Delta:
-    """What one stream gained: new tokens (with logprobs) and new text; `state` is the whole."""
+    """What one stream gained: new tokens (with logprobs) and new text; `state` is the whole.
+
+    `state` keeps growing after the delta is made (its consumer may read it several deltas
+    later, when the worker's chunks came in a burst), so whether this delta ends the stream
+    is fixed when it is made: `finish_reason`."""
 
     token_ids: list[int]
     logprobs: list[dict[int, float]]
     text: str
     state: OutputState
+    finish_reason: str | None = None
 
     @property
     def finished(self) -> bool:
-        return self.state.finish_reason is not None
+        return self.finish_reason is not None
 
 
 def _delta(state: OutputState, new_tokens: int, new_chars: int) -> Delta:
     tokens = state.token_ids[len(state.token_ids) - new_tokens:] if new_tokens else []
     logprobs = state.logprobs[len(state.logprobs) - new_tokens:] if new_tokens and state.logprobs else []
     text = state.text[len(state.text) - new_chars:] if new_chars else ""
-    return Delta(tokens, logprobs, text, state)
+    return Delta(tokens, logprobs, text, state, state.finish_reason)
 
 
 class Dispatcher:

@@ -7,7 +7,7 @@ import pytest
 
 from baton.protos import common_pb2, worker_pb2
 from baton.router.config import build_parser, parse
-from baton.router.dispatch import Dispatcher
+from baton.router.dispatch import Dispatcher, _delta
 from baton.router.errors import APIError
 from baton.router.params import check_length, guided_decoding, sampling_params
 from baton.router.protocol import ChatCompletionRequest, CompletionRequest
@@ -145,6 +145,17 @@ def test_chunks_join_and_overlaps_are_dropped():
     assert state.num_prompt_tokens == 5
     with pytest.raises(ValueError):
         OutputState().apply(worker_pb2.GenerateChunk(token_index=2, token_ids=[9]))  # a gap
+
+
+def test_a_delta_read_after_the_stream_finished_is_not_its_end():
+    """The stream's consumer may read a delta after later chunks (the last one included)
+    reached its state: only the delta made from the finishing chunk says finished."""
+    writer, state = ChunkWriter(), OutputState()
+    early = _delta(state, *state.apply(writer.chunk(_Completion([1], "a"))))
+    last = _delta(state, *state.apply(writer.chunk(_Completion([1, 2], "ab", finish="length"))))
+    assert state.finish_reason == "length"
+    assert not early.finished and early.token_ids == [1]
+    assert last.finished and last.finish_reason == "length" and last.token_ids == [2]
 
 
 # -- routing --------------------------------------------------------------------------------
