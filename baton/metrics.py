@@ -246,6 +246,27 @@ class WithVllmNames:
         return _Restricted(self, frozenset(names))
 
 
+class Merged:
+    """Several registries as one, for exposition: families of one name in more than one of
+    them (the router's `baton:num_requests_running` and the engine's, in an in-process
+    `baton serve`) become one family holding every series, as the text format needs (one
+    HELP and TYPE line per name); their `role` labels keep the series apart."""
+
+    def __init__(self, *registries: CollectorRegistry):
+        self._registries = registries
+
+    def collect(self):
+        families: dict[str, Metric] = {}
+        for registry in self._registries:
+            for family in registry.collect():
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = families[family.name] = Metric(family.name, family.documentation, family.type,
+                                                            family.unit)
+                merged.samples.extend(family.samples)
+        yield from families.values()
+
+
 class _Restricted:
     def __init__(self, view: WithVllmNames, names: frozenset[str]):
         self._view, self._names = view, names

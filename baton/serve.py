@@ -1,10 +1,12 @@
 """`baton serve MODEL`: the drop-in for `vllm serve MODEL`, with vLLM's flag names.
 
-It runs what `baton up` runs (baton/up.py: the router and its workers as supervised local
-processes, the same readiness wait, restarts and shutdown), configured from vLLM's flags:
-engine flags go to the workers, API flags to the router. One colocated worker by default
-(`--data-parallel-size N`: N of them behind the router); `--disaggregated` runs prefill and
-decode workers instead (N of each).
+vLLM's flags are mapped onto `baton up`'s (baton/up.py): engine flags go to the engine,
+API flags to the router. One colocated replica (the default: no `--disaggregated`,
+`--data-parallel-size 1`) runs in ONE process, the router and the engine together with no
+gRPC hop between them (baton/inprocess.py), as `vllm serve` does. `--data-parallel-size N`
+(N colocated workers behind the router) and `--disaggregated` (prefill and decode workers,
+N of each) run what `baton up` runs: the router and the workers as supervised local
+processes talking gRPC, with the same readiness wait, restarts and shutdown.
 
 Every flag is either implemented or refused by name before anything starts: a vLLM flag
 Baton does not implement (`--pipeline-parallel-size 2`, `--swap-space`, `--trust-remote-code`)
@@ -37,9 +39,11 @@ UVICORN_LEVELS = {"critical": "CRITICAL", "error": "ERROR", "warning": "WARNING"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, allow_abbrev=False,
-        description="Serve a model with an OpenAI-compatible API, as `vllm serve` does, on Baton's "
-                    "router and workers (flags as vLLM names them; one it has that Baton does not "
-                    "implement is refused by name).")
+        description="Serve a model with an OpenAI-compatible API, as `vllm serve` does (flags as vLLM "
+                    "names them; one it has that Baton does not implement is refused by name). One "
+                    "colocated replica (the default) runs in-process: the router and the engine in this "
+                    "one process, no gRPC between them. --data-parallel-size > 1 or --disaggregated run "
+                    "the router and the workers as separate processes, as `baton up` does.")
     p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
                    help="Hugging Face model directory (default: the embedded tiny model)")
     p.add_argument("--model", default=None, help="the model directory, as a flag (instead of MODEL)")
@@ -105,17 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
                           help="pipeline stages (Baton implements 1, the default)")
     parallel.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                           help="model replicas: workers behind the router (each of prefill and decode "
-                               "with --disaggregated; default: 1)")
+                               "with --disaggregated); more than 1 runs them as separate processes "
+                               "(default: 1, in-process)")
     baton = p.add_argument_group("Baton's own")
     baton.add_argument("--disaggregated", action="store_true",
-                       help="prefill and decode on separate workers, KV handed over between them")
+                       help="prefill and decode on separate worker processes, KV handed over between them "
+                            "(default: off, one colocated engine)")
     baton.add_argument("--kv-cache-memory-gb", type=float, default=None,
                        help="KV pool per CPU worker in GB (default: the engine's, 1)")
     baton.add_argument("--model-module", default=None, metavar="MODULE",
                        help="module name or .py path each worker imports first (registers architectures)")
     baton.add_argument("--shutdown-grace-seconds", type=float, default=10.0,
-                       help="how long each process may finish what it serves on Ctrl-C (default: 10)")
-    baton.add_argument("--quiet", action="store_true", help="hide the workers' and router's own output")
+                       help="how long requests in flight may finish on Ctrl-C or SIGTERM (default: 10)")
+    baton.add_argument("--quiet", action="store_true", help="hide the workers' and router's own output "
+                       "(in-process: log warnings and errors only)")
     return p
 
 
@@ -227,8 +234,18 @@ def main(argv: list[str]) -> int:
               f"`{PROG} --help` lists the flags Baton implements, docs/quickstart.md how vLLM's map onto them.",
               file=sys.stderr)
         return 2
-    args, problem = to_up(parser.parse_args(argv))
+    ns = parser.parse_args(argv)
+    args, problem = to_up(ns)
     if problem is not None:
         print(f"{PROG}: {problem}", file=sys.stderr)
         return 2
+    if in_process(ns):
+        from baton import inprocess
+
+        return inprocess.run(args, "WARNING" if ns.quiet else UVICORN_LEVELS[ns.uvicorn_log_level])
     return up.run(args)
+
+
+def in_process(ns: argparse.Namespace) -> bool:
+    """Whether these flags run in one process: one colocated replica (baton/inprocess.py)."""
+    return not ns.disaggregated and ns.data_parallel_size == 1

@@ -187,7 +187,9 @@ def cpu_thread_env(num_workers: int) -> dict[str, str]:
 def plan(args: argparse.Namespace, model_dir: Path) -> list[Child]:
     """The workers to start (the router comes once they reported their ports)."""
     engine_flags = ["--model", str(model_dir), "--dtype", args.dtype, "--warmup", args.warmup]
-    for flag in ("served_model_name", "max_model_len", "max_num_seqs", "num_gpu_blocks_override",
+    if args.served_model_name:  # a worker reports one name (in Info, as its metrics' model_name): the first
+        engine_flags += ["--served-model-name", model_name(args, model_dir)]
+    for flag in ("max_model_len", "max_num_seqs", "num_gpu_blocks_override",
                  "kv_cache_memory_gb", "task", "pooling_type", "max_loras", "max_lora_rank", "max_cpu_loras"):
         value = getattr(args, flag)
         if value is not None:
@@ -353,33 +355,34 @@ def main(argv: list[str]) -> int:
     return run(build_parser().parse_args(argv))
 
 
-def run(args: argparse.Namespace) -> int:
-    """Start, wait until ready, supervise until Ctrl-C or SIGTERM. `args` is this parser's
-    namespace; `baton serve` (baton/serve.py) fills one from vLLM's flags, with
-    `engine_args` (more worker flags), `router_env` and `prog` (the name in messages)."""
+def prepare(args: argparse.Namespace) -> tuple[Path, str | None] | None:
+    """Check `args` (this parser's namespace) and find the model: (its directory, where the
+    API key comes from as the curl example writes it, or None without a key); None after
+    printing why `args` cannot be served (exit status 2). Writes the embedded tiny model
+    when no --model is given."""
     prog = args.prog
     if args.api_key is not None:
         print(f"{prog}: --api-key would show the key to anyone who runs `ps`; put it in $BATON_API_KEY "
               "or in a file given with --api-key-file", file=sys.stderr)
-        return 2
+        return None
     if args.mode == "disaggregated" and (args.prefill < 1 or args.decode < 1):
         print(f"{prog}: --prefill and --decode must be >= 1", file=sys.stderr)
-        return 2
+        return None
     if args.mode == "colocated" and args.colocated < 1:
         print(f"{prog}: --colocated must be >= 1", file=sys.stderr)
-        return 2
+        return None
     if args.tensor_parallel_size < 1:
         print(f"{prog}: --tensor-parallel-size must be >= 1", file=sys.stderr)
-        return 2
+        return None
     gpus = _gpu_count(args.device)
     if 0 < gpus < args.tensor_parallel_size:
         print(f"{prog}: --tensor-parallel-size {args.tensor_parallel_size} needs that many GPUs per "
               f"worker; this machine has {gpus}", file=sys.stderr)
-        return 2
+        return None
     if args.api_key_file is not None:
         if not Path(args.api_key_file).is_file():
             print(f"{prog}: --api-key-file {args.api_key_file} is not a readable file", file=sys.stderr)
-            return 2
+            return None
         args.api_key_file = str(Path(args.api_key_file).resolve())
     from baton import settings
 
@@ -389,20 +392,48 @@ def run(args: argparse.Namespace) -> int:
         model_dir = Path(args.model).resolve()
         if not (model_dir / "config.json").exists():
             print(f"{prog}: {model_dir} is not a model directory (no config.json)", file=sys.stderr)
-            return 2
+            return None
     else:
         from baton.engine.tiny_model import ensure_tiny_model
 
         model_dir = ensure_tiny_model()  # once, before any worker starts
-    model_name = (args.served_model_name or model_dir.name).split(",")[0]
+    return model_dir, key_source
+
+
+def model_name(args: argparse.Namespace, model_dir: Path) -> str:
+    return (args.served_model_name or model_dir.name).split(",")[0]
+
+
+def ready_banner(url: str, name: str, layout: str, key_source: str | None, tiny: bool) -> str:
+    """What is printed once Baton serves: the URL, the layout, a request to paste."""
+    lines = ["", f"Baton is ready: {url}/v1  (model {name!r}, {layout})"]
+    if tiny:
+        lines.append("This is the embedded tiny model: its weights are random, so its text is random.")
+    lines += ["", "  " + curl_example(url, name, key_source, tiny=tiny), "", "Press Ctrl-C to stop.", ""]
+    return "\n".join(lines)
+
+
+def local_url(host: str, port: int) -> str:
+    """The URL to reach a server bound to `host` from this machine."""
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start, wait until ready, supervise until Ctrl-C or SIGTERM. `args` is this parser's
+    namespace; `baton serve` (baton/serve.py) fills one from vLLM's flags, with
+    `engine_args` (more worker flags), `router_env` and `prog` (the name in messages)."""
+    prog = args.prog
+    prepared = prepare(args)
+    if prepared is None:
+        return 2
+    model_dir, key_source = prepared
     children = plan(args, model_dir)
 
     def on_signal(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
-    host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
-    url = f"http://{host}:{args.port}"
+    url = local_url(args.host, args.port)
     try:
         for child in children:
             start(child, args.quiet)
@@ -421,15 +452,8 @@ def run(args: argparse.Namespace) -> int:
             return 1
         layout = (f"{args.prefill} prefill + {args.decode} decode, transport {args.transport}"
                   if args.mode == "disaggregated" else f"{args.colocated} colocated worker(s)")
-        lines = [
-            "",
-            f"Baton is ready: {url}/v1  (model {model_name!r}, {args.mode}: {layout})",
-        ]
-        if not args.model:
-            lines.append("This is the embedded tiny model: its weights are random, so its text is random.")
-        lines += ["", "  " + curl_example(url, model_name, key_source, tiny=not args.model), "",
-                  "Press Ctrl-C to stop.", ""]
-        print("\n".join(lines), flush=True)
+        print(ready_banner(url, model_name(args, model_dir), f"{args.mode}: {layout}", key_source, not args.model),
+              flush=True)
         while True:
             supervise(children, args.quiet, prog)
             time.sleep(0.5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -17,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from baton import __version__, tracing
-from baton.metrics import RequestMetrics, RouterGauges, WithVllmNames
+from baton.metrics import Merged, RequestMetrics, RouterGauges, WithVllmNames
 from baton.router import errors
 from baton.router.adapters import adapter_routes
 from baton.router.api import OpenAIServing
@@ -65,12 +66,18 @@ def _discovery(config: RouterConfig) -> Discovery:
     return StaticDiscovery({role: list(config.addresses[role]) for role in config.roles})
 
 
-def create_app(config: RouterConfig, registry: CollectorRegistry | None = None) -> FastAPI:
+def create_app(config: RouterConfig, registry: CollectorRegistry | None = None,
+               connect: Callable[[str], object | None] = lambda address: None,
+               also_exposed: tuple[CollectorRegistry, ...] = ()) -> FastAPI:
+    """The router's app. `registry`: where its metrics go; `connect(address)`: the client of
+    a worker (None: gRPC; router/workers.py:WorkerPool); `also_exposed`: registries /metrics
+    serves beside `registry` (the engine's, when it runs in this process)."""
     tracing.configure(config.otlp_traces_endpoint, "baton-router")
     tokenizer = Tokenizer(config.model_dir, config.chat_template)
     registry = registry or CollectorRegistry()
+    exposed = WithVllmNames(Merged(registry, *also_exposed))
     model_name = config.served_model_names[0]
-    pool = WorkerPool(config.roles, config.poll_interval, config.keepalive)
+    pool = WorkerPool(config.roles, config.poll_interval, config.keepalive, connect)
     dispatcher = Dispatcher(pool, make_policy(config.routing_policy), config.disaggregated, config.max_queue,
                             config.max_failovers, config.local_prefill_tokens)
     metrics = RequestMetrics(model_name, "router", registry, count_tokens=True)
@@ -137,9 +144,11 @@ def create_app(config: RouterConfig, registry: CollectorRegistry | None = None) 
         ok = all(summary[role]["healthy"] > 0 for role in config.roles)
         return JSONResponse({"ready": ok, "workers": summary}, status_code=200 if ok else 503)
 
+    # Not async: FastAPI runs it on a thread, so an engine collector that asks the engine
+    # thread through this event loop (worker/servicer.py:EngineServicer._snapshot) is answered.
     @app.get("/metrics", tags=["operations"])
-    async def prometheus() -> Response:
-        return Response(generate_latest(WithVllmNames(registry)), media_type=CONTENT_TYPE_LATEST)
+    def prometheus() -> Response:
+        return Response(generate_latest(exposed), media_type=CONTENT_TYPE_LATEST)
 
     # The last added runs first: the key is checked, then the size, before any body is read.
     app.add_middleware(ErrorBoundary)

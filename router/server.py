@@ -8,23 +8,20 @@ import signal
 import sys
 
 
-def main(argv: list[str]) -> int:
-    from baton.logs import configure_logging
-    from baton.router.config import parse
+def uvicorn_server(app, config):
+    """The uvicorn server for the router's app, as `baton serve-router` (and the in-process
+    `baton serve`) runs it, built once everything the process keeps exists: uvloop, the log
+    level configured, a graceful shutdown of `config.shutdown_grace_seconds` on SIGTERM or
+    SIGINT.
 
-    config = parse(argv)
-    configure_logging()
+    uvicorn shuts down gracefully on those signals and then re-raises the signal with the
+    handlers it found: no-op handlers are installed here, so that the process exits on its
+    own status after a clean drain."""
     import uvicorn
 
-    from baton.router.app import create_app
-
-    try:
-        app = create_app(config)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"baton serve-router: {exc}", file=sys.stderr)
-        return 2
-    # What exists now (modules, the app, the tokenizer) lives as long as the process: frozen,
-    # the collector's full passes skip it, and each pass stops the event loop for less.
+    # What exists now (modules, the app, the tokenizer; in-process the engine too) lives as
+    # long as the process: frozen, the collector's full passes skip it, and each pass stops
+    # the event loop for less.
     gc.collect()
     gc.freeze()
     level = logging.getLogger().getEffectiveLevel()
@@ -35,9 +32,24 @@ def main(argv: list[str]) -> int:
         # Streams stay open for a whole generation; never cut an idle keep-alive too soon.
         timeout_keep_alive=30,
     ))
-    # uvicorn shuts down gracefully on SIGTERM/SIGINT and then re-raises the signal with the
-    # handlers it found: with these no-op handlers the process exits 0 after a clean drain.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: None)
+    return server
+
+
+def main(argv: list[str]) -> int:
+    from baton.logs import configure_logging
+    from baton.router.config import parse
+
+    config = parse(argv)
+    configure_logging()
+    from baton.router.app import create_app
+
+    try:
+        app = create_app(config)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"baton serve-router: {exc}", file=sys.stderr)
+        return 2
+    server = uvicorn_server(app, config)
     server.run()
     return 0 if server.started else 1

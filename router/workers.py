@@ -1,4 +1,9 @@
-"""The router's view of the workers: a gRPC client per worker, health and load by polling.
+"""The router's view of the workers: a client per worker, health and load by polling.
+
+A worker's client (`Worker.stub`) is the worker API's gRPC stub over a channel, or, for
+the engine of an in-process `baton serve` (worker/local.py:LocalStub), an object with the
+same methods, calls and errors that calls the servicer in this process directly: the pool's
+`connect` chooses. Everything here and in the dispatcher is the same for both.
 
 Each `Worker` is polled every `poll_interval` seconds (`Info` once, then `Stats`); a worker
 is healthy when its last poll succeeded, its role is the one expected and it is not
@@ -14,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import grpc
 
@@ -35,14 +40,18 @@ RECONNECT_OPTIONS = [
 
 
 class Worker:
-    """One worker as the router sees it."""
+    """One worker as the router sees it. `stub`: the worker API's client; None: a gRPC
+    stub over a channel to `address`."""
 
-    def __init__(self, address: str, role: str, keepalive: Keepalive = DEFAULT_KEEPALIVE):
+    def __init__(self, address: str, role: str, keepalive: Keepalive = DEFAULT_KEEPALIVE, stub=None):
         self.address = address
         self.role = role
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options(keepalive) + RECONNECT_OPTIONS,
-                                                 interceptors=tracing.client_interceptors())
-        self.stub = worker_pb2_grpc.WorkerStub(self.channel)
+        self.channel = None
+        if stub is None:
+            self.channel = grpc.aio.insecure_channel(address, options=channel_options(keepalive) + RECONNECT_OPTIONS,
+                                                     interceptors=tracing.client_interceptors())
+            stub = worker_pb2_grpc.WorkerStub(self.channel)
+        self.stub = stub
         self.info: worker_pb2.WorkerInfo | None = None
         self.stats: worker_pb2.LoadStats | None = None
         self.healthy = False
@@ -138,14 +147,18 @@ class Worker:
             log.info("%s worker %s is healthy (%s)", self.role, self.address, self.info.model_name)
 
     async def close(self) -> None:
-        await self.channel.close()
+        if self.channel is not None:
+            await self.channel.close()
 
 
 class WorkerPool:
-    """Workers by role, kept fresh by a polling task."""
+    """Workers by role, kept fresh by a polling task. `connect(address)` gives the client of
+    a worker added by address (default: None, a gRPC stub over a channel)."""
 
-    def __init__(self, roles: Iterable[str], poll_interval: float = 0.5, keepalive: Keepalive = DEFAULT_KEEPALIVE):
+    def __init__(self, roles: Iterable[str], poll_interval: float = 0.5, keepalive: Keepalive = DEFAULT_KEEPALIVE,
+                 connect: Callable[[str], object | None] = lambda address: None):
         self.roles = tuple(roles)
+        self.connect = connect
         self.poll_interval = poll_interval
         self.keepalive = keepalive
         self.workers: dict[str, dict[str, Worker]] = {role: {} for role in self.roles}
@@ -160,7 +173,7 @@ class WorkerPool:
         current = self.workers[role]
         wanted = set(addresses)
         for address in wanted - set(current):
-            current[address] = Worker(address, role, self.keepalive)
+            current[address] = Worker(address, role, self.keepalive, self.connect(address))
             log.info("%s worker added: %s", role, address)
         for address in set(current) - wanted:
             worker = current.pop(address)

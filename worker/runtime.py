@@ -145,6 +145,61 @@ def _grpc_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
+def load_engine(engine_args, prog: str):
+    """The `AsyncLLMEngine` for `engine_args`, or None after printing why it cannot be built
+    (a bad model directory or setting: exit status 2)."""
+    from baton.engine import AsyncLLMEngine
+
+    try:
+        return AsyncLLMEngine.from_engine_args(engine_args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return None
+
+
+async def ready_servicer(engine, options: WorkerOptions, prog: str, make_servicer):
+    """What a worker does before it serves: warm the engine up (`--warmup`: the worker is
+    ready only once its kernels are), build the servicer (`make_servicer(engine, runtime)`)
+    and load the `--lora-modules` adapters. None, after printing why, when an adapter cannot
+    be loaded (exit status 2)."""
+    from baton.engine.warmup import should_warm_up, warm_up
+
+    runtime = WorkerRuntime(options)
+    log.info("starting %s worker for %s", options.role, engine.config.served_model_name)
+    if should_warm_up(options.warmup, engine.config.device.type):
+        await warm_up(engine)
+    servicer = make_servicer(engine, runtime)
+    for name, path in options.lora_modules:
+        try:
+            await servicer.adapters.load(name, path)
+        except ValueError as exc:
+            print(f"{prog}: --lora-modules {name}={path}: {exc}", file=sys.stderr)
+            return None
+    return servicer
+
+
+async def serve_engine(engine, prog: str, serve: Callable[[], Awaitable[int]], stop: Callable[[], None]) -> int:
+    """Run `serve()` (its exit status) while the engine lives, then shut the engine down. An
+    engine that dies (a tensor-parallel rank failed) serves nothing again: `stop()` is called
+    so that serving drains and ends, and the status is 1 (after printing why), so the pod (or
+    `baton up`) starts a fresh process."""
+
+    async def watch() -> None:
+        if await engine.wait_stopped() is not None:
+            stop()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        status = await serve()
+    finally:
+        await engine.shutdown()
+        watcher.cancel()
+    if engine.died is not None:
+        print(f"{prog}: {engine.died}", file=sys.stderr)
+        return 1
+    return status
+
+
 def run_worker(argv: list[str], prog: str, role: str, make_servicer) -> int:
     """Entry point of every `baton serve-*` worker command.
 
@@ -155,52 +210,22 @@ def run_worker(argv: list[str], prog: str, role: str, make_servicer) -> int:
 
     engine_args, options = parse(argv, prog, role)
     configure_logging()
-    from baton.engine import AsyncLLMEngine
-
-    try:
-        engine = AsyncLLMEngine.from_engine_args(engine_args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+    engine = load_engine(engine_args, prog)
+    if engine is None:
         return 2
 
     async def main() -> int:
-        from baton.engine.warmup import should_warm_up, warm_up
-
-        runtime = WorkerRuntime(options)
-        log.info("starting %s worker for %s", role, engine.config.served_model_name)
-        if should_warm_up(options.warmup, engine.config.device.type):
-            # Before the server starts: the worker is ready only once its kernels are.
-            await warm_up(engine)
-        servicer = make_servicer(engine, runtime)
-        for name, path in options.lora_modules:
-            try:
-                await servicer.adapters.load(name, path)
-            except ValueError as exc:
-                print(f"{prog}: --lora-modules {name}={path}: {exc}", file=sys.stderr)
-                await engine.shutdown()
-                return 2
-
-        async def stop_if_the_engine_dies() -> None:
-            # A dead engine (a tensor-parallel rank failed) serves nothing again: drain and
-            # exit with status 1, so the pod (or `baton up`) starts a fresh worker.
-            if await engine.wait_stopped() is not None:
-                runtime.request_stop()
-
-        watcher = asyncio.ensure_future(stop_if_the_engine_dies())
-        try:
-            status = await runtime.serve(
-                servicer.register,
-                collector=servicer.collector(),
-                on_started=getattr(servicer, "start", None),
-                on_stopped=getattr(servicer, "stop", None),
-            )
-        finally:
+        servicer = await ready_servicer(engine, options, prog, make_servicer)
+        if servicer is None:
             await engine.shutdown()
-            watcher.cancel()
-        if engine.died is not None:
-            print(f"{prog}: {engine.died}", file=sys.stderr)
-            return 1
-        return status
+            return 2
+        runtime = servicer.runtime
+        return await serve_engine(engine, prog, lambda: runtime.serve(
+            servicer.register,
+            collector=servicer.collector(),
+            on_started=getattr(servicer, "start", None),
+            on_stopped=getattr(servicer, "stop", None),
+        ), runtime.request_stop)
 
     try:
         return asyncio.run(main())

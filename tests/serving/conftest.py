@@ -3,7 +3,8 @@
 `disaggregated`: `baton up` with one prefill and one decode worker (gRPC KV transfer).
 `disaggregated_ucx`: the same with the UCX KV transport (TCP on this CPU-only host).
 `colocated`: `baton up --mode colocated` with one worker, behind an API key.
-`served_embed`: `baton serve MODEL --task embed` (vLLM's drop-in; it also serves embeddings).
+`served_embed`: `baton serve MODEL --task embed` (vLLM's drop-in: the router and the engine in
+one process; it also serves embeddings).
 Tests that kill processes start their own deployments (test_faults.py).
 """
 

@@ -1,19 +1,26 @@
-"""`baton serve MODEL`, the drop-in for `vllm serve`: vLLM's flags reach the router and the
-workers, the official `openai` client works against it, and a flag Baton does not implement
-is refused by name before anything starts."""
+"""`baton serve MODEL`, the drop-in for `vllm serve`: one process (the router and the engine
+in-process, no gRPC between them) for one colocated replica, the router and worker processes
+of `baton up` for `--data-parallel-size N` or `--disaggregated`; vLLM's flags reach the
+router and the engine, the official `openai` client works against it (chat, completions,
+tools, embeddings, echo, best_of, cancellation, /health, /metrics, a graceful stop), and a
+flag Baton does not implement is refused by name before anything starts."""
 
 from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
 import jsonschema
+import openai
+import psutil
 import pytest
-from serving_harness import baton_up, wait_until
+from serving_harness import baton_up, series_sum, wait_until
 
 KEY = "serve-key-0123456789"
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,14 +49,17 @@ def template_file(tmp_path_factory) -> Path:
     return path
 
 
+FLAGS = ["--served-model-name", "tiny", "alias", "--max-model-len", "1024", "--seed", "7",
+         "--max-num-batched-tokens", "512", "--gpu-memory-utilization", "0.5", "--dtype", "float",
+         "--no-enable-prefix-caching", "--tool-call-parser", "hermes", "--enable-auto-tool-choice",
+         "--uvicorn-log-level", "warning", "--disable-log-requests", "--task", "embed"]
+
+
 @pytest.fixture(scope="module")
 def served(_tiny_model_cache, tiny_model_dir, template_file):
-    dep = baton_up(str(tiny_model_dir), "--served-model-name", "tiny", "alias", "--max-model-len", "1024",
-                   "--seed", "7", "--max-num-batched-tokens", "512", "--gpu-memory-utilization", "0.5",
-                   "--dtype", "float", "--no-enable-prefix-caching", "--tool-call-parser", "hermes",
-                   "--enable-auto-tool-choice", "--chat-template", str(template_file),
-                   "--uvicorn-log-level", "warning", "--disable-log-requests",
-                   command="serve", api_key=KEY)
+    # A long grace: the last test stops it with a stream in flight, which must finish.
+    dep = baton_up(str(tiny_model_dir), *FLAGS, "--chat-template", str(template_file),
+                   "--shutdown-grace-seconds", "120", command="serve", api_key=KEY)
     yield dep
     dep.stop()
 
@@ -58,17 +68,39 @@ def cmdline(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
 
 
-def test_vllm_flags_reach_the_worker_and_the_router(served):
-    assert set(served.processes) == {"colocated-0", "router"}
-    worker = cmdline(served.processes["colocated-0"].pid)
-    for flag, value in (("--seed", "7"), ("--max-num-batched-tokens", "512"), ("--gpu-memory-utilization", "0.5"),
-                        ("--dtype", "float32"), ("--max-model-len", "1024"), ("--served-model-name", "tiny,alias")):
-        assert worker[worker.index(flag) + 1] == value, (flag, worker)
-    assert "--no-enable-prefix-caching" in worker
-    router = cmdline(served.processes["router"].pid)
-    assert router[router.index("--tool-call-parser") + 1] == "hermes" and "--enable-auto-tool-choice" in router
-    for pid in (served.proc.pid, *(p.pid for p in served.processes.values())):
-        assert KEY not in " ".join(cmdline(pid))  # the key travels in the environment only
+def headers() -> dict:
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+def test_one_colocated_replica_is_one_process(served):
+    """No worker or router child, and no port but the API's: the engine is in this process."""
+    process = psutil.Process(served.proc.pid)
+    assert process.children(recursive=True) == []
+    listening = {c.laddr.port for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    assert listening == {int(served.url.rsplit(":", 1)[1])}  # no gRPC server, no separate /metrics
+    assert served.processes == {}  # it printed no per-process lines, as `baton up` does
+    assert KEY not in " ".join(cmdline(served.proc.pid))  # the key travels in the environment only
+    health = httpx.get(f"{served.url}/health", timeout=30)
+    assert health.status_code == 200 and health.json()["workers"] == {"colocated": {"healthy": 1, "total": 1}}
+
+
+def test_vllm_flags_reach_the_engine_and_the_router(tiny_model_dir, template_file):
+    from baton.inprocess import configs
+    from baton.serve import build_parser, in_process, to_up
+
+    ns = build_parser().parse_args([str(tiny_model_dir), *FLAGS, "--chat-template", str(template_file)])
+    assert in_process(ns)
+    args, problem = to_up(ns)
+    assert problem is None
+    engine, options, router = configs(args, tiny_model_dir)
+    assert (engine.seed, engine.max_num_batched_tokens, engine.gpu_memory_utilization, engine.dtype,
+            engine.max_model_len, engine.enable_prefix_caching, engine.task) == (7, 512, 0.5, "float32", 1024,
+                                                                                  False, "embed")
+    assert engine.served_model_name == "tiny" and options.role == "colocated"  # the metrics' model_name
+    assert router.served_model_names == ("tiny", "alias") and router.tool_call_parser == "hermes"
+    assert router.enable_auto_tool_choice and router.chat_template == HERMES_TEMPLATE
+    for argv in (["-dp", "2"], ["--disaggregated"]):  # these run `baton up`'s processes
+        assert not in_process(build_parser().parse_args(argv))
 
 
 def test_the_openai_client_works_against_it(served):
@@ -178,8 +210,108 @@ def test_the_quickstart_maps_every_flag():
     assert not flags - documented, f"missing from the table: {sorted(flags - documented)}"
 
 
-def test_ctrl_c_stops_everything(served):
-    """Last in this file: it stops the module's deployment."""
-    assert served.stop() == 0
-    for process in served.processes.values():
-        wait_until(lambda p=process: not p.alive(), timeout=10, what=f"{process.name} to exit")
+def test_chat_and_completions_stream_and_whole(served):
+    client = served.client()
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
+                                          stream=True, stream_options={"include_usage": True},
+                                          extra_body={"ignore_eos": True})
+    chunks = list(chat)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length" and set(finishes[:-1]) == {None}  # one finish, on the last choice chunk
+    assert chunks[-1].usage.completion_tokens == 6
+    whole = client.completions.create(model="tiny", prompt="Once upon", max_tokens=5, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    streamed = client.completions.create(model="tiny", prompt="Once upon", max_tokens=5, temperature=0, stream=True,
+                                         extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == whole.choices[0].text
+    assert whole.usage.completion_tokens == 5 and whole.choices[0].finish_reason == "length"
+
+
+def test_a_named_tool_choice_gives_arguments_that_fit_the_schema(served):
+    out = served.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "2+3?"}], tools=TOOLS, max_tokens=100,
+        tool_choice={"type": "function", "function": {"name": "add"}})
+    call = out.choices[0].message.tool_calls[0]
+    assert call.function.name == "add"
+    jsonschema.validate(json.loads(call.function.arguments), ADD)
+
+
+def test_embeddings_echo_prompt_logprobs_and_best_of(served):
+    client = served.client()
+    vectors = client.embeddings.create(model="tiny", input=["a cat", "a dog"]).data
+    assert len(vectors) == 2 and len(vectors[0].embedding) > 8 and vectors[0].embedding != vectors[1].embedding
+    echo = client.completions.create(model="tiny", prompt="The quick brown fox", echo=True, max_tokens=1, logprobs=1,
+                                     temperature=0, extra_body={"prompt_logprobs": 1})
+    choice = echo.choices[0]
+    assert choice.text.startswith("The quick brown fox") and choice.logprobs.token_logprobs[0] is None
+    prompt_logprobs = choice.model_extra["prompt_logprobs"]
+    assert prompt_logprobs[0] is None and len(prompt_logprobs) == echo.usage.prompt_tokens
+    best = client.completions.create(model="tiny", prompt="Once", n=1, best_of=3, max_tokens=4, temperature=1.0,
+                                     seed=5, extra_body={"ignore_eos": True})
+    assert len(best.choices) == 1 and best.usage.completion_tokens == 3 * 4  # every candidate ran
+
+
+def test_bad_input_is_an_openai_style_400(served):
+    for body, param in (({"use_beam_search": True}, "use_beam_search"), ({"temperature": -1}, "temperature"),
+                        ({"best_of": 2, "stream": True}, "best_of")):
+        r = httpx.post(f"{served.url}/v1/completions", headers=headers(), timeout=30,
+                       json={"model": "tiny", "prompt": "Hi", "max_tokens": 2, **body})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == param and r.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError):
+        served.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                                max_tokens=2, extra_body={"min_p": 2.0})
+
+
+def test_one_metrics_port_counts_the_router_and_the_engine(served):
+    url = f"{served.url}/metrics"
+
+    def success(role: str) -> float:
+        return series_sum(url, "vllm:request_success_total", f'role="{role}"')
+
+    before = {role: success(role) for role in ("router", "colocated")}
+    for _ in range(3):
+        served.client().completions.create(model="tiny", prompt="Hi", max_tokens=2, extra_body={"ignore_eos": True})
+    wait_until(lambda: all(success(role) - before[role] == 3 for role in before), timeout=30,
+               what="vllm:request_success_total of the router and of the engine to count the 3 requests")
+    text = httpx.get(url, timeout=30).text
+    assert text.count("# TYPE vllm:num_requests_running gauge") == 1  # one family, both roles' series
+    assert 'vllm:num_requests_running{model_name="tiny",role="colocated"}' in text
+    assert 'vllm:num_requests_running{model_name="tiny",role="router"}' in text
+    assert 'vllm:kv_cache_usage_perc{model_name="tiny",role="colocated"}' in text
+
+
+def test_a_client_that_leaves_frees_the_engine(served):
+    url = f"{served.url}/metrics"
+    generated = series_sum(url, "baton:generation_tokens_total", 'role="colocated"')
+    stream = served.client().completions.create(model="tiny", prompt="Once", max_tokens=1000, stream=True,
+                                                extra_body={"ignore_eos": True})
+    next(iter(stream))
+    stream.close()
+    wait_until(lambda: series_sum(url, "baton:num_requests_running", 'role="colocated"') == 0
+               and series_sum(url, "baton:kv_cache_usage_perc", 'role="colocated"') == 0, timeout=30,
+               what="the engine to abort the abandoned request and free its blocks")
+    # Aborted, not run to its end: the engine generated fewer than the 1000 tokens asked for.
+    assert series_sum(url, "baton:generation_tokens_total", 'role="colocated"') - generated < 1000
+
+
+def test_sigterm_lets_the_stream_in_flight_finish(served):
+    """Last in this file: it stops the module's server."""
+    stream = served.client(timeout=120).completions.create(
+        model="tiny", prompt="Once", max_tokens=300, stream=True, stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    first = next(chunks)
+    served.proc.send_signal(signal.SIGTERM)
+    rest: list = []
+    reader = threading.Thread(target=lambda: rest.extend(chunks))
+    reader.start()
+    reader.join(timeout=120)
+    assert not reader.is_alive()
+    texts = [c for c in [first, *rest] if c.choices and c.choices[0].text]
+    assert len(texts) > 2  # it was still streaming when the signal came
+    assert rest[-1].usage.completion_tokens == 300
+    assert [c.choices[0].finish_reason for c in rest if c.choices][-1] == "length"
+    assert served.proc.wait(timeout=60) == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{served.url}/health", timeout=5)

@@ -14,7 +14,7 @@ import grpc
 import httpx
 import openai
 import pytest
-from serving_harness import baton_up
+from serving_harness import baton_up, series_sum
 
 from baton.protos import worker_pb2, worker_pb2_grpc
 from baton.sampling_params import SamplingParams
@@ -61,10 +61,14 @@ def _post(dep, path: str, body: dict, key: str | None) -> httpx.Response:
     return httpx.post(f"{dep.url}{path}", json=body, headers=headers, timeout=60)
 
 
-@pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
-def test_adapters_through_the_openai_client(mode, adapters, expected):
-    dep = baton_up("--mode", mode, "--lora-modules", f"sql={adapters['sql']}", "--max-loras", "2",
-                   api_key=API_KEY)
+@pytest.mark.parametrize("mode", ["colocated", "disaggregated", "in-process"])
+def test_adapters_through_the_openai_client(mode, adapters, expected, tiny_model_dir):
+    if mode == "in-process":  # `baton serve`: the router and the engine in one process
+        dep = baton_up(str(tiny_model_dir), "--enable-lora", "--lora-modules", f"sql={adapters['sql']}",
+                       "--max-loras", "2", command="serve", api_key=API_KEY)
+    else:
+        dep = baton_up("--mode", mode, "--lora-modules", f"sql={adapters['sql']}", "--max-loras", "2",
+                       api_key=API_KEY)
     try:
         client = dep.client()
         models = {m.id: m for m in client.models.list().data}
@@ -100,7 +104,9 @@ def test_adapters_through_the_openai_client(mode, adapters, expected):
             _complete(client, "chat")
         missing = _post(dep, "/v1/unload_lora_adapter", {"lora_name": "chat"}, API_KEY)
         assert missing.status_code == 404
-        for name in ("prefill-0", "decode-0") if mode == "disaggregated" else ("colocated-0",):
+        if mode == "in-process":  # the engine's metrics are on the API's port
+            assert series_sum(f"{dep.url}/metrics", "baton:lora_requests_total", 'role="colocated"') > 0
+        for name in ("prefill-0", "decode-0") if mode == "disaggregated" else ("colocated-0",) * (mode == "colocated"):
             assert dep.metric("baton:lora_requests_total", name) > 0
     finally:
         dep.stop()

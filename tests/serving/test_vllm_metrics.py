@@ -1,6 +1,7 @@
-"""vLLM's metric names beside Baton's, on a real `baton serve` (one colocated worker behind
-the router) on loopback, scraped as Prometheus does: the same values under both names, a
-prefix-cache hit rate, and a preemption counter that a too-small KV pool makes move."""
+"""vLLM's metric names beside Baton's, on a real `baton serve` (the router and one colocated
+engine in one process, their metrics on its one port) on loopback, scraped as Prometheus
+does: the same values under both names, a prefix-cache hit rate, and a preemption counter
+that a too-small KV pool makes move."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def samples(url: str) -> dict[tuple[str, str], float]:
 
 
 def worker_url(served) -> str:
-    return served.processes["colocated-0"].metrics_url
+    """The engine's metrics: on the API's port, beside the router's (role "colocated")."""
+    return f"{served.url}/metrics"
 
 
 def value(all_samples: dict, name: str, role: str, extra: str = "", default: float | None = None) -> float:
