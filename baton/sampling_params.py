@@ -89,6 +89,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     detokenize: bool = True
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True  # False: adjacent special tokens' text without a space between
     include_stop_str_in_output: bool = False
     guided_decoding: GuidedDecodingParams | None = None
     logit_bias: dict[int, float] | None = None
@@ -118,8 +119,9 @@ class SamplingParams:
             raise bad("n", "an integer >= 1")
         if self.best_of is not None and (not isinstance(self.best_of, int) or self.best_of < self.n):
             raise bad("best_of", f"an integer >= n ({self.n})")
-        if not isinstance(self.detokenize, bool):
-            raise bad("detokenize", "a boolean")
+        for name in ("detokenize", "skip_special_tokens", "spaces_between_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "a boolean")
         if not self.detokenize and self.stop:
             raise ValueError("stop strings need detokenize=True (the text is what they are found in); "
                              "use stop_token_ids with detokenize=False")

@@ -72,7 +72,9 @@ class Tokenizer:
         self.eos_token = _token_content(config.get("eos_token"))
         self.pad_token = _token_content(config.get("pad_token"))
         self.eos_token_ids = self._find_eos_ids(model_dir)
-        self.special_ids = set(self._tok.get_added_tokens_decoder().keys())
+        # the added (special) tokens: id -> text
+        self.added_tokens = {i: t.content for i, t in self._tok.get_added_tokens_decoder().items()}
+        self.special_ids = set(self.added_tokens)
         self._template: jinja2.Template | None = None
         if chat_template is not None:
             self.chat_template = chat_template
@@ -386,6 +388,10 @@ class IncrementalDetokenizer:
     Each delta is decoded with a few tokens of left context (so tokenizers that merge a
     leading space decode right), and nothing is emitted while the text ends in an
     incomplete UTF-8 sequence: a delta never contains half a character.
+
+    `spaces_between_special_tokens=False` (with `skip_special_tokens=False`): a special
+    (added) token that follows another one is its bare text, without the space a decoder may
+    put before it (vLLM's fast detokenizer's rule).
     """
 
     def __init__(
@@ -393,9 +399,14 @@ class IncrementalDetokenizer:
         tokenizer: Tokenizer,
         prompt_token_ids: list[int],
         skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
     ):
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
+        # token id -> text of the added tokens, when their spacing is to be suppressed
+        self._added = (None if skip_special_tokens or spaces_between_special_tokens
+                       else tokenizer.added_tokens or None)
+        self._last_special = False
         context = list(prompt_token_ids[-_CONTEXT:])
         # The Rust DecodeStream does the offset bookkeeping (a third of the cost of decoding
         # slices twice per token); the prompt's tail is its left context.
@@ -408,6 +419,11 @@ class IncrementalDetokenizer:
         """Append one token; return the newly complete text (maybe empty)."""
         self._pending.append(token_id)
         chunk = self._stream.step(self._tokenizer._tok, token_id)
+        if self._added is not None:
+            special = self._added.get(token_id)
+            if special is not None and self._last_special and len(self._pending) == 1:
+                chunk = special
+            self._last_special = special is not None
         if not chunk:  # None: an incomplete character is held back
             return ""
         self._context = (self._context + self._pending)[-_CONTEXT:]

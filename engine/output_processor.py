@@ -21,7 +21,8 @@ class SequenceOutput:
         p = seq.params
         self.seq = seq
         self.detok = (
-            IncrementalDetokenizer(tokenizer, seq.prompt_token_ids, p.skip_special_tokens)
+            IncrementalDetokenizer(tokenizer, seq.prompt_token_ids, p.skip_special_tokens,
+                                   p.spaces_between_special_tokens)
             if p.detokenize
             else None
         )

@@ -196,7 +196,7 @@ class OpenAIServing:
             logprobs=logprobs is not None, top_logprobs=logprobs or 0, tools=tools,
             include_usage=bool(body.stream and body.stream_options and body.stream_options.include_usage),
             prompts=prompts, echo=bool(getattr(body, "echo", False)), prompt_logprobs=body.prompt_logprobs,
-            return_token_ids=body.return_token_ids,
+            return_token_ids=body.return_token_ids, tokens_as_ids=bool(body.return_tokens_as_token_ids),
             computed_prompt_logprobs=(params.prompt_logprobs or 0) if params is not None else 0)
         timing = _Timing(self.metrics, prompt_tokens)
         fan = FanOut(self.dispatcher, jobs, ticket)

@@ -25,9 +25,7 @@ _COMMON: dict[str, Any] = {
     # vLLM's extras
     "use_beam_search": False,
     "length_penalty": 1.0,
-    "spaces_between_special_tokens": True,
     "logits_processors": _ANY,
-    "return_tokens_as_token_ids": False,
     "guided_decoding_backend": _ANY,
     "guided_whitespace_pattern": _ANY,
     "structured_outputs": _ANY,

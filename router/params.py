@@ -161,6 +161,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
         logprobs=logprobs if logprobs is not None or num_candidates(req) == req.n else 0,
         prompt_logprobs=prompt_logprobs(req, logprobs),
         skip_special_tokens=req.skip_special_tokens,
+        spaces_between_special_tokens=req.spaces_between_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
         guided_decoding=guided_decoding(req, tool_guided),
     )

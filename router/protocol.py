@@ -132,6 +132,8 @@ class SamplingFields(TextBody):
     allowed_token_ids: list[TokenId] | None = Field(default=None, min_length=1, max_length=2**20)
     bad_words: list[str] | None = Field(default=None, max_length=MAX_BAD_WORDS)
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    return_tokens_as_token_ids: bool | None = None  # logprobs' tokens as "token_id:N"
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     return_token_ids: bool = False  # the prompt's and each choice's token ids beside the text

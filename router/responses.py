@@ -13,6 +13,9 @@ token and the top `prompt_logprobs` (rank: 1-based order in the distribution; nu
 prompt's token when it is not among the top ones, where the engine does not rank it). A
 stream sends both in each choice's first chunk.
 
+vLLM's `return_tokens_as_token_ids` writes each logprobs `token` (and top-logprobs key) as
+`token_id:N`; text offsets and `bytes` stay those of the token's text.
+
 vLLM's `return_token_ids` adds `token_ids` (the generated ids) to each choice and to each
 streamed chunk's choice, and `prompt_token_ids` to each completions choice (for chat, to the
 response, or the first chunk).
@@ -50,6 +53,7 @@ class ResponseBuilder:
     computed_prompt_logprobs: int = 0  # the top N the workers computed (echo may ask more)
     tools: ToolPlan | None = None  # chat with tools: each choice's text goes through a parser
     return_token_ids: bool = False
+    tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids
     created: int = field(default_factory=lambda: int(time.time()))
     _role_sent: set[int] = field(default_factory=set)
     _prompt_sent: set[int] = field(default_factory=set)
@@ -71,6 +75,10 @@ class ResponseBuilder:
             return "chat.completion"
         return "text_completion"
 
+    def _token_label(self, token_id: int) -> str:
+        """A token as logprobs name it: its text, or `token_id:N`."""
+        return f"token_id:{token_id}" if self.tokens_as_ids else self._token_text(token_id)
+
     def _head(self, object_name: str) -> dict:
         return {"id": self.response_id, "object": object_name, "created": self.created, "model": self.model}
 
@@ -84,9 +92,9 @@ class ResponseBuilder:
         offset = self._text_offsets.get(index, 0)
         for token_id, entry in zip(token_ids, entries):
             text = self._token_text(token_id)
-            tokens.append(text)
+            tokens.append(self._token_label(token_id))
             token_logprobs.append(entry.get(token_id) if entry is not None else None)
-            tops.append({self._token_text(t): lp for t, lp in _top(entry, self.top_logprobs)}
+            tops.append({self._token_label(t): lp for t, lp in _top(entry, self.top_logprobs)}
                         if entry is not None else None)
             offsets.append(offset)
             offset += len(text)
@@ -134,7 +142,7 @@ class ResponseBuilder:
     def _chat_logprobs(self, token_ids: list[int], entries: list[dict[int, float]]) -> dict:
         def item(token_id: int, logprob: float | None) -> dict:
             text = self._token_text(token_id)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+            return {"token": self._token_label(token_id), "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
         content = []
         for token_id, entry in zip(token_ids, entries):

@@ -73,6 +73,8 @@ def params_to_proto(p: SamplingParams) -> worker_pb2.SamplingParams:
         msg.prompt_logprobs = p.prompt_logprobs
     if not p.detokenize:
         msg.detokenize = False
+    if not p.spaces_between_special_tokens:
+        msg.spaces_between_special_tokens = False
     return msg
 
 
@@ -97,6 +99,8 @@ def params_from_proto(msg: worker_pb2.SamplingParams) -> SamplingParams:
         prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
         detokenize=msg.detokenize if msg.HasField("detokenize") else True,
         skip_special_tokens=msg.skip_special_tokens,
+        spaces_between_special_tokens=(msg.spaces_between_special_tokens
+                                       if msg.HasField("spaces_between_special_tokens") else True),
         include_stop_str_in_output=msg.include_stop_str_in_output,
         guided_decoding=guided_from_json(msg.guided_decoding_json),
         logit_bias=dict(msg.logit_bias) or None,

@@ -185,3 +185,24 @@ def test_bad_words_token_ids_follow_vllms_rule(tok):
     assert tok.bad_words_token_ids(["  quick brown"]) == [ids("quick brown"), ids(" quick brown")]
     with pytest.raises(ValueError, match="bad_words"):
         tok.bad_words_token_ids([" "])
+
+
+def test_spaces_between_special_tokens_false_drops_the_space_a_decoder_puts_between_them(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    # a WordPiece decoder puts a space before every word, special tokens included
+    wordpiece = HFTokenizer(models.WordPiece({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
+    wordpiece.pre_tokenizer = pre_tokenizers.Whitespace()
+    wordpiece.decoder = decoders.WordPiece()
+    wordpiece.add_special_tokens(["[X]", "[Y]"])
+    wordpiece.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer(tmp_path)
+
+    def text(**kwargs) -> str:
+        detok = IncrementalDetokenizer(tok, [], **kwargs)
+        return "".join(detok.add(t) for t in [1, 3, 4, 3, 2]) + detok.flush()
+
+    assert text(skip_special_tokens=False) == "a [X] [Y] [X] b"
+    assert text(skip_special_tokens=False, spaces_between_special_tokens=False) == "a [X][Y][X] b"
+    assert text(spaces_between_special_tokens=False) == text() == "a b"

@@ -29,9 +29,7 @@ def post(deployment, path: str, body: dict) -> httpx.Response:
 # A value that asks for something, per refused field (a no-op value is accepted: below).
 ASKING = {
     "service_tier": "flex", "store": True, "metadata": {"k": "v"},
-    "prompt_cache_key": "abc", "use_beam_search": True, "length_penalty": 2.0,
-    "spaces_between_special_tokens": False,
-    "logits_processors": ["x"], "return_tokens_as_token_ids": True,
+    "prompt_cache_key": "abc", "use_beam_search": True, "length_penalty": 2.0, "logits_processors": ["x"],
     "guided_decoding_backend": "xgrammar", "guided_whitespace_pattern": " ", "structured_outputs": {"regex": "a"},
     "priority": 1, "request_id": "mine", "cache_salt": "s", "kv_transfer_params": {}, "vllm_xargs": {"a": 1},
     "suffix": " end", "add_special_tokens": None, "prompt_embeds": "AAAA",

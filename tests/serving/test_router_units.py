@@ -107,7 +107,9 @@ def test_sampling_params_survive_the_wire(guided):
     p = SamplingParams(temperature=0.7, top_p=0.3, top_k=4, min_p=0.05, presence_penalty=0.1,
                        frequency_penalty=-0.2, repetition_penalty=1.3, seed=2**62, stop=["a", "bc"],
                        stop_token_ids=[9], ignore_eos=True, max_tokens=77, min_tokens=3, logprobs=0,
-                       skip_special_tokens=False, include_stop_str_in_output=True, guided_decoding=guided)
+                       skip_special_tokens=False, include_stop_str_in_output=True, guided_decoding=guided,
+                       spaces_between_special_tokens=False, bad_words=["fox", "lazy dog"],
+                       allowed_token_ids=[1, 5], logit_bias={3: -2.0})
     back = params_from_proto(worker_pb2.SamplingParams.FromString(params_to_proto(p).SerializeToString()))
     assert back == p
     unset = params_from_proto(params_to_proto(SamplingParams(max_tokens=None)))

@@ -114,3 +114,50 @@ def test_bad_words_are_never_generated(dep, tokenizer, endpoint):
 @pytest.mark.parametrize("value", [["  "], "fox", [3]])
 def test_invalid_bad_words_are_refused(colocated, value):
     refused(lambda: complete(colocated, bad_words=value), "bad_words")
+
+
+# -- spaces_between_special_tokens, return_tokens_as_token_ids -------------------------------
+
+@pytest.mark.parametrize("spaces", [True, False])
+def test_special_tokens_text_with_and_without_spaces_between(dep, tokenizer, spaces):
+    # Only special tokens can be sampled; the tiny model's byte-level decoder puts no space
+    # between them, so both settings give their bare texts (as vLLM's fast detokenizer does;
+    # tests/engine/test_tokenizer.py has a decoder that does put spaces)
+    out = complete(dep, max_tokens=6, ignore_eos=True, temperature=1.0, seed=1, allowed_token_ids=[0, 2],
+                   skip_special_tokens=False, spaces_between_special_tokens=spaces).choices[0]
+    assert len(out.token_ids) == 6 and out.text == "".join(tokenizer.added_tokens[t] for t in out.token_ids)
+
+
+def test_invalid_spaces_between_special_tokens_is_refused(colocated):
+    refused(lambda: complete(colocated, spaces_between_special_tokens="no"), "spaces_between_special_tokens")
+    refused(lambda: chat(colocated, return_tokens_as_token_ids=1), "return_tokens_as_token_ids")
+
+
+def test_return_tokens_as_token_ids_names_tokens_by_id(dep, tokenizer):
+    out = complete(dep, logprobs=2, return_tokens_as_token_ids=True).choices[0]
+    assert out.logprobs.tokens == [f"token_id:{t}" for t in out.token_ids]
+    assert all(key.startswith("token_id:") for top in out.logprobs.top_logprobs for key in top)
+    offsets = [0]
+    for t in out.token_ids[:-1]:  # offsets stay those of the text
+        offsets.append(offsets[-1] + len(tokenizer.decode([t], False)))
+    assert out.logprobs.text_offset == offsets
+    plain = complete(dep, logprobs=2).choices[0]
+    assert plain.logprobs.tokens == [tokenizer.decode([t], False) for t in plain.token_ids]
+
+    content = chat(dep, logprobs=True, top_logprobs=2, return_tokens_as_token_ids=True).choices[0]
+    entries = content.logprobs.content
+    assert [e.token for e in entries] == [f"token_id:{t}" for t in content.token_ids]
+    assert all(e.bytes == list(tokenizer.decode([t], False).encode()) for e, t in zip(entries, content.token_ids))
+    assert all(top.token.startswith("token_id:") for e in entries for top in e.top_logprobs)
+
+
+def test_return_tokens_as_token_ids_in_a_stream(colocated):
+    stream = colocated.client().chat.completions.create(
+        model=M, messages=HI, max_tokens=4, temperature=0.0, logprobs=True, stream=True,
+        extra_body={"return_tokens_as_token_ids": True, "return_token_ids": True})
+    tokens, ids = [], []
+    for chunk in stream:
+        for choice in chunk.choices:
+            ids += getattr(choice, "token_ids", None) or []  # not in the role chunk
+            tokens += [e.token for e in (choice.logprobs.content if choice.logprobs else [])]
+    assert len(ids) == 4 and tokens == [f"token_id:{t}" for t in ids]
