@@ -249,9 +249,6 @@ class EngineArgs:
         quantization = parse_quantization(hf_config, self.quantization)
         speculative = parse_speculative(self.speculative_config, self.speculative_model,
                                         self.num_speculative_tokens)
-        if speculative is not None and self.tensor_parallel_size != 1:
-            raise ValueError("speculative decoding with tensor_parallel_size > 1 is not supported yet "
-                             "(docs/limits.md): run one of the two")
         kv_cache_dtype = torch.float8_e4m3fn if resolve_kv_cache_dtype(self.kv_cache_dtype) == "fp8" else dtype
         if kv_cache_dtype == torch.float8_e4m3fn and self.attention_backend == "flash_attn":
             raise ValueError("kv_cache_dtype='fp8' needs the triton or torch attention backend (flash_attn reads "

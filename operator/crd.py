@@ -176,9 +176,7 @@ def _engine() -> dict:
         description="Engine settings, passed to the worker as flags.", default={},
         rules=((f"!has(self.extraArgs) || self.extraArgs.all(a, !({_sets_typed_flag('a')}))",
                 "engine.extraArgs must not set a flag the operator sets from the spec (--"
-                + ", --".join(TYPED_FLAGS) + "): use the typed field"),
-               ("!has(self.speculative) || !has(self.tensorParallelSize) || self.tensorParallelSize == 1",
-                "engine.speculative and tensorParallelSize above 1 do not run together yet")),
+                + ", --".join(TYPED_FLAGS) + "): use the typed field"),),
     )
 
 

@@ -19,7 +19,10 @@ KV from a prefill worker has no draft KV for it: step 1 computes it there (the d
 prefills the prompt locally, at the request's first speculative step).
 
 Owned by the model runner (the one object that allocates on the device): it loads the
-draft before sizing the target's KV pool, so both pools fit in the memory budget.
+draft before sizing the target's KV pool, so both pools fit in the memory budget. At
+`tensor_parallel_size > 1` the draft model is not sharded: it runs whole on rank 0 (the
+engine process), beside rank 0's shard of the target, and its KV pool is rank 0's alone;
+the other ranks only ever see the target's verify forward.
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ def draft_engine_config(target: EngineConfig) -> EngineConfig:
             raise ValueError(f"the draft model's {name} has another vocabulary than the target's")
     return dataclasses.replace(
         target, model_dir=model_dir, hf_config=hf_config, served_model_name=model_dir.name,
-        quantization=parse_quantization(hf_config, None), kv_cache_dtype=target.dtype, speculative=None)
+        quantization=parse_quantization(hf_config, None), kv_cache_dtype=target.dtype, speculative=None,
+        tensor_parallel_size=1, lora=None)
 
 
 def _vocab(tokenizer_json: Path) -> dict:

@@ -157,9 +157,6 @@ def test_every_example_is_valid(path):
     ({"decode": {"engine": {"speculative": {"method": "draft_model", "model": "/m/draft",
                                             "numSpeculativeTokens": 2, "promptLookupMax": 3}}}},
      "apply to method ngram only"),
-    ({"mode": "colocated", "colocated": {"engine": {"tensorParallelSize": 2,
-                                                    "speculative": {"numSpeculativeTokens": 2}}}},
-     "do not run together yet"),
 ])
 def test_cel_rules_reject_what_types_cannot(fields, message):
     body = service(**fields)
@@ -171,6 +168,8 @@ def test_cel_rules_accept_their_valid_counterparts():
         "numSpeculativeTokens": 4, "promptLookupMin": 2, "promptLookupMax": 3}}})) == []
     assert violations(service(decode={"engine": {"speculative": {
         "method": "draft_model", "model": "/m/draft", "numSpeculativeTokens": 4}}})) == []
+    assert violations(service(mode="colocated", colocated={"engine": {
+        "tensorParallelSize": 2, "speculative": {"numSpeculativeTokens": 2}}})) == []
     assert violations(service(autoscaling={"engine": "keda"}, prefill={
         "autoscaling": {"minReplicas": 0, "maxReplicas": 2}})) == []
     assert violations(service(mode="colocated", colocated={"replicas": 2})) == []

@@ -126,7 +126,6 @@ def test_speculation_switches_off_when_the_batch_is_large(tiny_model):
                               "prompt_lookup_max": 2}), "exceeds prompt_lookup_max"),
     (dict(speculative_config="{not json"), "not JSON"),
     (dict(num_speculative_tokens=3), "needs speculative_model"),
-    (dict(speculative_model="[ngram]", num_speculative_tokens=2, tensor_parallel_size=2), "tensor_parallel_size"),
 ])
 def test_bad_speculative_settings_are_refused_at_engine_args(tiny_model, kwargs, message):
     with pytest.raises(ValueError, match=message):
