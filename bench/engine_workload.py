@@ -46,6 +46,10 @@ LLAMA31_8B = {
     "torch_dtype": "bfloat16",
 }
 
+# The dimensions `--small` puts over LLAMA31_8B's: a model the CPU runs in milliseconds a step.
+SMALL_DIMS = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 16}
+
 
 def hf_weight_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
@@ -201,10 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     parser.add_argument("dir", type=Path)
     parser.add_argument("--device", default="cuda", help="where the weights are drawn")
+    parser.add_argument("--small", action="store_true",
+                        help="tiny dimensions, the 8B's vocabulary, rope and token ids kept (CPU checks of the scripts)")
     args = parser.parse_args(argv)
     t = time.perf_counter()
-    write_random_checkpoint(args.dir, LLAMA31_8B, ensure_tiny_model(), device=args.device)
-    print(f"{args.dir}: Llama-3.1-8B-shaped random checkpoint ready ({time.perf_counter() - t:.0f} s)")
+    cfg = {**LLAMA31_8B, **SMALL_DIMS} if args.small else LLAMA31_8B
+    write_random_checkpoint(args.dir, cfg, ensure_tiny_model(), device=args.device)
+    shape = "small Llama-3.1-8B-vocabulary" if args.small else "Llama-3.1-8B-shaped"
+    print(f"{args.dir}: {shape} random checkpoint ready ({time.perf_counter() - t:.0f} s)")
     return 0
 
 

@@ -11,15 +11,19 @@ neither), as JSON plus a PNG.
     python bench/serving.py                                  # CPU, tiny model, both modes
     python bench/serving.py --up-args "--model /models/llama --device cuda" --prompt-len 1024
 
-One prefill + one decode GPU against two colocated GPUs (`--device cuda` spreads the
-workers over the GPUs), a long-prompt mix:
+One prefill + one decode GPU against two colocated GPUs (`--device cuda` gives worker k
+GPU k), a long-prompt mix (`bench/multi_gpu.sh` runs this and a chat mix):
 
-    python bench/serving.py --up-args "--model DIR --device cuda --transport auto" \
+    python bench/serving.py --up-args "--model DIR --device cuda --transport auto --max-model-len 8192" \
         --disaggregated-args "--prefill 1 --decode 1" --colocated-args "--colocated 2" \
-        --prompt-len 4096 --output-len 256 --request-rates 1,2,4,8 --num-requests 200
+        --prompt-len 4096 --output-len 256 --request-rates 2,4,6,8 --num-requests 80 --mix long
 
 Timings are wall-clock on the client: TTFT is the time to the first streamed token, TPOT
 the mean time between the following tokens of a request, e2e the time to the last byte.
+With both modes, `comparison` puts disaggregated beside colocated per rate (goodput ratio,
+p99 TPOT ratio) and the best goodput of each over the rates. The JSON is written after
+every rate, so a run stopped by a time limit keeps what it measured; SIGTERM stops
+`baton up` (and its workers) before the script exits.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +125,9 @@ async def run_load(url: str, model: str, rate: float, args, api_key: str | None)
     limits = httpx.Limits(max_connections=args.max_concurrency + 8, max_keepalive_connections=args.max_concurrency + 8)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, limits=limits) as client:
         for _ in range(args.warmup):
-            await one_request(client, model, prompts[0], min(8, args.output_len))
+            warm = await one_request(client, model, prompts[0], min(8, args.output_len))
+            if not warm.ok:  # a misconfigured run stops here rather than timing failures
+                raise RuntimeError(f"a warm-up request failed: {warm.error}")
 
         async def bounded(prompt):
             async with limit:
@@ -154,6 +161,29 @@ async def run_load(url: str, model: str, rate: float, args, api_key: str | None)
     }
 
 
+def served_model(url: str, api_key: str | None) -> str:
+    """The first model the server lists."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    reply = httpx.get(f"{url}/v1/models", headers=headers, timeout=30)
+    reply.raise_for_status()
+    return reply.json()["data"][0]["id"]
+
+
+def describe_machine(up_args: str) -> str:
+    """CPU and cores; with `--device cuda` in the `baton up` arguments, the GPUs too."""
+    desc = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
+    if "cuda" in up_args:
+        try:
+            gpus = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                  text=True, timeout=30).stdout.split("\n")
+            names = [g.strip() for g in gpus if g.strip()]
+            if names:
+                desc = f"{len(names)} x {names[0]}, " + desc
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return desc
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -166,9 +196,13 @@ def start_baton(mode: str, up_args: str) -> tuple[subprocess.Popen, str]:
             *shlex.split(up_args)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     for line in proc.stdout:
+        print(f"[baton up {mode}] {line}", end="", flush=True)  # its own lines: what started where, or why not
         if "Baton is ready" in line:
+            # Keep reading (a full pipe would block `baton up`): restarts and its stop show in the log.
+            threading.Thread(target=lambda: [print(f"[baton up {mode}] {x}", end="", flush=True) for x in proc.stdout],
+                             daemon=True).start()
             return proc, f"http://127.0.0.1:{port}"
-    raise RuntimeError(f"baton up --mode {mode} failed to start (status {proc.wait()})")
+    raise RuntimeError(f"baton up --mode {mode} failed to start (status {proc.wait()}); its output is above")
 
 
 def stop_baton(proc: subprocess.Popen) -> None:
@@ -177,6 +211,31 @@ def stop_baton(proc: subprocess.Popen) -> None:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+def compare(modes: dict) -> dict:
+    """Disaggregated beside colocated at each rate both ran: goodput ratio (disaggregated /
+    colocated, above 1 is better) and p99 TPOT ratio (colocated / disaggregated, above 1:
+    disaggregated's tail is lower); and each mode's best goodput over the rates."""
+    dis, col = modes.get("disaggregated", []), modes.get("colocated", [])
+    by_rate = {str(r["request_rate"]): r for r in col}
+    rows = {}
+    for run in dis:
+        other = by_rate.get(str(run["request_rate"]))
+        if other is None:
+            continue
+        p99_d, p99_c = run["tpot_s"].get("p99"), other["tpot_s"].get("p99")
+        rows[str(run["request_rate"])] = {
+            "goodput_ratio": run["goodput_rps"] / other["goodput_rps"] if other["goodput_rps"] else None,
+            "p99_tpot_ratio": p99_c / p99_d if p99_c and p99_d else None,
+            "p99_ttft_ratio": (other["ttft_s"]["p99"] / run["ttft_s"]["p99"]
+                               if run["ttft_s"].get("p99") and other["ttft_s"].get("p99") else None),
+        }
+    best = {m: max((r["goodput_rps"] for r in runs), default=0.0) for m, runs in modes.items()}
+    out = {"by_rate": rows, "best_goodput_rps": best}
+    if best.get("colocated"):
+        out["best_goodput_ratio"] = best.get("disaggregated", 0.0) / best["colocated"]
+    return out
 
 
 def plot(results: dict, path: Path) -> None:
@@ -200,13 +259,18 @@ def plot(results: dict, path: Path) -> None:
                 ax.plot(xs, [r[key].get("p99", float("nan")) for r in runs], marker="x", linestyle="--",
                         color=line.get_color(), label=f"{mode} p99")
             ax.set_xticks(xs, [str(r) for r in rates])
+        slo = {"ttft_s": results["config"]["slo"]["ttft_s"], "tpot_s": results["config"]["slo"]["tpot_s"]}.get(key)
+        if slo:
+            ax.axhline(slo, color="r", lw=0.8, label="SLO")
         ax.set_xlabel("request rate (req/s)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     cfg = results["config"]
-    fig.suptitle(f"Baton serving: {cfg['model']} on {results['machine']['description']}, prompt ~{cfg['prompt_len']} "
-                 f"tokens, output {cfg['output_len']}, concurrency <= {cfg['max_concurrency']}", fontsize=10)
+    mix = f"{cfg['mix']} mix, " if cfg.get("mix") else ""
+    fig.suptitle(f"Baton serving: {cfg['model']} on {results['machine']['description']}, {mix}prompt "
+                 f"~{cfg['prompt_len']} tokens, output {cfg['output_len']}, concurrency <= {cfg['max_concurrency']}, "
+                 f"{results['date']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -215,7 +279,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--modes", default="disaggregated,colocated")
     p.add_argument("--url", default=None, help="benchmark a running server instead (one mode, named by --modes)")
-    p.add_argument("--model-name", default="tiny-llama-v1")
+    p.add_argument("--model-name", default=None, help="the model requests name (default: the first the server "
+                   "lists at /v1/models)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--up-args", default="--device cpu --num-gpu-blocks-override 1024",
                    help="extra `baton up` arguments (model, device, workers...)")
@@ -235,6 +300,7 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "bench/results/serving-cpu.json"))
     p.add_argument("--png", default=None, help="default: --out with .png")
     p.add_argument("--machine", default=None, help="machine description recorded with the figures")
+    p.add_argument("--mix", default=None, help="a name for this prompt/output mix, recorded (e.g. long, chat)")
     args = p.parse_args()
     rates = [float(r) for r in args.request_rates.split(",")]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -244,23 +310,38 @@ def main() -> int:
         "benchmark": "serving",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
-        "machine": {"description": args.machine or f"{platform.processor() or platform.machine()}, "
-                    f"{os.cpu_count()} CPU cores", "platform": platform.platform(),
+        "machine": {"description": args.machine or describe_machine(args.up_args), "platform": platform.platform(),
                     "python": platform.python_version(),
                     "load_average_at_start": os.getloadavg()},
-        "config": {"model": args.model_name, "up_args": args.up_args,
+        "config": {"model": args.model_name, "mix": args.mix, "up_args": args.up_args,
+                   "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot},
                    "mode_args": {"disaggregated": args.disaggregated_args, "colocated": args.colocated_args}, "num_requests": args.num_requests,
                    "max_concurrency": args.max_concurrency, "prompt_len": args.prompt_len,
                    "prompt_len_spread": args.prompt_len_spread, "output_len": args.output_len},
         "modes": {},
     }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        if len(results["modes"]) == 2:
+            results["comparison"] = compare(results["modes"])
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
+    def on_sigterm(signum, frame):  # e.g. a time limit: stop `baton up` in `finally`, keep the JSON
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     for mode in modes:
         proc = None
         url = args.url
         if url is None:
             proc, url = start_baton(mode, f"{args.up_args} {getattr(args, mode + '_args')}")
         try:
-            runs = []
+            if args.model_name is None:
+                args.model_name = served_model(url, args.api_key)
+                results["config"]["model"] = args.model_name
+            runs = results["modes"][mode] = []
             for rate in rates:
                 run = asyncio.run(run_load(url, args.model_name, rate, args, args.api_key))
                 runs.append(run)
@@ -269,13 +350,13 @@ def main() -> int:
                       f"TPOT p50 {run['tpot_s'].get('p50', 0) * 1e3:.2f} ms, e2e p99 {run['e2e_s'].get('p99', 0):.2f} s, "
                       f"goodput {run['goodput_rps']:.2f} req/s ({100 * run['slo_attainment']:.0f} % in SLO), "
                       f"failed {run['failed']}", flush=True)
-            results["modes"][mode] = runs
+                save()
         finally:
             if proc is not None:
                 stop_baton(proc)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    save()
+    if "comparison" in results:
+        print(f"disaggregated against colocated: {json.dumps(results['comparison'])}", flush=True)
     png = Path(args.png) if args.png else out.with_suffix(".png")
     plot(results, png)
     print(f"wrote {out} and {png}")

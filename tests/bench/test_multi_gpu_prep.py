@@ -36,3 +36,18 @@ def test_kv_cell_refuses_two_gpus_on_the_cpu():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "--gpus 2 needs --device cuda" in done.stderr
+
+
+def test_baton_up_gives_each_worker_of_a_two_gpu_host_its_own_gpu(monkeypatch, tmp_path):
+    """The serving run's two layouts (issue 25) on two GPUs: prefill on cuda:0 and decode on
+    cuda:1, the two colocated workers on cuda:0 and cuda:1. No GPU here: the count is set."""
+    from baton import up
+
+    monkeypatch.setattr(up, "_gpu_count", lambda device: 2)
+
+    def devices(*argv: str) -> dict[str, str]:
+        workers = up.plan(up.build_parser().parse_args(["--device", "cuda", *argv]), tmp_path)
+        return {w.name: w.argv[w.argv.index("--device") + 1] for w in workers}
+
+    assert devices("--prefill", "1", "--decode", "1") == {"prefill-0": "cuda:0", "decode-0": "cuda:1"}
+    assert devices("--mode", "colocated", "--colocated", "2") == {"colocated-0": "cuda:0", "colocated-1": "cuda:1"}
