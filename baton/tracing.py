@@ -8,7 +8,9 @@ carries the trace context to the workers in the gRPC metadata (`traceparent`), t
 client interceptor on its channels; the workers read it in a server interceptor.
 
 Without an endpoint nothing is configured: OpenTelemetry's default tracer makes no-op
-spans, and no exporter thread starts.
+spans, no exporter thread starts, and the gRPC interceptors are not installed. Polls (the
+router's `/health`, `/ready`, `/metrics`; its `Stats`, `Info` and `Health` calls to the
+workers) never make spans nor carry a trace context.
 """
 
 from __future__ import annotations
@@ -25,11 +27,16 @@ TRACED_RPCS = {"Prefill": "prefill", "Reserve": "reserve", "Decode": "decode",
                "Generate": "generate"}
 
 
+_configured = False
+
+
 def configure(endpoint: str | None, service_name: str) -> None:
     """Export spans to the OTLP/gRPC collector at `endpoint` (host:port or a URL) as
     `service_name`; None leaves tracing off. Call once per process, before serving."""
+    global _configured
     if not endpoint:
         return
+    _configured = True
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -47,6 +54,16 @@ def shutdown() -> None:
     provider = trace.get_tracer_provider()
     if hasattr(provider, "shutdown"):
         provider.shutdown()
+
+
+def enabled() -> bool:
+    """Whether `configure` set up an exporter in this process."""
+    return _configured
+
+
+def untraced(scope: dict) -> bool:
+    """FastAPI's `telemetry={"exclude": ...}`: its own spans only for requests to `/v1/`."""
+    return not scope.get("path", "").startswith("/v1/")
 
 
 def tracer() -> trace.Tracer:
@@ -82,7 +99,13 @@ class TraceRequests:
             await self.app(scope, receive, traced_send)
 
 
+def _rpc_name(method: str | bytes) -> str:
+    return (method.decode() if isinstance(method, bytes) else method).rsplit("/", 1)[-1]
+
+
 def _with_context(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    if _rpc_name(details.method) not in TRACED_RPCS:
+        return details  # a poll: no trace context, whatever task it runs in
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     if not carrier:
@@ -105,8 +128,14 @@ class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
 
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
-    """Interceptors for the router's channels: the current trace context goes along."""
-    return [_UnaryUnary(), _UnaryStream()]
+    """Interceptors for the router's channels: the current trace context goes along with
+    the traced calls. None while tracing is off."""
+    return [_UnaryUnary(), _UnaryStream()] if _configured else []
+
+
+def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
+    """Interceptors for a worker's server (`ServerSpans`). None while tracing is off."""
+    return [ServerSpans()] if _configured else []
 
 
 class ServerSpans(grpc.aio.ServerInterceptor):
@@ -114,7 +143,7 @@ class ServerSpans(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        name = TRACED_RPCS.get(handler_call_details.method.rsplit("/", 1)[-1])
+        name = TRACED_RPCS.get(_rpc_name(handler_call_details.method))
         if handler is None or name is None:
             return handler
         metadata: Mapping[str, str] = {k: v for k, v in handler_call_details.invocation_metadata or ()

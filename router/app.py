@@ -101,7 +101,8 @@ def create_app(config: RouterConfig, registry: CollectorRegistry | None = None,
         tracing.shutdown()
 
     app = FastAPI(title="Baton router", version=__version__, lifespan=lifespan,
-                  description="OpenAI-compatible API in front of Baton's prefill and decode workers.")
+                  description="OpenAI-compatible API in front of Baton's prefill and decode workers.",
+                  telemetry={"exclude": tracing.untraced})
     errors.install(app)
     app.router.route_class = JSONRoute
     app.state.pool = pool

@@ -81,7 +81,7 @@ class WorkerRuntime:
         """Serve until a stop signal, drain, and return the exit status (0)."""
         opts = self.options
         tracing.configure(opts.otlp_traces_endpoint, f"baton-{opts.role}")
-        server = grpc.aio.server(options=server_options(opts.keepalive) + NO_REUSEPORT, interceptors=[tracing.ServerSpans()])
+        server = grpc.aio.server(options=server_options(opts.keepalive) + NO_REUSEPORT, interceptors=tracing.server_interceptors())
         register(server)
         health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -118,3 +118,23 @@ def test_a_request_without_traceparent_starts_its_own_trace(traced):
         return None
 
     wait_until(new_root, timeout=60, what="a root span with its workers' spans")
+
+
+def test_polls_make_no_spans(traced):
+    """/health, /ready and /metrics (a load balancer's and Prometheus' polls) and the router's
+    polls of its workers are not traced: only requests to /v1/ and the worker calls they make."""
+    dep, collector = traced
+    for path in ("/health", "/ready", "/metrics") * 3:
+        httpx.get(f"{dep.url}{path}", timeout=30)
+    trace_id = secrets.token_bytes(16)
+    complete(dep, {"traceparent": f"00-{trace_id.hex()}-{secrets.token_bytes(8).hex()}-01"})
+    # Spans are exported in the order they end: once this request's are in, the polls' are too.
+    wait_until(lambda: EXPECTED <= set(collector.trace(trace_id)), timeout=60, what="the request's spans")
+    with collector.lock:
+        names = {(service, span.name) for service, span in collector.spans}
+        paths = {a.value.string_value for _, span in collector.spans for a in span.attributes
+                 if a.key == "url.path"}
+    assert all(path.startswith("/v1/") for path in paths), paths
+    polls = {(service, name) for service, name in names
+             if any(word in name for word in ("/health", "/ready", "/metrics", "Stats", "Info", "Health"))}
+    assert not polls, names
