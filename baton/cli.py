@@ -13,7 +13,7 @@ import sys
 # returns an exit code.
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("baton.up:main", "run router and workers locally on one machine"),
-    "serve": ("baton.serve:main", "serve a model as `vllm serve` does, with vLLM's flags (router + workers)"),
+    "serve": ("baton.serve:main", "serve a model as `vllm serve` does, with vLLM's flags (one process; -dp/--disaggregated: router + workers)"),
     "generate": ("baton.engine.offline:main", "offline generation with the engine"),
     "tiny-model": ("baton.engine.tiny_model:main", "write the embedded tiny random model"),
     "serve-prefill": ("baton.prefill.server:main", "run a prefill worker"),

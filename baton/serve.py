@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--api-key", default=None, help=argparse.SUPPRESS)  # refused: argv shows in `ps`
     add_chat_flags(api)
     api.add_argument("--uvicorn-log-level", default="info", choices=sorted(UVICORN_LEVELS),
-                     help="the router's log level (trace is debug; default: info)")
+                     help="the router's log level (in-process: the process's; trace is debug; default: info)")
     api.add_argument("--disable-log-requests", action="store_true",
                      help="accepted: Baton never logs request contents")
     api.add_argument("--disable-log-stats", action="store_true",

@@ -1,6 +1,7 @@
 """Serving benchmark: a load generator against Baton's OpenAI API, disaggregated vs colocated.
 
-For each mode it starts `baton up` (or uses --url), then for each request rate sends
+For each mode it starts `baton up` (mode `in-process`: `baton serve`, the router and one
+colocated engine in one process; or uses --url), then for each request rate sends
 --num-requests streaming completions with Poisson arrivals (rate `inf`: all at once), at
 most --max-concurrency in flight, random token prompts of about --prompt-len tokens and
 exactly --output-len output tokens (ignore_eos). It reports request throughput, output
@@ -192,17 +193,18 @@ def free_port() -> int:
 
 def start_baton(mode: str, up_args: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    argv = [sys.executable, "-m", "baton.cli", "up", "--mode", mode, "--port", str(port), "--quiet",
-            *shlex.split(up_args)]
+    command = ["serve"] if mode == "in-process" else ["up", "--mode", mode]
+    argv = [sys.executable, "-m", "baton.cli", *command, "--port", str(port), "--quiet", *shlex.split(up_args)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     for line in proc.stdout:
-        print(f"[baton up {mode}] {line}", end="", flush=True)  # its own lines: what started where, or why not
+        print(f"[baton {command[0]} {mode}] {line}", end="", flush=True)  # its own lines: what started where, or why not
         if "Baton is ready" in line:
             # Keep reading (a full pipe would block `baton up`): restarts and its stop show in the log.
-            threading.Thread(target=lambda: [print(f"[baton up {mode}] {x}", end="", flush=True) for x in proc.stdout],
+            threading.Thread(target=lambda: [print(f"[baton {command[0]} {mode}] {x}", end="", flush=True)
+                                             for x in proc.stdout],
                              daemon=True).start()
             return proc, f"http://127.0.0.1:{port}"
-    raise RuntimeError(f"baton up --mode {mode} failed to start (status {proc.wait()}); its output is above")
+    raise RuntimeError(f"{' '.join(command)} ({mode}) failed to start (status {proc.wait()}); its output is above")
 
 
 def stop_baton(proc: subprocess.Popen) -> None:
@@ -286,6 +288,8 @@ def main() -> int:
                    help="extra `baton up` arguments (model, device, workers...)")
     p.add_argument("--disaggregated-args", default="", help="`baton up` arguments for the disaggregated mode only")
     p.add_argument("--colocated-args", default="", help="`baton up` arguments for the colocated mode only")
+    p.add_argument("--in-process-args", default="", help="`baton serve` arguments for the in-process mode only "
+                   "(--up-args go to it too: use the flags both take)")
     p.add_argument("--slo-ttft", type=float, default=0.5, help="goodput's TTFT target, seconds")
     p.add_argument("--slo-tpot", type=float, default=0.03, help="goodput's TPOT target, seconds")
     p.add_argument("--request-rates", default="4,8,16,inf", help="requests per second, comma-separated")
@@ -304,8 +308,8 @@ def main() -> int:
     args = p.parse_args()
     rates = [float(r) for r in args.request_rates.split(",")]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if unknown := set(modes) - {"disaggregated", "colocated"}:
-        p.error(f"--modes: unknown mode(s) {sorted(unknown)}: disaggregated, colocated")
+    if unknown := set(modes) - {"disaggregated", "colocated", "in-process"}:
+        p.error(f"--modes: unknown mode(s) {sorted(unknown)}: disaggregated, colocated, in-process")
     results = {
         "benchmark": "serving",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -315,7 +319,8 @@ def main() -> int:
                     "load_average_at_start": os.getloadavg()},
         "config": {"model": args.model_name, "mix": args.mix, "up_args": args.up_args,
                    "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot},
-                   "mode_args": {"disaggregated": args.disaggregated_args, "colocated": args.colocated_args}, "num_requests": args.num_requests,
+                   "mode_args": {"disaggregated": args.disaggregated_args, "colocated": args.colocated_args,
+                                 "in-process": args.in_process_args}, "num_requests": args.num_requests,
                    "max_concurrency": args.max_concurrency, "prompt_len": args.prompt_len,
                    "prompt_len_spread": args.prompt_len_spread, "output_len": args.output_len},
         "modes": {},
@@ -336,7 +341,7 @@ def main() -> int:
         proc = None
         url = args.url
         if url is None:
-            proc, url = start_baton(mode, f"{args.up_args} {getattr(args, mode + '_args')}")
+            proc, url = start_baton(mode, f"{args.up_args} {getattr(args, mode.replace('-', '_') + '_args')}")
         try:
             if args.model_name is None:
                 args.model_name = served_model(url, args.api_key)

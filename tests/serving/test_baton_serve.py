@@ -295,6 +295,24 @@ def test_a_client_that_leaves_frees_the_engine(served):
     assert series_sum(url, "baton:generation_tokens_total", 'role="colocated"') - generated < 1000
 
 
+def test_a_full_engine_is_a_429_at_once(served):
+    """Admission reads the in-process engine's reports as it reads a worker's: with the KV
+    pool (64 blocks of 16) holding one of these outputs at a time, three of the first
+    request's four wait in the engine, and the next request is refused at once."""
+    url = f"{served.url}/metrics"
+    long = dict(model="tiny", prompt=[5] * 500, max_tokens=400, extra_body={"ignore_eos": True})
+    first = served.client(timeout=120).completions.create(n=4, stream=True, **long)
+    next(iter(first))
+    with pytest.raises(openai.RateLimitError) as refused:
+        served.client().completions.create(**long)
+    assert refused.value.response.headers.get("retry-after")
+    first.close()
+    wait_until(lambda: series_sum(url, "baton:num_requests_running", 'role="colocated"') == 0
+               and series_sum(url, "baton:num_requests_waiting", 'role="colocated"') == 0
+               and series_sum(url, "baton:kv_cache_usage_perc", 'role="colocated"') == 0, timeout=60,
+               what="the engine to abort the four outputs and free their blocks")
+
+
 def test_sigterm_lets_the_stream_in_flight_finish(served):
     """Last in this file: it stops the module's server."""
     stream = served.client(timeout=120).completions.create(
