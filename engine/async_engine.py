@@ -2,7 +2,9 @@
 
 The engine thread owns the engine: it applies queued commands (add, abort, reserve, ...)
 between steps and runs `step()` while there is work, so the event loop never waits on the
-model. Outputs go back to each request's asyncio queue. A failed step fails the requests it
+model. When the only work left waits for LoRA adapters being read (on threads of their
+own), it sleeps on the command queue until a read ends (`LoRAManager.on_read` queues a
+wake-up) or a command comes. Outputs go back to each request's asyncio queue. A failed step fails the requests it
 held (their blocks are freed) and the engine keeps serving.
 """
 
@@ -35,6 +37,8 @@ class AsyncLLMEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = threading.Event()
         self.died: EngineDeadError | None = None  # why the engine thread stopped by itself
+        if engine.runner.lora is not None:
+            engine.runner.lora.on_read = self._wake
         self._thread = threading.Thread(target=self._run, name="baton-engine", daemon=True)
         self._thread.start()
 
@@ -61,7 +65,7 @@ class AsyncLLMEngine:
     def _run(self) -> None:
         engine = self.engine
         while not self._stopped.is_set():
-            block = not engine.has_unfinished_requests()
+            block = not engine.has_unfinished_requests() or engine.waiting_for_adapters()
             try:
                 fn, fut = self._commands.get(timeout=0.1) if block else self._commands.get_nowait()
             except queue.Empty:
@@ -74,7 +78,7 @@ class AsyncLLMEngine:
                     except queue.Empty:
                         break
                     self._apply(fn, fut)
-            if engine.has_unfinished_requests():
+            if engine.has_unfinished_requests() and not engine.waiting_for_adapters():
                 try:
                     outputs = engine.step()
                 except EngineDeadError as exc:  # no step can run again (a tensor-parallel rank failed)
@@ -97,6 +101,10 @@ class AsyncLLMEngine:
                 break
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(dead)
+
+    def _wake(self) -> None:
+        """Any thread: end the engine thread's wait for commands (a no-op command)."""
+        self._commands.put((lambda engine: None, concurrent.futures.Future()))
 
     def _apply(self, fn, fut: concurrent.futures.Future) -> None:
         if not fut.set_running_or_notify_cancel():

@@ -122,6 +122,7 @@ class LLMEngine(HandoffHooks):
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
             max_loras=config.lora.max_loras if config.lora else None,
+            adapter_ready=self.runner.lora.ready if self.runner.lora is not None else None,
         )
         self.requests: dict[str, _Request] = {}
         self._changed: dict[str, _Request] = {}  # requests with news since the last step
@@ -203,8 +204,11 @@ class LLMEngine(HandoffHooks):
         "embed"): its one output is an `EmbeddingRequestOutput`, once the prompt is computed.
 
         `lora_request`: a `LoRARequest` to run the request with that adapter (the engine
-        needs `enable_lora`); its directory is read here if the adapter is not in host
-        memory, and a bad adapter raises `LoRAError` (an InvalidRequestError).
+        needs `enable_lora`). An adapter not in host memory is read on a thread of its own
+        (engine/lora/manager.py) while the request waits in the queue; one that cannot be
+        used ends the requests naming it with finish_reason "error" and the reason in
+        `RequestOutput.error` (a `lora_int_id` known under another path raises `LoRAError`
+        here, an InvalidRequestError).
         """
         if isinstance(params, PoolingParams):
             if hold_kv or resume_token_ids:
@@ -315,6 +319,27 @@ class LLMEngine(HandoffHooks):
             self.release_held(rid)
         return finals
 
+    def waiting_for_adapters(self) -> bool:
+        """Nothing can run until an adapter read ends: every unfinished sequence waits for
+        an adapter still being read (a driver may sleep; `LoRAManager.on_read` says when)."""
+        lora = self.runner.lora
+        if lora is None or not lora.reads_pending() or self._changed or self.async_steps.inflight is not None:
+            return False
+        s = self.scheduler
+        return not s.running and all(seq.lora_int_id and not lora.ready(seq.lora_int_id) for seq in s.waiting)
+
+    def _collect_adapter_reads(self) -> None:
+        """Take in finished adapter reads; fail the requests naming an adapter that could
+        not be used (their blocks, held ones included, are freed)."""
+        lora = self.runner.lora
+        if lora is None or not lora.reading:
+            return
+        failed = lora.collect_reads()
+        if failed:
+            for request in list(self.requests.values()):
+                if request.lora_request is not None and request.lora_request.lora_int_id in failed:
+                    self._fail(request, str(failed[request.lora_request.lora_int_id]))
+
     def has_unfinished_requests(self) -> bool:
         # A request that finished at admission (a prefilled request whose first token ends
         # it) is no longer scheduled but still has an output for step() to deliver.
@@ -326,6 +351,11 @@ class LLMEngine(HandoffHooks):
     # -- the step ------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Run one step; with nothing to run but adapters being read, wait (briefly) for a
+        read to end instead, so a driver looping on step() does not spin."""
+        if self.waiting_for_adapters():
+            self.runner.lora.wait_for_read(timeout=0.05)
+        self._collect_adapter_reads()
         if self.async_steps.inflight is not None:  # launch the next step, then finish this one
             # The launched step's batch was chosen without the scheduler; the wait for its
             # tokens (and the launch of the next) is its model time.

@@ -5,13 +5,15 @@ sequence that is decoding, up to the rest of the prompt for one in prefill. Runn
 sequences go first (highest priority first), then waiting ones, until the token budget
 (`max_num_batched_tokens`) or the sequence cap (`max_num_seqs`) is reached. With LoRA,
 a waiting sequence whose adapter would make more than `max_loras` distinct adapters
-running waits (later ones of running adapters go ahead of it). When the KV pool
+running waits (later ones of running adapters go ahead of it), and so does one whose
+adapter is still being read from disk (`adapter_ready`). When the KV pool
 runs out, the lowest-priority running sequence is preempted: its blocks are freed and it
 goes back to the waiting queue to be recomputed later (its generated tokens are kept).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from baton.engine.block_manager import BlockManager
@@ -50,12 +52,14 @@ class Scheduler:
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool = True,
         max_loras: int | None = None,
+        adapter_ready: Callable[[int], bool] | None = None,
     ):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
         self.max_loras = max_loras  # None: LoRA off
+        self.adapter_ready = adapter_ready  # adapter id -> in host memory (LoRAManager.ready)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -101,6 +105,9 @@ class Scheduler:
         w = 0
         while w < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[w]
+            if seq.lora_int_id and self.adapter_ready is not None and not self.adapter_ready(seq.lora_int_id):
+                w += 1  # its adapter is still being read: others go ahead
+                continue
             if self.max_loras and seq.lora_int_id not in loras | {0} and len(loras) >= self.max_loras:
                 w += 1  # every slot is taken by running adapters: let others go ahead
                 continue

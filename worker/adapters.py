@@ -2,9 +2,10 @@
 
 A name maps to a `LoRARequest` whose id is given here (1, 2, ... in load order, never
 reused, so an unloaded name loaded again from another path is another adapter to the
-engine). The engine reads an adapter when a request first names it; loading checks it at
-once (read and matched against the model on the engine thread), so a bad path is refused
-when it is loaded, not when traffic arrives. Errors are the engine's error types
+engine). Loading reads it at once (on a reading thread, matched against the model, then
+put into the engine's host memory between steps), so a bad path is refused when it is
+loaded, not when traffic arrives; a request naming it later finds it in host memory, or
+waits while it is read again if the host LRU dropped it. Errors are the engine's error types
 (ValueError: INVALID_ARGUMENT), so the servicer maps them as it maps every engine error.
 
 Duck-typed on `AsyncLLMEngine`: no torch here.
@@ -12,6 +13,7 @@ Duck-typed on `AsyncLLMEngine`: no torch here.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 from baton.engine.errors import InvalidRequestError
@@ -59,11 +61,10 @@ class AdapterTable:
                                       f"({self.adapters[name].lora_local_path}); unload it first")
         request = LoRARequest(name, next(self._ids), path)
 
-        def check(engine) -> None:  # read it now: a bad adapter is refused here, not per request
-            engine.runner.lora.acquire(request)
-            engine.runner.lora.release(request.lora_int_id)
-
-        await self.engine.run(check)
+        # Read it now, off the engine thread: a bad adapter is refused here, not per request.
+        reading = await self.engine.run(lambda e: e.runner.lora.read_async(request))
+        adapter = await asyncio.wrap_future(reading)
+        await self.engine.run(lambda e: e.runner.lora.install(adapter))
         self.adapters[name] = request
 
     async def unload(self, name: str) -> None:

@@ -1,9 +1,13 @@
 """`LoRAManager`: an engine's adapters between disk, host memory and GPU slots.
 
-Two tiers, each least-recently-used:
-- host memory: adapters read from disk (`acquire`, when a request naming one is added:
-  a bad adapter refuses that request before anything is queued). An adapter is kept while
-  a request uses it (a reference count) and after, up to `max_cpu_loras` unused ones;
+Three stages, the last two each least-recently-used:
+- reading: an adapter a request names that is not in host memory is read, checked and
+  turned into host tensors on a thread of its own (`acquire` starts it, so the engine
+  thread never waits on a disk); requests naming it wait in the queue (`ready` is false)
+  while others run. The engine thread takes finished reads in before it schedules
+  (`collect_reads`): a good one joins host memory, a bad one fails the requests naming it;
+- host memory: adapters read from disk, kept while a request uses them (a reference
+  count) and after, up to `max_cpu_loras` unused ones;
 - GPU slots: `max_loras` fixed-size slots per projection (`ops.py` shapes; slot 0 is
   "no adapter", all zeros). Before each step `activate` puts the step's adapters into
   slots, evicting the least recently used slot the step does not need, and writes each
@@ -11,16 +15,20 @@ Two tiers, each least-recently-used:
   so CUDA graphs captured over them replay any adapters.
 
 The scheduler admits at most `max_loras` distinct adapters into the running set
-(`Scheduler.max_loras`), so a step always fits in the slots. No I/O happens in `activate`:
-an adapter in a step belongs to a live request, whose reference keeps it in host memory.
+(`Scheduler.max_loras`), and only adapters in host memory, so a step always fits in the
+slots. No I/O happens in `activate`: an adapter in a step belongs to a live request, whose
+reference keeps it in host memory; `activate` only copies host tensors into a slot.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
+import threading
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +48,7 @@ class LoRAStats:
     max_loras: int
     resident: list[str]  # names of the adapters in GPU slots
     cached: list[str]  # names of the adapters in host memory
+    reading: list[str]  # names of the adapters being read from disk
     loads: int  # copies from host memory into a GPU slot
     disk_loads: int  # reads of an adapter directory
     evictions: int  # adapters evicted from a GPU slot
@@ -70,33 +79,105 @@ class LoRAManager:
         self.slot_lru: OrderedDict[int, None] = OrderedDict()  # occupied slots, least recent first
         self.host: OrderedDict[int, LoRAAdapter] = OrderedDict()  # adapter id -> adapter, least recent first
         self.refs: Counter[int] = Counter()  # adapter id -> live requests using it
+        # adapter id -> (request, its read): adapters being read on threads of their own
+        self.reading: dict[int, tuple[LoRARequest, concurrent.futures.Future]] = {}
+        # Called on the reading thread when a read ends (the async engine wakes its thread).
+        self.on_read: Callable[[], None] | None = None
         self.loads = self.disk_loads = self.evictions = 0
         self.requests_per_adapter: Counter[str] = Counter()
         self.load_seconds = 0.0  # time spent copying adapters into slots
 
-    # -- host memory (the engine's thread, at add and finish) --------------------------------
+    # -- reading and host memory (the engine's thread, at add and finish) -------------------
 
     def acquire(self, request: LoRARequest) -> None:
-        """Make `request`'s adapter available to a new request (read from disk if it is not
-        in host memory) and count the request. Raises LoRAError (nothing kept) for an
-        adapter that cannot be used, or an id already known under another path."""
+        """Count a new request on `request`'s adapter; start reading it if it is neither in
+        host memory nor being read (the request waits until `ready`). Raises LoRAError
+        (nothing kept) for an id already known under another path."""
         if not isinstance(request, LoRARequest):
             raise LoRAError(f"lora_request must be a LoRARequest, got {type(request).__name__}")
-        known = self.host.get(request.lora_int_id)
-        if known is not None and (known.request.lora_local_path != request.lora_local_path
-                                  or known.request.lora_name != request.lora_name):
-            k = known.request
-            raise LoRAError(f"lora_int_id {request.lora_int_id} is adapter {k.lora_name!r} ({k.lora_local_path}); "
+        lora_id = request.lora_int_id
+        known = self.host[lora_id].request if lora_id in self.host else (
+            self.reading[lora_id][0] if lora_id in self.reading else None)
+        if known is not None and (known.lora_local_path != request.lora_local_path
+                                  or known.lora_name != request.lora_name):
+            raise LoRAError(f"lora_int_id {lora_id} is adapter {known.lora_name!r} ({known.lora_local_path}); "
                             f"give {request.lora_name!r} ({request.lora_local_path}) another id")
-        if known is None:
-            known = load_adapter(request, self.layout, self.max_rank, self.dtype, pin=self.device.type == "cuda")
-            self.disk_loads += 1
-            self.host[request.lora_int_id] = known
-            log.info("LoRA adapter %r (id %d, rank %d, %.1f MiB) read from %s", request.lora_name,
-                     request.lora_int_id, known.rank, known.nbytes / 2**20, request.lora_local_path)
-        self.host.move_to_end(request.lora_int_id)
-        self.refs[request.lora_int_id] += 1
+        if lora_id in self.host:
+            self.host.move_to_end(lora_id)
+        elif lora_id not in self.reading:
+            self.reading[lora_id] = (request, self.read_async(request))
+        self.refs[lora_id] += 1
         self.requests_per_adapter[request.lora_name] += 1
+        self._trim_host()
+
+    def ready(self, lora_id: int) -> bool:
+        """The adapter is in host memory (a request naming it may be scheduled)."""
+        return lora_id in self.host
+
+    def read(self, request: LoRARequest) -> LoRAAdapter:
+        """Read and check `request`'s adapter into host tensors (any thread: it touches no
+        state of the manager). Raises LoRAError for an adapter that cannot be used."""
+        try:
+            return load_adapter(request, self.layout, self.max_rank, self.dtype, pin=self.device.type == "cuda")
+        except LoRAError:
+            raise
+        except Exception as exc:  # an I/O error, a torch error: still this adapter's fault
+            raise LoRAError(f"LoRA adapter {request.lora_name!r} ({request.lora_local_path}) could not be read: "
+                            f"{type(exc).__name__}: {exc}") from exc
+
+    def read_async(self, request: LoRARequest) -> concurrent.futures.Future:
+        """`read` on a daemon thread of its own (a slow disk delays only this adapter, and a
+        hung one never blocks the process's exit); the future holds the `LoRAAdapter`."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            future.set_running_or_notify_cancel()
+            try:
+                future.set_result(self.read(request))
+            except BaseException as exc:
+                future.set_exception(exc)
+            if self.on_read is not None:
+                self.on_read()
+
+        threading.Thread(target=run, name=f"baton-lora-read-{request.lora_int_id}", daemon=True).start()
+        return future
+
+    def collect_reads(self) -> dict[int, LoRAError]:
+        """Take in the reads that ended: a good adapter joins host memory (the requests
+        naming it become `ready`); returns {adapter id: error} for those that failed (the
+        caller fails the requests naming them; their releases drop the references)."""
+        failed = {}
+        for lora_id, (request, future) in list(self.reading.items()):
+            if not future.done():
+                continue
+            del self.reading[lora_id]
+            error = future.exception()
+            if error is not None:
+                log.warning("LoRA adapter %r (id %d) could not be used: %s", request.lora_name, lora_id, error)
+                failed[lora_id] = error if isinstance(error, LoRAError) else LoRAError(str(error))
+                continue
+            self.install(future.result())
+        return failed
+
+    def wait_for_read(self, timeout: float) -> None:
+        """Block until a read ends (or `timeout` seconds): for a driver with nothing else to do."""
+        futures = [f for _, f in self.reading.values()]
+        if futures:
+            concurrent.futures.wait(futures, timeout, return_when=concurrent.futures.FIRST_COMPLETED)
+
+    def reads_pending(self) -> bool:
+        """Some read has not ended yet, and none has ended untaken (`collect_reads`)."""
+        return bool(self.reading) and not any(f.done() for _, f in self.reading.values())
+
+    def install(self, adapter: LoRAAdapter) -> None:
+        """Put an adapter read by `read` into host memory (most recently used; unused ones
+        beyond `max_cpu_loras` go, least recently used first)."""
+        lora_id = adapter.request.lora_int_id
+        self.disk_loads += 1
+        self.host[lora_id] = adapter
+        self.host.move_to_end(lora_id)
+        log.info("LoRA adapter %r (id %d, rank %d, %.1f MiB) read from %s", adapter.request.lora_name, lora_id,
+                 adapter.rank, adapter.nbytes / 2**20, adapter.request.lora_local_path)
         self._trim_host()
 
     def release(self, lora_int_id: int) -> None:
@@ -128,12 +209,16 @@ class LoRAManager:
 
     def drop(self, lora_name: str) -> bool:
         """Forget an adapter that no request uses (unloading it from serving): its host copy
-        and GPU slot. Returns False when a request still uses it (nothing changed)."""
+        and GPU slot, and the result of a read no request waits for any more. Returns False
+        when a request still uses it (nothing changed)."""
         ids = [i for i, a in self.host.items() if a.request.lora_name == lora_name]
-        if any(i in self.refs for i in ids):
+        reads = [i for i, (r, _) in self.reading.items() if r.lora_name == lora_name]
+        if any(i in self.refs for i in ids + reads):
             return False
         for i in ids:
             self._forget(i)
+        for i in reads:
+            del self.reading[i]
         return True
 
     # -- GPU slots (the model runner, before each forward) -------------------------------
@@ -208,6 +293,7 @@ class LoRAManager:
             max_loras=self.config.max_loras,
             resident=[names.get(i, str(i)) for i in self.slot_ids[1:] if i is not None],
             cached=list(names.values()),
+            reading=[r.lora_name for r, _ in self.reading.values()],
             loads=self.loads,
             disk_loads=self.disk_loads,
             evictions=self.evictions,

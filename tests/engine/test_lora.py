@@ -8,14 +8,17 @@ reference for each request is transformers + PEFT with that one adapter (or none
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 from lora_helpers import GREEDY, PROMPTS, PeftReference, lora_requests, write_three_adapters
 
-from baton.engine import LLM, LoRARequest
+from baton.engine import LLM, LoRARequest, SamplingParams
 from baton.engine.errors import InvalidRequestError
 from baton.engine.lora.adapter import LoRAError
 from baton.engine.lora.ops import add_lora_reference
@@ -109,16 +112,22 @@ def _nothing_held(llm: LLM) -> None:
     assert not engine.runner.lora.refs
 
 
-def test_bad_adapters_are_refused_clearly_and_leak_nothing(hf_models, adapters, tmp_path):
+def _error(out) -> str:
+    assert out.finished and out.outputs[0].finish_reason == "error" and not out.outputs[0].token_ids
+    return out.error
+
+
+def test_bad_adapters_fail_only_their_requests_clearly_and_leak_nothing(hf_models, adapters, tmp_path):
     base, loras = hf_models["llama"], lora_requests(adapters["llama"])
     llm = _llm(base, max_loras=2, max_lora_rank=8)
     prompts = [{"prompt_token_ids": PROMPTS[0]}] * 2
     missing = LoRARequest("missing", 9, str(tmp_path / "nowhere"))
-    with pytest.raises(LoRAError, match="nowhere.*is not a directory"):
-        llm.generate(prompts, GREEDY, lora_request=[loras["a"], missing])
+    good, bad = llm.generate(prompts, GREEDY, lora_request=[loras["a"], missing])
+    assert good.outputs[0].finish_reason == "length" and good.error is None
+    assert "nowhere' is not a directory" in _error(bad)
     _nothing_held(llm)
-    with pytest.raises(LoRAError, match="rank 16, above max_lora_rank=8"):
-        llm.generate(prompts[:1], GREEDY, lora_request=loras["b"])
+    assert "rank 16, above max_lora_rank=8" in _error(llm.generate(prompts[:1], GREEDY, lora_request=loras["b"])[0])
+    # An id is one adapter: naming it with another path is refused at once (nothing queued).
     with pytest.raises(LoRAError, match="lora_int_id 1 is adapter 'a'"):
         llm.generate(prompts, GREEDY, lora_request=[loras["a"], LoRARequest("c", 1, str(adapters["llama"]["c"]))])
     other_model = tmp_path / "other"
@@ -126,17 +135,148 @@ def test_bad_adapters_are_refused_clearly_and_leak_nothing(hf_models, adapters, 
     (other_model / "adapter_config.json").write_text((adapters["llama"]["a"] / "adapter_config.json").read_text())
     (other_model / "adapter_model.safetensors").write_bytes(
         (adapters["qwen3"]["a"] / "adapter_model.safetensors").read_bytes())  # head_dim 32: other shapes
-    with pytest.raises(LoRAError, match="do not fit the base model"):
-        llm.generate(prompts[:1], GREEDY, lora_request=LoRARequest("other", 5, str(other_model)))
+    out = llm.generate(prompts[:1], GREEDY, lora_request=LoRARequest("other", 5, str(other_model)))[0]
+    assert "do not fit the base model" in _error(out)
     dora = tmp_path / "dora"
     dora.mkdir()
     config = json.loads((adapters["llama"]["a"] / "adapter_config.json").read_text())
     (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    with pytest.raises(LoRAError, match="DoRA"):
-        llm.generate(prompts[:1], GREEDY, lora_request=LoRARequest("dora", 6, str(dora)))
+    assert "DoRA" in _error(llm.generate(prompts[:1], GREEDY, lora_request=LoRARequest("dora", 6, str(dora)))[0])
     _nothing_held(llm)
+    assert llm.engine.stats().lora.reading == []
     # The engine still serves, adapters and all.
     assert llm.generate(prompts, GREEDY, lora_request=loras["a"])[0].outputs[0].token_ids
+
+
+def _slow_adapter(adapter: Path, out: Path) -> Path:
+    """A copy of `adapter` whose adapter_config.json is a FIFO: reading the adapter blocks
+    until a test writes the config into it (`_release`), a real disk read we control."""
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
+    os.mkfifo(out / "adapter_config.json")
+    return out
+
+
+def _release(slow: Path, text: str) -> None:
+    with open(slow / "adapter_config.json", "w") as fifo:  # blocks until the reader opened it
+        fifo.write(text)
+
+
+def _unblocking(*slow: Path) -> threading.Event:
+    """Until the returned event is set, end every read stuck on these FIFOs (it sees an
+    empty file): a failed test's clean-up cannot hang on them."""
+    stop = threading.Event()
+
+    def run():
+        while not stop.wait(0.05):
+            for path in slow:
+                try:
+                    os.close(os.open(path / "adapter_config.json", os.O_WRONLY | os.O_NONBLOCK))
+                except OSError:  # no reader waits
+                    pass
+
+    threading.Thread(target=run, daemon=True).start()
+    return stop
+
+
+def test_a_prefilled_request_waiting_for_a_failed_read_frees_its_blocks(hf_models, adapters, tmp_path):
+    """The decode side of a KV handoff: the request holds reserved blocks while its adapter
+    is read; a read that fails ends it and gives the blocks back."""
+    llm = _llm(hf_models["llama"], max_loras=2)
+    engine = llm.engine
+    slow = _slow_adapter(adapters["llama"]["a"], tmp_path / "slow")
+    blocks = engine.reserve_blocks(len(PROMPTS[1]))
+    engine.add_prefilled_request("p", PROMPTS[1], GREEDY, blocks, first_token_id=7,
+                                 lora_request=LoRARequest("slow", 4, str(slow)))
+    for _ in range(3):  # it waits (its adapter is being read) with its first token only
+        assert all(not o.finished and o.outputs[0].token_ids == [7] for o in engine.step())
+    assert engine.stats().lora.reading == ["slow"] and engine.scheduler.waiting
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks - len(blocks)
+    threading.Thread(target=_release, args=(slow, "{not json"), daemon=True).start()
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    assert "adapter_config.json is not readable JSON" in outs[-1].error
+    _nothing_held(llm)
+
+
+async def _until(check, timeout: float = 60.0) -> None:
+    """Poll the coroutine function `check` until it returns true; fail after `timeout` s."""
+    async def poll():
+        while not await check():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+async def test_running_requests_keep_going_while_an_adapter_is_read(hf_models, adapters, tmp_path):
+    """The engine thread never waits on a disk: while one adapter's read is stuck, a
+    running request keeps producing tokens and the requests naming it wait; once the read
+    ends they run (equal to the adapter read at once); a read that fails ends only the
+    requests naming that adapter."""
+    from baton.engine import AsyncLLMEngine, EngineArgs
+
+    base, paths = hf_models["llama"], adapters["llama"]
+    want = _llm(base).generate([{"prompt_token_ids": PROMPTS[0]}], GREEDY,
+                               lora_request=LoRARequest("b", 1, str(paths["b"])))[0].outputs[0].token_ids
+    slow = _slow_adapter(paths["b"], tmp_path / "slow")
+    broken = _slow_adapter(paths["a"], tmp_path / "broken")
+    engine = AsyncLLMEngine.from_engine_args(EngineArgs(
+        model=str(base), device="cpu", dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=16,
+        num_gpu_blocks_override=256, block_size=4))
+    try:
+        long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+        tokens_seen = []
+
+        async def run_long():
+            async for out in engine.generate({"prompt_token_ids": PROMPTS[1]}, long, "long"):
+                tokens_seen.append(len(out.outputs[0].token_ids))
+            return out
+
+        async def final(rid, lora):
+            outs = [o async for o in engine.generate({"prompt_token_ids": PROMPTS[0]}, GREEDY, rid, lora_request=lora)]
+            return outs
+
+        running = asyncio.create_task(run_long())
+
+        async def started():
+            return bool(tokens_seen)
+
+        await _until(started)
+        waiting = asyncio.create_task(final("slow", LoRARequest("slow", 2, str(slow))))
+        failing = asyncio.create_task(final("broken", LoRARequest("broken", 3, str(broken))))
+        await _until(lambda: engine.run(lambda e: sorted(e.stats().lora.reading) == ["broken", "slow"]))
+        before = tokens_seen[-1]
+
+        async def went_on():  # the running request goes on meanwhile
+            return tokens_seen[-1] >= before + 20
+
+        await _until(went_on)
+        assert not waiting.done() and not failing.done()
+        waiting_seqs = await engine.run(lambda e: [s.request_id for s in e.scheduler.waiting])
+        assert sorted(waiting_seqs) == ["broken", "slow"]
+
+        config = (paths["a"] / "adapter_config.json").read_text()
+        await asyncio.to_thread(_release, broken, config.replace('"r": 8', '"r": 99'))
+        outs = await asyncio.wait_for(failing, 60)
+        assert len(outs) == 1 and "rank 99, above max_lora_rank=16" in _error(outs[0])
+        assert not waiting.done() and not running.done()
+
+        await asyncio.to_thread(_release, slow, (paths["b"] / "adapter_config.json").read_text())
+        outs = await asyncio.wait_for(waiting, 60)
+        assert outs[-1].outputs[0].token_ids == want
+        assert not running.done()  # it ran beside the adapter's request
+        await engine.abort("long")
+        await asyncio.wait_for(running, 60)
+        engine_state = await engine.run(lambda e: (e.block_manager.num_free_blocks, e.block_manager.num_blocks,
+                                                   dict(e.runner.lora.refs), e.stats().lora))
+        free, total, refs, stats = engine_state
+        assert free == total and not refs
+        assert stats.reading == [] and stats.cached == ["slow"] and stats.disk_loads == 1
+    finally:
+        unblocking = _unblocking(slow, broken)
+        await engine.shutdown()
+        unblocking.set()
 
 
 def test_lora_needs_enable_lora(hf_models, adapters):

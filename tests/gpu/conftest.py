@@ -1,8 +1,9 @@
 """GPU tests: CUDA-only ones carry the `gpu` marker (CI never runs them; run `pytest -m gpu`).
 
 The engine's tiny Hugging Face models and the transformers reference come from
-tests/engine/conftest.py (which also puts tests/engine on `sys.path` for `lora_helpers`), and `run_all` (add requests, step until done) from
-tests/guided/conftest.py, loaded here by path so the folders share one definition. The
+tests/engine/conftest.py (which also puts tests/engine on `sys.path` for `lora_helpers`),
+and `run_all` (add requests, step until done) from tests/guided/conftest.py, loaded here by
+path so the folders share one definition. The
 project imports test modules with `--import-mode=importlib`, so this folder is put on
 `sys.path` for the shared `attention_cases` helpers.
 """
