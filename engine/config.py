@@ -386,16 +386,17 @@ def _check_tensor_parallel(tp, hf_config: dict, device: torch.device, quantizati
         return
     from baton.engine.models.registry import ModelRegistry
     from baton.engine.parallel.layout import ShardLayout
-    from baton.engine.parallel.shard import SHARDABLE, shardable
+    from baton.engine.parallel.shard import SHARDABLE, layer_cuts, shardable
 
     arch = (hf_config.get("architectures") or ["(none)"])[0]
     if not ModelRegistry.is_registered(arch) or not shardable(ModelRegistry.resolve(arch)):
         raise ValueError(f"tensor_parallel_size={tp}: tensor parallelism shards the built-in "
                          f"{', '.join(SHARDABLE)} only, not {arch}; use tensor_parallel_size=1")
-    ShardLayout.of(hf_config, tp, 0)
+    layouts = [ShardLayout.of(hf_config, tp, rank) for rank in range(tp)]
     if quantization is not None:
-        raise ValueError(f"tensor_parallel_size={tp} with quantization ({quantization.description}) is not "
-                         f"supported yet: serve the unquantized checkpoint, or use tensor_parallel_size=1")
+        from baton.engine.quantization.sharding import check_cuts
+
+        check_cuts(quantization, layer_cuts(layouts))
     if device.type == "cuda" and (device.index or 0) + tp > torch.cuda.device_count():
         raise ValueError(f"tensor_parallel_size={tp} needs {tp} GPUs from {device}; this machine has "
                          f"{torch.cuda.device_count()}")

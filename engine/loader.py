@@ -61,11 +61,11 @@ def load_model(config: EngineConfig, layout: ShardLayout | None = None) -> nn.Mo
         torch.set_default_dtype(previous)
     loading.prepare_model(model, config.quantization)
     model = model.to_empty(device=config.device)
-    weights = iter_weights(config.model_dir, config.device)
+    weights = loading.quantize_at_load(model, config.quantization, iter_weights(config.model_dir, config.device))
     if sharded:
         from baton.engine.parallel.shard import shard_weights
 
-        weights = shard_weights(weights, layout)
+        weights = shard_weights(weights, layout, config.quantization)
     with torch.no_grad():
         scales = loading.load_weights(model, config.quantization, weights)
     if config.kv_cache_dtype == torch.float8_e4m3fn:

@@ -21,6 +21,9 @@ from baton.engine.parallel.layers import (
     VocabParallelEmbedding,
 )
 from baton.engine.parallel.layout import ShardLayout
+from baton.engine.quantization import sharding
+from baton.engine.quantization.schemes import QuantConfig
+from baton.engine.quantization.sharding import Cut
 
 # The architectures whose layers `parallelize` knows (by exact class, as the fast path: a
 # registered subclass may compute something else).
@@ -31,27 +34,37 @@ def shardable(cls: type) -> bool:
     return cls.__module__ == "baton.engine.models.llama" and cls.__qualname__ in SHARDABLE
 
 
-def _rows(tensor: torch.Tensor, heads: range, head_dim: int, dim: int) -> torch.Tensor:
-    return tensor.narrow(dim, heads.start * head_dim, len(heads) * head_dim)
-
-
-def shard_tensor(name: str, tensor: torch.Tensor, layout: ShardLayout) -> torch.Tensor:
-    """The rank's part of the checkpoint tensor `name` (a Hugging Face name): rows of
-    q/k/v (weights and biases), gate and up; columns of o and down; vocabulary rows of the
-    embedding and the LM head (zero-padded to `vocab_per_rank`); anything else whole."""
-    parts = name.split(".")
-    module = parts[-2] if len(parts) >= 2 else ""
+def layer_cut(module: str, layout: ShardLayout) -> Cut | None:
+    """The rank's part of a linear layer, by its Hugging Face module name ("q_proj"): output
+    rows of q (its heads), k and v (its KV heads), gate and up (its intermediate rows);
+    input columns of o and down (the same); None for anything else."""
     d = layout.head_dim
-    if module == "q_proj":
-        return _rows(tensor, layout.heads, d, 0)
+    if module in ("q_proj", "o_proj"):
+        heads, total = layout.heads, layout.num_heads * d
+        return Cut("out" if module == "q_proj" else "in", heads.start * d, len(heads) * d, total)
     if module in ("k_proj", "v_proj"):
-        return _rows(tensor, layout.kv_heads, d, 0)
-    if module == "o_proj":
-        return _rows(tensor, layout.heads, d, 1)
-    if module in ("gate_proj", "up_proj"):
-        return tensor.narrow(0, layout.inter.start, len(layout.inter))
-    if module == "down_proj":
-        return tensor.narrow(1, layout.inter.start, len(layout.inter))
+        return Cut("out", layout.kv_heads.start * d, len(layout.kv_heads) * d, layout.num_kv_heads * d)
+    if module in ("gate_proj", "up_proj", "down_proj"):
+        inter = layout.inter
+        return Cut("in" if module == "down_proj" else "out", inter.start, len(inter), layout.intermediate_size)
+    return None
+
+
+def layer_cuts(layouts: list[ShardLayout]) -> dict[str, list[Cut]]:
+    """Every linear layer kind's cuts, one per rank of `layouts`."""
+    kinds = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    return {kind: [layer_cut(kind, layout) for layout in layouts] for kind in kinds}
+
+
+def shard_tensor(name: str, tensor: torch.Tensor, layout: ShardLayout,
+                 quantization: QuantConfig | None = None) -> torch.Tensor:
+    """The rank's part of the checkpoint tensor `name` (a Hugging Face name): the `layer_cut`
+    of a linear layer's weight (an FP8 weight too) and bias, and of a quantized layer's
+    other tensors as their layout stores them (`quantization/sharding.py`); vocabulary rows
+    of the embedding and the LM head (zero-padded to `vocab_per_rank`); anything else whole
+    (norms, KV-cache scales)."""
+    parts = name.split(".")
+    module, leaf = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", name)
     if module in ("embed_tokens", "lm_head"):
         vocab = layout.vocab
         part = tensor.narrow(0, vocab.start, len(vocab))
@@ -59,13 +72,24 @@ def shard_tensor(name: str, tensor: torch.Tensor, layout: ShardLayout) -> torch.
             pad = tensor.new_zeros((layout.vocab_per_rank - len(vocab), *tensor.shape[1:]))
             part = torch.cat([part, pad])
         return part
+    cut = layer_cut(module, layout)
+    if cut is None:
+        return tensor
+    if leaf in ("weight", "bias"):
+        part = tensor.narrow(0 if cut.axis == "out" or leaf == "bias" else 1, cut.start, cut.size)
+        # A quantized layer's tensors wait in the loader until the layer is complete: a copy
+        # lets the whole tensor go now.
+        return part.clone() if quantization is not None else part
+    if quantization is not None and sharding.stores(quantization.weights, leaf):
+        return sharding.shard_leaf(quantization.weights, leaf, tensor, cut, name)
     return tensor
 
 
-def shard_weights(weights: Iterable[tuple[str, torch.Tensor]], layout: ShardLayout) -> Iterator[tuple[str, torch.Tensor]]:
+def shard_weights(weights: Iterable[tuple[str, torch.Tensor]], layout: ShardLayout,
+                  quantization: QuantConfig | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint stream with every tensor cut to the rank's part (`shard_tensor`)."""
     for name, tensor in weights:
-        yield name, shard_tensor(name, tensor, layout)
+        yield name, shard_tensor(name, tensor, layout, quantization)
 
 
 def parallelize(model: nn.Module, layout: ShardLayout, comm: Collectives) -> nn.Module:

@@ -5,8 +5,10 @@ The model is built as usual (on the meta device); `replace_linears` swaps each q
 the quantized layers' tensors (and the KV-cache scales) out of the checkpoint stream, hands
 every other tensor (embeddings, norms, biases, unquantized layers) on to the model's own
 `load_weights`, and at the end converts each layer's tensors to the canonical form and fuses
-the shards the model fuses (q/k/v, gate/up). `quantize_online` turns a loaded unquantized
-model's linear layers into FP8 ones (`quantization="fp8"`).
+the shards the model fuses (q/k/v, gate/up). `quantize_at_load` turns an unquantized
+checkpoint's linear weights into FP8 ones as they stream in (`quantization="fp8"`), so the
+rest reads them as it reads an FP8 checkpoint (and a tensor-parallel rank cuts them as it
+cuts one: its row-parallel shards keep the whole rows' scales).
 
 The model tells which checkpoint modules it fuses through its `_FUSED` table (Hugging Face
 module name -> (fused module name, shard index)); the LM head and embeddings stay in the
@@ -178,24 +180,30 @@ class CheckpointReader:
         return int4.from_compressed_tensors(t, w.group_size, w.symmetric, name)
 
 
-def quantize_online(model: nn.Module, config: QuantConfig) -> list[str]:
-    """Replace a loaded model's linear layers (all but the LM head) with FP8 ones quantized
-    from their weights: per-row weight scales, activations as `config.activations` says."""
-    replaced = []
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or _is_head(name):
-            continue
-        new = Fp8Linear(module.in_features, module.out_features, False, config.activations)
-        new.bias = module.bias
-        new.set_weights(fp8.quantize_weight_per_channel(module.weight.data))
-        model.set_submodule(name, new)
-        replaced.append(name)
-    return replaced
+def quantize_at_load(model: nn.Module, config: QuantConfig | None,
+                     weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """With `quantization="fp8"` on an unquantized checkpoint (`packing` "online"): the
+    stream with each weight of a layer `prepare_model` made FP8 (all linear layers but the
+    LM head) replaced by its e4m3 weight and per-row `weight_scale`; else the stream as it is."""
+    if config is None or config.weights.packing != "online":
+        yield from weights
+        return
+    shards = _shards(model)
+    quantized = {hf for name, m in model.named_modules() if isinstance(m, QuantLinear)
+                 for hf in checkpoint_names(name, shards)}
+    for name, tensor in weights:
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and module in quantized:
+            w = fp8.quantize_weight_per_channel(tensor)
+            yield name, w.weight
+            yield module + ".weight_scale", w.weight_scale
+        else:
+            yield name, tensor
 
 
 def prepare_model(model: nn.Module, config: QuantConfig | None) -> None:
-    """Before `to_empty`: swap in the quantized layers a quantized checkpoint fills."""
-    if config is not None and config.weights.packing != "online":
+    """Before `to_empty`: swap in the quantized layers the checkpoint (or `quantize_at_load`) fills."""
+    if config is not None:
         replace_linears(model, config)
 
 
@@ -205,7 +213,4 @@ def load_weights(model: nn.Module, config: QuantConfig | None,
     `load_weights` for every unquantized tensor); returns the KV-cache scales it holds."""
     reader = CheckpointReader(model, config or _NO_LAYERS)
     model.load_weights(reader.filter(weights))
-    kv_scales = reader.finish()
-    if config is not None and config.weights.packing == "online":
-        quantize_online(model, config)
-    return kv_scales
+    return reader.finish()

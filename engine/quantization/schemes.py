@@ -55,6 +55,9 @@ class WeightScheme:
     block: tuple[int, int] | None = None
     symmetric: bool = True
     zero_offset: int = 0  # GPTQ v1 stores each zero point minus one
+    # Activation order (GPTQ desc_act, compressed-tensors actorder "group"): the input rows of
+    # a group are spread over the whole input (`int4.py`'s perm).
+    act_order: bool = False
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,8 @@ def _gptq(qc: dict) -> QuantConfig:
     return QuantConfig(
         method="gptq",
         weights=WeightScheme("int4", "group" if group else "channel", "gptq", group,
-                             symmetric=bool(qc.get("sym", True)), zero_offset=1 if fmt == "gptq" else 0),
+                             symmetric=bool(qc.get("sym", True)), zero_offset=1 if fmt == "gptq" else 0,
+                             act_order=bool(qc.get("desc_act", False))),
         ignore=tuple(qc.get("modules_to_not_convert") or ()),
     )
 
@@ -251,7 +255,8 @@ def _compressed_tensors(qc: dict) -> QuantConfig:
             raise QuantizationConfigError("compressed-tensors pack-quantized: only weight-only (A16) schemes are supported")
         if strategy == "group":
             gs = _int4_group(4, w.get("group_size"), "compressed-tensors")
-            weights = WeightScheme("int4", "group", "ct-pack", gs, symmetric=bool(w.get("symmetric", True)))
+            weights = WeightScheme("int4", "group", "ct-pack", gs, symmetric=bool(w.get("symmetric", True)),
+                                   act_order=w.get("actorder") in ("group", True))
         elif strategy == "channel":
             weights = WeightScheme("int4", "channel", "ct-pack", symmetric=bool(w.get("symmetric", True)))
         else:

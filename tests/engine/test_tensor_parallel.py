@@ -278,7 +278,6 @@ def test_close_stops_the_other_ranks(tiny_dir):
 @pytest.mark.parametrize("args, message", [
     (dict(tensor_parallel_size=3), r"tensor_parallel_size=3 does not divide this model's 4 attention heads"),
     (dict(tensor_parallel_size=0), r"tensor_parallel_size must be an integer >= 1"),
-    (dict(tensor_parallel_size=2, quantization="fp8"), r"with quantization .* is not supported yet"),
 ])
 def test_what_tensor_parallelism_cannot_do_is_refused(tiny_dir, args, message):
     with pytest.raises(ValueError, match=message):

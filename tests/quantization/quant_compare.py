@@ -1,0 +1,50 @@
+"""How the quantization tests compare engines: greedy token ids, and teacher forcing for the
+formats that round activations (FP8), whose greedy text may part at a near-tie."""
+
+from __future__ import annotations
+
+from baton.engine import LLM, SamplingParams
+
+PROMPTS = ["The quick brown fox", "Hello, world! How are", "SELECT name FROM users WHERE", "One, two, three,"]
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+CPU = dict(device="cpu", num_gpu_blocks_override=128, block_size=8)
+
+
+def greedy(model_dir, **kwargs) -> list[list[int]]:
+    llm = LLM(model=str(model_dir), **CPU, **kwargs)
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+
+
+def teacher_forced(model_dir, sequences: list[list[int]], **kwargs) -> list[dict[int, float]]:
+    """Log-probabilities of the 20 likeliest next tokens at every position but the first of
+    each sequence, read in one prefill (prompt_logprobs)."""
+    llm = LLM(model=str(model_dir), **CPU, **kwargs)
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=20)
+    out = []
+    for o in llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False):
+        out += [{t: getattr(v, "logprob", v) for t, v in pos.items()} for pos in o.prompt_logprobs[1:]]
+    return out
+
+
+def assert_predicts_like(model_dir, reference_dir, **kwargs) -> None:
+    """`model_dir` (with `kwargs`) reads the reference model's greedy text: its top-1 agrees at
+    most positions (random tiny models have near-ties that FP8 rounding flips), and the
+    log-probability it gives the reference's top token differs by little on average (FP8
+    rounding moves these large random logits by about a tenth; a wrong scale or layout
+    moves them by whole units)."""
+    ids = prompt_ids(reference_dir)
+    sequences = [p + g for p, g in zip(ids, greedy(reference_dir))]
+    want = teacher_forced(reference_dir, sequences)
+    got = teacher_forced(model_dir, sequences, **kwargs)
+    agree, drift = 0, []
+    for g, w in zip(got, want):
+        top = max(w, key=w.get)
+        agree += max(g, key=g.get) == top
+        drift.append(abs(g.get(top, -100.0) - w[top]))
+    assert agree / len(want) >= 0.75, (agree, len(want))
+    assert sum(drift) / len(drift) < 0.3, drift
+
+
+def prompt_ids(model_dir) -> list[list[int]]:
+    tok = LLM(model=str(model_dir), **CPU).get_tokenizer()
+    return [tok.encode(p) for p in PROMPTS]
