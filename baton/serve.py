@@ -188,7 +188,7 @@ def to_up(ns: argparse.Namespace) -> tuple[argparse.Namespace | None, str | None
         value = getattr(ns, flag)
         if value is not None:
             argv += [f"--{flag.replace('_', '-')}", str(value)]
-    for flag in ("enable_auto_tool_choice", "enable_lora", "quiet"):
+    for flag in ("enable_auto_tool_choice", "trust_request_chat_template", "enable_lora", "quiet"):
         if getattr(ns, flag):
             argv.append(f"--{flag.replace('_', '-')}")
     args = up.build_parser().parse_args(argv)

@@ -8,6 +8,7 @@ Reads a Hugging Face model directory: `tokenizer.json` (the `tokenizers` library
 from __future__ import annotations
 
 import array
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
@@ -149,18 +150,31 @@ class Tokenizer:
         self,
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        template: str | None = None,
         **kwargs: Any,
     ) -> str:
-        """Render a conversation to the prompt text the model was trained on."""
-        if self.chat_template is None:
-            raise ValueError(
-                "this model has no chat template (tokenizer_config.json: chat_template); "
-                "use the completions API instead"
-            )
-        if self._template is None:
-            self._template = _compile_template(self.chat_template)
+        """Render a conversation to the prompt text the model was trained on.
+
+        `template`: Jinja text used instead of the model's (a request's own, rendered in the
+        same sandbox; ValueError if it does not compile). `continue_final_message`: the text
+        ends with the last message's content, open for the model to continue (transformers'
+        rule: cut after the content's last occurrence; ValueError when the template did not
+        write it verbatim)."""
+        if template is not None:
+            compile_template(template)
+            compiled = _compile_cached(template)
+        else:
+            if self.chat_template is None:
+                raise ValueError(
+                    "this model has no chat template (tokenizer_config.json: chat_template); "
+                    "use the completions API instead"
+                )
+            if self._template is None:
+                self._template = _compile_template(self.chat_template)
+            compiled = self._template
         try:
-            return self._template.render(
+            text = compiled.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
@@ -169,6 +183,21 @@ class Tokenizer:
             )
         except jinja2.TemplateError as exc:
             raise ValueError(f"chat template failed: {exc}") from exc
+        return _open_final_message(text, messages) if continue_final_message else text
+
+
+def _open_final_message(text: str, messages: list[dict[str, Any]]) -> str:
+    """The rendered conversation cut right after the final message's content (as
+    transformers' `continue_final_message` cuts it)."""
+    final = messages[-1].get("content") or "" if messages else ""
+    stripped = final.strip()
+    if stripped not in text:
+        raise ValueError("continue_final_message is set but the final message does not appear in the chat "
+                         "after applying the chat template")
+    at = text.rindex(stripped)
+    # keep the content's trailing spaces where the template kept them
+    kept = len(final.lstrip()) if text[at:at + len(final.lstrip())] == final.lstrip() else len(stripped)
+    return text[:at + kept]
 
 
 def utf8_length(text: str) -> int:
@@ -223,14 +252,16 @@ class ChildEncoder:
         self._tokenizer.check_length(text, max_tokens)
         return await self._request(("text", add_special_tokens), [text], max_tokens)
 
-    async def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                          template_kwargs: dict[str, Any], max_tokens: int | None) -> list[int]:
-        """The ids of `Tokenizer.apply_chat_template(messages, ...)`, tokenised without special
-        tokens (the template writes BOS), all in the child: nothing of the conversation's size
-        is built here. Each message's "content" is a str. ChatTemplateError when the template
-        fails; TooManyTokens as `encode`."""
+    async def encode_chat(self, messages: list[dict[str, Any]], options: dict[str, Any],
+                          template_kwargs: dict[str, Any], max_tokens: int | None,
+                          add_special_tokens: bool = False) -> list[int]:
+        """The ids of `Tokenizer.apply_chat_template(messages, **options, **template_kwargs)`
+        (`options`: its named arguments), tokenised without special tokens unless
+        `add_special_tokens` (the template writes BOS), all in the child: nothing of the
+        conversation's size is built here. Each message's "content" is a str.
+        ChatTemplateError when the template fails; TooManyTokens as `encode`."""
         skeleton = [{k: v for k, v in m.items() if k != "content"} for m in messages]
-        return await self._request(("chat", skeleton, add_generation_prompt, template_kwargs),
+        return await self._request(("chat", skeleton, options, template_kwargs, add_special_tokens),
                                    [m["content"] for m in messages], max_tokens)
 
     async def _request(self, request: tuple, texts: list[str], max_tokens: int | None) -> list[int]:
@@ -311,8 +342,8 @@ def _child_main(conn, model_dir: str, chat_template: str | None = None) -> None:
     """The child's loop: (request, max_tokens, chunk count per text), then each text's UTF-8
     chunks -> ("ids", n) and the ids as uint32 bytes, or ("too_many", count), ("error",
     message) or ("template_error", message). A request is ("text", add_special_tokens) for
-    one text, or ("chat", messages without content, add_generation_prompt, template kwargs)
-    with one text per message, its content."""
+    one text, or ("chat", messages without content, apply_chat_template's named arguments,
+    template kwargs, add_special_tokens) with one text per message, its content."""
     import os
 
     os.setsid()  # a scheduling group of its own, apart from the caller's (see ChildEncoder)
@@ -327,14 +358,13 @@ def _child_main(conn, model_dir: str, chat_template: str | None = None) -> None:
         if request[0] == "text":
             text, add_special_tokens = texts[0], request[1]
         else:
-            _, skeleton, add_generation_prompt, kwargs = request
+            _, skeleton, options, kwargs, add_special_tokens = request
             messages = [{**m, "content": content} for m, content in zip(skeleton, texts)]
             try:
-                text = tokenizer.apply_chat_template(messages, add_generation_prompt, **kwargs)
+                text = tokenizer.apply_chat_template(messages, **options, **kwargs)
             except Exception as exc:  # the template failed on the client's conversation
                 conn.send(("template_error", str(exc)))
                 continue
-            add_special_tokens = False
         del texts
         try:
             encoding = tokenizer._tok.encode(text, add_special_tokens=add_special_tokens)
@@ -368,6 +398,21 @@ def _max_token_bytes(spec: dict) -> int | None:
 
 def _raise_exception(message: str) -> None:
     raise jinja2.TemplateError(message)
+
+
+@functools.lru_cache(maxsize=32)
+def _compile_cached(source: str) -> jinja2.Template:
+    """Requests' own templates, compiled once while they keep coming."""
+    return _compile_template(source)
+
+
+def compile_template(source: str) -> None:
+    """Compile a request's chat template (kept for its rendering); ChatTemplateError if it
+    does not compile."""
+    try:
+        _compile_cached(source)
+    except jinja2.TemplateError as exc:
+        raise ChatTemplateError(f"the chat template does not compile: {exc}") from None
 
 
 def _compile_template(source: str) -> jinja2.Template:

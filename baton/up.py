@@ -243,8 +243,9 @@ def router_child(args: argparse.Namespace, model_dir: Path, workers: list[Child]
         value = getattr(args, flag)
         if value is not None:
             router += [f"--{flag.replace('_', '-')}", str(value)]
-    if args.enable_auto_tool_choice:
-        router.append("--enable-auto-tool-choice")
+    for switch in ("enable_auto_tool_choice", "trust_request_chat_template"):
+        if getattr(args, switch):
+            router.append(f"--{switch.replace('_', '-')}")
     return Child("router", router, dict(args.router_env), info=f"http://{args.host}:{args.port}")
 
 

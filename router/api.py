@@ -27,10 +27,14 @@ from baton.router.fanout import ClientGone, FanOut, Job
 from baton.router.params import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     Prompt,
+    chat_echo,
     chat_messages,
+    chat_options,
+    chat_role,
     chat_text,
     chat_text_bytes,
     check_length,
+    check_request_template,
     completion_inputs,
     content_length,
     guided_error,
@@ -75,7 +79,9 @@ class _Timing:
 class OpenAIServing:
     def __init__(self, tokenizer: Tokenizer, pool: WorkerPool, dispatcher: Dispatcher,
                  served_model_names: tuple[str, ...], metrics: RequestMetrics,
-                 tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False):
+                 tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False,
+                 trust_request_chat_template: bool = False):
+        self.trust_request_chat_template = trust_request_chat_template
         self.tokenizer = tokenizer
         self.tool_call_parser = tool_call_parser
         self.enable_auto_tool_choice = enable_auto_tool_choice
@@ -121,7 +127,8 @@ class OpenAIServing:
                 raise prompt_error(exc, "messages", max_model_len) from None
         messages, kwargs = await self._off_loop(chat_messages, body)
         try:
-            return await self._child.encode_chat(messages, body.add_generation_prompt, kwargs, max_model_len)
+            return await self._child.encode_chat(messages, chat_options(body), kwargs, max_model_len,
+                                                 body.add_special_tokens)
         except ChatTemplateError as exc:
             raise bad_request(f"cannot apply the chat template: {exc}", "messages") from None
         except ValueError as exc:
@@ -153,11 +160,12 @@ class OpenAIServing:
         # A prompt to truncate may be longer than the context: it is tokenised whole.
         limit = max_model_len if keep is None else None
         if chat:
+            await self._off_loop(check_request_template, body, self.trust_request_chat_template)
             if content_length(body) > LARGE_TEXT_CHARS:
                 prompts = [Prompt(await self._encode_large_chat(body, limit))]
             else:
                 text = await self._off_loop(chat_text, body, self.tokenizer)
-                prompts = [Prompt(await self.encode(text, "messages", limit, False), text)]
+                prompts = [Prompt(await self.encode(text, "messages", limit, body.add_special_tokens), text)]
             max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
             param = "messages"
@@ -195,7 +203,8 @@ class OpenAIServing:
             prompt_token_counts=[len(p.token_ids) for p in prompts], n=body.n,
             logprobs=logprobs is not None, top_logprobs=logprobs or 0, tools=tools,
             include_usage=bool(body.stream and body.stream_options and body.stream_options.include_usage),
-            prompts=prompts, echo=bool(getattr(body, "echo", False)), prompt_logprobs=body.prompt_logprobs,
+            prompts=prompts, echo=body.echo and not chat, prompt_logprobs=body.prompt_logprobs,
+            role=chat_role(body) if chat else "assistant", chat_echo=chat_echo(body) if chat else "",
             return_token_ids=body.return_token_ids, tokens_as_ids=bool(body.return_tokens_as_token_ids),
             computed_prompt_logprobs=(params.prompt_logprobs or 0) if params is not None else 0)
         timing = _Timing(self.metrics, prompt_tokens)

@@ -85,7 +85,8 @@ def create_app(config: RouterConfig, registry: CollectorRegistry | None = None,
                                    lambda: dispatcher.failovers, lambda: dispatcher.prefill_decisions,
                                    lambda: dispatcher.handoff_pairings))
     serving = OpenAIServing(tokenizer, pool, dispatcher, config.served_model_names, metrics,
-                            config.tool_call_parser, config.enable_auto_tool_choice)
+                            config.tool_call_parser, config.enable_auto_tool_choice,
+                            config.trust_request_chat_template)
     discovery = _discovery(config)
 
     @asynccontextmanager

@@ -42,6 +42,7 @@ class RouterConfig:
     tool_call_parser: str | None = None  # reads tool_choice auto's output (router/tool_parsers.py)
     enable_auto_tool_choice: bool = False  # tool_choice auto allowed (needs the parser)
     chat_template: str | None = field(default=None, repr=False)  # Jinja text replacing the model's
+    trust_request_chat_template: bool = False  # a request's own chat_template is rendered (else a 400)
 
     def __post_init__(self) -> None:
         if self.discovery not in ("static", "kubernetes"):
@@ -158,6 +159,10 @@ def add_chat_flags(parser) -> None:
     parser.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
                         help="a Jinja chat template (a file, or the template itself) used instead of the "
                              "model's own")
+    parser.add_argument("--trust-request-chat-template", action="store_true",
+                        help="render a chat template a request gives (chat_template) in the Jinja sandbox; "
+                             "without it such requests are a 400 (a template can loop for long on the "
+                             "router's CPU)")
 
 
 def chat_template(value: str | None) -> str | None:
@@ -232,6 +237,7 @@ def parse(argv: list[str]) -> RouterConfig:
             tool_call_parser=ns.tool_call_parser,
             enable_auto_tool_choice=ns.enable_auto_tool_choice,
             chat_template=chat_template(ns.chat_template),
+            trust_request_chat_template=ns.trust_request_chat_template,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -49,11 +49,7 @@ _CHAT: dict[str, Any] = {
     "verbosity": _ANY,
     "web_search_options": _ANY,
     # vLLM's extras
-    "echo": False,
-    "continue_final_message": False,
-    "add_special_tokens": False,
     "documents": _ANY,
-    "chat_template": _ANY,
     "mm_processor_kwargs": _ANY,
 }
 

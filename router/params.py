@@ -19,7 +19,13 @@ from baton.router.protocol import (
 )
 from baton.router.tools import template_message
 from baton.sampling_params import GuidedDecodingParams, SamplingParams
-from baton.tokenizer import Tokenizer, TooManyTokens, utf8_length
+from baton.tokenizer import (
+    ChatTemplateError,
+    Tokenizer,
+    TooManyTokens,
+    compile_template,
+    utf8_length,
+)
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -295,6 +301,51 @@ def _template_kwargs(req: ChatCompletionRequest) -> dict[str, Any]:
     return kwargs
 
 
+UNTRUSTED_TEMPLATE = ("Chat template is passed with request, but --trust-request-chat-template is not set. "
+                      "Refused request with untrusted chat template.")
+
+
+def chat_options(req: ChatCompletionRequest) -> dict[str, Any]:
+    """`Tokenizer.apply_chat_template`'s named arguments for a chat request (or /tokenize's
+    chat body, which may lack the last two): `continue_final_message` renders no generation
+    prompt, and is a 400 together with `add_generation_prompt` set to true (vLLM refuses
+    both); `chat_template` is the request's own template."""
+    continue_final = getattr(req, "continue_final_message", False)
+    if continue_final and req.add_generation_prompt and "add_generation_prompt" in req.model_fields_set:
+        raise bad_request("Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                          "continue_final_message")
+    return {"add_generation_prompt": req.add_generation_prompt and not continue_final,
+            "continue_final_message": continue_final, "template": getattr(req, "chat_template", None)}
+
+
+def check_request_template(req: ChatCompletionRequest, trusted: bool) -> None:
+    """A request's own `chat_template`: 400 naming it unless the server trusts such
+    templates (`--trust-request-chat-template`, as vLLM), or when it does not compile.
+    Blocking: compiles it (the compiled template is cached for the rendering)."""
+    if req.chat_template is None:
+        return
+    if not trusted:
+        raise bad_request(UNTRUSTED_TEMPLATE, "chat_template")
+    try:
+        compile_template(req.chat_template)
+    except ChatTemplateError as exc:
+        raise bad_request(f"chat_template: {exc}", "chat_template") from None
+
+
+def chat_role(req: ChatCompletionRequest) -> str:
+    """The role of the response's message: the assistant's after a generation prompt, else
+    the last message's (its content continues; vLLM's rule)."""
+    return "assistant" if chat_options(req)["add_generation_prompt"] else req.messages[-1].role
+
+
+def chat_echo(req: ChatCompletionRequest) -> str:
+    """What chat's `echo` puts before each choice's content: the last message's content when
+    its role is the response's (vLLM's rule), else nothing."""
+    if not req.echo or req.messages[-1].role != chat_role(req):
+        return ""
+    return _message_dict(len(req.messages) - 1, req.messages[-1])["content"]
+
+
 def content_length(req: ChatCompletionRequest) -> int:
     """Characters of text the messages carry (what makes a chat prompt large)."""
     total = 0
@@ -307,16 +358,19 @@ def content_length(req: ChatCompletionRequest) -> int:
 def chat_text_bytes(req: ChatCompletionRequest, tokenizer: Tokenizer) -> int | None:
     """UTF-8 bytes of the rendered conversation, found without rendering its contents: the
     template renders placeholders, each must appear exactly once, and the contents' lengths
-    replace theirs. None when the template does not place every content once (then only
-    rendering it tells). Raises 400 as `chat_text` does."""
+    replace theirs. None when the template does not place every content once, or the text
+    is cut after the final message (`continue_final_message`): then only rendering it tells.
+    Raises 400 as `chat_text` does."""
+    options = chat_options(req)
+    if options["continue_final_message"]:
+        return None
     messages = [_message_dict(i, m) for i, m in enumerate(req.messages)]
     marks = [f"\x00baton-content-{i}\x00" for i in range(len(messages))]
     contents = [m["content"] for m in messages]
     for message, mark in zip(messages, marks):
         message["content"] = mark
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
-                                             **_template_kwargs(req))
+        text = tokenizer.apply_chat_template(messages, **options, **_template_kwargs(req))
     except Exception as exc:  # a template fails on what the messages hold: the client's input
         raise bad_request(f"cannot apply the chat template: {exc}", "messages") from exc
     if any(text.count(mark) != 1 for mark in marks):
@@ -337,8 +391,8 @@ def chat_text(req: ChatCompletionRequest, tokenizer: Tokenizer) -> str:
     """The conversation rendered by the chat template (the template writes BOS itself, so
     the text is tokenised without special tokens). Blocking: may render megabytes."""
     messages, kwargs = chat_messages(req)
+    options = chat_options(req)
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
-                                             **kwargs)
+        return tokenizer.apply_chat_template(messages, **options, **kwargs)
     except Exception as exc:  # a template fails on what the messages hold: the client's input
         raise bad_request(f"cannot apply the chat template: {exc}", "messages") from exc

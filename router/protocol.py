@@ -183,3 +183,8 @@ class ChatCompletionRequest(SamplingFields):
     function_call: str | dict[str, Any] | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's extras
+    echo: bool = False  # the last message's content before the reply, when their roles match
+    continue_final_message: bool = False  # the last message is continued (no generation prompt)
+    add_special_tokens: bool = False  # the template writes BOS
+    chat_template: str | None = None  # the request's own (needs --trust-request-chat-template)

@@ -13,6 +13,10 @@ token and the top `prompt_logprobs` (rank: 1-based order in the distribution; nu
 prompt's token when it is not among the top ones, where the engine does not rank it). A
 stream sends both in each choice's first chunk.
 
+Chat's `echo` (vLLM's) puts the last message's content before each choice's content (in a
+stream: a chunk of its own after the role's), when that message's role is the response's:
+"assistant" after a generation prompt, else the last message's own (`router/params.py:chat_role`).
+
 vLLM's `return_tokens_as_token_ids` writes each logprobs `token` (and top-logprobs key) as
 `token_id:N`; text offsets and `bytes` stay those of the token's text.
 
@@ -54,6 +58,8 @@ class ResponseBuilder:
     tools: ToolPlan | None = None  # chat with tools: each choice's text goes through a parser
     return_token_ids: bool = False
     tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids
+    role: str = "assistant"  # chat: the response message's role
+    chat_echo: str = ""  # chat: text before each choice's content (vLLM's echo)
     created: int = field(default_factory=lambda: int(time.time()))
     _role_sent: set[int] = field(default_factory=set)
     _prompt_sent: set[int] = field(default_factory=set)
@@ -190,8 +196,12 @@ class ResponseBuilder:
         if index not in self._role_sent:
             self._role_sent.add(index)
             chunks.append({**self._head("chat.completion.chunk"), "choices": [{
-                "index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "index": index, "delta": {"role": self.role, "content": ""}, "logprobs": None,
                 "finish_reason": None}], **usage_null, **extra})
+            if self.chat_echo:
+                chunks.append({**self._head("chat.completion.chunk"), "choices": [{
+                    "index": index, "delta": {"content": self.chat_echo}, "logprobs": None,
+                    "finish_reason": None}], **usage_null})
         parser = self._parser(index)
         if parser is None:
             bodies = [{"content": delta.text}] if delta.text else []
@@ -230,8 +240,9 @@ class ResponseBuilder:
             parsed = parser.result()
             if parsed is not None and parsed[1]:
                 content, calls = parsed
-                return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
-        return {"role": "assistant", "content": state.text}, finish
+                return {"role": self.role, "content": self.chat_echo + (content or "") or content,
+                        "tool_calls": calls}, "tool_calls"
+        return {"role": self.role, "content": self.chat_echo + state.text}, finish
 
     def usage_chunk(self, states: dict[int, OutputState]) -> dict:
         name = "chat.completion.chunk" if self.chat else "text_completion"

@@ -53,7 +53,7 @@ def test_the_child_process_renders_and_tokenises_a_conversation_as_the_router_do
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": LONG_TEXT},
                 {"role": "assistant", "content": ""}, {"role": "user", "content": LONG_TEXT[:999]}]
     expected = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
-    assert asyncio.run(child.encode_chat(messages, True, {}, None)) == expected
+    assert asyncio.run(child.encode_chat(messages, {"add_generation_prompt": True}, {}, None)) == expected
 
 
 def test_the_child_process_renders_with_a_replaced_chat_template_and_tools(tok):
@@ -63,7 +63,7 @@ def test_the_child_process_renders_with_a_replaced_chat_template_and_tools(tok):
     tools = {"tools": [{"type": "function", "function": {"name": "get_weather"}}]}
     messages = [{"role": "user", "content": LONG_TEXT}]
     try:
-        ids = asyncio.run(encoder.encode_chat(messages, True, tools, None))
+        ids = asyncio.run(encoder.encode_chat(messages, {"add_generation_prompt": True}, tools, None))
     finally:
         encoder.close()
     assert ids == replaced.encode(f"[get_weather]<{LONG_TEXT}>", add_special_tokens=False)
@@ -77,8 +77,8 @@ def test_a_chat_template_that_fails_in_the_child_process_says_why(tok, tmp_path)
     encoder = ChildEncoder(Tokenizer(tmp_path))
     try:
         with pytest.raises(ChatTemplateError, match="no system messages"):
-            asyncio.run(encoder.encode_chat([{"role": "system", "content": LONG_TEXT}], True, {}, None))
-        assert asyncio.run(encoder.encode_chat([{"role": "user", "content": "hi"}], True, {}, None)) == \
+            asyncio.run(encoder.encode_chat([{"role": "system", "content": LONG_TEXT}], {}, {}, None))
+        assert asyncio.run(encoder.encode_chat([{"role": "user", "content": "hi"}], {}, {}, None)) == \
             Tokenizer(tmp_path).encode("x", add_special_tokens=False)  # the child still serves
     finally:
         encoder.close()
@@ -206,3 +206,17 @@ def test_spaces_between_special_tokens_false_drops_the_space_a_decoder_puts_betw
     assert text(skip_special_tokens=False) == "a [X] [Y] [X] b"
     assert text(skip_special_tokens=False, spaces_between_special_tokens=False) == "a [X][Y][X] b"
     assert text(spaces_between_special_tokens=False) == text() == "a b"
+
+
+def test_continue_final_message_cuts_after_the_final_content(tok):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  Once upon  "}]
+    whole = tok.apply_chat_template(messages, add_generation_prompt=False)
+    cut = tok.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+    # the template kept the content verbatim: it ends the text, trailing spaces too
+    assert whole.startswith(cut) and cut.endswith("  Once upon  ") and not whole.endswith("Once upon  ")
+    dropping = "{% for m in messages %}{{ m['content'] | trim }}|{% endfor %}"
+    assert tok.apply_chat_template(messages, continue_final_message=True, template=dropping) == "Hi|Once upon"
+    with pytest.raises(ValueError, match="continue_final_message"):
+        tok.apply_chat_template(messages, continue_final_message=True, template="{{ messages | length }}")
+    with pytest.raises(ChatTemplateError, match="compile"):
+        tok.apply_chat_template(messages, template="{% if %}")

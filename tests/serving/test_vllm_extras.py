@@ -161,3 +161,89 @@ def test_return_tokens_as_token_ids_in_a_stream(colocated):
             ids += getattr(choice, "token_ids", None) or []  # not in the role chunk
             tokens += [e.token for e in (choice.logprobs.content if choice.logprobs else [])]
     assert len(ids) == 4 and tokens == [f"token_id:{t}" for t in ids]
+
+
+# -- chat: echo, continue_final_message, add_special_tokens, chat_template ------------------
+
+STORY = [{"role": "user", "content": "Tell me a story"}, {"role": "assistant", "content": "Once upon"}]
+CHATML = "<|begin_of_text|><|im_start|>user\nTell me a story<|im_end|>\n<|im_start|>assistant\nOnce upon"
+PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                  "{% if add_generation_prompt %}{{ greeting }}assistant:{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def trusting(_tiny_model_cache, tiny_model_dir):
+    """`baton serve` (in-process) with --trust-request-chat-template."""
+    from serving_harness import baton_up
+
+    dep = baton_up(str(tiny_model_dir), "--trust-request-chat-template", command="serve")
+    yield dep
+    dep.stop()
+
+
+def test_continue_final_message_continues_the_last_message(dep, tokenizer):
+    out = chat(dep, messages=STORY, continue_final_message=True, add_generation_prompt=False)
+    assert out.prompt_token_ids == tokenizer.encode(CHATML, add_special_tokens=False)
+    assert out.choices[0].message.role == "assistant"
+    # without add_generation_prompt given, continuing implies none
+    implied = chat(dep, messages=STORY, continue_final_message=True)
+    assert implied.prompt_token_ids == out.prompt_token_ids
+    message = refused(lambda: chat(dep, messages=STORY, continue_final_message=True, add_generation_prompt=True),
+                      "continue_final_message")
+    assert "add_generation_prompt" in message
+
+
+def test_echo_puts_the_continued_message_before_the_reply(dep):
+    plain = chat(dep, messages=STORY, continue_final_message=True).choices[0].message
+    echoed = chat(dep, messages=STORY, continue_final_message=True, echo=True).choices[0].message
+    assert echoed.content == "Once upon" + plain.content and echoed.role == "assistant"
+    # the last message is the user's and a generation prompt follows: roles differ, no echo
+    assert chat(dep, echo=True).choices[0].message.content == chat(dep).choices[0].message.content
+    # no generation prompt: the reply continues the user's message, in its role
+    user = chat(dep, echo=True, add_generation_prompt=False).choices[0].message
+    assert user.role == "user" and user.content.startswith(HI[0]["content"])
+
+
+def test_echo_streamed(colocated):
+    stream = colocated.client().chat.completions.create(
+        model=M, messages=STORY, max_tokens=4, temperature=0.0, stream=True,
+        extra_body={"echo": True, "continue_final_message": True})
+    deltas = [c.choices[0].delta for c in stream if c.choices]
+    assert deltas[0].role == "assistant" and deltas[1].content == "Once upon"
+    whole = chat(colocated, messages=STORY, continue_final_message=True, echo=True).choices[0].message.content
+    assert "".join(d.content or "" for d in deltas) == whole
+
+
+def test_chat_add_special_tokens(colocated, tokenizer):
+    text = tokenizer.decode(tokenize(colocated, messages=HI), skip_special_tokens=False)
+    plain = chat(colocated).prompt_token_ids
+    special = chat(colocated, add_special_tokens=True).prompt_token_ids
+    assert plain == tokenizer.encode(text, add_special_tokens=False)
+    assert special == tokenizer.encode(text, add_special_tokens=True) != plain
+
+
+def test_a_request_chat_template_needs_trust(colocated):
+    message = refused(lambda: chat(colocated, chat_template=PLAIN_TEMPLATE), "chat_template")
+    assert "--trust-request-chat-template" in message
+
+
+def test_a_request_chat_template_renders_the_prompt(trusting, tokenizer):
+    out = chat(trusting, chat_template=PLAIN_TEMPLATE, chat_template_kwargs={"greeting": "Hi! "})
+    assert out.prompt_token_ids == tokenizer.encode(f"user: {HI[0]['content']}\nHi! assistant:",
+                                                    add_special_tokens=False)
+    # the model's own template otherwise
+    assert chat(trusting).prompt_token_ids == tokenize(trusting, messages=HI)
+    refused(lambda: chat(trusting, chat_template="{% for %}"), "chat_template")
+    # the sandbox refuses what a template may not touch: a 400, never a 500
+    with pytest.raises(openai.BadRequestError):
+        chat(trusting, chat_template="{{ ''.__class__.__mro__[1].__subclasses__() }}")
+
+
+def test_a_long_conversation_with_its_own_template_continued(trusting, tokenizer):
+    # long enough for the tokenizer's child process; truncated to fit the context
+    long = "story " * 15000
+    messages = [{"role": "user", "content": long}, {"role": "assistant", "content": "Once upon"}]
+    out = chat(trusting, messages=messages, chat_template=PLAIN_TEMPLATE, continue_final_message=True,
+               add_special_tokens=True, truncate_prompt_tokens=8)
+    expected = tokenizer.encode(f"user: {long}\nassistant: Once upon", add_special_tokens=True)
+    assert out.prompt_token_ids == expected[-8:] and out.usage.prompt_tokens == 8
