@@ -4,9 +4,10 @@ vLLM's flags are mapped onto `baton up`'s (baton/up.py): engine flags go to the 
 API flags to the router. One colocated replica (the default: no `--disaggregated`,
 `--data-parallel-size 1`) runs in ONE process, the router and the engine together with no
 gRPC hop between them (baton/inprocess.py), as `vllm serve` does. `--data-parallel-size N`
-(N colocated workers behind the router) and `--disaggregated` (prefill and decode workers,
-N of each) run what `baton up` runs: the router and the workers as supervised local
-processes talking gRPC, with the same readiness wait, restarts and shutdown.
+(N colocated workers behind the router), `--disaggregated` (prefill and decode workers, N
+of each) and `--no-in-process` run what `baton up` runs: the router and the workers as
+supervised local processes talking gRPC, with the same readiness wait, restarts and
+shutdown.
 
 Every flag is either implemented or refused by name before anything starts: a vLLM flag
 Baton does not implement (`--pipeline-parallel-size 2`, `--swap-space`, `--trust-remote-code`)
@@ -115,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     baton.add_argument("--disaggregated", action="store_true",
                        help="prefill and decode on separate worker processes, KV handed over between them "
                             "(default: off, one colocated engine)")
+    baton.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=None,
+                       help="the router and the engine in this one process (default for one colocated "
+                            "replica); --no-in-process: a router and a worker process, as baton up runs them "
+                            "(on few cores they share no GIL: see docs/performance.md)")
     baton.add_argument("--kv-cache-memory-gb", type=float, default=None,
                        help="KV pool per CPU worker in GB (default: the engine's, 1)")
     baton.add_argument("--model-module", default=None, metavar="MODULE",
@@ -164,6 +169,8 @@ def to_up(ns: argparse.Namespace) -> tuple[argparse.Namespace | None, str | None
         return None, "--lora-modules needs --enable-lora"
     if ns.data_parallel_size < 1:
         return None, "--data-parallel-size must be >= 1"
+    if ns.in_process and (ns.disaggregated or ns.data_parallel_size > 1):
+        return None, "--in-process runs one colocated engine: not with --disaggregated or --data-parallel-size > 1"
     if ns.model is not None and ns.model_tag is not None and ns.model != ns.model_tag:
         return None, f"the model is given twice ({ns.model_tag} and --model {ns.model})"
     argv = ["--host", ns.host, "--port", str(ns.port), "--dtype", DTYPES[ns.dtype], "--device", ns.device,
@@ -247,5 +254,6 @@ def main(argv: list[str]) -> int:
 
 
 def in_process(ns: argparse.Namespace) -> bool:
-    """Whether these flags run in one process: one colocated replica (baton/inprocess.py)."""
-    return not ns.disaggregated and ns.data_parallel_size == 1
+    """Whether these flags run in one process: one colocated replica (baton/inprocess.py),
+    unless --no-in-process."""
+    return ns.in_process is not False and not ns.disaggregated and ns.data_parallel_size == 1

@@ -99,8 +99,9 @@ def test_vllm_flags_reach_the_engine_and_the_router(tiny_model_dir, template_fil
     assert engine.served_model_name == "tiny" and options.role == "colocated"  # the metrics' model_name
     assert router.served_model_names == ("tiny", "alias") and router.tool_call_parser == "hermes"
     assert router.enable_auto_tool_choice and router.chat_template == HERMES_TEMPLATE
-    for argv in (["-dp", "2"], ["--disaggregated"]):  # these run `baton up`'s processes
+    for argv in (["-dp", "2"], ["--disaggregated"], ["--no-in-process"]):  # these run `baton up`'s processes
         assert not in_process(build_parser().parse_args(argv))
+    assert in_process(build_parser().parse_args(["--in-process", "-dp", "1"]))
 
 
 def test_the_openai_client_works_against_it(served):
@@ -152,6 +153,7 @@ def test_the_chat_template_flag_replaces_the_models(served, tiny_model_dir):
     (["--max-model"], "--max-model"),  # no abbreviations: a typo is not another flag
     (["--api-key", "k"], "BATON_API_KEY"),
     (["--enable-auto-tool-choice"], "--tool-call-parser"),
+    (["--in-process", "-dp", "2"], "--in-process runs one colocated engine"),
 ])
 def test_flags_baton_does_not_implement_are_refused_by_name(argv, named):
     result = subprocess.run([sys.executable, "-m", "baton.cli", "serve", "some/model", *argv, "--port", "1"],
@@ -196,6 +198,25 @@ def test_lora_flags_reach_every_worker(tiny_model_dir, tmp_path):
         engine, options = parse_worker(child.argv[1:], "baton serve-" + role, role)
         assert (engine.enable_lora, engine.max_loras, engine.max_lora_rank, engine.max_cpu_loras) == (True, 3, 32, 5)
         assert dict(options.lora_modules) == {"sql": str(adapter), "chat": str(tmp_path / "chat")}
+
+
+def test_no_in_process_runs_a_router_and_a_worker_process(tiny_model_dir):
+    dep = baton_up(str(tiny_model_dir), "--no-in-process", "--served-model-name", "tiny", "alias", "--seed", "7",
+                   "--dtype", "float", command="serve", api_key=KEY)
+    try:
+        assert set(dep.processes) == {"colocated-0", "router"}
+        assert {p.pid for p in psutil.Process(dep.proc.pid).children()} == {p.pid for p in dep.processes.values()}
+        worker = cmdline(dep.processes["colocated-0"].pid)
+        assert worker[worker.index("--seed") + 1] == "7" and worker[worker.index("--dtype") + 1] == "float32"
+        assert worker[worker.index("--served-model-name") + 1] == "tiny"
+        router = cmdline(dep.processes["router"].pid)
+        assert router[router.index("--served-model-name") + 1] == "tiny,alias"
+        for pid in (dep.proc.pid, *(p.pid for p in dep.processes.values())):
+            assert KEY not in " ".join(cmdline(pid))
+        out = dep.client().completions.create(model="alias", prompt="Hi", max_tokens=3, extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 3
+    finally:
+        assert dep.stop() == 0
 
 
 def test_the_quickstart_maps_every_flag():
