@@ -14,7 +14,8 @@ cell decodes `--tokens` tokens for every sequence of a batch and reports the tim
 output token of one sequence (the step loop's wall time after prefill / tokens; the fastest
 of `--repeats` runs) and its ratio to the same batch without speculation. One engine serves every cell: without
 speculation it runs with its defaults (on CUDA: asynchronous scheduling and CUDA graphs),
-with speculation synchronously, as `EngineArgs` makes it. The fixed `k` of a cell is kept at
+with speculation synchronously, as every step that verifies drafts runs (here every step
+drafts, so none would be launched ahead). The fixed `k` of a cell is kept at
 every batch size (the load-adaptive rule off), which is what the rule's thresholds are
 read from (`crossover`: the smallest batch at which speculation at that acceptance is
 slower than none).

@@ -68,6 +68,25 @@ def run(engine: LLMEngine, prompts, params, max_steps: int = 5000) -> list:
 _ids = itertools.count()
 
 
+def decode_handed_off(prefill: LLMEngine, decode: LLMEngine, prompt: dict, params) -> list[int]:
+    """Disaggregation in one process: `prefill` computes the prompt's KV and first token,
+    the blocks are copied into `decode` (as a KV transport would), which continues the
+    request to the end. Returns the output tokens."""
+    prefill.add_request("handoff", prompt, params, hold_kv=True)
+    first = None
+    while prefill.has_unfinished_requests():
+        first = next((o.outputs[0].token_ids[0] for o in prefill.step() if o.finished), first)
+    ids = prompt["prompt_token_ids"]
+    reserved = decode.reserve_blocks(len(ids))
+    decode.kv_cache[torch.tensor(reserved)] = prefill.kv_cache[torch.tensor(prefill.held_blocks("handoff"))]
+    prefill.release_held("handoff")
+    decode.add_prefilled_request("handoff", ids, params, reserved, first)
+    finals = {}
+    while decode.has_unfinished_requests():
+        finals.update({o.request_id: o for o in decode.step() if o.finished})
+    return finals["handoff"].outputs[0].token_ids
+
+
 def assert_no_leaked_blocks(engine: LLMEngine) -> None:
     bm = engine.block_manager
     assert not engine.has_unfinished_requests()

@@ -7,9 +7,9 @@ import json
 import shutil
 
 import pytest
-import torch
 from spec_helpers import (
     assert_no_leaked_blocks,
+    decode_handed_off,
     make_engine,
     repetitive_prompts,
     run,
@@ -55,20 +55,8 @@ def test_a_decode_engine_given_the_prompts_kv_prefills_its_draft_model_locally(t
     speculates, computing the draft model's KV for the prompt itself."""
     prompt = repetitive_prompts(1, seed=10)[0]
     expected = tokens(run(plain, [prompt], GREEDY))[0]
-    plain.add_request("handoff", prompt, GREEDY, hold_kv=True)
-    while plain.has_unfinished_requests():
-        plain.step()
-    held = plain.held_blocks("handoff")
     decode = make_engine(tiny_model, speculative_config=spec_config(draft_dir))
-    ids = prompt["prompt_token_ids"]
-    reserved = decode.reserve_blocks(len(ids))
-    decode.kv_cache[torch.tensor(reserved)] = plain.kv_cache[torch.tensor(held)]
-    plain.release_held("handoff")
-    decode.add_prefilled_request("handoff", ids, GREEDY, reserved, expected[0])
-    finals = {}
-    while decode.has_unfinished_requests():
-        finals.update({o.request_id: o for o in decode.step() if o.finished})
-    assert finals["handoff"].outputs[0].token_ids == expected
+    assert decode_handed_off(plain, decode, prompt, GREEDY) == expected
     assert decode.stats().spec_num_accepted_tokens > 0
     assert_no_leaked_blocks(decode)
     assert_no_leaked_blocks(plain)

@@ -4,7 +4,14 @@ verify forward over its shard; the tokens equal TP 1 without speculation."""
 
 from __future__ import annotations
 
-from spec_helpers import NGRAM, assert_no_leaked_blocks, make_engine, repetitive_prompts, run
+from spec_helpers import (
+    NGRAM,
+    assert_no_leaked_blocks,
+    decode_handed_off,
+    make_engine,
+    repetitive_prompts,
+    run,
+)
 
 from baton.engine import SamplingParams
 
@@ -37,7 +44,8 @@ def test_ngram_speculation_at_tp2_equals_tp1_without_it(tiny_model, plain):
 
 def test_draft_model_at_tp2_with_async_scheduling_equals_tp1_without_it(tiny_model, plain, draft_dir):
     """The draft model runs whole on rank 0; large batches chain launched-ahead decode steps
-    across the ranks, small ones verify drafts."""
+    across the ranks, small ones verify drafts. As a decode engine given a prompt's KV by a
+    TP 1 prefill engine, it spreads that KV to the ranks and computes the draft's on rank 0."""
     config = {"model": str(draft_dir), "num_speculative_tokens": 3, "shorten_by_batch_size": 2,
               "disable_by_batch_size": 4}
     prompts = repetitive_prompts(5, seed=32)
@@ -47,6 +55,13 @@ def test_draft_model_at_tp2_with_async_scheduling_equals_tp1_without_it(tiny_mod
         assert engine.runner.draft.kv.shape[-2] == 2  # the draft's pool: every KV head, on rank 0
         assert tokens(run(engine, prompts, params)) == tokens(run(plain, prompts, params))
         assert engine.async_steps.num_launched_ahead > 0 and engine.stats().spec_num_accepted_tokens > 0
+        assert_no_leaked_blocks(engine)
+
+        prompt = repetitive_prompts(1, seed=33)[0]
+        expected = tokens(run(plain, [prompt], GREEDY))[0]
+        accepted = engine.stats().spec_num_accepted_tokens
+        assert decode_handed_off(plain, engine, prompt, GREEDY) == expected
+        assert engine.stats().spec_num_accepted_tokens > accepted
         assert_no_leaked_blocks(engine)
     finally:
         engine.runner.close()
