@@ -19,6 +19,12 @@ drafts, so none would be launched ahead). The fixed `k` of a cell is kept at
 every batch size (the load-adaptive rule off), which is what the rule's thresholds are
 read from (`crossover`: the smallest batch at which speculation at that acceptance is
 slower than none).
+
+`--adaptive`: per batch, also the engine as a user runs it (k = 4, the load-adaptive rule's
+defaults, drafts half right) with `async_scheduling` off and on (rows `"k": "adaptive"`):
+where the rule drafts nothing (large batches) the steps chain as without speculation, which
+is why asynchronous scheduling stays on by default with speculation on CUDA
+(docs/decisions.md, "Speculative decoding").
 """
 
 from __future__ import annotations
@@ -101,6 +107,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=None, help="output tokens per sequence")
     ap.add_argument("--repeats", type=int, default=2, help="runs per cell; the fastest counts (a loaded host)")
+    ap.add_argument("--adaptive", action="store_true",
+                    help="also time the default load-adaptive rule with async_scheduling off and on")
     args = ap.parse_args()
     cuda = args.device == "cuda"
     batches = args.batches or ([1, 2, 4, 8, 16, 32, 64, 128] if cuda else [1, 2, 4, 8, 16, 32])
@@ -129,7 +137,7 @@ def main() -> None:
         prompts = [rng.integers(4, vocab, args.prompt_len).tolist() for _ in range(batch)]
         decode_run(engine, prompts, 4, f"warm-b{batch}")  # compile this batch's shapes first
         base_s, reference = decode_run(engine, prompts, tokens, f"b{batch}")
-        base_s = min(base_s, *(decode_run(engine, prompts, tokens, f"b{batch}-{r}")[0] for r in range(args.repeats - 1)))
+        base_s = min([base_s, *(decode_run(engine, prompts, tokens, f"b{batch}-{r}")[0] for r in range(args.repeats - 1))])
         print(f"batch {batch}: {base_s * 1e3:.2f} ms/token without speculation", flush=True)
         engine.config = dataclasses.replace(default_config, async_scheduling=False)
         for k in args.ks:
@@ -145,6 +153,21 @@ def main() -> None:
                              "mean_accepted_length": st.mean_accepted_length})
                 print(f"  k={k} acceptance {acc:.1f} (measured {st.acceptance_rate:.2f}): "
                       f"{s * 1e3:.2f} ms/token, {s / base_s:.2f}x", flush=True)
+        if args.adaptive:
+            config = parse_speculative({"method": "ngram", "num_speculative_tokens": 4})
+            for async_scheduling in (False, True):
+                engine.config = dataclasses.replace(default_config, async_scheduling=async_scheduling)
+                engine.spec = SpecDecoder(config, engine.block_manager, engine.max_model_len)
+                engine.spec.drafter = oracle(reference, 0.5, vocab, seed=batch)
+                engine.async_steps.speculative = config  # the chain ends where the rule drafts
+                s = min(decode_run(engine, prompts, tokens, f"b{batch}-adaptive-{async_scheduling}-{r}")[0]
+                        for r in range(args.repeats))
+                rows.append({"batch": batch, "k": "adaptive", "acceptance": 0.5, "async_scheduling": async_scheduling,
+                             "ms_per_token": s * 1e3, "ratio": s / base_s,
+                             "measured_acceptance": engine.spec.stats.acceptance_rate})
+                print(f"  adaptive (k=4, drafts half right), async_scheduling={async_scheduling}: "
+                      f"{s * 1e3:.2f} ms/token, {s / base_s:.2f}x", flush=True)
+            engine.async_steps.speculative = None
         engine.spec = None
         engine.config = default_config
         rows.append({"batch": batch, "k": 0, "acceptance": None, "ms_per_token": base_s * 1e3, "ratio": 1.0})
