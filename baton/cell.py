@@ -5,6 +5,8 @@ processes (`baton serve-prefill` / `serve-decode`), engine k on GPU k (`--device
 with fewer GPUs than engines, GPU k mod their number, and each engine's
 `--gpu-memory-utilization` must leave room for the others; on the CPU every engine is a
 CPU engine), all with `--kv-transfer auto` and `--cell NAME`.
+Flags the cell does not take go to every engine: the model's, and LoRA's (`--enable-lora
+--lora-modules ...`), so prefill and decode engines serve the same adapters.
 Every engine serves its own gRPC role, so the router addresses it like any worker; the
 cell name it reports lets the router pair a prefill engine with a decode engine of the same
 cell, whose handoff `auto` then moves by `ipc` (CUDA IPC between the pod's GPUs, shared

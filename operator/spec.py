@@ -513,9 +513,6 @@ def _parse_spec(meta: Mapping[str, Any], spec: dict) -> InferenceService:
     if spec.get("cells") is not None and mode != "disaggregated":
         raise SpecError("spec.cells applies only to mode disaggregated")
     cells = _cells(spec.get("cells"))
-    if cells and spec.get("lora") is not None:
-        raise SpecError("spec.lora with spec.cells is not supported yet: cell engines would not get the "
-                        "adapters; serve LoRA adapters from prefill and decode fleets")
     if cells and len(meta["name"]) > 63 - len(CELL_SUFFIX):
         raise SpecError(f"metadata.name {meta['name']!r} is longer than {63 - len(CELL_SUFFIX)} "
                         f"characters, the most a service with cells allows (child objects add "

@@ -4,7 +4,9 @@ One container per pod holds every engine of the cell and all its GPUs (`nvidia.c
 engines × gpusPerEngine), so prefill engines map decode engines' KV pools by CUDA IPC.
 Engine k (prefill engines first) listens on `ENGINE_PORT + k` (gRPC, port `grpc-<k>`) and
 `ENGINE_METRICS_PORT + k` (/metrics, port `metrics-<k>`); the pod's probes ask the cell's
-own gRPC health on `common.GRPC_PORT`, SERVING while every engine is.
+own gRPC health on `common.GRPC_PORT`, SERVING while every engine is. With `spec.lora`
+the pod gets the adapters' volumes and fetches as a worker pod does (`lora.py`), and every
+engine the `--enable-lora --lora-modules ...` flags.
 
 `NAME-cell-prefill` and `NAME-cell-decode` list one port per engine of that side: the
 router takes each as a worker and pools them with the fleets' (`--prefill-service`
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import shlex
 
-from baton.operator.builders import common
+from baton.operator.builders import common, lora
 from baton.operator.builders.workers import (
     COMPILE_CACHE_DIR,
     COMPILE_CACHE_ENV,
@@ -42,8 +44,9 @@ def engines(svc: InferenceService, side: str) -> range:
 
 
 def cell_args(svc: InferenceService) -> list[str]:
-    """Command-line flags of `baton serve-cell`: the cell's own, the model's (every
-    engine), then each side's engine settings."""
+    """Command-line flags of `baton serve-cell`: the cell's own, the model's and the LoRA
+    adapters' (every engine: prefill and decode engines serve the same adapters), then
+    each side's engine settings."""
     cells = svc.cells
     return [
         "--prefill", str(cells.prefill_engines),
@@ -57,6 +60,7 @@ def cell_args(svc: InferenceService) -> list[str]:
         "--engine-kv-tcp-port", str(ENGINE_KV_TCP_PORT),
         "--shutdown-grace-seconds", str(common.SHUTDOWN_GRACE_SECONDS),
         *model_args(svc),
+        *lora.args(svc),
         "--prefill-args", shlex.join(engine_args(cells.prefill)),
         "--decode-args", shlex.join(engine_args(cells.decode)),
     ]
@@ -90,6 +94,7 @@ def cell_container(svc: InferenceService, config: OperatorConfig) -> dict:
             {"name": "shm", "mountPath": "/dev/shm"},
             {"name": "tmp", "mountPath": "/tmp"},
             {"name": "compile-cache", "mountPath": COMPILE_CACHE_DIR},
+            *lora.mounts(svc),
         ],
     }
     if resources:

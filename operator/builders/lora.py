@@ -1,10 +1,11 @@
-"""What spec.lora adds to every worker pod: the adapters' volumes, fetches and flags.
+"""What spec.lora adds to every worker and cell pod: the adapters' volumes, fetches and flags.
 
 Each adapter gets a volume of its own (`lora-<i>`, from its source as the model gets
 `model`), mounted read-only at `/adapters/<i>` in the worker container; a uri source is
 downloaded into an emptyDir by an init container (`fetch-lora-<i>`, the model's fetch
 script). The worker serves them with `--enable-lora --lora-modules NAME=DIR ...`: every
-role gets the same list, so prefill and decode hold the same adapters.
+role, and every engine of a cell (`cells.py`), gets the same list, so prefill and decode
+hold the same adapters.
 """
 
 from __future__ import annotations

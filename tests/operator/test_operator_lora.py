@@ -122,3 +122,63 @@ async def test_adding_adapters_rolls_every_worker_to_serve_them(apiserver, opera
     assert "--enable-lora" not in args("llama-router")
     await wait(lambda: "llama-config" in apiserver.names("v1/configmaps", NS))
     assert apiserver.get_object(DEPLOY, NS, "llama-decode")["metadata"]["uid"] == uid  # patched, not recreated
+
+
+def _cell_engines(main: dict) -> dict[str, tuple]:
+    """Each side's (engine args, worker options) as `baton serve-cell` passes its flags on:
+    its own parser keeps the cell's, every engine's parser reads the rest and its side's."""
+    import shlex
+
+    from baton import cell
+    from baton.worker.flags import parse as parse_worker
+
+    args, engine_argv = cell.build_parser().parse_known_args(main["args"])
+    return {side: parse_worker(engine_argv + shlex.split(extra), f"baton serve-{side}", side)
+            for side, extra in (("prefill", args.prefill_args), ("decode", args.decode_args))}
+
+
+def test_cell_pods_mount_and_fetch_the_adapters_and_every_engine_serves_them():
+    import kubernetes_validate
+    from test_operator_builders import KUBERNETES_VERSIONS
+
+    document = body(lora=copy.deepcopy(LORA), cells={"replicas": 2, "decode": {"engines": 2}})
+    deployment = find(builders.build_all(spec.parse(document), CONFIG), "Deployment", "llama-cell")
+    for version in KUBERNETES_VERSIONS:
+        kubernetes_validate.validate(deployment, version, strict=True)
+    pod, main = deployment["spec"]["template"]["spec"], container(deployment)
+    assert main["command"] == ["baton", "serve-cell"]
+    for side, (engine, options) in _cell_engines(main).items():
+        assert (engine.enable_lora, engine.max_loras, engine.max_lora_rank, engine.max_cpu_loras) == (True, 3, 32, 6)
+        assert dict(options.lora_modules) == {"sql": "/adapters/0/team/sql", "chat": "/adapters/1",
+                                              "legal": "/adapters/2"}, side
+    mounts = {m["mountPath"]: m["name"] for m in main["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/adapters/0"]]["persistentVolumeClaim"] == {"claimName": "adapters", "readOnly": True}
+    assert volumes[mounts["/adapters/1"]]["emptyDir"] == {}
+    assert volumes[mounts["/adapters/2"]]["hostPath"]["path"] == "/data/legal"
+    assert [c["name"] for c in pod["initContainers"]] == ["fetch-lora-1"]
+    # Without spec.lora, no engine of a cell runs with LoRA.
+    plain = find(builders.build_all(spec.parse(body(cells={})), CONFIG), "Deployment", "llama-cell")
+    assert not any(engine.enable_lora for engine, _ in _cell_engines(container(plain)).values())
+    assert not [m for m in container(plain)["volumeMounts"] if m["mountPath"].startswith("/adapters")]
+
+
+async def test_adding_adapters_rolls_the_cells_to_serve_them(apiserver, operator, claim, wait):
+    await operator.start()
+    await apiserver.create(IS, service(cells={"replicas": 1}))
+    await wait(lambda: "llama-cell" in apiserver.names(DEPLOY, NS))
+    uid = apiserver.get_object(DEPLOY, NS, "llama-cell")["metadata"]["uid"]
+
+    def cell_pod() -> dict:
+        return apiserver.get_object(DEPLOY, NS, "llama-cell")["spec"]["template"]["spec"]
+
+    assert not any(engine.enable_lora for engine, _ in _cell_engines(cell_pod()["containers"][0]).values())
+    await apiserver.merge(IS, NS, "llama", {"spec": {"lora": {"adapters": [
+        {"name": "sql", "source": {"uri": "hf://org/sql-lora"}}]}}})
+    await wait(lambda: "--enable-lora" in cell_pod()["containers"][0]["args"])
+    for engine, options in _cell_engines(cell_pod()["containers"][0]).values():
+        assert engine.enable_lora and dict(options.lora_modules) == {"sql": "/adapters/0"}
+    assert [c["name"] for c in cell_pod()["initContainers"]] == ["fetch-lora-0"]
+    assert {"name": "lora-0", "mountPath": "/adapters/0", "readOnly": True} in cell_pod()["containers"][0][
+        "volumeMounts"]
+    assert apiserver.get_object(DEPLOY, NS, "llama-cell")["metadata"]["uid"] == uid  # patched, not recreated

@@ -14,7 +14,7 @@ import grpc
 import httpx
 import openai
 import pytest
-from serving_harness import baton_up, series_sum
+from serving_harness import baton_up, series_sum, serve_cell, serve_router
 
 from baton.protos import worker_pb2, worker_pb2_grpc
 from baton.sampling_params import SamplingParams
@@ -134,3 +134,27 @@ def test_a_worker_refuses_an_adapter_it_does_not_hold_and_a_mismatched_ticket(ad
         assert list(stats.lora_adapters) == ["sql"]
     finally:
         dep.stop()
+
+
+def test_a_cells_prefill_and_decode_engines_both_apply_the_adapter(tiny_model_dir, adapters, expected):
+    """`baton serve-cell` passes the LoRA flags to every engine: the prefill engine computes
+    the prompt and first token with the adapter, the ticket names it, and the decode engine
+    of the same cell continues with it after an `ipc` handoff. The text equals the engine's
+    own with the adapter (wrong on either side, the tokens would differ)."""
+    cell = serve_cell("lora-cell", "--enable-lora", "--lora-modules", f"sql={adapters['sql']}", "--max-loras", "2")
+    try:
+        router = serve_router(tiny_model_dir, "--prefill", ",".join(cell.addresses("prefill")),
+                              "--decode", ",".join(cell.addresses("decode")))
+        try:
+            client = router.client()
+            assert {m.id for m in client.models.list().data} == {"tiny-llama-v1", "sql"}
+            assert _complete(client, "sql") == expected["sql"]
+            assert _complete(client, "tiny-llama-v1") == expected[None]
+            assert router.counter("baton:router_kv_handoffs_total", 'pairing="same_cell"') == 2
+        finally:
+            router.stop()
+        for engine in ("prefill-0", "decode-0"):
+            assert cell.metric(engine, "baton:lora_requests_total", 'lora_name="sql"') == 1, engine
+            assert cell.metric(engine, "baton:kv_transfer_seconds_count", 'transport="ipc"') == 2, engine
+    finally:
+        cell.stop()
