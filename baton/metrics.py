@@ -171,6 +171,8 @@ def _spec_decode_metrics(stats: Any, counter: Callable, gauge: Callable):
 
 def _lora_metrics(lora: Any, lv: list[str], counter: Callable, gauge: Callable):
     yield gauge("baton:lora_adapters_resident", "LoRA adapters in GPU slots.", len(lora.resident))
+    yield gauge("baton:lora_adapters_reading", "LoRA adapters being read from disk (requests naming them wait).",
+                len(lora.reading))
     yield counter("baton:lora_loads", "LoRA adapters copied from host memory into a GPU slot.", lora.loads)
     yield counter("baton:lora_disk_loads", "LoRA adapter directories read into host memory.", lora.disk_loads)
     yield counter("baton:lora_evictions", "LoRA adapters evicted from a GPU slot.", lora.evictions)

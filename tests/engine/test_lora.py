@@ -215,6 +215,7 @@ async def test_running_requests_keep_going_while_an_adapter_is_read(hf_models, a
     ends they run (equal to the adapter read at once); a read that fails ends only the
     requests naming that adapter."""
     from baton.engine import AsyncLLMEngine, EngineArgs
+    from baton.metrics import EngineCollector
 
     base, paths = hf_models["llama"], adapters["llama"]
     want = _llm(base).generate([{"prompt_token_ids": PROMPTS[0]}], GREEDY,
@@ -255,6 +256,10 @@ async def test_running_requests_keep_going_while_an_adapter_is_read(hf_models, a
         assert not waiting.done() and not failing.done()
         waiting_seqs = await engine.run(lambda e: [s.request_id for s in e.scheduler.waiting])
         assert sorted(waiting_seqs) == ["broken", "slow"]
+        stats = await engine.run(lambda e: e.stats())
+        [reading] = [m for m in EngineCollector(lambda: stats, "tiny", "colocated").collect()
+                     if m.name == "baton:lora_adapters_reading"]
+        assert reading.samples[0].value == 2
 
         config = (paths["a"] / "adapter_config.json").read_text()
         await asyncio.to_thread(_release, broken, config.replace('"r": 8', '"r": 99'))
