@@ -425,6 +425,8 @@ def main() -> None:
 
     def save() -> None:
         """After every section: a run stopped by its time limit keeps what it measured."""
+        if baseline is not None:
+            result["vs_baseline"] = versus(result, baseline)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
 
@@ -526,10 +528,9 @@ def main() -> None:
                              "on the same subset is in offline_same_subset_as_hf.")
         result["speedup_vs_hf_same_subset"] = result["offline_same_subset_as_hf"]["output_tok_s"] / hf["output_tok_s"]
         print(f"hf: {hf}", flush=True)
-    if baseline is not None:
-        result["vs_baseline"] = versus(result, baseline)
-        print(f"against {args.baseline}: {json.dumps(result['vs_baseline']['figures'])}", flush=True)
     save()
+    if baseline is not None:
+        print(f"against {args.baseline}: {json.dumps(result['vs_baseline']['figures'])}", flush=True)
     plot(result, Path(args.png))
     keys = ("decode_tpot_ms_batch1", "decode_roofline_ratio", "prefill_mfu", "offline_output_tok_s",
             "offline_total_tok_s")

@@ -51,3 +51,18 @@ def test_baton_up_gives_each_worker_of_a_two_gpu_host_its_own_gpu(monkeypatch, t
 
     assert devices("--prefill", "1", "--decode", "1") == {"prefill-0": "cuda:0", "decode-0": "cuda:1"}
     assert devices("--mode", "colocated", "--colocated", "2") == {"colocated-0": "cuda:0", "colocated-1": "cuda:1"}
+
+
+def test_the_runbook_expands_its_groups_in_order_and_refuses_an_unknown_step():
+    dry = subprocess.run(["bash", "bench/multi_gpu.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "DRY": "1", "STEPS": "28 27", "WHEELS": "/w"})
+    assert dry.returncode == 0, dry.stderr
+    steps = [line[1:].split(",")[0] for line in dry.stdout.splitlines() if line.startswith("[")]
+    assert steps == ["wheels", "install", "checkpoint", "28-handoff", "28-tp1", "28-tp2", "27"]
+    commands = [line.strip() for line in dry.stdout.splitlines() if line.startswith("  ")]
+    assert "--target /tmp/site /w/*.whl" in commands[0]
+    assert "--gpus 2 --prefill-tp 2" in commands[3] and "--gpus 2 --tokens 16,512,2048,8192" in commands[6]
+    assert "--tensor-parallel-size 2 --baseline /tmp/multi_gpu/engine-tp1.json" in commands[5]
+    bad = subprocess.run(["bash", "bench/multi_gpu.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "DRY": "1", "STEPS": "27 26"})
+    assert bad.returncode == 2 and "unknown step '26'" in bad.stderr
