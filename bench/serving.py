@@ -329,7 +329,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
-        if len(results["modes"]) == 2:
+        if {"disaggregated", "colocated"} <= set(results["modes"]):
             results["comparison"] = compare(results["modes"])
         out.write_text(json.dumps(results, indent=2) + "\n")
 
