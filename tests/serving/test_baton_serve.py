@@ -80,6 +80,7 @@ def test_one_colocated_replica_is_one_process(served):
     assert listening == {int(served.url.rsplit(":", 1)[1])}  # no gRPC server, no separate /metrics
     assert served.processes == {}  # it printed no per-process lines, as `baton up` does
     assert KEY not in " ".join(cmdline(served.proc.pid))  # the key travels in the environment only
+    assert KEY not in "".join(served.output) and "$BATON_API_KEY" in "".join(served.output)  # never printed
     health = httpx.get(f"{served.url}/health", timeout=30)
     assert health.status_code == 200 and health.json()["workers"] == {"colocated": {"healthy": 1, "total": 1}}
 
