@@ -18,6 +18,7 @@ tuned (`lora.layers.apply_lora`), and every step first puts its adapters into sl
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -60,6 +61,27 @@ def kv_cache_spec(config: EngineConfig, layout: ShardLayout) -> KVCacheSpec:
     """The KV pool of one rank: the KV heads of `layout` (all of them at TP 1)."""
     return KVCacheSpec(num_layers=config.num_layers, num_kv_heads=len(layout.kv_heads), head_dim=config.head_dim,
                        block_size=config.block_size, dtype=config.kv_cache_dtype)
+
+
+def lora_manager(config: EngineConfig, layout: ShardLayout, model, device: torch.device):
+    """The `LoRAManager` of one rank (None without LoRA): slots for `model`'s projections
+    (the rank's shapes), adapters checked against the whole model and cut to the rank's part."""
+    if config.lora is None:
+        return None
+    from baton.engine.lora.adapter import llama_layout
+    from baton.engine.lora.manager import LoRAManager
+    from baton.engine.models.llama import LlamaArgs, LlamaForCausalLM
+
+    if not isinstance(model, LlamaForCausalLM):
+        raise ValueError(f"enable_lora: {type(model).__name__} has no LoRA layout (supported: the "
+                         f"Llama family, Mistral, Qwen2, Qwen3)")
+    shard = None
+    if layout.tp > 1:
+        from baton.engine.parallel.shard import shard_lora
+
+        shard = (llama_layout(LlamaArgs.from_hf(config.hf_config)), functools.partial(shard_lora, layout=layout))
+    return LoRAManager(config.lora, llama_layout(model.args), config.dtype, device,
+                       max(config.max_num_batched_tokens, config.max_num_seqs), shard)
 
 
 def attention_backend(config: EngineConfig, layout: ShardLayout, kernels: KernelConfig, name: str | None = None):
@@ -151,31 +173,21 @@ class ModelRunner:
             self.model.ranks.close()
 
     def _create_lora(self):
-        c = self.config
-        if c.lora is None:
-            return None
-        from baton.engine.lora.adapter import llama_layout
-        from baton.engine.lora.manager import LoRAManager
-        from baton.engine.models.llama import LlamaForCausalLM
-
-        if c.tensor_parallel_size > 1:
-            raise ValueError("enable_lora with tensor_parallel_size > 1 is not supported yet (docs/limits.md)")
-        if not isinstance(self.reference, LlamaForCausalLM):
-            raise ValueError(f"enable_lora: {type(self.reference).__name__} has no LoRA layout (supported: the "
-                             f"Llama family, Mistral, Qwen2, Qwen3)")
-        return LoRAManager(c.lora, llama_layout(self.reference), c.dtype, self.device,
-                           max(c.max_num_batched_tokens, c.max_num_seqs))
+        return lora_manager(self.config, self.layout, self.reference, self.device)
 
     def _apply_lora(self) -> None:
         if self.lora is not None:
             from baton.engine.lora.layers import apply_lora
 
-            apply_lora(self.model, self.lora)
+            # At TP > 1 the rank-0 shard inside the driven model (the other ranks wrap theirs).
+            apply_lora(self.reference if self.config.tensor_parallel_size > 1 else self.model, self.lora)
 
     def _set_lora(self, batch: ScheduledBatch) -> None:
-        """The step's adapters into GPU slots, its token -> slot index written."""
+        """The step's adapters into GPU slots, its token -> slot index written (on every rank)."""
         if self.lora is not None:
             self.lora.activate([s.lora_int_id for s in batch.seqs], batch.num_new_tokens)
+            if self.config.tensor_parallel_size > 1:
+                self.model.set_lora([s.lora_request for s in batch.seqs], list(batch.num_new_tokens))
 
     def _tune(self) -> None:
         """Time the fast path's few-row kernels for this model (not in float32, where cuBLAS runs)."""

@@ -72,9 +72,9 @@ class LoRALayout:
         raise KeyError(module)
 
 
-def llama_layout(model) -> LoRALayout:
-    """The layout of a Llama-family model (engine/models/llama.py: fused Q/K/V and gate/up)."""
-    a = model.args
+def llama_layout(a) -> LoRALayout:
+    """The layout of a Llama-family model of `LlamaArgs` `a` (engine/models/llama.py: fused
+    Q/K/V and gate/up)."""
     q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
     return LoRALayout(a.num_layers, (
         ProjectionLayout("qkv_proj", a.hidden_size, (("q_proj", q), ("k_proj", kv), ("v_proj", kv))),
@@ -129,9 +129,11 @@ def _read_config(path: Path) -> dict:
 
 
 def load_adapter(request: LoRARequest, layout: LoRALayout, max_rank: int, dtype: torch.dtype,
-                 pin: bool = False) -> LoRAAdapter:
+                 pin: bool = False, cut=None) -> LoRAAdapter:
     """Read `request`'s adapter directory; raises LoRAError for anything it cannot apply.
-    `pin`: page-locked host tensors (faster copies into GPU slots)."""
+    `pin`: page-locked host tensors (faster copies into GPU slots). `cut(module, A, B)`:
+    a tensor-parallel rank's part of each pair (checked against the whole model's `layout`
+    first)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(request.lora_local_path)
@@ -174,6 +176,8 @@ def load_adapter(request: LoRARequest, layout: LoRALayout, max_rank: int, dtype:
             raise LoRAError(f"{where}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit the base model "
                             f"(A {want_a}, B {want_b}): was it trained on another model?")
         a, b = a.to(dtype), (b.double() * scaling).to(dtype)
+        if cut is not None:
+            a, b = cut(module, a, b)
         if pin:
             a, b = a.pin_memory(), b.pin_memory()
         weights[(layer, module)] = (a, b)

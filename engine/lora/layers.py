@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from baton.engine.lora.ops import add_lora
+from baton.engine.parallel.layers import RowParallel
 
 
 class LoRAProjection(nn.Module):
@@ -70,11 +71,17 @@ def apply_lora(model: nn.Module, manager) -> None:
             owner = layer
             if not hasattr(layer, proj.name):
                 owner = layer.self_attn if hasattr(layer.self_attn, proj.name) else layer.mlp
-            base = getattr(owner, proj.name)
+            name = proj.name
+            base = getattr(owner, name)
+            if isinstance(base, RowParallel):
+                # A tensor-parallel row-parallel layer (o, down): the
+                # adapter's partial product (its A holds the rank's input columns) joins the
+                # base's in the one all-reduce.
+                owner, name, base = base, "linear", base.linear
             if isinstance(base, LoRAProjection):
                 continue
             a, b = manager.buffers[(i, proj.name)]
-            setattr(owner, proj.name, LoRAProjection(base, manager, a, b, proj.offsets()))
+            setattr(owner, name, LoRAProjection(base, manager, a, b, proj.offsets()))
     # The fast model's step plans were made from the projections it had: forget them.
     plans = getattr(model, "_plans", None)
     if plans is not None:

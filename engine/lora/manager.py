@@ -57,9 +57,13 @@ class LoRAStats:
 
 class LoRAManager:
     def __init__(self, config: LoRAConfig, layout: LoRALayout, dtype: torch.dtype, device: torch.device,
-                 max_tokens: int):
+                 max_tokens: int, shard: tuple[LoRALayout, Callable] | None = None):
+        """`layout`: the projections this model computes; `shard` (a tensor-parallel rank):
+        (the whole model's layout, which adapters are checked against, and `cut(module, A,
+        B)`, the rank's part of a pair, `parallel/shard.py:shard_lora`)."""
         self.config = config
         self.layout = layout
+        self.adapter_layout, self.cut = shard or (layout, None)
         self.dtype = dtype
         self.device = device
         self.max_rank = config.max_lora_rank
@@ -118,7 +122,8 @@ class LoRAManager:
         """Read and check `request`'s adapter into host tensors (any thread: it touches no
         state of the manager). Raises LoRAError for an adapter that cannot be used."""
         try:
-            return load_adapter(request, self.layout, self.max_rank, self.dtype, pin=self.device.type == "cuda")
+            return load_adapter(request, self.adapter_layout, self.max_rank, self.dtype,
+                                pin=self.device.type == "cuda", cut=self.cut)
         except LoRAError:
             raise
         except Exception as exc:  # an I/O error, a torch error: still this adapter's fault
@@ -220,6 +225,27 @@ class LoRAManager:
         for i in reads:
             del self.reading[i]
         return True
+
+    def follow(self, requests: list[LoRARequest | None], counts: list[int]) -> None:
+        """A tensor-parallel rank other than 0: the step rank 0 activated (`requests`: each
+        sequence's adapter or None, `counts`: its token rows). An adapter not in host memory
+        is read here, on the step (rank 0 read and checked it before it scheduled the
+        request); an id rank 0 now knows under another path replaces the old one. Rank 0's
+        requests hold the adapters, so nothing does here: up to max_cpu_loras stay."""
+        step = {r.lora_int_id: r for r in requests if r is not None}
+        for lora_id, request in step.items():
+            known = self.host.get(lora_id)
+            if known is not None and known.request != request:
+                self._forget(lora_id)
+            self.refs[lora_id] += 1  # held while this step's others are read
+        for lora_id, request in step.items():
+            if lora_id in self.host:
+                self.host.move_to_end(lora_id)
+            else:
+                self.install(self.read(request))
+        for lora_id in step:
+            self.release(lora_id)
+        self.activate([r.lora_int_id if r is not None else 0 for r in requests], counts)
 
     # -- GPU slots (the model runner, before each forward) -------------------------------
 

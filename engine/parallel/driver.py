@@ -229,6 +229,11 @@ class DrivenModel(nn.Module):
 
         self.ranks.run(("kv_scatter", list(block_ids)), run)
 
+    def set_lora(self, requests: list, counts: list[int]) -> None:
+        """Every other rank activates the step's adapters as rank 0 did (`LoRAManager.follow`):
+        `requests`, each sequence's `LoRARequest` or None; `counts`, its token rows."""
+        self.ranks.run(("lora", requests, counts), lambda: None)
+
     def allocate_kv(self, num_blocks: int) -> None:
         """Every other rank (re)allocates its KV pool of `num_blocks` blocks (0: frees it)."""
         self.ranks.run(("kv", num_blocks), lambda: None)

@@ -92,6 +92,17 @@ def shard_weights(weights: Iterable[tuple[str, torch.Tensor]], layout: ShardLayo
         yield name, shard_tensor(name, tensor, layout, quantization)
 
 
+def shard_lora(module: str, a: torch.Tensor, b: torch.Tensor, layout: ShardLayout):
+    """The rank's part of an adapter's pair for PEFT module `module` (A [r, in], B [out, r]):
+    of a column-parallel layer A whole and B's output rows of the cut; of a row-parallel
+    one (o, down) A's input columns and B whole, so the rank's B (A_r x_r) is a partial sum
+    that the layer's all-reduce completes with the base product's (`lora/layers.py`)."""
+    cut = layer_cut(module, layout)
+    if cut.axis == "out":
+        return a, b.narrow(0, cut.start, cut.size).clone()
+    return a.narrow(1, cut.start, cut.size).contiguous(), b
+
+
 def parallelize(model: nn.Module, layout: ShardLayout, comm: Collectives) -> nn.Module:
     """Wrap, in place, the layers of a loaded rank model whose results the ranks combine:
     o_proj and down_proj (all-reduce), the embedding (vocabulary-parallel) and the LM head

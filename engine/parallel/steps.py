@@ -14,6 +14,9 @@ broadcast on the ranks' process group, then every rank runs the same call. Ops:
   out of this engine);
 - `("kv_scatter", block_ids)`: broadcast: those blocks in the whole model's layout, of which
   each rank keeps its KV heads (a KV handoff into this engine);
+- `("lora", requests, counts)`: before a forward with LoRA on, the step's adapters (each
+  sequence's `LoRARequest` or None, and its token rows), which the rank reads from disk if
+  it has not yet (its part of each, `shard.py:shard_lora`) and puts in its slots;
 - `("stop",)`: leave the loop and exit.
 
 A rank answers on its pipe only at start (`("hello",)`, `("ready",)`) and when it fails

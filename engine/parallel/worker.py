@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from baton.engine.config import EngineConfig
 from baton.engine.loader import load_model
-from baton.engine.model_runner import attention_backend, kv_cache_spec
+from baton.engine.model_runner import attention_backend, kv_cache_spec, lora_manager
 from baton.engine.parallel import steps
 from baton.engine.parallel.driver import COLLECTIVE_TIMEOUT, rank_device
 from baton.engine.parallel.layers import Collectives
@@ -64,6 +64,11 @@ class RankWorker:
         self.backend = attention_backend(config, self.layout, self.kernels)
         self.kv_spec = kv_cache_spec(config, self.layout)
         self.kv: torch.Tensor | None = None
+        self.lora = lora_manager(config, self.layout, self.model, self.device)
+        if self.lora is not None:
+            from baton.engine.lora.layers import apply_lora
+
+            apply_lora(self.model, self.lora)
 
     def serve(self) -> None:
         while True:
@@ -91,6 +96,8 @@ class RankWorker:
                     blocks = self.comm.broadcast(torch.empty(whole, dtype=self.kv.dtype, device=self.device))
                     heads = self.layout.kv_heads
                     self.kv[ids] = blocks[..., heads.start : heads.stop, :]
+                elif op == "lora":
+                    self.lora.follow(header[1], header[2])
                 elif op == "kv":
                     self.kv = None  # free the old pool before the new one is made
                     if self.device.type == "cuda":

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from lora_helpers import lora_requests, write_three_adapters
 
 from baton.engine import LLM, GuidedDecodingParams, SamplingParams
 from baton.engine.errors import RankFailedError
@@ -68,13 +69,15 @@ def fp8_kv(tmp_path_factory, hf_models):
     return out
 
 
-ENGINE_ARGS = {"fp8_kv": dict(kv_cache_dtype="fp8")}
+# Two slots for three adapters: steps evict and reload adapters on every rank.
+ENGINE_ARGS = {"fp8_kv": dict(kv_cache_dtype="fp8"),
+               "lora": dict(enable_lora=True, max_loras=2, max_cpu_loras=2, max_lora_rank=16)}
 
 
 @pytest.fixture(scope="module")
 def models(hf_models, mqa_odd_vocab, fp8_kv):
     return {"llama": hf_models["llama"], "qwen2": hf_models["qwen2"], "qwen3": hf_models["qwen3"],
-            "mqa_odd_vocab": mqa_odd_vocab, "fp8_kv": fp8_kv}
+            "mqa_odd_vocab": mqa_odd_vocab, "fp8_kv": fp8_kv, "lora": hf_models["llama"]}
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +187,24 @@ def test_prefix_cache_hits_as_at_tp1(engines):
         results.append(second)
         assert second[0].num_cached_tokens == 28  # 7 full blocks of 4 of the shared 31 tokens
     _assert_same(*results)
+
+
+def test_mixed_adapter_batch_is_the_same(engines, hf_models, tmp_path_factory):
+    """Adapters on q/v ("a"), on all seven projections ("b"), on o/gate/down only ("c", the
+    row-parallel ones: each rank's B (A_r x_r) summed by the layer's all-reduce), and the
+    base model, mixed in the steps of one generate, with preemption and chunking; two slots
+    for three adapters, so the ranks evict and reload them as rank 0 does."""
+    loras = lora_requests(write_three_adapters(hf_models["llama"], tmp_path_factory.mktemp("tp-lora")))
+    plan = [(p, name) for p in PROMPTS[:3] for name in (None, "a", "b", "c")]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
+    want, got = ([o for o in engines("lora", tp).generate([{"prompt_token_ids": p} for p, _ in plan], params,
+                                                          lora_request=[loras[n] if n else None for _, n in plan])]
+                 for tp in (1, 2))
+    _assert_same(want, got, atol=2e-3)  # test_lora.py's tolerance against PEFT
+    assert len({tuple(o.outputs[0].token_ids) for o in got[:4]}) == 4  # each adapter changed the output
+    two = engines("lora", 2).engine
+    assert two.stats().lora.evictions > 0
+    assert two.block_manager.num_free_blocks == TIGHT["num_gpu_blocks_override"]
 
 
 def _final(engine, request_id: str):
