@@ -183,7 +183,10 @@ class OpenAIServing:
             name = "best_of" if candidates > body.n else "n"
             raise bad_request(f"{len(prompts)} prompt(s) x {name}={candidates} outputs exceed {MAX_STREAMS} "
                               "per request", name)
-        response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        response_id = f"{'chatcmpl' if chat else 'cmpl'}-{body.request_id or uuid.uuid4().hex}"
+        # A client's id may come twice at once (here or at another router): the engines' ids,
+        # which aborts name, stay unique and still carry it.
+        stream_id = response_id if body.request_id is None else f"{response_id}.{uuid.uuid4().hex[:12]}"
         jobs: list[Job] = []
         prompt_tokens: dict[int, int] = {}
         params = None
@@ -193,10 +196,10 @@ class OpenAIServing:
             for i in range(candidates):
                 index = p_index * candidates + i
                 seeded = params if params.seed is None or i == 0 else params.clone(seed=(params.seed + i) % 2**63)
-                jobs.append(Job(index, f"{response_id}-{index}", prompt.token_ids, seeded, lora_name))
+                jobs.append(Job(index, f"{stream_id}-{index}", prompt.token_ids, seeded, lora_name))
                 prompt_tokens[index] = len(prompt.token_ids) if i == 0 else 0
         ticket = self.dispatcher.admit([len(p.token_ids) for p in prompts], len(jobs))
-        log.debug("%s: %d prompt(s), %d stream(s)%s", response_id, len(prompts), len(jobs),
+        log.debug("%s: %d prompt(s), %d stream(s)%s", stream_id, len(prompts), len(jobs),
                   f", user {body.user!r}" if body.user else "")
         builder = ResponseBuilder(
             chat=chat, response_id=response_id, model=body.model, tokenizer=self.tokenizer,

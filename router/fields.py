@@ -30,7 +30,6 @@ _COMMON: dict[str, Any] = {
     "guided_whitespace_pattern": _ANY,
     "structured_outputs": _ANY,
     "priority": 0,
-    "request_id": _ANY,
     "cache_salt": _ANY,
     "kv_transfer_params": _ANY,
     "vllm_xargs": _ANY,

@@ -121,6 +121,8 @@ class SamplingFields(TextBody):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # an end-user id: logged with the request, no effect on the output
+    # vLLM's: the response's id is "cmpl-" or "chatcmpl-" and this (printable: it is logged)
+    request_id: str | None = Field(default=None, min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")
     logit_bias: dict[str, float] | None = Field(default=None, max_length=1024)  # token id (decimal) -> bias
     # vLLM extras
     top_k: Int32 | None = None

@@ -31,7 +31,7 @@ ASKING = {
     "service_tier": "flex", "store": True, "metadata": {"k": "v"},
     "prompt_cache_key": "abc", "use_beam_search": True, "length_penalty": 2.0, "logits_processors": ["x"],
     "guided_decoding_backend": "xgrammar", "guided_whitespace_pattern": " ", "structured_outputs": {"regex": "a"},
-    "priority": 1, "request_id": "mine", "cache_salt": "s", "kv_transfer_params": {}, "vllm_xargs": {"a": 1},
+    "priority": 1, "cache_salt": "s", "kv_transfer_params": {}, "vllm_xargs": {"a": 1},
     "suffix": " end", "prompt_embeds": "AAAA",
     "modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"},
     "prediction": {"type": "content", "content": "x"}, "reasoning_effort": "low", "verbosity": "low",

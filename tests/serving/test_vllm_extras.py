@@ -247,3 +247,44 @@ def test_a_long_conversation_with_its_own_template_continued(trusting, tokenizer
                add_special_tokens=True, truncate_prompt_tokens=8)
     expected = tokenizer.encode(f"user: {long}\nassistant: Once upon", add_special_tokens=True)
     assert out.prompt_token_ids == expected[-8:] and out.usage.prompt_tokens == 8
+
+
+# -- request_id -----------------------------------------------------------------------------
+
+def test_request_id_is_the_response_id(dep):
+    assert complete(dep, request_id="my-id-1").id == "cmpl-my-id-1"
+    assert chat(dep, request_id="my-id-1").id == "chatcmpl-my-id-1"
+    stream = dep.client().completions.create(model=M, prompt=PROMPT, max_tokens=3, stream=True,
+                                             extra_body={"request_id": "streamed"})
+    assert {chunk.id for chunk in stream} == {"cmpl-streamed"}
+    assert complete(dep).id.startswith("cmpl-")
+
+
+def test_one_request_id_twice_at_once(dep):
+    """Both run (the engines' ids stay unique), and ending one early leaves the other be."""
+    import threading
+
+    results = {}
+
+    def long_one():
+        results["whole"] = complete(dep, request_id="twice", max_tokens=120, ignore_eos=True)
+
+    runner = threading.Thread(target=long_one)
+    runner.start()
+    stream = dep.client().completions.create(model=M, prompt=PROMPT, max_tokens=120, stream=True,
+                                             extra_body={"request_id": "twice", "ignore_eos": True})
+    next(iter(stream))
+    stream.close()  # the router aborts this one's streams in the engine
+    runner.join(120)
+    whole = results["whole"]
+    assert whole.id == "cmpl-twice" and whole.usage.completion_tokens == 120
+    assert whole.choices[0].finish_reason == "length"
+    from serving_harness import kv_usage, wait_until
+
+    for worker in dep.workers():  # nothing of either stays held
+        wait_until(lambda name=worker.name: kv_usage(dep, name) == 0, timeout=30, what=f"{worker.name}'s KV freed")
+
+
+@pytest.mark.parametrize("value", ["", "a\nb", "x" * 257, 5])
+def test_invalid_request_id_is_refused(colocated, value):
+    refused(lambda: complete(colocated, request_id=value), "request_id")
