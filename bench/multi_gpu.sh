@@ -94,6 +94,7 @@ finish() {
     else
         tar -czf "$OUT/multi_gpu-results.tar.gz" -C "$RESULTS" "${new[@]##*/}"
     fi
+    rm -f "$MARK"
     ls -l "$OUT"
 }
 MARK=$(mktemp)
