@@ -1,7 +1,7 @@
 """The in-process `baton serve`: the router and one colocated engine in one process.
 
 What `baton serve MODEL` runs for one colocated replica (no `--disaggregated`,
-`--data-parallel-size 1`), as `vllm serve` does: one process serving the OpenAI API, the
+`--data-parallel-size 1`): one process serving the OpenAI API, the
 engine inside it. The pieces are those of `baton up` (baton/up.py), configured the same way
 from the same flags (`up.plan` and `up.router_child` give the worker's and the router's
 command lines, parsed here by their own parsers), but joined without gRPC: the router's

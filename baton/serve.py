@@ -3,7 +3,7 @@
 vLLM's flags are mapped onto `baton up`'s (baton/up.py): engine flags go to the engine,
 API flags to the router. One colocated replica (the default: no `--disaggregated`,
 `--data-parallel-size 1`) runs in ONE process, the router and the engine together with no
-gRPC hop between them (baton/inprocess.py), as `vllm serve` does. `--data-parallel-size N`
+gRPC hop between them (baton/inprocess.py). `--data-parallel-size N`
 (N colocated workers behind the router), `--disaggregated` (prefill and decode workers, N
 of each) and `--no-in-process` run what `baton up` runs: the router and the workers as
 supervised local processes talking gRPC, with the same readiness wait, restarts and
