@@ -159,7 +159,6 @@ def main() -> None:
                 engine.config = dataclasses.replace(default_config, async_scheduling=async_scheduling)
                 engine.spec = SpecDecoder(config, engine.block_manager, engine.max_model_len)
                 engine.spec.drafter = oracle(reference, 0.5, vocab, seed=batch)
-                engine.async_steps.speculative = config  # the chain ends where the rule drafts
                 s = min(decode_run(engine, prompts, tokens, f"b{batch}-adaptive-{async_scheduling}-{r}")[0]
                         for r in range(args.repeats))
                 rows.append({"batch": batch, "k": "adaptive", "acceptance": 0.5, "async_scheduling": async_scheduling,
@@ -167,7 +166,6 @@ def main() -> None:
                              "measured_acceptance": engine.spec.stats.acceptance_rate})
                 print(f"  adaptive (k=4, drafts half right), async_scheduling={async_scheduling}: "
                       f"{s * 1e3:.2f} ms/token, {s / base_s:.2f}x", flush=True)
-            engine.async_steps.speculative = None
         engine.spec = None
         engine.config = default_config
         rows.append({"batch": batch, "k": 0, "acceptance": None, "ms_per_token": base_s * 1e3, "ratio": 1.0})

@@ -26,6 +26,7 @@ launches it, and later trades it for the step after it plus the host's copy of i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,6 @@ from baton.engine.block_manager import BlockManager
 from baton.engine.model_runner import ModelRunner, StepOutput
 from baton.engine.scheduler import ScheduledBatch, Scheduler
 from baton.engine.sequence import Sequence
-from baton.engine.spec_decode.config import SpeculativeConfig
 
 # A token the device has sampled and the host has not read yet holds its place in
 # `Sequence.token_ids` while the next step is launched, within one step() call. Never a
@@ -57,11 +57,13 @@ class AsyncSteps:
     """The launched-but-unread decode step of one engine (at most one at a time)."""
 
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, block_manager: BlockManager,
-                 speculative: SpeculativeConfig | None = None):
+                 drafts: Callable[[int], bool] = lambda batch_size: False):
+        """`drafts(batch_size)`: whether a step of that many decoding sequences would draft
+        (speculative decoding, `LLMEngine._drafts`); such a step is never launched ahead."""
         self.runner = runner
         self.scheduler = scheduler
         self.block_manager = block_manager
-        self.speculative = speculative
+        self.drafts = drafts
         self.inflight: Inflight | None = None
         self.num_launched_ahead = 0  # steps launched before the previous step's tokens were read
 
@@ -117,7 +119,7 @@ class AsyncSteps:
         seqs = [done.batch.seqs[i] for i in keep]
         if not seqs or len(seqs) != len(sched.running) or (sched.waiting and len(sched.running) < sched.max_num_seqs):
             return None
-        if self.speculative is not None and self.speculative.num_drafts(len(seqs)) > 0:
+        if self.drafts(len(seqs)):
             return None  # the next step drafts: it waits for these tokens
         for seq in seqs:
             seq.token_ids.append(PLACEHOLDER)

@@ -132,7 +132,7 @@ class LLMEngine(HandoffHooks):
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._ids = itertools.count()
-        self.async_steps = AsyncSteps(self.runner, self.scheduler, self.block_manager, config.speculative)
+        self.async_steps = AsyncSteps(self.runner, self.scheduler, self.block_manager, self._drafts)
         self.spec = (SpecDecoder(config.speculative, self.block_manager, self.max_model_len)
                      if config.speculative else None)
 
@@ -436,6 +436,11 @@ class LLMEngine(HandoffHooks):
             request.embedding = request.pooler.result()
             request.metrics.first_token_time = request.metrics.last_token_time = time.time()
             self._finish(request, seq, SequenceStatus.FINISHED_STOPPED)
+
+    def _drafts(self, batch_size: int) -> bool:
+        """Whether a step with `batch_size` decoding sequences drafts (speculation on, and its
+        load-adaptive rule drafting at that size)."""
+        return self.spec is not None and self.spec.config.num_drafts(batch_size) > 0
 
     def _holds_kv(self, request_id: str) -> bool:
         return self.requests[request_id].hold_kv
