@@ -176,12 +176,15 @@ def copy_blocks(_sock, src: torch.Tensor, dst: torch.Tensor, src_ids: list[int],
 
     A copy per stretch contiguous at both ends, or, past `max_direct` stretches, one
     gather and one scatter."""
-    cuda = src.device.type == "cuda"
-    if cuda:
+    # Either end may be host memory (a TP engine's handoff pool): the copy runs on a stream
+    # of the GPU end and is synchronised before the peer is told, whichever end that is.
+    gpu = next((t.device for t in (dst, src) if t.device.type == "cuda"), None)
+    if src.device.type == "cuda":
         torch.cuda.current_stream(src.device).synchronize()  # the engine's writes landed
+    if gpu is not None:
         stream = stream_holder.get("stream")
         if stream is None:
-            stream = stream_holder["stream"] = torch.cuda.Stream(dst.device)
+            stream = stream_holder["stream"] = torch.cuda.Stream(gpu)
     # With a fault armed, the copy stops half way (tests: a peer that dies mid-copy).
     half = len(src_ids) // 2 if (faults.active("sender_exit") or faults.active("sender_stop")) else 0
     parts = [(src_ids[:half], dst_ids[:half]), (src_ids[half:], dst_ids[half:])] if half else [(src_ids, dst_ids)]
@@ -189,8 +192,8 @@ def copy_blocks(_sock, src: torch.Tensor, dst: torch.Tensor, src_ids: list[int],
         if i:
             faults.fire("sender_exit")
             faults.fire("sender_stop")
-        if cuda:
-            with torch.cuda.device(dst.device), torch.cuda.stream(stream):
+        if gpu is not None:
+            with torch.cuda.device(gpu), torch.cuda.stream(stream):
                 _copy(src, dst, s_ids, d_ids, max_direct)
             stream.synchronize()
         else:
