@@ -40,6 +40,7 @@ class TokenizeCompletionRequest(_TokenizeBody):
 class TokenizeChatRequest(_TokenizeBody):
     messages: list[ChatMessage] = Field(min_length=1)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # as in a chat request (router/params.py:chat_options)
     # The chat template writes BOS itself, so none is added by default (vLLM's default).
     add_special_tokens: bool = False
     chat_template_kwargs: dict[str, Any] | None = None

@@ -184,6 +184,7 @@ def trusting(_tiny_model_cache, tiny_model_dir):
 def test_continue_final_message_continues_the_last_message(dep, tokenizer):
     out = chat(dep, messages=STORY, continue_final_message=True, add_generation_prompt=False)
     assert out.prompt_token_ids == tokenizer.encode(CHATML, add_special_tokens=False)
+    assert tokenize(dep, messages=STORY, continue_final_message=True) == out.prompt_token_ids  # vLLM's /tokenize too
     assert out.choices[0].message.role == "assistant"
     # without add_generation_prompt given, continuing implies none
     implied = chat(dep, messages=STORY, continue_final_message=True)
