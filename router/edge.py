@@ -132,7 +132,7 @@ def _long_literals(body: bytes | bytearray) -> list[tuple[int, int]]:
     """(opening quote, closing quote) of each string literal longer than LONG_STRING_BYTES,
     found by quote parity (a quote after an odd run of backslashes is escaped)."""
     out, opening = [], -1
-    q = body.find(b'"')
+    q = _find_quote(body, 0)
     while q != -1:
         run = 0
         while q - run > 0 and body[q - run - 1] == _BACKSLASH:
@@ -145,10 +145,20 @@ def _long_literals(body: bytes | bytearray) -> list[tuple[int, int]]:
             if q - opening > LONG_STRING_BYTES:
                 out.append((opening, q))
             opening = -1
-        q = body.find(b'"', q + 1)
+        q = _find_quote(body, q + 1)
     if opening >= 0:
         raise _Unsure("an unterminated string")
     return out
+
+
+def _find_quote(body: bytes | bytearray, start: int) -> int:
+    # A window at a time: one search through a 20 MB string would hold the GIL throughout.
+    while start < len(body):
+        q = body.find(b'"', start, start + SLICE_BYTES)
+        if q != -1:
+            return q
+        start += SLICE_BYTES
+    return -1
 
 
 def _decode_literal(body: bytes | bytearray, start: int, end: int) -> str:
