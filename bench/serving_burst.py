@@ -13,7 +13,9 @@ For each mode it starts `baton up` (tiny model unless --up-args says otherwise),
    20 ms while the router reads, validates and tokenises it. A trivial HTTP server in a
    process of its own is timed the same way at the same time (the control): on a busy
    machine the scheduler alone delays some answers, and a slow `/health` whose control
-   probes were fast meanwhile is the router's own doing.
+   probes were fast meanwhile is the router's own doing. For the slowest probes it also
+   says how long the probe process itself and the router's threads waited on the CPU run
+   queue meanwhile (Linux schedstat): a probe whose time went there is the machine's doing.
 
 Writes bench/results/serving-burst-<tag>.json and a PNG of completions and 429s over time.
 
@@ -39,7 +41,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -65,6 +67,7 @@ class Deployment:
     url: str
     metrics: dict[str, str]  # process name -> /metrics URL (the router's included)
     output: list[str]
+    pids: dict[str, int] = field(default_factory=dict)  # process name -> pid
 
 
 def free_port() -> int:
@@ -87,6 +90,8 @@ def start(mode: str, up_args: str, timeout: float = 300) -> Deployment:
         for line in proc.stdout:
             dep.output.append(line)
             m = _CHILD.match(line.strip())
+            if m:
+                dep.pids[m.group(1)] = int(m.group(2))
             metrics = re.search(r"metrics (\S+)", m.group(3)) if m else None
             if metrics:
                 dep.metrics[m.group(1)] = metrics.group(1)
@@ -132,20 +137,32 @@ def leftovers(dep: Deployment) -> dict[str, dict[str, float]]:
     return held
 
 
+# Each line: sent (monotonic s), latency (s), then over the probe's time the CPU run-queue
+# wait (s) of the probe itself, of process pid's main thread (the router's event loop) and
+# the most any other thread of pid waited (0 when no pid or not Linux).
 _PROBE = """
-import sys, time, http.client
-host, port, interval = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+import glob, sys, time, http.client
+host, port, interval, pid = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+def waited(path):
+    try:
+        return int(open(path).read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+def threads():
+    return {path: waited(path) for path in glob.glob(f"/proc/{pid}/task/*/schedstat")} if pid else {}
+own, main = "/proc/thread-self/schedstat", f"/proc/{pid}/task/{pid}/schedstat"
 conn = None
 while True:
-    t0 = time.monotonic()
+    t0, own0, before = time.monotonic(), waited(own), threads()
     try:
         conn = conn or http.client.HTTPConnection(host, port, timeout=60)
         conn.request("GET", "/health")
         conn.getresponse().read()
-        print(t0, time.monotonic() - t0, flush=True)
+        latency = time.monotonic() - t0
     except OSError:
-        conn = None
-        print(t0, "inf", flush=True)
+        conn, latency = None, "inf"
+    waits = {path: waited(path) - w for path, w in before.items()}
+    print(t0, latency, waited(own) - own0, waits.pop(main, 0.0), max(waits.values(), default=0.0), flush=True)
     time.sleep(interval)
 """
 
@@ -175,9 +192,9 @@ class HealthProbe:
     """`GET /health` every `interval` seconds from a process of its own, so that neither the
     load generator's event loop nor its GIL delays the probe; latencies in seconds."""
 
-    def __init__(self, url: str, interval: float):
+    def __init__(self, url: str, interval: float, server_pid: int = 0):
         host, port = url.removeprefix("http://").rsplit(":", 1)
-        self._proc = subprocess.Popen([sys.executable, "-c", _PROBE, host, port, str(interval)],
+        self._proc = subprocess.Popen([sys.executable, "-c", _PROBE, host, port, str(interval), str(server_pid)],
                                       stdout=subprocess.PIPE, text=True)
         self._lines: list[str] = []
         self._reader = threading.Thread(target=lambda: self._lines.extend(self._proc.stdout), daemon=True)
@@ -185,14 +202,15 @@ class HealthProbe:
 
     def stop(self) -> list[float]:
         """The latencies, in seconds."""
-        return [latency for _, latency in self.stop_timed()]
+        return [probe[1] for probe in self.stop_timed()]
 
-    def stop_timed(self) -> list[tuple[float, float]]:
-        """(when the probe was sent, on the monotonic clock; its latency), in seconds."""
+    def stop_timed(self) -> list[tuple[float, ...]]:
+        """(when the probe was sent, on the monotonic clock; its latency; the run-queue wait
+        of the probe and of the server's thread meanwhile), in seconds."""
         self._proc.terminate()
         self._proc.wait(timeout=10)
         self._reader.join(timeout=10)
-        return [(float(sent), float(latency)) for sent, latency in (line.split() for line in self._lines if line.strip())]
+        return [tuple(float(x) for x in line.split()) for line in self._lines if line.strip()]
 
 
 async def one_stream(session: aiohttp.ClientSession, url: str, model: str, max_tokens: int, t0: float,
@@ -283,7 +301,7 @@ async def large_request(dep: Deployment, model: str, megabytes: float) -> dict:
         probe, control_probe = HealthProbe(dep.url, 0.02), HealthProbe(control_url, 0.02)
         await asyncio.sleep(5)
         idle, control_idle = probe.stop(), control_probe.stop()
-        probe, control_probe = HealthProbe(dep.url, 0.02), HealthProbe(control_url, 0.02)
+        probe, control_probe = HealthProbe(dep.url, 0.02, dep.pids.get("router", 0)), HealthProbe(control_url, 0.02)
         await asyncio.sleep(0.5)
         t0 = time.monotonic()
         curl = await asyncio.create_subprocess_exec(
@@ -298,22 +316,27 @@ async def large_request(dep: Deployment, model: str, megabytes: float) -> dict:
         control.wait(timeout=10)
     answer, _, status = out.decode().rpartition("\n")
     return {"megabytes": megabytes, "status": int(status), "answer": answer[:300], "seconds": round(elapsed, 2),
-            "health_ms": latency_summary([latency for _, latency in health]),
-            "control_ms": latency_summary([latency for _, latency in control_health]),
+            "health_ms": latency_summary([p[1] for p in health]),
+            "control_ms": latency_summary([p[1] for p in control_health]),
             "slowest": slowest(health, control_health, t0),
             "health_ms_idle_before": latency_summary(idle), "control_ms_idle_before": latency_summary(control_idle)}
 
 
-def slowest(probes: list[tuple[float, float]], control: list[tuple[float, float]], t0: float,
+def slowest(probes: list[tuple[float, ...]], control: list[tuple[float, ...]], t0: float,
             count: int = 5) -> list[dict]:
     """The `count` slowest probes: when they were sent (seconds after `t0`), how long they
-    took, and the slowest control probe that overlapped them (a slow control means the
-    machine, not the server, held both)."""
+    took, the slowest control probe that overlapped them (a slow control means the machine,
+    not the server, held both), and how long the probe process and the router's loop thread
+    waited on the CPU run queue meanwhile (runnable, but another task had the core), and the
+    most any other router thread waited (one holding the GIL stalls the loop meanwhile)."""
     out = []
-    for sent, latency in sorted(probes, key=lambda p: p[1], reverse=True)[:count]:
-        overlapping = [c for s, c in control if s < sent + latency and s + c > sent]
+    for sent, latency, probe_wait, loop_wait, thread_wait in sorted(probes, key=lambda p: p[1], reverse=True)[:count]:
+        overlapping = [c[1] for c in control if c[0] < sent + latency and c[0] + c[1] > sent]
         out.append({"at_s": round(sent - t0, 2), "ms": round(1000 * latency, 1),
-                    "control_ms": round(1000 * max(overlapping, default=0.0), 1)})
+                    "control_ms": round(1000 * max(overlapping, default=0.0), 1),
+                    "probe_runqueue_ms": round(1000 * probe_wait, 1),
+                    "router_loop_runqueue_ms": round(1000 * loop_wait, 1),
+                    "router_other_thread_runqueue_ms": round(1000 * thread_wait, 1)})
     return out
 
 
