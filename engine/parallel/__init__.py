@@ -7,7 +7,8 @@ the vocabulary. Map of the package:
 
 - `layout.py`: `ShardLayout`, which heads, rows and vocabulary a rank holds (torch-free);
 - `shard.py`: a rank's model, the reference model at the rank's shape loaded with its
-  slices of the checkpoint (`shard_weights`), then `parallelize`d;
+  slices of the checkpoint (`shard_weights`, quantized tensors included), then
+  `parallelize`d; its part of each LoRA adapter (`shard_lora`);
 - `layers.py`: the collectives and the layers that use them (row-parallel o/down with an
   all-reduce, vocabulary-parallel embedding, the LM head gathered to rank 0);
 - `driver.py`: rank 0's side, `RankGroup` (spawning, failures) and `DrivenModel`;

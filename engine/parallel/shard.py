@@ -2,9 +2,11 @@
 
 `load_model(config, layout)` (`engine/loader.py`) builds the reference model at the rank's
 shape (`ShardLayout.rank_hf_config`) and feeds it `shard_weights` of the checkpoint, so the
-model's own `load_weights` fuses and checks the slices as it does whole tensors;
+model's own `load_weights` fuses and checks the slices as it does whole tensors (a
+quantized layer's tensors are cut in their checkpoint layout, `quantization/sharding.py`);
 `parallelize` then wraps the layers whose rank-local results must be combined. The model
-file stays the single-device reference; nothing in it knows about ranks.
+file stays the single-device reference; nothing in it knows about ranks. `shard_lora` cuts
+a LoRA adapter the same way.
 """
 
 from __future__ import annotations
