@@ -73,7 +73,9 @@ class DecodeServicer(EngineServicer):
         await self.runtime.refuse_if_draining(context)
         with self.runtime.work():
             ttl = request.ttl_seconds or None
-            await self.lora_request(request.lora_name, context)  # refused before blocks are taken
+            lora = await self.lora_request(request.lora_name, context)  # refused before blocks are taken
+            if lora is not None:  # an adapter the host LRU dropped is read while the prefill runs
+                self.adapters.prefetch(lora)
             try:
                 ticket = await self.receiver.reserve(request.request_id, request.num_prompt_tokens, ttl,
                                                      lora_name=request.lora_name)

@@ -4,7 +4,7 @@ The engine thread owns the engine: it applies queued commands (add, abort, reser
 between steps and runs `step()` while there is work, so the event loop never waits on the
 model. When the only work left waits for LoRA adapters being read (on threads of their
 own), it sleeps on the command queue until a read ends (`LoRAManager.on_read` queues a
-wake-up) or a command comes. Outputs go back to each request's asyncio queue. A failed step fails the requests it
+command that takes it in) or another command comes. Outputs go back to each request's asyncio queue. A failed step fails the requests it
 held (their blocks are freed) and the engine keeps serving.
 """
 
@@ -103,8 +103,9 @@ class AsyncLLMEngine:
                 fut.set_exception(dead)
 
     def _wake(self) -> None:
-        """Any thread: end the engine thread's wait for commands (a no-op command)."""
-        self._commands.put((lambda engine: None, concurrent.futures.Future()))
+        """Any thread (a LoRA read ended): end the engine thread's wait for commands with
+        one that takes finished reads in, so an idle engine installs them too."""
+        self._commands.put((lambda engine: engine.collect_adapter_reads(), concurrent.futures.Future()))
 
     def _apply(self, fn, fut: concurrent.futures.Future) -> None:
         if not fut.set_running_or_notify_cancel():

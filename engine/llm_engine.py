@@ -328,9 +328,10 @@ class LLMEngine(HandoffHooks):
         s = self.scheduler
         return not s.running and all(seq.lora_int_id and not lora.ready(seq.lora_int_id) for seq in s.waiting)
 
-    def _collect_adapter_reads(self) -> None:
-        """Take in finished adapter reads; fail the requests naming an adapter that could
-        not be used (their blocks, held ones included, are freed)."""
+    def collect_adapter_reads(self) -> None:
+        """Take in finished adapter reads (done before every step, and by the async engine
+        when a read ends); fail the requests naming an adapter that could not be used
+        (their blocks, held ones included, are freed)."""
         lora = self.runner.lora
         if lora is None or not lora.reading:
             return
@@ -355,7 +356,7 @@ class LLMEngine(HandoffHooks):
         read to end instead, so a driver looping on step() does not spin."""
         if self.waiting_for_adapters():
             self.runner.lora.wait_for_read(timeout=0.05)
-        self._collect_adapter_reads()
+        self.collect_adapter_reads()
         if self.async_steps.inflight is not None:  # launch the next step, then finish this one
             # The launched step's batch was chosen without the scheduler; the wait for its
             # tokens (and the launch of the next) is its model time.

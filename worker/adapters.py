@@ -67,6 +67,13 @@ class AdapterTable:
         await self.engine.run(lambda e: e.runner.lora.install(adapter))
         self.adapters[name] = request
 
+    def prefetch(self, request: LoRARequest) -> None:
+        """Start reading `request`'s adapter if the engine does not hold it in host memory,
+        without waiting (a reservation: the read overlaps the prefill on another worker;
+        a failure shows when the request is added)."""
+        reading = asyncio.ensure_future(self.engine.run(lambda e: e.runner.lora.prefetch(request)))
+        reading.add_done_callback(lambda t: t.cancelled() or t.exception())
+
     async def unload(self, name: str) -> None:
         """Stop serving `name`; raises AdapterNotFound, or AdapterInUse while requests use it."""
         if name not in self.adapters:

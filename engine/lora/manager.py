@@ -114,6 +114,13 @@ class LoRAManager:
         self.requests_per_adapter[request.lora_name] += 1
         self._trim_host()
 
+    def prefetch(self, request: LoRARequest) -> None:
+        """Start reading `request`'s adapter if it is neither in host memory nor being read,
+        taking no reference (a decode worker's reservation: the read overlaps the prefill
+        elsewhere). An id known under another path is left alone (`acquire` refuses it)."""
+        if request.lora_int_id not in self.host and request.lora_int_id not in self.reading:
+            self.reading[request.lora_int_id] = (request, self.read_async(request))
+
     def ready(self, lora_id: int) -> bool:
         """The adapter is in host memory (a request naming it may be scheduled)."""
         return lora_id in self.host

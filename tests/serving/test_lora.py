@@ -14,7 +14,7 @@ import grpc
 import httpx
 import openai
 import pytest
-from serving_harness import baton_up, series_sum, serve_cell, serve_router
+from serving_harness import baton_up, series_sum, serve_cell, serve_router, wait_until
 
 from baton.protos import worker_pb2, worker_pb2_grpc
 from baton.sampling_params import SamplingParams
@@ -112,7 +112,10 @@ def test_adapters_through_the_openai_client(mode, adapters, expected, tiny_model
         dep.stop()
 
 
-def test_a_worker_refuses_an_adapter_it_does_not_hold_and_a_mismatched_ticket(adapters):
+def test_a_decode_worker_checks_the_adapter_at_reservation(adapters):
+    """A reservation naming an adapter the worker does not serve is refused, its ticket
+    names the adapter (a prefill for another model must not fill it), and an adapter the
+    host LRU dropped is read again at once, while the prefill would run elsewhere."""
     dep = baton_up("--mode", "disaggregated", "--lora-modules", f"sql={adapters['sql']}")
     try:
         decode = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(dep.processes["decode-0"].grpc))
@@ -132,6 +135,19 @@ def test_a_worker_refuses_an_adapter_it_does_not_hold_and_a_mismatched_ticket(ad
         stats = decode.Stats(worker_pb2.StatsRequest())
         assert stats.num_free_blocks == stats.num_blocks  # the reservation is gone
         assert list(stats.lora_adapters) == ["sql"]
+
+        def in_host_memory() -> list[str]:
+            return list(decode.Stats(worker_pb2.StatsRequest()).lora_resident)
+
+        # One host copy (--max-cpu-loras defaults to --max-loras, 1): loading "chat" drops "sql".
+        loaded = _post(dep, "/v1/load_lora_adapter", {"lora_name": "chat", "lora_path": str(adapters["chat"])}, None)
+        assert loaded.status_code == 200, loaded.text
+        assert in_host_memory() == ["chat"]
+        disk_loads = dep.metric("baton:lora_disk_loads_total", "decode-0")
+        decode.Reserve(worker_pb2.ReserveRequest(request_id="r3", num_prompt_tokens=6, lora_name="sql"))
+        wait_until(lambda: in_host_memory() == ["sql"], timeout=30, what="'sql' read at the reservation")
+        assert dep.metric("baton:lora_disk_loads_total", "decode-0") == disk_loads + 1
+        assert decode.Abort(worker_pb2.AbortRequest(request_id="r3")).found
     finally:
         dep.stop()
 
