@@ -79,6 +79,16 @@ def test_requests_the_host_must_see_each_step_take_the_synchronous_path(tiny_dir
     assert engine.async_steps.num_launched_ahead == 0
 
 
+def test_bad_words_take_the_synchronous_path(tiny_dir):
+    # the ban of a word's last token depends on the token before it, which the host reads
+    reqs = [(f"Story {i}:", SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, bad_words=["the", "a b"]))
+            for i in range(3)]
+    want = run(make(tiny_dir, False), reqs)
+    engine = make(tiny_dir, True)
+    assert run(engine, reqs) == want
+    assert engine.async_steps.num_launched_ahead == 0
+
+
 def test_abort_while_a_step_is_in_flight(tiny_dir):
     engine = make(tiny_dir, True)
     params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
