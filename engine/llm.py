@@ -45,7 +45,9 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in the prompts' order.
         `lora_request`: one adapter for every prompt, or a list matching the prompts (None
-        items: the base model); the engine needs `enable_lora=True`."""
+        items: the base model); the engine needs `enable_lora=True`. The adapters are read
+        while the other prompts run; a prompt whose adapter cannot be used comes back with
+        finish_reason "error" and the reason in `error` (the others are unaffected)."""
         return self._run(prompts, sampling_params, SamplingParams, use_tqdm, lora_request)
 
     def embed(
@@ -81,7 +83,7 @@ class LLM:
                 self._counter += 1
                 self.engine.add_request(rid, prompt, p, lora_request=lora)
                 ids.append(rid)
-        except BaseException:  # a bad prompt or adapter: queue none of them
+        except BaseException:  # a bad prompt or parameters, an adapter id clash: queue none of them
             self.engine.abort_request(ids)
             raise
         show = sys.stderr.isatty() if use_tqdm is None else use_tqdm
