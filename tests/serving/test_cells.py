@@ -106,7 +106,7 @@ def test_a_decode_engine_killed_mid_stream_takes_its_cell_down_and_the_stream_re
     cell's pair (the prompt and the streamed tokens prefilled there, handed over by ipc):
     the client gets the text of an undisturbed run."""
     client = router.client(timeout=120)
-    request = {"model": M, "prompt": PROMPT, "max_tokens": 200, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    request = {"model": M, "prompt": PROMPT, "max_tokens": 1500, "temperature": 0, "extra_body": {"ignore_eos": True}}
     expected = client.completions.create(**request).choices[0].text
     same = router.counter(PAIRINGS, 'pairing="same_cell"')
     failovers = router.counter("baton:router_failovers_total", "")
