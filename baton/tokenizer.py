@@ -200,15 +200,22 @@ def _open_final_message(text: str, messages: list[dict[str, Any]]) -> str:
     return text[:at + kept]
 
 
+_UTF8_SLICE = 1 << 18  # characters encoded per call by utf8_length
+
+
 def utf8_length(text: str) -> int:
     """UTF-8 bytes of `text` (for ASCII text, its length, at no cost); ValueError for text
-    UTF-8 cannot encode."""
+    UTF-8 cannot encode. Long text is encoded a slice at a time, so that a caller on a
+    thread lets the event loop have the GIL between slices."""
     if text.isascii():
         return len(text)
-    try:
-        return len(text.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"the text is not valid Unicode ({exc.reason} at {exc.start})") from None
+    total = 0
+    for start in range(0, len(text), _UTF8_SLICE):
+        try:
+            total += len(text[start:start + _UTF8_SLICE].encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"the text is not valid Unicode ({exc.reason} at {start + exc.start})") from None
+    return total
 
 
 class ChildEncoder:
@@ -249,7 +256,10 @@ class ChildEncoder:
         """As `Tokenizer.encode`, awaited. TooManyTokens carries the exact count when the
         text has more than `max_tokens` tokens."""
 
-        self._tokenizer.check_length(text, max_tokens)
+        import asyncio
+
+        # Off the loop: for long non-ASCII text the check is a UTF-8 encode of all of it.
+        await asyncio.get_running_loop().run_in_executor(None, self._tokenizer.check_length, text, max_tokens)
         return await self._request(("text", add_special_tokens), [text], max_tokens)
 
     async def encode_chat(self, messages: list[dict[str, Any]], options: dict[str, Any],

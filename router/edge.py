@@ -8,7 +8,8 @@
   `parse_in_slices`, whose calls are short where the size is in long strings (a prompt):
   the event loop gets the GIL between them. A body it refuses is parsed again by
   `json.loads`, so that text `json` accepts and pydantic refuses (a lone surrogate escape)
-  still reaches validation, which names the field.
+  still reaches validation, which names the field; a body pydantic-core parsed skips that
+  check (`protocol.PARSED_STRICTLY`).
 - `ErrorBoundary`: an unexpected exception becomes a 500 with OpenAI's body and is not
   re-raised: re-raising (what Starlette's handler for `Exception` does) makes uvicorn
   close the keep-alive connection, and the client's next request on it fails with a reset.
@@ -28,6 +29,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from baton.router.errors import APIError
+from baton.router.protocol import PARSED_STRICTLY
 
 log = logging.getLogger(__name__)
 
@@ -212,11 +214,13 @@ class _JSONRequest(Request):
             if len(body) > LARGE_BODY_BYTES:
                 try:
                     self._json = await asyncio.get_running_loop().run_in_executor(None, parse_in_slices, body)
+                    PARSED_STRICTLY.set(True)
                     return self._json
                 except ValueError:
                     pass  # parsed whole below, for the value or the error
             try:
                 self._json = pydantic_core.from_json(body)
+                PARSED_STRICTLY.set(True)
             except ValueError:
                 self._json = json.loads(body)  # raises JSONDecodeError: FastAPI's 400 path
         return self._json

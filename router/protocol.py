@@ -13,6 +13,7 @@ unknown fields are ignored, as OpenAI does.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -40,6 +41,12 @@ class UnencodableText(ValueError):
         super().__init__(f"'{param}' contains text that cannot be encoded as UTF-8 (a lone UTF-16 "
                          "surrogate such as \\ud800); send valid Unicode text")
         self.param = param
+
+
+# True while validating a body that pydantic-core's JSON parser parsed (router/edge.py): it
+# refuses a lone surrogate, so no text in the body needs the check, which for long non-ASCII
+# text is a UTF-8 encode of all of it on the event loop. Per request (a context variable).
+PARSED_STRICTLY: ContextVar[bool] = ContextVar("parsed_strictly", default=False)
 
 
 def find_unencodable(value: Any, path: tuple[str, ...] = ()) -> str | None:
@@ -98,6 +105,8 @@ class TextBody(_Body):
     @model_validator(mode="before")
     @classmethod
     def _encodable(cls, data: Any) -> Any:
+        if PARSED_STRICTLY.get():
+            return data
         bad = find_unencodable(data)
         if bad is not None:
             raise UnencodableText(bad)

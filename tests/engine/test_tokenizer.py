@@ -17,6 +17,7 @@ from baton.tokenizer import (
     IncrementalDetokenizer,
     Tokenizer,
     TooManyTokens,
+    utf8_length,
 )
 
 
@@ -96,6 +97,14 @@ def test_the_child_process_runs_in_a_session_of_its_own_at_a_lower_priority(chil
     pid = child._process.pid
     assert os.getsid(pid) == pid != os.getsid(0)  # its own scheduling group under autogroup
     assert os.getpriority(os.PRIO_PROCESS, pid) > os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def test_utf8_length_of_a_long_text_counted_in_slices():
+    text = "héllo 日本 😀 " * 100_000  # several slices
+    assert utf8_length(text) == len(text.encode("utf-8"))
+    broken = text + "\ud800"
+    with pytest.raises(ValueError, match=f"at {len(text)}"):
+        utf8_length(broken)
 
 
 def test_chat_template_renders_the_conversation(tok):
