@@ -293,7 +293,10 @@ async def large_request(dep: Deployment, model: str, megabytes: float) -> dict:
     text = (words * int(megabytes * 1e6 / len(words) + 1))[: int(megabytes * 1e6)]
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": text}]}, f)
-    control = subprocess.Popen([sys.executable, "-c", _CONTROL], stdout=subprocess.PIPE, text=True)
+    # A session of its own, as `baton up` gives the router: where the kernel schedules sessions
+    # as groups, one shared with the probes would be woken more promptly than the router.
+    control = subprocess.Popen([sys.executable, "-c", _CONTROL], stdout=subprocess.PIPE, text=True,
+                               start_new_session=True)
     control_url = f"http://127.0.0.1:{control.stdout.readline().strip()}"
     try:
         # The same probes with nothing else running first: on a shared machine the scheduler
