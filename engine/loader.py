@@ -40,11 +40,21 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     return found
 
 
-def iter_weights(model_dir: Path, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(model_dir: Path, device: torch.device, lazy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's (name, tensor) pairs, read onto `device`; `lazy`: (name, safetensors
+    slice), valid until the next pair, of which `read_part` reads only what is asked."""
     for path in checkpoint_files(model_dir):
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, f.get_slice(name) if lazy else f.get_tensor(name)
+
+
+def read_part(source, dim: int | None = None, start: int = 0, length: int = 0) -> torch.Tensor:
+    """Elements [start, start + length) of `source` along `dim` (None: all of it): a view of
+    a tensor, or a read of that part only from a safetensors slice (`iter_weights(lazy=True)`)."""
+    if isinstance(source, torch.Tensor):
+        return source if dim is None else source.narrow(dim, start, length)
+    return source[...] if dim is None else source[(slice(None),) * dim + (slice(start, start + length),)]
 
 
 def load_model(config: EngineConfig, layout: ShardLayout | None = None) -> nn.Module:
@@ -61,7 +71,11 @@ def load_model(config: EngineConfig, layout: ShardLayout | None = None) -> nn.Mo
         torch.set_default_dtype(previous)
     loading.prepare_model(model, config.quantization)
     model = model.to_empty(device=config.device)
-    weights = loading.quantize_at_load(model, config.quantization, iter_weights(config.model_dir, config.device))
+    # A tensor-parallel rank reads its part of each tensor only, unless the weights are
+    # quantized at load: that needs whole rows (a row-parallel layer's scales).
+    online = config.quantization is not None and config.quantization.weights.packing == "online"
+    weights = iter_weights(config.model_dir, config.device, lazy=sharded and not online)
+    weights = loading.quantize_at_load(model, config.quantization, weights)
     if sharded:
         from baton.engine.parallel.shard import shard_weights
 

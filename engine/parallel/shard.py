@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from baton.engine.loader import read_part
 from baton.engine.parallel.layers import (
     Collectives,
     GatheredLMHead,
@@ -58,9 +59,9 @@ def layer_cuts(layouts: list[ShardLayout]) -> dict[str, list[Cut]]:
     return {kind: [layer_cut(kind, layout) for layout in layouts] for kind in kinds}
 
 
-def shard_tensor(name: str, tensor: torch.Tensor, layout: ShardLayout,
-                 quantization: QuantConfig | None = None) -> torch.Tensor:
-    """The rank's part of the checkpoint tensor `name` (a Hugging Face name): the `layer_cut`
+def shard_tensor(name: str, tensor, layout: ShardLayout, quantization: QuantConfig | None = None) -> torch.Tensor:
+    """The rank's part of the checkpoint tensor `name` (a Hugging Face name; `tensor` a
+    tensor or a safetensors slice, of which only that part is read): the `layer_cut`
     of a linear layer's weight (an FP8 weight too) and bias, and of a quantized layer's
     other tensors as their layout stores them (`quantization/sharding.py`); vocabulary rows
     of the embedding and the LM head (zero-padded to `vocab_per_rank`); anything else whole
@@ -69,22 +70,22 @@ def shard_tensor(name: str, tensor: torch.Tensor, layout: ShardLayout,
     module, leaf = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", name)
     if module in ("embed_tokens", "lm_head"):
         vocab = layout.vocab
-        part = tensor.narrow(0, vocab.start, len(vocab))
+        part = read_part(tensor, 0, vocab.start, len(vocab))
         if len(vocab) < layout.vocab_per_rank:
-            pad = tensor.new_zeros((layout.vocab_per_rank - len(vocab), *tensor.shape[1:]))
+            pad = part.new_zeros((layout.vocab_per_rank - len(vocab), *part.shape[1:]))
             part = torch.cat([part, pad])
         return part
     cut = layer_cut(module, layout)
     if cut is None:
-        return tensor
+        return read_part(tensor)
     if leaf in ("weight", "bias"):
-        part = tensor.narrow(0 if cut.axis == "out" or leaf == "bias" else 1, cut.start, cut.size)
+        part = read_part(tensor, 0 if cut.axis == "out" or leaf == "bias" else 1, cut.start, cut.size)
         # A quantized layer's tensors wait in the loader until the layer is complete: a copy
-        # lets the whole tensor go now.
-        return part.clone() if quantization is not None else part
+        # lets a whole tensor read at once go now.
+        return part.clone() if quantization is not None and isinstance(tensor, torch.Tensor) else part
     if quantization is not None and sharding.stores(quantization.weights, leaf):
         return sharding.shard_leaf(quantization.weights, leaf, tensor, cut, name)
-    return tensor
+    return read_part(tensor)
 
 
 def shard_weights(weights: Iterable[tuple[str, torch.Tensor]], layout: ShardLayout,

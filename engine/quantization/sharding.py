@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from baton.engine.loader import read_part
 from baton.engine.quantization.schemes import QuantConfig, QuantizationConfigError, WeightScheme
 
 
@@ -114,23 +115,25 @@ def stores(w: WeightScheme, leaf: str) -> bool:
     return _units(w, leaf) is not None
 
 
-def shard_leaf(w: WeightScheme, leaf: str, tensor: torch.Tensor, cut: Cut, name: str) -> torch.Tensor:
-    """The rank's part of checkpoint tensor `name` (leaf `leaf` of a quantized layer),
-    copied out of the whole one (so the whole one is freed), or the tensor itself where
-    the rank takes it whole."""
+def shard_leaf(w: WeightScheme, leaf: str, tensor, cut: Cut, name: str) -> torch.Tensor:
+    """The rank's part of checkpoint tensor `name` (leaf `leaf` of a quantized layer; a
+    tensor, or a safetensors slice of which only that part is read), copied out of a whole
+    tensor (so that one is freed), or the whole tensor where the rank takes it whole."""
     units = _units(w, leaf)
     if units is None or leaf == "weight":
         raise ValueError(f"{name}: not a quantized tensor of the {w.packing} layout")
     if leaf == "weight_shape":
-        shape = tensor.clone()
+        shape = read_part(tensor).clone()
         shape[0 if cut.axis == "out" else 1] = cut.size
         return shape
     if cut.axis not in units:
-        return tensor
+        return read_part(tensor)
     dim, unit = units[cut.axis]
     if unit is None:
-        return tensor  # one group over the whole input: every rank's columns are in it
-    part = tensor.narrow(dim, cut.start // unit, -(-cut.size // unit)).clone()
+        return read_part(tensor)  # one group over the whole input: every rank's columns are in it
+    part = read_part(tensor, dim, cut.start // unit, -(-cut.size // unit))
+    if isinstance(tensor, torch.Tensor):
+        part = part.clone()  # the whole tensor goes now
     if leaf in ("g_idx", "weight_g_idx"):
         return _own_groups(part, cut, w.group_size or cut.total, name)
     return part

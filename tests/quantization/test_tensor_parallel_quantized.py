@@ -40,6 +40,9 @@ INT4 = {
     "ct-int4-g128": lambda d: write_ct(d, ct_group_int4(128, True), "pack-quantized"),
 }
 
+# Per-tensor weight scales, static input scales, per-KV-head cache scales.
+FP8_STATIC_KV = lambda d: write_ct(d, ct_group_fp8("tensor", "static"), "float-quantized", kv="head")  # noqa: E731
+
 
 @pytest.mark.parametrize("fmt", sorted(INT4))
 def test_int4_at_tp2_generates_what_tp1_generates(tmp_path, fmt):
@@ -56,7 +59,7 @@ def test_int4_at_tp2_generates_what_tp1_generates(tmp_path, fmt):
 def test_fp8_static_at_tp2_with_an_fp8_kv_cache_predicts_like_tp1(tmp_path):
     """Per-tensor weight scales (shared by a row-parallel rank), static input scales
     (replicated), per-KV-head cache scales (each rank its heads')."""
-    qdir = write_ct(tmp_path, ct_group_fp8("tensor", "static"), "float-quantized", kv="head")[0]
+    qdir = FP8_STATIC_KV(tmp_path)[0]
     assert_predicts_like(qdir, qdir, kv_cache_dtype="fp8", **TP2)
 
 
@@ -109,3 +112,33 @@ def test_a_permuted_g_idx_is_refused_when_cut_even_without_desc_act():
     assert shard_leaf(gptq, "g_idx", in_order, cut, "down_proj.g_idx").tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
     with pytest.raises(QuantizationConfigError, match="activation-order g_idx"):
         shard_leaf(gptq, "g_idx", in_order.flip(0), cut, "down_proj.g_idx")
+
+
+@pytest.mark.parametrize("fmt", ["awq-g64", "ct-int4-g128", "ct-fp8-static-kv", "dense"])
+def test_a_rank_reads_its_part_of_each_tensor_as_cutting_the_whole_one_gives(tmp_path, fmt):
+    """What the loader reads through safetensors slices (a rank's part only) equals the
+    whole tensors cut, for every tensor of the checkpoint and both ranks."""
+    from baton.engine.loader import iter_weights
+    from baton.engine.parallel.shard import shard_tensor
+    from baton.engine.quantization import parse_quantization
+
+    writers = dict(INT4, **{"ct-fp8-static-kv": FP8_STATIC_KV})
+    if fmt == "dense":
+        qdir, config, dense = write_gptq(tmp_path / "q", 128)
+        model_dir = write_dense(tmp_path / "dense", qdir, config, dense)
+    else:
+        model_dir = writers[fmt](tmp_path)[0]
+    hf_config = EngineArgs(model=str(model_dir), device="cpu").create_engine_config().hf_config
+    quant = parse_quantization(hf_config, None)
+    cpu = torch.device("cpu")
+    for rank in range(2):
+        layout = ShardLayout.of(hf_config, 2, rank)
+        whole = {n: shard_tensor(n, t, layout, quant) for n, t in iter_weights(model_dir, cpu)}
+        lazy = {n: shard_tensor(n, t, layout, quant) for n, t in iter_weights(model_dir, cpu, lazy=True)}
+        assert whole.keys() == lazy.keys()
+        for name in whole:
+            assert torch.equal(_bits(whole[name]), _bits(lazy[name])), name
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
