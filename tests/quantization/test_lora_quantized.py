@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 from quant_checkpoints import write_awq, write_dense
 
 from baton.engine import LLM, LoRARequest, SamplingParams
@@ -20,23 +21,28 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 PROMPTS = [[0, 17, 250, 33], [0, 5, 6, 7, 8, 9, 10], [0, 400, 9]]
 
 
-def test_adapters_over_int4_weights_equal_adapters_over_the_dequantized_model(tmp_path):
+# At TP 2 the adapters are cut with the int4 layers (tests/engine/test_tensor_parallel.py
+# checks LoRA at TP 2 on dense weights); the dequantized model runs at TP 1.
+@pytest.mark.parametrize("tp", [1, 2])
+def test_adapters_over_int4_weights_equal_adapters_over_the_dequantized_model(tmp_path, tp):
     qdir, config, dense = write_awq(tmp_path / "q", 64)
     ddir = write_dense(tmp_path / "dense", qdir, config, dense)
     loras = [LoRARequest("a", 1, str(write_adapter(ddir, tmp_path / "a", 8, ["q_proj", "v_proj"], seed=7))),
              LoRARequest("b", 2, str(write_adapter(ddir, tmp_path / "b", 16, ALL, seed=8)))]
     plan = [(p, lora) for p in PROMPTS for lora in (None, *loras)]
 
-    def run(model_dir):
+    def run(model_dir, tp=1):
         llm = LLM(model=str(model_dir), device="cpu", dtype="float32", num_gpu_blocks_override=64, block_size=8,
-                  enable_lora=True, max_loras=2, max_lora_rank=16)
+                  enable_lora=True, max_loras=2, max_lora_rank=16, tensor_parallel_size=tp)
         outs = llm.generate([{"prompt_token_ids": p} for p, _ in plan], GREEDY,
                             lora_request=[lora for _, lora in plan])
         return llm, [o.outputs[0].token_ids for o in outs]
 
-    llm, got = run(qdir)
-    base = llm.engine.runner.reference.layers[0].mlp.down_proj.base
-    assert isinstance(base, Int4Linear)  # the adapters wrap the int4 layer itself
+    llm, got = run(qdir, tp)
+    down = llm.engine.runner.reference.layers[0].mlp.down_proj
+    lora = down.linear if tp > 1 else down  # at TP 2 inside the row-parallel layer, before its all-reduce
+    assert isinstance(lora.base, Int4Linear)  # the adapters wrap the int4 layer itself
+    llm.engine.runner.close()
     _, want = run(ddir)
     assert got == want
     assert got[1] != got[0] and got[2] != got[0]  # the adapters change the output
