@@ -119,7 +119,8 @@ def create_app(config: RouterConfig, registry: CollectorRegistry | None = None,
 
     app.include_router(embedding_routes(serving))
     app.include_router(tokenization_routes(tokenizer, config.served_model_names,
-                                           lambda: pool.model_limits(config.roles)))
+                                           lambda: pool.model_limits(config.roles),
+                                           config.trust_request_chat_template))
 
     @app.get("/v1/models", tags=["openai"])
     async def models() -> dict:

@@ -22,7 +22,7 @@ from pydantic import Field, ValidationError
 
 from baton.router.edge import JSONRoute
 from baton.router.errors import bad_request, model_not_found
-from baton.router.params import chat_text, prompt_error
+from baton.router.params import chat_text, check_request_template, prompt_error
 from baton.router.protocol import ChatMessage, TextBody, TokenId, _Body
 from baton.tokenizer import Tokenizer
 
@@ -44,6 +44,7 @@ class TokenizeChatRequest(_TokenizeBody):
     # The chat template writes BOS itself, so none is added by default (vLLM's default).
     add_special_tokens: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None  # the request's own, as in a chat request (needs the server's trust)
     tools: list[dict[str, Any]] | None = None  # rendered by the template, as in a chat request
 
 
@@ -57,8 +58,10 @@ class DetokenizeRequest(_Body):
 
 
 def tokenization_routes(tokenizer: Tokenizer, served: tuple[str, ...],
-                        limits: Callable[[], tuple[int, int] | None]) -> APIRouter:
-    """The two routes; `limits()` is (max_model_len, vocab_size) of the workers, or None."""
+                        limits: Callable[[], tuple[int, int] | None],
+                        trust_request_chat_template: bool = False) -> APIRouter:
+    """The routes; `limits()` is (max_model_len, vocab_size) of the workers, or None. A
+    request's own `chat_template` is rendered only when the server trusts such templates."""
     router = APIRouter(tags=["vllm"], route_class=JSONRoute)
 
     def check_model(name: str | None) -> None:
@@ -78,6 +81,7 @@ def tokenization_routes(tokenizer: Tokenizer, served: tuple[str, ...],
             raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
         check_model(body.model)
         if isinstance(body, TokenizeChatRequest):
+            await off_loop(check_request_template, body, trust_request_chat_template)
             text, param = await off_loop(chat_text, body, tokenizer), "messages"
         else:
             text, param = body.prompt, "prompt"

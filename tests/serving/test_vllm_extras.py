@@ -226,6 +226,9 @@ def test_chat_add_special_tokens(colocated, tokenizer):
 def test_a_request_chat_template_needs_trust(colocated):
     message = refused(lambda: chat(colocated, chat_template=PLAIN_TEMPLATE), "chat_template")
     assert "--trust-request-chat-template" in message
+    response = httpx.post(f"{colocated.url}/tokenize", json={"model": M, "messages": HI,
+                                                             "chat_template": PLAIN_TEMPLATE}, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "chat_template"
 
 
 def test_a_request_chat_template_renders_the_prompt(trusting, tokenizer):
@@ -234,6 +237,9 @@ def test_a_request_chat_template_renders_the_prompt(trusting, tokenizer):
                                                     add_special_tokens=False)
     # the model's own template otherwise
     assert chat(trusting).prompt_token_ids == tokenize(trusting, messages=HI)
+    # /tokenize renders the request's own template too, and refuses it where chat does
+    assert tokenize(trusting, messages=HI, chat_template=PLAIN_TEMPLATE,
+                    chat_template_kwargs={"greeting": "Hi! "}) == out.prompt_token_ids
     refused(lambda: chat(trusting, chat_template="{% for %}"), "chat_template")
     # the sandbox refuses what a template may not touch: a 400, never a 500
     with pytest.raises(openai.BadRequestError):
