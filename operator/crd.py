@@ -322,6 +322,9 @@ def _router() -> dict:
                                       "(the router's --tool-call-parser with --enable-auto-tool-choice); "
                                       "unset: auto is refused, required and named choices still work.",
                                       enum=["hermes", "llama3_json"]),
+            "trustRequestChatTemplate": _scalar(
+                "boolean", "Render a request's own chat_template (the router's "
+                "--trust-request-chat-template); false: such a request is a 400.", default=False),
             "serviceType": _scalar("string", "Type of the router's Service.",
                                    enum=["ClusterIP", "NodePort", "LoadBalancer"],
                                    default="ClusterIP"),

@@ -169,6 +169,7 @@ class Router:
     service_type: str
     placement: Placement
     tool_call_parser: str | None = None  # None: tool_choice auto is refused
+    trust_request_chat_template: bool = False  # False: a request's own chat_template is a 400
 
 
 @dataclass(frozen=True)
@@ -434,6 +435,7 @@ def _router(data: Mapping[str, Any]) -> Router:
         service_type=_field(data, "serviceType", "spec.router", str),
         placement=_placement(data, "spec.router"),
         tool_call_parser=data.get("toolCallParser"),
+        trust_request_chat_template=bool(data.get("trustRequestChatTemplate", False)),
     )
 
 

@@ -39,6 +39,8 @@ def router_args(svc: InferenceService) -> list[str]:
         args += ["--otlp-traces-endpoint", svc.otlp_endpoint]
     if svc.router.tool_call_parser:
         args += ["--tool-call-parser", svc.router.tool_call_parser, "--enable-auto-tool-choice"]
+    if svc.router.trust_request_chat_template:
+        args.append("--trust-request-chat-template")
     return args
 
 

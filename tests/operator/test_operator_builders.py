@@ -252,6 +252,18 @@ def test_router_tool_call_parser_enables_auto_tool_choice():
         assert config.tool_call_parser == parser and config.enable_auto_tool_choice is bool(parser)
 
 
+def test_router_trusts_request_chat_templates_only_when_the_spec_says_so():
+    from baton.router.config import parse as parse_router
+
+    for trust in (None, False, True):
+        fields = copy.deepcopy(SPECS["colocated"])
+        if trust is not None:
+            fields["spec"]["router"] = {"trustRequestChatTemplate": trust}
+        objects = builders.build_all(spec.parse(fields), CONFIG)
+        config = parse_router(container(find(objects, "Deployment", "llama-router"))["args"])
+        assert config.trust_request_chat_template is bool(trust)
+
+
 def test_router_discovers_workers_through_endpointslices():
     objects = build("disaggregated")
     main = container(find(objects, "Deployment", "llama-router"))
