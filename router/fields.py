@@ -5,7 +5,7 @@ its no-op value (the value that asks for nothing: `store: false`, `modalities: [
 `use_beam_search: false`), so that clients sending defaults still work and no request
 gets an output that silently differs from what it asked for. Fields Baton implements are
 typed in `router/protocol.py`; a name neither knows is ignored, as OpenAI does.
-docs/operations.md lists both.
+docs/quickstart.md lists both.
 """
 
 from __future__ import annotations
@@ -74,4 +74,4 @@ def refuse_unimplemented(extra: dict[str, Any], chat: bool) -> None:
     for name, allowed in refused(chat).items():
         if name in extra and not _no_op(extra[name], allowed):
             raise bad_request(f"{name} is not supported by Baton (got {extra[name]!r}); leave it out "
-                              "(docs/operations.md lists the request fields Baton implements)", name)
+                              "(docs/quickstart.md lists the request fields Baton implements)", name)
