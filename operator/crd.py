@@ -523,6 +523,18 @@ def _spec() -> dict:
                                    "the metrics adapter; keda: KEDA ScaledObject on Prometheus.",
                                    enum=["hpa", "keda"], default="hpa")},
                 description="How roles with an autoscaling block are scaled.", default={}),
+            "compileCache": _obj(
+                {"pvc": _obj({"claimName": _scalar("string", "PersistentVolumeClaim (ReadWriteMany "
+                                                   "when pods of several nodes share it).",
+                                                   minLength=1, maxLength=253)},
+                             required=("claimName",)),
+                 "hostPath": _scalar("string", "Absolute directory on every node.", pattern="^/",
+                                     maxLength=4096)},
+                description="Where the engines keep their compiled kernels (Triton, TorchInductor), "
+                "so that a new pod loads them instead of compiling before it is ready: at most one "
+                "of pvc, hostPath; unset: an emptyDir, which lives as long as its pod.",
+                rules=(("!(has(self.pvc) && has(self.hostPath))",
+                        "set at most one of spec.compileCache.pvc, spec.compileCache.hostPath"),)),
             "tracing": _obj(
                 {"otlpEndpoint": _scalar(
                     "string", "OTLP/gRPC collector (host:port, http:// or https:// URL) the "

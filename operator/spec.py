@@ -215,6 +215,9 @@ class InferenceService:
     otlp_endpoint: str | None = None  # spec.tracing.otlpEndpoint; None: tracing off
     cells: Cells | None = None  # spec.cells (disaggregated mode); None: no cells
     lora: LoRA | None = None  # spec.lora; None: the workers run without LoRA
+    # spec.compileCache as a pod volume's source ({"persistentVolumeClaim": ...} or
+    # {"hostPath": ...}); None: an emptyDir
+    compile_cache: dict | None = None
 
     @property
     def transport(self) -> str:
@@ -439,6 +442,18 @@ def _router(data: Mapping[str, Any]) -> Router:
     )
 
 
+def _compile_cache(data: Mapping[str, Any]) -> dict | None:
+    if "pvc" in data and "hostPath" in data:
+        raise SpecError("set at most one of spec.compileCache.pvc, spec.compileCache.hostPath")
+    if "pvc" in data:
+        return {"persistentVolumeClaim": {"claimName": _field(data["pvc"], "claimName",
+                                                              "spec.compileCache.pvc", str)}}
+    if "hostPath" in data:
+        return {"hostPath": {"path": _field(data, "hostPath", "spec.compileCache", str),
+                             "type": "DirectoryOrCreate"}}
+    return None
+
+
 def parse(body: Mapping[str, Any]) -> InferenceService:
     """Read an InferenceService object (as the API returns it) into typed values.
 
@@ -554,4 +569,5 @@ def _parse_spec(meta: Mapping[str, Any], spec: dict) -> InferenceService:
         otlp_endpoint=(spec.get("tracing") or {}).get("otlpEndpoint") or None,
         cells=cells,
         lora=_lora(spec.get("lora"), served_name),
+        compile_cache=_compile_cache(spec.get("compileCache") or {}),
     )

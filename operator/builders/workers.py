@@ -103,8 +103,8 @@ def probes() -> dict:
 
 # Compiled kernels (Triton, TorchInductor) on a volume of their own: a restarted container
 # loads them instead of compiling again before it is ready (the worker's warm-up compiles or
-# loads every shape its traffic can reach). An emptyDir lives as long as the pod; a volume
-# that outlives pods can replace it here.
+# loads every shape its traffic can reach). An emptyDir lives as long as the pod;
+# spec.compileCache names a volume that outlives pods (a new pod of the same image loads).
 COMPILE_CACHE_DIR = "/var/cache/baton/compile"
 COMPILE_CACHE_ENV = [{"name": "TRITON_CACHE_DIR", "value": f"{COMPILE_CACHE_DIR}/triton"},
                      {"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{COMPILE_CACHE_DIR}/inductor"}]
@@ -179,7 +179,7 @@ def engine_deployment(svc: InferenceService, component: str, container: dict, co
         "containers": [container],
         "volumes": common.model_volumes(svc) + [
             {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}},
-            {"name": "compile-cache", "emptyDir": {}}] + lora.volumes(svc),
+            {"name": "compile-cache", **(svc.compile_cache or {"emptyDir": {}})}] + lora.volumes(svc),
     }
     image = common.worker_image(svc, config)
     fetches = lora.fetch_containers(svc, image)

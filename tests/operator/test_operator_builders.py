@@ -252,6 +252,25 @@ def test_router_tool_call_parser_enables_auto_tool_choice():
         assert config.tool_call_parser == parser and config.enable_auto_tool_choice is bool(parser)
 
 
+@pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
+def test_the_compile_cache_outlives_pods_on_the_volume_the_spec_names(mode):
+    for source, volume in [
+            ({"pvc": {"claimName": "kernels"}}, {"persistentVolumeClaim": {"claimName": "kernels"}}),
+            ({"hostPath": "/var/cache/baton"}, {"hostPath": {"path": "/var/cache/baton",
+                                                            "type": "DirectoryOrCreate"}})]:
+        fields = copy.deepcopy(SPECS[mode])
+        fields["spec"]["compileCache"] = source
+        deployments = [o for o in builders.build_all(spec.parse(fields), CONFIG) if o["kind"] == "Deployment"
+                       and any(m["name"] == "compile-cache" for m in container(o).get("volumeMounts", []))]
+        assert deployments  # every engine pod mounts it
+        for deployment in deployments:
+            assert {"name": "compile-cache", **volume} in deployment["spec"]["template"]["spec"]["volumes"]
+    fields = copy.deepcopy(SPECS[mode])
+    fields["spec"]["compileCache"] = {"pvc": {"claimName": "c"}, "hostPath": "/c"}
+    with pytest.raises(spec.SpecError, match="at most one of spec.compileCache"):
+        spec.parse(fields)
+
+
 def test_router_trusts_request_chat_templates_only_when_the_spec_says_so():
     from baton.router.config import parse as parse_router
 

@@ -142,6 +142,7 @@ def test_every_example_is_valid(path):
                                  "target": 80}}}, "kv_cache_usage_perc is a fraction"),
     ({"model": {"source": {"pvc": {"claimName": "m"}, "hostPath": "/m"}}}, "exactly one of"),
     ({"model": {"source": {}}}, "exactly one of"),
+    ({"compileCache": {"pvc": {"claimName": "c"}, "hostPath": "/c"}}, "at most one of spec.compileCache"),
     ({"kvTransfer": {"transport": "tcp", "rdma": {}}},
      "kvTransfer.rdma needs transport ucx or auto"),
     ({"kvTransfer": {"transport": "grpc", "ucx": {"tls": ["rc"]}}},
@@ -178,6 +179,7 @@ def test_cel_rules_accept_their_valid_counterparts():
     assert violations(service(mode="colocated", worker={"replicas": 2})) == []
     assert violations(service(mode="colocated", colocated={"engine": {"tensorParallelSize": 8}})) == []
     assert violations(service(prefill={"engine": {"tensorParallelSize": 2}}, decode={"engine": {}})) == []
+    assert violations(service(compileCache={"hostPath": "/var/cache/baton"})) == []
 
 
 @pytest.mark.parametrize("mode, name, ok", [
