@@ -122,9 +122,9 @@ def test_nothing_in_the_repository_points_outside_it():
     assert not hits, f"these lines point outside the repository: {hits}"
 
 
-def _table_flags(section: str) -> list[set[str]]:
-    """The flags named in the first column of each table of a section of operations.md."""
-    text = (ROOT / "docs" / "operations.md").read_text()
+def _table_flags(section: str, doc: str = "operations.md") -> list[set[str]]:
+    """The flags named in the first column of each table of a section of docs/`doc`."""
+    text = (ROOT / "docs" / doc).read_text()
     body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
     tables, current = [], None
     for line in body.splitlines():
@@ -132,7 +132,8 @@ def _table_flags(section: str) -> list[set[str]]:
             if current is None:
                 current = set()
                 tables.append(current)
-            current |= set(re.findall(r"--[a-z][a-z0-9-]*", line.split("|")[1]))
+            # "`--no-...`" names no flag: a name ends in a letter or digit
+            current |= set(re.findall(r"--[a-z][a-z0-9-]*[a-z0-9](?![a-z0-9-])", line.split("|")[1]))
         else:
             current = None
     return tables
@@ -156,13 +157,18 @@ def test_the_command_line_tables_match_the_parsers(monkeypatch):
     worker_table, cell_table, router_table = _table_flags("Process command lines")
     worker = flags.build_parser("baton serve-decode", "decode")
     for parser, table in ((worker, worker_table), (cell_parser(), cell_table), (router_parser(), router_table)):
-        actions = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-        undocumented = [a.option_strings[0] for a in actions if not _documented(a.option_strings, table)]
-        known = {o for a in actions for o in a.option_strings}
-        known |= {o.replace("--no-", "--", 1) for o in known}
-        gone = sorted(f for f in table if f not in known)
-        assert not undocumented, f"{parser.prog}: flags missing from docs/operations.md: {undocumented}"
-        assert not gone, f"{parser.prog}: docs/operations.md names flags it does not accept: {gone}"
+        _assert_table_matches(parser, table, "docs/operations.md")
+
+
+def _assert_table_matches(parser, table: set[str], doc: str) -> None:
+    """Every flag of `parser` is in `table`, and every flag of `table` is one of `parser`'s."""
+    actions = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    undocumented = [a.option_strings[0] for a in actions if not _documented(a.option_strings, table)]
+    known = {o for a in actions for o in a.option_strings}
+    known |= {o.replace("--no-", "--", 1) for o in known}
+    gone = sorted(f for f in table if f not in known)
+    assert not undocumented, f"{parser.prog}: flags missing from {doc}: {undocumented}"
+    assert not gone, f"{parser.prog}: {doc} names flags it does not accept: {gone}"
 
 
 def test_the_decisions_list_every_handoff_failure_reason():
@@ -202,3 +208,13 @@ def test_the_components_table_lists_every_package_folder():
     missing = [f"{folder}/ ({package})" for package, folder in package_dir.items()
                if f"`{folder}/`" not in rows or f"`{package}`" not in table]
     assert not missing, f"docs/architecture.md, Components, lacks {missing}"
+
+
+def test_the_quickstart_tables_match_baton_up_and_baton_serve():
+    from baton.serve import build_parser as serve_parser
+    from baton.up import build_parser as up_parser
+
+    (up_table,) = _table_flags("Options", "quickstart.md")
+    serve_table = _table_flags("Coming from vLLM", "quickstart.md")[0]
+    for parser, table in ((up_parser(), up_table), (serve_parser(), serve_table)):
+        _assert_table_matches(parser, table, "docs/quickstart.md")
