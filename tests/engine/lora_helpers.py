@@ -19,9 +19,10 @@ GREEDY = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, logp
 PROMPTS = [[0, 17, 250, 33], [0] + list(range(40, 73)), [0, 400, 9], [0, 5, 6, 7, 8, 9, 10, 11, 12]]
 
 
-def write_adapter(base: Path, out: Path, rank: int, targets: list[str], seed: int, rslora: bool = False) -> Path:
-    """A PEFT LoRA adapter of `base` with random A and B (PEFT's init leaves B zero), saved
-    as PEFT saves it; returns `out`."""
+def write_adapter(base: Path, out: Path, rank: int, targets: list[str], seed: int, rslora: bool = False,
+                  std: float = 0.15) -> Path:
+    """A PEFT LoRA adapter of `base` with random A and B (PEFT's init leaves B zero) of
+    standard deviation `std`, saved as PEFT saves it; returns `out`."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -32,7 +33,7 @@ def write_adapter(base: Path, out: Path, rank: int, targets: list[str], seed: in
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.15)
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
     peft_model.save_pretrained(out)
     return out
 
