@@ -72,7 +72,7 @@ class AsyncSteps:
         """True when no sequence of `batch` needs the host at sampling time.
 
         `holds_kv(request_id)` says whether a request keeps its KV for a handoff."""
-        if not batch.decode_only:
+        if not batch.decode_only or batch.num_draft_tokens:  # the draft model's catch-up runs in sync
             return False
         for seq in batch.seqs:
             p = seq.params

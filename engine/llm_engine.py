@@ -123,6 +123,7 @@ class LLMEngine(HandoffHooks):
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
             max_loras=config.lora.max_loras if config.lora else None,
             adapter_ready=self.runner.lora.ready if self.runner.lora is not None else None,
+            draft_model=self.runner.draft is not None,
         )
         self.requests: dict[str, _Request] = {}
         self._changed: dict[str, _Request] = {}  # requests with news since the last step

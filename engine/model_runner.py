@@ -289,7 +289,7 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch, sample: bool = True) -> list[StepOutput]:
         outputs = [StepOutput() for _ in batch.seqs]
         if self.draft is not None:
-            self.draft.propose(batch.seqs)  # the drafts this step verifies
+            self.draft.propose(batch)  # the drafts this step verifies, and draft KV catch-up
         self._set_lora(batch)
         if (sample and self.graphs is not None and self.graphs.can_run(batch)
                 and not any(seq.pooled for seq in batch.seqs)):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from baton.engine.block_manager import BlockManager
 from baton.engine.sequence import Sequence, SequenceStatus
-from baton.engine.spec_decode.schedule import fit_drafts
+from baton.engine.spec_decode.schedule import catch_up_chunks, fit_drafts
 
 
 @dataclass
@@ -28,6 +28,9 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # Tokens the draft model computes this step (speculative decoding with a draft model):
+    # counted in the token budget with `total_tokens`.
+    num_draft_tokens: int = 0
 
     @property
     def decode_only(self) -> bool:
@@ -53,6 +56,7 @@ class Scheduler:
         enable_chunked_prefill: bool = True,
         max_loras: int | None = None,
         adapter_ready: Callable[[int], bool] | None = None,
+        draft_model: bool = False,
     ):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
@@ -60,6 +64,7 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         self.max_loras = max_loras  # None: LoRA off
         self.adapter_ready = adapter_ready  # adapter id -> in host memory (LoRAManager.ready)
+        self.draft_model = draft_model  # a draft model drafts: its tokens count in the budget
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -77,12 +82,16 @@ class Scheduler:
         bm = self.block_manager
 
         self.running.sort(key=lambda s: s.sort_key)
+        catching_up: list[Sequence] = []  # drafting was due, the draft KV is too far behind
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_uncomputed_tokens, budget)
+            num_draft = 0
             if seq.spec_token_ids:  # speculative decoding: verify drafts too, as far as they fit
-                num_new = fit_drafts(seq, budget, bm)
+                num_new, num_draft = fit_drafts(seq, budget, bm, self.draft_model)
+                if self.draft_model and not seq.spec_token_ids:
+                    catching_up.append(seq)
             while not bm.can_allocate(seq, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -93,8 +102,14 @@ class Scheduler:
                 bm.allocate(seq, num_new)
                 batch.seqs.append(seq)
                 batch.num_new_tokens.append(num_new)
-                budget -= num_new
+                batch.num_draft_tokens += num_draft
+                budget -= num_new + num_draft
                 i += 1
+        # What the running sequences left: their draft catch-up first, then waiting prefills.
+        catching_up = [s for s in catching_up if s.status is SequenceStatus.RUNNING]  # not preempted
+        given = catch_up_chunks(catching_up, budget)
+        batch.num_draft_tokens += given
+        budget -= given
 
         if batch.preempted:
             # The pool is full: admitting new work now would only preempt it again.

@@ -114,9 +114,12 @@ class Sequence:
     table_array_cache: tuple[list[int], Any] | None = field(default=None, repr=False)
     # Owned by speculative decoding (engine/spec_decode): tokens drafted to follow
     # `token_ids`, verified by the next step that schedules them (the scheduler trims them to
-    # what fits), and how many tokens have KV in the draft model's cache.
+    # what fits), how many tokens have KV in the draft model's cache, and how many of the
+    # others the draft model computes this step without drafting (set by the scheduler: a
+    # catch-up chunk, see spec_decode/schedule.py).
     spec_token_ids: list[int] = field(default_factory=list)
     num_draft_computed: int = 0
+    draft_catch_up: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -172,6 +175,7 @@ class Sequence:
         self.block_table = []
         self.spec_token_ids = []
         self.num_draft_computed = 0
+        self.draft_catch_up = 0
         self.status = SequenceStatus.WAITING
         self.num_preemptions += 1
 

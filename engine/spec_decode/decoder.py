@@ -66,6 +66,7 @@ class SpecDecoder:
         k = self.config.num_drafts(len(decoding))
         for seq in running:
             seq.spec_token_ids = []
+            seq.draft_catch_up = 0
         if k == 0:
             return
         for seq in decoding:

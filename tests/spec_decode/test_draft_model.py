@@ -74,3 +74,36 @@ def test_a_draft_model_with_another_vocabulary_is_refused(tiny_model, draft_dir,
     with pytest.raises(ValueError, match="no config.json"):
         EngineArgs(model=str(tiny_model), device="cpu", speculative_model=str(tmp_path / "missing"),
                    num_speculative_tokens=2).create_engine_config()
+
+
+def long_prompt(seed: int) -> dict:
+    """A repetitive prompt of about 60 tokens: its draft catch-up spans many steps of a
+    budget of 8 tokens."""
+    pattern = repetitive_prompts(1, seed=seed)[0]["prompt_token_ids"][1:]
+    return {"prompt_token_ids": [0] + (pattern * 12)[:60]}
+
+
+@pytest.mark.parametrize("handed_off", [False, True])
+def test_the_draft_catch_up_of_a_long_prompt_stays_within_the_token_budget(tiny_model, draft_dir, plain,
+                                                                          handed_off):
+    """Each step's target tokens plus the draft model's (its catch-up included) stay within
+    `max_num_batched_tokens`: the prompt's draft KV is computed in chunks while the request
+    decodes without drafts, then it speculates; outputs equal the target's alone, and for a
+    prompt whose target KV was handed off by a prefill engine too."""
+    budget = 8
+    prompts = [long_prompt(11), long_prompt(12)]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    expected = tokens(run(plain, prompts, params))
+    spec = make_engine(tiny_model, speculative_config=spec_config(draft_dir), max_num_batched_tokens=budget)
+    if handed_off:
+        assert decode_handed_off(plain, spec, prompts[0], params) == expected[0]
+    else:
+        assert tokens(run(spec, prompts, params)) == expected
+        seeded = [SamplingParams(temperature=0.8, seed=i, max_tokens=30, ignore_eos=True) for i in range(2)]
+        assert tokens(run(spec, prompts, seeded)) == tokens(run(plain, prompts, seeded))
+    draft = spec.runner.draft
+    assert draft.num_tokens >= 60  # the prompt's draft KV was computed, not skipped
+    assert 0 < draft.max_step_tokens <= budget
+    stats = spec.stats()
+    assert stats.spec_num_drafts > 0 and stats.spec_num_accepted_tokens > 0  # it speculated once caught up
+    assert_no_leaked_blocks(spec)
