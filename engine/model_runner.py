@@ -181,13 +181,16 @@ class ModelRunner:
 
             # At TP > 1 the rank-0 shard inside the driven model (the other ranks wrap theirs).
             apply_lora(self.reference if self.config.tensor_parallel_size > 1 else self.model, self.lora)
+            if self.config.tensor_parallel_size > 1:  # the other ranks read as rank 0 starts to
+                self.lora.on_read_start = self.model.prefetch_lora
 
     def _set_lora(self, batch: ScheduledBatch) -> None:
         """The step's adapters into GPU slots, its token -> slot index written (on every rank)."""
         if self.lora is not None:
             self.lora.activate([s.lora_int_id for s in batch.seqs], batch.num_new_tokens)
             if self.config.tensor_parallel_size > 1:
-                self.model.set_lora([s.lora_request for s in batch.seqs], list(batch.num_new_tokens))
+                self.model.set_lora([s.lora_request for s in batch.seqs], list(batch.num_new_tokens),
+                                    list(self.lora.host))
 
     def _tune(self) -> None:
         """Time the fast path's few-row kernels for this model (not in float32, where cuBLAS runs)."""

@@ -87,6 +87,12 @@ class LoRAManager:
         self.reading: dict[int, tuple[LoRARequest, concurrent.futures.Future]] = {}
         # Called on the reading thread when a read ends (the async engine wakes its thread).
         self.on_read: Callable[[], None] | None = None
+        # Called on the engine thread when a read starts (at TP > 1 rank 0 tells the other
+        # ranks to start theirs: `follow` then finds it done or under way).
+        self.on_read_start: Callable[[LoRARequest], None] | None = None
+        # A rank other than 0: adapters `follow` found prefetched (read, or being read, since
+        # rank 0 started its read) and those it had to start reading on the step itself.
+        self.prefetched_reads = self.step_reads = 0
         self.loads = self.disk_loads = self.evictions = 0
         self.requests_per_adapter: Counter[str] = Counter()
         self.load_seconds = 0.0  # time spent copying adapters into slots
@@ -109,7 +115,7 @@ class LoRAManager:
         if lora_id in self.host:
             self.host.move_to_end(lora_id)
         elif lora_id not in self.reading:
-            self.reading[lora_id] = (request, self.read_async(request))
+            self._start_read(request)
         self.refs[lora_id] += 1
         self.requests_per_adapter[request.lora_name] += 1
         self._trim_host()
@@ -119,7 +125,12 @@ class LoRAManager:
         taking no reference (a decode worker's reservation: the read overlaps the prefill
         elsewhere). An id known under another path is left alone (`acquire` refuses it)."""
         if request.lora_int_id not in self.host and request.lora_int_id not in self.reading:
-            self.reading[request.lora_int_id] = (request, self.read_async(request))
+            self._start_read(request)
+
+    def _start_read(self, request: LoRARequest) -> None:
+        self.reading[request.lora_int_id] = (request, self.read_async(request))
+        if self.on_read_start is not None:
+            self.on_read_start(request)
 
     def ready(self, lora_id: int) -> bool:
         """The adapter is in host memory (a request naming it may be scheduled)."""
@@ -233,13 +244,34 @@ class LoRAManager:
             del self.reading[i]
         return True
 
-    def follow(self, requests: list[LoRARequest | None], counts: list[int]) -> None:
+    def follow(self, requests: list[LoRARequest | None], counts: list[int], keep: list[int]) -> None:
         """A tensor-parallel rank other than 0: the step rank 0 activated (`requests`: each
-        sequence's adapter or None, `counts`: its token rows). An adapter not in host memory
-        is read here, on the step (rank 0 read and checked it before it scheduled the
-        request); an id rank 0 now knows under another path replaces the old one. Rank 0's
-        requests hold the adapters, so nothing does here: up to max_cpu_loras stay."""
+        sequence's adapter or None, `counts`: its token rows; `keep`: the adapter ids in rank
+        0's host memory, which this rank's host memory mirrors). An adapter not in host
+        memory was normally prefetched (rank 0 sends `prefetch` when it starts its own
+        read): that read is taken in, waited for if it has not ended; one that was not (or
+        was read under another path) is read here, on the step (rank 0 read and checked it
+        before it scheduled the request); an id rank 0 now knows under another path
+        replaces the old one."""
         step = {r.lora_int_id: r for r in requests if r is not None}
+        # Rank 0's requests hold its adapters; here, what rank 0 keeps is held.
+        self.refs = Counter(dict.fromkeys([*keep, *step], 1))
+        for lora_id in [i for i in self.host if i not in self.refs]:
+            self._forget(lora_id)
+        for lora_id, request in step.items():
+            known = self.host.get(lora_id)
+            if known is not None and known.request != request:
+                self._forget(lora_id)
+        # Ended prefetches wait here for their step; beyond max_cpu_loras + max_loras the
+        # oldest go (those of requests rank 0 failed or aborted, or, under pressure, one a
+        # later step then reads itself), so they hold no unbounded host memory.
+        excess = len(self.reading) - self.config.max_cpu_loras - self.config.max_loras
+        for lora_id, (_, future) in list(self.reading.items()):
+            if excess <= 0:
+                break
+            if future.done() and lora_id not in step:
+                del self.reading[lora_id]
+                excess -= 1
         for lora_id, request in step.items():
             known = self.host.get(lora_id)
             if known is not None and known.request != request:
@@ -248,10 +280,14 @@ class LoRAManager:
         for lora_id, request in step.items():
             if lora_id in self.host:
                 self.host.move_to_end(lora_id)
+                continue
+            started, future = self.reading.pop(lora_id, (None, None))
+            if started == request:
+                self.prefetched_reads += 1
+                self.install(future.result())  # waits for a read not ended; raises its error
             else:
+                self.step_reads += 1
                 self.install(self.read(request))
-        for lora_id in step:
-            self.release(lora_id)
         self.activate([r.lora_int_id if r is not None else 0 for r in requests], counts)
 
     # -- GPU slots (the model runner, before each forward) -------------------------------

@@ -229,10 +229,21 @@ class DrivenModel(nn.Module):
 
         self.ranks.run(("kv_scatter", list(block_ids)), run)
 
-    def set_lora(self, requests: list, counts: list[int]) -> None:
+    def set_lora(self, requests: list, counts: list[int], keep: list[int]) -> None:
         """Every other rank activates the step's adapters as rank 0 did (`LoRAManager.follow`):
-        `requests`, each sequence's `LoRARequest` or None; `counts`, its token rows."""
-        self.ranks.run(("lora", requests, counts), lambda: None)
+        `requests`, each sequence's `LoRARequest` or None; `counts`, its token rows; `keep`,
+        the adapter ids in rank 0's host memory."""
+        self.ranks.run(("lora", requests, counts, keep), lambda: None)
+
+    def prefetch_lora(self, request) -> None:
+        """Every other rank starts reading `request`'s adapter on a thread (rank 0 just
+        started its own read; `LoRAManager.prefetch`). Waits for nothing."""
+        self.ranks.run(("lora_prefetch", request), lambda: None)
+
+    def lora_reads(self) -> list[tuple[int, int]]:
+        """Each other rank's (adapters `follow` found prefetched, adapters it read on the
+        step itself), in rank order."""
+        return self.ranks.run(("lora_reads",), lambda: [conn.recv()[1] for conn in self.ranks.conns])
 
     def allocate_kv(self, num_blocks: int) -> None:
         """Every other rank (re)allocates its KV pool of `num_blocks` blocks (0: frees it)."""

@@ -14,13 +14,19 @@ broadcast on the ranks' process group, then every rank runs the same call. Ops:
   out of this engine);
 - `("kv_scatter", block_ids)`: broadcast: those blocks in the whole model's layout, of which
   each rank keeps its KV heads (a KV handoff into this engine);
-- `("lora", requests, counts)`: before a forward with LoRA on, the step's adapters (each
-  sequence's `LoRARequest` or None, and its token rows), which the rank reads from disk if
-  it has not yet (its part of each, `shard.py:shard_lora`) and puts in its slots;
+- `("lora", requests, counts, keep)`: before a forward with LoRA on, the step's adapters
+  (each sequence's `LoRARequest` or None, and its token rows), which the rank takes from its
+  prefetch or reads from disk if it has not yet (its part of each, `shard.py:shard_lora`)
+  and puts in its slots; `keep`: the ids in rank 0's host memory, which the rank's mirrors;
+- `("lora_prefetch", request)`: rank 0 started reading an adapter (a request named it):
+  the rank starts reading its part on a thread, which the `lora` op of the step using it
+  takes in (waiting if the read has not ended);
+- `("lora_reads",)`: the rank answers `("lora_reads", (prefetched, read on the step))`, its
+  `LoRAManager` counters;
 - `("stop",)`: leave the loop and exit.
 
-A rank answers on its pipe only at start (`("hello",)`, `("ready",)`) and when it fails
-(`("error", traceback)`, then it exits, which fails rank 0's next collective).
+A rank answers on its pipe only at start (`("hello",)`, `("ready",)`), to `lora_reads`, and
+when it fails (`("error", traceback)`, then it exits, which fails rank 0's next collective).
 """
 
 from __future__ import annotations

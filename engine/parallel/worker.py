@@ -97,7 +97,11 @@ class RankWorker:
                     heads = self.layout.kv_heads
                     self.kv[ids] = blocks[..., heads.start : heads.stop, :]
                 elif op == "lora":
-                    self.lora.follow(header[1], header[2])
+                    self.lora.follow(header[1], header[2], header[3])
+                elif op == "lora_prefetch":
+                    self.lora.prefetch(header[1])
+                elif op == "lora_reads":
+                    self.conn.send(("lora_reads", (self.lora.prefetched_reads, self.lora.step_reads)))
                 elif op == "kv":
                     self.kv = None  # free the old pool before the new one is made
                     if self.device.type == "cuda":

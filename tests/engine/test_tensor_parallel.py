@@ -204,6 +204,9 @@ def test_mixed_adapter_batch_is_the_same(engines, hf_models, tmp_path_factory):
     assert len({tuple(o.outputs[0].token_ids) for o in got[:4]}) == 4  # each adapter changed the output
     two = engines("lora", 2).engine
     assert two.stats().lora.evictions > 0
+    # Rank 1 started each adapter's read when rank 0 started its own (at the request's
+    # add), so no step had to start one: each was taken in from its prefetch.
+    assert two.runner.model.lora_reads() == [(3, 0)]
     assert two.block_manager.num_free_blocks == TIGHT["num_gpu_blocks_override"]
 
 
