@@ -254,7 +254,8 @@ class LoRAManager:
         before it scheduled the request); an id rank 0 now knows under another path
         replaces the old one."""
         step = {r.lora_int_id: r for r in requests if r is not None}
-        # Rank 0's requests hold its adapters; here, what rank 0 keeps is held.
+        # Rank 0's requests hold its adapters; here, what rank 0 keeps is held, and this
+        # step's adapters (so that installing one never trims another of the step).
         self.refs = Counter(dict.fromkeys([*keep, *step], 1))
         for lora_id in [i for i in self.host if i not in self.refs]:
             self._forget(lora_id)
@@ -272,11 +273,6 @@ class LoRAManager:
             if future.done() and lora_id not in step:
                 del self.reading[lora_id]
                 excess -= 1
-        for lora_id, request in step.items():
-            known = self.host.get(lora_id)
-            if known is not None and known.request != request:
-                self._forget(lora_id)
-            self.refs[lora_id] += 1  # held while this step's others are read
         for lora_id, request in step.items():
             if lora_id in self.host:
                 self.host.move_to_end(lora_id)
