@@ -162,8 +162,7 @@ class Tokenizer:
         rule: cut after the content's last occurrence; ValueError when the template did not
         write it verbatim)."""
         if template is not None:
-            compile_template(template)
-            compiled = _compile_cached(template)
+            compiled = compile_template(template)
         else:
             if self.chat_template is None:
                 raise ValueError(
@@ -416,11 +415,11 @@ def _compile_cached(source: str) -> jinja2.Template:
     return _compile_template(source)
 
 
-def compile_template(source: str) -> None:
-    """Compile a request's chat template (kept for its rendering); ChatTemplateError if it
-    does not compile."""
+def compile_template(source: str) -> jinja2.Template:
+    """A request's chat template, compiled (and kept for its next rendering);
+    ChatTemplateError if it does not compile."""
     try:
-        _compile_cached(source)
+        return _compile_cached(source)
     except jinja2.TemplateError as exc:
         raise ChatTemplateError(f"the chat template does not compile: {exc}") from None
 
