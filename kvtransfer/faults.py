@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 
 from baton import settings
 
@@ -35,4 +36,7 @@ def fire(point: str) -> None:
         sys.stderr.flush()
         os._exit(17)
     if point.endswith("_stop"):
-        os.kill(os.getpid(), signal.SIGSTOP)
+        # Directed at this thread, not the process: a process-directed SIGSTOP may be taken
+        # by another thread, and this one would run on (and send its bytes) until that
+        # thread is scheduled to stop the group, which on a loaded machine it did.
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)

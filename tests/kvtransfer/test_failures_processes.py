@@ -108,12 +108,14 @@ def test_a_receiver_that_never_answers(peers, transport):
     start = time.monotonic()
     sent = error_of(prefill.call, "push", ticket=ticket, request_id=f"rstop-{transport}",
                     first_token=first["token"], transport=transport, timeout_s=1.5)
-    assert sent.reason == "timeout" and "did not finish" in sent.message, sent
-    assert time.monotonic() - start < 10
-    assert decode.wait_stopped(1)
-    assert prefill.wait_free(prefill.num_blocks) == prefill.num_blocks
-    decode.resume()
-    decode.call("set_fault", value="")
+    try:  # a failed check must not leave the shared decode process stopped for later tests
+        assert sent.reason == "timeout" and "did not finish" in sent.message, sent
+        assert time.monotonic() - start < 10
+        assert decode.wait_stopped(1)
+        assert prefill.wait_free(prefill.num_blocks) == prefill.num_blocks
+    finally:
+        decode.resume()
+        decode.call("set_fault", value="")
     waited = error_of(decode.call, "wait", ticket_id=tid, timeout_s=20)
     assert waited.reason in ("timeout", "peer_lost"), waited
     assert decode.wait_free(decode.num_blocks) == decode.num_blocks
@@ -133,17 +135,19 @@ def test_a_sender_that_never_answers(peers, transport):
     prefill.call("set_fault", value="sender_stop")
     push = prefill.submit("push", ticket=ticket, request_id=f"sstop-{transport}",
                           first_token=first["token"], transport=transport)
-    assert prefill.wait_stopped(15)
-    waited = error_of(decode.call, "wait", ticket_id=tid, timeout_s=20)
-    assert waited.reason == "expired", waited
-    if transport == "ipc":
-        reserved = len(Ticket.from_bytes(ticket).block_ids)
-        time.sleep(1.0)
-        assert decode.call("free") == decode.num_blocks - reserved  # held while the copy may run
-    else:
-        assert decode.wait_free(decode.num_blocks) == decode.num_blocks
-    prefill.resume()
-    prefill.call("set_fault", value="")
+    try:  # a failed check must not leave the shared prefill process stopped for later tests
+        assert prefill.wait_stopped(15)
+        waited = error_of(decode.call, "wait", ticket_id=tid, timeout_s=20)
+        assert waited.reason == "expired", waited
+        if transport == "ipc":
+            reserved = len(Ticket.from_bytes(ticket).block_ids)
+            time.sleep(1.0)
+            assert decode.call("free") == decode.num_blocks - reserved  # held while the copy may run
+        else:
+            assert decode.wait_free(decode.num_blocks) == decode.num_blocks
+    finally:
+        prefill.resume()
+        prefill.call("set_fault", value="")
     with pytest.raises(HandoffError) as info:
         push.result(30)
     assert info.value.reason in ("expired", "peer_lost", "timeout"), info.value
