@@ -90,7 +90,8 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's default, unless its help already says it or there is none to show."""
 
     def _get_help_string(self, action):
-        if "default:" in (action.help or "") or action.default in (None, False):
+        if "default:" in (action.help or "") or action.default is None or action.default is False \
+                or action.default == []:
             return action.help
         return super()._get_help_string(action)
 
