@@ -434,7 +434,10 @@ def run(args: argparse.Namespace) -> int:
     def on_signal(signum, frame):
         raise KeyboardInterrupt
 
+    # SIGINT too, explicitly: started from a script (`baton up &`, nohup) it inherits SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt for it, so kill -INT did nothing.
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     url = local_url(args.host, args.port)
     try:
         for child in children:
@@ -464,5 +467,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         with contextlib.suppress(KeyboardInterrupt):
             stop(children, args.shutdown_grace_seconds)
