@@ -6,7 +6,9 @@ with fewer GPUs than engines, GPU k mod their number, and each engine's
 `--gpu-memory-utilization` must leave room for the others; on the CPU every engine is a
 CPU engine), all with `--kv-transfer auto` and `--cell NAME`.
 Flags the cell does not take go to every engine: the model's, and LoRA's (`--enable-lora
---lora-modules ...`), so prefill and decode engines serve the same adapters.
+--lora-modules ...`), so prefill and decode engines serve the same adapters. Speculative
+decoding's flags are refused there (and in `--prefill-args`): prefill engines never speculate,
+so they go in `--decode-args`.
 Every engine serves its own gRPC role, so the router addresses it like any worker; the
 cell name it reports lets the router pair a prefill engine with a decode engine of the same
 cell, whose handoff `auto` then moves by `ipc` (CUDA IPC between the pod's GPUs, shared
@@ -42,6 +44,8 @@ from concurrent import futures
 from baton.up import READY_TIMEOUT_S, Child, cpu_thread_env, start, stop, wait_reported
 
 HEALTH_POLL_S = 1.0
+# A prefill engine refuses these (baton/worker/flags.py): the cell refuses them before any engine starts.
+SPECULATIVE_FLAGS = ("--speculative-config", "--speculative-model", "--num-speculative-tokens")
 FIRST_CHECK_S = 10.0  # the first health check of every engine, before `baton cell ready`
 
 
@@ -63,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-kv-port", type=int, default=50200, help="UCX port of engine 0 (0: free ports)")
     p.add_argument("--engine-kv-tcp-port", type=int, default=50300, help="KV TCP port of engine 0 (0: free ports)")
     p.add_argument("--prefill-args", default="", metavar="ARGS", help="extra flags for the prefill engines only")
-    p.add_argument("--decode-args", default="", metavar="ARGS", help="extra flags for the decode engines only")
+    p.add_argument("--decode-args", default="", metavar="ARGS", help="extra flags for the decode engines only (e.g. --speculative-config)")
     p.add_argument("--shutdown-grace-seconds", type=float, default=30.0,
                    help="on SIGTERM, how long each engine may finish its streams")
     p.add_argument("--quiet", action="store_true", help="hide the engines' own output")
@@ -172,6 +176,14 @@ def main(argv: list[str]) -> int:
             print(f"baton serve-cell: {flag} is set per engine by the cell; use its --engine-* or cell flags",
                   file=sys.stderr)
             return 2
+    prefill_argv = [*engine_argv, *shlex.split(args.prefill_args)]
+    speculative = next((a.split("=", 1)[0] for a in prefill_argv if a.split("=", 1)[0] in SPECULATIVE_FLAGS), None)
+    if speculative is not None:
+        # Flags outside --decode-args reach the prefill engines, which never speculate.
+        print(f"baton serve-cell: {speculative} would reach the prefill engines, whose requests end at their "
+              f"first token (they never speculate); pass it to the decode engines only: --decode-args "
+              f"'{speculative} ...'", file=sys.stderr)
+        return 2
     args.cell = args.cell or socket.gethostname()
     count = args.prefill + args.decode
     gpus = _gpu_count(args.device)

@@ -123,7 +123,8 @@ def build_parser(prog: str, role: str) -> argparse.ArgumentParser:
                              "prefill and decode workers may differ (KV handoffs regroup the heads)")
     engine.add_argument("--speculative-config", default=None, metavar="JSON",
                         help='speculative decoding, as vLLM\'s: \'{"method": "ngram", "num_speculative_tokens": 4}\' '
-                             'or \'{"model": DRAFT_DIR, "num_speculative_tokens": 4}\' (decode and colocated workers)')
+                             'or \'{"model": DRAFT_DIR, "num_speculative_tokens": 4}\' (decode and colocated '
+                             'workers; a prefill worker refuses it: its requests end at their first token)')
     engine.add_argument("--enable-lora", action=argparse.BooleanOptionalAction, default=False,
                         help="serve LoRA adapters (--lora-modules, /v1/load_lora_adapter)")
     engine.add_argument("--max-loras", type=int, default=1, help="LoRA adapters in GPU slots (run at once)")
@@ -173,6 +174,20 @@ def _lora_module(item: str) -> tuple[str, str]:
     return name.strip(), path.strip()
 
 
+# The speculative decoding flags: vLLM's dict, and the seed's spelling (EngineArgs fields).
+SPECULATIVE_FLAGS = ("speculative_config", "speculative_model", "num_speculative_tokens")
+
+
+def _refuse_speculation(ns: argparse.Namespace) -> None:
+    """A prefill worker's requests end at their first token, which no draft speeds up: a
+    speculative setting there would only load a draft model, so it is refused, not ignored."""
+    given = next((name for name in SPECULATIVE_FLAGS if getattr(ns, name) is not None), None)
+    if given is not None:
+        raise ValueError(f"--{given.replace('_', '-')} does not apply to a prefill worker: its requests end at "
+                         "their first token, so it never speculates (a draft model would only take memory); "
+                         "set it on the decode workers (baton serve-decode) or colocated workers")
+
+
 def parse(argv: list[str], prog: str, role: str) -> tuple[Any, WorkerOptions]:
     """Returns (EngineArgs, WorkerOptions); argparse exits with status 2 on bad flags."""
     parser = build_parser(prog, role)
@@ -197,6 +212,8 @@ def parse(argv: list[str], prog: str, role: str) -> tuple[Any, WorkerOptions]:
         )
         if options.lora_modules and not ns.enable_lora:
             raise ValueError("--lora-modules needs --enable-lora")
+        if role == "prefill":
+            _refuse_speculation(ns)
     except ValueError as exc:
         parser.error(str(exc))
     from baton.engine.config import EngineArgs

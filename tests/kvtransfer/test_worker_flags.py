@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 from baton.kvtransfer import TransferConfig
@@ -46,3 +50,27 @@ def test_kv_tcp_port_flag(capsys):
     with pytest.raises(SystemExit):
         parse(["--kv-tcp-port", "70000"], "baton serve-decode", "decode")
     assert "--kv-tcp-port must be a TCP port" in capsys.readouterr().err
+
+
+NGRAM = json.dumps({"method": "ngram", "num_speculative_tokens": 2})
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--speculative-config", NGRAM], "--speculative-config"),
+    (["--speculative-model", "[ngram]", "--num-speculative-tokens", "2"], "--speculative-model"),
+    (["--num-speculative-tokens=2"], "--num-speculative-tokens"),
+])
+def test_a_prefill_worker_refuses_speculative_decoding_by_name(argv, flag):
+    """Its requests end at their first token: a draft would only take memory, so the
+    setting is refused at start, before any model loads, saying where it belongs."""
+    result = subprocess.run([sys.executable, "-m", "baton.cli", "serve-prefill", *argv, "--port", "0",
+                             "--metrics-port", "0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result
+    assert f"baton serve-prefill: error: {flag} does not apply to a prefill worker" in result.stderr
+    assert "set it on the decode workers (baton serve-decode) or colocated workers" in result.stderr
+
+
+@pytest.mark.parametrize("role", ["decode", "colocated"])
+def test_decode_and_colocated_workers_take_speculative_decoding(role):
+    engine_args, _ = parse(["--speculative-config", NGRAM], f"baton serve-{role}", role)
+    assert json.loads(engine_args.speculative_config) == {"method": "ngram", "num_speculative_tokens": 2}

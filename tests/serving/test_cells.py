@@ -146,9 +146,24 @@ def router_sees_one_pair(router) -> bool:
     (["--prefill", "0"], "needs --prefill >= 1 and --decode >= 1"),
     (["--metrics-port", "9000"], "--metrics-port is set per engine by the cell"),
     (["--kv-transfer=tcp"], "--kv-transfer is set per engine by the cell"),
+    (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}'],
+     "--speculative-config would reach the prefill engines"),
+    (["--prefill-args=--num-speculative-tokens 2 --speculative-model [ngram]"],
+     "--num-speculative-tokens would reach the prefill engines"),
 ])
 def test_serve_cell_refuses_what_it_sets_itself_or_cannot_run(argv, message, capsys):
     from baton.cell import main
 
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_speculative_decoding_reaches_only_the_decode_engines_through_decode_args():
+    from baton.cell import build_parser, plan
+
+    spec = '{"method": "ngram", "num_speculative_tokens": 2}'
+    args = build_parser().parse_args(["--prefill", "2", "--decode", "1", "--cell", "c",
+                                      f"--decode-args=--speculative-config '{spec}'"])
+    engines = {engine.name: engine.argv for engine in plan(args, ["--model", "/m"], 0)}
+    assert [name for name, argv in engines.items() if "--speculative-config" in argv] == ["decode-0"]
+    assert engines["decode-0"][engines["decode-0"].index("--speculative-config") + 1] == spec
