@@ -475,11 +475,15 @@ def _string_list(description: str, pattern: str) -> dict:
             "items": {"type": "string", "pattern": pattern, "maxLength": 64}}
 
 
+def _has(path: str) -> str:
+    """CEL: `self.<path>` is set, and every field on the way to it ("a.b": nested paths)."""
+    parts = path.split(".")
+    return " && ".join(f"has(self.{'.'.join(parts[:i + 1])})" for i in range(len(parts)))
+
+
 def _engine_field(path: str, name: str, default: int) -> str:
-    """CEL: `self.<path>.engine.<name>`, or `default` when unset ("a.b": nested paths)."""
-    parts = path.split(".") + ["engine", name]
-    present = " && ".join(f"has(self.{'.'.join(parts[:i + 1])})" for i in range(len(parts)))
-    return f"({present} ? self.{'.'.join(parts)} : {default})"
+    """CEL: `self.<path>.engine.<name>`, or `default` when unset."""
+    return f"({_has(f'{path}.engine.{name}')} ? self.{path}.engine.{name} : {default})"
 
 
 def _block_size(path: str) -> str:
@@ -571,6 +575,11 @@ def _spec() -> dict:
              f"&& {_block_size('cells.decode')} == {_block_size('prefill')})",
              "cells.prefill.engine.blockSize and cells.decode.engine.blockSize must equal "
              "prefill.engine.blockSize: any prefill engine may hand KV to any decode engine"),
+            *((f"!({_has(f'{side}.engine.speculative')})",
+               f"{side}.engine.speculative is refused: prefill engines end each request at its first token, "
+               f"so they never speculate (a draft model would only take memory); set it on "
+               f"{side.replace('prefill', 'decode')}.engine.speculative")
+              for side in ("prefill", "cells.prefill")),
             (f"self.autoscaling.engine == 'keda' || ({min_zero})",
              "autoscaling.minReplicas 0 needs autoscaling.engine keda: a "
              "HorizontalPodAutoscaler cannot scale to zero"),

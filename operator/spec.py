@@ -337,6 +337,15 @@ def _speculative(data: Mapping[str, Any] | None, path: str) -> str | None:
     return json.dumps(config, sort_keys=True, separators=(",", ":"))
 
 
+def _refuse_speculation(engine: Engine, path: str) -> None:
+    """A prefill engine's requests end at their first token, which no draft speeds up: its
+    engine.speculative is refused (as the CRD's CEL does), not ignored."""
+    if engine.speculative_config is not None:
+        raise SpecError(f"{path}.speculative is refused: prefill engines end each request at its first "
+                        "token, so they never speculate (a draft model would only take memory); set it on "
+                        f"{path.replace('prefill', 'decode')}.speculative")
+
+
 def _autoscaling(data: Mapping[str, Any] | None, path: str) -> Autoscaling | None:
     if data is None:
         return None
@@ -387,6 +396,8 @@ def _role(name: str, key: str, data: Mapping[str, Any]) -> Role:
         shm_size=_quantity(_field(data, "shmSize", path, str), f"{path}.shmSize"),
         placement=_placement(data, path),
     )
+    if name == "prefill":
+        _refuse_speculation(role.engine, f"{path}.engine")
     tp = role.engine.tensor_parallel_size
     if tp < 1:
         raise SpecError(f"{path}.engine.tensorParallelSize must be at least 1, got {tp}")
@@ -415,12 +426,14 @@ def _cells(data: Mapping[str, Any] | None) -> Cells | None:
     gpus = _field(data, "gpusPerEngine", path, int)
     if gpus not in (0, 1):
         raise SpecError(f"{path}.gpusPerEngine must be 0 (CPU engines) or 1 (one GPU per engine), got {gpus}")
+    prefill = _engine(sides["prefill"].get("engine", {}), f"{path}.prefill.engine")
+    _refuse_speculation(prefill, f"{path}.prefill.engine")
     return Cells(
         replicas=_field(data, "replicas", path, int),
         gpus_per_engine=gpus,
         prefill_engines=engines["prefill"],
         decode_engines=engines["decode"],
-        prefill=_engine(sides["prefill"].get("engine", {}), f"{path}.prefill.engine"),
+        prefill=prefill,
         decode=_engine(sides["decode"].get("engine", {}), f"{path}.decode.engine"),
         autoscaling=_autoscaling(data.get("autoscaling"), f"{path}.autoscaling"),
         shm_size=_quantity(_field(data, "shmSize", path, str), f"{path}.shmSize"),

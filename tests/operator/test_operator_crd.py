@@ -158,6 +158,10 @@ def test_every_example_is_valid(path):
     ({"decode": {"engine": {"speculative": {"method": "draft_model", "model": "/m/draft",
                                             "numSpeculativeTokens": 2, "promptLookupMax": 3}}}},
      "apply to method ngram only"),
+    ({"prefill": {"engine": {"speculative": {"numSpeculativeTokens": 2}}}},
+     "prefill.engine.speculative is refused: prefill engines end each request at its first token"),
+    ({"cells": {"prefill": {"engine": {"speculative": {"numSpeculativeTokens": 2}}}}},
+     "cells.prefill.engine.speculative is refused"),
 ])
 def test_cel_rules_reject_what_types_cannot(fields, message):
     body = service(**fields)
@@ -167,6 +171,7 @@ def test_cel_rules_reject_what_types_cannot(fields, message):
 def test_cel_rules_accept_their_valid_counterparts():
     assert violations(service(decode={"engine": {"speculative": {
         "numSpeculativeTokens": 4, "promptLookupMin": 2, "promptLookupMax": 3}}})) == []
+    assert violations(service(cells={"decode": {"engine": {"speculative": {"numSpeculativeTokens": 2}}}})) == []
     assert violations(service(decode={"engine": {"speculative": {
         "method": "draft_model", "model": "/m/draft", "numSpeculativeTokens": 4}}})) == []
     assert violations(service(mode="colocated", colocated={"engine": {

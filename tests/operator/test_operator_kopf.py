@@ -235,6 +235,27 @@ async def test_unservable_spec_reports_why_and_recovers(apiserver, operator, blo
     await wait(lambda: condition(apiserver).get("reason") == "PrefillNotReady")
 
 
+async def test_speculative_decoding_on_prefill_is_refused_until_moved_to_decode(apiserver, operator, models, wait):
+    """Without CEL (a cluster whose CRD predates the rule), the operator refuses it itself:
+    Ready=False InvalidSpec naming the field, no worker; moved to decode, it is served."""
+    await operator.start(resync_seconds=0.3)
+    ngram = {"speculative": {"numSpeculativeTokens": 2}}
+    await apiserver.create(IS, service(prefill={"engine": ngram}))
+    ready = await wait(lambda: condition(apiserver).get("reason") == "InvalidSpec" and condition(apiserver))
+    assert ready["status"] == "False"
+    assert "spec.prefill.engine.speculative is refused" in ready["message"]
+    assert "set it on spec.decode.engine.speculative" in ready["message"]
+    assert apiserver.names(DEPLOY, NS) == set()
+
+    await apiserver.merge(IS, NS, "llama", {"spec": {"prefill": {"engine": {"speculative": None}},
+                                                     "decode": {"engine": ngram}}})
+    await wait(lambda: apiserver.names(DEPLOY, NS) == CHILDREN[DEPLOY])
+    args = apiserver.get_object(DEPLOY, NS, "llama-decode")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--speculative-config" in args
+    prefill = apiserver.get_object(DEPLOY, NS, "llama-prefill")["spec"]["template"]["spec"]["containers"][0]
+    assert "--speculative-config" not in prefill["args"]
+
+
 async def test_deleting_the_service_removes_its_children(apiserver, operator, models, wait):
     await operator.start(resync_seconds=0.3)
     await apiserver.create(IS, service())

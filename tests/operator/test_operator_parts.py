@@ -105,6 +105,14 @@ def test_spec_errors_name_the_field_and_the_fix():
         spec.parse({"metadata": {"name": "x"}})
     with pytest.raises(spec.SpecError, match="wrong type"):
         parse(prefill={"replicas": "two"})
+    ngram = {"speculative": {"numSpeculativeTokens": 2}}
+    with pytest.raises(spec.SpecError, match=r"spec.prefill.engine.speculative is refused: prefill engines end "
+                       r"each request at its first token.*set it on spec.decode.engine.speculative"):
+        parse(prefill={"engine": ngram})
+    with pytest.raises(spec.SpecError, match=r"spec.cells.prefill.engine.speculative is refused.*set it on "
+                       r"spec.cells.decode.engine.speculative"):
+        parse(cells={"prefill": {"engine": ngram}})
+    assert parse(decode={"engine": ngram}, cells={"decode": {"engine": ngram}}).cells.decode.speculative_config
     svc = parse(decode={"autoscaling": {"maxReplicas": 2, "metric": "kv_cache_usage_perc"}})
     assert svc.role("decode").autoscaling.target == 0.8
     assert svc.model.served_name == "x"
