@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -162,12 +163,19 @@ async def test_a_reservation_whose_caller_is_cancelled_gives_its_blocks_back(eng
     pool = EnginePool(engine)
     total = await pool.num_free_blocks()
     loop = asyncio.get_running_loop()
-    busy = asyncio.ensure_future(engine.run(lambda e: time.sleep(0.3)))
+    gate, queued = threading.Event(), threading.Event()
+    busy = asyncio.ensure_future(engine.run(lambda e: gate.wait(30)))  # holds the engine thread
     await asyncio.sleep(0.05)
     reserving = asyncio.ensure_future(pool.reserve(40))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # its reservation is queued on the engine thread
     # Queued behind the reservation: the cancel reaches the caller just after its result.
-    cancel = asyncio.ensure_future(engine.run(lambda e: loop.call_soon_threadsafe(reserving.cancel)))
+    cancel = asyncio.ensure_future(engine.run(
+        lambda e: (loop.call_soon_threadsafe(reserving.cancel), queued.set())))
+    await asyncio.sleep(0.05)
+    gate.set()
+    # The loop waits (blocked) until the engine thread has queued both the reservation's
+    # result and the cancel, so the caller cannot see its result first, however loaded.
+    assert queued.wait(30)
     await busy
     await cancel
     with pytest.raises(asyncio.CancelledError):

@@ -37,9 +37,10 @@ def test_help_shows_every_flag_with_its_default():
             continue
         assert action.option_strings[0] in text
         assert action.help, action.option_strings
-        if action.default is not None and not isinstance(action.default, bool):
+        if action.default not in (None, []) and not isinstance(action.default, bool):
             assert f"(default: {action.default})" in text, action.option_strings
     assert "(default: None)" not in text and "(default: False)" not in text  # nothing to show
+    assert "(default: [])" not in text
 
 
 def test_the_api_key_is_in_no_command_line_and_never_printed(colocated):
